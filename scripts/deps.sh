@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what building and running trusst-cdc needs on a fresh Debian machine, only when missing:
+# a C toolchain (librdkafka is built from its vendored sources), PostgreSQL client/server
+# (services.sh installs the server), Java 17+ and Maven (the Kafka broker), and curl.
+# Rust itself comes from the machine (rustup); nothing here downloads outside Debian, crates.io
+# and Maven Central.
+set -euo pipefail
+
+need=()
+command -v cc >/dev/null || need+=(build-essential)
+command -v make >/dev/null || need+=(make)
+command -v perl >/dev/null || need+=(perl)
+command -v python3 >/dev/null || need+=(python3)
+command -v java >/dev/null || need+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null || need+=(maven)
+command -v curl >/dev/null || need+=(curl)
+command -v flock >/dev/null || need+=(util-linux)
+if ((${#need[@]})); then
+    echo "deps: installing ${need[*]} from Debian" >&2
+    sudo_=()
+    [[ $(id -u) == 0 ]] || sudo_=(sudo)
+    "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+fi
+command -v cargo >/dev/null || {
+    echo "deps: cargo not found: install Rust (https://rustup.rs) first" >&2
+    exit 1
+}

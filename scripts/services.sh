@@ -1,0 +1,592 @@
+#!/usr/bin/env bash
+# Local PostgreSQL and Apache Kafka for development, tests and demos, without Docker.
+#
+#   scripts/services.sh up            start both (idempotent: already running services are left alone)
+#   scripts/services.sh down          stop both
+#   scripts/services.sh status        one line per service; exits 3 if either is down
+#   scripts/services.sh env           eval "$(scripts/services.sh env)" -> DATABASE_URL, KAFKA_BROKERS, PGBIN
+#   scripts/services.sh psql [ARGS]   psql as postgres on database trusst (later -d overrides it)
+#   scripts/services.sh kafka-topics [ARGS]
+#                                     Kafka's TopicCommand, --bootstrap-server already given
+#   chaos helpers: restart-pg, stop-pg, start-pg, kill-kafka (SIGKILL), stop-kafka, start-kafka
+#
+#   PG_INSTANCE=NAME PG_WAL_LEVEL=replica PGPORT=N scripts/services.sh start-pg|stop-pg
+#                                     an extra cluster in .run/NAME (used by the bad-input tests)
+#
+# Environment: PGPORT (55432), KAFKA_PORT (19092; the KRaft controller listens on KAFKA_PORT+1),
+# KAFKA_VERSION (4.1.2), KAFKA_HEAP_OPTS (-Xms512m -Xmx1g), SERVICES_TIMEOUT (seconds, 120),
+# PG_OS_USER_NAME (trusstpg: the system user that owns the cluster when this runs as root).
+#
+# Needs only Java 17+, Maven and Debian's apt: PostgreSQL comes from Debian, the Kafka broker from
+# Maven Central. Downloads are cached in .cache/ and all runtime state lives in .run/ (both
+# git-ignored), so later runs start in seconds and `down`/`up` keeps data.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=$ROOT/.cache
+RUN=$ROOT/.run
+
+PGPORT=${PGPORT:-55432}
+# PG_INSTANCE names an extra cluster beside the main one (tests start one with
+# PG_WAL_LEVEL=replica to prove the connector refuses it).
+PG_INSTANCE=${PG_INSTANCE:-pg}
+PG_WAL_LEVEL=${PG_WAL_LEVEL:-logical}
+PG_DIR=$RUN/$PG_INSTANCE
+PG_DATA=$PG_DIR/data
+# Sockets live in the repo, not /var/run/postgresql, so the cluster needs nothing from the system
+# and cannot collide with a packaged one. (Unix socket paths are limited to ~100 bytes.)
+PG_SOCK=$PG_DIR/sock
+PG_LOG=$PG_DIR/log/postgresql.log
+PG_DB=trusst
+PG_PASSWORD=postgres
+
+KAFKA_VERSION=${KAFKA_VERSION:-4.1.2}
+KAFKA_PORT=${KAFKA_PORT:-19092}
+KAFKA_CONTROLLER_PORT=$((KAFKA_PORT + 1))
+KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}
+KAFKA_POM_DIR=$ROOT/scripts/kafka
+KAFKA_LIB=$CACHE/kafka/lib
+KAFKA_DIR=$RUN/kafka
+KAFKA_DATA=$KAFKA_DIR/data
+KAFKA_LOGS=$KAFKA_DIR/logs
+KAFKA_PROPS=$KAFKA_DIR/server.properties
+KAFKA_PID=$KAFKA_DIR/kafka.pid
+
+TIMEOUT=${SERVICES_TIMEOUT:-120}
+
+# initdb and postgres refuse to run as root, so root hands the cluster to a system user of its own.
+PG_OS_USER=
+if [[ $(id -u) == 0 ]]; then
+    PG_OS_USER=${PG_OS_USER_NAME:-trusstpg}
+fi
+
+log() { echo "services: $*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# Shows the end of a log file on stderr so a failure explains itself without digging.
+show_tail() {
+    local file=$1 lines=${2:-40}
+    if [[ -s $file ]]; then
+        log "last $lines lines of ${file#"$ROOT"/}:"
+        tail -n "$lines" "$file" | sed 's/^/    /' >&2
+    fi
+}
+
+# Same, for a log that keeps growing across runs: only what was written since byte offset $2,
+# so a failed start never shows an older run's (successful) lines.
+show_tail_since() {
+    local file=$1 offset=$2 lines=${3:-40}
+    [[ -f $file ]] || return 0
+    (($(stat -c %s "$file") >= offset)) || offset=0
+    if (($(stat -c %s "$file") > offset)); then
+        log "last $lines lines this run wrote to ${file#"$ROOT"/}:"
+        tail -c +$((offset + 1)) "$file" | tail -n "$lines" | sed 's/^/    /' >&2
+    fi
+}
+
+as_root() {
+    if [[ $(id -u) == 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+# Runs a server-side PostgreSQL command as the cluster owner. The cd matters: the owner may not be
+# allowed into the caller's working directory, and initdb/pg_ctl complain about that.
+as_pg() {
+    if [[ -n $PG_OS_USER ]]; then
+        (cd "$PG_DIR" && runuser -u "$PG_OS_USER" -- "$@")
+    else
+        "$@"
+    fi
+}
+
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Serialises concurrent invocations (parallel test jobs calling `up`, a chaos test killing Kafka
+# while another starts it) so they cannot both initdb or both start a broker.
+take_lock() {
+    mkdir -p "$RUN"
+    chmod 755 "$RUN"
+    exec 9>>"$RUN/.lock"
+    flock -w "$TIMEOUT" 9 || die "another scripts/services.sh is still running (lock $RUN/.lock)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+# ---------------------------------------------------------------------------------------------
+
+# Newest Debian server install (the one that has initdb, not just the client binaries).
+find_pgbin() {
+    if [[ -n ${PGBIN:-} && -x ${PGBIN}/initdb && -x ${PGBIN}/pg_ctl ]]; then
+        echo "$PGBIN"
+        return
+    fi
+    local dir found=
+    while read -r dir; do
+        [[ -x $dir/initdb && -x $dir/pg_ctl ]] && found=$dir
+    done < <(compgen -G '/usr/lib/postgresql/*/bin' | sort -V)
+    [[ -n $found ]] && echo "$found"
+}
+
+ensure_pg_installed() {
+    if PGBIN=$(find_pgbin); then
+        return
+    fi
+    log "installing PostgreSQL from Debian (first run only)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+    PGBIN=$(find_pgbin) || die "apt-get installed postgresql but no initdb/pg_ctl under /usr/lib/postgresql/*/bin"
+}
+
+ensure_pg_user() {
+    [[ -n $PG_OS_USER ]] || return 0
+    if ! id -u "$PG_OS_USER" >/dev/null 2>&1; then
+        log "creating system user $PG_OS_USER to own the PostgreSQL cluster (postgres will not run as root)"
+        useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin "$PG_OS_USER"
+    fi
+}
+
+# Writes a file inside the cluster directory, owned by the cluster owner (postgres refuses to read
+# configuration it cannot open, and initdb wants to own its data directory).
+write_pg_file() {
+    cat >"$1"
+    if [[ -n $PG_OS_USER ]]; then
+        chown "$PG_OS_USER:" "$1"
+    fi
+}
+
+pg_running() {
+    [[ -f $PG_DATA/postmaster.pid ]] && as_pg "$PGBIN/pg_ctl" status -D "$PG_DATA" >/dev/null 2>&1
+}
+
+pg_client() {
+    local bin=$1
+    shift
+    PGPASSWORD=$PG_PASSWORD "$bin" -h 127.0.0.1 -p "$PGPORT" -U postgres "$@"
+}
+
+pg_init() {
+    mkdir -p "$PG_DIR/log" "$PG_SOCK"
+    # Only the owner may use the socket directory, which is what makes `local ... trust` below safe.
+    chmod 700 "$PG_SOCK"
+    if [[ -n $PG_OS_USER ]]; then
+        chown "$PG_OS_USER:" "$PG_DIR" "$PG_DIR/log" "$PG_SOCK"
+        as_pg test -w "$PG_DIR" ||
+            die "user $PG_OS_USER cannot reach $PG_DIR: some parent directory is not world-searchable (chmod o+x it, or move the checkout)"
+    fi
+
+    if [[ ! -s $PG_DATA/PG_VERSION ]]; then
+        log "initialising PostgreSQL cluster in .run/$PG_INSTANCE/data"
+        # A half-finished initdb leaves a non-empty directory that the next initdb refuses to use.
+        rm -rf "$PG_DATA"
+        printf '%s\n' "$PG_PASSWORD" | write_pg_file "$PG_DIR/pwfile"
+        if ! as_pg "$PGBIN/initdb" -D "$PG_DATA" -U postgres --pwfile="$PG_DIR/pwfile" \
+            -E UTF8 --locale=C.UTF-8 --auth-local=trust --auth-host=scram-sha-256 \
+            >"$PG_DIR/log/initdb.log" 2>&1; then
+            rm -f "$PG_DIR/pwfile"
+            show_tail "$PG_DIR/log/initdb.log"
+            die "initdb failed"
+        fi
+        rm -f "$PG_DIR/pwfile"
+        # Our settings live in a file of their own, rewritten on every start, so changing this
+        # script reconfigures existing clusters too.
+        echo "include_if_exists = 'trusst.conf'" >>"$PG_DATA/postgresql.conf"
+    fi
+
+    write_pg_file "$PG_DATA/trusst.conf" <<EOF
+# Written by scripts/services.sh on every start: edit the script, not this file.
+listen_addresses = '127.0.0.1'
+port = $PGPORT
+unix_socket_directories = '$PG_SOCK'
+unix_socket_permissions = 0700
+password_encryption = 'scram-sha-256'
+wal_level = $PG_WAL_LEVEL
+max_replication_slots = 20
+max_wal_senders = 20
+shared_buffers = 256MB
+log_line_prefix = '%m [%p] %q%u@%d '
+log_replication_commands = on
+EOF
+
+    write_pg_file "$PG_DATA/pg_hba.conf" <<EOF
+# Written by scripts/services.sh on every start: edit the script, not this file.
+# TYPE  DATABASE     USER  ADDRESS        METHOD
+local   all          all                  trust
+local   replication  all                  trust
+host    all          all   127.0.0.1/32   scram-sha-256
+host    replication  all   127.0.0.1/32   scram-sha-256
+EOF
+}
+
+pg_start() {
+    ensure_pg_installed
+    ensure_pg_user
+    if [[ -d $PG_DATA ]] && pg_running; then
+        # The cluster is the data directory, whatever port was asked for this time.
+        local running_port
+        running_port=$(sed -n 4p "$PG_DATA/postmaster.pid")
+        [[ $running_port == "$PGPORT" ]] ||
+            die "postgres from .run/pg is already running on port $running_port, not $PGPORT (stop it first)"
+        log "postgres already running on 127.0.0.1:$PGPORT"
+        return
+    fi
+    if port_open "$PGPORT"; then
+        die "port $PGPORT is taken by something else (set PGPORT to use another one)"
+    fi
+    pg_init
+    log "starting postgres on 127.0.0.1:$PGPORT"
+    # setsid puts the postmaster in a session of its own, so a Ctrl-C or a job-control kill of
+    # whatever ran this script does not take the database down with it; -w waits for pg_ctl -w.
+    # 9>&- keeps the server from inheriting (and so holding forever) the lock taken in take_lock.
+    if ! as_pg setsid -w "$PGBIN/pg_ctl" start -D "$PG_DATA" -l "$PG_LOG" -w -t "$TIMEOUT" -s >&2 9>&-; then
+        show_tail "$PG_LOG"
+        die "postgres did not start"
+    fi
+    pg_wait_ready
+}
+
+pg_wait_ready() {
+    local deadline=$((SECONDS + TIMEOUT))
+    until "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PGPORT" -t 2; do
+        if ((SECONDS >= deadline)); then
+            show_tail "$PG_LOG"
+            die "postgres did not answer on 127.0.0.1:$PGPORT within ${TIMEOUT}s"
+        fi
+        sleep 0.5
+    done
+    local exists
+    exists=$(pg_client "$PGBIN/psql" -X -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'")
+    if [[ $exists != 1 ]]; then
+        log "creating database $PG_DB"
+        pg_client "$PGBIN/psql" -X -q -d postgres -c "CREATE DATABASE $PG_DB"
+    fi
+}
+
+pg_stop() {
+    PGBIN=$(find_pgbin) || return 0
+    if [[ -d $PG_DATA ]] && pg_running; then
+        log "stopping postgres"
+        as_pg "$PGBIN/pg_ctl" stop -D "$PG_DATA" -m fast -w -t "$TIMEOUT" -s >&2
+    else
+        log "postgres is not running"
+    fi
+}
+
+pg_restart() {
+    PGBIN=$(find_pgbin) || die "PostgreSQL is not installed (run: scripts/services.sh up)"
+    [[ -s $PG_DATA/PG_VERSION ]] || die "no cluster in .run/pg/data (run: scripts/services.sh up)"
+    log "restarting postgres (fast shutdown)"
+    if ! as_pg setsid -w "$PGBIN/pg_ctl" restart -D "$PG_DATA" -m fast -l "$PG_LOG" -w -t "$TIMEOUT" -s >&2 9>&-; then
+        show_tail "$PG_LOG"
+        die "postgres did not restart"
+    fi
+    pg_wait_ready
+}
+
+# ---------------------------------------------------------------------------------------------
+# Kafka
+# ---------------------------------------------------------------------------------------------
+
+need_java() {
+    command -v java >/dev/null || die "java not found: Kafka ${KAFKA_VERSION%%.*}.x needs Java 17 or newer"
+    local spec
+    spec=$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java\.specification\.version = //p')
+    if [[ ${KAFKA_VERSION%%.*} -ge 4 && ${spec%%.*} -lt 17 ]]; then
+        die "Kafka $KAFKA_VERSION needs Java 17 or newer; java on PATH is $spec"
+    fi
+}
+
+# Kafka runs straight from its Maven artifacts; the stamp ties the cached jars to the version and
+# the pom, so editing either fetches again instead of silently running stale jars.
+fetch_kafka() {
+    local stamp
+    stamp="kafka $KAFKA_VERSION pom $(sha256sum "$KAFKA_POM_DIR/pom.xml" | cut -c1-16)"
+    if [[ -f $KAFKA_LIB/.stamp && $(<"$KAFKA_LIB/.stamp") == "$stamp" ]]; then
+        return
+    fi
+    command -v mvn >/dev/null || die "mvn not found: Maven is needed to fetch Kafka from Maven Central"
+    log "fetching Apache Kafka $KAFKA_VERSION from Maven Central (first run only)"
+    local tmp=$CACHE/kafka/lib.tmp started=$SECONDS
+    rm -rf "$tmp"
+    mkdir -p "$CACHE/kafka"
+    if ! mvn -B -q -f "$KAFKA_POM_DIR/pom.xml" \
+        -Dmaven.repo.local="$CACHE/m2" \
+        -Dkafka.version="$KAFKA_VERSION" \
+        dependency:copy-dependencies -DoutputDirectory="$tmp" -DincludeScope=runtime \
+        >"$CACHE/kafka/fetch.log" 2>&1; then
+        show_tail "$CACHE/kafka/fetch.log"
+        die "could not fetch Kafka $KAFKA_VERSION with Maven"
+    fi
+    echo "$stamp" >"$tmp/.stamp"
+    rm -rf "$KAFKA_LIB"
+    mv "$tmp" "$KAFKA_LIB"
+    log "fetched $(find "$KAFKA_LIB" -name '*.jar' | wc -l) jars in $((SECONDS - started))s"
+}
+
+kafka_tool() {
+    java -Xmx256m -Dlog4j2.configurationFile="$KAFKA_POM_DIR/log4j2-tools.properties" \
+        -cp "$KAFKA_LIB/*" "$@"
+}
+
+# The pid alone could have been reused by an unrelated process after a reboot or a crash.
+kafka_pid() {
+    local pid
+    [[ -f $KAFKA_PID ]] || return 1
+    pid=$(<"$KAFKA_PID")
+    [[ $pid =~ ^[0-9]+$ ]] && is_alive "$pid" &&
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka\.Kafka' || return 1
+    echo "$pid"
+}
+
+write_kafka_props() {
+    cat >"$KAFKA_PROPS" <<EOF
+# Written by scripts/services.sh on every start: edit the script, not this file.
+# Single node, KRaft combined mode (broker and controller in one process).
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$KAFKA_DATA
+
+# Topics are created on purpose by the connector or the tests, never as a typo's side effect.
+auto.create.topics.enable=false
+num.partitions=3
+default.replication.factor=1
+min.insync.replicas=1
+
+# One broker: every internal topic must make do with one replica.
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# Fewer internal partitions than the defaults (50): the first consumer group or transaction on a
+# fresh broker is ready much sooner, which is what tests mostly do.
+offsets.topic.num.partitions=3
+transaction.state.log.num.partitions=3
+
+# Consumer groups in tests should not sit out the default 3 s before their first assignment.
+group.initial.rebalance.delay.ms=0
+EOF
+}
+
+kafka_start() {
+    local pid port
+    if pid=$(kafka_pid); then
+        grep -qx "advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT" "$KAFKA_PROPS" ||
+            die "kafka from .run/kafka is already running on another port than $KAFKA_PORT (stop it first)"
+        log "kafka already running on 127.0.0.1:$KAFKA_PORT (pid $pid)"
+        return
+    fi
+    rm -f "$KAFKA_PID"
+    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+        if port_open "$port"; then
+            die "port $port is taken by something else (set KAFKA_PORT to use another pair)"
+        fi
+    done
+    need_java
+    fetch_kafka
+    mkdir -p "$KAFKA_DATA" "$KAFKA_LOGS"
+    write_kafka_props
+
+    # Formatting twice would be refused anyway; skipping it keeps topics and offsets across `down`.
+    if [[ ! -f $KAFKA_DATA/meta.properties ]]; then
+        local cluster_id
+        cluster_id=$(kafka_tool kafka.tools.StorageTool random-uuid)
+        log "formatting Kafka storage in .run/kafka/data (cluster id $cluster_id)"
+        if ! kafka_tool kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" \
+            >"$KAFKA_LOGS/format.log" 2>&1; then
+            show_tail "$KAFKA_LOGS/format.log"
+            die "kafka storage format failed"
+        fi
+    fi
+
+    local server_log=$KAFKA_LOGS/server.log stdout_log=$KAFKA_LOGS/stdout.log offset=0 stdout_offset=0
+    [[ -f $server_log ]] && offset=$(stat -c %s "$server_log")
+    [[ -f $stdout_log ]] && stdout_offset=$(stat -c %s "$stdout_log")
+
+    log "starting kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller on $KAFKA_CONTROLLER_PORT)"
+    # The inner shell records its own pid and then becomes java, so the pid file names the broker
+    # itself; setsid detaches it from this script's session, and neither our stdio nor our lock
+    # (fd 9) is kept open by it.
+    # shellcheck disable=SC2086,SC2016 # KAFKA_HEAP_OPTS is a list of JVM flags; $$ is the inner shell's
+    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$KAFKA_PID" \
+        java $KAFKA_HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+        -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+        -Djava.awt.headless=true \
+        -Dkafka.logs.dir="$KAFKA_LOGS" \
+        -Dlog4j2.configurationFile="$KAFKA_POM_DIR/log4j2-broker.properties" \
+        -cp "$KAFKA_LIB/*" kafka.Kafka "$KAFKA_PROPS" \
+        </dev/null >>"$stdout_log" 2>&1 9>&- &
+    local launched=$!
+
+    # Ready means: the listener accepts connections and the broker logged the end of its startup
+    # (in this run's part of the log, not a previous one's).
+    local deadline=$((SECONDS + TIMEOUT))
+    while :; do
+        if ! is_alive "$launched"; then
+            show_tail_since "$stdout_log" "$stdout_offset" 20
+            show_tail_since "$server_log" "$offset"
+            die "kafka exited during startup"
+        fi
+        if port_open "$KAFKA_PORT" && [[ -f $server_log ]]; then
+            (($(stat -c %s "$server_log") < offset)) && offset=0 # rolled over meanwhile
+            if tail -c +$((offset + 1)) "$server_log" | grep -q 'Kafka Server started'; then
+                break
+            fi
+        fi
+        if ((SECONDS >= deadline)); then
+            show_tail_since "$stdout_log" "$stdout_offset" 20
+            show_tail_since "$server_log" "$offset"
+            die "kafka did not become ready on 127.0.0.1:$KAFKA_PORT within ${TIMEOUT}s"
+        fi
+        sleep 0.5
+    done
+    log "kafka is up (pid $(<"$KAFKA_PID"))"
+}
+
+# A zombie has released everything already; it only waits for an init that may be slow (or, in
+# some containers, never) to reap it.
+is_alive() {
+    kill -0 "$1" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]
+}
+
+# Waits for the process to be gone, so that a following start does not find the ports or the
+# log directory lock still held.
+wait_gone() {
+    local pid=$1 deadline=$((SECONDS + $2))
+    while is_alive "$pid"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
+kafka_stop() {
+    local pid
+    if ! pid=$(kafka_pid); then
+        log "kafka is not running"
+        rm -f "$KAFKA_PID"
+        return
+    fi
+    log "stopping kafka (pid $pid)"
+    kill -TERM "$pid"
+    if ! wait_gone "$pid" "$TIMEOUT"; then
+        log "kafka still running after ${TIMEOUT}s, killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_gone "$pid" 10 || die "kafka (pid $pid) does not die"
+    fi
+    rm -f "$KAFKA_PID"
+}
+
+kafka_kill() {
+    local pid
+    if ! pid=$(kafka_pid); then
+        log "kafka is not running"
+        return
+    fi
+    log "killing kafka with SIGKILL (pid $pid)"
+    kill -KILL "$pid"
+    wait_gone "$pid" 10 || die "kafka (pid $pid) does not die"
+    rm -f "$KAFKA_PID"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+status() {
+    local down=0 pid
+    if PGBIN=$(find_pgbin) && [[ -d $PG_DATA ]] && pg_running &&
+        "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PGPORT" -t 2; then
+        echo "postgres: up   127.0.0.1:$PGPORT ($(<"$PG_DATA/PG_VERSION"), pid $(head -1 "$PG_DATA/postmaster.pid"))"
+    else
+        echo "postgres: down"
+        down=1
+    fi
+    if pid=$(kafka_pid) && port_open "$KAFKA_PORT"; then
+        echo "kafka:    up   127.0.0.1:$KAFKA_PORT (Kafka $(cut -d' ' -f2 "$KAFKA_LIB/.stamp"), pid $pid)"
+    else
+        echo "kafka:    down"
+        down=1
+    fi
+    return $((down * 3))
+}
+
+print_env() {
+    printf 'export DATABASE_URL=%q\n' "postgres://postgres:$PG_PASSWORD@127.0.0.1:$PGPORT/$PG_DB"
+    printf 'export KAFKA_BROKERS=%q\n' "127.0.0.1:$KAFKA_PORT"
+    local bin
+    if bin=$(find_pgbin); then
+        printf 'export PGBIN=%q\n' "$bin"
+    else
+        log "PostgreSQL is not installed yet (run: scripts/services.sh up); PGBIN not set"
+    fi
+}
+
+usage() {
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
+    exit 2
+}
+
+cmd=${1:-}
+[[ $# -gt 0 ]] && shift
+case $cmd in
+up)
+    take_lock
+    pg_start
+    kafka_start
+    log "ready: eval \"\$(scripts/services.sh env)\""
+    ;;
+down)
+    take_lock
+    kafka_stop
+    pg_stop
+    ;;
+status) status ;;
+env) print_env ;;
+psql)
+    PGBIN=$(find_pgbin) || die "PostgreSQL is not installed (run: scripts/services.sh up)"
+    PGPASSWORD=$PG_PASSWORD exec "$PGBIN/psql" -X -h 127.0.0.1 -p "$PGPORT" -U postgres -d "$PG_DB" "$@"
+    ;;
+kafka-topics)
+    [[ -f $KAFKA_LIB/.stamp ]] || die "Kafka is not fetched yet (run: scripts/services.sh up)"
+    kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" "$@"
+    ;;
+restart-pg)
+    take_lock
+    pg_restart
+    ;;
+stop-pg)
+    take_lock
+    pg_stop
+    ;;
+start-pg)
+    take_lock
+    pg_start
+    ;;
+kill-kafka)
+    take_lock
+    kafka_kill
+    ;;
+stop-kafka)
+    take_lock
+    kafka_stop
+    ;;
+start-kafka)
+    take_lock
+    kafka_start
+    ;;
+*) usage ;;
+esac

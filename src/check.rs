@@ -1,0 +1,65 @@
+//! `trusst-cdc check`: a preflight that reports each problem with its fix.
+
+use std::time::Duration;
+
+use crate::config::SourceConfig;
+use crate::error::{Error, Result};
+use crate::kafka;
+use crate::source::setup::{self, Finding};
+
+/// Run every check, print one line each, and fail when any check failed.
+pub async fn run(cfg: &SourceConfig) -> Result<()> {
+    let mut findings = Vec::new();
+    match crate::pg::connect(cfg.database_url()).await {
+        Ok(client) => {
+            let s = &cfg.source;
+            findings.extend(setup::preflight(&client, &s.publication, &s.slot, s.create_publication).await?);
+        }
+        Err(e) => findings.push(Finding { what: format!("PostgreSQL: {e}"), fix: Some("check DATABASE_URL".into()) }),
+    }
+    findings.extend(kafka_findings(cfg).await);
+    let mut failed = 0;
+    for f in &findings {
+        match &f.fix {
+            None => println!("ok    {}", f.what),
+            Some(fix) => {
+                failed += 1;
+                println!("FAIL  {}\n      fix: {fix}", f.what);
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Error::user(format!("{failed} check(s) failed; see the fixes above")));
+    }
+    println!("all {} checks passed", findings.len());
+    Ok(())
+}
+
+async fn kafka_findings(cfg: &SourceConfig) -> Vec<Finding> {
+    let brokers = cfg.brokers();
+    let reach = kafka::producer(brokers, &cfg.kafka.properties)
+        .and_then(|p| kafka::ping(&p, brokers, Duration::from_secs(10)));
+    if let Err(e) = reach {
+        return vec![Finding {
+            what: format!("Kafka at {brokers} is not reachable ({})", e.message()),
+            fix: Some("check KAFKA_BROKERS, the listener address and [kafka.properties] security settings".into()),
+        }];
+    }
+    let mut out = vec![Finding { what: format!("Kafka at {brokers} answers"), fix: None }];
+    let topic = &cfg.kafka.topic;
+    match kafka::describe_topic(brokers, &cfg.kafka.properties, topic).await {
+        Ok(None) => out.push(Finding { what: format!("topic {topic} will be created (compacted)"), fix: None }),
+        Ok(Some(t)) if !t.cleanup_policy.contains("compact") => out.push(Finding {
+            what: format!("topic {topic} has cleanup.policy={}: old states are never compacted away", t.cleanup_policy),
+            fix: Some(format!(
+                "kafka-configs --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact"
+            )),
+        }),
+        Ok(Some(t)) => out.push(Finding {
+            what: format!("topic {topic} is compacted with {} partition(s)", t.partitions),
+            fix: None,
+        }),
+        Err(e) => out.push(Finding { what: format!("cannot describe topic {topic}: {e}"), fix: Some("check topic ACLs".into()) }),
+    }
+    out
+}

@@ -1,0 +1,306 @@
+//! Configuration files (TOML) and their command-line / environment overrides.
+//!
+//! Unknown keys are rejected so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, de::DeserializeOwned};
+
+use crate::error::{Error, Result};
+
+/// Read and parse a TOML file into `T`, with errors that name the file, the line and the fix.
+pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::user(format!(
+            "cannot read config file {}: {e}; pass an existing file with --config",
+            path.display()
+        ))
+    })?;
+    parse(&text).map_err(|msg| {
+        Error::user(format!("invalid config file {}: {msg}", path.display()))
+    })
+}
+
+/// Parse TOML text into `T`; the error is toml's message (line, column, unknown key).
+pub fn parse<T: DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " | "))
+}
+
+/// `[database]`: the Trusst PostgreSQL database.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// libpq-style URL, e.g. `postgres://user:pass@host:5432/trusst`; `DATABASE_URL` overrides.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// `[kafka]`: the broker and the event topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated; `KAFKA_BROKERS` overrides.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// Event topic; `TRUSST_TOPIC` overrides.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Partitions when the source creates the topic.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor when the source creates the topic.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Extra librdkafka properties (e.g. `security.protocol`), passed through unchanged.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: None,
+            topic: default_topic(),
+            partitions: default_partitions(),
+            replication_factor: default_replication(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_topic() -> String {
+    "trusst.contacts".into()
+}
+fn default_partitions() -> i32 {
+    6
+}
+fn default_replication() -> i32 {
+    1
+}
+
+/// Whether to publish every COMPLETED contact before streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Once, the first time the slot is used (resumed by key after a crash).
+    Initial,
+    /// Never: only changes after the slot was created are published.
+    Never,
+}
+
+/// `[source]`: the replication slot and batching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// Logical replication slot; `TRUSST_SLOT` overrides.
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// Publication; `TRUSST_PUBLICATION` overrides.
+    #[serde(default = "default_slot")]
+    pub publication: String,
+    /// Create the publication when missing (needs table ownership); otherwise it must exist.
+    #[serde(default = "yes")]
+    pub create_publication: bool,
+    /// Initial snapshot behaviour.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: SnapshotMode,
+    /// Contacts per snapshot page and per enrichment query.
+    #[serde(default = "default_page")]
+    pub batch_max_contacts: usize,
+    /// Longest a touched contact waits before its batch is published.
+    #[serde(default = "default_wait", with = "humantime_serde")]
+    pub batch_max_wait: Duration,
+    /// Interval of the `pg_logical_emit_message` heartbeat that keeps an idle slot advancing.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Contacts re-emitted per step after a question change, between stream batches.
+    #[serde(default = "default_page")]
+    pub reemit_chunk: usize,
+    /// Folder for the snapshot progress file.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: String,
+}
+
+impl Default for SourceSection {
+    fn default() -> Self {
+        parse("").expect("defaults parse")
+    }
+}
+
+fn default_slot() -> String {
+    "trusst_cdc".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_snapshot() -> SnapshotMode {
+    SnapshotMode::Initial
+}
+fn default_page() -> usize {
+    1000
+}
+fn default_wait() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_state_dir() -> String {
+    ".trusst-cdc".into()
+}
+
+/// The whole `source.toml`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `[database]`.
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// `[kafka]`.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// `[source]`.
+    #[serde(default)]
+    pub source: SourceSection,
+}
+
+/// Values from flags or the environment that win over the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SourceOverrides {
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Event topic.
+    #[arg(long, env = "TRUSST_TOPIC")]
+    pub topic: Option<String>,
+    /// Replication slot.
+    #[arg(long, env = "TRUSST_SLOT")]
+    pub slot: Option<String>,
+    /// Publication.
+    #[arg(long, env = "TRUSST_PUBLICATION")]
+    pub publication: Option<String>,
+}
+
+impl SourceConfig {
+    /// Apply overrides, then check that everything required is present and sane.
+    pub fn resolve(mut self, o: SourceOverrides) -> Result<Self> {
+        if o.database_url.is_some() {
+            self.database.url = o.database_url;
+        }
+        if o.kafka_brokers.is_some() {
+            self.kafka.brokers = o.kafka_brokers;
+        }
+        if let Some(t) = o.topic {
+            self.kafka.topic = t;
+        }
+        if let Some(s) = o.slot {
+            self.source.slot = s;
+        }
+        if let Some(p) = o.publication {
+            self.source.publication = p;
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.database.url.as_deref().unwrap_or("").is_empty() {
+            return Err(Error::user(
+                "no database URL: set [database] url, DATABASE_URL or --database-url",
+            ));
+        }
+        if self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
+            return Err(Error::user(
+                "no Kafka brokers: set [kafka] brokers, KAFKA_BROKERS or --kafka-brokers",
+            ));
+        }
+        let ident_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        for (what, v) in [("slot", &self.source.slot), ("publication", &self.source.publication)] {
+            if !ident_ok(v) {
+                return Err(Error::user(format!(
+                    "invalid {what} name {v:?}: use 1-63 lowercase letters, digits or '_'"
+                )));
+            }
+        }
+        if self.kafka.topic.is_empty()
+            || !self.kafka.topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(Error::user(format!(
+                "invalid topic name {:?}: use letters, digits, '.', '_' or '-'",
+                self.kafka.topic
+            )));
+        }
+        if self.source.batch_max_contacts == 0 || self.source.reemit_chunk == 0 {
+            return Err(Error::user("batch_max_contacts and reemit_chunk must be at least 1"));
+        }
+        if self.kafka.partitions < 1 {
+            return Err(Error::user("[kafka] partitions must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The database URL (present after [`SourceConfig::resolve`]).
+    pub fn database_url(&self) -> &str {
+        self.database.url.as_deref().unwrap_or_default()
+    }
+
+    /// The brokers (present after [`SourceConfig::resolve`]).
+    pub fn brokers(&self) -> &str {
+        self.kafka.brokers.as_deref().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let e = parse::<SourceConfig>("[source]\nslott = \"x\"\n").unwrap_err();
+        assert!(e.contains("unknown field `slott`"), "{e}");
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c: SourceConfig = parse("[kafka]\nbrokers = \"b:1\"\n[source]\nheartbeat_interval = \"2s\"\n").unwrap();
+        assert_eq!(c.source.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(c.kafka.topic, "trusst.contacts");
+        let c = c
+            .resolve(SourceOverrides {
+                database_url: Some("postgres://x@h/db".into()),
+                slot: Some("s2".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(c.source.slot, "s2");
+        assert_eq!(c.brokers(), "b:1");
+    }
+
+    #[test]
+    fn missing_url_names_the_fix() {
+        let e = SourceConfig::default().resolve(SourceOverrides::default()).unwrap_err();
+        assert!(e.to_string().contains("DATABASE_URL"), "{e}");
+    }
+
+    #[test]
+    fn bad_slot_name() {
+        let e = SourceConfig::default()
+            .resolve(SourceOverrides {
+                database_url: Some("postgres://h/d".into()),
+                kafka_brokers: Some("b".into()),
+                slot: Some("Bad-Slot".into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid slot name"), "{e}");
+    }
+}

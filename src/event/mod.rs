@@ -1,0 +1,163 @@
+//! The per-contact event published to Kafka: one JSON document per COMPLETED contact, keyed by
+//! contact id. Field names follow the seed's MuleSoft payload so the simplest sink is a
+//! pass-through; `schema/contact-event.schema.json` is the published contract.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the event layout; bumped only for incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What happened to the contact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// The contact is COMPLETED; the event carries its full current state.
+    Upsert,
+    /// The contact row was deleted; a tombstone follows on the same key.
+    Delete,
+}
+
+/// Where in the database's history the event was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourcePosition {
+    /// Commit LSN (`X/Y`) of the transaction that triggered the event, or the slot's start for
+    /// snapshot and re-emit events.
+    pub lsn: String,
+    /// Commit time of that transaction (RFC 3339, UTC); absent for snapshot events.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub commit_ts: Option<String>,
+    /// Transaction id; absent for snapshot events.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub txid: Option<u32>,
+    /// Why the event was produced: `stream`, `snapshot`, `question` (a question changed) or
+    /// `backfill`.
+    pub reason: String,
+}
+
+/// One universal question's answer for the contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuestionResult {
+    /// `questions.question_id`.
+    pub question_id: String,
+    /// `questions.key`, e.g. `agent_identified`.
+    pub question_key: String,
+    /// `questions.text`.
+    pub question_text: Option<String>,
+    /// `questions.result_type`: Boolean, Rating, Label, Paragraph or Summary.
+    pub result_type: String,
+    /// `questions."group"`.
+    pub question_group: Option<String>,
+    /// `inferences.result`, raw: typed conversion is a sink concern.
+    pub result: Option<String>,
+    /// `inferences.updated_at` (ISO 8601, as stored: no time zone).
+    pub inference_updated_at: Option<String>,
+}
+
+/// The enriched per-contact event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactEvent {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// Unique per publication: `<lsn>:<contact_id>` for stream events.
+    pub event_id: String,
+    /// Upsert or delete.
+    pub op: Op,
+    /// `contacts.contact_id`; also the Kafka key.
+    pub trusst_contact_id: String,
+    /// `contacts.external_id`.
+    pub external_id: Option<String>,
+    /// `contacts.stream_id`.
+    pub stream_id: Option<String>,
+    /// `s3_conversations.call_time` (the seed's `call_date`).
+    pub call_date: Option<String>,
+    /// `contacts.start_time`.
+    pub call_start_time: Option<String>,
+    /// `contacts.direction`: inbound or outbound.
+    pub direction: Option<String>,
+    /// `contacts.agent_id`.
+    pub contact_agent_id: Option<String>,
+    /// `s3_conversations.agent_id`.
+    pub s3_agent_id: Option<String>,
+    /// `s3_conversations.conn_id`.
+    pub conn_id: Option<String>,
+    /// Universal questions ordered by group, order and key; empty for deletes.
+    pub universal_questions: Vec<QuestionResult>,
+    /// Position in the source database.
+    pub source: SourcePosition,
+}
+
+impl ContactEvent {
+    /// A delete event for a contact whose row is gone.
+    pub fn delete(contact_id: &str, source: SourcePosition) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: format!("{}:{}", source.lsn, contact_id),
+            op: Op::Delete,
+            trusst_contact_id: contact_id.to_owned(),
+            external_id: None,
+            stream_id: None,
+            call_date: None,
+            call_start_time: None,
+            direction: None,
+            contact_agent_id: None,
+            s3_agent_id: None,
+            conn_id: None,
+            universal_questions: Vec::new(),
+            source,
+        }
+    }
+
+    /// Serialize for the topic.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("events always serialize")
+    }
+
+    /// Parse an event read from the topic.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// Format a `timestamp without time zone` the way the seed's Python `isoformat()` does.
+pub fn iso(ts: &chrono::NaiveDateTime) -> String {
+    if ts.and_utc().timestamp_subsec_micros() == 0 {
+        ts.format("%Y-%m-%dT%H:%M:%S").to_string()
+    } else {
+        ts.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+    }
+}
+
+/// Format an LSN as PostgreSQL does (`X/Y`, hex).
+pub fn lsn(v: u64) -> String {
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_matches_python_isoformat() {
+        let t = chrono::NaiveDate::from_ymd_opt(2025, 1, 15).unwrap().and_hms_opt(14, 23, 10).unwrap();
+        assert_eq!(iso(&t), "2025-01-15T14:23:10");
+        let t = t + chrono::Duration::microseconds(1500);
+        assert_eq!(iso(&t), "2025-01-15T14:23:10.001500");
+    }
+
+    #[test]
+    fn lsn_format() {
+        assert_eq!(lsn(0x16B3748), "0/16B3748");
+        assert_eq!(lsn((3u64 << 32) | 0x10), "3/10");
+    }
+
+    #[test]
+    fn delete_round_trips() {
+        let e = ContactEvent::delete(
+            "c-1",
+            SourcePosition { lsn: "0/1".into(), commit_ts: None, txid: Some(7), reason: "stream".into() },
+        );
+        let back = ContactEvent::from_json(&e.to_json()).unwrap();
+        assert_eq!(back, e);
+        assert!(String::from_utf8(e.to_json()).unwrap().contains(r#""op":"delete""#));
+    }
+}

@@ -1,0 +1,190 @@
+//! Kafka plumbing shared by the source and the sinks: client configs, the event topic, and a
+//! producer that keeps delivery futures so callers await them at their commit boundary.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::FromClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::error::{self, Error, Result};
+
+/// A librdkafka client config from brokers plus pass-through properties.
+pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Build any rdkafka client, mapping config errors to user errors.
+pub fn create<T: FromClientConfig>(config: &ClientConfig, what: &str) -> Result<T> {
+    config.create().map_err(|e| error::kafka(format!("creating the Kafka {what}"), e))
+}
+
+/// The idempotent producer for events: `acks=all`, idempotence on, so retries inside
+/// librdkafka can neither duplicate nor reorder events of one partition.
+pub fn producer(brokers: &str, properties: &BTreeMap<String, String>) -> Result<FutureProducer> {
+    let mut c = client_config(brokers, &BTreeMap::new());
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "120000")
+        .set("queue.buffering.max.kbytes", "262144");
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+    create(&c, "producer")
+}
+
+/// Fetch cluster metadata to prove the brokers answer; the error names the address.
+pub fn ping(producer: &FutureProducer, brokers: &str, timeout: Duration) -> Result<()> {
+    producer.client().fetch_metadata(None, timeout).map(|_| ()).map_err(|e| {
+        Error::external(format!(
+            "Kafka at {brokers} did not answer within {timeout:?}; check KAFKA_BROKERS and that the broker is running"
+        ))
+        .with_source(e)
+    })
+}
+
+/// Settings of an existing topic that matter to the connector.
+#[derive(Debug, Clone)]
+pub struct TopicInfo {
+    /// Partition count.
+    pub partitions: usize,
+    /// `cleanup.policy`.
+    pub cleanup_policy: String,
+}
+
+/// Describe a topic; `Ok(None)` when it does not exist.
+pub async fn describe_topic(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+) -> Result<Option<TopicInfo>> {
+    let admin: AdminClient<DefaultClientContext> = create(&client_config(brokers, properties), "admin client")?;
+    let md = admin
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| error::kafka(format!("reading metadata of topic {topic}"), e))?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else { return Ok(None) };
+    if t.error().is_some() || t.partitions().is_empty() {
+        return Ok(None);
+    }
+    let partitions = t.partitions().len();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let configs = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(|e| error::kafka(format!("describing topic {topic}"), e))?;
+    let mut cleanup_policy = String::from("delete");
+    if let Some(Ok(res)) = configs.into_iter().next() {
+        if let Some(e) = res.get("cleanup.policy").and_then(|e| e.value.clone()) {
+            cleanup_policy = e;
+        }
+    }
+    Ok(Some(TopicInfo { partitions, cleanup_policy }))
+}
+
+/// Create `topic` as compacted when it is missing; an existing topic is left as it is.
+pub async fn ensure_compacted_topic(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<()> {
+    if describe_topic(brokers, properties, topic).await?.is_some() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = create(&client_config(brokers, properties), "admin client")?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))
+        .set("cleanup.policy", "compact")
+        // Keep delete markers long enough for every sink to see them before compaction.
+        .set("delete.retention.ms", "604800000");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let res = admin
+        .create_topics(&[new], &opts)
+        .await
+        .map_err(|e| error::kafka(format!("creating topic {topic}"), e))?;
+    for r in res {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(Error::external(format!("creating topic {t} failed: {code}"))
+                    .retry(code != RDKafkaErrorCode::TopicAuthorizationFailed));
+            }
+        }
+    }
+    tracing::info!(topic, partitions, "created compacted topic");
+    Ok(())
+}
+
+/// Events sent but not yet acknowledged; [`Pending::wait`] is the commit boundary.
+#[derive(Default)]
+pub struct Pending {
+    futures: Vec<DeliveryFuture>,
+}
+
+impl Pending {
+    /// Enqueue one record (value `None` is a tombstone) without waiting for the broker.
+    pub async fn send(
+        &mut self,
+        producer: &FutureProducer,
+        topic: &str,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<()> {
+        loop {
+            let mut record = FutureRecord::<str, [u8]>::to(topic).key(key);
+            if let Some(v) = value {
+                record = record.payload(v);
+            }
+            match producer.send_result(record) {
+                Ok(f) => {
+                    self.futures.push(f);
+                    return Ok(());
+                }
+                // The local queue is full: let librdkafka drain it, then try again.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(error::kafka(format!("producing contact {key} to {topic}"), e));
+                }
+            }
+        }
+    }
+
+    /// Records enqueued and not yet awaited.
+    pub fn len(&self) -> usize {
+        self.futures.len()
+    }
+
+    /// True when nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.futures.is_empty()
+    }
+
+    /// Wait until the broker acknowledged every record; any failure fails the whole batch so the
+    /// caller confirms nothing and the batch is produced again.
+    pub async fn wait(&mut self) -> Result<usize> {
+        let n = self.futures.len();
+        for f in self.futures.drain(..) {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(error::kafka("Kafka did not acknowledge an event", e)),
+                Err(_) => return Err(Error::external("the Kafka producer was dropped before acknowledging")),
+            }
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,17 @@
+//! trusst-cdc: change-data-capture from the Trusst platform's PostgreSQL to CRMs through Kafka.
+//!
+//! - [`source`]: logical replication (pgoutput) -> enriched per-contact events on a Kafka topic.
+//! - [`event`]: the event format.
+//! - [`kafka`]: producer, topics.
+//! - [`check`]: the preflight.
+//! - [`generate`]: realistic demo and test data.
+
+pub mod check;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod generate;
+pub mod kafka;
+pub mod pg;
+pub mod source;
+pub mod tail;

@@ -1,0 +1,180 @@
+//! The `trusst-cdc` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+use trusst_cdc::config::{self, SourceConfig, SourceOverrides};
+use trusst_cdc::error::{Error, Fault, Result};
+use trusst_cdc::{check, generate, pg, source};
+
+#[derive(Parser)]
+#[command(name = "trusst-cdc", version, about = "Change-data-capture from Trusst's PostgreSQL to CRMs through Kafka")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "TRUSST_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream the replication slot into the event topic.
+    Source {
+        /// Source config file.
+        #[arg(long, default_value = "connector-config/source.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        overrides: SourceOverrides,
+    },
+    /// Check the database and Kafka for everything the source needs; non-zero exit on problems.
+    Check {
+        /// Source config file.
+        #[arg(long, default_value = "connector-config/source.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        overrides: SourceOverrides,
+    },
+    /// Print the events on a topic as they arrive.
+    Tail {
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "KAFKA_BROKERS")]
+        kafka_brokers: String,
+        /// Topic.
+        #[arg(long, env = "TRUSST_TOPIC", default_value = "trusst.contacts")]
+        topic: String,
+        /// Start at the oldest record instead of new ones.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Print raw JSON values.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<usize>,
+        /// Stop after this long without a record (e.g. 10s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        idle: Option<Duration>,
+    },
+    /// Write realistic demo contacts (schema and questions included) into a database.
+    Generate {
+        /// PostgreSQL URL.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Contacts to write.
+        #[arg(long, default_value_t = 100)]
+        contacts: usize,
+        /// Contacts per transaction (each contact takes three transactions' worth of stages).
+        #[arg(long, default_value_t = 100)]
+        chunk: usize,
+        /// Target contacts per second; 0 writes as fast as possible.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Random seed, for reproducible data.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Only load the schema and questions.
+        #[arg(long)]
+        schema_only: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A watch that turns true on SIGTERM or Ctrl-C.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stop requested");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+fn source_config(path: &PathBuf, overrides: SourceOverrides) -> Result<SourceConfig> {
+    config::load::<SourceConfig>(path)?.resolve(overrides)
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Source { config, overrides } => {
+            let cfg = source_config(&config, overrides)?;
+            source::run(cfg, shutdown_signal()).await
+        }
+        Command::Check { config, overrides } => {
+            let cfg = source_config(&config, overrides)?;
+            check::run(&cfg).await
+        }
+        Command::Tail { kafka_brokers, topic, from_beginning, json, max, idle } => {
+            trusst_cdc::tail::run(&kafka_brokers, &topic, from_beginning, json, max, idle).await
+        }
+        Command::Generate { database_url, contacts, chunk, rate, seed, schema_only } => {
+            let mut client = pg::connect(&database_url).await?;
+            generate::init_schema(&client).await?;
+            generate::ensure_questions(&client).await?;
+            if schema_only {
+                return Ok(());
+            }
+            if chunk == 0 {
+                return Err(Error::user("--chunk must be at least 1"));
+            }
+            let mut g = generate::Generator::new(seed, generate::Options::default());
+            let started = Instant::now();
+            let mut done = 0usize;
+            while done < contacts {
+                let n = chunk.min(contacts - done);
+                let batch: Vec<_> = (0..n).map(|_| g.contact()).collect();
+                generate::write_contacts(&mut client, &batch).await?;
+                done += n;
+                if rate > 0.0 {
+                    let due = started + Duration::from_secs_f64(done as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(contacts = done, seconds = format!("{secs:.1}"), "generated COMPLETED contacts");
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            match e.fault {
+                Fault::User => ExitCode::from(2),
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}

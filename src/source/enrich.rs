@@ -1,0 +1,118 @@
+//! The batched re-read: one query per batch of touched contacts, built on the seed's join.
+//!
+//! Re-reading rather than trusting the WAL image is what makes events complete: an unchanged
+//! TOASTed result (pgoutput's `u` marker) and rows of other tables come from the database as
+//! they are now, so an event never carries a placeholder.
+
+use std::collections::HashMap;
+
+use tokio_postgres::GenericClient;
+
+use crate::error::{self, Result};
+use crate::event::{ContactEvent, Op, QuestionResult, SCHEMA_VERSION, SourcePosition, iso};
+
+/// The seed's join restricted to the given contacts, COMPLETED ones, universal questions only.
+/// Inner joins as in the seed: a contact without any universal answer is not in the pivot.
+const ENRICH_SQL: &str = r#"
+SELECT c.contact_id, c.external_id, c.stream_id, s3c.call_time, c.start_time, c.direction,
+       c.agent_id AS contact_agent_id, s3c.agent_id AS s3_agent_id, s3c.conn_id,
+       q.question_id, q.key AS question_key, q.text AS question_text, q.result_type,
+       q."group" AS question_group, i.result, i.updated_at AS inference_updated_at
+FROM contacts c
+INNER JOIN inferences i ON c.contact_id = i.contact_id
+INNER JOIN questions q ON i.question_id = q.question_id
+LEFT JOIN s3_conversations s3c ON c.contact_id = s3c.contact_id
+WHERE c.contact_id = ANY($1)
+  AND q.is_universal = TRUE
+  AND c.current_stage = 'COMPLETED'
+ORDER BY c.contact_id, q."group", q."order", q.key, i.inference_id
+"#;
+
+/// Read the current state of `ids`; contacts that are not COMPLETED (or have no universal
+/// answer) are absent from the result.
+pub async fn enrich<C: GenericClient>(
+    client: &C,
+    ids: &[String],
+) -> Result<HashMap<String, ContactEvent>> {
+    let rows = client
+        .query(ENRICH_SQL, &[&ids])
+        .await
+        .map_err(|e| error::pg("re-reading touched contacts", e))?;
+    let mut out: HashMap<String, ContactEvent> = HashMap::with_capacity(ids.len());
+    let ts = |v: Option<chrono::NaiveDateTime>| v.as_ref().map(iso);
+    for row in rows {
+        let contact_id: String = row.get(0);
+        let q = QuestionResult {
+            question_id: row.get(9),
+            question_key: row.get(10),
+            question_text: row.get(11),
+            result_type: row.get(12),
+            question_group: row.get(13),
+            result: row.get(14),
+            inference_updated_at: ts(row.get(15)),
+        };
+        out.entry(contact_id.clone())
+            .or_insert_with(|| ContactEvent {
+                schema_version: SCHEMA_VERSION,
+                event_id: String::new(),
+                op: Op::Upsert,
+                trusst_contact_id: contact_id,
+                external_id: row.get(1),
+                stream_id: row.get(2),
+                call_date: ts(row.get(3)),
+                call_start_time: ts(row.get(4)),
+                direction: row.get(5),
+                contact_agent_id: row.get(6),
+                s3_agent_id: row.get(7),
+                conn_id: row.get(8),
+                universal_questions: Vec::new(),
+                source: SourcePosition {
+                    lsn: String::new(),
+                    commit_ts: None,
+                    txid: None,
+                    reason: String::new(),
+                },
+            })
+            .universal_questions
+            .push(q);
+    }
+    Ok(out)
+}
+
+/// One page of COMPLETED contact ids after `after`, in key order (never OFFSET: rows inserted
+/// or deleted meanwhile would shift the pages).
+pub async fn completed_page<C: GenericClient>(
+    client: &C,
+    after: &str,
+    limit: usize,
+) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT contact_id FROM contacts WHERE current_stage = 'COMPLETED' AND contact_id > $1 \
+             ORDER BY contact_id LIMIT $2",
+            &[&after, &(limit as i64)],
+        )
+        .await
+        .map_err(|e| error::pg("paging COMPLETED contacts", e))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// One page of COMPLETED contacts that have an inference for `question_id`, after `after`.
+pub async fn contacts_for_question<C: GenericClient>(
+    client: &C,
+    question_id: &str,
+    after: &str,
+    limit: usize,
+) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT c.contact_id FROM contacts c \
+             JOIN inferences i ON i.contact_id = c.contact_id \
+             WHERE i.question_id = $1 AND c.current_stage = 'COMPLETED' AND c.contact_id > $2 \
+             ORDER BY c.contact_id LIMIT $3",
+            &[&question_id, &after, &(limit as i64)],
+        )
+        .await
+        .map_err(|e| error::pg("finding contacts affected by a question change", e))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}

@@ -1,0 +1,601 @@
+//! The source: a logical replication slot (pgoutput) in, enriched per-contact events out.
+//!
+//! Flow per session: preflight -> publication and slot -> topic -> initial snapshot (once) ->
+//! stream. Row changes are mapped to touched contacts ([`triggers`]); each batch of committed
+//! transactions is re-read with one query ([`enrich`]) and published keyed by contact id. The
+//! slot's confirmed LSN moves only after Kafka acknowledged every event up to it, so a crash
+//! at any point replays from the last confirmed commit (at-least-once, duplicates allowed).
+
+pub mod enrich;
+pub mod pgoutput;
+pub mod setup;
+pub mod state;
+pub mod triggers;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use rdkafka::producer::FutureProducer;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::config::{SnapshotMode, SourceConfig};
+use crate::error::{self, Error, Result};
+use crate::event::{ContactEvent, SourcePosition, lsn as fmt_lsn};
+use crate::kafka::{self, Pending};
+use triggers::{Effect, QuestionRow, Tracker};
+
+/// Prefix of the heartbeat messages written with `pg_logical_emit_message`.
+pub const HEARTBEAT_PREFIX: &str = "trusst-cdc.heartbeat";
+
+/// Run the source until `shutdown` turns true. A failure before the first stream started exits
+/// (a misconfiguration should be loud); once streaming, retryable failures reconnect with backoff.
+pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let new_backoff = || {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(30))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = new_backoff();
+    let mut ever_streamed = false;
+    loop {
+        let started = Instant::now();
+        let mut session = Session::new(&cfg, shutdown.clone());
+        let result = session.run().await;
+        ever_streamed |= session.streaming;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.retryable && ever_streamed => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = new_backoff();
+                }
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %e, retry_in = ?delay, "source session failed; reconnecting");
+                let mut sd = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = sd.wait_for(|v| *v) => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The transaction a touched contact was last seen in.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    lsn: u64,
+    commit_ts: i64,
+    xid: u32,
+}
+
+/// The universal-relevant part of a question, cached to decide whether a change re-emits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Question {
+    key: Option<String>,
+    text: Option<String>,
+    result_type: Option<String>,
+    group: Option<String>,
+    is_universal: bool,
+}
+
+/// Re-emitting the completed contacts of a changed question, one chunk at a time.
+#[derive(Debug)]
+struct ReemitJob {
+    question_id: String,
+    after: String,
+    /// The slot may not be confirmed past this LSN until the job is done: a crash must replay
+    /// the question change so the job is recreated.
+    barrier: u64,
+    origin: Origin,
+}
+
+/// Touched contacts of committed transactions, not yet published.
+#[derive(Default)]
+struct Batch {
+    touched: HashMap<String, Origin>,
+    deleted: HashSet<String>,
+    /// End LSN of the last transaction whose changes are all in this batch.
+    end_lsn: Option<u64>,
+    since: Option<Instant>,
+}
+
+struct Session<'a> {
+    cfg: &'a SourceConfig,
+    shutdown: watch::Receiver<bool>,
+    tracker: Tracker,
+    questions: HashMap<String, Question>,
+    /// WAL position when the question cache was loaded: earlier question changes are replays
+    /// the cache already reflects, so they re-emit conservatively.
+    questions_loaded_at: u64,
+    batch: Batch,
+    jobs: VecDeque<ReemitJob>,
+    /// Transaction being received.
+    current: Option<Origin>,
+    last_commit_end: u64,
+    confirmed: u64,
+    published: u64,
+    /// Set once setup succeeded (database, Kafka, topic and slot all fine) in this session.
+    streaming: bool,
+}
+
+fn pg_epoch_micros_to_rfc3339(micros: i64) -> Option<String> {
+    // PostgreSQL timestamps count from 2000-01-01.
+    const PG_EPOCH: i64 = 946_684_800;
+    chrono::DateTime::from_timestamp_micros(micros + PG_EPOCH * 1_000_000)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+}
+
+impl<'a> Session<'a> {
+    fn new(cfg: &'a SourceConfig, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            cfg,
+            shutdown,
+            tracker: Tracker::new(),
+            questions: HashMap::new(),
+            questions_loaded_at: 0,
+            batch: Batch::default(),
+            jobs: VecDeque::new(),
+            current: None,
+            last_commit_end: 0,
+            confirmed: 0,
+            published: 0,
+            streaming: false,
+        }
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        let cfg = self.cfg;
+        let s = &cfg.source;
+        let client = crate::pg::connect(cfg.database_url()).await?;
+        setup::failures(&setup::preflight(&client, &s.publication, &s.slot, s.create_publication).await?)?;
+        if s.create_publication {
+            setup::ensure_publication(&client, &s.publication).await?;
+        }
+        let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
+        kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
+        kafka::ensure_compacted_topic(
+            cfg.brokers(),
+            &cfg.kafka.properties,
+            &cfg.kafka.topic,
+            cfg.kafka.partitions,
+            cfg.kafka.replication_factor,
+        )
+        .await?;
+        let (slot_lsn, created) = setup::ensure_slot(&client, &s.slot).await?;
+        self.confirmed = slot_lsn;
+        self.last_commit_end = slot_lsn;
+        // Everything is reachable and configured: from here on failures are retried.
+        self.streaming = true;
+
+        if s.snapshot == SnapshotMode::Initial {
+            let file = state::StateFile::new(Path::new(&s.state_dir), &s.slot);
+            if created {
+                file.save(&state::SnapshotState::default())?;
+            }
+            let st = file.load()?;
+            if !st.done {
+                self.snapshot(&client, &producer, &file, st, slot_lsn).await?;
+            }
+        }
+        if *self.shutdown.borrow() {
+            return Ok(());
+        }
+
+        self.load_questions(&client).await?;
+        let repl_cfg = crate::pg::replication_config(cfg.database_url(), &s.slot, &s.publication)?
+            .with_start_lsn(Lsn(slot_lsn))
+            .with_ack_lsn(Lsn(slot_lsn));
+        let mut repl = ReplicationClient::connect(repl_cfg)
+            .await
+            .map_err(|e| Error::external("starting logical replication").with_source(e))?;
+        repl.wait_started().await.map_err(|e| Error::external("starting logical replication").with_source(e))?;
+        tracing::info!(slot = %s.slot, from = %fmt_lsn(slot_lsn), "streaming changes");
+
+        let result = self.stream(&client, &producer, &mut repl).await;
+        let _ = repl.shutdown().await;
+        drop(repl);
+        if result.is_ok() {
+            // The stream's last standby status may not have reached the server before CopyDone;
+            // advancing the released slot makes the final position durable.
+            self.advance_released_slot(&client).await;
+        }
+        result
+    }
+
+    async fn load_questions(&mut self, client: &Client) -> Result<()> {
+        let rows = client
+            .query(
+                "SELECT question_id, key, text, result_type, \"group\", is_universal FROM questions",
+                &[],
+            )
+            .await
+            .map_err(|e| error::pg("loading questions", e))?;
+        self.questions = rows
+            .iter()
+            .map(|r| {
+                (r.get::<_, String>(0), Question {
+                    key: r.get(1),
+                    text: r.get(2),
+                    result_type: r.get(3),
+                    group: r.get(4),
+                    is_universal: r.get(5),
+                })
+            })
+            .collect();
+        // Read after the questions: a change committed in between then counts as a replay and
+        // re-emits conservatively instead of being missed.
+        let now: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| error::pg("reading the WAL position", e))?
+            .get(0);
+        self.questions_loaded_at = setup::parse_lsn(&now)?;
+        Ok(())
+    }
+
+    async fn snapshot(
+        &mut self,
+        client: &Client,
+        producer: &FutureProducer,
+        file: &state::StateFile,
+        mut st: state::SnapshotState,
+        slot_lsn: u64,
+    ) -> Result<()> {
+        // The slot exists before this transaction starts, so every commit is either visible
+        // here or streamed afterwards: nothing falls between snapshot and stream.
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| error::pg("starting the snapshot transaction", e))?;
+        let total: i64 = client
+            .query_one("SELECT count(*) FROM contacts WHERE current_stage = 'COMPLETED' AND contact_id > $1", &[&st.last_key])
+            .await
+            .map_err(|e| error::pg("counting COMPLETED contacts", e))?
+            .get(0);
+        tracing::info!(remaining = total, resumed_after = %st.last_key, "initial snapshot started");
+        let started = Instant::now();
+        let origin = Origin { lsn: slot_lsn, commit_ts: 0, xid: 0 };
+        loop {
+            if *self.shutdown.borrow() {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Ok(());
+            }
+            let ids = enrich::completed_page(client, &st.last_key, self.cfg.source.batch_max_contacts).await?;
+            let Some(last) = ids.last().cloned() else { break };
+            let mut pending = Pending::default();
+            let n = self.publish(client, producer, &mut pending, &ids, &HashMap::new(), &HashSet::new(), Some(origin), "snapshot").await?;
+            pending.wait().await?;
+            st.last_key = last;
+            st.published += n as u64;
+            file.save(&st)?;
+            let rate = st.published as f64 / started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(published = st.published, of = total, rate = format!("{rate:.0}/s"), "snapshot progress");
+        }
+        let _ = client.batch_execute("COMMIT").await;
+        st.done = true;
+        file.save(&st)?;
+        tracing::info!(published = st.published, "initial snapshot done");
+        Ok(())
+    }
+
+    /// Re-read `ids` and publish their events. `origins` gives per-contact positions; `origin`
+    /// is used when a contact has none (snapshot, re-emit). Returns events published.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish(
+        &mut self,
+        client: &Client,
+        producer: &FutureProducer,
+        pending: &mut Pending,
+        ids: &[String],
+        origins: &HashMap<String, Origin>,
+        deleted: &HashSet<String>,
+        origin: Option<Origin>,
+        reason: &str,
+    ) -> Result<usize> {
+        let topic = &self.cfg.kafka.topic;
+        let mut states = enrich::enrich(client, ids).await?;
+        let mut n = 0;
+        for id in ids {
+            let Some(o) = origins.get(id).copied().or(origin) else { continue };
+            let position = SourcePosition {
+                lsn: fmt_lsn(o.lsn),
+                commit_ts: (o.commit_ts != 0).then(|| pg_epoch_micros_to_rfc3339(o.commit_ts)).flatten(),
+                txid: (o.xid != 0).then_some(o.xid),
+                reason: reason.to_owned(),
+            };
+            if let Some(mut ev) = states.remove(id) {
+                ev.event_id = if reason == "stream" {
+                    format!("{}:{id}", position.lsn)
+                } else {
+                    format!("{reason}:{}:{id}", position.lsn)
+                };
+                ev.source = position;
+                pending.send(producer, topic, id, Some(&ev.to_json())).await?;
+                n += 1;
+            } else if deleted.contains(id) {
+                let ev = ContactEvent::delete(id, position);
+                pending.send(producer, topic, id, Some(&ev.to_json())).await?;
+                // The tombstone lets compaction forget the contact once sinks saw the delete.
+                pending.send(producer, topic, id, None).await?;
+                n += 1;
+            }
+        }
+        self.published += n as u64;
+        Ok(n)
+    }
+
+    async fn stream(&mut self, client: &Client, producer: &FutureProducer, repl: &mut ReplicationClient) -> Result<()> {
+        let s = &self.cfg.source;
+        let mut heartbeat = tokio::time::interval(s.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let deadline = self.batch.since.map(|t| t + s.batch_max_wait);
+            let job_ready = !self.jobs.is_empty() && self.current.is_none();
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|v| *v) => {
+                    tracing::info!("shutting down: publishing the pending batch");
+                    self.flush(client, producer, repl).await?;
+                    return Ok(());
+                }
+                ev = repl.recv() => {
+                    let ev = ev.map_err(|e| Error::external("replication stream failed").with_source(e))?;
+                    let Some(ev) = ev else {
+                        return Err(Error::external("replication stream ended unexpectedly"));
+                    };
+                    self.handle(ev, client, producer, repl).await?;
+                }
+                _ = sleep_until_opt(deadline) => {
+                    self.flush(client, producer, repl).await?;
+                    if !self.jobs.is_empty() && self.current.is_none() {
+                        self.reemit_step(client, producer, repl).await?;
+                    }
+                }
+                _ = std::future::ready(()), if job_ready && self.batch.since.is_none() => {
+                    self.reemit_step(client, producer, repl).await?;
+                }
+                _ = heartbeat.tick() => {
+                    if let Err(e) = client
+                        .execute("SELECT pg_logical_emit_message(false, $1, 'heartbeat')", &[&HEARTBEAT_PREFIX])
+                        .await
+                    {
+                        tracing::warn!(error = %e, "heartbeat failed; the slot advances only on keepalives");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, ev: ReplicationEvent, client: &Client, producer: &FutureProducer, repl: &ReplicationClient) -> Result<()> {
+        match ev {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                self.current = Some(Origin { lsn: final_lsn.0, commit_ts: commit_time_micros, xid });
+            }
+            ReplicationEvent::XLogData { data, wal_start, .. } => {
+                let msg = pgoutput::decode(&data).map_err(|e| {
+                    Error::internal(format!("cannot decode the replication stream at {}", fmt_lsn(wal_start.0))).with_source(e)
+                })?;
+                let origin = self.current.unwrap_or(Origin { lsn: wal_start.0, commit_ts: 0, xid: 0 });
+                for effect in self.tracker.effects(msg) {
+                    self.apply(effect, origin, producer).await?;
+                }
+                if self.batch.touched.len() + self.batch.deleted.len() >= self.cfg.source.batch_max_contacts {
+                    // Mid-transaction flush: the rows are committed (pgoutput sends a transaction
+                    // only after its commit), only the confirmation waits for the commit.
+                    self.flush(client, producer, repl).await?;
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.current = None;
+                self.last_commit_end = end_lsn.0;
+                if let Some(since) = self.batch.since {
+                    self.batch.end_lsn = Some(end_lsn.0);
+                    // Checked here too: under a steady stream the receive branch is always
+                    // ready and the timer branch would never get its turn.
+                    if self.batch.touched.len() + self.batch.deleted.len() >= self.cfg.source.batch_max_contacts
+                        || since.elapsed() >= self.cfg.source.batch_max_wait
+                    {
+                        self.flush(client, producer, repl).await?;
+                    }
+                } else {
+                    // Nothing to publish from this transaction: it is safe to confirm at once.
+                    self.confirm(end_lsn.0, repl);
+                }
+            }
+            ReplicationEvent::Message { lsn, transactional, .. } => {
+                if !transactional && self.current.is_none() && self.batch.since.is_none() {
+                    self.confirm(lsn.0, repl);
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Everything sent before this keepalive was handled; with no open transaction
+                // and nothing unpublished, the server's position is safe to confirm.
+                if self.current.is_none() && self.batch.since.is_none() {
+                    self.confirm(wal_end.0, repl);
+                }
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn touch(&mut self, contact_id: String, origin: Origin) {
+        self.batch.since.get_or_insert_with(Instant::now);
+        self.batch.touched.insert(contact_id, origin);
+    }
+
+    async fn apply(&mut self, effect: Effect, origin: Origin, producer: &FutureProducer) -> Result<()> {
+        match effect {
+            Effect::Touch(id) => self.touch(id, origin),
+            Effect::Inference { contact_id, question_id } => {
+                let relevant = match question_id.as_deref().and_then(|q| self.questions.get(q)) {
+                    Some(q) => q.is_universal,
+                    None => true, // unknown question: re-read, enrichment decides
+                };
+                if relevant {
+                    self.touch(contact_id, origin);
+                }
+            }
+            Effect::ContactDeleted(id) => {
+                self.batch.deleted.insert(id.clone());
+                self.touch(id, origin);
+            }
+            Effect::Question { question_id, row } => self.question_changed(question_id, row, origin),
+            Effect::Truncated(tables) => {
+                let lsn = fmt_lsn(origin.lsn);
+                tracing::error!(
+                    tables = tables.join(","), lsn = %lsn,
+                    "TRUNCATE replicated: the affected contacts cannot be listed, so no delete events were published; \
+                     reconcile the targets (e.g. re-run a backfill) if this was not intended"
+                );
+                self.control(producer, serde_json::json!({
+                    "type": "truncate", "tables": tables, "lsn": lsn, "txid": origin.xid,
+                    "message": "TRUNCATE replicated; no per-contact delete events could be derived",
+                }))
+                .await?;
+            }
+            Effect::Unattributable { table, reason } => {
+                let lsn = fmt_lsn(origin.lsn);
+                tracing::error!(table, lsn = %lsn, "{reason}");
+                self.control(producer, serde_json::json!({
+                    "type": "unattributable_change", "table": table, "lsn": lsn, "txid": origin.xid, "message": reason,
+                }))
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Record a stream anomaly on `<topic>.control`, so it is kept beside the events.
+    async fn control(&self, producer: &FutureProducer, body: serde_json::Value) -> Result<()> {
+        let topic = format!("{}.control", self.cfg.kafka.topic);
+        kafka::ensure_compacted_topic(self.cfg.brokers(), &self.cfg.kafka.properties, &topic, 1, self.cfg.kafka.replication_factor).await?;
+        let mut p = Pending::default();
+        let key = format!("{}:{}", body["type"].as_str().unwrap_or("control"), body["lsn"].as_str().unwrap_or(""));
+        p.send(producer, &topic, &key, Some(body.to_string().as_bytes())).await?;
+        p.wait().await.map(|_| ())
+    }
+
+    fn question_changed(&mut self, question_id: String, row: Option<QuestionRow>, origin: Origin) {
+        let before = self.questions.get(&question_id).cloned();
+        let after = row.map(|r| {
+            let b = before.clone();
+            // An unchanged TOASTed column comes as None: keep the cached value.
+            let keep = |new: Option<String>, old: Option<&Option<String>>| new.or_else(|| old.cloned().flatten());
+            Question {
+                key: keep(r.key, b.as_ref().map(|q| &q.key)),
+                text: keep(r.text, b.as_ref().map(|q| &q.text)),
+                result_type: keep(r.result_type, b.as_ref().map(|q| &q.result_type)),
+                group: r.group,
+                is_universal: r.is_universal.unwrap_or(b.as_ref().is_some_and(|q| q.is_universal)),
+            }
+        });
+        let universal = |q: &Option<Question>| q.as_ref().is_some_and(|q| q.is_universal);
+        let replay = origin.lsn <= self.questions_loaded_at;
+        let reemit = (universal(&before) || universal(&after)) && (replay || before != after);
+        match &after {
+            Some(q) => {
+                self.questions.insert(question_id.clone(), q.clone());
+            }
+            None => {
+                self.questions.remove(&question_id);
+            }
+        }
+        if reemit && !self.jobs.iter().any(|j| j.question_id == question_id && j.after.is_empty()) {
+            tracing::info!(question_id, "universal question changed: re-emitting its completed contacts");
+            self.jobs.push_back(ReemitJob {
+                question_id,
+                after: String::new(),
+                barrier: self.last_commit_end,
+                origin,
+            });
+        }
+    }
+
+    /// One chunk of the oldest re-emit job, between stream batches so the stream never stalls.
+    async fn reemit_step(&mut self, client: &Client, producer: &FutureProducer, repl: &ReplicationClient) -> Result<()> {
+        let Some(job) = self.jobs.front() else { return Ok(()) };
+        let chunk = self.cfg.source.reemit_chunk;
+        let ids = enrich::contacts_for_question(client, &job.question_id, &job.after, chunk).await?;
+        let origin = job.origin;
+        let mut pending = Pending::default();
+        self.publish(client, producer, &mut pending, &ids, &HashMap::new(), &HashSet::new(), Some(origin), "question").await?;
+        pending.wait().await?;
+        let job = self.jobs.front_mut().expect("job present");
+        match ids.last() {
+            Some(last) if ids.len() == chunk => job.after = last.clone(),
+            _ => {
+                tracing::info!(question_id = %job.question_id, "re-emit done");
+                self.jobs.pop_front();
+                let upto = if self.batch.since.is_some() { self.confirmed } else { self.last_commit_end };
+                self.confirm(upto, repl);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publish the batch, wait for every acknowledgement, then confirm its last commit.
+    async fn flush(&mut self, client: &Client, producer: &FutureProducer, repl: &ReplicationClient) -> Result<()> {
+        let batch = std::mem::take(&mut self.batch);
+        if batch.since.is_none() {
+            return Ok(());
+        }
+        let ids: Vec<String> = batch.touched.keys().cloned().collect();
+        let mut pending = Pending::default();
+        for chunk in ids.chunks(self.cfg.source.batch_max_contacts) {
+            self.publish(client, producer, &mut pending, chunk, &batch.touched, &batch.deleted, None, "stream").await?;
+        }
+        let n = pending.wait().await?;
+        tracing::debug!(contacts = ids.len(), events = n, "batch published");
+        if let Some(end) = batch.end_lsn {
+            self.confirm(end, repl);
+        }
+        Ok(())
+    }
+
+    fn confirm(&mut self, lsn: u64, repl: &ReplicationClient) {
+        let lsn = match self.jobs.front() {
+            Some(j) => lsn.min(j.barrier),
+            None => lsn,
+        };
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            repl.update_applied_lsn(Lsn(lsn));
+        }
+    }
+
+    async fn advance_released_slot(&self, client: &Client) {
+        let lsn = fmt_lsn(self.confirmed);
+        for _ in 0..50 {
+            match client
+                .execute("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", &[&self.cfg.source.slot, &lsn])
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(slot = %self.cfg.source.slot, confirmed = %lsn, published = self.published, "stopped cleanly");
+                    return;
+                }
+                // The walsender may still hold the slot for a moment after CopyDone.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        tracing::warn!(confirmed = %lsn, "could not record the final position; the next start replays from the last reported one");
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,406 @@
+//! Shared harness for the integration tests: a fresh database per test on the real PostgreSQL
+//! cluster, the real Kafka broker, the `trusst-cdc` binary as a child process, and readers for
+//! what reached the topic. Start the services with `scripts/services.sh up` (the test script
+//! does it); a missing service fails the test rather than skipping it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tokio_postgres::Client;
+use trusst_cdc::event::ContactEvent;
+
+/// `DATABASE_URL` of the test cluster (any database; tests create their own).
+pub fn base_url() -> String {
+    std::env::var("DATABASE_URL").expect(
+        "DATABASE_URL is not set: run `scripts/services.sh up && eval \"$(scripts/services.sh env)\"` or scripts/test.sh",
+    )
+}
+
+/// `KAFKA_BROKERS` of the test broker.
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").expect("KAFKA_BROKERS is not set: run scripts/test.sh")
+}
+
+/// A short unique suffix for database, slot and topic names.
+pub fn unique(prefix: &str) -> String {
+    let n: u64 = rand::random();
+    format!("{prefix}_{:x}", n & 0xffff_ffff)
+}
+
+/// Replace the database name in a URL.
+pub fn with_db(url: &str, db: &str) -> String {
+    let (head, tail) = url.rsplit_once('/').expect("URL has a database");
+    let query = tail.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    format!("{head}/{db}{query}")
+}
+
+/// A database of its own, with the Trusst schema and the generator's questions.
+pub struct TestDb {
+    /// Its name.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Create and load the schema.
+    pub async fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        let admin = trusst_cdc::pg::connect(&base_url()).await.expect("connect to the test cluster");
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let url = with_db(&base_url(), &name);
+        let c = trusst_cdc::pg::connect(&url).await.unwrap();
+        trusst_cdc::generate::init_schema(&c).await.unwrap();
+        trusst_cdc::generate::ensure_questions(&c).await.unwrap();
+        Self { name, url }
+    }
+
+    /// A client on this database.
+    pub async fn client(&self) -> Client {
+        trusst_cdc::pg::connect(&self.url).await.unwrap()
+    }
+
+    /// The seed's basic query (COMPLETED, universal), grouped per contact: contact fields and
+    /// `question_key -> result`.
+    pub async fn expected(&self) -> BTreeMap<String, Expected> {
+        let c = self.client().await;
+        let rows = c
+            .query(
+                "SELECT c.contact_id, c.external_id, s3c.call_time, c.start_time, c.direction, \
+                        c.agent_id AS contact_agent_id, s3c.agent_id AS s3_agent_id, s3c.conn_id, \
+                        q.question_id, q.key AS question_key, q.text AS question_text, q.result_type, \
+                        q.group AS question_group, i.result \
+                 FROM contacts c \
+                 INNER JOIN inferences i ON c.contact_id = i.contact_id \
+                 INNER JOIN questions q ON i.question_id = q.question_id \
+                 LEFT JOIN s3_conversations s3c ON c.contact_id = s3c.contact_id \
+                 WHERE q.is_universal = TRUE AND c.current_stage = 'COMPLETED' \
+                 ORDER BY s3c.call_time DESC, c.contact_id, q.key",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut out: BTreeMap<String, Expected> = BTreeMap::new();
+        let ts = |v: Option<chrono::NaiveDateTime>| v.as_ref().map(trusst_cdc::event::iso);
+        for r in rows {
+            let e = out.entry(r.get(0)).or_insert_with(|| Expected {
+                external_id: r.get(1),
+                call_date: ts(r.get(2)),
+                call_start_time: ts(r.get(3)),
+                direction: r.get(4),
+                contact_agent_id: r.get(5),
+                s3_agent_id: r.get(6),
+                conn_id: r.get(7),
+                results: BTreeMap::new(),
+            });
+            e.results.insert(r.get::<_, String>(9), (r.get(11), r.get(13)));
+        }
+        out
+    }
+
+    /// The slot's confirmed position (as a number), if the slot exists.
+    pub async fn confirmed_lsn(&self, slot: &str) -> Option<u64> {
+        let c = self.client().await;
+        let r = c
+            .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .unwrap()?;
+        let s: Option<String> = r.get(0);
+        s.map(|s| trusst_cdc::source::setup::parse_lsn(&s).unwrap())
+    }
+
+    /// Drop the slot (best effort) so the cluster does not keep WAL for it.
+    pub async fn drop_slot(&self, slot: &str) {
+        let c = self.client().await;
+        for _ in 0..50 {
+            if c.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// What the seed's query says about one contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub external_id: Option<String>,
+    pub call_date: Option<String>,
+    pub call_start_time: Option<String>,
+    pub direction: Option<String>,
+    pub contact_agent_id: Option<String>,
+    pub s3_agent_id: Option<String>,
+    pub conn_id: Option<String>,
+    /// question_key -> (result_type, result)
+    pub results: BTreeMap<String, (String, Option<String>)>,
+}
+
+impl Expected {
+    /// The same view of an event.
+    pub fn of(e: &ContactEvent) -> Self {
+        Self {
+            external_id: e.external_id.clone(),
+            call_date: e.call_date.clone(),
+            call_start_time: e.call_start_time.clone(),
+            direction: e.direction.clone(),
+            contact_agent_id: e.contact_agent_id.clone(),
+            s3_agent_id: e.s3_agent_id.clone(),
+            conn_id: e.conn_id.clone(),
+            results: e
+                .universal_questions
+                .iter()
+                .map(|q| (q.question_key.clone(), (q.result_type.clone(), q.result.clone())))
+                .collect(),
+        }
+    }
+}
+
+/// A running `trusst-cdc source` child process.
+pub struct SourceProc {
+    pub child: Child,
+    pub slot: String,
+    pub topic: String,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+/// Settings for [`SourceProc::start`].
+pub struct SourceOpts {
+    pub heartbeat: &'static str,
+    pub snapshot: &'static str,
+    pub batch_max_contacts: usize,
+    pub reemit_chunk: usize,
+}
+
+impl Default for SourceOpts {
+    fn default() -> Self {
+        Self { heartbeat: "1s", snapshot: "initial", batch_max_contacts: 1000, reemit_chunk: 7 }
+    }
+}
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_trusst-cdc")
+}
+
+impl SourceProc {
+    /// Start a source for `db` with its own slot, publication and topic.
+    pub fn start(db: &TestDb, opts: SourceOpts) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = unique("slot");
+        let topic = unique("contacts").replace('_', "-");
+        Self::start_with(db, slot, topic, dir, opts)
+    }
+
+    /// Start (or restart) with the given names and state folder.
+    pub fn start_with(db: &TestDb, slot: String, topic: String, dir: tempfile::TempDir, opts: SourceOpts) -> Self {
+        let config = dir.path().join("source.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[kafka]\ntopic = \"{topic}\"\npartitions = 3\n[source]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
+                 snapshot = \"{}\"\nheartbeat_interval = \"{}\"\nbatch_max_contacts = {}\nreemit_chunk = {}\nstate_dir = \"{}\"\n",
+                opts.snapshot,
+                opts.heartbeat,
+                opts.batch_max_contacts,
+                opts.reemit_chunk,
+                dir.path().join("state").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join(format!("source-{}.log", rand::random::<u32>()));
+        let child = Command::new(bin())
+            .args(["source", "--config"])
+            .arg(&config)
+            .env("DATABASE_URL", &db.url)
+            .env("KAFKA_BROKERS", brokers())
+            .env("TRUSST_LOG", "info,trusst_cdc=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start trusst-cdc source");
+        Self { child, slot, topic, dir, log }
+    }
+
+    /// Start the process again with the same config and state (after a kill).
+    pub fn respawn(&mut self, db: &TestDb) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log = self.dir.path().join(format!("source-{}.log", rand::random::<u32>()));
+        self.child = Command::new(bin())
+            .args(["source", "--config"])
+            .arg(self.dir.path().join("source.toml"))
+            .env("DATABASE_URL", &db.url)
+            .env("KAFKA_BROKERS", brokers())
+            .env("TRUSST_LOG", "info,trusst_cdc=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&self.log).unwrap())
+            .spawn()
+            .expect("restart trusst-cdc source");
+    }
+
+    /// Wait until the slot exists and the stream runs (changes from now on are captured).
+    pub fn wait_streaming(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log().contains("streaming changes") {
+            self.assert_running();
+            assert!(Instant::now() < deadline, "source did not start streaming:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "source did not stop within 30 s of SIGTERM:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Fail the test with the log if the process exited.
+    pub fn assert_running(&mut self) {
+        if let Some(s) = self.child.try_wait().unwrap() {
+            panic!("source exited with {s}:\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for SourceProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One record read from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: String,
+    /// `None` for a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Record {
+    /// The event, when the record is not a tombstone.
+    pub fn event(&self) -> Option<ContactEvent> {
+        self.value.as_deref().map(|v| ContactEvent::from_json(v).expect("event JSON"))
+    }
+}
+
+/// Reads a topic from the beginning, accumulating every record.
+pub struct TopicReader {
+    consumer: BaseConsumer,
+    pub records: Vec<Record>,
+}
+
+impl TopicReader {
+    /// Subscribe with a fresh consumer group from the earliest offset.
+    pub fn new(topic: &str) -> Self {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("topic.metadata.refresh.interval.ms", "500")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        Self { consumer, records: Vec::new() }
+    }
+
+    fn poll_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => self.records.push(Record {
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                }),
+                // The topic may not exist yet: keep polling.
+                Some(Err(_)) | None => {}
+            }
+        }
+    }
+
+    /// Poll until `done(records)` holds; panic with what was seen after `timeout`.
+    pub fn until(&mut self, timeout: Duration, what: &str, mut done: impl FnMut(&[Record]) -> bool) {
+        let end = Instant::now() + timeout;
+        loop {
+            if done(&self.records) {
+                return;
+            }
+            if Instant::now() > end {
+                let keys: Vec<String> =
+                    self.records.iter().map(|r| format!("{}@{}:{}", r.key, r.partition, r.offset)).collect();
+                panic!("timed out after {timeout:?} waiting for {what}; {} records seen: {keys:?}", self.records.len());
+            }
+            self.poll_for(Duration::from_millis(200));
+        }
+    }
+
+    /// Keep reading for `d` (to see that nothing more arrives).
+    pub fn settle(&mut self, d: Duration) {
+        self.poll_for(d);
+    }
+
+    /// The newest event per contact (tombstones remove the contact).
+    pub fn latest(&self) -> BTreeMap<String, ContactEvent> {
+        let mut out = BTreeMap::new();
+        for r in &self.records {
+            match r.event() {
+                Some(e) => {
+                    out.insert(r.key.clone(), e);
+                }
+                None => {
+                    out.remove(&r.key);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every event (not tombstones) for one contact, in topic order.
+    pub fn events_for(&self, contact: &str) -> Vec<ContactEvent> {
+        self.records.iter().filter(|r| r.key == contact).filter_map(Record::event).collect()
+    }
+}
+
+/// The latest upsert events equal the seed's query, contact by contact.
+pub fn assert_matches_seed(latest: &BTreeMap<String, ContactEvent>, expected: &BTreeMap<String, Expected>) {
+    let got: BTreeMap<String, Expected> = latest
+        .iter()
+        .filter(|(_, e)| e.op == trusst_cdc::event::Op::Upsert)
+        .map(|(k, e)| (k.clone(), Expected::of(e)))
+        .collect();
+    let missing: Vec<&String> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<&String> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing from topic: {missing:?}; not in the seed query: {extra:?}");
+    for (k, e) in expected {
+        assert_eq!(&got[k], e, "contact {k} differs from the seed query");
+    }
+}

@@ -35,6 +35,8 @@ pub struct Error {
     pub fault: Fault,
     /// True when the same operation may succeed later (timeouts, 5xx, a restarting broker).
     pub retryable: bool,
+    /// How long the service asked us to wait before retrying (Retry-After, a rate-limit reset).
+    pub retry_after: Option<std::time::Duration>,
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
@@ -45,17 +47,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A problem the operator must fix; `message` should say what is wrong and how to fix it.
     pub fn user(message: impl Into<String>) -> Self {
-        Self { fault: Fault::User, retryable: false, message: message.into(), source: None }
+        Self { fault: Fault::User, retryable: false, retry_after: None, message: message.into(), source: None }
     }
 
     /// A failing or unreachable service; retryable by default.
     pub fn external(message: impl Into<String>) -> Self {
-        Self { fault: Fault::External, retryable: true, message: message.into(), source: None }
+        Self { fault: Fault::External, retryable: true, retry_after: None, message: message.into(), source: None }
     }
 
     /// A bug in trusst-cdc.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { fault: Fault::Internal, retryable: false, message: message.into(), source: None }
+        Self { fault: Fault::Internal, retryable: false, retry_after: None, message: message.into(), source: None }
     }
 
     /// Attach the underlying cause (shown after the message).
@@ -67,6 +69,13 @@ impl Error {
     /// Override the retry hint.
     pub fn retry(mut self, retryable: bool) -> Self {
         self.retryable = retryable;
+        self
+    }
+
+    /// Ask the caller to wait this long before retrying (implies retryable).
+    pub fn after(mut self, wait: std::time::Duration) -> Self {
+        self.retryable = true;
+        self.retry_after = Some(wait);
         self
     }
 

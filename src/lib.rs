@@ -15,3 +15,4 @@ pub mod kafka;
 pub mod pg;
 pub mod source;
 pub mod tail;
+pub mod sink;

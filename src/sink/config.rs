@@ -1,0 +1,170 @@
+//! A sink config file (`connector-config/<name>.toml`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::mapping::{MappingConfig, TargetKind};
+use super::{dynamics, mulesoft, salesforce};
+use crate::error::{Error, Result};
+
+/// `[kafka]` of a sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkKafka {
+    /// Bootstrap servers; `KAFKA_BROKERS` overrides.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// Event topic; `TRUSST_TOPIC` overrides.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Consumer group; default `trusst-cdc-<sink name>`.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// Dead-letter topic; default `<topic>.dlq.<sink name>`.
+    #[serde(default)]
+    pub dlq_topic: Option<String>,
+    /// librdkafka properties passed through.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for SinkKafka {
+    fn default() -> Self {
+        crate::config::parse("").expect("defaults parse")
+    }
+}
+
+fn default_topic() -> String {
+    "trusst.contacts".into()
+}
+
+/// What a delete event does in the CRM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDelete {
+    /// Delete the CRM record.
+    Delete,
+    /// Keep the record, set every question field to null.
+    Clear,
+    /// Do nothing (the offset still advances).
+    Ignore,
+}
+
+/// `[sink]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSection {
+    /// Name used in the group id, the dead-letter topic and logs.
+    pub name: String,
+    /// Which CRM.
+    pub target: TargetKind,
+    /// Most events per batch (records are then split into CRM-sized requests).
+    #[serde(default = "default_batch")]
+    pub batch_max_records: usize,
+    /// Longest an event waits for its batch to fill.
+    #[serde(default = "default_wait", with = "humantime_serde")]
+    pub batch_max_wait: Duration,
+    /// What delete events do.
+    #[serde(default = "default_on_delete")]
+    pub on_delete: OnDelete,
+    /// Longest single backoff between retries of a failing CRM request.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+fn default_batch() -> usize {
+    1000
+}
+fn default_wait() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_on_delete() -> OnDelete {
+    OnDelete::Delete
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// The whole sink config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// `[kafka]`.
+    #[serde(default)]
+    pub kafka: SinkKafka,
+    /// `[sink]`.
+    pub sink: SinkSection,
+    /// `[mapping]`.
+    #[serde(default)]
+    pub mapping: MappingConfig,
+    /// `[salesforce]`, required when target = "salesforce".
+    #[serde(default)]
+    pub salesforce: Option<salesforce::Config>,
+    /// `[dynamics]`, required when target = "dynamics".
+    #[serde(default)]
+    pub dynamics: Option<dynamics::Config>,
+    /// `[mulesoft]`, required when target = "mulesoft".
+    #[serde(default)]
+    pub mulesoft: Option<mulesoft::Config>,
+}
+
+/// Flag / environment overrides of a sink config.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SinkOverrides {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Event topic.
+    #[arg(long, env = "TRUSST_TOPIC")]
+    pub topic: Option<String>,
+}
+
+impl SinkConfig {
+    /// Apply overrides and check the config is complete.
+    pub fn resolve(mut self, o: SinkOverrides) -> Result<Self> {
+        if o.kafka_brokers.is_some() {
+            self.kafka.brokers = o.kafka_brokers;
+        }
+        if let Some(t) = o.topic {
+            self.kafka.topic = t;
+        }
+        if self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
+            return Err(Error::user("no Kafka brokers: set [kafka] brokers, KAFKA_BROKERS or --kafka-brokers"));
+        }
+        let name = &self.sink.name;
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)) {
+            return Err(Error::user(format!("[sink] name {name:?}: use letters, digits, '-' or '_'")));
+        }
+        if self.sink.batch_max_records == 0 {
+            return Err(Error::user("[sink] batch_max_records must be at least 1"));
+        }
+        let missing = match self.sink.target {
+            TargetKind::Salesforce => self.salesforce.is_none(),
+            TargetKind::Dynamics => self.dynamics.is_none(),
+            TargetKind::Mulesoft => self.mulesoft.is_none(),
+        };
+        if missing {
+            let t = format!("{:?}", self.sink.target).to_lowercase();
+            return Err(Error::user(format!("target = \"{t}\" needs a [{t}] section (see connector-config/{t}.toml)")));
+        }
+        super::mapping::Mapping::new(self.sink.target, &self.mapping).validate().map_err(Error::user)?;
+        Ok(self)
+    }
+
+    /// The brokers (present after [`SinkConfig::resolve`]).
+    pub fn brokers(&self) -> &str {
+        self.kafka.brokers.as_deref().unwrap_or_default()
+    }
+
+    /// The consumer group.
+    pub fn group_id(&self) -> String {
+        self.kafka.group_id.clone().unwrap_or_else(|| format!("trusst-cdc-{}", self.sink.name))
+    }
+
+    /// The dead-letter topic.
+    pub fn dlq_topic(&self) -> String {
+        self.kafka.dlq_topic.clone().unwrap_or_else(|| format!("{}.dlq.{}", self.kafka.topic, self.sink.name))
+    }
+}

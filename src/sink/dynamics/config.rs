@@ -1,0 +1,41 @@
+//! `[dynamics]` of a sink config.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sink::http::Secret;
+
+/// Dataverse Web API connection and delivery settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Environment URL, e.g. `https://yourorg.crm.dynamics.com` (the Web API is under
+    /// `/api/data/v9.2`).
+    pub url: String,
+    /// Microsoft Entra ID tenant (id or domain).
+    pub tenant: String,
+    /// Token endpoint; default `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`.
+    #[serde(default)]
+    pub token_url: Option<String>,
+    /// App registration (client) id.
+    pub client_id: String,
+    /// Client secret.
+    pub client_secret: Secret,
+    /// OAuth scope; default `{url}/.default`.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Requests per `$batch` (Dataverse allows at most 1000).
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// HTTP request timeout.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_batch() -> usize {
+    1000
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}

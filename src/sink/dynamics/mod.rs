@@ -1,0 +1,5 @@
+//! dynamics target.
+
+pub mod config;
+
+pub use config::Config;

@@ -1,0 +1,5 @@
+//! mulesoft target.
+
+pub mod config;
+
+pub use config::Config;

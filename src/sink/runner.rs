@@ -1,0 +1,1 @@
+//! The delivery loop (placeholder until the runner lands).

@@ -1,0 +1,5 @@
+//! salesforce target.
+
+pub mod config;
+
+pub use config::Config;

@@ -304,3 +304,18 @@ mod tests {
         assert!(e.to_string().contains("invalid slot name"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod shipped_configs {
+    /// Every file in connector-config/ parses with its schema (examples never rot).
+    #[test]
+    fn shipped_configs_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/connector-config");
+        super::load::<super::SourceConfig>(&std::path::Path::new(dir).join("source.toml")).unwrap();
+        for name in ["salesforce", "dynamics", "mulesoft"] {
+            let path = std::path::Path::new(dir).join(format!("{name}.toml"));
+            let cfg: crate::sink::config::SinkConfig = super::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(cfg.sink.name, name);
+        }
+    }
+}

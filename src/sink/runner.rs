@@ -1,1 +1,549 @@
-//! The delivery loop (placeholder until the runner lands).
+//! The delivery loop shared by every sink: consume, keep the newest event per contact, map,
+//! write in CRM-sized requests, dead-letter what cannot be written, then commit offsets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::config::{OnDelete, SinkConfig};
+use super::mapping::{Mapping, Record};
+use super::{Outcome, Target};
+use crate::error::{self, Error, Fault, Result};
+use crate::event::{ContactEvent, Op};
+use crate::kafka::{self, Pending};
+
+/// Where a sink starts reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The group's committed offsets (earliest when it has none): the normal mode.
+    Committed,
+    /// The beginning of the topic (a full replay).
+    Earliest,
+    /// Only events published from now on.
+    Latest,
+    /// Explicit offsets per partition (partitions not listed start at their committed offset).
+    Offsets(Vec<(i32, i64)>),
+    /// The first event at or after this time (milliseconds since the epoch).
+    Timestamp(i64),
+}
+
+impl std::str::FromStr for StartFrom {
+    type Err = String;
+
+    /// `committed`, `earliest`, `latest`, `offset:P:O[,P:O...]`, `timestamp:<RFC 3339 or ms>`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid start position {s:?}: use committed, earliest, latest, offset:PARTITION:OFFSET[,...] \
+                 or timestamp:2026-01-15T00:00:00Z"
+            )
+        };
+        Ok(match s {
+            "committed" => StartFrom::Committed,
+            "earliest" => StartFrom::Earliest,
+            "latest" => StartFrom::Latest,
+            _ => {
+                if let Some(rest) = s.strip_prefix("offset:") {
+                    let mut v = Vec::new();
+                    for part in rest.split(',') {
+                        let (p, o) = part.split_once(':').ok_or_else(bad)?;
+                        v.push((p.trim().parse().map_err(|_| bad())?, o.trim().parse().map_err(|_| bad())?));
+                    }
+                    StartFrom::Offsets(v)
+                } else if let Some(t) = s.strip_prefix("timestamp:") {
+                    let ms = t.parse::<i64>().ok().or_else(|| {
+                        chrono::DateTime::parse_from_rfc3339(t).ok().map(|d| d.timestamp_millis())
+                    });
+                    StartFrom::Timestamp(ms.ok_or_else(bad)?)
+                } else {
+                    return Err(bad());
+                }
+            }
+        })
+    }
+}
+
+/// How a sink run behaves.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Start position (applied to the consumer group before it starts).
+    pub start: StartFrom,
+    /// Print the CRM requests instead of sending them; commit nothing.
+    pub dry_run: bool,
+    /// Read the dead-letter topic (up to its end at start) instead of the event topic.
+    pub redrive: bool,
+}
+
+/// A consumed record, detached from the consumer.
+#[derive(Debug, Clone)]
+struct Msg {
+    partition: i32,
+    offset: i64,
+    key: String,
+    payload: Option<Vec<u8>>,
+}
+
+/// Counters of one run, logged at the end and returned for tests and `status`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Totals {
+    /// Events consumed.
+    pub consumed: u64,
+    /// Records the CRM accepted (upserts, deletes, clears).
+    pub written: u64,
+    /// Records sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Older events skipped because a newer one for the same contact was in the batch.
+    pub superseded: u64,
+}
+
+/// Run a sink until `shutdown` (or, for dry runs and re-drives, until the end of the topic
+/// as it was at start).
+pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions, mut shutdown: watch::Receiver<bool>) -> Result<Totals> {
+    let mut mapping = Mapping::new(cfg.sink.target, &cfg.mapping);
+    if !opts.dry_run {
+        target.prepare(&mut mapping).await?;
+    }
+    let source_topic = if opts.redrive { cfg.dlq_topic() } else { cfg.kafka.topic.clone() };
+    let group = if opts.redrive { format!("{}-redrive", cfg.group_id()) } else { cfg.group_id() };
+    let consumer = consumer(cfg, &group)?;
+    let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
+    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
+    let partitions = partitions(&consumer, &source_topic)?;
+    let bounded = opts.dry_run || opts.redrive;
+    let end = if bounded { Some(high_watermarks(&consumer, &source_topic, &partitions)?) } else { None };
+
+    if opts.dry_run {
+        // Never join the group: a dry run must not disturb a running sink.
+        let tpl = start_positions(&consumer, &source_topic, &partitions, &opts.start)?;
+        consumer.assign(&tpl).map_err(|e| error::kafka("assigning partitions", e))?;
+    } else {
+        if opts.start != StartFrom::Committed {
+            let tpl = start_positions(&consumer, &source_topic, &partitions, &opts.start)?;
+            consumer.assign(&tpl).map_err(|e| error::kafka("assigning partitions", e))?;
+            consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+                error::kafka(format!("moving group {group} to {:?} (stop the group's running sinks first)", opts.start), e)
+            })?;
+            consumer.unassign().map_err(|e| error::kafka("unassigning", e))?;
+            tracing::info!(group, start = ?opts.start, "consumer group moved");
+        }
+        consumer.subscribe(&[&source_topic]).map_err(|e| error::kafka(format!("subscribing to {source_topic}"), e))?;
+    }
+    tracing::info!(sink = %cfg.sink.name, topic = %source_topic, group, dry_run = opts.dry_run, "sink started");
+
+    let mut totals = Totals::default();
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    let dlq = cfg.dlq_topic();
+    if !opts.dry_run && !opts.redrive {
+        kafka::ensure_compacted_topic(cfg.brokers(), &cfg.kafka.properties, &dlq, 1, 1).await.ok();
+    }
+    loop {
+        if let Some(end) = &end {
+            if end.iter().all(|(p, h)| positions.get(p).copied().unwrap_or(-1) + 1 >= *h) {
+                tracing::info!(?totals, "reached the end of the topic as it was at start");
+                return Ok(totals);
+            }
+        }
+        let batch = match next_batch(&consumer, cfg, &mut shutdown, bounded).await? {
+            Some(b) => b,
+            None => {
+                tracing::info!(?totals, "sink stopped");
+                return Ok(totals);
+            }
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        for m in &batch {
+            let p = positions.entry(m.partition).or_insert(-1);
+            *p = (*p).max(m.offset);
+        }
+        let mut ctx = BatchCtx { cfg, mapping: &mapping, producer: &producer, dlq: &dlq, source_topic: &source_topic, pending: Pending::default(), totals: &mut totals, shutdown: &mut shutdown };
+        if opts.dry_run {
+            ctx.dry_run(target.as_ref(), &batch, opts.redrive);
+            continue;
+        }
+        if let Err(e) = ctx.process(target.as_mut(), &batch, opts.redrive).await {
+            if *shutdown.borrow() {
+                tracing::info!(?totals, "sink stopped; the unfinished batch will be read again");
+                return Ok(totals);
+            }
+            return Err(e);
+        }
+        ctx.pending.wait().await?;
+        commit(&consumer, &source_topic, &batch)?;
+    }
+}
+
+fn consumer(cfg: &SinkConfig, group: &str) -> Result<StreamConsumer> {
+    let mut c = kafka::client_config(cfg.brokers(), &std::collections::BTreeMap::new());
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // A CRM pause (daily allowance spent) can be long; the loop keeps polling while it
+        // waits, this is the backstop.
+        .set("max.poll.interval.ms", "900000")
+        .set("session.timeout.ms", "30000");
+    for (k, v) in &cfg.kafka.properties {
+        c.set(k, v);
+    }
+    kafka::create(&c, "consumer")
+}
+
+fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Vec<i32>> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| error::kafka(format!("reading metadata of {topic}"), e))?;
+    let parts: Vec<i32> = md.topics().iter().filter(|t| t.name() == topic).flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    if parts.is_empty() {
+        return Err(Error::user(format!("topic {topic} does not exist; start the source first or check [kafka] topic")).retry(true));
+    }
+    Ok(parts)
+}
+
+fn high_watermarks(consumer: &StreamConsumer, topic: &str, partitions: &[i32]) -> Result<Vec<(i32, i64)>> {
+    partitions
+        .iter()
+        .map(|&p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .map(|(_, high)| (p, high))
+                .map_err(|e| error::kafka("reading topic end offsets", e))
+        })
+        .collect()
+}
+
+fn start_positions(consumer: &StreamConsumer, topic: &str, partitions: &[i32], start: &StartFrom) -> Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    match start {
+        StartFrom::Timestamp(ms) => {
+            let mut q = TopicPartitionList::new();
+            for &p in partitions {
+                q.add_partition_offset(topic, p, Offset::Offset(*ms)).map_err(|e| error::kafka("building offsets", e))?;
+            }
+            let found = consumer.offsets_for_times(q, Duration::from_secs(10)).map_err(|e| error::kafka("looking up offsets by time", e))?;
+            for e in found.elements() {
+                // No event at or after the time: start at the end.
+                let off = match e.offset() {
+                    Offset::Offset(o) => Offset::Offset(o),
+                    _ => Offset::End,
+                };
+                tpl.add_partition_offset(topic, e.partition(), off).map_err(|e| error::kafka("building offsets", e))?;
+            }
+        }
+        other => {
+            let committed = consumer
+                .committed_offsets(
+                    {
+                        let mut t = TopicPartitionList::new();
+                        for &p in partitions {
+                            t.add_partition(topic, p);
+                        }
+                        t
+                    },
+                    Duration::from_secs(10),
+                )
+                .map_err(|e| error::kafka("reading committed offsets", e))?;
+            for &p in partitions {
+                let off = match other {
+                    StartFrom::Earliest => Offset::Beginning,
+                    StartFrom::Latest => Offset::End,
+                    StartFrom::Offsets(list) if list.iter().any(|(lp, _)| *lp == p) => {
+                        Offset::Offset(list.iter().find(|(lp, _)| *lp == p).map(|(_, o)| *o).unwrap_or(0))
+                    }
+                    _ => match committed.find_partition(topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => Offset::Offset(o),
+                        _ => Offset::Beginning,
+                    },
+                };
+                tpl.add_partition_offset(topic, p, off).map_err(|e| error::kafka("building offsets", e))?;
+            }
+        }
+    }
+    Ok(tpl)
+}
+
+/// Collect up to `batch_max_records` or until `batch_max_wait` after the first record.
+/// `None` on shutdown. Bounded runs return an empty batch after a quiet second so the caller
+/// can check whether the end was reached.
+async fn next_batch(consumer: &StreamConsumer, cfg: &SinkConfig, shutdown: &mut watch::Receiver<bool>, bounded: bool) -> Result<Option<Vec<Msg>>> {
+    let mut batch = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(None);
+        }
+        if batch.len() >= cfg.sink.batch_max_records {
+            return Ok(Some(batch));
+        }
+        let wait = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None if bounded => Duration::from_secs(1),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            r = tokio::time::timeout(wait, consumer.recv()) => match r {
+                Err(_) => return Ok(Some(batch)),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(Ok(m)) => {
+                    batch.push(Msg {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                    });
+                    deadline.get_or_insert_with(|| Instant::now() + cfg.sink.batch_max_wait);
+                }
+            }
+        }
+    }
+}
+
+fn commit(consumer: &StreamConsumer, topic: &str, batch: &[Msg]) -> Result<()> {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for m in batch {
+        let e = next.entry(m.partition).or_insert(0);
+        // Committed offset = the next record to read.
+        *e = (*e).max(m.offset + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in next {
+        tpl.add_partition_offset(topic, p, Offset::Offset(o)).map_err(|e| error::kafka("building offsets", e))?;
+    }
+    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| error::kafka("committing offsets", e))
+}
+
+/// One CRM call of a batch.
+#[derive(Clone, Copy)]
+enum Call<'r> {
+    Upsert(&'r [Record]),
+    Delete(&'r [String]),
+}
+
+/// What one batch needs while it is processed.
+struct BatchCtx<'a> {
+    cfg: &'a SinkConfig,
+    mapping: &'a Mapping,
+    producer: &'a FutureProducer,
+    dlq: &'a str,
+    source_topic: &'a str,
+    pending: Pending,
+    totals: &'a mut Totals,
+    shutdown: &'a mut watch::Receiver<bool>,
+}
+
+/// A decoded batch entry: the newest event per contact, with the record it came from.
+struct Item<'m> {
+    msg: &'m Msg,
+    event: ContactEvent,
+    /// The original event JSON (for the dead-letter record).
+    raw: serde_json::Value,
+}
+
+impl BatchCtx<'_> {
+    /// Decode the batch and keep the newest event per contact; undecodable records are
+    /// dead-lettered (never silently skipped).
+    async fn newest<'m>(&mut self, batch: &'m [Msg], redrive: bool) -> Result<Vec<Item<'m>>> {
+        let mut newest: HashMap<&str, usize> = HashMap::new();
+        let mut items: Vec<Option<Item<'m>>> = Vec::new();
+        for m in batch {
+            self.totals.consumed += 1;
+            // A tombstone follows its delete event; the delete event did the work.
+            let Some(payload) = &m.payload else { continue };
+            let raw: serde_json::Value = match serde_json::from_slice(payload) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.dead_letter(m, None, "decode", &format!("record is not JSON: {e}"), Some(payload)).await?;
+                    continue;
+                }
+            };
+            let raw = if redrive { raw.get("event").cloned().unwrap_or(serde_json::Value::Null) } else { raw };
+            let event = match serde_json::from_value::<ContactEvent>(raw.clone()) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.dead_letter(m, Some(&raw), "decode", &format!("record is not a trusst-cdc event: {e}"), None).await?;
+                    continue;
+                }
+            };
+            if let Some(i) = newest.insert(m.key.as_str(), items.len()) {
+                items[i] = None;
+                self.totals.superseded += 1;
+            }
+            items.push(Some(Item { msg: m, event, raw }));
+        }
+        Ok(items.into_iter().flatten().collect())
+    }
+
+    async fn process(&mut self, target: &mut dyn Target, batch: &[Msg], redrive: bool) -> Result<()> {
+        let items = self.newest(batch, redrive).await?;
+        let mut upserts: Vec<(Record, &Item)> = Vec::new();
+        let mut deletes: Vec<&Item> = Vec::new();
+        for it in &items {
+            match it.event.op {
+                Op::Upsert => match self.mapping.map(&it.event) {
+                    Ok(r) => upserts.push((r, it)),
+                    Err(e) => self.dead_letter(it.msg, Some(&it.raw), "mapping", &e.to_string(), None).await?,
+                },
+                Op::Delete => match self.cfg.sink.on_delete {
+                    OnDelete::Delete => deletes.push(it),
+                    OnDelete::Clear => {
+                        let keys = self.mapping.questions.keys().cloned();
+                        upserts.push((self.mapping.cleared(&it.event.trusst_contact_id, keys), it));
+                    }
+                    OnDelete::Ignore => {}
+                },
+            }
+        }
+        let max = target.max_batch().max(1);
+        for chunk in upserts.chunks(max) {
+            let records: Vec<Record> = chunk.iter().map(|(r, _)| r.clone()).collect();
+            let outcomes = self.with_retries(target, Call::Upsert(&records)).await;
+            self.settle(chunk.iter().map(|(_, it)| *it), outcomes).await?;
+        }
+        for chunk in deletes.chunks(max) {
+            let ids: Vec<String> = chunk.iter().map(|it| it.event.trusst_contact_id.clone()).collect();
+            let outcomes = self.with_retries(target, Call::Delete(&ids)).await;
+            self.settle(chunk.iter().copied(), outcomes).await?;
+        }
+        Ok(())
+    }
+
+    /// Retry a CRM call while it fails with a retryable error (honouring Retry-After and
+    /// pauses); stop on shutdown so nothing is committed for the batch.
+    async fn with_retries(&mut self, target: &mut dyn Target, call: Call<'_>) -> Result<Vec<Outcome>> {
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(self.cfg.sink.max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let what = match call {
+            Call::Upsert(_) => "upsert",
+            Call::Delete(_) => "delete",
+        };
+        loop {
+            let result = match call {
+                Call::Upsert(r) => target.upsert(self.mapping, r).await,
+                Call::Delete(ids) => target.delete(self.mapping, ids).await,
+            };
+            match result {
+                Ok(o) => return Ok(o),
+                Err(e) if e.retryable => {
+                    let wait = e.retry_after.unwrap_or_else(|| backoff.next().unwrap_or(self.cfg.sink.max_backoff));
+                    tracing::warn!(sink = %self.cfg.sink.name, error = %e, retry_in = ?wait, "{what} failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.wait_for(|v| *v) => {
+                            // Retryable: the batch is neither dead-lettered nor committed.
+                            return Err(Error::external("stopped while a CRM request was being retried"));
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Count written records, dead-letter rejected ones; a non-retryable request error
+    /// dead-letters the whole chunk, a configuration error stops the sink.
+    async fn settle<'i>(&mut self, items: impl Iterator<Item = &'i Item<'i>> + Clone, outcomes: Result<Vec<Outcome>>) -> Result<()> {
+        let n = items.clone().count();
+        match outcomes {
+            Ok(o) if o.len() == n => {
+                for (it, o) in items.zip(o) {
+                    match o {
+                        Outcome::Written => self.totals.written += 1,
+                        Outcome::Rejected(reason) => self.dead_letter(it.msg, Some(&it.raw), "crm", &reason, None).await?,
+                    }
+                }
+                Ok(())
+            }
+            Ok(o) => Err(Error::internal(format!("the CRM client returned {} outcomes for {n} records", o.len()))),
+            // A configuration problem stops the sink; a retryable error only comes back on
+            // shutdown: either way the batch is left uncommitted, to be read again.
+            Err(e) if e.fault == Fault::User || e.retryable => Err(e),
+            Err(e) => {
+                for it in items {
+                    self.dead_letter(it.msg, Some(&it.raw), "crm", &e.to_string(), None).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn dead_letter(&mut self, m: &Msg, event: Option<&serde_json::Value>, stage: &str, reason: &str, raw: Option<&[u8]>) -> Result<()> {
+        tracing::warn!(sink = %self.cfg.sink.name, contact_id = %m.key, partition = m.partition, offset = m.offset, stage, reason, "dead-lettered");
+        let body = json!({
+            "sink": self.cfg.sink.name,
+            "stage": stage,
+            "reason": reason,
+            "failed_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "source": {"topic": self.source_topic, "partition": m.partition, "offset": m.offset},
+            "contact_id": m.key,
+            "event": event,
+            "raw": raw.map(|r| String::from_utf8_lossy(r).into_owned()),
+        });
+        self.pending.send(self.producer, self.dlq, &m.key, Some(body.to_string().as_bytes())).await?;
+        self.totals.dead_lettered += 1;
+        Ok(())
+    }
+
+    fn dry_run(&mut self, target: &dyn Target, batch: &[Msg], redrive: bool) {
+        // Decoding failures are only printed here: a dry run writes nothing, not even to the DLQ.
+        let mut newest: BTreeMap<String, (ContactEvent, &Msg)> = BTreeMap::new();
+        for m in batch {
+            self.totals.consumed += 1;
+            let Some(p) = &m.payload else { continue };
+            let parsed = serde_json::from_slice::<serde_json::Value>(p).ok().map(|v| if redrive { v["event"].clone() } else { v });
+            match parsed.and_then(|v| serde_json::from_value::<ContactEvent>(v).ok()) {
+                Some(e) => {
+                    newest.insert(m.key.clone(), (e, m));
+                }
+                None => println!("WOULD DEAD-LETTER {} (p{} @{}): not a trusst-cdc event", m.key, m.partition, m.offset),
+            }
+        }
+        let mut records = Vec::new();
+        for (key, (e, m)) in newest {
+            match e.op {
+                Op::Delete => println!("WOULD {:?} {key} (delete event, p{} @{})", self.cfg.sink.on_delete, m.partition, m.offset),
+                Op::Upsert => match self.mapping.map(&e) {
+                    Ok(r) => records.push(r),
+                    Err(err) => println!("WOULD DEAD-LETTER {key} (p{} @{}): {err}", m.partition, m.offset),
+                },
+            }
+        }
+        for chunk in records.chunks(target.max_batch().max(1)) {
+            for line in target.dry_run(self.mapping, chunk) {
+                println!("{line}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_positions_parse() {
+        assert_eq!("earliest".parse::<StartFrom>().unwrap(), StartFrom::Earliest);
+        assert_eq!("offset:0:15,2:7".parse::<StartFrom>().unwrap(), StartFrom::Offsets(vec![(0, 15), (2, 7)]));
+        assert_eq!(
+            "timestamp:2026-01-15T00:00:00Z".parse::<StartFrom>().unwrap(),
+            StartFrom::Timestamp(1_768_435_200_000)
+        );
+        assert_eq!("timestamp:1000".parse::<StartFrom>().unwrap(), StartFrom::Timestamp(1000));
+        assert!("offset:x".parse::<StartFrom>().unwrap_err().contains("offset:PARTITION:OFFSET"));
+        assert!("yesterday".parse::<StartFrom>().is_err());
+    }
+}

@@ -130,6 +130,23 @@ impl SinkConfig {
         if let Some(t) = o.topic {
             self.kafka.topic = t;
         }
+        // Endpoints move between environments (a container network, the emulator), so they can
+        // come from the environment like the brokers do.
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let (Some(sf), Some(v)) = (self.salesforce.as_mut(), env("SALESFORCE_LOGIN_URL")) {
+            sf.login_url = v;
+        }
+        if let Some(d) = self.dynamics.as_mut() {
+            if let Some(v) = env("DYNAMICS_URL") {
+                d.url = v;
+            }
+            if let Some(v) = env("DYNAMICS_TOKEN_URL") {
+                d.token_url = Some(v);
+            }
+        }
+        if let (Some(m), Some(v)) = (self.mulesoft.as_mut(), env("MULESOFT_URL")) {
+            m.url = v;
+        }
         if self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
             return Err(Error::user("no Kafka brokers: set [kafka] brokers, KAFKA_BROKERS or --kafka-brokers"));
         }

@@ -28,6 +28,9 @@ use crate::event::{ContactEvent, SourcePosition, lsn as fmt_lsn};
 use crate::kafka::{self, Pending};
 use triggers::{Effect, QuestionRow, Tracker};
 
+/// Batches produced but not yet acknowledged before the reader waits for the oldest.
+const MAX_INFLIGHT: usize = 4;
+
 /// Prefix of the heartbeat messages written with `pg_logical_emit_message`.
 pub const HEARTBEAT_PREFIX: &str = "trusst-cdc.heartbeat";
 
@@ -122,6 +125,10 @@ struct Session<'a> {
     last_commit_end: u64,
     confirmed: u64,
     published: u64,
+    /// Produced batches awaiting acknowledgement, oldest first, with their end LSN.
+    inflight: VecDeque<(tokio::task::JoinHandle<Result<usize>>, Option<u64>)>,
+    /// A position reached while batches were in flight, confirmed once they are acknowledged.
+    deferred: u64,
     /// Set once setup succeeded (database, Kafka, topic and slot all fine) in this session.
     streaming: bool,
 }
@@ -148,6 +155,8 @@ impl<'a> Session<'a> {
             confirmed: 0,
             published: 0,
             streaming: false,
+            inflight: VecDeque::new(),
+            deferred: 0,
         }
     }
 
@@ -346,6 +355,7 @@ impl<'a> Session<'a> {
                 _ = shutdown.wait_for(|v| *v) => {
                     tracing::info!("shutting down: publishing the pending batch");
                     self.flush(client, producer, repl).await?;
+                    self.drain_inflight(repl).await?;
                     return Ok(());
                 }
                 ev = repl.recv() => {
@@ -354,6 +364,10 @@ impl<'a> Session<'a> {
                         return Err(Error::external("replication stream ended unexpectedly"));
                     };
                     self.handle(ev, client, producer, repl).await?;
+                }
+                res = async { (&mut self.inflight.front_mut().expect("guarded").0).await }, if !self.inflight.is_empty() => {
+                    let (_, end) = self.inflight.pop_front().expect("front exists");
+                    self.acked(res, end, repl)?;
                 }
                 _ = sleep_until_opt(deadline) => {
                     self.flush(client, producer, repl).await?;
@@ -555,15 +569,51 @@ impl<'a> Session<'a> {
         for chunk in ids.chunks(self.cfg.source.batch_max_contacts) {
             self.publish(client, producer, &mut pending, chunk, &batch.touched, &batch.deleted, None, "stream").await?;
         }
-        let n = pending.wait().await?;
-        tracing::debug!(contacts = ids.len(), events = n, "batch published");
-        if let Some(end) = batch.end_lsn {
-            self.confirm(end, repl);
+        // Acknowledgements are awaited off the read path, so decoding and enrichment of the next
+        // batch overlap with the broker's round trip; confirmation stays in batch order.
+        let n = pending.len();
+        tracing::debug!(contacts = ids.len(), events = n, "batch produced");
+        self.inflight.push_back((tokio::spawn(async move { pending.wait().await }), batch.end_lsn));
+        while self.inflight.front().is_some_and(|(h, _)| h.is_finished()) || self.inflight.len() > MAX_INFLIGHT {
+            self.ack_front(repl).await?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the oldest in-flight batch and confirm its end (and, once nothing is in
+    /// flight, any position deferred meanwhile).
+    async fn ack_front(&mut self, repl: &ReplicationClient) -> Result<()> {
+        let Some((handle, end)) = self.inflight.pop_front() else { return Ok(()) };
+        self.acked(handle.await, end, repl)
+    }
+
+    /// Confirm a batch whose acknowledgements arrived (the batch was popped, in order).
+    fn acked(&mut self, res: std::result::Result<Result<usize>, tokio::task::JoinError>, end: Option<u64>, repl: &ReplicationClient) -> Result<()> {
+        res.map_err(|e| Error::internal(format!("delivery task failed: {e}")))??;
+        let mut upto = end.unwrap_or(0);
+        if self.inflight.is_empty() {
+            upto = upto.max(std::mem::take(&mut self.deferred));
+        }
+        if upto > 0 {
+            self.confirm(upto, repl);
+        }
+        Ok(())
+    }
+
+    /// Wait until every produced batch is acknowledged and confirmed.
+    async fn drain_inflight(&mut self, repl: &ReplicationClient) -> Result<()> {
+        while !self.inflight.is_empty() {
+            self.ack_front(repl).await?;
         }
         Ok(())
     }
 
     fn confirm(&mut self, lsn: u64, repl: &ReplicationClient) {
+        if !self.inflight.is_empty() && self.inflight.iter().all(|(_, end)| end.is_none_or(|e| e < lsn)) {
+            // A later position may not be confirmed before the batches still in flight.
+            self.deferred = self.deferred.max(lsn);
+            return;
+        }
         let lsn = match self.jobs.front() {
             Some(j) => lsn.min(j.barrier),
             None => lsn,

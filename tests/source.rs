@@ -42,6 +42,16 @@ async fn completed_contacts_match_the_seed_query() {
     let streamed = reader.events_for(&after[0]);
     assert_eq!(streamed.last().unwrap().source.reason, "stream");
     assert!(streamed.last().unwrap().source.commit_ts.is_some());
+    // Every record on the topic follows the published JSON Schema.
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../schema/contact-event.schema.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    for r in &reader.records {
+        let v: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        if let Err(e) = validator.validate(&v) {
+            panic!("event for {} does not follow the schema: {e}", r.key);
+        }
+    }
     // Only COMPLETED contacts and only universal questions.
     for e in latest.values() {
         assert_eq!(e.universal_questions.len(), 8, "{e:?}");

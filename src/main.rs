@@ -45,6 +45,26 @@ enum Command {
         #[command(flatten)]
         overrides: SourceOverrides,
     },
+    /// Upsert events from the topic into a CRM (one consumer group per config).
+    Sink {
+        /// Sink config file (connector-config/salesforce.toml, dynamics.toml, mulesoft.toml).
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        overrides: trusst_cdc::sink::config::SinkOverrides,
+        /// Where to start: committed, earliest, latest, offset:P:O[,P:O], timestamp:<RFC 3339>.
+        #[arg(long, default_value = "committed")]
+        from: trusst_cdc::sink::runner::StartFrom,
+        /// Print the CRM requests that would be sent, send none, commit nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Re-drive the dead-letter topic (up to its current end) through the current mapping.
+        #[arg(long)]
+        redrive: bool,
+        /// Stop after this long without a record (one-off replays), e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        until_idle: Option<Duration>,
+    },
     /// Print the events on a topic as they arrive.
     Tail {
         /// Kafka bootstrap servers.
@@ -128,6 +148,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Check { config, overrides } => {
             let cfg = source_config(&config, overrides)?;
             check::run(&cfg).await
+        }
+        Command::Sink { config, overrides, from, dry_run, redrive, until_idle } => {
+            let cfg = config::load::<trusst_cdc::sink::config::SinkConfig>(&config)?.resolve(overrides)?;
+            let target = trusst_cdc::sink::build_target(&cfg)?;
+            let opts = trusst_cdc::sink::runner::RunOptions { start: from, dry_run, redrive, until_idle };
+            let totals = trusst_cdc::sink::runner::run(&cfg, target, opts, shutdown_signal()).await?;
+            tracing::info!(
+                consumed = totals.consumed, written = totals.written, dead_lettered = totals.dead_lettered,
+                superseded = totals.superseded, "sink finished"
+            );
+            Ok(())
         }
         Command::Tail { kafka_brokers, topic, from_beginning, json, max, idle } => {
             trusst_cdc::tail::run(&kafka_brokers, &topic, from_beginning, json, max, idle).await

@@ -55,3 +55,19 @@ pub trait Target: Send {
     /// The requests `upsert` would send, one line each (method, URL, body), sending nothing.
     fn dry_run(&self, mapping: &Mapping, records: &[Record]) -> Vec<String>;
 }
+
+/// Build the configured target's client.
+pub fn build_target(cfg: &config::SinkConfig) -> Result<Box<dyn Target>> {
+    let missing = |t: &str| crate::error::Error::user(format!("target = \"{t}\" needs a [{t}] section"));
+    Ok(match cfg.sink.target {
+        mapping::TargetKind::Salesforce => {
+            Box::new(salesforce::Salesforce::new(cfg.salesforce.as_ref().ok_or_else(|| missing("salesforce"))?)?)
+        }
+        mapping::TargetKind::Dynamics => {
+            Box::new(dynamics::Dynamics::new(cfg.dynamics.as_ref().ok_or_else(|| missing("dynamics"))?)?)
+        }
+        mapping::TargetKind::Mulesoft => {
+            Box::new(mulesoft::Mulesoft::new(cfg.mulesoft.as_ref().ok_or_else(|| missing("mulesoft"))?)?)
+        }
+    })
+}

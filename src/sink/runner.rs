@@ -78,6 +78,8 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Read the dead-letter topic (up to its end at start) instead of the event topic.
     pub redrive: bool,
+    /// Stop after this long without a record (one-off replays).
+    pub until_idle: Option<Duration>,
 }
 
 /// A consumed record, detached from the consumer.
@@ -116,6 +118,7 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
     kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
     let partitions = partitions(&consumer, &source_topic)?;
     let bounded = opts.dry_run || opts.redrive;
+    let mut last_record = Instant::now();
     let end = if bounded { Some(high_watermarks(&consumer, &source_topic, &partitions)?) } else { None };
 
     if opts.dry_run {
@@ -149,7 +152,7 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
                 return Ok(totals);
             }
         }
-        let batch = match next_batch(&consumer, cfg, &mut shutdown, bounded).await? {
+        let batch = match next_batch(&consumer, cfg, &mut shutdown, bounded || opts.until_idle.is_some()).await? {
             Some(b) => b,
             None => {
                 tracing::info!(?totals, "sink stopped");
@@ -157,8 +160,13 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
             }
         };
         if batch.is_empty() {
+            if opts.until_idle.is_some_and(|d| last_record.elapsed() >= d) {
+                tracing::info!(?totals, "no record for {:?}; stopping", opts.until_idle.unwrap_or_default());
+                return Ok(totals);
+            }
             continue;
         }
+        last_record = Instant::now();
         for m in &batch {
             let p = positions.entry(m.partition).or_insert(-1);
             *p = (*p).max(m.offset);

@@ -404,3 +404,5 @@ pub fn assert_matches_seed(latest: &BTreeMap<String, ContactEvent>, expected: &B
         assert_eq!(&got[k], e, "contact {k} differs from the seed query");
     }
 }
+
+pub mod crm;

@@ -1,0 +1,197 @@
+//! Harness for the sink tests: the CRM emulator and sinks as child processes, and readers of
+//! what reached the emulator.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{bin, brokers, unique};
+
+/// A running `trusst-cdc crm-emulator`.
+pub struct Emulator {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Emulator {
+    /// Start on a free port with the shipped schema and extra flags.
+    pub fn start(flags: &[&str]) -> Self {
+        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/connector-config/crm-emulator.toml");
+        let mut child = Command::new(bin())
+            .args(["crm-emulator", "--listen", "127.0.0.1:0", "--config", config])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start crm-emulator");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let base = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("emulator said {line:?}")).to_owned();
+        Self { child, base, http: reqwest::blocking::Client::new() }
+    }
+
+    /// Stored records of one object (`salesforce`/`Contact`, `dataverse`/`contact`, `mulesoft`/`contacts`).
+    pub fn records(&self, system: &str, object: &str) -> Vec<Value> {
+        let url = format!("{}/__admin/records/{system}/{object}", self.base);
+        self.http.get(url).send().unwrap().json::<Vec<Value>>().unwrap()
+    }
+
+    /// Set faults (a JSON merge patch).
+    pub fn faults(&self, patch: Value) {
+        let r = self.http.post(format!("{}/__admin/faults", self.base)).json(&patch).send().unwrap();
+        assert!(r.status().is_success(), "{}", r.text().unwrap());
+    }
+
+    /// POST an admin action (`reset-limits`, `expire-tokens`, `reset`).
+    pub fn admin(&self, action: &str) {
+        let r = self.http.post(format!("{}/__admin/{action}", self.base)).send().unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Call counters.
+    pub fn stats(&self) -> Value {
+        self.http.get(format!("{}/__admin/stats", self.base)).send().unwrap().json().unwrap()
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `trusst-cdc sink`.
+pub struct SinkProc {
+    pub child: Child,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+/// Write a sink config from a shipped example (`salesforce`, `dynamics`, `mulesoft`) with the
+/// test's topic, a unique group, and `edit` applied to the TOML table.
+pub fn sink_config(example: &str, topic: &str, edit: impl FnOnce(&mut toml::Table)) -> (tempfile::TempDir, PathBuf) {
+    let path = format!("{}/connector-config/{example}.toml", env!("CARGO_MANIFEST_DIR"));
+    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let kafka = t.get_mut("kafka").unwrap().as_table_mut().unwrap();
+    kafka.insert("topic".into(), topic.into());
+    kafka.insert("group_id".into(), unique("group").into());
+    let sink = t.get_mut("sink").unwrap().as_table_mut().unwrap();
+    sink.insert("batch_max_wait".into(), "100ms".into());
+    sink.insert("max_backoff".into(), "2s".into());
+    edit(&mut t);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{example}.toml"));
+    std::fs::write(&file, toml::to_string(&t).unwrap()).unwrap();
+    (dir, file)
+}
+
+/// Set `[section] key = value` in a config table.
+pub fn set(t: &mut toml::Table, section: &str, key: &str, value: impl Into<toml::Value>) {
+    t.entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap()
+        .insert(key.into(), value.into());
+}
+
+impl SinkProc {
+    /// Start a sink against the emulator with `args` after `sink --config <file>`.
+    pub fn start(emu: &Emulator, dir: tempfile::TempDir, config: PathBuf, args: &[&str]) -> Self {
+        let env = vec![
+            ("KAFKA_BROKERS".to_owned(), brokers()),
+            ("SALESFORCE_LOGIN_URL".to_owned(), emu.base.clone()),
+            ("SALESFORCE_CLIENT_SECRET".to_owned(), "trusst-sf-secret".to_owned()),
+            ("DYNAMICS_URL".to_owned(), emu.base.clone()),
+            ("DYNAMICS_TOKEN_URL".to_owned(), format!("{}/trusst-tenant/oauth2/v2.0/token", emu.base)),
+            ("DYNAMICS_CLIENT_SECRET".to_owned(), "trusst-dv-secret".to_owned()),
+            ("MULESOFT_URL".to_owned(), format!("{}/api/trusst-crm-sync", emu.base)),
+            ("MULESOFT_CLIENT_SECRET".to_owned(), "trusst-mule-secret".to_owned()),
+            ("TRUSST_LOG".to_owned(), "info,trusst_cdc=debug".to_owned()),
+        ];
+        let log = dir.path().join(format!("sink-{}.log", rand::random::<u32>()));
+        let child = Self::spawn(&config, &log, &env, args);
+        Self { child, config, log, dir, env }
+    }
+
+    fn spawn(config: &PathBuf, log: &PathBuf, env: &[(String, String)], args: &[&str]) -> Child {
+        Command::new(bin())
+            .args(["sink", "--config"])
+            .arg(config)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(std::fs::File::create(log.with_extension("out")).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("start trusst-cdc sink")
+    }
+
+    /// `kill -9` and start again with the same config (same consumer group).
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log = self.dir.path().join(format!("sink-{}.log", rand::random::<u32>()));
+        self.child = Self::spawn(&self.config, &self.log, &self.env, &[]);
+    }
+
+    /// Run another command with the same config and environment to completion.
+    pub fn run_to_end(&self, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+        let log = self.dir.path().join(format!("run-{}.log", rand::random::<u32>()));
+        let mut c = Self::spawn(&self.config, &log, &self.env, args);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "sink {args:?} did not finish");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let out = std::fs::read_to_string(log.with_extension("out")).unwrap_or_default();
+        (status, out, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fail with the log when the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(s) = self.child.try_wait().unwrap() {
+            panic!("sink exited with {s}:\n{}", self.log());
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for SinkProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll until `check` returns true, or panic with `what` and the last value it saw.
+pub fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(last) if Instant::now() > deadline => panic!("timed out after {timeout:?} waiting for {what}: {last}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! PostgreSQL -> source -> Kafka -> sink -> CRM emulator, every part real and running as its own
+//! process. Each test asserts what reached the emulator against the seed's query.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::crm::*;
+use common::*;
+use serde_json::{Value, json};
+use trusst_cdc::generate::{Generator, Options, write_contacts};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+async fn completed(db: &TestDb, seed: u64, n: usize) -> Vec<String> {
+    let mut c = db.client().await;
+    let mut g = Generator::new(seed, Options::default());
+    let contacts: Vec<_> = (0..n).map(|_| g.contact()).collect();
+    write_contacts(&mut c, &contacts).await.unwrap();
+    contacts.into_iter().map(|c| c.contact_id).collect()
+}
+
+/// The seed's naming rule for Salesforce, written out independently of the connector's.
+fn sf_field(key: &str) -> String {
+    key.split('_').map(|w| format!("{}{}", w[..1].to_uppercase(), &w[1..])).collect::<Vec<_>>().join("_") + "__c"
+}
+
+const LABELS: [&str; 4] = ["Excellent", "Good", "Fair", "Poor"];
+
+/// The value a CRM should hold for a raw result (Dynamics choices are 100000000 + index).
+fn typed(system: &str, result_type: &str, raw: &str) -> Value {
+    match (result_type, system) {
+        ("Boolean", _) => json!(raw == "true"),
+        ("Rating", "dataverse") => json!(raw.parse::<i64>().unwrap()),
+        ("Rating", _) => json!(raw.parse::<f64>().unwrap()),
+        ("Label", "dataverse") => json!(100_000_000 + LABELS.iter().position(|l| *l == raw).unwrap() as i64),
+        _ => json!(raw),
+    }
+}
+
+fn num_eq(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Compare the emulator's records with the seed's query: same contacts, same typed values.
+fn crm_matches(emu: &Emulator, system: &str, expected: &BTreeMap<String, Expected>) -> Result<(), String> {
+    let (object, key) = match system {
+        "salesforce" => ("Contact", "Trusst_Contact_ID__c"),
+        "dataverse" => ("contact", "trusst_contact_id"),
+        _ => ("contacts", "trusst_contact_id"),
+    };
+    let records = emu.records(system, object);
+    let by_id: BTreeMap<String, &Value> =
+        records.iter().map(|r| (r[key].as_str().unwrap_or_default().to_owned(), r)).collect();
+    if records.len() != by_id.len() {
+        return Err(format!("{} records for {} contacts: duplicates", records.len(), by_id.len()));
+    }
+    if by_id.len() != expected.len() {
+        return Err(format!("{} records in the CRM, {} contacts in the seed query", by_id.len(), expected.len()));
+    }
+    for (id, e) in expected {
+        let r = by_id.get(id).ok_or_else(|| format!("contact {id} missing"))?;
+        for (qkey, (rt, raw)) in &e.results {
+            let raw = raw.as_deref().unwrap_or_default();
+            let (got, want) = match system {
+                "salesforce" => (r[sf_field(qkey)].clone(), typed(system, rt, raw)),
+                "dataverse" => (r[qkey.as_str()].clone(), typed(system, rt, raw)),
+                _ => {
+                    let q = r["universal_questions"].as_array().and_then(|qs| qs.iter().find(|q| q["question_key"] == qkey.as_str()));
+                    (q.map(|q| q["result"].clone()).unwrap_or(Value::Null), json!(raw))
+                }
+            };
+            if !num_eq(&got, &want) {
+                return Err(format!("contact {id} {qkey}: CRM has {got}, seed query says {want}"));
+            }
+        }
+        let agent = match system {
+            "salesforce" => &r["Agent_ID__c"],
+            "dataverse" => &r["agentid"],
+            _ => &r["contact_agent_id"],
+        };
+        if agent.as_str() != e.contact_agent_id.as_deref() {
+            return Err(format!("contact {id}: agent {agent} != {:?}", e.contact_agent_id));
+        }
+    }
+    Ok(())
+}
+
+/// Source, emulator and one sink for `example`; returns everything the test needs.
+async fn pipeline(prefix: &str, n: usize) -> (TestDb, SourceProc, Emulator, Vec<String>) {
+    let db = TestDb::new(prefix).await;
+    let ids = completed(&db, 21, n).await;
+    let src = SourceProc::start(&db, SourceOpts::default());
+    let emu = Emulator::start(&[]);
+    (db, src, emu, ids)
+}
+
+async fn converge_and_update(system: &str, example: &str) {
+    let (db, src, emu, _) = pipeline(&format!("t_{example}"), 30).await;
+    let (dir, cfg) = sink_config(example, &src.topic, |_| {});
+    let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
+    let expected = db.expected().await;
+    eventually(WAIT, "the CRM to match the seed query", || crm_matches(&emu, system, &expected));
+    sink.assert_running();
+
+    // Later changes update the same records, never add duplicates.
+    let c = db.client().await;
+    c.batch_execute(
+        "UPDATE inferences SET result = CASE result WHEN 'true' THEN 'false' ELSE 'true' END, updated_at = now() \
+         WHERE question_id = 'q-agent-identified';
+         UPDATE inferences SET result = '1', updated_at = now() WHERE question_id = 'q-quality-score'",
+    )
+    .await
+    .unwrap();
+    let more = completed(&db, 22, 5).await;
+    assert_eq!(more.len(), 5);
+    let expected = db.expected().await;
+    eventually(WAIT, "the CRM to follow the updates", || crm_matches(&emu, system, &expected));
+    sink.assert_running();
+    db.drop_slot(&src.slot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn salesforce_converges_and_updates_in_place() {
+    converge_and_update("salesforce", "salesforce").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamics_converges_and_updates_in_place() {
+    converge_and_update("dataverse", "dynamics").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mulesoft_converges_and_updates_in_place() {
+    converge_and_update("mulesoft", "mulesoft").await;
+}
+
+/// Salesforce streaming uses sObject Collections: at most ceil(n/200) data calls per batch,
+/// no per-record calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn salesforce_uses_collections_not_per_record_calls() {
+    let (db, src, emu, ids) = pipeline("t_sfcalls", 450).await;
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "snapshot", |r| r.len() >= ids.len());
+    let (dir, cfg) = sink_config("salesforce", &src.topic, |t| set(t, "sink", "batch_max_records", 1000));
+    let _sink = SinkProc::start(&emu, dir, cfg, &[]);
+    let expected = db.expected().await;
+    eventually(WAIT, "450 contacts", || crm_matches(&emu, "salesforce", &expected));
+    let stats = emu.stats().to_string();
+    let single: u64 = emu.stats()["salesforce"]["calls"].as_object().map(|m| {
+        m.iter().filter(|(k, _)| k.contains("sobjects/{") && !k.contains("describe")).map(|(_, v)| v.as_u64().unwrap_or(0)).sum()
+    }).unwrap_or(0);
+    assert_eq!(single, 0, "no per-record calls: {stats}");
+    db.drop_slot(&src.slot).await;
+}
+
+/// Faults: 503 bursts, added latency, a token that expires mid-run, the daily allowance spent
+/// until a reset, and a kill -9 of the sink mid-batch. Afterwards the CRM equals the query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn salesforce_survives_faults() {
+    let (db, src, emu, _) = pipeline("t_sffaults", 40).await;
+    let (dir, cfg) = sink_config("salesforce", &src.topic, |t| {
+        set(t, "salesforce", "limit_pause", "1s");
+        set(t, "sink", "batch_max_records", 10);
+    });
+    emu.faults(json!({"burst_503": 3, "latency_ms": 20}));
+    let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
+    let expected = db.expected().await;
+    eventually(WAIT, "convergence through 503s", || crm_matches(&emu, "salesforce", &expected));
+
+    // Token expiry mid-run, then the allowance runs out.
+    emu.admin("expire-tokens");
+    let used = emu.stats()["salesforce_api_usage"]["used"].as_u64().unwrap();
+    emu.faults(json!({"sf_daily_limit": used + 2}));
+    let c = db.client().await;
+    c.batch_execute("UPDATE inferences SET result = '2', updated_at = now() WHERE question_id = 'q-empathy'").await.unwrap();
+    completed(&db, 23, 30).await;
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(sink.log().contains("REQUEST_LIMIT_EXCEEDED") || sink.log().contains("allowance"), "{}", sink.log());
+    sink.assert_running();
+    // Kill mid-stream while paused, restart, then a new day.
+    sink.crash_and_restart();
+    emu.faults(json!({"sf_daily_limit": 1_000_000}));
+    emu.admin("reset-limits");
+    let expected = db.expected().await;
+    eventually(WAIT, "convergence after the allowance reset", || crm_matches(&emu, "salesforce", &expected));
+    sink.assert_running();
+    db.drop_slot(&src.slot).await;
+}
+
+/// 429 bursts with Retry-After, random 429/503s, and a kill -9: Dynamics converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamics_survives_rate_limits_and_crashes() {
+    let (db, src, emu, _) = pipeline("t_dvfaults", 40).await;
+    let (dir, cfg) = sink_config("dynamics", &src.topic, |t| {
+        set(t, "sink", "batch_max_records", 7);
+        set(t, "dynamics", "batch_size", 5);
+    });
+    emu.faults(json!({"burst_429": 4, "rate_503": 0.2, "seed": 7}));
+    let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    sink.crash_and_restart();
+    completed(&db, 24, 20).await;
+    let expected = db.expected().await;
+    eventually(WAIT, "convergence through 429s and 503s", || crm_matches(&emu, "dataverse", &expected));
+    sink.assert_running();
+    db.drop_slot(&src.slot).await;
+}
+
+/// A poison record goes to the dead-letter topic with its reason, the rest lands; re-driving
+/// after the mapping is fixed lands it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_record_is_dead_lettered_and_redriven() {
+    let (db, src, emu, ids) = pipeline("t_poison", 10).await;
+    let c = db.client().await;
+    c.execute("UPDATE inferences SET result = 'Superb' WHERE contact_id = $1 AND question_id = 'q-outcome'", &[&ids[3]]).await.unwrap();
+    let (dir, cfg) = sink_config("dynamics", &src.topic, |_| {});
+    let mut sink = SinkProc::start(&emu, dir, cfg.clone(), &[]);
+    let dlq = format!("{}.dlq.dynamics", src.topic);
+    let mut dead = TopicReader::new(&dlq);
+    dead.until(WAIT, "the poison record on the DLQ", |r| r.iter().any(|r| r.key == ids[3]));
+    let body: Value = serde_json::from_slice(dead.records.iter().find(|r| r.key == ids[3]).unwrap().value.as_deref().unwrap()).unwrap();
+    assert_eq!(body["stage"], "mapping");
+    assert!(body["reason"].as_str().unwrap().contains("Superb"), "{body}");
+    assert_eq!(body["event"]["trusst_contact_id"], ids[3].as_str());
+    // Everything else landed and the sink kept going.
+    let mut expected = db.expected().await;
+    expected.remove(&ids[3]);
+    eventually(WAIT, "the other contacts", || crm_matches(&emu, "dataverse", &expected));
+    sink.assert_running();
+
+    // Fix: map the new label to an existing choice, then re-drive the dead letters.
+    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let labels = toml::toml! { Superb = 100000000 Excellent = 100000000 Good = 100000001 Fair = 100000002 Poor = 100000003 };
+    t["mapping"].as_table_mut().unwrap().insert("questions".into(), toml::Value::Table(toml::toml! { [call_outcome] }));
+    t["mapping"]["questions"]["call_outcome"].as_table_mut().unwrap().insert("labels".into(), toml::Value::Table(labels));
+    std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+    let (status, _, log) = sink.run_to_end(&["--redrive"]);
+    assert!(status.success(), "{log}");
+    let rec = emu.records("dataverse", "contact").into_iter().find(|r| r["trusst_contact_id"] == ids[3].as_str()).expect("re-driven record");
+    assert_eq!(rec["call_outcome"], 100000000);
+    db.drop_slot(&src.slot).await;
+}
+
+/// Two sinks on one topic converge independently (fan-out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_sinks_on_one_topic_both_converge() {
+    let (db, src, emu, _) = pipeline("t_fanout", 25).await;
+    let (d1, c1) = sink_config("salesforce", &src.topic, |_| {});
+    let (d2, c2) = sink_config("dynamics", &src.topic, |_| {});
+    let _s1 = SinkProc::start(&emu, d1, c1, &[]);
+    let _s2 = SinkProc::start(&emu, d2, c2, &[]);
+    let expected = db.expected().await;
+    eventually(WAIT, "Salesforce", || crm_matches(&emu, "salesforce", &expected));
+    eventually(WAIT, "Dynamics", || crm_matches(&emu, "dataverse", &expected));
+    db.drop_slot(&src.slot).await;
+}
+
+/// Replay from a timestamp re-sends only what follows it; --dry-run writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_from_timestamp_and_dry_run() {
+    let (db, src, emu, before) = pipeline("t_replay", 8).await;
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "snapshot", |r| r.len() >= before.len());
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = completed(&db, 25, 4).await;
+    reader.until(WAIT, "new contacts", |r| after.iter().all(|id| r.iter().any(|x| &x.key == id)));
+
+    // Dry run from the beginning: prints the requests, the emulator sees no data call.
+    let (dir, cfg) = sink_config("salesforce", &src.topic, |_| {});
+    let sink = SinkProc::start(&emu, dir, cfg, &["--dry-run", "--from", "earliest"]);
+    let (status, out, log) = sink.run_to_end(&["--dry-run", "--from", "earliest"]);
+    assert!(status.success(), "{log}");
+    assert!(out.contains("PATCH ") && out.contains("composite/sobjects/Contact/Trusst_Contact_ID__c"), "{out}");
+    assert!(emu.records("salesforce", "Contact").is_empty(), "dry run wrote records");
+
+    // Replay from the timestamp: only the contacts completed after it.
+    let (status, _, log) = sink.run_to_end(&["--from", &format!("timestamp:{t}"), "--until-idle", "3s"]);
+    assert!(status.success(), "{log}");
+    let got: Vec<String> = emu.records("salesforce", "Contact").iter().map(|r| r["Trusst_Contact_ID__c"].as_str().unwrap().to_owned()).collect();
+    let mut want = after.clone();
+    want.sort();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    assert_eq!(got_sorted, want, "replay sent contacts from before the timestamp");
+    db.drop_slot(&src.slot).await;
+}
+
+/// A mapping to a field the CRM lacks fails at start, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mapping_to_a_missing_field_fails_at_start() {
+    let emu = Emulator::start(&[]);
+    let topic = unique("contacts").replace('_', "-");
+    trusst_cdc::kafka::ensure_compacted_topic(&brokers(), &Default::default(), &topic, 1, 1).await.unwrap();
+    for (example, field) in [("salesforce", "Quality_Scor__c"), ("dynamics", "quality_scor")] {
+        let (dir, cfg) = sink_config(example, &topic, |t| {
+            let mut q = toml::Table::new();
+            q.insert("field".into(), field.into());
+            let mut qs = toml::Table::new();
+            qs.insert("quality_score".into(), toml::Value::Table(q));
+            set(t, "mapping", "questions", toml::Value::Table(qs));
+        });
+        let sink = SinkProc::start(&emu, dir, cfg, &[]);
+        let (status, _, log) = sink.run_to_end(&[]);
+        assert!(!status.success(), "{example}: must fail");
+        assert!(log.contains(field), "{example}: the message must name {field}:\n{log}");
+    }
+}

@@ -17,13 +17,13 @@ use trusst_cdc::sink::mapping::{Mapping, MappingConfig, Record, TargetKind};
 use trusst_cdc::sink::{Outcome, Target};
 
 fn attributes() -> serde_json::Value {
-    let a = |n: &str, t: &str| json!({"LogicalName": n, "AttributeType": t, "IsCustomAttribute": true});
+    let a = |n: &str, t: &str| json!({"LogicalName": n, "AttributeType": t});
     json!({"value": [
         a("trusst_contact_id", "String"), a("external_id", "String"), a("calldate", "DateTime"),
         a("call_start_time", "DateTime"), a("call_direction", "Picklist"), a("agentid", "String"),
         a("s3_agent_id", "String"), a("connection_id", "String"), a("agent_identified", "Boolean"),
         a("quality_score", "Integer"), a("call_outcome", "Picklist"), a("sentiment", "Picklist"),
-        {"LogicalName": "gendercode", "AttributeType": "Picklist", "IsCustomAttribute": false},
+        a("gendercode", "Picklist"),
     ]})
 }
 
@@ -146,7 +146,6 @@ fn event() -> ContactEvent {
         "direction": "outbound", "contact_agent_id": "a", "s3_agent_id": null, "conn_id": "REC-1",
         "universal_questions": [
             {"question_id": "q1", "question_key": "call_outcome", "question_text": null, "result_type": "Label", "question_group": null, "result": "Poor", "inference_updated_at": null},
-            {"question_id": "q2", "question_key": "sentiment", "question_text": null, "result_type": "Label", "question_group": null, "result": "Positive", "inference_updated_at": null},
             {"question_id": "q3", "question_key": "quality_score", "question_text": null, "result_type": "Rating", "question_group": null, "result": "9", "inference_updated_at": null}
         ],
         "source": {"lsn": "0/1", "reason": "stream"}
@@ -170,8 +169,6 @@ async fn prepare_fills_choice_labels_from_metadata() {
     assert_eq!(r.fields["call_direction"], 100000001);
     // A configured question without a type, whose column is a global choice.
     assert_eq!(r.fields["call_outcome"], 2);
-    // An unconfigured question whose default column is a custom choice column.
-    assert_eq!(r.fields["sentiment"], 7);
     assert_eq!(r.fields["quality_score"], 9);
     let seen = mock.seen();
     let token = seen.iter().find(|s| s.target.ends_with("/token")).unwrap();
@@ -184,8 +181,25 @@ async fn prepare_fills_choice_labels_from_metadata() {
     assert_eq!(attrs.header("odata-version"), "4.0");
     assert_eq!(attrs.header("odata-maxversion"), "4.0");
     assert_eq!(attrs.header("accept"), "application/json");
-    // The system choice column was not read.
-    assert!(!seen.iter().any(|s| s.target.contains("gendercode")));
+    // Only the choice columns the mapping uses were read.
+    assert!(!seen.iter().any(|s| s.target.contains("gendercode") || s.target.contains("sentiment")));
+}
+
+#[tokio::test]
+async fn an_unlisted_label_question_fails_to_map_until_its_options_are_resolved() {
+    let mock = dataverse().await;
+    let (mut d, mut mapping) = prepared(&mock).await;
+    let mut e = event();
+    e.universal_questions.push(serde_json::from_value(json!(
+        {"question_id": "q4", "question_key": "sentiment", "question_text": null, "result_type": "Label", "question_group": null, "result": "Positive", "inference_updated_at": null}
+    )).unwrap());
+    let err = mapping.map(&e).unwrap_err();
+    assert_eq!(err.field, "sentiment");
+    // The lazy path a Dataverse-aware caller can take.
+    mapping.ensure_question("sentiment", "Label");
+    let opts = d.resolve_option_set("sentiment").await.unwrap();
+    mapping.fill_option_sets(|f| (f == "sentiment").then(|| opts.clone()));
+    assert_eq!(mapping.map(&e).unwrap().fields["sentiment"], 7);
 }
 
 #[tokio::test]

@@ -17,10 +17,6 @@ pub struct Attribute {
     /// `AttributeType`: Boolean, Integer, String, Memo, Picklist, DateTime...
     #[serde(rename = "AttributeType", default)]
     pub attribute_type: String,
-    /// Whether the column was added by a customizer (not a system column). Unknown counts as
-    /// custom, so a service that leaves it out loses nothing.
-    #[serde(rename = "IsCustomAttribute", default)]
-    pub is_custom: Option<bool>,
 }
 
 impl Attribute {
@@ -177,7 +173,6 @@ mod tests {
         let a = parse_attributes(body).unwrap();
         assert_eq!(a.len(), 3);
         assert_eq!(a[0].attribute_type, "String");
-        assert_eq!(a[0].is_custom, None);
         assert!(a[1].is_choice() && a[2].is_choice() && !a[0].is_choice());
         assert_eq!(a[2].metadata_cast(), "Microsoft.Dynamics.CRM.StateAttributeMetadata");
         assert!(parse_attributes("{}").is_err());
@@ -215,7 +210,7 @@ mod tests {
     fn problems_name_the_column_and_the_config_key() {
         let cfg: MappingConfig = crate::config::parse("[questions.quality_score]\nfield = \"qs\"\n").unwrap();
         let m = Mapping::new(TargetKind::Dynamics, &cfg);
-        let attr = |n: &str, t: &str| Attribute { logical_name: n.into(), attribute_type: t.into(), is_custom: None };
+        let attr = |n: &str, t: &str| Attribute { logical_name: n.into(), attribute_type: t.into() };
         let attrs = vec![
             attr("trusst_contact_id", "String"),
             attr("external_id", "String"),

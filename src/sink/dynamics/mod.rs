@@ -7,12 +7,12 @@
 //! - [`batch`]: the multipart `$batch` request and response, without changesets so one bad
 //!   record does not roll back the others.
 //!
-//! Choice (option set) labels: `prepare` fills the labels of every choice column the mapping
-//! knows of, and adds specs for questions not in the config whose default column (the naming
-//! rule) is a custom choice column. A Label answer whose column still has no known options when
-//! it is mapped becomes a mapping error (dead-lettered with the reason);
-//! [`Dynamics::resolve_option_set`] lets a caller that knows it drives Dataverse resolve such a
-//! column later.
+//! Choice (option set) labels: `prepare` reads the options of every choice column the mapping
+//! knows of: the contact fields and the questions listed under `[mapping.questions]` (an empty
+//! `[mapping.questions.call_outcome]` table is enough). A Label question that is not listed is
+//! only met at map time; its column has no known options then, so the contact becomes a mapping
+//! error (dead-lettered with the reason). [`Dynamics::resolve_option_set`] lets a caller that
+//! knows it drives Dataverse read such a column later and fill the mapping.
 
 pub mod batch;
 pub mod config;
@@ -27,7 +27,7 @@ use reqwest::StatusCode;
 pub use config::Config;
 
 use crate::error::{Error, Result};
-use crate::sink::mapping::{Conversion, Mapping, Unmapped};
+use crate::sink::mapping::{Conversion, Mapping};
 use crate::sink::oauth::ClientCredentials;
 use crate::sink::{http, Outcome, Target};
 use batch::Request;
@@ -279,9 +279,12 @@ impl Dynamics {
         }
     }
 
-    /// Configured questions whose column is a choice but whose conversion is not set get one
-    /// (their result type is only known at map time); so do unconfigured questions whose
-    /// default column is a custom choice column, so their labels are filled now.
+    /// Configured questions whose column is a choice get the option-set conversion (their
+    /// result type is only known at map time), so their labels are filled in `prepare`.
+    ///
+    /// Questions not in the config get no spec here, even when a choice column matches their
+    /// default name: any spec becomes a question field (cleared by `on_delete = "clear"`), and
+    /// a column that merely fits the naming rule may be the customer's own.
     fn ensure_choice_questions(&self, mapping: &mut Mapping) {
         let configured: Vec<(String, Option<Conversion>)> =
             mapping.questions.iter().filter(|(_, s)| !s.skip).map(|(k, s)| (k.clone(), s.conversion)).collect();
@@ -289,32 +292,6 @@ impl Dynamics {
             let choice = mapping.question_field(&key).and_then(|f| self.attributes.get(&f)).is_some_and(Attribute::is_choice);
             if conv == Some(Conversion::OptionSet) || (conv.is_none() && choice) {
                 mapping.ensure_question(&key, "Label");
-            }
-        }
-        if mapping.unmapped != Unmapped::DefaultRule {
-            return;
-        }
-        // Columns already written by the contact fields, the key or a configured question.
-        let taken: Vec<String> = mapping
-            .fields
-            .values()
-            .filter_map(|s| s.field.clone())
-            .chain(mapping.questions.keys().filter_map(|k| mapping.question_field(k)))
-            .chain([mapping.external_id_field.clone()])
-            .collect();
-        for a in self.attributes.values().filter(|a| a.attribute_type == "Picklist" && a.is_custom != Some(false)) {
-            if taken.contains(&a.logical_name) {
-                continue;
-            }
-            // The question key whose default column is this one: the name minus the prefix.
-            let name = &a.logical_name;
-            let key = (0..name.len())
-                .filter(|i| name.is_char_boundary(*i))
-                .map(|i| &name[i..])
-                .find(|k| !mapping.questions.contains_key(*k) && mapping.question_field(k).as_deref() == Some(name.as_str()));
-            if let Some(k) = key {
-                tracing::debug!(question = k, column = %name, "choice column for an unconfigured question");
-                mapping.ensure_question(k, "Label");
             }
         }
     }
@@ -327,7 +304,7 @@ impl Target for Dynamics {
     async fn prepare(&mut self, mapping: &mut Mapping) -> Result<()> {
         self.auth.token(&self.http).await?;
         let entity = mapping.object.clone();
-        let url = format!("{}/Attributes?$select=LogicalName,AttributeType,IsCustomAttribute", self.entity_url(&entity));
+        let url = format!("{}/Attributes?$select=LogicalName,AttributeType", self.entity_url(&entity));
         let body = self.get_metadata("reading the table's columns", &url).await?.ok_or_else(|| {
             Error::user(format!("Dataverse has no table with the logical name '{entity}'; check [mapping] object"))
         })?;
@@ -464,27 +441,24 @@ mod tests {
     }
 
     #[test]
-    fn choice_columns_get_question_specs() {
-        let cfg: MappingConfig =
-            crate::config::parse("field_prefix = \"new_\"\n[questions.call_outcome]\nfield = \"new_outcome\"\n").unwrap();
+    fn configured_choice_questions_get_the_option_set_conversion() {
+        let cfg: MappingConfig = crate::config::parse(
+            "field_prefix = \"new_\"\n[questions.call_outcome]\nfield = \"new_outcome\"\n[questions.quality_score]\n",
+        )
+        .unwrap();
         let mut m = Mapping::new(TargetKind::Dynamics, &cfg);
         let mut d = Dynamics::new(&self::cfg()).unwrap();
-        let attr = |n: &str, t: &str, custom: Option<bool>| (n.to_owned(), Attribute { logical_name: n.into(), attribute_type: t.into(), is_custom: custom });
+        let attr = |n: &str, t: &str| (n.to_owned(), Attribute { logical_name: n.into(), attribute_type: t.into() });
         d.attributes = BTreeMap::from([
-            attr("new_outcome", "Picklist", Some(true)),
-            attr("new_sentiment", "Picklist", Some(true)),
-            attr("new_call_direction", "Picklist", Some(true)),
-            attr("gendercode", "Picklist", Some(false)),
-            attr("new_quality_score", "Integer", Some(true)),
+            attr("new_outcome", "Picklist"),
+            attr("new_sentiment", "Picklist"),
+            attr("new_quality_score", "Integer"),
         ]);
         d.ensure_choice_questions(&mut m);
         assert_eq!(m.questions["call_outcome"].conversion, Some(Conversion::OptionSet));
-        assert_eq!(m.questions["sentiment"].field.as_deref(), Some("new_sentiment"));
-        assert_eq!(m.questions["sentiment"].conversion, Some(Conversion::OptionSet));
-        // Contact-level columns, system columns and non-choice columns get no question spec.
-        assert!(!m.questions.contains_key("call_direction"));
-        assert!(!m.questions.keys().any(|k| k.contains("gendercode")));
-        assert!(!m.questions.contains_key("quality_score"));
+        // A non-choice column keeps the conversion of the answer's result type.
+        assert_eq!(m.questions["quality_score"].conversion, None);
+        // Columns that merely fit the naming rule get no question spec.
         assert_eq!(m.questions.len(), 2);
     }
 }

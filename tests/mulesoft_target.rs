@@ -97,6 +97,8 @@ async fn client_id_auth_posts_the_guides_payload() {
     assert!(body["sync_timestamp"].as_str().unwrap().ends_with('Z'));
     assert_eq!(body["contacts"][0]["universal_questions"][0]["question_key"], "agent_identified");
     assert_eq!(seen[0].header("content-type"), "application/json");
+    // HTTP Basic too, for policies set up to read it: base64("cid:right").
+    assert_eq!(seen[0].header("authorization"), "Basic Y2lkOnJpZ2h0");
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! MuleSoft target: POSTs the integration guide's payload to the customer's API.
 //!
 //! The API sits behind API Manager policies: Client ID Enforcement (`client_id` /
-//! `client_secret` headers) or OAuth 2.0 token enforcement (a Bearer token from the customer's
+//! `client_secret` headers, or HTTP Basic: both are sent) or OAuth 2.0 token enforcement (a Bearer token from the customer's
 //! identity provider). Its answer counts processed and failed contacts; [`response`] decides
 //! which contacts failed without ever taking a failed one for written. The API has no delete.
 
@@ -82,7 +82,11 @@ impl Mulesoft {
         loop {
             let mut req = self.http.post(&self.url).header(ACCEPT, "application/json").json(payload);
             req = match &mut self.creds {
-                Credentials::ClientId { id, secret } => req.header("client_id", id.as_str()).header("client_secret", secret.as_str()),
+                // Client ID Enforcement reads either the headers or HTTP Basic, as the policy is
+                // set up; sending both works with either setup.
+                Credentials::ClientId { id, secret } => {
+                    req.header("client_id", id.as_str()).header("client_secret", secret.as_str()).basic_auth(id.as_str(), Some(secret.as_str()))
+                }
                 Credentials::Oauth(cc) => req.bearer_auth(cc.token(&self.http).await?),
             };
             let resp = req.send().await.map_err(|e| http::transport(what, e))?;

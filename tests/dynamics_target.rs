@@ -298,3 +298,102 @@ async fn large_inputs_are_split_into_batches_of_batch_size() {
         mock.seen().iter().filter(|s| s.target.ends_with("/$batch") && s.header("authorization") == "Bearer tok-2").map(|s| batch_requests(&s.body).len()).collect();
     assert_eq!(sizes, [2, 2, 1]);
 }
+
+// Against the project's CRM emulator (the same Web API, validated against
+// connector-config/crm-emulator.toml).
+
+fn emulator_config(emu: &crm_mock::Emulator) -> Config {
+    Config {
+        url: emu.url.clone(),
+        tenant: "trusst-tenant".into(),
+        token_url: Some(format!("{}/trusst-tenant/oauth2/v2.0/token", emu.url)),
+        client_id: "trusst-dv-client".into(),
+        client_secret: Secret { value: Some("trusst-dv-secret".into()), ..Default::default() },
+        scope: None,
+        batch_size: 1000,
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+fn emulator_event(id: &str, outcome: &str) -> ContactEvent {
+    let mut e = event();
+    e.trusst_contact_id = id.into();
+    e.universal_questions[0].result = Some(outcome.into());
+    e.universal_questions.push(
+        serde_json::from_value(json!({"question_id": "q5", "question_key": "agent_identified", "question_text": null,
+            "result_type": "Boolean", "question_group": null, "result": "true", "inference_updated_at": null}))
+        .unwrap(),
+    );
+    e
+}
+
+#[tokio::test]
+async fn emulator_upsert_update_reject_and_delete() {
+    let emu = crm_mock::Emulator::start("connector-config/crm-emulator.toml");
+    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.call_outcome]\n").unwrap();
+    let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
+    let mut d = Dynamics::new(&emulator_config(&emu)).unwrap();
+    d.prepare(&mut mapping).await.unwrap();
+
+    let good = mapping.map(&emulator_event("c-1", "Poor")).unwrap();
+    let quoted = mapping.map(&emulator_event("c-O'Neil 2", "Good")).unwrap();
+    let mut bad = mapping.map(&emulator_event("c-3", "Fair")).unwrap();
+    bad.fields.insert("no_such_column".into(), json!(1));
+    let out = d.upsert(&mapping, &[good.clone(), bad, quoted]).await.unwrap();
+    assert_eq!(out[0], Outcome::Written);
+    assert!(matches!(&out[1], Outcome::Rejected(m) if m.starts_with("0x80060888: The property 'no_such_column' does not exist")), "{out:?}");
+    assert_eq!(out[2], Outcome::Written);
+
+    let rows = emu.admin("GET", "/records/dataverse/contact", None).await;
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    let c1 = rows.iter().find(|r| r["trusst_contact_id"] == "c-1").unwrap();
+    assert_eq!(c1["call_outcome"], 100000003);
+    assert_eq!(c1["call_direction"], 100000001);
+    assert_eq!(c1["agent_identified"], true);
+    assert_eq!(c1["quality_score"], 9);
+    assert!(rows.iter().any(|r| r["trusst_contact_id"] == "c-O'Neil 2"));
+
+    // The same contact again is an update, not a second record.
+    let newer = mapping.map(&emulator_event("c-1", "Excellent")).unwrap();
+    assert_eq!(d.upsert(&mapping, &[newer]).await.unwrap(), [Outcome::Written]);
+    let rows = emu.admin("GET", "/records/dataverse/contact", None).await;
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+    assert!(rows.as_array().unwrap().iter().any(|r| r["trusst_contact_id"] == "c-1" && r["call_outcome"] == 100000000));
+
+    let out = d.delete(&mapping, &["c-1".into(), "never-there".into()]).await.unwrap();
+    assert_eq!(out, [Outcome::Written, Outcome::Written]);
+    let rows = emu.admin("GET", "/records/dataverse/contact", None).await;
+    assert_eq!(rows.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn emulator_expired_tokens_and_throttling() {
+    let emu = crm_mock::Emulator::start("connector-config/crm-emulator.toml");
+    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.call_outcome]\n").unwrap();
+    let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
+    let mut d = Dynamics::new(&emulator_config(&emu)).unwrap();
+    d.prepare(&mut mapping).await.unwrap();
+    let rec = mapping.map(&emulator_event("c-1", "Poor")).unwrap();
+
+    emu.admin("POST", "/expire-tokens", None).await;
+    assert_eq!(d.upsert(&mapping, std::slice::from_ref(&rec)).await.unwrap(), [Outcome::Written]);
+
+    emu.admin("POST", "/faults", Some(json!({"burst_429": 1}))).await;
+    let e = d.upsert(&mapping, std::slice::from_ref(&rec)).await.unwrap_err();
+    assert!(e.retryable);
+    assert_eq!(e.retry_after, Some(Duration::from_secs(1)));
+    assert_eq!(d.upsert(&mapping, &[rec]).await.unwrap(), [Outcome::Written]);
+}
+
+#[tokio::test]
+async fn emulator_rejects_a_mapping_with_a_missing_column() {
+    let emu = crm_mock::Emulator::start("connector-config/crm-emulator.toml");
+    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.nps]\n[questions.call_outcome]\ntype = \"text\"\n").unwrap();
+    let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
+    let mut d = Dynamics::new(&emulator_config(&emu)).unwrap();
+    let e = d.prepare(&mut mapping).await.unwrap_err();
+    assert_eq!(e.fault, Fault::User);
+    assert!(e.message().contains("no column 'nps'"), "{e}");
+    assert!(e.message().contains("'call_outcome' is of type Picklist but is written as text"), "{e}");
+}

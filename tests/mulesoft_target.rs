@@ -165,3 +165,80 @@ async fn chunks_of_batch_size() {
     assert_eq!(m.upsert(&mapping(), &recs).await.unwrap(), vec![Outcome::Written; 5]);
     assert_eq!(mock.seen().iter().map(|s| ids(&s.body).len()).collect::<Vec<_>>(), [2, 2, 1]);
 }
+
+// Against the project's CRM emulator.
+
+fn emulator_config(emu: &crm_mock::Emulator, auth: Auth) -> Config {
+    Config {
+        url: format!("{}/api/trusst-crm-sync", emu.url),
+        auth,
+        client_id: "trusst-mule-client".into(),
+        client_secret: Secret { value: Some("trusst-mule-secret".into()), ..Default::default() },
+        token_url: Some(format!("{}/mulesoft/oauth2/token", emu.url)),
+        batch_size: 200,
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+fn contact(id: &str, result_type: &str) -> Record {
+    let mut fields = serde_json::Map::new();
+    fields.insert("trusst_contact_id".into(), id.into());
+    fields.insert(
+        "universal_questions".into(),
+        json!([{"question_key":"agent_identified","question_text":null,"result_type":result_type,"result":"true"}]),
+    );
+    Record { contact_id: id.into(), fields }
+}
+
+#[tokio::test]
+async fn emulator_client_id_per_contact_errors_and_rate_limit() {
+    let emu = crm_mock::Emulator::start("connector-config/crm-emulator.toml");
+    let mut m = Mulesoft::new(&emulator_config(&emu, Auth::ClientId)).unwrap();
+    m.prepare(&mut mapping()).await.unwrap();
+    let out = m.upsert(&mapping(), &[contact("c-1", "Boolean"), contact("c-2", "Score"), contact("c-3", "Boolean")]).await.unwrap();
+    assert_eq!(out[0], Outcome::Written);
+    assert!(matches!(&out[1], Outcome::Rejected(msg) if msg.contains("unsupported result_type 'Score'")), "{out:?}");
+    assert_eq!(out[2], Outcome::Written);
+    let rows = emu.admin("GET", "/records/mulesoft/contacts", None).await;
+    let ids: Vec<&str> = rows.as_array().unwrap().iter().map(|r| r["trusst_contact_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["c-1", "c-3"]);
+
+    emu.admin("POST", "/faults", Some(json!({"burst_429": 1}))).await;
+    let e = m.upsert(&mapping(), &[contact("c-4", "Boolean")]).await.unwrap_err();
+    assert!(e.retryable);
+    assert_eq!(e.retry_after, Some(Duration::from_millis(1000)));
+    assert_eq!(m.upsert(&mapping(), &[contact("c-4", "Boolean")]).await.unwrap(), [Outcome::Written]);
+
+    let mut wrong = emulator_config(&emu, Auth::ClientId);
+    wrong.client_secret = Secret { value: Some("nope".into()), ..Default::default() };
+    let e = Mulesoft::new(&wrong).unwrap().upsert(&mapping(), &[contact("c-5", "Boolean")]).await.unwrap_err();
+    assert_eq!(e.fault, Fault::User);
+}
+
+#[tokio::test]
+async fn emulator_oauth_token_and_renewal() {
+    // The same emulator config with OAuth token enforcement.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/connector-config/crm-emulator.toml")).unwrap();
+    let text = text
+        .replace("auth = \"client_id\"", "auth = \"oauth\"")
+        .replace("\"../tests/fixtures/jwt/public.pem\"", &format!("\"{root}/tests/fixtures/jwt/public.pem\""));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crm-emulator.toml");
+    std::fs::write(&path, text).unwrap();
+    let emu = crm_mock::Emulator::start(path.to_str().unwrap());
+
+    let mut m = Mulesoft::new(&emulator_config(&emu, Auth::Oauth)).unwrap();
+    m.prepare(&mut mapping()).await.unwrap();
+    assert_eq!(m.upsert(&mapping(), &[contact("c-1", "Boolean")]).await.unwrap(), [Outcome::Written]);
+    emu.admin("POST", "/expire-tokens", None).await;
+    assert_eq!(m.upsert(&mapping(), &[contact("c-2", "Boolean")]).await.unwrap(), [Outcome::Written]);
+    let rows = emu.admin("GET", "/records/mulesoft/contacts", None).await;
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+
+    let mut wrong = emulator_config(&emu, Auth::Oauth);
+    wrong.client_secret = Secret { value: Some("nope".into()), ..Default::default() };
+    let e = Mulesoft::new(&wrong).unwrap().prepare(&mut mapping()).await.unwrap_err();
+    assert_eq!(e.fault, Fault::User);
+    assert!(e.message().contains("invalid_client"), "{e}");
+}

@@ -128,3 +128,53 @@ pub fn form(body: &str) -> Vec<(String, String)> {
         .map(|(k, v)| (k.to_owned(), percent_decode(&v.replace('+', " "))))
         .collect()
 }
+
+/// The project's CRM emulator (`trusst-cdc crm-emulator`) as a child process on a free port;
+/// killed when dropped.
+pub struct Emulator {
+    /// `http://127.0.0.1:port`.
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl Emulator {
+    /// Start it with a config file (relative paths from the crate root).
+    pub fn start(config: &str) -> Emulator {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trusst-cdc"))
+            .args(["crm-emulator", "--listen", "127.0.0.1:0", "--config", config])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start trusst-cdc crm-emulator");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.split("listening on ").nth(1).map(|u| u.trim().to_owned()))
+            .expect("the emulator did not say where it listens");
+        // Keep draining its stdout so it never writes into a closed pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Emulator { url, child }
+    }
+
+    /// Call an admin endpoint (`/__admin/...`); the JSON answer, or null.
+    pub async fn admin(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+        let c = reqwest::Client::new();
+        let mut req = c.request(method.parse().unwrap(), format!("{}/__admin{path}", self.url));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        assert!(resp.status().is_success(), "admin {path}: {}", resp.status());
+        resp.json().await.unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -107,6 +107,8 @@ enum Command {
         #[arg(long)]
         schema_only: bool,
     },
+    /// Serve a local CRM emulator (Salesforce, Dataverse, MuleSoft) with fault injection.
+    CrmEmulator(trusst_cdc::emulator::EmulatorArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -190,6 +192,7 @@ async fn run(cli: Cli) -> Result<()> {
             tracing::info!(contacts = done, seconds = format!("{secs:.1}"), "generated COMPLETED contacts");
             Ok(())
         }
+        Command::CrmEmulator(args) => trusst_cdc::emulator::run(args, shutdown_signal()).await,
     }
 }
 

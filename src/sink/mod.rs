@@ -13,6 +13,7 @@ pub mod dynamics;
 pub mod http;
 pub mod mapping;
 pub mod mulesoft;
+pub mod oauth;
 pub mod runner;
 pub mod salesforce;
 

@@ -1,5 +1,281 @@
-//! mulesoft target.
+//! MuleSoft target: POSTs the integration guide's payload to the customer's API.
+//!
+//! The API sits behind API Manager policies: Client ID Enforcement (`client_id` /
+//! `client_secret` headers, or HTTP Basic: both are sent) or OAuth 2.0 token enforcement (a Bearer token from the customer's
+//! identity provider). Its answer counts processed and failed contacts; [`response`] decides
+//! which contacts failed without ever taking a failed one for written. The API has no delete.
 
 pub mod config;
+pub mod response;
 
-pub use config::Config;
+use async_trait::async_trait;
+use reqwest::header::ACCEPT;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+pub use config::{Auth, Config};
+
+use crate::error::{Error, Result};
+use crate::sink::mapping::{Mapping, Record};
+use crate::sink::oauth::ClientCredentials;
+use crate::sink::{http, Outcome, Target};
+
+/// Why a delete event cannot be carried out, given per record.
+pub const NO_DELETE: &str = "the MuleSoft API has no delete operation; set on_delete = \"ignore\"";
+
+enum Credentials {
+    ClientId { id: String, secret: String },
+    Oauth(ClientCredentials),
+}
+
+/// A MuleSoft API endpoint taking the guide's payload.
+pub struct Mulesoft {
+    url: String,
+    batch_size: usize,
+    http: reqwest::Client,
+    creds: Credentials,
+}
+
+impl std::fmt::Debug for Mulesoft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mulesoft").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+/// What became of one POST, when it was not an error for the whole call.
+enum Posted {
+    /// 2xx, with the body.
+    Accepted(String),
+    /// A 4xx that refuses the payload's content (400, 409, 422...), with status and body.
+    Refused(StatusCode, String),
+}
+
+impl Mulesoft {
+    /// A client for `cfg`; resolves the client secret, sends nothing yet.
+    pub fn new(cfg: &Config) -> Result<Self> {
+        reqwest::Url::parse(&cfg.url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| Error::user(format!("[mulesoft] url {:?} is not an http(s) URL", cfg.url)))?;
+        if cfg.batch_size == 0 {
+            return Err(Error::user("[mulesoft] batch_size must be at least 1"));
+        }
+        let secret = cfg.client_secret.resolve("[mulesoft] client_secret")?;
+        let creds = match cfg.auth {
+            Auth::ClientId => Credentials::ClientId { id: cfg.client_id.clone(), secret },
+            Auth::Oauth => {
+                let token_url = cfg
+                    .token_url
+                    .clone()
+                    .ok_or_else(|| Error::user("[mulesoft] token_url is required when auth = \"oauth\""))?;
+                Credentials::Oauth(ClientCredentials::new("[mulesoft]", token_url, cfg.client_id.clone(), secret, None))
+            }
+        };
+        Ok(Self { url: cfg.url.clone(), batch_size: cfg.batch_size, http: http::client(cfg.request_timeout)?, creds })
+    }
+
+    /// POST one payload with credentials. 401/403 fetch a new OAuth token and try once more;
+    /// 429 waits for the rate-limit reset; 5xx and timeouts are retryable errors.
+    async fn post(&mut self, payload: &Value) -> Result<Posted> {
+        let what = "MuleSoft API";
+        let mut retried = false;
+        loop {
+            let mut req = self.http.post(&self.url).header(ACCEPT, "application/json").json(payload);
+            req = match &mut self.creds {
+                // Client ID Enforcement reads either the headers or HTTP Basic, as the policy is
+                // set up; sending both works with either setup.
+                Credentials::ClientId { id, secret } => {
+                    req.header("client_id", id.as_str()).header("client_secret", secret.as_str()).basic_auth(id.as_str(), Some(secret.as_str()))
+                }
+                Credentials::Oauth(cc) => req.bearer_auth(cc.token(&self.http).await?),
+            };
+            let resp = req.send().await.map_err(|e| http::transport(what, e))?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body = resp.text().await.map_err(|e| http::transport(what, e))?;
+            let brief: String = body.chars().take(300).collect();
+            match status.as_u16() {
+                200..=299 => return Ok(Posted::Accepted(body)),
+                401 | 403 => match &mut self.creds {
+                    Credentials::Oauth(cc) if !retried => {
+                        tracing::warn!(%status, "MuleSoft API refused the token; fetching a new one and retrying once");
+                        cc.invalidate();
+                        retried = true;
+                    }
+                    Credentials::Oauth(cc) => {
+                        cc.invalidate();
+                        return Err(Error::user(format!(
+                            "{what} refused a fresh OAuth token (HTTP {status}: {brief}); check [mulesoft] client_id, \
+                             client_secret and token_url, and that the client is granted access to the API"
+                        )));
+                    }
+                    Credentials::ClientId { .. } => {
+                        return Err(Error::user(format!(
+                            "{what} refused the client credentials (HTTP {status}: {brief}); check [mulesoft] client_id and \
+                             client_secret, or set auth = \"oauth\" if the API's policy wants a token"
+                        )));
+                    }
+                },
+                429 => {
+                    let e = Error::external(format!("{what}: rate limited (HTTP 429)"));
+                    return Err(match response::rate_limit_wait(&headers) {
+                        Some(w) => e.after(w),
+                        // No header: the runner's exponential backoff with jitter applies.
+                        None => e,
+                    });
+                }
+                404 | 405 => {
+                    return Err(Error::user(format!("{what}: HTTP {status} at {}: {brief}; check [mulesoft] url", self.url)));
+                }
+                413 => {
+                    return Err(Error::user(format!("{what}: payload too large (HTTP 413); lower [mulesoft] batch_size")));
+                }
+                400..=499 if status.as_u16() != 408 => return Ok(Posted::Refused(status, body)),
+                _ => return Err(http::status_error(what, status, &headers, &body)),
+            }
+        }
+    }
+
+    /// Send one chunk. When the API refuses the payload (4xx) but names the contacts at fault,
+    /// those are rejected and the others are sent once more on their own, so one bad contact
+    /// does not take its neighbours to the dead-letter topic.
+    async fn upsert_chunk(&mut self, chunk: &[Record]) -> Result<Vec<Outcome>> {
+        let mut out: Vec<Option<Outcome>> = vec![None; chunk.len()];
+        let mut pending: Vec<usize> = (0..chunk.len()).collect();
+        for attempt in 0..2 {
+            let payload = response::payload(pending.iter().map(|&i| &chunk[i].fields), chrono::Utc::now());
+            let ids: Vec<&str> = pending.iter().map(|&i| chunk[i].contact_id.as_str()).collect();
+            tracing::debug!(contacts = ids.len(), "posting to the MuleSoft API");
+            match self.post(&payload).await? {
+                Posted::Accepted(body) => {
+                    let answer = response::parse_answer(&body);
+                    for (&i, o) in pending.iter().zip(response::outcomes(&ids, &answer)) {
+                        out[i] = Some(o);
+                    }
+                    break;
+                }
+                Posted::Refused(status, body) => {
+                    let answer = response::parse_answer(&body);
+                    let (tied, _) = response::attribute(&ids, &answer.errors);
+                    let whole: String = format!("HTTP {status}: {}", body.chars().take(300).collect::<String>());
+                    tracing::warn!(%status, tied = tied.len(), of = ids.len(), "MuleSoft API refused the payload");
+                    let resend = attempt == 0 && !tied.is_empty() && tied.len() < ids.len();
+                    let mut rest = Vec::new();
+                    for (pos, &i) in pending.iter().enumerate() {
+                        match tied.get(&pos) {
+                            Some(msgs) => out[i] = Some(Outcome::Rejected(msgs.join("; "))),
+                            None if resend => rest.push(i),
+                            None => out[i] = Some(Outcome::Rejected(whole.clone())),
+                        }
+                    }
+                    if rest.is_empty() {
+                        break;
+                    }
+                    pending = rest;
+                }
+            }
+        }
+        let out: Vec<Outcome> = out.into_iter().map(|o| o.expect("every contact has an outcome")).collect();
+        let rejected = out.iter().filter(|o| matches!(o, Outcome::Rejected(_))).count();
+        if rejected > 0 {
+            tracing::warn!(rejected, of = out.len(), "MuleSoft API did not take every contact");
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Target for Mulesoft {
+    /// OAuth: fetch a token, so bad credentials fail at start. Client ID: the API has no
+    /// metadata to check, so nothing is sent.
+    async fn prepare(&mut self, _mapping: &mut Mapping) -> Result<()> {
+        match &mut self.creds {
+            Credentials::Oauth(cc) => {
+                cc.token(&self.http).await?;
+                tracing::info!(url = %self.url, "MuleSoft OAuth token obtained");
+            }
+            Credentials::ClientId { .. } => tracing::info!(url = %self.url, "MuleSoft client-id auth; nothing to check before the first request"),
+        }
+        Ok(())
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    /// POST the guide's payload in chunks of `batch_size`; one outcome per contact.
+    async fn upsert(&mut self, _mapping: &Mapping, records: &[Record]) -> Result<Vec<Outcome>> {
+        let mut out = Vec::with_capacity(records.len());
+        for chunk in records.chunks(self.batch_size) {
+            out.extend(self.upsert_chunk(chunk).await?);
+        }
+        Ok(out)
+    }
+
+    /// The API has no delete: every contact is rejected with [`NO_DELETE`].
+    async fn delete(&mut self, _mapping: &Mapping, contact_ids: &[String]) -> Result<Vec<Outcome>> {
+        Ok(contact_ids.iter().map(|_| Outcome::Rejected(NO_DELETE.to_owned())).collect())
+    }
+
+    /// `POST <url> <payload>` per request `upsert` would send.
+    fn dry_run(&self, _mapping: &Mapping, records: &[Record]) -> Vec<String> {
+        records
+            .chunks(self.batch_size)
+            .map(|c| format!("POST {} {}", self.url, response::payload(c.iter().map(|r| &r.fields), chrono::Utc::now())))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::http::Secret;
+    use crate::sink::mapping::{MappingConfig, TargetKind};
+
+    fn cfg(auth: Auth) -> Config {
+        Config {
+            url: "https://org.us-e1.cloudhub.io/api/trusst-crm-sync".into(),
+            auth,
+            client_id: "id".into(),
+            client_secret: Secret { value: Some("s".into()), ..Default::default() },
+            token_url: None,
+            batch_size: 2,
+            request_timeout: std::time::Duration::from_secs(5),
+        }
+    }
+
+    fn record(id: &str) -> Record {
+        let mut fields = serde_json::Map::new();
+        fields.insert("trusst_contact_id".into(), id.into());
+        Record { contact_id: id.into(), fields }
+    }
+
+    #[test]
+    fn dry_run_one_post_per_chunk() {
+        let m = Mulesoft::new(&cfg(Auth::ClientId)).unwrap();
+        let mapping = Mapping::new(TargetKind::Mulesoft, &MappingConfig::default());
+        let lines = m.dry_run(&mapping, &[record("a"), record("b"), record("c")]);
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("POST https://org.us-e1.cloudhub.io/api/trusst-crm-sync {"));
+        let body: Value = serde_json::from_str(lines[0].splitn(3, ' ').nth(2).unwrap()).unwrap();
+        assert_eq!(body["source"], "trusst-platform");
+        assert_eq!(body["contacts"].as_array().unwrap().len(), 2);
+        assert!(body["sync_timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn oauth_needs_a_token_url() {
+        assert!(Mulesoft::new(&cfg(Auth::Oauth)).unwrap_err().message().contains("token_url"));
+        let mut c = cfg(Auth::ClientId);
+        c.url = "cloudhub".into();
+        assert!(Mulesoft::new(&c).unwrap_err().message().contains("[mulesoft] url"));
+    }
+
+    #[tokio::test]
+    async fn delete_is_rejected_with_the_fix() {
+        let mut m = Mulesoft::new(&cfg(Auth::ClientId)).unwrap();
+        let mapping = Mapping::new(TargetKind::Mulesoft, &MappingConfig::default());
+        let out = m.delete(&mapping, &["a".into()]).await.unwrap();
+        assert_eq!(out, [Outcome::Rejected(NO_DELETE.into())]);
+    }
+}

@@ -1,6 +1,6 @@
 //! `trusst-cdc crm-emulator`: one local HTTP server that plays Salesforce (REST, sObject
 //! Collections, Bulk API 2.0, OAuth), Microsoft Dataverse (Web API, `$batch`, Entra ID tokens) and
-//! a customer's MuleSoft API, as `shared/crm-protocols.md` describes them. Records are validated
+//! a customer's MuleSoft API, as the vendors document them. Records are validated
 //! against the schema file and kept in memory (optionally in a state file); faults are injected on
 //! request; `/__admin/` exposes records, stats and the fault settings to tests.
 
@@ -12,7 +12,7 @@ mod dataverse;
 pub mod faults;
 mod mulesoft;
 mod salesforce;
-pub mod store;
+mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

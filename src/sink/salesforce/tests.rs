@@ -393,3 +393,14 @@ fn config_checks_and_path_encoding() {
     assert_eq!(encode_segment("a/b c?d~e_f.g-h%"), "a%2Fb%20c%3Fd~e_f.g-h%25");
     assert!(!format!("{sf:?}").contains("\"s\""));
 }
+
+#[test]
+fn example_config_parses() {
+    let text = include_str!("../../../connector-config/salesforce.toml");
+    let cfg: crate::sink::config::SinkConfig = crate::config::parse(text).unwrap();
+    let o = crate::sink::config::SinkOverrides { kafka_brokers: Some("127.0.0.1:9092".into()), topic: None };
+    let cfg = cfg.resolve(o).unwrap();
+    let sf = cfg.salesforce.unwrap();
+    assert_eq!(sf.bulk_timeout, Duration::from_secs(1800));
+    assert_eq!(sf.limit_pause, Duration::from_secs(300));
+}

@@ -52,9 +52,14 @@ pub struct Config {
     /// How long to pause when the allowance is (nearly) spent, before checking again.
     #[serde(default = "default_limit_pause", with = "humantime_serde")]
     pub limit_pause: Duration,
-    /// How often to poll a Bulk API job's state.
+    /// How often to poll a Bulk API job's state at first; later polls back off up to 10 s,
+    /// since every poll counts against the daily allowance.
     #[serde(default = "default_bulk_poll", with = "humantime_serde")]
     pub bulk_poll_interval: Duration,
+    /// Longest wait for one Bulk API job to finish; past it the job is aborted and the batch
+    /// retried later.
+    #[serde(default = "default_bulk_timeout", with = "humantime_serde")]
+    pub bulk_timeout: Duration,
     /// HTTP request timeout.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -77,6 +82,9 @@ fn default_limit_pause() -> Duration {
 }
 fn default_bulk_poll() -> Duration {
     Duration::from_millis(500)
+}
+fn default_bulk_timeout() -> Duration {
+    Duration::from_secs(1800)
 }
 fn default_timeout() -> Duration {
     Duration::from_secs(30)

@@ -5,9 +5,11 @@
 //! - [`kafka`]: producer, topics.
 //! - [`check`]: the preflight.
 //! - [`generate`]: realistic demo and test data.
+//! - [`emulator`]: a local Salesforce / Dataverse / MuleSoft emulator for tests and demos.
 
 pub mod check;
 pub mod config;
+pub mod emulator;
 pub mod error;
 pub mod event;
 pub mod generate;

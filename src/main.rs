@@ -87,6 +87,8 @@ enum Command {
         #[arg(long)]
         schema_only: bool,
     },
+    /// Serve a local CRM emulator (Salesforce, Dataverse, MuleSoft) with fault injection.
+    CrmEmulator(trusst_cdc::emulator::EmulatorArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -159,6 +161,7 @@ async fn run(cli: Cli) -> Result<()> {
             tracing::info!(contacts = done, seconds = format!("{secs:.1}"), "generated COMPLETED contacts");
             Ok(())
         }
+        Command::CrmEmulator(args) => trusst_cdc::emulator::run(args, shutdown_signal()).await,
     }
 }
 

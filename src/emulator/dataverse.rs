@@ -1,0 +1,700 @@
+//! Microsoft Dataverse Web API: Entra ID client-credentials tokens, upsert / read / delete by
+//! alternate key or GUID with the conditional headers, `$batch` with atomic change sets, the
+//! attribute and choice metadata, and service protection (429 with `Retry-After`). Each request
+//! inside a `$batch` counts toward the service-protection window, as in the real service.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Form, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use serde_json::{Map, Value, json};
+
+use super::batch::{self, Item, Reply, ReplyItem};
+use super::config::{DvAttribute, DvType, Entity, RateLimit};
+use super::store::{Record, Table};
+use super::{App, Inner, Refusal, System, decode, guid, header_str, query_param, tracked};
+
+/// Service root of the Web API.
+const ROOT: &str = "/api/data/v9.2";
+/// Most requests one `$batch` may hold.
+const BATCH_LIMIT: usize = 1000;
+/// Ids `WhoAmI` reports.
+const ORG_ID: &str = "00000000-0000-4000-8000-00000000000a";
+const USER_ID: &str = "00000000-0000-4000-8000-00000000000b";
+const UNIT_ID: &str = "00000000-0000-4000-8000-00000000000c";
+
+pub(super) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
+    let data = Router::new()
+        .route(&format!("{ROOT}/$batch"), post(batch))
+        .route(&format!("{ROOT}/{{seg}}"), any(single))
+        .route(&format!("{ROOT}/{{seg}}/{{attrs}}"), get(metadata))
+        .route(&format!("{ROOT}/{{seg}}/{{attrs}}/{{cast}}"), get(metadata))
+        .route_layer(middleware::from_fn_with_state(app.clone(), gate));
+    let all = Router::new().route("/{tenant}/oauth2/v2.0/token", post(token)).merge(data);
+    tracked(all, app, System::Dataverse)
+}
+
+/// A Web API error: `{"error":{"code","message"}}`.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
+    Reply::new(status, Some(json!({"error": {"code": code, "message": message.into()}})))
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let mut res = match self.body {
+            Some(body) => {
+                let mut res = (self.status, body.to_string()).into_response();
+                let ct = HeaderValue::from_static("application/json; odata.metadata=minimal");
+                res.headers_mut().insert(header::CONTENT_TYPE, ct);
+                res
+            }
+            None => self.status.into_response(),
+        };
+        let headers = res.headers_mut();
+        headers.insert("odata-version", HeaderValue::from_static("4.0"));
+        for (k, v) in self.headers {
+            if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(&v)) {
+                headers.insert(k, v);
+            }
+        }
+        res
+    }
+}
+
+/// 429 as service protection answers it.
+fn too_many(retry_after: std::time::Duration, limit: &RateLimit) -> Response {
+    let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let message = format!(
+        "Number of requests exceeded the limit of {} over time window of {} seconds.",
+        limit.requests,
+        limit.window.as_secs()
+    );
+    let mut reply = error(StatusCode::TOO_MANY_REQUESTS, "0x80072322", message);
+    reply.headers.push(("Retry-After", secs.to_string()));
+    reply.into_response()
+}
+
+/// Auth, injected faults and the service-protection window, for data calls.
+async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if !app.bearer_ok(System::Dataverse, req.headers()) {
+        let mut reply = error(
+            StatusCode::UNAUTHORIZED,
+            "0x80072560",
+            "The access token is missing, invalid or expired; get a new one from the token endpoint.",
+        );
+        reply.headers.push(("WWW-Authenticate", "Bearer error=\"invalid_token\"".into()));
+        return reply.into_response();
+    }
+    let window = app.cfg.dataverse.rate_limit;
+    // A $batch is charged per inner request once it has been parsed.
+    let cost = if req.uri().path().ends_with("/$batch") { 0 } else { 1 };
+    match app.inject(System::Dataverse).await.and_then(|()| app.charge(System::Dataverse, cost, &window)) {
+        Ok(()) => next.run(req).await,
+        Err(Refusal::Unavailable) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "0x80040216", "Service Unavailable").into_response()
+        }
+        Err(Refusal::TooMany { retry_after }) => too_many(retry_after, &window),
+    }
+}
+
+async fn token(
+    State(app): State<Arc<App>>,
+    Path(tenant): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let dv = &app.cfg.dataverse;
+    let fail = |code: &str, description: String| {
+        super::json(StatusCode::BAD_REQUEST, json!({"error": code, "error_description": description}))
+    };
+    let field = |k: &str| form.get(k).map_or("", String::as_str);
+    if tenant != dv.tenant {
+        return fail(
+            "invalid_request",
+            format!(
+                "AADSTS90002: Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."
+            ),
+        );
+    }
+    if field("grant_type") != "client_credentials" {
+        return fail("unsupported_grant_type", "AADSTS70003: The app requested an unsupported grant type.".into());
+    }
+    if field("client_id") != dv.client_id {
+        return fail(
+            "unauthorized_client",
+            format!(
+                "AADSTS700016: Application with identifier '{}' was not found in the directory '{tenant}'.",
+                field("client_id")
+            ),
+        );
+    }
+    if field("client_secret") != dv.client_secret {
+        return fail(
+            "invalid_client",
+            format!(
+                "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{}'.",
+                dv.client_id
+            ),
+        );
+    }
+    let scope = field("scope");
+    if scope.is_empty() {
+        return fail(
+            "invalid_request",
+            "AADSTS900144: The request body must contain the following parameter: 'scope'.".into(),
+        );
+    }
+    if !scope.ends_with("/.default") {
+        return fail(
+            "invalid_scope",
+            format!(
+                "AADSTS1002012: The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."
+            ),
+        );
+    }
+    let access_token = app.issue_token(System::Dataverse, "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.");
+    let expires_in = app.token_lifetime(&app.lock(), System::Dataverse).as_secs().saturating_sub(1);
+    super::json(
+        StatusCode::OK,
+        json!({"token_type": "Bearer", "expires_in": expires_in, "ext_expires_in": expires_in, "access_token": access_token}),
+    )
+}
+
+/// The key part of a record URL segment such as `contacts(trusst_contact_id='a')`.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Key {
+    /// The primary id (a GUID, unquoted).
+    Id(String),
+    /// Alternate key columns and their values (quotes removed, `''` unescaped).
+    Alternate(Vec<(String, String)>),
+}
+
+/// Split `set(key)` into the set name and its key; no parentheses, no key.
+pub(super) fn parse_key_segment(segment: &str) -> Result<(&str, Option<Key>), String> {
+    let Some(open) = segment.find('(') else { return Ok((segment, None)) };
+    let invalid = || format!("'{segment}' is not a valid key segment");
+    let inner = segment[open + 1..].strip_suffix(')').ok_or_else(invalid)?;
+    let mut chars = inner.chars().peekable();
+    let mut pairs = vec![];
+    loop {
+        let mut name = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && *c != ',') {
+            name.push(c);
+        }
+        let name = name.trim().to_owned();
+        match chars.next() {
+            Some('=') if !name.is_empty() => {}
+            None if pairs.is_empty() && !name.is_empty() => return Ok((&segment[..open], Some(Key::Id(name)))),
+            _ => return Err(invalid()),
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\'') if chars.next_if_eq(&'\'').is_some() => value.push('\''),
+                    Some('\'') => break,
+                    Some(c) => value.push(c),
+                    None => return Err(invalid()),
+                }
+            }
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        } else {
+            while let Some(c) = chars.next_if(|c| *c != ',') {
+                value.push(c);
+            }
+            value = value.trim().to_owned();
+        }
+        pairs.push((name, value));
+        match chars.next() {
+            Some(',') => {}
+            None => return Ok((&segment[..open], Some(Key::Alternate(pairs)))),
+            Some(_) => return Err(invalid()),
+        }
+    }
+}
+
+/// Direct calls on a record: `{ROOT}/contacts(...)`.
+async fn single(
+    State(app): State<Arc<App>>,
+    method: Method,
+    Path(seg): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let headers: Vec<(String, String)> =
+        headers.iter().filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))).collect();
+    let mut inner = app.lock();
+    let reply = execute(&app, &mut inner, method.as_str(), &seg, query.as_deref(), &headers, &body);
+    if method != Method::GET && !reply.failed() {
+        app.persist(&inner);
+    }
+    reply.into_response()
+}
+
+/// One Web API request on a record, direct or from a `$batch`.
+fn execute(
+    app: &App,
+    inner: &mut Inner,
+    method: &str,
+    segment: &str,
+    query: Option<&str>,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Reply {
+    if method == "GET" && segment.trim_end_matches("()") == "WhoAmI" {
+        let context = format!("{}{ROOT}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", app.base_url);
+        let body =
+            json!({"@odata.context": context, "BusinessUnitId": UNIT_ID, "UserId": USER_ID, "OrganizationId": ORG_ID});
+        return Reply::new(StatusCode::OK, Some(body));
+    }
+    let (set, key) = match parse_key_segment(segment) {
+        Ok(parsed) => parsed,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "0x80060888", e),
+    };
+    let Some((logical, entity)) = app.cfg.dataverse.entities.iter().find(|(_, e)| e.entity_set == set) else {
+        return error(StatusCode::NOT_FOUND, "0x8006088a", format!("Resource not found for the segment '{set}'."));
+    };
+    let Some(key) = key else {
+        let message = format!("The emulator serves single records: {set}(<guid>) or {set}(<alternate key>=...)");
+        return error(StatusCode::NOT_IMPLEMENTED, "0x8006088a", message);
+    };
+    let target = Target { app, logical, entity, set };
+    let found = match target.locate(inner.store.get(System::Dataverse, logical), &key) {
+        Ok(found) => found,
+        Err(reply) => return reply,
+    };
+    let header = |name| batch::header(headers, name);
+    match (method, found) {
+        ("GET", Some(id)) => {
+            let record = &inner.store.get(System::Dataverse, logical).expect("found in it")[&id];
+            match target.render(record, query_param(query, "$select").as_deref()) {
+                Ok(body) => Reply::new(StatusCode::OK, Some(body)),
+                Err(reply) => reply,
+            }
+        }
+        ("DELETE", Some(id)) => {
+            inner.store.table(System::Dataverse, logical).remove(&id);
+            Reply::new(StatusCode::NO_CONTENT, None)
+        }
+        ("GET" | "DELETE", None) => target.missing(&key),
+        ("PATCH", found) => {
+            let representation = header("prefer").is_some_and(|p| p.contains("return=representation"));
+            target.upsert(inner, &key, found, (header("if-match"), header("if-none-match")), body, representation)
+        }
+        _ => error(StatusCode::METHOD_NOT_ALLOWED, "0x80060888", format!("{method} is not supported on {set} records")),
+    }
+}
+
+/// The entity a request addresses.
+struct Target<'a> {
+    app: &'a App,
+    logical: &'a str,
+    entity: &'a Entity,
+    set: &'a str,
+}
+
+impl Target<'_> {
+    /// The primary id attribute (`contactid`).
+    fn id_attr(&self) -> String {
+        format!("{}id", self.logical)
+    }
+
+    /// The GUID of the record the key names, if it exists; 400 for a key that is not the
+    /// entity's alternate key.
+    fn locate(&self, table: Option<&Table>, key: &Key) -> Result<Option<String>, Reply> {
+        let pairs = match key {
+            Key::Id(id) => return Ok(table.filter(|t| t.contains_key(id)).map(|_| id.clone())),
+            Key::Alternate(pairs) => pairs,
+        };
+        let names: BTreeSet<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        if names != self.entity.alternate_key.iter().map(String::as_str).collect() || names.len() != pairs.len() {
+            let message = format!(
+                "The key ({}) is not an alternate key of entity '{}'; its key is ({})",
+                pairs.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(","),
+                self.logical,
+                self.entity.alternate_key.join(",")
+            );
+            return Err(error(StatusCode::BAD_REQUEST, "0x80060888", message));
+        }
+        let matches = |r: &Record| {
+            pairs.iter().all(|(k, v)| match r.get(k) {
+                Some(Value::String(s)) => s == v,
+                Some(Value::Number(n)) => n.to_string() == *v,
+                _ => false,
+            })
+        };
+        Ok(table.and_then(|t| t.iter().find(|(_, r)| matches(r)).map(|(id, _)| id.clone())))
+    }
+
+    /// 404 for a key that names no record.
+    fn missing(&self, key: &Key) -> Reply {
+        let message = match key {
+            Key::Id(id) => format!("{} With Id = {id} Does Not Exist", self.logical),
+            Key::Alternate(_) => {
+                format!("A record with the specified key values does not exist in {} entity", self.logical)
+            }
+        };
+        error(StatusCode::NOT_FOUND, "0x80040217", message)
+    }
+
+    /// A record as the Web API returns it: the selected (default: all) attributes, null when unset.
+    fn render(&self, record: &Record, select: Option<&str>) -> Result<Value, Reply> {
+        let id_attr = self.id_attr();
+        let names: Vec<&str> = match select {
+            Some(s) => s.split(',').map(str::trim).filter(|n| *n != id_attr).collect(),
+            None => self.entity.attributes.keys().map(String::as_str).collect(),
+        };
+        let mut out = Map::new();
+        out.insert(
+            "@odata.context".into(),
+            format!("{}{ROOT}/$metadata#{}/$entity", self.app.base_url, self.set).into(),
+        );
+        out.insert(
+            "@odata.etag".into(),
+            format!("W/\"{}\"", record.get("versionnumber").unwrap_or(&Value::Null)).into(),
+        );
+        for name in names {
+            if !self.entity.attributes.contains_key(name) {
+                let message = format!(
+                    "Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.{}'.",
+                    self.logical
+                );
+                return Err(error(StatusCode::BAD_REQUEST, "0x80060888", message));
+            }
+            out.insert(name.into(), record.get(name).cloned().unwrap_or(Value::Null));
+        }
+        out.insert(id_attr.clone(), record.get(&id_attr).cloned().unwrap_or(Value::Null));
+        Ok(Value::Object(out))
+    }
+
+    /// PATCH: upsert, or update only (`If-Match`), or create only (`If-None-Match: *`).
+    fn upsert(
+        &self,
+        inner: &mut Inner,
+        key: &Key,
+        found: Option<String>,
+        (if_match, if_none_match): (Option<&str>, Option<&str>),
+        body: &[u8],
+        representation: bool,
+    ) -> Reply {
+        let table = inner.store.get(System::Dataverse, self.logical);
+        let version = |id: &str| table.and_then(|t| t[id].get("versionnumber")).map(|v| format!("W/\"{v}\""));
+        match (&found, if_match, if_none_match) {
+            (None, Some(_), _) => return self.missing(key),
+            (Some(_), _, Some("*")) => {
+                return error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "0x80040237",
+                    "A record with matching key values already exists.",
+                );
+            }
+            (Some(id), Some(etag), _) if etag != "*" && version(id).as_deref() != Some(etag) => {
+                let message = "The version of the existing record doesn't match the RowVersion property provided.";
+                return error(StatusCode::PRECONDITION_FAILED, "0x80060882", message);
+            }
+            _ => {}
+        }
+        let fields = match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(fields)) => fields,
+            _ => return self.payload_error("the body must be a JSON object"),
+        };
+        if let Err(reply) = self.validate(&fields) {
+            return reply;
+        }
+        let key_values = match self.key_values(key, &fields) {
+            Ok(v) => v,
+            Err(reply) => return reply,
+        };
+        let version = inner.store.next_seq();
+        let created = found.is_none();
+        let id = found.unwrap_or_else(|| match key {
+            Key::Id(id) => id.clone(),
+            Key::Alternate(_) => guid(),
+        });
+        let record = inner.store.table(System::Dataverse, self.logical).entry(id.clone()).or_default();
+        if created {
+            record.insert(self.id_attr(), id.clone().into());
+            record.extend(key_values);
+        }
+        record.extend(fields.into_iter().filter(|(k, _)| !k.starts_with("@odata.")));
+        record.insert("versionnumber".into(), version.into());
+        if representation {
+            let body = self.render(record, None).expect("every attribute is known");
+            return Reply::new(if created { StatusCode::CREATED } else { StatusCode::OK }, Some(body));
+        }
+        let mut reply = Reply::new(StatusCode::NO_CONTENT, None);
+        reply.headers.push(("OData-EntityId", format!("{}{ROOT}/{}({id})", self.app.base_url, self.set)));
+        reply
+    }
+
+    /// The alternate-key values from the URL as typed attributes; a body may repeat them, but
+    /// not contradict them.
+    fn key_values(&self, key: &Key, fields: &Record) -> Result<Record, Reply> {
+        let Key::Alternate(pairs) = key else { return Ok(Record::new()) };
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                let value = match self.entity.attributes[k].kind {
+                    DvType::Integer => v
+                        .parse::<i64>()
+                        .map(Value::from)
+                        .map_err(|_| self.payload_error(&format!("key value '{v}' of '{k}' is not an integer")))?,
+                    _ => Value::from(v.as_str()),
+                };
+                match fields.get(k) {
+                    Some(body) if *body != value => {
+                        Err(self.payload_error(&format!("'{k}' in the body differs from the key in the URL")))
+                    }
+                    _ => Ok((k.clone(), value)),
+                }
+            })
+            .collect()
+    }
+
+    fn payload_error(&self, detail: &str) -> Reply {
+        let message = format!(
+            "Error identified in Payload provided by the user for Entity :'{}', For more information on this error please follow this help link https://go.microsoft.com/fwlink/?linkid=2195293  ---->  InnerException : Microsoft.OData.ODataException: {detail}",
+            self.set
+        );
+        error(StatusCode::BAD_REQUEST, "0x80048d19", message)
+    }
+
+    /// Check every property against the entity's attributes; the first problem, as Dataverse
+    /// reports one at a time.
+    fn validate(&self, fields: &Record) -> Result<(), Reply> {
+        for (name, value) in fields.iter().filter(|(k, _)| !k.starts_with("@odata.")) {
+            let Some(attr) = self.entity.attributes.get(name) else {
+                let message = format!(
+                    "The property '{name}' does not exist on type 'Microsoft.Dynamics.CRM.{}'. Make sure to only use property names that are defined by the type or mark the type as open type.",
+                    self.logical
+                );
+                return Err(error(StatusCode::BAD_REQUEST, "0x80060888", message));
+            };
+            self.check(name, attr, value)?;
+        }
+        Ok(())
+    }
+
+    fn check(&self, name: &str, attr: &DvAttribute, value: &Value) -> Result<(), Reply> {
+        let int32 = value.as_i64().filter(|n| i32::try_from(*n).is_ok());
+        let (edm, ok) = match attr.kind {
+            _ if value.is_null() => return Ok(()),
+            DvType::String | DvType::Memo => ("Edm.String", value.is_string()),
+            DvType::Boolean => ("Edm.Boolean", value.is_boolean()),
+            DvType::Integer | DvType::Picklist => ("Edm.Int32", int32.is_some()),
+            DvType::Decimal => ("Edm.Decimal", value.is_number()),
+            DvType::Datetime => {
+                ("Edm.DateTimeOffset", value.as_str().is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()))
+            }
+        };
+        if !ok {
+            let literal = value.as_str().map_or_else(|| value.to_string(), str::to_owned);
+            let mut detail = format!("Cannot convert the literal '{literal}' to the expected type '{edm}'.");
+            if let Some(n) = attr.options.get(&literal) {
+                detail += &format!(
+                    " '{name}' is a choice column: send the option's integer value ({n} for '{literal}'), not its label."
+                );
+            }
+            return Err(self.payload_error(&detail));
+        }
+        if let Some(n) = int32.filter(|_| attr.kind == DvType::Picklist)
+            && !attr.options.values().any(|v| *v == n)
+        {
+            let mut accepted: Vec<_> = attr.options.values().collect();
+            accepted.sort();
+            let accepted = accepted.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            let message = format!(
+                "A validation error occurred. The value {n} of '{name}' on record of type '{}' is outside the valid range. Accepted Values: {accepted}",
+                self.logical
+            );
+            return Err(error(StatusCode::BAD_REQUEST, "0x8004431a", message));
+        }
+        match (value.as_str(), attr.max_len()) {
+            (Some(s), Some(max)) if s.chars().count() > max => {
+                let message = format!(
+                    "A validation error occurred. The length of the '{name}' attribute of the '{}' entity exceeded the maximum allowed length of '{max}'.",
+                    self.logical
+                );
+                Err(error(StatusCode::BAD_REQUEST, "0x80044331", message))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `EntityDefinitions(LogicalName='x')/Attributes[(LogicalName='y')[/Microsoft.Dynamics.CRM.<Type>AttributeMetadata]]`.
+async fn metadata(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, String>>) -> Response {
+    let not_found = |what: String| error(StatusCode::NOT_FOUND, "0x80040217", what).into_response();
+    let logical_name = |segment: &str, set: &str| match parse_key_segment(segment) {
+        Ok((s, key)) if s == set => match key {
+            Some(Key::Alternate(pairs)) if pairs.len() == 1 && pairs[0].0 == "LogicalName" => {
+                Ok(Some(pairs[0].1.clone()))
+            }
+            None => Ok(None),
+            _ => Err(()),
+        },
+        _ => Err(()),
+    };
+    let (Ok(Some(name)), Ok(attr)) =
+        (logical_name(&p["seg"], "EntityDefinitions"), logical_name(&p["attrs"], "Attributes"))
+    else {
+        return not_found("Only EntityDefinitions(LogicalName='...')/Attributes metadata is emulated".into());
+    };
+    let Some(entity) = app.cfg.dataverse.entities.get(&name) else {
+        return not_found(format!("Could not find entity with LogicalName '{name}'"));
+    };
+    let context = format!("{}{ROOT}/$metadata#EntityDefinitions('{name}')/Attributes", app.base_url);
+    let Some(attr_name) = attr else {
+        let id = json!({"LogicalName": format!("{name}id"), "AttributeType": "Uniqueidentifier"});
+        let attrs =
+            entity.attributes.iter().map(|(n, a)| json!({"LogicalName": n, "AttributeType": a.kind.metadata_name()}));
+        let value: Vec<Value> = std::iter::once(id).chain(attrs).collect();
+        return super::json(StatusCode::OK, json!({"@odata.context": context, "value": value}));
+    };
+    let Some(a) = entity.attributes.get(&attr_name) else {
+        return not_found(format!("Could not find attribute '{attr_name}' of entity '{name}'"));
+    };
+    let mut out = json!({"@odata.context": format!("{context}/$entity"), "LogicalName": attr_name, "AttributeType": a.kind.metadata_name()});
+    match p.get("cast").map(String::as_str) {
+        None => {}
+        Some("Microsoft.Dynamics.CRM.PicklistAttributeMetadata") if a.kind == DvType::Picklist => {
+            let mut options: Vec<_> = a.options.iter().collect();
+            options.sort_by_key(|(_, v)| **v);
+            let options: Vec<Value> = options
+                .into_iter()
+                .map(|(label, value)| {
+                    let label = json!({"Label": label, "LanguageCode": 1033});
+                    json!({"Value": value, "Label": {"LocalizedLabels": [label], "UserLocalizedLabel": label}})
+                })
+                .collect();
+            out["OptionSet"] = json!({"Options": options});
+            out["GlobalOptionSet"] = Value::Null;
+        }
+        Some(cast) if cast == format!("Microsoft.Dynamics.CRM.{}AttributeMetadata", a.kind.metadata_name()) => {
+            if let Some(max) = a.max_len() {
+                out["MaxLength"] = max.into();
+            }
+        }
+        Some(cast) => {
+            return not_found(format!("Attribute '{attr_name}' is a {}, not a {cast}", a.kind.metadata_name()));
+        }
+    }
+    super::json(StatusCode::OK, out)
+}
+
+/// `POST {ROOT}/$batch`.
+async fn batch(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let malformed = |e: &str| {
+        error(StatusCode::BAD_REQUEST, "0x80048d19", format!("The batch request is malformed: {e}")).into_response()
+    };
+    let Ok(text) = std::str::from_utf8(&body) else { return malformed("the body is not UTF-8") };
+    let items = match batch::parse(header_str(&headers, "content-type").unwrap_or_default(), text) {
+        Ok(items) => items,
+        Err(e) => return malformed(&e),
+    };
+    let count: usize = items.iter().map(|i| if let Item::ChangeSet(parts) = i { parts.len() } else { 1 }).sum();
+    if count > BATCH_LIMIT {
+        let message = format!("The batch holds {count} requests; at most {BATCH_LIMIT} are allowed.");
+        return error(StatusCode::BAD_REQUEST, "0x8005f103", message).into_response();
+    }
+    let window = app.cfg.dataverse.rate_limit;
+    if let Err(Refusal::TooMany { retry_after }) = app.charge(System::Dataverse, count as u64, &window) {
+        return too_many(retry_after, &window);
+    }
+    let continue_on_error = header_str(&headers, "prefer").is_some_and(|p| p.contains("odata.continue-on-error"));
+    let mut inner = app.lock();
+    let mut replies = vec![];
+    for item in &items {
+        let reply = match item {
+            Item::Request(part) => ReplyItem::Single(run_part(&app, &mut inner, part)),
+            Item::ChangeSet(parts) => {
+                let before = inner.store.clone();
+                let mut done = vec![];
+                for part in parts {
+                    done.push(run_part(&app, &mut inner, part));
+                    if done.last().is_some_and(Reply::failed) {
+                        break;
+                    }
+                }
+                match done.pop_if(|r| r.failed()) {
+                    Some(failure) => {
+                        inner.store = before;
+                        ReplyItem::Single(failure)
+                    }
+                    None => ReplyItem::ChangeSet(done),
+                }
+            }
+        };
+        let failed = matches!(&reply, ReplyItem::Single(r) if r.failed());
+        replies.push(reply);
+        if failed && !continue_on_error {
+            break;
+        }
+    }
+    app.persist(&inner);
+    let boundary = format!("batchresponse_{}", guid());
+    let mut res = batch::write_response(&boundary, &replies).into_response();
+    let ct =
+        HeaderValue::from_str(&format!("multipart/mixed; boundary={boundary}")).expect("a boundary is a valid header");
+    res.headers_mut().insert(header::CONTENT_TYPE, ct);
+    res.headers_mut().insert("odata-version", HeaderValue::from_static("4.0"));
+    res
+}
+
+/// Run one request of a batch; its URL may be absolute or relative to the service root.
+fn run_part(app: &App, inner: &mut Inner, part: &batch::Part) -> Reply {
+    let path = match part.url.find(&format!("{ROOT}/")) {
+        Some(i) => &part.url[i + ROOT.len() + 1..],
+        None => part.url.trim_start_matches('/'),
+    };
+    let (path, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
+    let mut reply = if path.contains('/') {
+        error(
+            StatusCode::NOT_IMPLEMENTED,
+            "0x8006088a",
+            format!("Only record URLs are emulated inside a $batch, not '{}'", part.url),
+        )
+    } else {
+        execute(app, inner, &part.method, &decode(path), query, &part.headers, part.body.as_bytes())
+    };
+    reply.content_id = part.content_id.clone();
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alt(pairs: &[(&str, &str)]) -> Option<Key> {
+        Some(Key::Alternate(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
+    }
+
+    #[test]
+    fn key_segments() {
+        assert_eq!(
+            parse_key_segment("contacts(trusst_contact_id='abc')").unwrap(),
+            ("contacts", alt(&[("trusst_contact_id", "abc")]))
+        );
+        assert_eq!(
+            parse_key_segment("contacts(k1='a,b)', k2=5)").unwrap(),
+            ("contacts", alt(&[("k1", "a,b)"), ("k2", "5")]))
+        );
+        assert_eq!(parse_key_segment("contacts(name='O''Brien')").unwrap().1, alt(&[("name", "O'Brien")]));
+        assert_eq!(parse_key_segment("contacts(k='')").unwrap().1, alt(&[("k", "")]));
+        let id = "9d6a7e4b-0000-4000-8000-000000000001";
+        assert_eq!(parse_key_segment(&format!("contacts({id})")).unwrap().1, Some(Key::Id(id.into())));
+        assert_eq!(parse_key_segment("contacts").unwrap(), ("contacts", None));
+        for bad in
+            ["contacts(k='x", "contacts(k='x')y", "contacts()", "contacts(k='a' b)", "contacts(=1)", "contacts(a,b)"]
+        {
+            assert!(parse_key_segment(bad).is_err(), "{bad}");
+        }
+    }
+}

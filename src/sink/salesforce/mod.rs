@@ -7,8 +7,9 @@
 //!   question not listed in the config gets its field name from the naming rule at run time)
 //!   is rejected on its own with a message naming the field, because Salesforce fails a whole
 //!   Collections request for one unknown field. Null values for missing fields are dropped.
-//!   The describe is read again (at most once a minute) when records name unknown fields, so a
-//!   field created while the sink runs is picked up without a restart.
+//!   The describe is read again (at most every five minutes, since each read counts against the
+//!   allowance) when records name unknown fields, so a field created while the sink runs is
+//!   picked up without a restart.
 //! - **Per-record errors** are final (dead-lettered) except `UNABLE_TO_LOCK_ROW`: those records
 //!   alone are sent again a few times with a short pause; if still locked, the call returns a
 //!   retryable error and the runner resends the batch (upserts are idempotent).
@@ -53,7 +54,7 @@ const LOCK_BACKOFF: Duration = if cfg!(test) { Duration::from_millis(5) } else {
 /// Extra requests one Collections chunk may spend isolating the records of a whole-request 400.
 const BISECT_BUDGET: usize = 16;
 /// Shortest time between two describes triggered by unknown fields.
-const DESCRIBE_REFRESH: Duration = Duration::from_secs(60);
+const DESCRIBE_REFRESH: Duration = Duration::from_secs(300);
 /// Longest pause between two polls of a bulk job.
 const POLL_MAX: Duration = Duration::from_secs(10);
 /// Attempts of a read (job status, result files) that meets 429, 5xx or a transport failure.
@@ -108,6 +109,7 @@ pub struct Salesforce {
     token: Option<Token>,
     usage: Usage,
     fields: Option<ObjectFields>,
+    describe_refresh: Duration,
     data_path: String,
 }
 
@@ -162,6 +164,7 @@ impl Salesforce {
             token: None,
             usage: Usage::default(),
             fields: None,
+            describe_refresh: DESCRIBE_REFRESH,
         })
     }
 
@@ -307,10 +310,10 @@ impl Salesforce {
         }
     }
 
-    /// Read the describe again when records name fields it lacks (at most once a minute).
+    /// Read the describe again when records name fields it lacks (at most every five minutes).
     async fn refresh_fields_for(&mut self, object: &str, records: &[Record]) {
         let Some(f) = &self.fields else { return };
-        let stale = f.fetched.elapsed() >= DESCRIBE_REFRESH;
+        let stale = f.fetched.elapsed() >= self.describe_refresh;
         if !stale || !records.iter().any(|r| r.fields.iter().any(|(k, v)| !v.is_null() && !f.has(k))) {
             return;
         }

@@ -30,6 +30,8 @@ struct Org {
     locked_once: HashSet<String>,
     /// Bulk jobs: id -> (CSV, polls).
     jobs: BTreeMap<String, (String, u32)>,
+    /// Fields created after start, added to the describe.
+    new_fields: Vec<Value>,
 }
 
 type Shared = Arc<Mutex<Org>>;
@@ -81,7 +83,11 @@ async fn handle(State(org): State<Shared>, method: AxMethod, uri: Uri, headers: 
     let rest = path.strip_prefix("/services/data/v62.0").unwrap_or(&path).to_owned();
     let text = String::from_utf8_lossy(&body).to_string();
     match (method.as_str(), rest.as_str()) {
-        ("GET", "/sobjects/Contact/describe") => reply(200, &org, describe::tests::contact_describe()),
+        ("GET", "/sobjects/Contact/describe") => {
+            let mut d: Value = serde_json::from_str(&describe::tests::contact_describe()).unwrap();
+            d["fields"].as_array_mut().unwrap().extend(org.new_fields.iter().cloned());
+            reply(200, &org, d.to_string())
+        }
         ("GET", "/limits/") => {
             let b = json!({"DailyApiRequests": {"Max": org.max, "Remaining": org.max - org.used}}).to_string();
             reply(200, &org, b)
@@ -222,7 +228,7 @@ async fn prepare_upsert_refresh_and_delete() {
     assert_eq!(out[4], Outcome::Written, "a null for a missing field is dropped");
     let l = log(&org);
     assert_eq!(l.iter().filter(|l| l.starts_with("PATCH")).count(), 2, "{l:?}");
-    // The unknown field refreshes the describe only once a minute.
+    // The unknown field does not read the describe again right away.
     assert!(!l.iter().any(|l| l.contains("describe")));
     {
         let o = org.lock().unwrap();
@@ -240,6 +246,23 @@ async fn prepare_upsert_refresh_and_delete() {
     assert_eq!(out, [Outcome::Written, Outcome::Written, Outcome::Written]);
     assert!(log(&org).contains(&"DELETE /services/data/v62.0/sobjects/Contact/Trusst_Contact_ID__c/a%2Fb%20c".to_owned()));
     assert!(!org.lock().unwrap().records.contains_key("a/b c"));
+}
+
+#[tokio::test]
+async fn a_field_created_while_running_is_picked_up() {
+    let org = fake_org().await;
+    let (mut sf, m) = ready(&org, "").await;
+    let mut r = rec("c-1", "x");
+    r.fields.insert("Customer_Mood__c".into(), "calm".into());
+    assert!(matches!(&sf.upsert(&m, std::slice::from_ref(&r)).await.unwrap()[0], Outcome::Rejected(_)));
+    org.lock().unwrap().new_fields.push(json!({"name": "Customer_Mood__c", "type": "string"}));
+    // Within the refresh interval the old describe still rules.
+    assert!(matches!(&sf.upsert(&m, std::slice::from_ref(&r)).await.unwrap()[0], Outcome::Rejected(_)));
+    sf.describe_refresh = Duration::ZERO;
+    log(&org);
+    assert_eq!(sf.upsert(&m, &[r]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(log(&org)[0], "GET /services/data/v62.0/sobjects/Contact/describe");
+    assert_eq!(org.lock().unwrap().records["c-1"]["Customer_Mood__c"], "calm");
 }
 
 #[tokio::test]

@@ -150,11 +150,16 @@ async fn salesforce_uses_collections_not_per_record_calls() {
     let _sink = SinkProc::start(&emu, dir, cfg, &[]);
     let expected = db.expected().await;
     eventually(WAIT, "450 contacts", || crm_matches(&emu, "salesforce", &expected));
-    let stats = emu.stats().to_string();
-    let single: u64 = emu.stats()["salesforce"]["calls"].as_object().map(|m| {
-        m.iter().filter(|(k, _)| k.contains("sobjects/{") && !k.contains("describe")).map(|(_, v)| v.as_u64().unwrap_or(0)).sum()
-    }).unwrap_or(0);
+    let stats = emu.stats();
+    let calls = |route: &str| -> u64 {
+        stats["calls"]["salesforce"][route].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
+    };
+    let single = calls("PATCH /services/data/{version}/sobjects/{sobject}/{field}/{value}");
+    let collections = calls("PATCH /services/data/{version}/composite/sobjects/{sobject}/{field}");
     assert_eq!(single, 0, "no per-record calls: {stats}");
+    // 450 records in batches of at most 1000 events: at least ceil(450/200) requests, and no
+    // more than one extra per batch boundary.
+    assert!((3..=6).contains(&collections), "{collections} collection calls for 450 records: {stats}");
     db.drop_slot(&src.slot).await;
 }
 
@@ -236,8 +241,9 @@ async fn poison_record_is_dead_lettered_and_redriven() {
     // Fix: map the new label to an existing choice, then re-drive the dead letters.
     let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     let labels = toml::toml! { Superb = 100000000 Excellent = 100000000 Good = 100000001 Fair = 100000002 Poor = 100000003 };
-    t["mapping"].as_table_mut().unwrap().insert("questions".into(), toml::Value::Table(toml::toml! { [call_outcome] }));
-    t["mapping"]["questions"]["call_outcome"].as_table_mut().unwrap().insert("labels".into(), toml::Value::Table(labels));
+    let questions = t["mapping"].as_table_mut().unwrap().entry("questions").or_insert(toml::Value::Table(Default::default()));
+    let outcome = questions.as_table_mut().unwrap().entry("call_outcome").or_insert(toml::Value::Table(Default::default()));
+    outcome.as_table_mut().unwrap().insert("labels".into(), toml::Value::Table(labels));
     std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
     let (status, _, log) = sink.run_to_end(&["--redrive"]);
     assert!(status.success(), "{log}");

@@ -156,6 +156,9 @@ pub struct Mapping {
     pub unmapped: Unmapped,
     /// Default text limit.
     pub text_max_length: usize,
+    /// Choice column -> label -> value, read from the CRM's metadata at start: the values for
+    /// option-set fields whose spec gives no labels (e.g. Label questions not listed in the config).
+    pub option_sets: BTreeMap<String, BTreeMap<String, i64>>,
     field_prefix: String,
 }
 
@@ -293,6 +296,7 @@ impl Mapping {
                 TargetKind::Dynamics => 1_048_576,
                 _ => 131_072,
             }),
+            option_sets: BTreeMap::new(),
             field_prefix: cfg.field_prefix.clone(),
         }
     }
@@ -356,7 +360,7 @@ impl Mapping {
             let (Some(field), Some(raw)) = (&spec.field, contact_value(e, ev)) else { continue };
             let v = match raw {
                 None => Value::Null,
-                Some(r) => self.convert(spec.conversion.unwrap_or(Conversion::Text), r, spec).map_err(|reason| MapError { field: ev.clone(), reason })?,
+                Some(r) => self.convert(spec.conversion.unwrap_or(Conversion::Text), r, spec, field).map_err(|reason| MapError { field: ev.clone(), reason })?,
             };
             fields.insert(field.clone(), v);
         }
@@ -373,7 +377,7 @@ impl Mapping {
             let v = match &q.result {
                 None => Value::Null,
                 Some(r) if r.trim().is_empty() && conv != Conversion::Text => Value::Null,
-                Some(r) => self.convert(conv, r, &spec).map_err(|reason| MapError { field: q.question_key.clone(), reason })?,
+                Some(r) => self.convert(conv, r, &spec, &field).map_err(|reason| MapError { field: q.question_key.clone(), reason })?,
             };
             fields.insert(field, v);
         }
@@ -393,7 +397,7 @@ impl Mapping {
         Record { contact_id: contact_id.to_owned(), fields }
     }
 
-    fn convert(&self, conv: Conversion, raw: &str, spec: &FieldSpec) -> Result<Value, String> {
+    fn convert(&self, conv: Conversion, raw: &str, spec: &FieldSpec, field: &str) -> Result<Value, String> {
         let t = raw.trim();
         match conv {
             Conversion::Boolean => match t.to_ascii_lowercase().as_str() {
@@ -437,12 +441,18 @@ impl Mapping {
                 }
                 Ok(Value::String(t.to_owned()))
             }
-            Conversion::OptionSet => spec.labels.get(t).map(|v| Value::from(*v)).ok_or_else(|| {
-                format!(
-                    "label {raw:?} has no option value (known: {:?}); add the option to the choice column or to labels",
-                    spec.labels.keys().collect::<Vec<_>>()
-                )
-            }),
+            Conversion::OptionSet => {
+                let labels = match self.option_sets.get(field) {
+                    Some(l) if spec.labels.is_empty() => l,
+                    _ => &spec.labels,
+                };
+                labels.get(t).map(|v| Value::from(*v)).ok_or_else(|| {
+                    format!(
+                        "label {raw:?} has no option value in column {field} (known: {:?}); add the option to the choice column or to labels",
+                        labels.keys().collect::<Vec<_>>()
+                    )
+                })
+            }
             Conversion::DateTime => {
                 let parsed = chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
                     .map_err(|_| format!("timestamp {raw:?} is not ISO 8601"))?;
@@ -604,6 +614,16 @@ mod tests {
         let r = m.map(&event(&[("call_outcome", "Label", "Good")])).unwrap();
         assert_eq!(r.fields["call_outcome"], 5);
         assert_eq!(r.fields["call_direction"], 9);
+    }
+
+    #[test]
+    fn unlisted_label_questions_use_the_columns_options() {
+        let mut m = Mapping::new(TargetKind::Dynamics, &MappingConfig::default());
+        m.option_sets.insert("customer_sentiment".into(), BTreeMap::from([("Poor".to_string(), 3)]));
+        m.option_sets.insert("call_direction".into(), BTreeMap::from([("inbound".to_string(), 1)]));
+        let r = m.map(&event(&[("customer_sentiment", "Label", "Poor")])).unwrap();
+        assert_eq!(r.fields["customer_sentiment"], 3);
+        assert!(m.map(&event(&[("customer_sentiment", "Label", "Meh")])).unwrap_err().reason.contains("column customer_sentiment"));
     }
 
     #[test]

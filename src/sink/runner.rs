@@ -109,14 +109,33 @@ pub struct Totals {
 pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions, mut shutdown: watch::Receiver<bool>) -> Result<Totals> {
     let mut mapping = Mapping::new(cfg.sink.target, &cfg.mapping);
     if !opts.dry_run {
-        target.prepare(&mut mapping).await?;
+        prepare(target.as_mut(), &mut mapping, cfg, &mut shutdown).await?;
     }
     let source_topic = if opts.redrive { cfg.dlq_topic() } else { cfg.kafka.topic.clone() };
     let group = if opts.redrive { format!("{}-redrive", cfg.group_id()) } else { cfg.group_id() };
     let consumer = consumer(cfg, &group)?;
     let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
     kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
-    let partitions = partitions(&consumer, &source_topic)?;
+    let partitions = loop {
+        match partitions(&consumer, &source_topic)? {
+            Some(p) => break p,
+            None if opts.redrive => {
+                tracing::info!(topic = %source_topic, "no dead-letter topic: nothing to re-drive");
+                return Ok(Totals::default());
+            }
+            None if opts.dry_run => {
+                return Err(Error::user(format!("topic {source_topic} does not exist; check [kafka] topic")));
+            }
+            // Sinks may start before the source created the topic: wait for it.
+            None => {
+                tracing::info!(topic = %source_topic, "waiting for the topic to be created (is the source running?)");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.wait_for(|v| *v) => return Ok(Totals::default()),
+                }
+            }
+        }
+    };
     let bounded = opts.dry_run || opts.redrive;
     let mut last_record = Instant::now();
     let end = if bounded { Some(high_watermarks(&consumer, &source_topic, &partitions)?) } else { None };
@@ -188,6 +207,30 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
     }
 }
 
+/// Check the mapping against the CRM, waiting out an unavailable CRM (retryable errors) but
+/// stopping on a configuration problem.
+async fn prepare(target: &mut dyn Target, mapping: &mut Mapping, cfg: &SinkConfig, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+    let mut backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(cfg.sink.max_backoff)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        match target.prepare(mapping).await {
+            Err(e) if e.retryable && e.fault != Fault::User => {
+                let wait = e.retry_after.unwrap_or_else(|| backoff.next().unwrap_or(cfg.sink.max_backoff));
+                tracing::warn!(error = %e, retry_in = ?wait, "the CRM is not ready; retrying the start-up checks");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait_for(|v| *v) => return Err(e),
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
 fn consumer(cfg: &SinkConfig, group: &str) -> Result<StreamConsumer> {
     let mut c = kafka::client_config(cfg.brokers(), &std::collections::BTreeMap::new());
     c.set("group.id", group)
@@ -204,15 +247,13 @@ fn consumer(cfg: &SinkConfig, group: &str) -> Result<StreamConsumer> {
     kafka::create(&c, "consumer")
 }
 
-fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Vec<i32>> {
+/// The topic's partitions, `None` while it does not exist.
+fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Option<Vec<i32>>> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(|e| error::kafka(format!("reading metadata of {topic}"), e))?;
     let parts: Vec<i32> = md.topics().iter().filter(|t| t.name() == topic).flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    if parts.is_empty() {
-        return Err(Error::user(format!("topic {topic} does not exist; start the source first or check [kafka] topic")).retry(true));
-    }
-    Ok(parts)
+    Ok((!parts.is_empty()).then_some(parts))
 }
 
 fn high_watermarks(consumer: &StreamConsumer, topic: &str, partitions: &[i32]) -> Result<Vec<(i32, i64)>> {
@@ -274,7 +315,21 @@ fn start_positions(consumer: &StreamConsumer, topic: &str, partitions: &[i32], s
             }
         }
     }
-    Ok(tpl)
+    // Logical offsets cannot be committed: resolve them to numbers.
+    let mut concrete = TopicPartitionList::new();
+    for e in tpl.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
+            .map_err(|e| error::kafka("reading topic offsets", e))?;
+        let off = match e.offset() {
+            Offset::Beginning => low,
+            Offset::End => high,
+            Offset::Offset(o) => o.clamp(low, high),
+            _ => low,
+        };
+        concrete.add_partition_offset(topic, e.partition(), Offset::Offset(off)).map_err(|e| error::kafka("building offsets", e))?;
+    }
+    Ok(concrete)
 }
 
 /// Collect up to `batch_max_records` or until `batch_max_wait` after the first record.

@@ -163,6 +163,8 @@ impl Expected {
 /// A running `trusst-cdc source` child process.
 pub struct SourceProc {
     pub child: Child,
+    /// The database it streams from (to drop the slot when the test ends).
+    pub db_url: String,
     pub slot: String,
     pub topic: String,
     pub dir: tempfile::TempDir,
@@ -224,7 +226,7 @@ impl SourceProc {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start trusst-cdc source");
-        Self { child, slot, topic, dir, log }
+        Self { child, db_url: db.url.clone(), slot, topic, dir, log }
     }
 
     /// Start the process again with the same config and state (after a kill).
@@ -290,6 +292,23 @@ impl Drop for SourceProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A slot left behind holds WAL and a slot of the cluster's limit; drop it even when the
+        // test failed (a background thread: Drop may run inside the async test's runtime).
+        let (url, slot) = (self.db_url.clone(), self.slot.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(c) = trusst_cdc::pg::connect(&url).await {
+                    for _ in 0..30 {
+                        if c.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.is_ok() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            });
+        })
+        .join();
     }
 }
 

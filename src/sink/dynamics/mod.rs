@@ -330,14 +330,17 @@ impl Target for Dynamics {
             .filter(|s| !s.skip && s.conversion == Some(Conversion::OptionSet) && s.labels.is_empty())
             .filter_map(|s| s.field.clone())
             .collect();
-        if !needed.is_empty() {
-            self.read_all_option_sets(&entity).await?;
-            for f in &needed {
-                if !self.option_sets.contains_key(f) {
-                    self.resolve_option_set(f).await?;
-                }
+        // Every choice column's options, not only the configured ones: a Label question that is
+        // not listed in the config finds its column's values at map time.
+        self.read_all_option_sets(&entity).await?;
+        let choices: Vec<String> =
+            attrs.iter().filter(|a| a.attribute_type == "Picklist").map(|a| a.logical_name.clone()).collect();
+        for f in needed.iter().chain(&choices) {
+            if !self.option_sets.contains_key(f) {
+                self.resolve_option_set(f).await?;
             }
         }
+        mapping.option_sets = self.option_sets.clone();
         let sets = &self.option_sets;
         mapping.fill_option_sets(|f| sets.get(f).cloned());
         for f in &needed {

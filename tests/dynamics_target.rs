@@ -181,25 +181,25 @@ async fn prepare_fills_choice_labels_from_metadata() {
     assert_eq!(attrs.header("odata-version"), "4.0");
     assert_eq!(attrs.header("odata-maxversion"), "4.0");
     assert_eq!(attrs.header("accept"), "application/json");
-    // Only the choice columns the mapping uses were read.
-    assert!(!seen.iter().any(|s| s.target.contains("gendercode") || s.target.contains("sentiment")));
+    // Every readable choice column's options are known, for Label questions the config does
+    // not list.
+    assert!(mapping.option_sets.contains_key("sentiment"), "{:?}", mapping.option_sets.keys());
 }
 
 #[tokio::test]
-async fn an_unlisted_label_question_fails_to_map_until_its_options_are_resolved() {
+async fn an_unlisted_label_question_maps_with_its_columns_options() {
     let mock = dataverse().await;
-    let (mut d, mut mapping) = prepared(&mock).await;
+    let (mut d, mapping) = prepared(&mock).await;
     let mut e = event();
     e.universal_questions.push(serde_json::from_value(json!(
         {"question_id": "q4", "question_key": "sentiment", "question_text": null, "result_type": "Label", "question_group": null, "result": "Positive", "inference_updated_at": null}
     )).unwrap());
-    let err = mapping.map(&e).unwrap_err();
-    assert_eq!(err.field, "sentiment");
-    // The lazy path a Dataverse-aware caller can take.
-    mapping.ensure_question("sentiment", "Label");
-    let opts = d.resolve_option_set("sentiment").await.unwrap();
-    mapping.fill_option_sets(|f| (f == "sentiment").then(|| opts.clone()));
     assert_eq!(mapping.map(&e).unwrap().fields["sentiment"], 7);
+    // The lazy path reads the same options.
+    assert_eq!(d.resolve_option_set("sentiment").await.unwrap().get("Positive"), Some(&7));
+    // A label the column does not have is a mapping error naming the column.
+    e.universal_questions.last_mut().unwrap().result = Some("Ecstatic".into());
+    assert!(mapping.map(&e).unwrap_err().reason.contains("column sentiment"));
 }
 
 #[tokio::test]

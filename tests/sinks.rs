@@ -9,17 +9,10 @@ use std::time::Duration;
 use common::crm::*;
 use common::*;
 use serde_json::{Value, json};
-use trusst_cdc::generate::{Generator, Options, write_contacts};
+
 
 const WAIT: Duration = Duration::from_secs(90);
 
-async fn completed(db: &TestDb, seed: u64, n: usize) -> Vec<String> {
-    let mut c = db.client().await;
-    let mut g = Generator::new(seed, Options::default());
-    let contacts: Vec<_> = (0..n).map(|_| g.contact()).collect();
-    write_contacts(&mut c, &contacts).await.unwrap();
-    contacts.into_iter().map(|c| c.contact_id).collect()
-}
 
 /// The seed's naming rule for Salesforce, written out independently of the connector's.
 fn sf_field(key: &str) -> String {
@@ -170,12 +163,18 @@ async fn salesforce_survives_faults() {
     let (db, src, emu, _) = pipeline("t_sffaults", 40).await;
     let (dir, cfg) = sink_config("salesforce", &src.topic, |t| {
         set(t, "salesforce", "limit_pause", "1s");
+        set(t, "salesforce", "request_timeout", "1s");
         set(t, "sink", "batch_max_records", 10);
     });
-    emu.faults(json!({"burst_503": 3, "latency_ms": 20}));
+    // Responses slower than the client's timeout first, then 503s and slow-but-fine responses.
+    emu.faults(json!({"latency_ms": 1500}));
     let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(emu.records("salesforce", "Contact").is_empty(), "nothing can land while every call times out");
+    emu.faults(json!({"burst_503": 3, "latency_ms": 20}));
     let expected = db.expected().await;
-    eventually(WAIT, "convergence through 503s", || crm_matches(&emu, "salesforce", &expected));
+    eventually(WAIT, "convergence through timeouts and 503s", || crm_matches(&emu, "salesforce", &expected));
+    assert!(sink.log().contains("retrying"), "the timeouts were retried:\n{}", sink.log());
 
     // Token expiry mid-run, then the allowance runs out.
     emu.admin("expire-tokens");
@@ -197,7 +196,8 @@ async fn salesforce_survives_faults() {
     db.drop_slot(&src.slot).await;
 }
 
-/// 429 bursts with Retry-After, random 429/503s, and a kill -9: Dynamics converges.
+/// 429 bursts with Retry-After, random 503s and dropped connections, and a kill -9: Dynamics
+/// converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dynamics_survives_rate_limits_and_crashes() {
     let (db, src, emu, _) = pipeline("t_dvfaults", 40).await;
@@ -205,7 +205,7 @@ async fn dynamics_survives_rate_limits_and_crashes() {
         set(t, "sink", "batch_max_records", 7);
         set(t, "dynamics", "batch_size", 5);
     });
-    emu.faults(json!({"burst_429": 4, "rate_503": 0.2, "seed": 7}));
+    emu.faults(json!({"burst_429": 4, "rate_503": 0.2, "drop_rate": 0.1, "seed": 7}));
     let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
     std::thread::sleep(Duration::from_secs(2));
     sink.crash_and_restart();

@@ -11,13 +11,6 @@ use trusst_cdc::generate::{Generator, Options, write_contacts};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-async fn completed(db: &TestDb, seed: u64, n: usize) -> Vec<String> {
-    let mut c = db.client().await;
-    let mut g = Generator::new(seed, Options::default());
-    let contacts: Vec<_> = (0..n).map(|_| g.contact()).collect();
-    write_contacts(&mut c, &contacts).await.unwrap();
-    contacts.into_iter().map(|c| c.contact_id).collect()
-}
 
 fn has_all(ids: &[String]) -> impl FnMut(&[Record]) -> bool + '_ {
     move |recs| ids.iter().all(|id| recs.iter().any(|r| &r.key == id && r.value.is_some()))

@@ -126,6 +126,16 @@ impl TestDb {
     }
 }
 
+/// Write `n` generated contacts through to COMPLETED; their ids.
+pub async fn completed(db: &TestDb, seed: u64, n: usize) -> Vec<String> {
+    use trusst_cdc::generate::{Generator, Options, write_contacts};
+    let mut c = db.client().await;
+    let mut g = Generator::new(seed, Options::default());
+    let contacts: Vec<_> = (0..n).map(|_| g.contact()).collect();
+    write_contacts(&mut c, &contacts).await.unwrap();
+    contacts.into_iter().map(|c| c.contact_id).collect()
+}
+
 /// What the seed's query says about one contact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected {

@@ -335,9 +335,18 @@ impl Target for Dynamics {
         self.read_all_option_sets(&entity).await?;
         let choices: Vec<String> =
             attrs.iter().filter(|a| a.attribute_type == "Picklist").map(|a| a.logical_name.clone()).collect();
-        for f in needed.iter().chain(&choices) {
+        for f in &needed {
             if !self.option_sets.contains_key(f) {
                 self.resolve_option_set(f).await?;
+            }
+        }
+        for f in &choices {
+            // Best effort for columns the config does not name: a failure only means a Label
+            // question landing there is dead-lettered with the reason.
+            if !self.option_sets.contains_key(f) {
+                if let Err(e) = self.resolve_option_set(f).await {
+                    tracing::debug!(column = %f, error = %e, "choice options not readable");
+                }
             }
         }
         mapping.option_sets = self.option_sets.clone();

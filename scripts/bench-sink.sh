@@ -52,7 +52,7 @@ rows=()
 for target in salesforce dynamics mulesoft; do
     $bin crm-emulator --config connector-config/.bench-emulator.toml --listen 127.0.0.1:0 >"$work/emu.out" 2>/dev/null &
     emu=$!
-    until grep -q listening "$work/emu.out"; do sleep 0.1; done
+    until grep -qs listening "$work/emu.out"; do sleep 0.1; done
     base=$(sed -n 's/^listening on //p' "$work/emu.out")
     python3 - "connector-config/$target.toml" "$work/$target.toml" "$topic" <<'PY'
 import sys, re
@@ -84,7 +84,7 @@ for row in sys.argv[2:]:
     target, secs, stats = row.split(' ')
     s = json.load(open(stats))
     sysname = {'salesforce': 'salesforce', 'dynamics': 'dataverse', 'mulesoft': 'mulesoft'}[target]
-    calls = s.get(sysname, {}).get('calls', {})
+    calls = {route: sum(by_status.values()) for route, by_status in s.get('calls', {}).get(sysname, {}).items()}
     data = sum(v for k, v in calls.items() if 'token' not in k)
     tokens = sum(v for k, v in calls.items() if 'token' in k)
     lines.append(f"| {target} | {float(secs):.2f} s | {n/float(secs):,.0f} | {data} (+{tokens} token) | {data*1000/n:.1f} |")

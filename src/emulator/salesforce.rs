@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::config::{SObject, SfField, SfType};
-use super::store::{Record, Store, Table};
+use super::store::{Record, Store};
 use super::{App, Inner, System, json, query_param, tracked};
 
 const JWT_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -336,8 +336,8 @@ pub(super) fn check_value(name: &str, f: &SfField, value: &Value) -> Result<(), 
 }
 
 /// The Id of the record whose `field` equals `value`.
-pub(super) fn find(table: &Table, field: &str, value: &str) -> Option<String> {
-    table.iter().find(|(_, r)| r.get(field).and_then(Value::as_str) == Some(value)).map(|(id, _)| id.clone())
+pub(super) fn find(store: &Store, object: &str, field: &str, value: &str) -> Option<String> {
+    store.find(System::Salesforce, object, field, value)
 }
 
 /// Write validated fields: into record `existing`, or into a new record keyed by the external id.
@@ -360,6 +360,9 @@ pub(super) fn write(
         record.insert(ext_field.into(), ext_value.into());
     }
     record.extend(fields);
+    if created {
+        store.indexed(System::Salesforce, object, ext_field, ext_value, &id);
+    }
     (id, created)
 }
 
@@ -421,17 +424,16 @@ fn resolve<'a>(app: &'a App, p: &RecordPath) -> Result<&'a SObject, Response> {
 async fn read(State(app): State<Arc<App>>, Path(p): Path<RecordPath>) -> Result<Response, Response> {
     let obj = resolve(&app, &p)?;
     let inner = app.lock();
-    let table = inner.store.get(System::Salesforce, &p.sobject);
-    let record = table.and_then(|t| find(t, &p.field, &p.value).and_then(|id| t.get(&id))).ok_or_else(not_found)?;
+    let id = find(&inner.store, &p.sobject, &p.field, &p.value).ok_or_else(not_found)?;
+    let record = inner.store.get(System::Salesforce, &p.sobject).and_then(|t| t.get(&id)).ok_or_else(not_found)?;
     Ok(json(StatusCode::OK, render(&p.sobject, obj, &p.version, record)))
 }
 
 async fn remove(State(app): State<Arc<App>>, Path(p): Path<RecordPath>) -> Result<Response, Response> {
     resolve(&app, &p)?;
     let mut inner = app.lock();
-    let table = inner.store.table(System::Salesforce, &p.sobject);
-    let id = find(table, &p.field, &p.value).ok_or_else(not_found)?;
-    table.remove(&id);
+    let id = find(&inner.store, &p.sobject, &p.field, &p.value).ok_or_else(not_found)?;
+    inner.store.table(System::Salesforce, &p.sobject).remove(&id);
     app.persist(&inner);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -459,7 +461,7 @@ async fn upsert(State(app): State<Arc<App>>, Path(p): Path<RecordPath>, body: By
     validate(&p.sobject, obj, &fields)
         .map_err(|errors| json(StatusCode::BAD_REQUEST, Value::Array(errors.iter().map(FieldError::rest).collect())))?;
     let mut inner = app.lock();
-    let existing = find(inner.store.table(System::Salesforce, &p.sobject), &p.field, &p.value);
+    let existing = find(&inner.store, &p.sobject, &p.field, &p.value);
     let (id, created) = write(&mut inner.store, &p.sobject, &obj.key_prefix, existing, (&p.field, &p.value), fields);
     app.persist(&inner);
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
@@ -533,7 +535,7 @@ async fn upsert_collection(
                 None,
             )]),
             Ok((ext, fields)) => {
-                let existing = find(inner.store.table(System::Salesforce, object), field, &ext);
+                let existing = find(&inner.store, object, field, &ext);
                 let (id, created) = write(&mut inner.store, object, &obj.key_prefix, existing, (field, &ext), fields);
                 json!({"id": id, "success": true, "errors": [], "created": created})
             }

@@ -2,7 +2,8 @@
 //! file, written out after every change (to a temporary file renamed over the old one, so a crash
 //! never leaves a half-written file).
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
@@ -26,6 +27,11 @@ pub struct Store {
     /// Last number handed out for ids, job ids and record versions; never reused, even across
     /// restarts with the same state file.
     seq: u64,
+    /// (system, object, field) -> value -> key: a complete index of a lookup field, built on its
+    /// first lookup and kept up to date by [`Store::indexed`], so finding a record by external id
+    /// is not a scan of the table (which made large runs quadratic).
+    #[serde(skip)]
+    index: RefCell<HashMap<(System, String, String), HashMap<String, String>>>,
 }
 
 impl Store {
@@ -68,6 +74,32 @@ impl Store {
     /// Drop every record (the sequence goes on, so ids stay unique).
     pub fn clear(&mut self) {
         self.tables.clear();
+        self.index.get_mut().clear();
+    }
+
+    /// The key of the record whose string `field` equals `value`. External-id values never
+    /// change once written, so an index entry is either right or names a deleted record.
+    pub fn find(&self, system: System, object: &str, field: &str, value: &str) -> Option<String> {
+        let table = self.get(system, object)?;
+        let mut index = self.index.borrow_mut();
+        let values = index.entry((system, object.to_owned(), field.to_owned())).or_insert_with(|| {
+            table
+                .iter()
+                .filter_map(|(key, r)| r.get(field).and_then(Value::as_str).map(|v| (v.to_owned(), key.clone())))
+                .collect()
+        });
+        let key = values.get(value)?;
+        table.get(key).filter(|r| r.get(field).and_then(Value::as_str) == Some(value)).map(|_| key.clone())
+    }
+
+    /// Record that a new record `key` has `field` = `value`. Indexes of the object's other
+    /// fields are dropped (rebuilt on their next lookup), since only this one is maintained.
+    pub fn indexed(&mut self, system: System, object: &str, field: &str, value: &str, key: &str) {
+        let index = self.index.get_mut();
+        index.retain(|(s, o, f), _| !(*s == system && o == object && f != field));
+        if let Some(values) = index.get_mut(&(system, object.to_owned(), field.to_owned())) {
+            values.insert(value.to_owned(), key.to_owned());
+        }
     }
 }
 

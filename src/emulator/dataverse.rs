@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use super::batch::{self, Item, Reply, ReplyItem};
 use super::config::{DvAttribute, DvType, Entity, RateLimit};
-use super::store::{Record, Table};
+use super::store::{Record, Store};
 use super::{App, Inner, Refusal, System, decode, guid, header_str, query_param, tracked};
 
 /// Service root of the Web API.
@@ -266,7 +266,7 @@ fn execute(
         return error(StatusCode::NOT_IMPLEMENTED, "0x8006088a", message);
     };
     let target = Target { app, logical, entity, set };
-    let found = match target.locate(inner.store.get(System::Dataverse, logical), &key) {
+    let found = match target.locate(&inner.store, &key) {
         Ok(found) => found,
         Err(reply) => return reply,
     };
@@ -308,7 +308,8 @@ impl Target<'_> {
 
     /// The GUID of the record the key names, if it exists; 400 for a key that is not the
     /// entity's alternate key.
-    fn locate(&self, table: Option<&Table>, key: &Key) -> Result<Option<String>, Reply> {
+    fn locate(&self, store: &Store, key: &Key) -> Result<Option<String>, Reply> {
+        let table = store.get(System::Dataverse, self.logical);
         let pairs = match key {
             Key::Id(id) => return Ok(table.filter(|t| t.contains_key(id)).map(|_| id.clone())),
             Key::Alternate(pairs) => pairs,
@@ -322,6 +323,13 @@ impl Target<'_> {
                 self.entity.alternate_key.join(",")
             );
             return Err(error(StatusCode::BAD_REQUEST, "0x80060888", message));
+        }
+        // A single non-numeric key goes through the store's index (complete for string values)
+        // instead of a table scan; a numeric-looking one may match a number column, so it scans.
+        if let [(k, v)] = pairs.as_slice()
+            && v.parse::<f64>().is_err()
+        {
+            return Ok(store.find(System::Dataverse, self.logical, k, v));
         }
         let matches = |r: &Record| {
             pairs.iter().all(|(k, v)| match r.get(k) {
@@ -419,12 +427,20 @@ impl Target<'_> {
             Key::Alternate(_) => guid(),
         });
         let record = inner.store.table(System::Dataverse, self.logical).entry(id.clone()).or_default();
-        if created {
+        let indexed: Vec<(String, String)> = if created {
             record.insert(self.id_attr(), id.clone().into());
+            let strings = key_values.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect();
             record.extend(key_values);
-        }
+            strings
+        } else {
+            Vec::new()
+        };
         record.extend(fields.into_iter().filter(|(k, _)| !k.starts_with("@odata.")));
         record.insert("versionnumber".into(), version.into());
+        if let [(k, v)] = indexed.as_slice() {
+            inner.store.indexed(System::Dataverse, self.logical, k, v, &id);
+        }
+        let record = inner.store.table(System::Dataverse, self.logical).get_mut(&id).expect("just written");
         if representation {
             let body = self.render(record, None).expect("every attribute is known");
             return Reply::new(if created { StatusCode::CREATED } else { StatusCode::OK }, Some(body));

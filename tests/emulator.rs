@@ -1,9 +1,10 @@
 //! The CRM emulator, through its binary and HTTP only (loopback, no other service): every protocol
 //! fact the sinks rely on, the faults, the admin API and the state file.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderMap;
@@ -31,20 +32,7 @@ impl Emulator {
     }
 
     async fn with_config(config: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trusst-cdc"))
-            .arg("crm-emulator")
-            .arg("--config")
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .env("TRUSST_LOG", "warn")
-            .spawn()
-            .expect("start the emulator");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let base =
-            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address in {line:?}")).to_owned();
+        let (child, base) = common::crm::spawn_emulator(config, args);
         Self { child, base, http: reqwest::Client::new() }
     }
 

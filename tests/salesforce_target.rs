@@ -2,9 +2,10 @@
 //! check, Collections and Bulk API upserts, per-record rejections, token refresh, the daily
 //! allowance pause and deletes.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use reqwest::Method;
@@ -29,19 +30,7 @@ struct Emulator {
 
 impl Emulator {
     fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trusst-cdc"))
-            .arg("crm-emulator")
-            .arg("--config")
-            .arg(repo("connector-config/crm-emulator.toml"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .env("TRUSST_LOG", "warn")
-            .spawn()
-            .expect("start the emulator");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let base = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address in {line:?}")).to_owned();
+        let (child, base) = common::crm::spawn_emulator(&repo("connector-config/crm-emulator.toml"), args);
         Self { child, base, http: reqwest::Client::new() }
     }
 

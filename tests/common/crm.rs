@@ -11,6 +11,24 @@ use serde_json::Value;
 
 use super::{bin, brokers, unique};
 
+/// Start `trusst-cdc crm-emulator` on a free port with `config` and extra flags; the child and
+/// its base URL (read from the `listening on` line it prints).
+pub fn spawn_emulator(config: &std::path::Path, flags: &[&str]) -> (Child, String) {
+    let mut child = Command::new(bin())
+        .args(["crm-emulator", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .args(flags)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env("TRUSST_LOG", "warn")
+        .spawn()
+        .expect("start crm-emulator");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let base = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("emulator said {line:?}")).to_owned();
+    (child, base)
+}
+
 /// A running `trusst-cdc crm-emulator`.
 pub struct Emulator {
     child: Child,
@@ -22,16 +40,7 @@ impl Emulator {
     /// Start on a free port with the shipped schema and extra flags.
     pub fn start(flags: &[&str]) -> Self {
         let config = concat!(env!("CARGO_MANIFEST_DIR"), "/connector-config/crm-emulator.toml");
-        let mut child = Command::new(bin())
-            .args(["crm-emulator", "--listen", "127.0.0.1:0", "--config", config])
-            .args(flags)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start crm-emulator");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let base = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("emulator said {line:?}")).to_owned();
+        let (child, base) = spawn_emulator(std::path::Path::new(config), flags);
         Self { child, base }
     }
 

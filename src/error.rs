@@ -133,3 +133,10 @@ pub fn kafka(context: impl Into<String>, e: rdkafka::error::KafkaError) -> Error
         other => Error::external(context).with_source(other),
     }
 }
+
+/// Exponential backoff with jitter between `min` and `max`, never giving up: what every retry
+/// loop here uses (the caller decides when to stop).
+pub fn backoff(min: std::time::Duration, max: std::time::Duration) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default().with_min_delay(min).with_max_delay(max).with_jitter().without_max_times().build()
+}

@@ -40,28 +40,27 @@ pub async fn connect(url: &str) -> Result<Client> {
     Ok(client)
 }
 
-/// `host:port/db` for messages (never the password).
-pub fn describe(config: &Config) -> String {
+/// The first host (or Unix socket folder) and port of a URL, with libpq's defaults.
+fn host_port(config: &Config) -> (String, u16) {
     let host = match config.get_hosts().first() {
         Some(Host::Tcp(h)) => h.clone(),
         #[cfg(unix)]
         Some(Host::Unix(p)) => p.display().to_string(),
         None => "localhost".into(),
     };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+    (host, config.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// `host:port/db` for messages (never the password).
+pub fn describe(config: &Config) -> String {
+    let (host, port) = host_port(config);
     format!("{host}:{port}/{}", config.get_dbname().unwrap_or("?"))
 }
 
 /// The replication stream's config for `slot` and `publication`, from the same URL.
 pub fn replication_config(url: &str, slot: &str, publication: &str) -> Result<ReplicationConfig> {
     let config = parse_url(url)?;
-    let host = match config.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let (host, port) = host_port(&config);
     let user = config.get_user().unwrap_or("postgres").to_owned();
     let password = config.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
     let db = config.get_dbname().unwrap_or(&user).to_owned();

@@ -46,6 +46,21 @@ pub enum Conversion {
     DateTime,
 }
 
+impl Conversion {
+    /// The name used for it in config files (`type = "..."`), for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Conversion::Boolean => "boolean",
+            Conversion::Number => "number",
+            Conversion::Integer => "integer",
+            Conversion::Text => "text",
+            Conversion::Picklist => "picklist",
+            Conversion::OptionSet => "option_set",
+            Conversion::DateTime => "date_time",
+        }
+    }
+}
+
 /// How one field (contact-level or question) is written.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use backon::BackoffBuilder;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -210,12 +209,7 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
 /// Check the mapping against the CRM, waiting out an unavailable CRM (retryable errors) but
 /// stopping on a configuration problem.
 async fn prepare(target: &mut dyn Target, mapping: &mut Mapping, cfg: &SinkConfig, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
-    let mut backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(cfg.sink.max_backoff)
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut backoff = error::backoff(Duration::from_millis(500), cfg.sink.max_backoff);
     loop {
         match target.prepare(mapping).await {
             Err(e) if e.retryable && e.fault != Fault::User => {
@@ -484,12 +478,7 @@ impl BatchCtx<'_> {
     /// Retry a CRM call while it fails with a retryable error (honouring Retry-After and
     /// pauses); stop on shutdown so nothing is committed for the batch.
     async fn with_retries(&mut self, target: &mut dyn Target, call: Call<'_>) -> Result<Vec<Outcome>> {
-        let mut backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(self.cfg.sink.max_backoff)
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut backoff = error::backoff(Duration::from_millis(200), self.cfg.sink.max_backoff);
         let what = match call {
             Call::Upsert(_) => "upsert",
             Call::Delete(_) => "delete",

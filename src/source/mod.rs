@@ -16,7 +16,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use backon::BackoffBuilder;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::watch;
@@ -38,12 +37,7 @@ pub const HEARTBEAT_PREFIX: &str = "trusst-cdc.heartbeat";
 /// (a misconfiguration should be loud); once streaming, retryable failures reconnect with backoff.
 pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
     let new_backoff = || {
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(500))
-            .with_max_delay(Duration::from_secs(30))
-            .with_jitter()
-            .without_max_times()
-            .build()
+        error::backoff(Duration::from_millis(500), Duration::from_secs(30))
     };
     let mut backoff = new_backoff();
     let mut ever_streamed = false;

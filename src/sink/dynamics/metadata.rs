@@ -99,17 +99,6 @@ pub fn fits(conv: Conversion, attribute_type: &str) -> bool {
     ok.contains(&attribute_type)
 }
 
-fn conversion_name(c: Conversion) -> &'static str {
-    match c {
-        Conversion::Boolean => "boolean",
-        Conversion::Number => "number",
-        Conversion::Integer => "integer",
-        Conversion::Text => "text",
-        Conversion::Picklist => "picklist",
-        Conversion::OptionSet => "option_set",
-        Conversion::DateTime => "date_time",
-    }
-}
 
 /// The config key that decides which column a field goes to, for error messages.
 pub fn config_key(mapping: &Mapping, field: &str) -> String {
@@ -149,7 +138,7 @@ pub fn check_fields(mapping: &Mapping, planned: &[(String, Option<Conversion>)],
                     problems.push(format!(
                         "column '{field}' is of type {} but is written as {}: change the column, or set type in {}",
                         a.attribute_type,
-                        conversion_name(*c),
+                        c.name(),
                         config_key(mapping, field)
                     ));
                 }

@@ -88,17 +88,6 @@ pub fn fitting_types(conv: Conversion) -> &'static [&'static str] {
     }
 }
 
-fn conversion_name(conv: Conversion) -> &'static str {
-    match conv {
-        Conversion::Boolean => "boolean",
-        Conversion::Number => "number",
-        Conversion::Integer => "integer",
-        Conversion::Text => "text",
-        Conversion::Picklist => "picklist",
-        Conversion::OptionSet => "option_set",
-        Conversion::DateTime => "date_time",
-    }
-}
 
 impl ObjectFields {
     /// Parse a describe answer.
@@ -167,7 +156,7 @@ impl ObjectFields {
                     problems.push(format!(
                         "field {field} ({what}) on {object} is of type {}, which does not take {} values ({hint}); change the field or the type in {fix}",
                         info.kind,
-                        conversion_name(*conv)
+                        conv.name()
                     ));
                 }
             }

@@ -19,7 +19,7 @@ bin=$PWD/target/release/trusst-cdc
 url=${DATABASE_URL%/*}/$DB
 psqlb() { PGPASSWORD=postgres "$PGBIN/psql" -X -q -h 127.0.0.1 -p "${PGPORT:-55432}" -U postgres "$@"; }
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$work"' EXIT
 
 echo "bench: $N completed contacts onto a fresh topic (the source's snapshot)" >&2
 psqlb -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'bench_sink'" >/dev/null
@@ -47,7 +47,7 @@ wait $src || true
 # would dominate a throughput run; it is lifted here, and the README says how to scale past it.
 sed 's|^rate_limit = { requests = 6000, window = "300s" }|rate_limit = { requests = 100000000, window = "300s" }|' \
     connector-config/crm-emulator.toml >connector-config/.bench-emulator.toml
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work" connector-config/.bench-emulator.toml' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$work" connector-config/.bench-emulator.toml' EXIT
 rows=()
 for target in salesforce dynamics mulesoft; do
     $bin crm-emulator --config connector-config/.bench-emulator.toml --listen 127.0.0.1:0 >"$work/emu.out" 2>/dev/null &

@@ -25,7 +25,7 @@ scripts/services.sh psql -q -c "DROP DATABASE IF EXISTS $DEMO_DB" -c "CREATE DAT
 export DATABASE_URL=${DATABASE_URL%/*}/$DEMO_DB
 export TRUSST_TOPIC=trusst.demo.$(date +%s) TRUSST_SLOT=trusst_demo TRUSST_PUBLICATION=trusst_demo
 state=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$state"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$state"' EXIT
 
 echo "demo: loading the Trusst schema and $DEMO_CONTACTS completed contacts" >&2
 $bin generate --contacts "$DEMO_CONTACTS" --seed 1

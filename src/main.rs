@@ -11,6 +11,11 @@ use trusst_cdc::config::{self, SourceConfig, SourceOverrides};
 use trusst_cdc::error::{Error, Fault, Result};
 use trusst_cdc::{check, generate, pg, source};
 
+// A thread-caching allocator: events are built and dropped by the thousand per batch, and the
+// system allocator's locking showed up as a quarter of the source's CPU time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "trusst-cdc", version, about = "Change-data-capture from Trusst's PostgreSQL to CRMs through Kafka")]
 struct Cli {

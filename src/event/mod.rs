@@ -120,11 +120,37 @@ impl ContactEvent {
 
 /// Format a `timestamp without time zone` the way the seed's Python `isoformat()` does.
 pub fn iso(ts: &chrono::NaiveDateTime) -> String {
-    if ts.and_utc().timestamp_subsec_micros() == 0 {
-        ts.format("%Y-%m-%dT%H:%M:%S").to_string()
-    } else {
-        ts.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+    use chrono::{Datelike, Timelike};
+    // Written by hand: chrono's strftime parses the pattern on every call, and this runs for
+    // every answer of every event.
+    let (d, t) = (ts.date(), ts.time());
+    let mut s = String::with_capacity(26);
+    fn num(s: &mut String, v: u32, width: u32) {
+        for i in (0..width).rev() {
+            s.push(char::from(b'0' + (v / 10u32.pow(i) % 10) as u8));
+        }
     }
+    let year = d.year();
+    if !(0..=9999).contains(&year) {
+        return ts.format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+    }
+    num(&mut s, year as u32, 4);
+    s.push('-');
+    num(&mut s, d.month(), 2);
+    s.push('-');
+    num(&mut s, d.day(), 2);
+    s.push('T');
+    num(&mut s, t.hour(), 2);
+    s.push(':');
+    num(&mut s, t.minute(), 2);
+    s.push(':');
+    num(&mut s, t.second(), 2);
+    let micros = t.nanosecond() / 1000;
+    if micros != 0 {
+        s.push('.');
+        num(&mut s, micros.min(999_999), 6);
+    }
+    s
 }
 
 /// Format an LSN as PostgreSQL does (`X/Y`, hex).
@@ -142,6 +168,20 @@ mod tests {
         assert_eq!(iso(&t), "2025-01-15T14:23:10");
         let t = t + chrono::Duration::microseconds(1500);
         assert_eq!(iso(&t), "2025-01-15T14:23:10.001500");
+    }
+
+    #[test]
+    fn iso_agrees_with_chrono_formatting() {
+        let start = chrono::NaiveDate::from_ymd_opt(1999, 12, 31).unwrap().and_hms_opt(23, 59, 59).unwrap();
+        for i in 0..20_000i64 {
+            let t = start + chrono::Duration::microseconds(i * i * 7_919_777 + i * 13);
+            let want = if t.and_utc().timestamp_subsec_micros() == 0 {
+                t.format("%Y-%m-%dT%H:%M:%S").to_string()
+            } else {
+                t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+            };
+            assert_eq!(iso(&t), want, "{t:?}");
+        }
     }
 
     #[test]

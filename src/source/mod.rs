@@ -8,6 +8,7 @@
 
 pub mod enrich;
 pub mod pgoutput;
+mod publisher;
 pub mod setup;
 pub mod state;
 pub mod triggers;
@@ -18,17 +19,22 @@ use std::time::{Duration, Instant};
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use rdkafka::producer::FutureProducer;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_postgres::Client;
 
 use crate::config::{SnapshotMode, SourceConfig};
 use crate::error::{self, Error, Result};
-use crate::event::{ContactEvent, SourcePosition, lsn as fmt_lsn};
+use crate::event::lsn as fmt_lsn;
 use crate::kafka::{self, Pending};
+use publisher::{Done, Job, Publisher};
 use triggers::{Effect, QuestionRow, Tracker};
 
-/// Batches produced but not yet acknowledged before the reader waits for the oldest.
-const MAX_INFLIGHT: usize = 4;
+/// Batches handed to the publisher and not yet acknowledged before the reader waits for the
+/// oldest: bounds memory and how far reading runs ahead of Kafka.
+const MAX_INFLIGHT: usize = 8;
+
+/// Most contacts remembered as not COMPLETED (about 100 bytes each) before the memory is reset.
+const NOT_COMPLETED_CAP: usize = 200_000;
 
 /// Prefix of the heartbeat messages written with `pg_logical_emit_message`.
 pub const HEARTBEAT_PREFIX: &str = "trusst-cdc.heartbeat";
@@ -113,14 +119,21 @@ struct Session<'a> {
     /// the cache already reflects, so they re-emit conservatively.
     questions_loaded_at: u64,
     batch: Batch,
+    /// Contacts whose newest row image in the stream so far is not COMPLETED. Every change of a
+    /// contact row passes through the stream, so that is their state at the stream's position:
+    /// re-reading them cannot publish anything their next row change will not. Unknown contacts
+    /// (not seen since the session started) are re-read.
+    not_completed: HashSet<String>,
     jobs: VecDeque<ReemitJob>,
     /// Transaction being received.
     current: Option<Origin>,
     last_commit_end: u64,
     confirmed: u64,
     published: u64,
-    /// Produced batches awaiting acknowledgement, oldest first, with their end LSN.
-    inflight: VecDeque<(tokio::task::JoinHandle<Result<usize>>, Option<u64>)>,
+    /// Batches handed to the publisher awaiting acknowledgement, oldest first, with their end LSN.
+    inflight: VecDeque<(Done, Option<u64>)>,
+    /// Enrichment and production, beside the reader; started once the stream starts.
+    publisher: Option<Publisher>,
     /// A position reached while batches were in flight, confirmed once they are acknowledged.
     deferred: u64,
     /// Set once setup succeeded (database, Kafka, topic and slot all fine) in this session.
@@ -143,6 +156,7 @@ impl<'a> Session<'a> {
             questions: HashMap::new(),
             questions_loaded_at: 0,
             batch: Batch::default(),
+            not_completed: HashSet::new(),
             jobs: VecDeque::new(),
             current: None,
             last_commit_end: 0,
@@ -150,6 +164,7 @@ impl<'a> Session<'a> {
             published: 0,
             streaming: false,
             inflight: VecDeque::new(),
+            publisher: None,
             deferred: 0,
         }
     }
@@ -158,6 +173,7 @@ impl<'a> Session<'a> {
         let cfg = self.cfg;
         let s = &cfg.source;
         let client = crate::pg::connect(cfg.database_url()).await?;
+        enrich::prepare_session(&client).await?;
         setup::failures(&setup::preflight(&client, &s.publication, &s.slot, s.create_publication).await?)?;
         if s.create_publication {
             setup::ensure_publication(&client, &s.publication).await?;
@@ -193,6 +209,11 @@ impl<'a> Session<'a> {
         }
 
         self.load_questions(&client).await?;
+        // The pipeline reads on a connection of its own so the reader's heartbeats and
+        // re-emit lookups never wait behind an enrichment query.
+        let enrich_client = crate::pg::connect(cfg.database_url()).await?;
+        enrich::prepare_session(&enrich_client).await?;
+        self.publisher = Some(Publisher::start(enrich_client, producer.clone(), cfg.kafka.topic.clone()));
         let repl_cfg = crate::pg::replication_config(cfg.database_url(), &s.slot, &s.publication)?
             .with_start_lsn(Lsn(slot_lsn))
             .with_ack_lsn(Lsn(slot_lsn));
@@ -274,8 +295,10 @@ impl<'a> Session<'a> {
             let ids = enrich::completed_page(client, &st.last_key, self.cfg.source.batch_max_contacts).await?;
             let Some(last) = ids.last().cloned() else { break };
             let mut pending = Pending::default();
-            let n = self.publish(client, producer, &mut pending, &ids, &HashMap::new(), &HashSet::new(), Some(origin), "snapshot").await?;
+            let job = Job { ids, origins: HashMap::new(), deleted: HashSet::new(), origin: Some(origin), reason: "snapshot" };
+            let n = publisher::publish_now(client, producer, &self.cfg.kafka.topic, &mut pending, &job).await?;
             pending.wait().await?;
+            self.published += n as u64;
             st.last_key = last;
             st.published += n as u64;
             file.save(&st)?;
@@ -287,52 +310,6 @@ impl<'a> Session<'a> {
         file.save(&st)?;
         tracing::info!(published = st.published, "initial snapshot done");
         Ok(())
-    }
-
-    /// Re-read `ids` and publish their events. `origins` gives per-contact positions; `origin`
-    /// is used when a contact has none (snapshot, re-emit). Returns events published.
-    #[allow(clippy::too_many_arguments)]
-    async fn publish(
-        &mut self,
-        client: &Client,
-        producer: &FutureProducer,
-        pending: &mut Pending,
-        ids: &[String],
-        origins: &HashMap<String, Origin>,
-        deleted: &HashSet<String>,
-        origin: Option<Origin>,
-        reason: &str,
-    ) -> Result<usize> {
-        let topic = &self.cfg.kafka.topic;
-        let mut states = enrich::enrich(client, ids).await?;
-        let mut n = 0;
-        for id in ids {
-            let Some(o) = origins.get(id).copied().or(origin) else { continue };
-            let position = SourcePosition {
-                lsn: fmt_lsn(o.lsn),
-                commit_ts: (o.commit_ts != 0).then(|| pg_epoch_micros_to_rfc3339(o.commit_ts)).flatten(),
-                txid: (o.xid != 0).then_some(o.xid),
-                reason: reason.to_owned(),
-            };
-            if let Some(mut ev) = states.remove(id) {
-                ev.event_id = if reason == "stream" {
-                    format!("{}:{id}", position.lsn)
-                } else {
-                    format!("{reason}:{}:{id}", position.lsn)
-                };
-                ev.source = position;
-                pending.send(producer, topic, id, Some(&ev.to_json())).await?;
-                n += 1;
-            } else if deleted.contains(id) {
-                let ev = ContactEvent::delete(id, position);
-                pending.send(producer, topic, id, Some(&ev.to_json())).await?;
-                // The tombstone lets compaction forget the contact once sinks saw the delete.
-                pending.send(producer, topic, id, None).await?;
-                n += 1;
-            }
-        }
-        self.published += n as u64;
-        Ok(n)
     }
 
     async fn stream(&mut self, client: &Client, producer: &FutureProducer, repl: &mut ReplicationClient) -> Result<()> {
@@ -348,7 +325,7 @@ impl<'a> Session<'a> {
                 biased;
                 _ = shutdown.wait_for(|v| *v) => {
                     tracing::info!("shutting down: publishing the pending batch");
-                    self.flush(client, producer, repl).await?;
+                    self.flush(repl).await?;
                     self.drain_inflight(repl).await?;
                     return Ok(());
                 }
@@ -357,20 +334,20 @@ impl<'a> Session<'a> {
                     let Some(ev) = ev else {
                         return Err(Error::external("replication stream ended unexpectedly"));
                     };
-                    self.handle(ev, client, producer, repl).await?;
+                    self.handle(ev, producer, repl).await?;
                 }
                 res = async { (&mut self.inflight.front_mut().expect("guarded").0).await }, if !self.inflight.is_empty() => {
                     let (_, end) = self.inflight.pop_front().expect("front exists");
-                    self.acked(res, end, repl)?;
+                    self.acked(res.map_err(|_| ()), end, repl)?;
                 }
                 _ = sleep_until_opt(deadline) => {
-                    self.flush(client, producer, repl).await?;
+                    self.flush(repl).await?;
                     if !self.jobs.is_empty() && self.current.is_none() {
-                        self.reemit_step(client, producer, repl).await?;
+                        self.reemit_step(client, repl).await?;
                     }
                 }
                 _ = std::future::ready(()), if job_ready && self.batch.since.is_none() => {
-                    self.reemit_step(client, producer, repl).await?;
+                    self.reemit_step(client, repl).await?;
                 }
                 _ = heartbeat.tick() => {
                     if let Err(e) = client
@@ -384,7 +361,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn handle(&mut self, ev: ReplicationEvent, client: &Client, producer: &FutureProducer, repl: &ReplicationClient) -> Result<()> {
+    async fn handle(&mut self, ev: ReplicationEvent, producer: &FutureProducer, repl: &ReplicationClient) -> Result<()> {
         match ev {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
                 self.current = Some(Origin { lsn: final_lsn.0, commit_ts: commit_time_micros, xid });
@@ -400,7 +377,7 @@ impl<'a> Session<'a> {
                 if self.batch.touched.len() + self.batch.deleted.len() >= self.cfg.source.batch_max_contacts {
                     // Mid-transaction flush: the rows are committed (pgoutput sends a transaction
                     // only after its commit), only the confirmation waits for the commit.
-                    self.flush(client, producer, repl).await?;
+                    self.flush(repl).await?;
                 }
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
@@ -413,7 +390,7 @@ impl<'a> Session<'a> {
                     if self.batch.touched.len() + self.batch.deleted.len() >= self.cfg.source.batch_max_contacts
                         || since.elapsed() >= self.cfg.source.batch_max_wait
                     {
-                        self.flush(client, producer, repl).await?;
+                        self.flush(repl).await?;
                     }
                 } else {
                     // Nothing to publish from this transaction: it is safe to confirm at once.
@@ -445,6 +422,19 @@ impl<'a> Session<'a> {
     async fn apply(&mut self, effect: Effect, origin: Origin, producer: &FutureProducer) -> Result<()> {
         match effect {
             Effect::Touch(id) => self.touch(id, origin),
+            Effect::Contact { contact_id, stage } => {
+                match stage.as_deref() {
+                    Some(s) if s != "COMPLETED" => {
+                        if self.not_completed.len() >= NOT_COMPLETED_CAP {
+                            // Forgetting is safe (those contacts are re-read); memory stays bounded.
+                            self.not_completed.clear();
+                        }
+                        self.not_completed.insert(contact_id.clone())
+                    }
+                    _ => self.not_completed.remove(&contact_id),
+                };
+                self.touch(contact_id, origin);
+            }
             Effect::Inference { contact_id, question_id } => {
                 let relevant = match question_id.as_deref().and_then(|q| self.questions.get(q)) {
                     Some(q) => q.is_universal,
@@ -455,11 +445,13 @@ impl<'a> Session<'a> {
                 }
             }
             Effect::ContactDeleted(id) => {
+                self.not_completed.remove(&id);
                 self.batch.deleted.insert(id.clone());
                 self.touch(id, origin);
             }
             Effect::Question { question_id, row } => self.question_changed(question_id, row, origin),
             Effect::Truncated(tables) => {
+                self.not_completed.clear();
                 let lsn = fmt_lsn(origin.lsn);
                 tracing::error!(
                     tables = tables.join(","), lsn = %lsn,
@@ -531,17 +523,20 @@ impl<'a> Session<'a> {
     }
 
     /// One chunk of the oldest re-emit job, between stream batches so the stream never stalls.
-    async fn reemit_step(&mut self, client: &Client, producer: &FutureProducer, repl: &ReplicationClient) -> Result<()> {
+    async fn reemit_step(&mut self, client: &Client, repl: &ReplicationClient) -> Result<()> {
         let Some(job) = self.jobs.front() else { return Ok(()) };
         let chunk = self.cfg.source.reemit_chunk;
         let ids = enrich::contacts_for_question(client, &job.question_id, &job.after, chunk).await?;
+        let last = ids.last().cloned();
+        let full = ids.len() == chunk;
         let origin = job.origin;
-        let mut pending = Pending::default();
-        self.publish(client, producer, &mut pending, &ids, &HashMap::new(), &HashSet::new(), Some(origin), "question").await?;
-        pending.wait().await?;
+        // Through the pipeline, behind the batches already in it, so per-contact order holds.
+        self.submit(Job { ids, origins: HashMap::new(), deleted: HashSet::new(), origin: Some(origin), reason: "question" }, None)
+            .await?;
+        self.drain_inflight(repl).await?;
         let job = self.jobs.front_mut().expect("job present");
-        match ids.last() {
-            Some(last) if ids.len() == chunk => job.after = last.clone(),
+        match last {
+            Some(last) if full => job.after = last,
             _ => {
                 tracing::info!(question_id = %job.question_id, "re-emit done");
                 self.jobs.pop_front();
@@ -552,24 +547,55 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Publish the batch, wait for every acknowledgement, then confirm its last commit.
-    async fn flush(&mut self, client: &Client, producer: &FutureProducer, repl: &ReplicationClient) -> Result<()> {
-        let batch = std::mem::take(&mut self.batch);
+    /// Hand a job to the pipeline, remembering the position it confirms once acknowledged.
+    async fn submit(&mut self, job: Job, end: Option<u64>) -> Result<()> {
+        let publisher = self.publisher.as_ref().ok_or_else(|| Error::internal("publishing before the stream started"))?;
+        let done = publisher.submit(job).await?;
+        self.inflight.push_back((done, end));
+        Ok(())
+    }
+
+    /// Hand the batch to the pipeline; its last commit is confirmed once Kafka acknowledged it.
+    async fn flush(&mut self, repl: &ReplicationClient) -> Result<()> {
+        let mut batch = std::mem::take(&mut self.batch);
         if batch.since.is_none() {
             return Ok(());
         }
-        let ids: Vec<String> = batch.touched.keys().cloned().collect();
-        let mut pending = Pending::default();
-        for chunk in ids.chunks(self.cfg.source.batch_max_contacts) {
-            self.publish(client, producer, &mut pending, chunk, &batch.touched, &batch.deleted, None, "stream").await?;
+        let ids: Vec<String> = batch.touched.keys().filter(|id| !self.not_completed.contains(*id)).cloned().collect();
+        if ids.is_empty() {
+            // Nothing can be published: confirm like a transaction without relevant changes.
+            if let Some(end) = batch.end_lsn {
+                self.confirm(end, repl);
+            }
+            return Ok(());
         }
-        // Acknowledgements are awaited off the read path, so decoding and enrichment of the next
-        // batch overlap with the broker's round trip; confirmation stays in batch order.
-        let n = pending.len();
-        tracing::debug!(contacts = ids.len(), events = n, "batch produced");
-        self.inflight.push_back((tokio::spawn(async move { pending.wait().await }), batch.end_lsn));
-        while self.inflight.front().is_some_and(|(h, _)| h.is_finished()) || self.inflight.len() > MAX_INFLIGHT {
+        let chunks: Vec<Vec<String>> = ids.chunks(self.cfg.source.batch_max_contacts).map(<[String]>::to_vec).collect();
+        let last = chunks.len() - 1;
+        for (i, ids) in chunks.into_iter().enumerate() {
+            let origins = ids.iter().filter_map(|id| batch.touched.remove_entry(id)).collect();
+            let deleted = ids.iter().filter_map(|id| batch.deleted.take(id)).collect();
+            // Only the last chunk carries the position: confirmation waits for all of them.
+            let end = if i == last { batch.end_lsn } else { None };
+            self.submit(Job { ids, origins, deleted, origin: None, reason: "stream" }, end).await?;
+        }
+        tracing::debug!(contacts = ids.len(), "batch handed to the publisher");
+        self.ack_ready(repl)?;
+        while self.inflight.len() > MAX_INFLIGHT {
             self.ack_front(repl).await?;
+        }
+        Ok(())
+    }
+
+    /// Confirm the oldest batches whose acknowledgements already arrived, without waiting.
+    fn ack_ready(&mut self, repl: &ReplicationClient) -> Result<()> {
+        while let Some((done, _)) = self.inflight.front_mut() {
+            let res = match done.try_recv() {
+                Ok(res) => Ok(res),
+                Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                Err(oneshot::error::TryRecvError::Closed) => Err(()),
+            };
+            let (_, end) = self.inflight.pop_front().expect("front exists");
+            self.acked(res, end, repl)?;
         }
         Ok(())
     }
@@ -577,13 +603,15 @@ impl<'a> Session<'a> {
     /// Wait for the oldest in-flight batch and confirm its end (and, once nothing is in
     /// flight, any position deferred meanwhile).
     async fn ack_front(&mut self, repl: &ReplicationClient) -> Result<()> {
-        let Some((handle, end)) = self.inflight.pop_front() else { return Ok(()) };
-        self.acked(handle.await, end, repl)
+        let Some((done, end)) = self.inflight.pop_front() else { return Ok(()) };
+        let res = done.await.map_err(|_| ());
+        self.acked(res, end, repl)
     }
 
     /// Confirm a batch whose acknowledgements arrived (the batch was popped, in order).
-    fn acked(&mut self, res: std::result::Result<Result<usize>, tokio::task::JoinError>, end: Option<u64>, repl: &ReplicationClient) -> Result<()> {
-        res.map_err(|e| Error::internal(format!("delivery task failed: {e}")))??;
+    fn acked(&mut self, res: std::result::Result<Result<usize>, ()>, end: Option<u64>, repl: &ReplicationClient) -> Result<()> {
+        let n = res.map_err(|()| Error::internal("the publishing pipeline stopped before acknowledging a batch"))??;
+        self.published += n as u64;
         let mut upto = end.unwrap_or(0);
         if self.inflight.is_empty() {
             upto = upto.max(std::mem::take(&mut self.deferred));

@@ -9,18 +9,19 @@ use std::fmt;
 
 /// One column value inside a tuple, by the marker byte that precedes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Value {
+pub enum Value<'a> {
     /// `n`: SQL NULL.
     Null,
     /// `u`: an unchanged TOASTed value whose bytes were not sent; the row must be re-read.
     UnchangedToast,
-    /// `t`: the value in PostgreSQL's text format.
-    Text(Vec<u8>),
+    /// `t`: the value in PostgreSQL's text format, borrowed from the message (no copy: most
+    /// bytes are answers the re-read fetches anyway).
+    Text(&'a [u8]),
     /// `b`: the value in binary format (only with the `binary` option).
-    Binary(Vec<u8>),
+    Binary(&'a [u8]),
 }
 
-impl Value {
+impl Value<'_> {
     /// The text of a `t` value as UTF-8, if it is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
@@ -69,7 +70,7 @@ pub enum OldKind {
 
 /// A decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
+pub enum Message<'a> {
     /// `B`: start of a transaction.
     Begin { final_lsn: u64, commit_ts: i64, xid: u32 },
     /// `C`: end of a transaction.
@@ -81,15 +82,15 @@ pub enum Message {
     /// `Y`: a data type's name.
     Type { id: u32, namespace: String, name: String },
     /// `I`: a new row.
-    Insert { relation: u32, new: Vec<Value> },
+    Insert { relation: u32, new: Vec<Value<'a>> },
     /// `U`: a changed row, with the old image when the replica identity provides one.
-    Update { relation: u32, old: Option<(OldKind, Vec<Value>)>, new: Vec<Value> },
+    Update { relation: u32, old: Option<(OldKind, Vec<Value<'a>>)>, new: Vec<Value<'a>> },
     /// `D`: a removed row (key columns, or the full row with replica identity FULL).
-    Delete { relation: u32, old: (OldKind, Vec<Value>) },
+    Delete { relation: u32, old: (OldKind, Vec<Value<'a>>) },
     /// `T`: one or more truncated relations.
     Truncate { options: u8, relations: Vec<u32> },
     /// `M`: a logical decoding message from `pg_logical_emit_message`.
-    LogicalMessage { transactional: bool, lsn: u64, prefix: String, content: Vec<u8> },
+    LogicalMessage { transactional: bool, lsn: u64, prefix: String, content: &'a [u8] },
 }
 
 /// Why a payload could not be decoded.
@@ -168,7 +169,7 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn tuple(&mut self) -> Result<Vec<Value>, DecodeError> {
+    fn tuple(&mut self) -> Result<Vec<Value<'a>>, DecodeError> {
         let n = self.u16()? as usize;
         // Each column takes at least one byte, so a count beyond the rest is malformed; checking
         // first keeps a hostile count from reserving memory.
@@ -182,11 +183,11 @@ impl<'a> Reader<'a> {
                 b'u' => Value::UnchangedToast,
                 b't' => {
                     let len = self.u32()? as usize;
-                    Value::Text(self.take(len)?.to_vec())
+                    Value::Text(self.take(len)?)
                 }
                 b'b' => {
                     let len = self.u32()? as usize;
-                    Value::Binary(self.take(len)?.to_vec())
+                    Value::Binary(self.take(len)?)
                 }
                 other => {
                     self.pos -= 1;
@@ -217,7 +218,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decode one pgoutput message (the payload of an `XLogData` message).
-pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
+pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
     let mut r = Reader { buf, pos: 0 };
     let tag = r.u8()?;
     let msg = match tag {
@@ -296,7 +297,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
             let lsn = r.u64()?;
             let prefix = r.cstr()?;
             let len = r.u32()? as usize;
-            let content = r.take(len)?.to_vec();
+            let content = r.take(len)?;
             Message::LogicalMessage { transactional: flags & 1 == 1, lsn, prefix, content }
         }
         other => {
@@ -368,10 +369,10 @@ mod tests {
             Message::Insert {
                 relation: 7,
                 new: vec![
-                    Value::Text(b"c-1".to_vec()),
+                    Value::Text(b"c-1"),
                     Value::Null,
                     Value::UnchangedToast,
-                    Value::Binary(vec![0xde, 0xad])
+                    Value::Binary(&[0xde, 0xad])
                 ]
             }
         );

@@ -33,6 +33,9 @@ pub struct QuestionRow {
 pub enum Effect {
     /// Re-read and publish this contact (if COMPLETED).
     Touch(String),
+    /// The contact row was inserted or updated; `stage` is its new `current_stage` when the
+    /// WAL carries it, so a contact known not to be COMPLETED need not be re-read.
+    Contact { contact_id: String, stage: Option<String> },
     /// An inference changed: touch the contact if the question is (or was) universal.
     Inference { contact_id: String, question_id: Option<String> },
     /// The contact row is gone: publish a delete event and a tombstone.
@@ -120,7 +123,8 @@ impl Tracker {
                 if delete {
                     id.into_iter().map(Effect::ContactDeleted).collect()
                 } else {
-                    id.into_iter().map(Effect::Touch).collect()
+                    let stage = new.and_then(|t| text(rel, t, "current_stage"));
+                    id.into_iter().map(|contact_id| Effect::Contact { contact_id, stage: stage.clone() }).collect()
                 }
             }
             "inferences" | "s3_conversations" => {
@@ -175,7 +179,7 @@ mod tests {
     use super::super::pgoutput::{Column, OldKind};
     use super::*;
 
-    fn rel(id: u32, name: &str, cols: &[&str]) -> Message {
+    fn rel(id: u32, name: &str, cols: &[&str]) -> Message<'static> {
         Message::Relation(Relation {
             id,
             namespace: "public".into(),
@@ -188,8 +192,8 @@ mod tests {
         })
     }
 
-    fn t(v: &str) -> Value {
-        Value::Text(v.as_bytes().to_vec())
+    fn t(v: &str) -> Value<'_> {
+        Value::Text(v.as_bytes())
     }
 
     #[test]
@@ -197,7 +201,11 @@ mod tests {
         let mut tr = Tracker::new();
         tr.effects(rel(1, "contacts", &["contact_id", "current_stage"]));
         let e = tr.effects(Message::Update { relation: 1, old: None, new: vec![t("c1"), t("COMPLETED")] });
-        assert_eq!(e, vec![Effect::Touch("c1".into())]);
+        assert_eq!(e, vec![Effect::Contact { contact_id: "c1".into(), stage: Some("COMPLETED".into()) }]);
+        let e = tr.effects(Message::Insert { relation: 1, new: vec![t("c2"), t("INFERENCE")] });
+        assert_eq!(e, vec![Effect::Contact { contact_id: "c2".into(), stage: Some("INFERENCE".into()) }]);
+        let e = tr.effects(Message::Update { relation: 1, old: None, new: vec![t("c3"), Value::UnchangedToast] });
+        assert_eq!(e, vec![Effect::Contact { contact_id: "c3".into(), stage: None }]);
         let e = tr.effects(Message::Delete { relation: 1, old: (OldKind::Key, vec![t("c1"), Value::Null]) });
         assert_eq!(e, vec![Effect::ContactDeleted("c1".into())]);
     }

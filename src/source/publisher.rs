@@ -1,0 +1,159 @@
+//! The publishing pipeline: re-read touched contacts, then produce their events, in two stages
+//! that run beside the replication reader.
+//!
+//! The reader hands over a [`Job`] per batch and goes back to the stream at once, so decoding the
+//! WAL, the enrichment query and the Kafka round trip overlap instead of taking turns. Jobs pass
+//! both stages strictly in order over one database connection: a contact in two jobs is read for
+//! the later one after the earlier read, and its events reach Kafka in that order, so the newest
+//! event per key is always the freshest state.
+
+use std::collections::{HashMap, HashSet};
+
+use rdkafka::producer::FutureProducer;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Row};
+
+use super::{Origin, enrich};
+use crate::error::{Error, Result};
+use crate::event::{ContactEvent, SourcePosition, lsn as fmt_lsn};
+use crate::kafka::Pending;
+
+/// Jobs queued per stage before the reader waits: enough to keep both stages busy.
+const STAGE_QUEUE: usize = 2;
+
+/// Contacts to re-read and publish, with where each change came from.
+pub(super) struct Job {
+    /// Contact ids, each at most once.
+    pub ids: Vec<String>,
+    /// Per-contact origin of the change; contacts without one use `origin`.
+    pub origins: HashMap<String, Origin>,
+    /// Contacts whose row was deleted: absent from the re-read, they get a delete event.
+    pub deleted: HashSet<String>,
+    /// Origin for contacts missing from `origins` (snapshot pages, re-emits).
+    pub origin: Option<Origin>,
+    /// `stream`, `snapshot` or `question`: written to the event's `source.reason`.
+    pub reason: &'static str,
+}
+
+/// Completes with the number of events once Kafka acknowledged every record of a job.
+pub(super) type Done = oneshot::Receiver<Result<usize>>;
+
+type Fetched = (Job, Vec<Row>, oneshot::Sender<Result<usize>>);
+
+/// The two stages (enrichment, production); dropping it stops both.
+pub(super) struct Publisher {
+    tx: mpsc::Sender<(Job, oneshot::Sender<Result<usize>>)>,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Publisher {
+    /// Start the stages: `client` is a connection of their own, used for nothing else.
+    pub fn start(client: Client, producer: FutureProducer, topic: String) -> Self {
+        let (tx, mut jobs) = mpsc::channel::<(Job, oneshot::Sender<Result<usize>>)>(STAGE_QUEUE);
+        let (etx, mut fetched) = mpsc::channel::<Fetched>(STAGE_QUEUE);
+        let reader = tokio::spawn(async move {
+            while let Some((job, done)) = jobs.recv().await {
+                // Only the query runs here: the rows become events in the next stage, so the
+                // database works on the next batch meanwhile.
+                match enrich::fetch(&client, &job.ids).await {
+                    Ok(rows) => {
+                        if etx.send((job, rows, done)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                }
+            }
+        });
+        let writer = tokio::spawn(async move {
+            while let Some((job, rows, done)) = fetched.recv().await {
+                let mut states = enrich::build(rows);
+                let mut pending = Pending::default();
+                match produce(&producer, &topic, &mut pending, &job, &mut states).await {
+                    // Acknowledgements are awaited off this stage, so the next job's records
+                    // are produced while the broker works on this one's.
+                    Ok(n) => {
+                        tokio::spawn(async move {
+                            let _ = done.send(pending.wait().await.map(|_| n));
+                        });
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                }
+            }
+        });
+        Self { tx, tasks: [reader, writer] }
+    }
+
+    /// Queue a job; waits only while both stages are full.
+    pub async fn submit(&self, job: Job) -> Result<Done> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send((job, done))
+            .await
+            .map_err(|_| Error::internal("the publishing pipeline stopped"))?;
+        Ok(rx)
+    }
+}
+
+/// Re-read `job.ids` on `client` and produce their events (used where no pipeline runs: the
+/// snapshot reads inside its own transaction). Returns events produced.
+pub(super) async fn publish_now(
+    client: &Client,
+    producer: &FutureProducer,
+    topic: &str,
+    pending: &mut Pending,
+    job: &Job,
+) -> Result<usize> {
+    let mut states = enrich::enrich(client, &job.ids).await?;
+    produce(producer, topic, pending, job, &mut states).await
+}
+
+/// Produce one event per re-read contact, and a delete event plus tombstone per deleted one.
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    pending: &mut Pending,
+    job: &Job,
+    states: &mut HashMap<String, ContactEvent>,
+) -> Result<usize> {
+    let mut n = 0;
+    for id in &job.ids {
+        let Some(o) = job.origins.get(id).copied().or(job.origin) else { continue };
+        let position = SourcePosition {
+            lsn: fmt_lsn(o.lsn),
+            commit_ts: (o.commit_ts != 0).then(|| super::pg_epoch_micros_to_rfc3339(o.commit_ts)).flatten(),
+            txid: (o.xid != 0).then_some(o.xid),
+            reason: job.reason.to_owned(),
+        };
+        if let Some(mut ev) = states.remove(id) {
+            ev.event_id = if job.reason == "stream" {
+                format!("{}:{id}", position.lsn)
+            } else {
+                format!("{}:{}:{id}", job.reason, position.lsn)
+            };
+            ev.source = position;
+            pending.send(producer, topic, id, Some(&ev.to_json())).await?;
+            n += 1;
+        } else if job.deleted.contains(id) {
+            let ev = ContactEvent::delete(id, position);
+            pending.send(producer, topic, id, Some(&ev.to_json())).await?;
+            // The tombstone lets compaction forget the contact once sinks saw the delete.
+            pending.send(producer, topic, id, None).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test against real services: unit tests, the integration tests (PostgreSQL with
 # wal_level=logical, an extra wal_level=replica cluster for the bad-input tests, Apache Kafka),
-# and a short cargo-fuzz run of the pgoutput decoder.
+# and a short cargo-fuzz run of each fuzz target (pgoutput decoder, event decoder, config loader).
 #
 #   scripts/test.sh                 everything
 #   FUZZ_SECONDS=0 scripts/test.sh  skip the fuzz run (it needs a nightly toolchain)
@@ -35,8 +35,10 @@ if ((FUZZ_SECONDS > 0)) && ((${#filter[@]} == 0)); then
     if cargo +nightly --version >/dev/null 2>&1; then
         export PATH=$PWD/.cache/tools/bin:$PATH
         command -v cargo-fuzz >/dev/null || cargo install --root .cache/tools cargo-fuzz --locked -q
-        echo "test: fuzzing the pgoutput decoder for ${FUZZ_SECONDS}s" >&2
-        cargo +nightly fuzz run pgoutput -- -max_total_time="$FUZZ_SECONDS"
+        for target in pgoutput event_json config; do
+            echo "test: fuzzing $target for ${FUZZ_SECONDS}s" >&2
+            cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS"
+        done
     else
         echo "test: no nightly toolchain, fuzz run skipped (the decoder's random-bytes unit test still ran)" >&2
     fi

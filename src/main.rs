@@ -50,6 +50,26 @@ enum Command {
         #[command(flatten)]
         overrides: SourceOverrides,
     },
+    /// Re-publish the COMPLETED contacts whose call falls in a date range (end date exclusive).
+    Backfill {
+        /// Source config file (database, Kafka, topic).
+        #[arg(long, default_value = "connector-config/source.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        overrides: SourceOverrides,
+        /// First day, YYYY-MM-DD (from midnight).
+        #[arg(long)]
+        start_date: chrono::NaiveDate,
+        /// Day after the last, YYYY-MM-DD (exclusive, as in the integration guide).
+        #[arg(long)]
+        end_date: chrono::NaiveDate,
+        /// Days per window.
+        #[arg(long, default_value_t = 1)]
+        batch_days: u32,
+        /// Count the contacts per window; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Upsert events from the topic into a CRM (one consumer group per config).
     Sink {
         /// Sink config file (connector-config/salesforce.toml, dynamics.toml, mulesoft.toml).
@@ -105,6 +125,10 @@ enum Command {
         /// Target contacts per second; 0 writes as fast as possible.
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
+        /// Connections writing chunks side by side (a steady rate needs more than one once
+        /// commits wait for the disk).
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
         /// Random seed, for reproducible data.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -156,6 +180,17 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = source_config(&config, overrides)?;
             check::run(&cfg).await
         }
+        Command::Backfill { config, overrides, start_date, end_date, batch_days, dry_run } => {
+            let cfg = source_config(&config, overrides)?;
+            let range = source::backfill::Range::new(start_date, end_date, batch_days)?;
+            let totals = source::backfill::run(&cfg, &range, dry_run, shutdown_signal()).await?;
+            if dry_run {
+                println!("{} COMPLETED contacts between {start_date} and {end_date} (exclusive)", totals.contacts);
+            } else {
+                println!("published {} events for {} COMPLETED contacts", totals.published, totals.contacts);
+            }
+            Ok(())
+        }
         Command::Sink { config, overrides, from, dry_run, redrive, until_idle } => {
             let cfg = config::load::<trusst_cdc::sink::config::SinkConfig>(&config)?.resolve(overrides)?;
             let target = trusst_cdc::sink::build_target(&cfg)?;
@@ -170,15 +205,30 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Tail { kafka_brokers, topic, from_beginning, json, max, idle } => {
             trusst_cdc::tail::run(&kafka_brokers, &topic, from_beginning, json, max, idle).await
         }
-        Command::Generate { database_url, contacts, chunk, rate, seed, schema_only } => {
-            let mut client = pg::connect(&database_url).await?;
-            generate::init_schema(&client).await?;
-            generate::ensure_questions(&client).await?;
+        Command::Generate { database_url, contacts, chunk, rate, connections, seed, schema_only } => {
+            let mut client = Some(pg::connect(&database_url).await?);
+            let schema = client.as_ref().expect("connected");
+            generate::init_schema(schema).await?;
+            generate::ensure_questions(schema).await?;
             if schema_only {
                 return Ok(());
             }
-            if chunk == 0 {
-                return Err(Error::user("--chunk must be at least 1"));
+            if chunk == 0 || connections == 0 {
+                return Err(Error::user("--chunk and --connections must be at least 1"));
+            }
+            // Chunks are made here, in order, and paced; the writers take them as they come.
+            let (tx, rx) = tokio::sync::mpsc::channel::<Vec<generate::NewContact>>(connections);
+            let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+            let mut writers = tokio::task::JoinSet::new();
+            for i in 0..connections {
+                let mut client = if i == 0 { client.take().expect("first writer") } else { pg::connect(&database_url).await? };
+                let rx = rx.clone();
+                writers.spawn(async move {
+                    loop {
+                        let Some(batch) = rx.lock().await.recv().await else { return Ok::<_, Error>(()) };
+                        generate::write_contacts(&mut client, &batch).await?;
+                    }
+                });
             }
             let mut g = generate::Generator::new(seed, generate::Options::default());
             let started = Instant::now();
@@ -186,15 +236,26 @@ async fn run(cli: Cli) -> Result<()> {
             while done < contacts {
                 let n = chunk.min(contacts - done);
                 let batch: Vec<_> = (0..n).map(|_| g.contact()).collect();
-                generate::write_contacts(&mut client, &batch).await?;
-                done += n;
                 if rate > 0.0 {
                     let due = started + Duration::from_secs_f64(done as f64 / rate);
                     tokio::time::sleep_until(due.into()).await;
                 }
+                if tx.send(batch).await.is_err() {
+                    break; // a writer failed; its error is reported below
+                }
+                done += n;
+            }
+            drop(tx);
+            while let Some(res) = writers.join_next().await {
+                res.map_err(|e| Error::internal(format!("generator writer failed: {e}")))??;
             }
             let secs = started.elapsed().as_secs_f64();
-            tracing::info!(contacts = done, seconds = format!("{secs:.1}"), "generated COMPLETED contacts");
+            tracing::info!(
+                contacts = done,
+                seconds = format!("{secs:.1}"),
+                rate = format!("{:.0}/s", done as f64 / secs.max(0.001)),
+                "generated COMPLETED contacts"
+            );
             Ok(())
         }
         Command::CrmEmulator(args) => trusst_cdc::emulator::run(args, shutdown_signal()).await,

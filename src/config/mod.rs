@@ -142,7 +142,7 @@ fn default_page() -> usize {
     1000
 }
 fn default_wait() -> Duration {
-    Duration::from_millis(50)
+    Duration::from_millis(20)
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::{Client, GenericClient, Row, Statement};
 
 use crate::error::{self, Result};
 use crate::event::{ContactEvent, Op, QuestionResult, SCHEMA_VERSION, SourcePosition, iso};
@@ -58,6 +58,20 @@ pub async fn enrich<C: GenericClient>(
 pub async fn fetch<C: GenericClient>(client: &C, ids: &[String]) -> Result<Vec<Row>> {
     client
         .query(ENRICH_SQL, &[&ids])
+        .await
+        .map_err(|e| error::pg("re-reading touched contacts", e))
+}
+
+/// The re-read as a prepared statement, for a connection that runs it batch after batch: the
+/// server then reuses one plan instead of planning every small batch again.
+pub async fn prepare(client: &Client) -> Result<Statement> {
+    client.prepare(ENRICH_SQL).await.map_err(|e| error::pg("preparing the re-read query", e))
+}
+
+/// [`fetch`] with a statement from [`prepare`] on the same connection.
+pub async fn fetch_prepared(client: &Client, statement: &Statement, ids: &[String]) -> Result<Vec<Row>> {
+    client
+        .query(statement, &[&ids])
         .await
         .map_err(|e| error::pg("re-reading touched contacts", e))
 }

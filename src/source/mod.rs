@@ -6,6 +6,7 @@
 //! slot's confirmed LSN moves only after Kafka acknowledged every event up to it, so a crash
 //! at any point replays from the last confirmed commit (at-least-once, duplicates allowed).
 
+pub mod backfill;
 pub mod enrich;
 pub mod pgoutput;
 mod publisher;
@@ -213,7 +214,7 @@ impl<'a> Session<'a> {
         // re-emit lookups never wait behind an enrichment query.
         let enrich_client = crate::pg::connect(cfg.database_url()).await?;
         enrich::prepare_session(&enrich_client).await?;
-        self.publisher = Some(Publisher::start(enrich_client, producer.clone(), cfg.kafka.topic.clone()));
+        self.publisher = Some(Publisher::start(enrich_client, producer.clone(), cfg.kafka.topic.clone()).await?);
         let repl_cfg = crate::pg::replication_config(cfg.database_url(), &s.slot, &s.publication)?
             .with_start_lsn(Lsn(slot_lsn))
             .with_ack_lsn(Lsn(slot_lsn));

@@ -57,14 +57,15 @@ impl Drop for Publisher {
 
 impl Publisher {
     /// Start the stages: `client` is a connection of their own, used for nothing else.
-    pub fn start(client: Client, producer: FutureProducer, topic: String) -> Self {
+    pub async fn start(client: Client, producer: FutureProducer, topic: String) -> Result<Self> {
+        let statement = enrich::prepare(&client).await?;
         let (tx, mut jobs) = mpsc::channel::<(Job, oneshot::Sender<Result<usize>>)>(STAGE_QUEUE);
         let (etx, mut fetched) = mpsc::channel::<Fetched>(STAGE_QUEUE);
         let reader = tokio::spawn(async move {
             while let Some((job, done)) = jobs.recv().await {
                 // Only the query runs here: the rows become events in the next stage, so the
                 // database works on the next batch meanwhile.
-                match enrich::fetch(&client, &job.ids).await {
+                match enrich::fetch_prepared(&client, &statement, &job.ids).await {
                     Ok(rows) => {
                         if etx.send((job, rows, done)).await.is_err() {
                             return;
@@ -94,7 +95,7 @@ impl Publisher {
                 }
             }
         });
-        Self { tx, tasks: [reader, writer] }
+        Ok(Self { tx, tasks: [reader, writer] })
     }
 
     /// Queue a job; waits only while both stages are full.

@@ -68,7 +68,17 @@ impl TestDb {
     /// The seed's basic query (COMPLETED, universal), grouped per contact: contact fields and
     /// `question_key -> result`.
     pub async fn expected(&self) -> BTreeMap<String, Expected> {
+        self.expected_between(None).await
+    }
+
+    /// The seed's time-range query (`s3c.call_time >= start AND < end`) when a range is given,
+    /// else its basic query; grouped per contact as [`TestDb::expected`].
+    pub async fn expected_between(
+        &self,
+        range: Option<(chrono::NaiveDateTime, chrono::NaiveDateTime)>,
+    ) -> BTreeMap<String, Expected> {
         let c = self.client().await;
+        let (from, to) = range.unwrap_or_default();
         let rows = c
             .query(
                 "SELECT c.contact_id, c.external_id, s3c.call_time, c.start_time, c.direction, \
@@ -80,8 +90,9 @@ impl TestDb {
                  INNER JOIN questions q ON i.question_id = q.question_id \
                  LEFT JOIN s3_conversations s3c ON c.contact_id = s3c.contact_id \
                  WHERE q.is_universal = TRUE AND c.current_stage = 'COMPLETED' \
+                   AND (NOT $3 OR (s3c.call_time >= $1 AND s3c.call_time < $2)) \
                  ORDER BY s3c.call_time DESC, c.contact_id, q.key",
-                &[],
+                &[&from, &to, &range.is_some()],
             )
             .await
             .unwrap();

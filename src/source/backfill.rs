@@ -1,0 +1,247 @@
+//! `trusst-cdc backfill`: re-publish the COMPLETED contacts whose call falls in a date range,
+//! the integration guide's `--start-date/--end-date/--batch-days` sync done through the topic.
+//!
+//! Windows of `batch_days` days are read in order; inside a window contacts are paged by key
+//! (never OFFSET), each page re-read with the stream's query and published before the next, so
+//! a stopped backfill can be re-run for the windows it had not finished.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDate;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use super::publisher::{self, Job};
+use super::{Origin, enrich, setup};
+use crate::config::SourceConfig;
+use crate::error::{self, Error, Result};
+use crate::event::lsn as fmt_lsn;
+use crate::kafka::{self, Pending};
+
+/// What to re-publish.
+#[derive(Debug, Clone)]
+pub struct Range {
+    /// First day (midnight, inclusive).
+    pub start: NaiveDate,
+    /// Last day's end (midnight, exclusive), as in the guide.
+    pub end: NaiveDate,
+    /// Days per window.
+    pub batch_days: u32,
+}
+
+impl Range {
+    /// Check the range, naming the fix.
+    pub fn new(start: NaiveDate, end: NaiveDate, batch_days: u32) -> Result<Self> {
+        if end <= start {
+            return Err(Error::user(format!(
+                "--end-date {end} is not after --start-date {start}; the end date is exclusive, as in the \
+                 integration guide (e.g. --start-date 2025-01-15 --end-date 2025-01-22 covers seven days)"
+            )));
+        }
+        if batch_days == 0 {
+            return Err(Error::user("--batch-days must be at least 1"));
+        }
+        Ok(Self { start, end, batch_days })
+    }
+
+    /// The windows `[from, to)` in order.
+    pub fn windows(&self) -> Vec<(NaiveDate, NaiveDate)> {
+        let mut out = Vec::new();
+        let mut from = self.start;
+        while from < self.end {
+            let to = (from + chrono::Duration::days(i64::from(self.batch_days))).min(self.end);
+            out.push((from, to));
+            from = to;
+        }
+        out
+    }
+}
+
+/// What a backfill did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    /// COMPLETED contacts in the range when it started.
+    pub contacts: u64,
+    /// Events published and acknowledged (0 on a dry run).
+    pub published: u64,
+}
+
+/// The guide's time filter, on the call time: a contact is in a window when one of its
+/// conversations started in it.
+const IN_WINDOW: &str = "c.current_stage = 'COMPLETED' AND EXISTS (SELECT 1 FROM s3_conversations s3c \
+     WHERE s3c.contact_id = c.contact_id AND s3c.call_time >= $1 AND s3c.call_time < $2)";
+
+async fn count(client: &Client, from: NaiveDate, to: NaiveDate) -> Result<u64> {
+    let (from, to) = (midnight(from), midnight(to));
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM contacts c WHERE {IN_WINDOW}"), &[&from, &to])
+        .await
+        .map_err(|e| error::pg("counting the contacts to backfill", e))?
+        .get(0);
+    Ok(n as u64)
+}
+
+async fn page(client: &Client, from: NaiveDate, to: NaiveDate, after: &str, limit: usize) -> Result<Vec<String>> {
+    let (from, to) = (midnight(from), midnight(to));
+    let rows = client
+        .query(
+            &format!("SELECT c.contact_id FROM contacts c WHERE {IN_WINDOW} AND c.contact_id > $3 ORDER BY c.contact_id LIMIT $4"),
+            &[&from, &to, &after, &(limit as i64)],
+        )
+        .await
+        .map_err(|e| error::pg("paging the contacts to backfill", e))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+fn midnight(d: NaiveDate) -> chrono::NaiveDateTime {
+    d.and_hms_opt(0, 0, 0).expect("midnight exists")
+}
+
+/// Progress: a redrawn line on a terminal, a log line every few seconds otherwise.
+struct Progress {
+    total: u64,
+    done: u64,
+    started: Instant,
+    last_log: Instant,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        let now = Instant::now();
+        Self { total, done: 0, started: now, last_log: now, tty: std::io::stderr().is_terminal() }
+    }
+
+    fn add(&mut self, n: u64, window: (NaiveDate, NaiveDate)) {
+        self.done += n;
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = self.done as f64 / secs;
+        let left = self.total.saturating_sub(self.done);
+        let eta = if rate > 0.0 { Duration::from_secs_f64(left as f64 / rate) } else { Duration::ZERO };
+        let eta = humantime::format_duration(Duration::from_secs(eta.as_secs()));
+        if self.tty {
+            let pct = if self.total == 0 { 100.0 } else { self.done as f64 * 100.0 / self.total as f64 };
+            eprint!(
+                "\r\x1b[2Kbackfill {} .. {}: {}/{} contacts ({pct:.0}%), {rate:.0}/s, ETA {eta}",
+                window.0, window.1, self.done, self.total
+            );
+        } else if self.last_log.elapsed() >= Duration::from_secs(5) || self.done >= self.total {
+            self.last_log = Instant::now();
+            tracing::info!(
+                window = %format!("{} .. {}", window.0, window.1), done = self.done, of = self.total,
+                rate = format!("{rate:.0}/s"), eta = %eta, "backfill progress"
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+/// Run the backfill (or, with `dry_run`, only count per window).
+pub async fn run(cfg: &SourceConfig, range: &Range, dry_run: bool, shutdown: watch::Receiver<bool>) -> Result<Totals> {
+    let client = crate::pg::connect(cfg.database_url()).await?;
+    enrich::prepare_session(&client).await?;
+    let windows = range.windows();
+    let mut totals = Totals::default();
+    let mut counts = Vec::with_capacity(windows.len());
+    for &(from, to) in &windows {
+        let n = count(&client, from, to).await?;
+        counts.push(n);
+        totals.contacts += n;
+    }
+    if dry_run {
+        for (&(from, to), n) in windows.iter().zip(&counts) {
+            tracing::info!(window = %format!("{from} .. {to}"), contacts = n, "backfill dry run: would publish");
+        }
+        tracing::info!(contacts = totals.contacts, "backfill dry run: nothing published");
+        return Ok(totals);
+    }
+
+    let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
+    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
+    kafka::ensure_compacted_topic(
+        cfg.brokers(),
+        &cfg.kafka.properties,
+        &cfg.kafka.topic,
+        cfg.kafka.partitions,
+        cfg.kafka.replication_factor,
+    )
+    .await?;
+    // Events carry the WAL position the backfill started at, to tell them apart when tracing.
+    let now: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| error::pg("reading the WAL position", e))?
+        .get(0);
+    let origin = Origin { lsn: setup::parse_lsn(&now)?, commit_ts: 0, xid: 0 };
+    tracing::info!(
+        contacts = totals.contacts, windows = windows.len(), topic = %cfg.kafka.topic, at = %fmt_lsn(origin.lsn),
+        "backfill started"
+    );
+    let mut progress = Progress::new(totals.contacts);
+    let limit = cfg.source.batch_max_contacts;
+    for &(from, to) in &windows {
+        let mut after = String::new();
+        loop {
+            if *shutdown.borrow() {
+                progress.finish();
+                tracing::warn!(window = %format!("{from} .. {to}"), published = totals.published, "backfill interrupted; re-run it from this window");
+                return Ok(totals);
+            }
+            let ids = page(&client, from, to, &after, limit).await?;
+            let Some(last) = ids.last().cloned() else { break };
+            let full = ids.len() == limit;
+            let job = Job { ids, origins: Default::default(), deleted: Default::default(), origin: Some(origin), reason: "backfill" };
+            let mut pending = Pending::default();
+            let n = publisher::publish_now(&client, &producer, &cfg.kafka.topic, &mut pending, &job).await?;
+            pending.wait().await?;
+            totals.published += n as u64;
+            progress.add(job.ids.len() as u64, (from, to));
+            if !full {
+                break;
+            }
+            after = last;
+        }
+    }
+    progress.finish();
+    tracing::info!(published = totals.published, contacts = totals.contacts, "backfill done");
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> NaiveDate {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn windows_follow_the_guide() {
+        let r = Range::new(d("2025-01-15"), d("2025-01-22"), 1).unwrap();
+        let w = r.windows();
+        assert_eq!(w.len(), 7);
+        assert_eq!(w[0], (d("2025-01-15"), d("2025-01-16")));
+        assert_eq!(w[6], (d("2025-01-21"), d("2025-01-22")));
+        let r = Range::new(d("2025-01-15"), d("2025-01-22"), 3).unwrap();
+        assert_eq!(r.windows(), vec![
+            (d("2025-01-15"), d("2025-01-18")),
+            (d("2025-01-18"), d("2025-01-21")),
+            (d("2025-01-21"), d("2025-01-22")),
+        ]);
+    }
+
+    #[test]
+    fn bad_ranges_name_the_fix() {
+        let e = Range::new(d("2025-01-22"), d("2025-01-15"), 1).unwrap_err();
+        assert!(e.to_string().contains("exclusive"), "{e}");
+        assert!(Range::new(d("2025-01-15"), d("2025-01-15"), 1).is_err());
+        let e = Range::new(d("2025-01-15"), d("2025-01-16"), 0).unwrap_err();
+        assert!(e.to_string().contains("--batch-days"), "{e}");
+    }
+}

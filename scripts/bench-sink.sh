@@ -48,7 +48,8 @@ wait $src || true
 # would dominate a throughput run; it is lifted here, and the README says how to scale past it.
 sed 's|^rate_limit = { requests = 6000, window = "300s" }|rate_limit = { requests = 100000000, window = "300s" }|' \
     connector-config/crm-emulator.toml >connector-config/.bench-emulator.toml
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$work" connector-config/.bench-emulator.toml' EXIT
+# The snapshot source's slot is not needed after the run; left behind it would hold WAL.
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh psql -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active AND slot_name = '"'"'bench_sink'"'"'" >/dev/null 2>&1 || true; rm -rf "$work" connector-config/.bench-emulator.toml' EXIT
 rows=()
 for target in salesforce dynamics mulesoft; do
   for r in $(seq 1 "$ROUNDS"); do

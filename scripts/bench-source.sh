@@ -26,7 +26,8 @@ latency_bin=$(ls -t target/release/deps/latency-* | grep -v '\.d$' | head -1)
 url=${DATABASE_URL%/*}/$DB
 psqlb() { PGPASSWORD=postgres "$PGBIN/psql" -X -q -h 127.0.0.1 -p "${PGPORT:-55432}" -U postgres "$@"; }
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$work"' EXIT
+# Slots left behind would hold WAL (gigabytes after a run) until dropped.
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh psql -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active AND slot_name ~ '"'"'^bench_(recv|cdc)_[0-9]+$'"'"'" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
 echo "bench: fresh database $DB" >&2
 psqlb -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'bench\_recv%' OR slot_name LIKE 'bench\_cdc%'" >/dev/null

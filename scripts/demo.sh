@@ -25,7 +25,8 @@ scripts/services.sh psql -q -c "DROP DATABASE IF EXISTS $DEMO_DB" -c "CREATE DAT
 export DATABASE_URL=${DATABASE_URL%/*}/$DEMO_DB
 export TRUSST_TOPIC=trusst.demo.$(date +%s) TRUSST_SLOT=trusst_demo TRUSST_PUBLICATION=trusst_demo
 state=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$state"' EXIT
+# The demo's slot goes with the demo: left behind it would hold WAL until dropped.
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh psql -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active AND slot_name = '"'"'trusst_demo'"'"'" >/dev/null 2>&1 || true; rm -rf "$state"' EXIT
 
 echo "demo: loading the Trusst schema and $DEMO_CONTACTS completed contacts" >&2
 $bin generate --contacts "$DEMO_CONTACTS" --seed 1

@@ -121,5 +121,6 @@ print(table)
 path = 'BENCHMARKS.md'
 old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
 old = re.sub(r"## Sinks \(scripts/bench-sink.sh\).*?(?=\n## |\Z)", "", old, flags=re.S).rstrip() + "\n\n"
+old = re.sub(r"\n{3,}", "\n\n", old)
 open(path, 'w').write(old + table)
 PY

@@ -142,5 +142,6 @@ print(table)
 path = 'BENCHMARKS.md'
 old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nFigures come from the scripts named in each section; re-run them to reproduce.\n\n"
 old = re.sub(r"## Source \(scripts/bench-source.sh\).*?(?=\n## |\Z)", "", old, flags=re.S).rstrip() + "\n\n"
+old = re.sub(r"\n{3,}", "\n\n", old)
 open(path, 'w').write(old + table)
 PY

@@ -24,16 +24,7 @@ fn main() {
     let [brokers, topic, expected, idle] = <[String; 4]>::try_from(args).expect("usage: <brokers> <topic> <expected events> <idle seconds>");
     let expected: usize = expected.parse().expect("expected events");
     let idle = Duration::from_secs(idle.parse().expect("idle seconds"));
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", format!("latency-{}", std::process::id()))
-        .set("auto.offset.reset", "latest")
-        .set("enable.auto.commit", "false")
-        // The broker answers a fetch as soon as one byte is there; a short wait would only add
-        // empty round trips (broker CPU the measured pipeline shares).
-        .set("fetch.wait.max.ms", "100")
-        .create()
-        .expect("consumer");
+    let consumer: BaseConsumer = consumer_config(&brokers, "latency", "latest").create().expect("consumer");
     consumer.subscribe(&[&topic]).expect("subscribe");
     // Wait for the assignment so no early event is missed.
     let start = Instant::now();
@@ -71,15 +62,21 @@ fn main() {
     );
 }
 
-fn drain(brokers: &str, topic: &str, contacts: usize) {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("drain-{}", std::process::id()))
-        .set("auto.offset.reset", "earliest")
+/// A reader of its own group (named after `purpose` and this process) from `reset`.
+fn consumer_config(brokers: &str, purpose: &str, reset: &str) -> rdkafka::ClientConfig {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", format!("{purpose}-{}", std::process::id()))
+        .set("auto.offset.reset", reset)
         .set("enable.auto.commit", "false")
         // The broker answers a fetch as soon as one byte is there; a short wait would only add
         // empty round trips (broker CPU the measured pipeline shares).
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", "100");
+    c
+}
+
+fn drain(brokers: &str, topic: &str, contacts: usize) {
+    let consumer: BaseConsumer = consumer_config(brokers, "drain", "earliest")
         .set("topic.metadata.refresh.interval.ms", "200")
         .create()
         .expect("consumer");

@@ -206,10 +206,9 @@ async fn run(cli: Cli) -> Result<()> {
             trusst_cdc::tail::run(&kafka_brokers, &topic, from_beginning, json, max, idle).await
         }
         Command::Generate { database_url, contacts, chunk, rate, connections, seed, schema_only } => {
-            let mut client = Some(pg::connect(&database_url).await?);
-            let schema = client.as_ref().expect("connected");
-            generate::init_schema(schema).await?;
-            generate::ensure_questions(schema).await?;
+            let client = pg::connect(&database_url).await?;
+            generate::init_schema(&client).await?;
+            generate::ensure_questions(&client).await?;
             if schema_only {
                 return Ok(());
             }
@@ -219,9 +218,12 @@ async fn run(cli: Cli) -> Result<()> {
             // Chunks are made here, in order, and paced; the writers take them as they come.
             let (tx, rx) = tokio::sync::mpsc::channel::<Vec<generate::NewContact>>(connections);
             let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+            let mut clients = vec![client];
+            for _ in 1..connections {
+                clients.push(pg::connect(&database_url).await?);
+            }
             let mut writers = tokio::task::JoinSet::new();
-            for i in 0..connections {
-                let mut client = if i == 0 { client.take().expect("first writer") } else { pg::connect(&database_url).await? };
+            for mut client in clients {
                 let rx = rx.clone();
                 writers.spawn(async move {
                     loop {

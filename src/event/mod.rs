@@ -131,8 +131,11 @@ pub fn iso(ts: &chrono::NaiveDateTime) -> String {
         }
     }
     let year = d.year();
+    let micros = t.nanosecond() / 1000;
     if !(0..=9999).contains(&year) {
-        return ts.format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+        // Outside four digits: chrono's formatting, with the same fraction rule.
+        let pattern = if micros == 0 { "%Y-%m-%dT%H:%M:%S" } else { "%Y-%m-%dT%H:%M:%S%.6f" };
+        return ts.format(pattern).to_string();
     }
     num(&mut s, year as u32, 4);
     s.push('-');
@@ -145,7 +148,6 @@ pub fn iso(ts: &chrono::NaiveDateTime) -> String {
     num(&mut s, t.minute(), 2);
     s.push(':');
     num(&mut s, t.second(), 2);
-    let micros = t.nanosecond() / 1000;
     if micros != 0 {
         s.push('.');
         num(&mut s, micros.min(999_999), 6);

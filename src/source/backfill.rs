@@ -17,7 +17,6 @@ use super::{Origin, enrich, setup};
 use crate::config::SourceConfig;
 use crate::error::{self, Error, Result};
 use crate::event::lsn as fmt_lsn;
-use crate::kafka::{self, Pending};
 
 /// What to re-publish.
 #[derive(Debug, Clone)]
@@ -147,38 +146,20 @@ pub async fn run(cfg: &SourceConfig, range: &Range, dry_run: bool, shutdown: wat
     let client = crate::pg::connect(cfg.database_url()).await?;
     enrich::prepare_session(&client).await?;
     let windows = range.windows();
-    let mut totals = Totals::default();
-    let mut counts = Vec::with_capacity(windows.len());
-    for &(from, to) in &windows {
-        let n = count(&client, from, to).await?;
-        counts.push(n);
-        totals.contacts += n;
-    }
+    // One count for the whole range: the progress total. Only a dry run counts per window.
+    let mut totals = Totals { contacts: count(&client, range.start, range.end).await?, published: 0 };
     if dry_run {
-        for (&(from, to), n) in windows.iter().zip(&counts) {
+        for &(from, to) in &windows {
+            let n = count(&client, from, to).await?;
             tracing::info!(window = %format!("{from} .. {to}"), contacts = n, "backfill dry run: would publish");
         }
         tracing::info!(contacts = totals.contacts, "backfill dry run: nothing published");
         return Ok(totals);
     }
 
-    let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
-    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
-    kafka::ensure_compacted_topic(
-        cfg.brokers(),
-        &cfg.kafka.properties,
-        &cfg.kafka.topic,
-        cfg.kafka.partitions,
-        cfg.kafka.replication_factor,
-    )
-    .await?;
+    let producer = super::event_producer(cfg).await?;
     // Events carry the WAL position the backfill started at, to tell them apart when tracing.
-    let now: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(|e| error::pg("reading the WAL position", e))?
-        .get(0);
-    let origin = Origin { lsn: setup::parse_lsn(&now)?, commit_ts: 0, xid: 0 };
+    let origin = Origin { lsn: setup::current_wal_lsn(&client).await?, commit_ts: 0, xid: 0 };
     tracing::info!(
         contacts = totals.contacts, windows = windows.len(), topic = %cfg.kafka.topic, at = %fmt_lsn(origin.lsn),
         "backfill started"
@@ -196,10 +177,8 @@ pub async fn run(cfg: &SourceConfig, range: &Range, dry_run: bool, shutdown: wat
             let ids = page(&client, from, to, &after, limit).await?;
             let Some(last) = ids.last().cloned() else { break };
             let full = ids.len() == limit;
-            let job = Job { ids, origins: Default::default(), deleted: Default::default(), origin: Some(origin), reason: "backfill" };
-            let mut pending = Pending::default();
-            let n = publisher::publish_now(&client, &producer, &cfg.kafka.topic, &mut pending, &job).await?;
-            pending.wait().await?;
+            let job = Job::at(ids, origin, "backfill");
+            let n = publisher::publish_and_wait(&client, &producer, &cfg.kafka.topic, &job).await?;
             totals.published += n as u64;
             progress.add(job.ids.len() as u64, (from, to));
             if !full {

@@ -47,19 +47,9 @@ pub async fn prepare_session<C: GenericClient>(client: &C) -> Result<()> {
 
 /// Read the current state of `ids`; contacts that are not COMPLETED (or have no universal
 /// answer) are absent from the result.
-pub async fn enrich<C: GenericClient>(
-    client: &C,
-    ids: &[String],
-) -> Result<HashMap<String, ContactEvent>> {
-    Ok(build(fetch(client, ids).await?))
-}
-
-/// Run the re-read for `ids` and return its rows as they came (one per universal answer).
-pub async fn fetch<C: GenericClient>(client: &C, ids: &[String]) -> Result<Vec<Row>> {
-    client
-        .query(ENRICH_SQL, &[&ids])
-        .await
-        .map_err(|e| error::pg("re-reading touched contacts", e))
+pub async fn enrich(client: &Client, ids: &[String]) -> Result<HashMap<String, ContactEvent>> {
+    // Prepared and run: the same two round trips a query from text takes.
+    Ok(build(fetch(client, &prepare(client).await?, ids).await?))
 }
 
 /// The re-read as a prepared statement, for a connection that runs it batch after batch: the
@@ -68,8 +58,9 @@ pub async fn prepare(client: &Client) -> Result<Statement> {
     client.prepare(ENRICH_SQL).await.map_err(|e| error::pg("preparing the re-read query", e))
 }
 
-/// [`fetch`] with a statement from [`prepare`] on the same connection.
-pub async fn fetch_prepared(client: &Client, statement: &Statement, ids: &[String]) -> Result<Vec<Row>> {
+/// Run the re-read (a statement from [`prepare`] on the same connection) for `ids` and return
+/// its rows as they came, one per universal answer.
+pub async fn fetch(client: &Client, statement: &Statement, ids: &[String]) -> Result<Vec<Row>> {
     client
         .query(statement, &[&ids])
         .await

@@ -72,6 +72,21 @@ pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<(
     }
 }
 
+/// The event producer, once Kafka answered and the event topic exists (created compacted).
+async fn event_producer(cfg: &SourceConfig) -> Result<FutureProducer> {
+    let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
+    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
+    kafka::ensure_compacted_topic(
+        cfg.brokers(),
+        &cfg.kafka.properties,
+        &cfg.kafka.topic,
+        cfg.kafka.partitions,
+        cfg.kafka.replication_factor,
+    )
+    .await?;
+    Ok(producer)
+}
+
 /// The transaction a touched contact was last seen in.
 #[derive(Debug, Clone, Copy)]
 struct Origin {
@@ -179,16 +194,7 @@ impl<'a> Session<'a> {
         if s.create_publication {
             setup::ensure_publication(&client, &s.publication).await?;
         }
-        let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
-        kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
-        kafka::ensure_compacted_topic(
-            cfg.brokers(),
-            &cfg.kafka.properties,
-            &cfg.kafka.topic,
-            cfg.kafka.partitions,
-            cfg.kafka.replication_factor,
-        )
-        .await?;
+        let producer = event_producer(cfg).await?;
         let (slot_lsn, created) = setup::ensure_slot(&client, &s.slot).await?;
         self.confirmed = slot_lsn;
         self.last_commit_end = slot_lsn;
@@ -257,12 +263,7 @@ impl<'a> Session<'a> {
             .collect();
         // Read after the questions: a change committed in between then counts as a replay and
         // re-emits conservatively instead of being missed.
-        let now: String = client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(|e| error::pg("reading the WAL position", e))?
-            .get(0);
-        self.questions_loaded_at = setup::parse_lsn(&now)?;
+        self.questions_loaded_at = setup::current_wal_lsn(client).await?;
         Ok(())
     }
 
@@ -295,10 +296,8 @@ impl<'a> Session<'a> {
             }
             let ids = enrich::completed_page(client, &st.last_key, self.cfg.source.batch_max_contacts).await?;
             let Some(last) = ids.last().cloned() else { break };
-            let mut pending = Pending::default();
-            let job = Job { ids, origins: HashMap::new(), deleted: HashSet::new(), origin: Some(origin), reason: "snapshot" };
-            let n = publisher::publish_now(client, producer, &self.cfg.kafka.topic, &mut pending, &job).await?;
-            pending.wait().await?;
+            let job = Job::at(ids, origin, "snapshot");
+            let n = publisher::publish_and_wait(client, producer, &self.cfg.kafka.topic, &job).await?;
             self.published += n as u64;
             st.last_key = last;
             st.published += n as u64;
@@ -532,8 +531,7 @@ impl<'a> Session<'a> {
         let full = ids.len() == chunk;
         let origin = job.origin;
         // Through the pipeline, behind the batches already in it, so per-contact order holds.
-        self.submit(Job { ids, origins: HashMap::new(), deleted: HashSet::new(), origin: Some(origin), reason: "question" }, None)
-            .await?;
+        self.submit(Job::at(ids, origin, "question"), None).await?;
         self.drain_inflight(repl).await?;
         let job = self.jobs.front_mut().expect("job present");
         match last {

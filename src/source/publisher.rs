@@ -32,8 +32,15 @@ pub(super) struct Job {
     pub deleted: HashSet<String>,
     /// Origin for contacts missing from `origins` (snapshot pages, re-emits).
     pub origin: Option<Origin>,
-    /// `stream`, `snapshot` or `question`: written to the event's `source.reason`.
+    /// `stream`, `snapshot`, `question` or `backfill`: written to the event's `source.reason`.
     pub reason: &'static str,
+}
+
+impl Job {
+    /// Contacts that all share one origin (snapshot pages, re-emits, backfill pages).
+    pub fn at(ids: Vec<String>, origin: Origin, reason: &'static str) -> Self {
+        Self { ids, origins: HashMap::new(), deleted: HashSet::new(), origin: Some(origin), reason }
+    }
 }
 
 /// Completes with the number of events once Kafka acknowledged every record of a job.
@@ -65,7 +72,7 @@ impl Publisher {
             while let Some((job, done)) = jobs.recv().await {
                 // Only the query runs here: the rows become events in the next stage, so the
                 // database works on the next batch meanwhile.
-                match enrich::fetch_prepared(&client, &statement, &job.ids).await {
+                match enrich::fetch(&client, &statement, &job.ids).await {
                     Ok(rows) => {
                         if etx.send((job, rows, done)).await.is_err() {
                             return;
@@ -109,17 +116,15 @@ impl Publisher {
     }
 }
 
-/// Re-read `job.ids` on `client` and produce their events (used where no pipeline runs: the
-/// snapshot reads inside its own transaction). Returns events produced.
-pub(super) async fn publish_now(
-    client: &Client,
-    producer: &FutureProducer,
-    topic: &str,
-    pending: &mut Pending,
-    job: &Job,
-) -> Result<usize> {
+/// Re-read `job.ids` on `client`, produce their events and wait until Kafka acknowledged them
+/// (used where no pipeline runs: the snapshot reads inside its own transaction, the backfill
+/// page by page). Returns events published.
+pub(super) async fn publish_and_wait(client: &Client, producer: &FutureProducer, topic: &str, job: &Job) -> Result<usize> {
     let mut states = enrich::enrich(client, &job.ids).await?;
-    produce(producer, topic, pending, job, &mut states).await
+    let mut pending = Pending::default();
+    let n = produce(producer, topic, &mut pending, job, &mut states).await?;
+    pending.wait().await?;
+    Ok(n)
 }
 
 /// Produce one event per re-read contact, and a delete event plus tombstone per deleted one.

@@ -226,6 +226,16 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<(u64, bool)> {
     Ok((parse_lsn(&lsn)?, true))
 }
 
+/// The server's current WAL write position.
+pub async fn current_wal_lsn(client: &Client) -> Result<u64> {
+    let now: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| error::pg("reading the WAL position", e))?
+        .get(0);
+    parse_lsn(&now)
+}
+
 /// Parse PostgreSQL's `X/Y` LSN text.
 pub fn parse_lsn(s: &str) -> Result<u64> {
     let (hi, lo) = s.split_once('/').ok_or_else(|| Error::internal(format!("bad LSN {s:?}")))?;

@@ -23,7 +23,7 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$work"' EXIT
 
 echo "bench: $N completed contacts onto a fresh topic (the source's snapshot)" >&2
-psqlb -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'bench_sink'" >/dev/null
+scripts/services.sh drop-slots '^bench_sink$'
 psqlb -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
 $bin generate --database-url "$url" --contacts "$N" --chunk 1000 --seed 3 2>/dev/null
 topic=trusst.bench.sink.$(date +%s)
@@ -49,7 +49,7 @@ wait $src || true
 sed 's|^rate_limit = { requests = 6000, window = "300s" }|rate_limit = { requests = 100000000, window = "300s" }|' \
     connector-config/crm-emulator.toml >connector-config/.bench-emulator.toml
 # The snapshot source's slot is not needed after the run; left behind it would hold WAL.
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh psql -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active AND slot_name = '"'"'bench_sink'"'"'" >/dev/null 2>&1 || true; rm -rf "$work" connector-config/.bench-emulator.toml' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh drop-slots "^bench_sink$" || true; rm -rf "$work" connector-config/.bench-emulator.toml' EXIT
 rows=()
 for target in salesforce dynamics mulesoft; do
   for r in $(seq 1 "$ROUNDS"); do

@@ -26,11 +26,12 @@ latency_bin=$(ls -t target/release/deps/latency-* | grep -v '\.d$' | head -1)
 url=${DATABASE_URL%/*}/$DB
 psqlb() { PGPASSWORD=postgres "$PGBIN/psql" -X -q -h 127.0.0.1 -p "${PGPORT:-55432}" -U postgres "$@"; }
 work=$(mktemp -d)
+SLOTS='^bench_(recv|cdc)_[0-9]+$'
 # Slots left behind would hold WAL (gigabytes after a run) until dropped.
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh psql -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active AND slot_name ~ '"'"'^bench_(recv|cdc)_[0-9]+$'"'"'" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh drop-slots "$SLOTS" || true; rm -rf "$work"' EXIT
 
 echo "bench: fresh database $DB" >&2
-psqlb -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'bench\_recv%' OR slot_name LIKE 'bench\_cdc%'" >/dev/null
+scripts/services.sh drop-slots "$SLOTS"
 psqlb -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
 $bin generate --database-url "$url" --schema-only
 psqlb -d $DB -c "CREATE PUBLICATION bench_pub FOR TABLE contacts, inferences, questions, s3_conversations" >/dev/null

@@ -20,13 +20,13 @@ cargo build --release --locked -q
 bin=target/release/trusst-cdc
 
 # A fresh demo database each run, so the demo always starts from the same place.
-scripts/services.sh psql -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'trusst_demo'" >/dev/null
+scripts/services.sh drop-slots '^trusst_demo$'
 scripts/services.sh psql -q -c "DROP DATABASE IF EXISTS $DEMO_DB" -c "CREATE DATABASE $DEMO_DB"
 export DATABASE_URL=${DATABASE_URL%/*}/$DEMO_DB
 export TRUSST_TOPIC=trusst.demo.$(date +%s) TRUSST_SLOT=trusst_demo TRUSST_PUBLICATION=trusst_demo
 state=$(mktemp -d)
 # The demo's slot goes with the demo: left behind it would hold WAL until dropped.
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh psql -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active AND slot_name = '"'"'trusst_demo'"'"'" >/dev/null 2>&1 || true; rm -rf "$state"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh drop-slots "^trusst_demo$" || true; rm -rf "$state"' EXIT
 
 echo "demo: loading the Trusst schema and $DEMO_CONTACTS completed contacts" >&2
 $bin generate --contacts "$DEMO_CONTACTS" --seed 1

@@ -6,6 +6,8 @@
 #   scripts/services.sh status        one line per service; exits 3 if either is down
 #   scripts/services.sh env           eval "$(scripts/services.sh env)" -> DATABASE_URL, KAFKA_BROKERS, PGBIN
 #   scripts/services.sh psql [ARGS]   psql as postgres on database trusst (later -d overrides it)
+#   scripts/services.sh drop-slots REGEX
+#                                     drop the inactive replication slots whose name matches REGEX
 #   scripts/services.sh kafka-topics [ARGS]
 #                                     Kafka's TopicCommand, --bootstrap-server already given
 #   chaos helpers: restart-pg, stop-pg, start-pg, kill-kafka (SIGKILL), stop-kafka, start-kafka
@@ -559,6 +561,13 @@ env) print_env ;;
 psql)
     PGBIN=$(find_pgbin) || die "PostgreSQL is not installed (run: scripts/services.sh up)"
     PGPASSWORD=$PG_PASSWORD exec "$PGBIN/psql" -X -h 127.0.0.1 -p "$PGPORT" -U postgres -d "$PG_DB" "$@"
+    ;;
+drop-slots)
+    [[ $# -eq 1 ]] || die "usage: scripts/services.sh drop-slots REGEX"
+    PGBIN=$(find_pgbin) || die "PostgreSQL is not installed (run: scripts/services.sh up)"
+    # Through stdin: psql substitutes :'re' (quoted safely) there, not in -c.
+    echo "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE NOT active AND slot_name ~ :'re'" |
+        PGPASSWORD=$PG_PASSWORD "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -v re="$1" -h 127.0.0.1 -p "$PGPORT" -U postgres -d "$PG_DB" >/dev/null
     ;;
 kafka-topics)
     [[ -f $KAFKA_LIB/.stamp ]] || die "Kafka is not fetched yet (run: scripts/services.sh up)"

@@ -23,7 +23,7 @@ eval "$(scripts/services.sh env)"
 export REPLICA_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${REPLICA_PGPORT:-55433}/trusst"
 
 # Slots left by an interrupted earlier run would hold WAL and count against max_replication_slots.
-scripts/services.sh psql -q -t -c "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE NOT active AND slot_name LIKE 'slot\_%'" >/dev/null
+scripts/services.sh drop-slots '^slot_'
 
 echo "test: building" >&2
 cargo build --locked --all-targets

@@ -13,9 +13,14 @@ pub async fn run(cfg: &SourceConfig) -> Result<()> {
     match crate::pg::connect(cfg.database_url()).await {
         Ok(client) => {
             let s = &cfg.source;
-            findings.extend(setup::preflight(&client, &s.publication, &s.slot, s.create_publication).await?);
+            findings.extend(
+                setup::preflight(&client, &s.publication, &s.slot, s.create_publication).await?,
+            );
         }
-        Err(e) => findings.push(Finding { what: format!("PostgreSQL: {e}"), fix: Some("check DATABASE_URL".into()) }),
+        Err(e) => findings.push(Finding {
+            what: format!("PostgreSQL: {e}"),
+            fix: Some("check DATABASE_URL".into()),
+        }),
     }
     findings.extend(kafka_findings(cfg).await);
     let mut failed = 0;
@@ -29,7 +34,9 @@ pub async fn run(cfg: &SourceConfig) -> Result<()> {
         }
     }
     if failed > 0 {
-        return Err(Error::user(format!("{failed} check(s) failed; see the fixes above")));
+        return Err(Error::user(format!(
+            "{failed} check(s) failed; see the fixes above"
+        )));
     }
     println!("all {} checks passed", findings.len());
     Ok(())
@@ -45,7 +52,10 @@ async fn kafka_findings(cfg: &SourceConfig) -> Vec<Finding> {
             fix: Some("check KAFKA_BROKERS, the listener address and [kafka.properties] security settings".into()),
         }];
     }
-    let mut out = vec![Finding { what: format!("Kafka at {brokers} answers"), fix: None }];
+    let mut out = vec![Finding {
+        what: format!("Kafka at {brokers} answers"),
+        fix: None,
+    }];
     let topic = &cfg.kafka.topic;
     match kafka::describe_topic(brokers, &cfg.kafka.properties, topic).await {
         Ok(None) => out.push(Finding { what: format!("topic {topic} will be created (compacted)"), fix: None }),

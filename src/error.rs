@@ -47,17 +47,35 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A problem the operator must fix; `message` should say what is wrong and how to fix it.
     pub fn user(message: impl Into<String>) -> Self {
-        Self { fault: Fault::User, retryable: false, retry_after: None, message: message.into(), source: None }
+        Self {
+            fault: Fault::User,
+            retryable: false,
+            retry_after: None,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// A failing or unreachable service; retryable by default.
     pub fn external(message: impl Into<String>) -> Self {
-        Self { fault: Fault::External, retryable: true, retry_after: None, message: message.into(), source: None }
+        Self {
+            fault: Fault::External,
+            retryable: true,
+            retry_after: None,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// A bug in trusst-cdc.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { fault: Fault::Internal, retryable: false, retry_after: None, message: message.into(), source: None }
+        Self {
+            fault: Fault::Internal,
+            retryable: false,
+            retry_after: None,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// Attach the underlying cause (shown after the message).
@@ -88,7 +106,10 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.fault, self.message)?;
-        let mut cause = self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static));
+        let mut cause = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
         while let Some(e) = cause {
             write!(f, ": {e}")?;
             cause = e.source();
@@ -117,7 +138,11 @@ pub fn pg(context: impl Into<String>, e: tokio_postgres::Error) -> Error {
         ]
         .contains(code);
         let msg = format!("{context}: {} (SQLSTATE {})", db.message(), code.code());
-        return if user_fault { Error::user(msg) } else { Error::external(msg) };
+        return if user_fault {
+            Error::user(msg)
+        } else {
+            Error::external(msg)
+        };
     }
     Error::external(context).with_source(e)
 }
@@ -138,5 +163,10 @@ pub fn kafka(context: impl Into<String>, e: rdkafka::error::KafkaError) -> Error
 /// loop here uses (the caller decides when to stop).
 pub fn backoff(min: std::time::Duration, max: std::time::Duration) -> backon::ExponentialBackoff {
     use backon::BackoffBuilder;
-    backon::ExponentialBuilder::default().with_min_delay(min).with_max_delay(max).with_jitter().without_max_times().build()
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }

@@ -17,22 +17,126 @@ pub const SCHEMA_SQL: &str = include_str!("../tests/fixtures/trusst_schema.sql")
 pub const CDC_SETUP_SQL: &str = include_str!("../tests/fixtures/cdc_setup.sql");
 
 /// A question the generator defines: (id, key, text, result type, universal, group, order).
-pub type QuestionDef = (&'static str, &'static str, &'static str, &'static str, bool, &'static str, i32);
+pub type QuestionDef = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+    &'static str,
+    i32,
+);
 
 /// Eight universal questions (one per result type at least) and four others.
 pub const QUESTIONS: [QuestionDef; 12] = [
-    ("q-agent-identified", "agent_identified", "Did the agent properly identify themselves?", "Boolean", true, "Compliance", 1),
-    ("q-compliance-check", "compliance_check", "Were all compliance requirements met?", "Boolean", true, "Compliance", 2),
-    ("q-quality-score", "quality_score", "Overall call quality from 1 to 10", "Rating", true, "Quality", 1),
-    ("q-empathy", "empathy_rating", "How empathetic was the agent (1-10)?", "Rating", true, "Quality", 2),
-    ("q-outcome", "call_outcome", "What was the outcome of the call?", "Label", true, "Quality", 3),
-    ("q-sentiment", "customer_sentiment", "How did the customer feel at the end?", "Label", true, "Experience", 1),
-    ("q-resolution", "resolution_notes", "Describe how the issue was resolved.", "Paragraph", true, "Experience", 2),
-    ("q-summary", "call_summary", "Summarise the call.", "Summary", true, "Experience", 3),
-    ("q-upsell", "upsell_attempted", "Did the agent attempt an upsell?", "Boolean", false, "Sales", 1),
-    ("q-product", "product_knowledge", "Product knowledge (1-10)", "Rating", false, "Sales", 2),
-    ("q-next-steps", "next_steps", "What are the agreed next steps?", "Paragraph", false, "Sales", 3),
-    ("q-escalation", "escalation_reason", "Why was the call escalated?", "Label", false, "Sales", 4),
+    (
+        "q-agent-identified",
+        "agent_identified",
+        "Did the agent properly identify themselves?",
+        "Boolean",
+        true,
+        "Compliance",
+        1,
+    ),
+    (
+        "q-compliance-check",
+        "compliance_check",
+        "Were all compliance requirements met?",
+        "Boolean",
+        true,
+        "Compliance",
+        2,
+    ),
+    (
+        "q-quality-score",
+        "quality_score",
+        "Overall call quality from 1 to 10",
+        "Rating",
+        true,
+        "Quality",
+        1,
+    ),
+    (
+        "q-empathy",
+        "empathy_rating",
+        "How empathetic was the agent (1-10)?",
+        "Rating",
+        true,
+        "Quality",
+        2,
+    ),
+    (
+        "q-outcome",
+        "call_outcome",
+        "What was the outcome of the call?",
+        "Label",
+        true,
+        "Quality",
+        3,
+    ),
+    (
+        "q-sentiment",
+        "customer_sentiment",
+        "How did the customer feel at the end?",
+        "Label",
+        true,
+        "Experience",
+        1,
+    ),
+    (
+        "q-resolution",
+        "resolution_notes",
+        "Describe how the issue was resolved.",
+        "Paragraph",
+        true,
+        "Experience",
+        2,
+    ),
+    (
+        "q-summary",
+        "call_summary",
+        "Summarise the call.",
+        "Summary",
+        true,
+        "Experience",
+        3,
+    ),
+    (
+        "q-upsell",
+        "upsell_attempted",
+        "Did the agent attempt an upsell?",
+        "Boolean",
+        false,
+        "Sales",
+        1,
+    ),
+    (
+        "q-product",
+        "product_knowledge",
+        "Product knowledge (1-10)",
+        "Rating",
+        false,
+        "Sales",
+        2,
+    ),
+    (
+        "q-next-steps",
+        "next_steps",
+        "What are the agreed next steps?",
+        "Paragraph",
+        false,
+        "Sales",
+        3,
+    ),
+    (
+        "q-escalation",
+        "escalation_reason",
+        "Why was the call escalated?",
+        "Label",
+        false,
+        "Sales",
+        4,
+    ),
 ];
 
 /// Labels answered for Label questions.
@@ -40,8 +144,14 @@ pub const LABELS: [&str; 4] = ["Excellent", "Good", "Fair", "Poor"];
 
 /// Load the schema fixture and the replica identity settings (idempotent).
 pub async fn init_schema(client: &Client) -> Result<()> {
-    client.batch_execute(SCHEMA_SQL).await.map_err(|e| error::pg("loading the Trusst schema", e))?;
-    client.batch_execute(CDC_SETUP_SQL).await.map_err(|e| error::pg("setting replica identity", e))?;
+    client
+        .batch_execute(SCHEMA_SQL)
+        .await
+        .map_err(|e| error::pg("loading the Trusst schema", e))?;
+    client
+        .batch_execute(CDC_SETUP_SQL)
+        .await
+        .map_err(|e| error::pg("setting replica identity", e))?;
     Ok(())
 }
 
@@ -100,20 +210,30 @@ pub struct Generator {
 }
 
 const SYLLABLES: [&str; 24] = [
-    "ka", "lo", "mi", "ne", "tu", "ra", "vo", "shi", "den", "ber", "cal", "mon", "pri", "qua", "sol", "tek", "ux", "zen",
-    "fir", "gal", "hor", "jin", "wex", "yol",
+    "ka", "lo", "mi", "ne", "tu", "ra", "vo", "shi", "den", "ber", "cal", "mon", "pri", "qua",
+    "sol", "tek", "ux", "zen", "fir", "gal", "hor", "jin", "wex", "yol",
 ];
 
 impl Generator {
     /// A generator with a fixed seed, so runs are reproducible.
     pub fn new(seed: u64, opts: Options) -> Self {
-        Self { rng: StdRng::seed_from_u64(seed), opts }
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            opts,
+        }
     }
 
     fn id(&mut self) -> String {
         let a: u128 = self.rng.random();
         let h = format!("{a:032x}");
-        format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
     }
 
     /// A text of about `len` characters; high entropy so long ones are stored out of line.
@@ -138,7 +258,11 @@ impl Generator {
             "Label" => LABELS[self.rng.random_range(0..LABELS.len())].to_owned(),
             _ => {
                 let long = self.rng.random_bool(self.opts.long_text_share);
-                let len = if long { self.rng.random_range(5000..9000) } else { self.rng.random_range(80..400) };
+                let len = if long {
+                    self.rng.random_range(5000..9000)
+                } else {
+                    self.rng.random_range(80..400)
+                };
                 self.text(len)
             }
         }
@@ -165,7 +289,11 @@ impl Generator {
             contact_id,
             inferences,
             call_time,
-            direction: if self.rng.random_bool(0.6) { "inbound" } else { "outbound" },
+            direction: if self.rng.random_bool(0.6) {
+                "inbound"
+            } else {
+                "outbound"
+            },
             agent: format!("agent_{}", self.rng.random_range(1..200)),
         }
     }
@@ -175,15 +303,32 @@ impl Generator {
 pub async fn write_contacts(client: &mut Client, contacts: &[NewContact]) -> Result<()> {
     let e = |e| error::pg("writing generated contacts", e);
     let ids: Vec<&str> = contacts.iter().map(|c| c.contact_id.as_str()).collect();
-    let streams: Vec<String> = contacts.iter().map(|c| format!("stream-{}", &c.contact_id[..2])).collect();
-    let externals: Vec<String> = contacts.iter().map(|c| format!("ext-{}", c.contact_id)).collect();
-    let starts: Vec<chrono::NaiveDateTime> =
-        contacts.iter().map(|c| c.call_time - chrono::Duration::seconds(5)).collect();
+    let streams: Vec<String> = contacts
+        .iter()
+        .map(|c| format!("stream-{}", &c.contact_id[..2]))
+        .collect();
+    let externals: Vec<String> = contacts
+        .iter()
+        .map(|c| format!("ext-{}", c.contact_id))
+        .collect();
+    let starts: Vec<chrono::NaiveDateTime> = contacts
+        .iter()
+        .map(|c| c.call_time - chrono::Duration::seconds(5))
+        .collect();
     let dirs: Vec<&str> = contacts.iter().map(|c| c.direction).collect();
     let agents: Vec<&str> = contacts.iter().map(|c| c.agent.as_str()).collect();
-    let s3_agents: Vec<String> = contacts.iter().map(|c| c.agent.replace("agent_", "user.")).collect();
-    let convs: Vec<String> = contacts.iter().map(|c| format!("conv-{}", c.contact_id)).collect();
-    let conns: Vec<String> = contacts.iter().map(|c| format!("REC-{}", &c.contact_id[..8])).collect();
+    let s3_agents: Vec<String> = contacts
+        .iter()
+        .map(|c| c.agent.replace("agent_", "user."))
+        .collect();
+    let convs: Vec<String> = contacts
+        .iter()
+        .map(|c| format!("conv-{}", c.contact_id))
+        .collect();
+    let conns: Vec<String> = contacts
+        .iter()
+        .map(|c| format!("REC-{}", &c.contact_id[..8]))
+        .collect();
     let calls: Vec<chrono::NaiveDateTime> = contacts.iter().map(|c| c.call_time).collect();
 
     let tx = client.transaction().await.map_err(e)?;
@@ -217,7 +362,12 @@ pub async fn write_contacts(client: &mut Client, contacts: &[NewContact]) -> Res
         }
     }
     let tx = client.transaction().await.map_err(e)?;
-    tx.execute("UPDATE contacts SET current_stage = 'INFERENCE' WHERE contact_id = ANY($1)", &[&ids]).await.map_err(e)?;
+    tx.execute(
+        "UPDATE contacts SET current_stage = 'INFERENCE' WHERE contact_id = ANY($1)",
+        &[&ids],
+    )
+    .await
+    .map_err(e)?;
     tx.execute(
         "INSERT INTO inferences (inference_id, contact_id, question_id, result) \
          SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::text[])",
@@ -228,7 +378,10 @@ pub async fn write_contacts(client: &mut Client, contacts: &[NewContact]) -> Res
     tx.commit().await.map_err(e)?;
 
     client
-        .execute("UPDATE contacts SET current_stage = 'COMPLETED' WHERE contact_id = ANY($1)", &[&ids])
+        .execute(
+            "UPDATE contacts SET current_stage = 'COMPLETED' WHERE contact_id = ANY($1)",
+            &[&ids],
+        )
         .await
         .map_err(e)?;
     Ok(())

@@ -15,6 +15,6 @@ pub mod event;
 pub mod generate;
 pub mod kafka;
 pub mod pg;
+pub mod sink;
 pub mod source;
 pub mod tail;
-pub mod sink;

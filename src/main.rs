@@ -17,10 +17,20 @@ use trusst_cdc::{check, generate, pg, source};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "trusst-cdc", version, about = "Change-data-capture from Trusst's PostgreSQL to CRMs through Kafka")]
+#[command(
+    name = "trusst-cdc",
+    version,
+    about = "Change-data-capture from Trusst's PostgreSQL to CRMs through Kafka"
+)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "TRUSST_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TRUSST_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -141,9 +151,12 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSST_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -180,32 +193,75 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = source_config(&config, overrides)?;
             check::run(&cfg).await
         }
-        Command::Backfill { config, overrides, start_date, end_date, batch_days, dry_run } => {
+        Command::Backfill {
+            config,
+            overrides,
+            start_date,
+            end_date,
+            batch_days,
+            dry_run,
+        } => {
             let cfg = source_config(&config, overrides)?;
             let range = source::backfill::Range::new(start_date, end_date, batch_days)?;
             let totals = source::backfill::run(&cfg, &range, dry_run, shutdown_signal()).await?;
             if dry_run {
-                println!("{} COMPLETED contacts between {start_date} and {end_date} (exclusive)", totals.contacts);
+                println!(
+                    "{} COMPLETED contacts between {start_date} and {end_date} (exclusive)",
+                    totals.contacts
+                );
             } else {
-                println!("published {} events for {} COMPLETED contacts", totals.published, totals.contacts);
+                println!(
+                    "published {} events for {} COMPLETED contacts",
+                    totals.published, totals.contacts
+                );
             }
             Ok(())
         }
-        Command::Sink { config, overrides, from, dry_run, redrive, until_idle } => {
-            let cfg = config::load::<trusst_cdc::sink::config::SinkConfig>(&config)?.resolve(overrides)?;
+        Command::Sink {
+            config,
+            overrides,
+            from,
+            dry_run,
+            redrive,
+            until_idle,
+        } => {
+            let cfg = config::load::<trusst_cdc::sink::config::SinkConfig>(&config)?
+                .resolve(overrides)?;
             let target = trusst_cdc::sink::build_target(&cfg)?;
-            let opts = trusst_cdc::sink::runner::RunOptions { start: from, dry_run, redrive, until_idle };
-            let totals = trusst_cdc::sink::runner::run(&cfg, target, opts, shutdown_signal()).await?;
+            let opts = trusst_cdc::sink::runner::RunOptions {
+                start: from,
+                dry_run,
+                redrive,
+                until_idle,
+            };
+            let totals =
+                trusst_cdc::sink::runner::run(&cfg, target, opts, shutdown_signal()).await?;
             tracing::info!(
-                consumed = totals.consumed, written = totals.written, dead_lettered = totals.dead_lettered,
-                superseded = totals.superseded, "sink finished"
+                consumed = totals.consumed,
+                written = totals.written,
+                dead_lettered = totals.dead_lettered,
+                superseded = totals.superseded,
+                "sink finished"
             );
             Ok(())
         }
-        Command::Tail { kafka_brokers, topic, from_beginning, json, max, idle } => {
-            trusst_cdc::tail::run(&kafka_brokers, &topic, from_beginning, json, max, idle).await
-        }
-        Command::Generate { database_url, contacts, chunk, rate, connections, seed, schema_only } => {
+        Command::Tail {
+            kafka_brokers,
+            topic,
+            from_beginning,
+            json,
+            max,
+            idle,
+        } => trusst_cdc::tail::run(&kafka_brokers, &topic, from_beginning, json, max, idle).await,
+        Command::Generate {
+            database_url,
+            contacts,
+            chunk,
+            rate,
+            connections,
+            seed,
+            schema_only,
+        } => {
             let client = pg::connect(&database_url).await?;
             generate::init_schema(&client).await?;
             generate::ensure_questions(&client).await?;
@@ -227,7 +283,9 @@ async fn run(cli: Cli) -> Result<()> {
                 let rx = rx.clone();
                 writers.spawn(async move {
                     loop {
-                        let Some(batch) = rx.lock().await.recv().await else { return Ok::<_, Error>(()) };
+                        let Some(batch) = rx.lock().await.recv().await else {
+                            return Ok::<_, Error>(());
+                        };
                         generate::write_contacts(&mut client, &batch).await?;
                     }
                 });

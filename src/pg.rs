@@ -62,14 +62,19 @@ pub fn replication_config(url: &str, slot: &str, publication: &str) -> Result<Re
     let config = parse_url(url)?;
     let (host, port) = host_port(&config);
     let user = config.get_user().unwrap_or("postgres").to_owned();
-    let password = config.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
     let db = config.get_dbname().unwrap_or(&user).to_owned();
-    Ok(ReplicationConfig::new(host, user, password, db, slot, publication)
-        .with_port(port)
-        .with_application_name(format!("trusst-cdc:{slot}"))
-        // Report confirmed positions quickly: it is what lets PostgreSQL recycle WAL.
-        .with_status_interval(Duration::from_secs(1))
-        .with_wakeup_interval(Duration::from_secs(5))
-        .with_buffer_size(8192)
-        .with_options("-c datestyle=ISO,YMD -c timezone=UTC"))
+    Ok(
+        ReplicationConfig::new(host, user, password, db, slot, publication)
+            .with_port(port)
+            .with_application_name(format!("trusst-cdc:{slot}"))
+            // Report confirmed positions quickly: it is what lets PostgreSQL recycle WAL.
+            .with_status_interval(Duration::from_secs(1))
+            .with_wakeup_interval(Duration::from_secs(5))
+            .with_buffer_size(8192)
+            .with_options("-c datestyle=ISO,YMD -c timezone=UTC"),
+    )
 }

@@ -12,13 +12,28 @@ use crate::kafka;
 
 /// Print records of `topic` from the beginning (or the end), one line each, until `max`
 /// records or `idle` without any.
-pub async fn run(brokers: &str, topic: &str, from_beginning: bool, json: bool, max: Option<usize>, idle: Option<Duration>) -> Result<()> {
+pub async fn run(
+    brokers: &str,
+    topic: &str,
+    from_beginning: bool,
+    json: bool,
+    max: Option<usize>,
+    idle: Option<Duration>,
+) -> Result<()> {
     let mut c = kafka::client_config(brokers, &Default::default());
-    c.set("group.id", format!("trusst-cdc-tail-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", if from_beginning { "earliest" } else { "latest" });
+    c.set(
+        "group.id",
+        format!("trusst-cdc-tail-{}", std::process::id()),
+    )
+    .set("enable.auto.commit", "false")
+    .set(
+        "auto.offset.reset",
+        if from_beginning { "earliest" } else { "latest" },
+    );
     let consumer: StreamConsumer = kafka::create(&c, "consumer")?;
-    consumer.subscribe(&[topic]).map_err(|e| crate::error::kafka("subscribing", e))?;
+    consumer
+        .subscribe(&[topic])
+        .map_err(|e| crate::error::kafka("subscribing", e))?;
     let mut stream = consumer.stream();
     let mut seen = 0usize;
     let mut last = Instant::now();
@@ -26,7 +41,9 @@ pub async fn run(brokers: &str, topic: &str, from_beginning: bool, json: bool, m
         if max.is_some_and(|m| seen >= m) {
             return Ok(());
         }
-        let wait = idle.map(|d| d.saturating_sub(last.elapsed())).unwrap_or(Duration::from_secs(3600));
+        let wait = idle
+            .map(|d| d.saturating_sub(last.elapsed()))
+            .unwrap_or(Duration::from_secs(3600));
         let next = match tokio::time::timeout(wait, stream.next()).await {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
@@ -52,14 +69,26 @@ pub async fn run(brokers: &str, topic: &str, from_beginning: bool, json: bool, m
             println!("{}", String::from_utf8_lossy(payload));
             continue;
         }
-        let e = ContactEvent::from_json(payload)
-            .map_err(|e| Error::external(format!("record {key} at offset {} is not an event: {e}", m.offset())))?;
+        let e = ContactEvent::from_json(payload).map_err(|e| {
+            Error::external(format!(
+                "record {key} at offset {} is not an event: {e}",
+                m.offset()
+            ))
+        })?;
         let answers: Vec<String> = e
             .universal_questions
             .iter()
             .map(|q| {
                 let r = q.result.as_deref().unwrap_or("null");
-                let r = if r.chars().count() > 24 { format!("{}…({} chars)", r.chars().take(20).collect::<String>(), r.len()) } else { r.to_owned() };
+                let r = if r.chars().count() > 24 {
+                    format!(
+                        "{}…({} chars)",
+                        r.chars().take(20).collect::<String>(),
+                        r.len()
+                    )
+                } else {
+                    r.to_owned()
+                };
                 format!("{}={r}", q.question_key)
             })
             .collect();
@@ -67,6 +96,13 @@ pub async fn run(brokers: &str, topic: &str, from_beginning: bool, json: bool, m
             Op::Upsert => "upsert",
             Op::Delete => "DELETE",
         };
-        println!("{key} [p{} @{}] {op} via {} lsn={} {}", m.partition(), m.offset(), e.source.reason, e.source.lsn, answers.join(" "));
+        println!(
+            "{key} [p{} @{}] {op} via {} lsn={} {}",
+            m.partition(),
+            m.offset(),
+            e.source.reason,
+            e.source.lsn,
+            answers.join(" ")
+        );
     }
 }

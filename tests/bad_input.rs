@@ -19,7 +19,11 @@ fn run(args: &[&str], db_url: &str, brokers: &str, config: &str) -> (Output, Str
         .env("TRUSST_SLOT", unique("bad"))
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out, text)
 }
 
@@ -39,44 +43,84 @@ fn malformed_config_names_the_line() {
 
 #[test]
 fn unknown_key_is_named() {
-    let (out, text) = run(&["check"], &base_url(), &brokers(), "[source]\nheartbeat = \"1s\"\n");
-    assert_fails(&out, &text, &["unknown field `heartbeat`", "heartbeat_interval"]);
+    let (out, text) = run(
+        &["check"],
+        &base_url(),
+        &brokers(),
+        "[source]\nheartbeat = \"1s\"\n",
+    );
+    assert_fails(
+        &out,
+        &text,
+        &["unknown field `heartbeat`", "heartbeat_interval"],
+    );
 }
 
 #[test]
 fn missing_config_file() {
-    let out = Command::new(bin()).args(["source", "--config", "/nonexistent/source.toml"]).output().unwrap();
+    let out = Command::new(bin())
+        .args(["source", "--config", "/nonexistent/source.toml"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(text.contains("cannot read config file /nonexistent/source.toml"), "{text}");
+    assert!(
+        text.contains("cannot read config file /nonexistent/source.toml"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_table_and_column_are_named() {
     let db = TestDb::new("t_missing").await;
     let c = db.client().await;
-    c.batch_execute("ALTER TABLE s3_conversations DROP COLUMN conn_id; DROP TABLE inferences").await.unwrap();
+    c.batch_execute("ALTER TABLE s3_conversations DROP COLUMN conn_id; DROP TABLE inferences")
+        .await
+        .unwrap();
     for cmd in ["check", "source"] {
         let (out, text) = run(&[cmd], &db.url, &brokers(), "");
-        assert_fails(&out, &text, &["table inferences is missing", "table s3_conversations lacks column(s) conn_id"]);
+        assert_fails(
+            &out,
+            &text,
+            &[
+                "table inferences is missing",
+                "table s3_conversations lacks column(s) conn_id",
+            ],
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replica_identity_is_checked_with_its_fix() {
     let db = TestDb::new("t_ident").await;
-    db.client().await.batch_execute("ALTER TABLE inferences REPLICA IDENTITY DEFAULT").await.unwrap();
+    db.client()
+        .await
+        .batch_execute("ALTER TABLE inferences REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
     let (out, text) = run(&["check"], &db.url, &brokers(), "");
-    assert_fails(&out, &text, &["inferences does not have REPLICA IDENTITY FULL", "ALTER TABLE inferences REPLICA IDENTITY FULL"]);
+    assert_fails(
+        &out,
+        &text,
+        &[
+            "inferences does not have REPLICA IDENTITY FULL",
+            "ALTER TABLE inferences REPLICA IDENTITY FULL",
+        ],
+    );
 }
 
 #[test]
 fn wal_level_replica_is_refused() {
-    let url = std::env::var("REPLICA_DATABASE_URL")
-        .expect("REPLICA_DATABASE_URL (a cluster with wal_level=replica) is set by scripts/test.sh");
+    let url = std::env::var("REPLICA_DATABASE_URL").expect(
+        "REPLICA_DATABASE_URL (a cluster with wal_level=replica) is set by scripts/test.sh",
+    );
     for cmd in ["check", "source"] {
         let (out, text) = run(&[cmd], &url, &brokers(), "");
-        assert_fails(&out, &text, &["wal_level = replica", "set wal_level = logical"]);
+        assert_fails(
+            &out,
+            &text,
+            &["wal_level = replica", "set wal_level = logical"],
+        );
     }
 }
 
@@ -91,7 +135,12 @@ async fn unreachable_kafka_fails_with_the_address() {
 
 #[test]
 fn unreachable_database_fails_with_the_address() {
-    let (out, text) = run(&["source"], "postgres://postgres:postgres@127.0.0.1:1/trusst", &brokers(), "");
+    let (out, text) = run(
+        &["source"],
+        "postgres://postgres:postgres@127.0.0.1:1/trusst",
+        &brokers(),
+        "",
+    );
     assert_fails(&out, &text, &["127.0.0.1:1/trusst", "DATABASE_URL"]);
 }
 
@@ -100,6 +149,9 @@ async fn healthy_setup_passes_check() {
     let db = TestDb::new("t_healthy").await;
     let (out, text) = run(&["check"], &db.url, &brokers(), "");
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("ok    wal_level = logical") && text.contains("all "), "{text}");
+    assert!(
+        text.contains("ok    wal_level = logical") && text.contains("all "),
+        "{text}"
+    );
     assert!(!text.contains("FAIL"), "{text}");
 }

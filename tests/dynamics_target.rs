@@ -29,7 +29,11 @@ fn attributes() -> serde_json::Value {
 
 fn options(labels: &[(&str, i64)], global: bool) -> serde_json::Value {
     let set = json!({"Options": labels.iter().map(|(l, v)| json!({"Value": v, "Label": {"UserLocalizedLabel": {"Label": l}}})).collect::<Vec<_>>()});
-    if global { json!({"OptionSet": null, "GlobalOptionSet": set}) } else { json!({"OptionSet": set, "GlobalOptionSet": null}) }
+    if global {
+        json!({"OptionSet": null, "GlobalOptionSet": set})
+    } else {
+        json!({"OptionSet": set, "GlobalOptionSet": null})
+    }
 }
 
 /// The record ids of a `$batch` request body, with their methods, in order.
@@ -38,7 +42,12 @@ fn batch_requests(body: &str) -> Vec<(String, String)> {
         .filter(|l| l.ends_with(" HTTP/1.1\r") || l.ends_with(" HTTP/1.1"))
         .map(|l| {
             let method = l.split(' ').next().unwrap().to_owned();
-            let id = l.split("='").nth(1).and_then(|r| r.split("')").next()).unwrap_or("").to_owned();
+            let id = l
+                .split("='")
+                .nth(1)
+                .and_then(|r| r.split("')").next())
+                .unwrap_or("")
+                .to_owned();
             (method, id)
         })
         .collect()
@@ -52,7 +61,14 @@ fn batch_reply(parts: &[(u16, &str, String)]) -> Reply {
         ));
     }
     body.push_str("--batchresponse_x--\r\n");
-    Reply { status: 200, headers: vec![("content-type".into(), "multipart/mixed; boundary=batchresponse_x".into())], body }
+    Reply {
+        status: 200,
+        headers: vec![(
+            "content-type".into(),
+            "multipart/mixed; boundary=batchresponse_x".into(),
+        )],
+        body,
+    }
 }
 
 /// A scripted Dataverse: the first `$batch` is refused with 401 (an expired token); records
@@ -125,7 +141,10 @@ fn config(mock: &Mock, secret: &str) -> Config {
         tenant: "contoso".into(),
         token_url: Some(format!("{}/contoso/oauth2/v2.0/token", mock.url)),
         client_id: "app-id".into(),
-        client_secret: Secret { value: Some(secret.into()), ..Default::default() },
+        client_secret: Secret {
+            value: Some(secret.into()),
+            ..Default::default()
+        },
         scope: None,
         batch_size: 1000,
         request_timeout: Duration::from_secs(10),
@@ -136,7 +155,10 @@ fn record(id: &str) -> Record {
     let mut fields = serde_json::Map::new();
     fields.insert("trusst_contact_id".into(), id.into());
     fields.insert("quality_score".into(), 8.into());
-    Record { contact_id: id.into(), fields }
+    Record {
+        contact_id: id.into(),
+        fields,
+    }
 }
 
 fn event() -> ContactEvent {
@@ -154,7 +176,8 @@ fn event() -> ContactEvent {
 }
 
 async fn prepared(mock: &Mock) -> (Dynamics, Mapping) {
-    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.call_outcome]\n[questions.quality_score]\n").unwrap();
+    let cfg: MappingConfig =
+        trusst_cdc::config::parse("[questions.call_outcome]\n[questions.quality_score]\n").unwrap();
     let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
     let mut d = Dynamics::new(&config(mock, "right")).unwrap();
     d.prepare(&mut mapping).await.unwrap();
@@ -173,17 +196,34 @@ async fn prepare_fills_choice_labels_from_metadata() {
     let seen = mock.seen();
     let token = seen.iter().find(|s| s.target.ends_with("/token")).unwrap();
     let form = crm_mock::form(&token.body);
-    for kv in [("grant_type", "client_credentials"), ("client_id", "app-id"), ("client_secret", "right")] {
-        assert!(form.contains(&(kv.0.to_owned(), kv.1.to_owned())), "{form:?}");
+    for kv in [
+        ("grant_type", "client_credentials"),
+        ("client_id", "app-id"),
+        ("client_secret", "right"),
+    ] {
+        assert!(
+            form.contains(&(kv.0.to_owned(), kv.1.to_owned())),
+            "{form:?}"
+        );
     }
-    assert!(form.contains(&("scope".to_owned(), format!("{}/.default", mock.url))), "{form:?}");
-    let attrs = seen.iter().find(|s| s.target.contains("/Attributes?")).unwrap();
+    assert!(
+        form.contains(&("scope".to_owned(), format!("{}/.default", mock.url))),
+        "{form:?}"
+    );
+    let attrs = seen
+        .iter()
+        .find(|s| s.target.contains("/Attributes?"))
+        .unwrap();
     assert_eq!(attrs.header("odata-version"), "4.0");
     assert_eq!(attrs.header("odata-maxversion"), "4.0");
     assert_eq!(attrs.header("accept"), "application/json");
     // Every readable choice column's options are known, for Label questions the config does
     // not list.
-    assert!(mapping.option_sets.contains_key("sentiment"), "{:?}", mapping.option_sets.keys());
+    assert!(
+        mapping.option_sets.contains_key("sentiment"),
+        "{:?}",
+        mapping.option_sets.keys()
+    );
 }
 
 #[tokio::test]
@@ -196,38 +236,81 @@ async fn an_unlisted_label_question_maps_with_its_columns_options() {
     )).unwrap());
     assert_eq!(mapping.map(&e).unwrap().fields["sentiment"], 7);
     // The lazy path reads the same options.
-    assert_eq!(d.resolve_option_set("sentiment").await.unwrap().get("Positive"), Some(&7));
+    assert_eq!(
+        d.resolve_option_set("sentiment")
+            .await
+            .unwrap()
+            .get("Positive"),
+        Some(&7)
+    );
     // A label the column does not have is a mapping error naming the column.
     e.universal_questions.last_mut().unwrap().result = Some("Ecstatic".into());
-    assert!(mapping.map(&e).unwrap_err().reason.contains("column sentiment"));
+    assert!(
+        mapping
+            .map(&e)
+            .unwrap_err()
+            .reason
+            .contains("column sentiment")
+    );
 }
 
 #[tokio::test]
 async fn prepare_names_missing_columns_and_their_config_keys() {
     let mock = dataverse().await;
-    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.nps]\nfield = \"nps_col\"\n[fields]\nconn_id = \"conn\"\n").unwrap();
+    let cfg: MappingConfig = trusst_cdc::config::parse(
+        "[questions.nps]\nfield = \"nps_col\"\n[fields]\nconn_id = \"conn\"\n",
+    )
+    .unwrap();
     let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
     let mut d = Dynamics::new(&config(&mock, "right")).unwrap();
     let e = d.prepare(&mut mapping).await.unwrap_err();
     assert_eq!(e.fault, Fault::User);
-    assert!(e.message().contains("no column 'nps_col'") && e.message().contains("[mapping.questions.nps] field"), "{e}");
-    assert!(e.message().contains("no column 'conn'") && e.message().contains("[mapping.fields] conn_id"), "{e}");
+    assert!(
+        e.message().contains("no column 'nps_col'")
+            && e.message().contains("[mapping.questions.nps] field"),
+        "{e}"
+    );
+    assert!(
+        e.message().contains("no column 'conn'")
+            && e.message().contains("[mapping.fields] conn_id"),
+        "{e}"
+    );
     // A wrong entity set and a missing alternate key are caught before any write.
     let cfg: MappingConfig = trusst_cdc::config::parse("entity_set = \"contactz\"\n").unwrap();
-    let e = d.prepare(&mut Mapping::new(TargetKind::Dynamics, &cfg)).await.unwrap_err();
+    let e = d
+        .prepare(&mut Mapping::new(TargetKind::Dynamics, &cfg))
+        .await
+        .unwrap_err();
     assert!(e.message().contains("set entity_set = \"contacts\""), "{e}");
-    let cfg: MappingConfig = trusst_cdc::config::parse("external_id_field = \"external_id\"\n").unwrap();
-    let e = d.prepare(&mut Mapping::new(TargetKind::Dynamics, &cfg)).await.unwrap_err();
-    assert!(e.message().contains("no alternate key on the column 'external_id'"), "{e}");
+    let cfg: MappingConfig =
+        trusst_cdc::config::parse("external_id_field = \"external_id\"\n").unwrap();
+    let e = d
+        .prepare(&mut Mapping::new(TargetKind::Dynamics, &cfg))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message()
+            .contains("no alternate key on the column 'external_id'"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn bad_credentials_fail_prepare_clearly() {
     let mock = dataverse().await;
     let mut d = Dynamics::new(&config(&mock, "wrong")).unwrap();
-    let e = d.prepare(&mut Mapping::new(TargetKind::Dynamics, &MappingConfig::default())).await.unwrap_err();
+    let e = d
+        .prepare(&mut Mapping::new(
+            TargetKind::Dynamics,
+            &MappingConfig::default(),
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(e.fault, Fault::User);
-    assert!(e.message().contains("AADSTS7000215") && e.message().contains("[dynamics] client_id"), "{e}");
+    assert!(
+        e.message().contains("AADSTS7000215") && e.message().contains("[dynamics] client_id"),
+        "{e}"
+    );
     assert!(!e.to_string().contains("wrong"));
 }
 
@@ -235,14 +318,33 @@ async fn bad_credentials_fail_prepare_clearly() {
 async fn upsert_batches_on_the_alternate_key_and_reports_per_record() {
     let mock = dataverse().await;
     let (mut d, mapping) = prepared(&mock).await;
-    let out = d.upsert(&mapping, &[record("c-1"), record("c-bad"), record("O'Brien")]).await.unwrap();
-    assert_eq!(out, [Outcome::Written, Outcome::Rejected("0x80040203: Invalid value".into()), Outcome::Written]);
+    let out = d
+        .upsert(
+            &mapping,
+            &[record("c-1"), record("c-bad"), record("O'Brien")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            Outcome::Written,
+            Outcome::Rejected("0x80040203: Invalid value".into()),
+            Outcome::Written
+        ]
+    );
 
     let seen = mock.seen();
-    let batches: Vec<&Seen> = seen.iter().filter(|s| s.target.ends_with("/$batch")).collect();
+    let batches: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.target.ends_with("/$batch"))
+        .collect();
     // The first was refused with 401; a new token was fetched and the batch sent again.
     assert_eq!(batches.len(), 2);
-    assert_eq!(seen.iter().filter(|s| s.target.ends_with("/token")).count(), 2);
+    assert_eq!(
+        seen.iter().filter(|s| s.target.ends_with("/token")).count(),
+        2
+    );
     let b = batches[1];
     assert_eq!(b.header("authorization"), "Bearer tok-2");
     assert_eq!(b.header("prefer"), "odata.continue-on-error");
@@ -250,10 +352,15 @@ async fn upsert_batches_on_the_alternate_key_and_reports_per_record() {
     let ct = b.header("content-type");
     let boundary = ct.strip_prefix("multipart/mixed; boundary=").unwrap();
     assert!(boundary.starts_with("batch_"));
-    assert!(b.body.starts_with(&format!("--{boundary}\r\nContent-Type: application/http\r\n")));
+    assert!(b.body.starts_with(&format!(
+        "--{boundary}\r\nContent-Type: application/http\r\n"
+    )));
     assert!(b.body.ends_with(&format!("--{boundary}--\r\n")));
     assert!(!b.body.contains("changeset"));
-    assert!(b.body.contains(&format!("PATCH {}/api/data/v9.2/contacts(trusst_contact_id='O''Brien') HTTP/1.1\r\n", mock.url)));
+    assert!(b.body.contains(&format!(
+        "PATCH {}/api/data/v9.2/contacts(trusst_contact_id='O''Brien') HTTP/1.1\r\n",
+        mock.url
+    )));
     // The key is in the URL, not in the body.
     assert!(b.body.contains("\r\n\r\n{\"quality_score\":8}\r\n--"));
     assert!(!b.body.contains("\"trusst_contact_id\""));
@@ -264,7 +371,10 @@ async fn throttled_parts_and_requests_are_retryable_with_their_wait() {
     let mock = dataverse().await;
     let (mut d, mapping) = prepared(&mock).await;
     let _ = d.upsert(&mapping, &[record("warm-up")]).await; // spends the scripted 401
-    let e = d.upsert(&mapping, &[record("c-1"), record("c-throttle")]).await.unwrap_err();
+    let e = d
+        .upsert(&mapping, &[record("c-1"), record("c-throttle")])
+        .await
+        .unwrap_err();
     assert!(e.retryable);
     assert_eq!(e.retry_after, Some(Duration::from_secs(2)));
     let e = d.upsert(&mapping, &[record("whole429")]).await.unwrap_err();
@@ -276,10 +386,28 @@ async fn throttled_parts_and_requests_are_retryable_with_their_wait() {
 async fn delete_counts_missing_records_as_deleted() {
     let mock = dataverse().await;
     let (mut d, mapping) = prepared(&mock).await;
-    let out = d.delete(&mapping, &["c-1".into(), "c-gone".into(), "c-bad".into()]).await.unwrap();
-    assert_eq!(out, [Outcome::Written, Outcome::Written, Outcome::Rejected("0x80040203: Invalid value".into())]);
-    let last = mock.seen().into_iter().rev().find(|s| s.target.ends_with("/$batch")).unwrap();
-    assert!(last.body.contains(&format!("DELETE {}/api/data/v9.2/contacts(trusst_contact_id='c-gone') HTTP/1.1\r\n", mock.url)));
+    let out = d
+        .delete(&mapping, &["c-1".into(), "c-gone".into(), "c-bad".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            Outcome::Written,
+            Outcome::Written,
+            Outcome::Rejected("0x80040203: Invalid value".into())
+        ]
+    );
+    let last = mock
+        .seen()
+        .into_iter()
+        .rev()
+        .find(|s| s.target.ends_with("/$batch"))
+        .unwrap();
+    assert!(last.body.contains(&format!(
+        "DELETE {}/api/data/v9.2/contacts(trusst_contact_id='c-gone') HTTP/1.1\r\n",
+        mock.url
+    )));
 }
 
 #[tokio::test]
@@ -294,8 +422,12 @@ async fn large_inputs_are_split_into_batches_of_batch_size() {
     let recs: Vec<Record> = (0..5).map(|i| record(&format!("c-{i}"))).collect();
     let out = d.upsert(&mapping, &recs).await.unwrap();
     assert_eq!(out, vec![Outcome::Written; 5]);
-    let sizes: Vec<usize> =
-        mock.seen().iter().filter(|s| s.target.ends_with("/$batch") && s.header("authorization") == "Bearer tok-2").map(|s| batch_requests(&s.body).len()).collect();
+    let sizes: Vec<usize> = mock
+        .seen()
+        .iter()
+        .filter(|s| s.target.ends_with("/$batch") && s.header("authorization") == "Bearer tok-2")
+        .map(|s| batch_requests(&s.body).len())
+        .collect();
     assert_eq!(sizes, [2, 2, 1]);
 }
 
@@ -308,7 +440,10 @@ fn emulator_config(emu: &crm_mock::Emulator) -> Config {
         tenant: "trusst-tenant".into(),
         token_url: Some(format!("{}/trusst-tenant/oauth2/v2.0/token", emu.url)),
         client_id: "trusst-dv-client".into(),
-        client_secret: Secret { value: Some("trusst-dv-secret".into()), ..Default::default() },
+        client_secret: Secret {
+            value: Some("trusst-dv-secret".into()),
+            ..Default::default()
+        },
         scope: None,
         batch_size: 1000,
         request_timeout: Duration::from_secs(10),
@@ -339,15 +474,24 @@ async fn emulator_upsert_update_reject_and_delete() {
     let quoted = mapping.map(&emulator_event("c-O'Neil 2", "Good")).unwrap();
     let mut bad = mapping.map(&emulator_event("c-3", "Fair")).unwrap();
     bad.fields.insert("no_such_column".into(), json!(1));
-    let out = d.upsert(&mapping, &[good.clone(), bad, quoted]).await.unwrap();
+    let out = d
+        .upsert(&mapping, &[good.clone(), bad, quoted])
+        .await
+        .unwrap();
     assert_eq!(out[0], Outcome::Written);
-    assert!(matches!(&out[1], Outcome::Rejected(m) if m.starts_with("0x80060888: The property 'no_such_column' does not exist")), "{out:?}");
+    assert!(
+        matches!(&out[1], Outcome::Rejected(m) if m.starts_with("0x80060888: The property 'no_such_column' does not exist")),
+        "{out:?}"
+    );
     assert_eq!(out[2], Outcome::Written);
 
     let rows = emu.admin("GET", "/records/dataverse/contact", None).await;
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{rows:#?}");
-    let c1 = rows.iter().find(|r| r["trusst_contact_id"] == "c-1").unwrap();
+    let c1 = rows
+        .iter()
+        .find(|r| r["trusst_contact_id"] == "c-1")
+        .unwrap();
     assert_eq!(c1["call_outcome"], 100000003);
     assert_eq!(c1["call_direction"], 100000001);
     assert_eq!(c1["agent_identified"], true);
@@ -356,12 +500,23 @@ async fn emulator_upsert_update_reject_and_delete() {
 
     // The same contact again is an update, not a second record.
     let newer = mapping.map(&emulator_event("c-1", "Excellent")).unwrap();
-    assert_eq!(d.upsert(&mapping, &[newer]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        d.upsert(&mapping, &[newer]).await.unwrap(),
+        [Outcome::Written]
+    );
     let rows = emu.admin("GET", "/records/dataverse/contact", None).await;
     assert_eq!(rows.as_array().unwrap().len(), 2);
-    assert!(rows.as_array().unwrap().iter().any(|r| r["trusst_contact_id"] == "c-1" && r["call_outcome"] == 100000000));
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["trusst_contact_id"] == "c-1" && r["call_outcome"] == 100000000)
+    );
 
-    let out = d.delete(&mapping, &["c-1".into(), "never-there".into()]).await.unwrap();
+    let out = d
+        .delete(&mapping, &["c-1".into(), "never-there".into()])
+        .await
+        .unwrap();
     assert_eq!(out, [Outcome::Written, Outcome::Written]);
     let rows = emu.admin("GET", "/records/dataverse/contact", None).await;
     assert_eq!(rows.as_array().unwrap().len(), 1);
@@ -377,23 +532,41 @@ async fn emulator_expired_tokens_and_throttling() {
     let rec = mapping.map(&emulator_event("c-1", "Poor")).unwrap();
 
     emu.admin("POST", "/expire-tokens", None).await;
-    assert_eq!(d.upsert(&mapping, std::slice::from_ref(&rec)).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        d.upsert(&mapping, std::slice::from_ref(&rec))
+            .await
+            .unwrap(),
+        [Outcome::Written]
+    );
 
-    emu.admin("POST", "/faults", Some(json!({"burst_429": 1}))).await;
-    let e = d.upsert(&mapping, std::slice::from_ref(&rec)).await.unwrap_err();
+    emu.admin("POST", "/faults", Some(json!({"burst_429": 1})))
+        .await;
+    let e = d
+        .upsert(&mapping, std::slice::from_ref(&rec))
+        .await
+        .unwrap_err();
     assert!(e.retryable);
     assert_eq!(e.retry_after, Some(Duration::from_secs(1)));
-    assert_eq!(d.upsert(&mapping, &[rec]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        d.upsert(&mapping, &[rec]).await.unwrap(),
+        [Outcome::Written]
+    );
 }
 
 #[tokio::test]
 async fn emulator_rejects_a_mapping_with_a_missing_column() {
     let emu = crm_mock::Emulator::start("connector-config/crm-emulator.toml");
-    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.nps]\n[questions.call_outcome]\ntype = \"text\"\n").unwrap();
+    let cfg: MappingConfig =
+        trusst_cdc::config::parse("[questions.nps]\n[questions.call_outcome]\ntype = \"text\"\n")
+            .unwrap();
     let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
     let mut d = Dynamics::new(&emulator_config(&emu)).unwrap();
     let e = d.prepare(&mut mapping).await.unwrap_err();
     assert_eq!(e.fault, Fault::User);
     assert!(e.message().contains("no column 'nps'"), "{e}");
-    assert!(e.message().contains("'call_outcome' is of type Picklist but is written as text"), "{e}");
+    assert!(
+        e.message()
+            .contains("'call_outcome' is of type Picklist but is written as text"),
+        "{e}"
+    );
 }

@@ -33,7 +33,11 @@ impl Emulator {
 
     async fn with_config(config: &Path, args: &[&str]) -> Self {
         let (child, base) = common::crm::spawn_emulator(config, args);
-        Self { child, base, http: reqwest::Client::new() }
+        Self {
+            child,
+            base,
+            http: reqwest::Client::new(),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -60,14 +64,18 @@ impl Emulator {
             ("client_id", "trusst-sf-client"),
             ("client_secret", "trusst-sf-secret"),
         ];
-        let (status, _, body) = send(self.req(Method::POST, "/services/oauth2/token").form(&form)).await;
+        let (status, _, body) =
+            send(self.req(Method::POST, "/services/oauth2/token").form(&form)).await;
         assert_eq!(status, 200, "{body}");
         body["access_token"].as_str().unwrap().to_owned()
     }
 
     async fn dv_token(&self) -> String {
-        let (status, _, body) =
-            send(self.req(Method::POST, "/trusst-tenant/oauth2/v2.0/token").form(&dv_form("trusst-dv-secret"))).await;
+        let (status, _, body) = send(
+            self.req(Method::POST, "/trusst-tenant/oauth2/v2.0/token")
+                .form(&dv_form("trusst-dv-secret")),
+        )
+        .await;
         assert_eq!(status, 200, "{body}");
         body["access_token"].as_str().unwrap().to_owned()
     }
@@ -94,11 +102,17 @@ async fn send(req: reqwest::RequestBuilder) -> (StatusCode, HeaderMap, Value) {
     let res = req.send().await.expect("request");
     let (status, headers) = (res.status(), res.headers().clone());
     let body = res.bytes().await.unwrap();
-    (status, headers, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    (
+        status,
+        headers,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
 }
 
 fn header(h: &HeaderMap, name: &str) -> String {
-    h.get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+    h.get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
 }
 
 /// A copy of the shipped config with some text replaced (the JWT key path made absolute).
@@ -117,10 +131,16 @@ fn config_with(dir: &Path, replacements: &[(&str, &str)]) -> PathBuf {
 }
 
 fn assertion(sub: &str, exp_in: i64) -> String {
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt/private.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt/private.pem"))
+        .unwrap();
     let claims = json!({"iss": "trusst-sf-client", "sub": sub, "aud": "https://login.salesforce.com",
         "exp": chrono::Utc::now().timestamp() + exp_in});
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256), &claims, &key).unwrap()
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &key,
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -141,16 +161,37 @@ async fn salesforce_tokens_client_credentials_and_jwt() {
     }
     assert!(header(&headers, "sforce-limit-info").starts_with("api-usage="));
 
-    let bad = [("grant_type", "client_credentials"), ("client_id", "trusst-sf-client"), ("client_secret", "nope")];
+    let bad = [
+        ("grant_type", "client_credentials"),
+        ("client_id", "trusst-sf-client"),
+        ("client_secret", "nope"),
+    ];
     let (status, _, body) = send(e.req(Method::POST, token_url).form(&bad)).await;
-    assert_eq!((status.as_u16(), body["error"].as_str()), (400, Some("invalid_client")));
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (400, Some("invalid_client"))
+    );
 
-    let jwt = |a: String| [("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer".to_owned()), ("assertion", a)];
-    let (status, _, body) =
-        send(e.req(Method::POST, token_url).form(&jwt(assertion("integration@trusst.example", 120)))).await;
+    let jwt = |a: String| {
+        [
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:jwt-bearer".to_owned(),
+            ),
+            ("assertion", a),
+        ]
+    };
+    let (status, _, body) = send(
+        e.req(Method::POST, token_url)
+            .form(&jwt(assertion("integration@trusst.example", 120))),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
-    let (status, _, _) =
-        send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(body["access_token"].as_str().unwrap())).await;
+    let (status, _, _) = send(
+        e.req(Method::GET, &format!("{SF}/limits/"))
+            .bearer_auth(body["access_token"].as_str().unwrap()),
+    )
+    .await;
     assert_eq!(status, 200);
 
     let mut tampered = assertion("integration@trusst.example", 120);
@@ -163,7 +204,11 @@ async fn salesforce_tokens_client_credentials_and_jwt() {
         (tampered, "bad signature"),
     ] {
         let (status, _, body) = send(e.req(Method::POST, token_url).form(&jwt(a))).await;
-        assert_eq!((status.as_u16(), body["error"].as_str()), (400, Some("invalid_grant")), "{why}: {body}");
+        assert_eq!(
+            (status.as_u16(), body["error"].as_str()),
+            (400, Some("invalid_grant")),
+            "{why}: {body}"
+        );
     }
 }
 
@@ -175,31 +220,68 @@ async fn salesforce_single_upsert_read_delete() {
     let body = json!({"Call_Outcome__c": "Good", "Quality_Score__c": 8.5, "Agent_Identified__c": true, "Call_Date__c": "2025-03-01T10:00:00.000+0000"});
     let (status, _, created) = send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&body)).await;
     assert_eq!(status, 201, "{created}");
-    assert_eq!((created["success"].as_bool(), created["created"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(
+        (created["success"].as_bool(), created["created"].as_bool()),
+        (Some(true), Some(true))
+    );
     let id = created["id"].as_str().unwrap().to_owned();
     assert!(id.len() == 18 && id.starts_with("003"), "{id}");
 
-    let (status, _, updated) =
-        send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&json!({"Call_Outcome__c": "Poor"}))).await;
+    let (status, _, updated) = send(
+        e.req(Method::PATCH, &url)
+            .bearer_auth(&t)
+            .json(&json!({"Call_Outcome__c": "Poor"})),
+    )
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(updated, json!({"id": id, "success": true, "errors": [], "created": false}));
+    assert_eq!(
+        updated,
+        json!({"id": id, "success": true, "errors": [], "created": false})
+    );
 
     let (status, _, record) = send(e.req(Method::GET, &url).bearer_auth(&t)).await;
     assert_eq!(status, 200);
-    assert_eq!((record["Id"].as_str(), record["attributes"]["type"].as_str()), (Some(id.as_str()), Some("Contact")));
-    assert_eq!((record[EXT].as_str(), record["Call_Outcome__c"].as_str()), (Some("c-1"), Some("Poor")));
+    assert_eq!(
+        (record["Id"].as_str(), record["attributes"]["type"].as_str()),
+        (Some(id.as_str()), Some("Contact"))
+    );
+    assert_eq!(
+        (record[EXT].as_str(), record["Call_Outcome__c"].as_str()),
+        (Some("c-1"), Some("Poor"))
+    );
     assert_eq!(record["Quality_Score__c"], 8.5);
     assert!(record["Call_Summary__c"].is_null());
 
-    let (status, _, err) = send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&json!({EXT: "c-1"}))).await;
-    assert_eq!((status.as_u16(), err[0]["errorCode"].as_str()), (400, Some("INVALID_FIELD")));
+    let (status, _, err) = send(
+        e.req(Method::PATCH, &url)
+            .bearer_auth(&t)
+            .json(&json!({EXT: "c-1"})),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), err[0]["errorCode"].as_str()),
+        (400, Some("INVALID_FIELD"))
+    );
 
-    assert_eq!(send(e.req(Method::DELETE, &url).bearer_auth(&t)).await.0, 204);
+    assert_eq!(
+        send(e.req(Method::DELETE, &url).bearer_auth(&t)).await.0,
+        204
+    );
     let (status, _, err) = send(e.req(Method::GET, &url).bearer_auth(&t)).await;
     assert_eq!(status, 404);
-    assert_eq!(err, json!([{"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}]));
-    assert_eq!(send(e.req(Method::DELETE, &url).bearer_auth(&t)).await.0, 404);
-    let old = send(e.req(Method::GET, &url.replace("v62.0", "v45.0")).bearer_auth(&t)).await;
+    assert_eq!(
+        err,
+        json!([{"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}])
+    );
+    assert_eq!(
+        send(e.req(Method::DELETE, &url).bearer_auth(&t)).await.0,
+        404
+    );
+    let old = send(
+        e.req(Method::GET, &url.replace("v62.0", "v45.0"))
+            .bearer_auth(&t),
+    )
+    .await;
     assert_eq!(old.0, 404, "API versions before v46.0 are not served");
 }
 
@@ -214,20 +296,45 @@ async fn salesforce_field_errors_have_exact_codes() {
             "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
             "bad value for restricted picklist field: Great",
         ),
-        (json!({"Bogus__c": 1}), "INVALID_FIELD", "No such column 'Bogus__c' on sobject of type Contact"),
-        (json!({"Call_Summary__c": "x".repeat(131_073)}), "STRING_TOO_LONG", ""),
-        (json!({"Compliance_Check__c": "true"}), "INVALID_TYPE_ON_FIELD_IN_RECORD", ""),
-        (json!({"Empathy_Rating__c": "7"}), "INVALID_TYPE_ON_FIELD_IN_RECORD", ""),
+        (
+            json!({"Bogus__c": 1}),
+            "INVALID_FIELD",
+            "No such column 'Bogus__c' on sobject of type Contact",
+        ),
+        (
+            json!({"Call_Summary__c": "x".repeat(131_073)}),
+            "STRING_TOO_LONG",
+            "",
+        ),
+        (
+            json!({"Compliance_Check__c": "true"}),
+            "INVALID_TYPE_ON_FIELD_IN_RECORD",
+            "",
+        ),
+        (
+            json!({"Empathy_Rating__c": "7"}),
+            "INVALID_TYPE_ON_FIELD_IN_RECORD",
+            "",
+        ),
     ];
     for (body, code, message) in cases {
         let (status, _, err) = send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&body)).await;
         assert_eq!(status, 400, "{body}");
         assert_eq!(err[0]["errorCode"], code, "{err}");
-        assert!(err[0]["message"].as_str().unwrap().contains(message), "{err}");
+        assert!(
+            err[0]["message"].as_str().unwrap().contains(message),
+            "{err}"
+        );
         assert!(err[0]["fields"].is_array());
     }
     let summary = json!({"Call_Summary__c": "x".repeat(131_072)});
-    assert_eq!(send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&summary)).await.0, 201, "131,072 characters fit");
+    assert_eq!(
+        send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&summary))
+            .await
+            .0,
+        201,
+        "131,072 characters fit"
+    );
 }
 
 #[tokio::test]
@@ -236,22 +343,44 @@ async fn salesforce_collections_upsert_is_one_call() {
     let t = e.sf_token().await;
     let url = format!("{SF}/composite/sobjects/Contact/{EXT}");
     let rec = |id: &str, outcome: &str| json!({"attributes": {"type": "Contact"}, EXT: id, "Call_Outcome__c": outcome});
-    send(e.req(Method::PATCH, &format!("{SF}/sobjects/Contact/{EXT}/k-2")).bearer_auth(&t).json(&json!({}))).await;
+    send(
+        e.req(Method::PATCH, &format!("{SF}/sobjects/Contact/{EXT}/k-2"))
+            .bearer_auth(&t)
+            .json(&json!({})),
+    )
+    .await;
 
     let usage = |h: &HeaderMap| header(h, "sforce-limit-info");
     let (_, before, _) = send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t)).await;
     let body = json!({"allOrNone": false, "records": [rec("k-1", "Good"), rec("k-2", "Fair"), rec("k-3", "Great")]});
-    let (status, after, results) = send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&body)).await;
+    let (status, after, results) =
+        send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&body)).await;
     assert_eq!(status, 200);
     assert_eq!(usage(&before), "api-usage=2/15000");
-    assert_eq!(usage(&after), "api-usage=3/15000", "the whole collection counts as one call");
+    assert_eq!(
+        usage(&after),
+        "api-usage=3/15000",
+        "the whole collection counts as one call"
+    );
     let r = results.as_array().unwrap();
-    assert_eq!((r[0]["success"].as_bool(), r[0]["created"].as_bool()), (Some(true), Some(true)));
-    assert_eq!((r[1]["success"].as_bool(), r[1]["created"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(
+        (r[0]["success"].as_bool(), r[0]["created"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(
+        (r[1]["success"].as_bool(), r[1]["created"].as_bool()),
+        (Some(true), Some(false))
+    );
     assert_eq!(r[2]["success"], false);
-    assert_eq!(r[2]["errors"][0]["statusCode"], "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST");
+    assert_eq!(
+        r[2]["errors"][0]["statusCode"],
+        "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"
+    );
     assert_eq!(r[2]["errors"][0]["fields"], json!(["Call_Outcome__c"]));
-    assert!(r[2]["errors"][0].get("errorCode").is_none(), "collections say statusCode");
+    assert!(
+        r[2]["errors"][0].get("errorCode").is_none(),
+        "collections say statusCode"
+    );
 
     let body = json!({"records": [rec("d-1", "Good"), rec("d-1", "Poor"), rec("d-2", "Good")]});
     let (_, _, results) = send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&body)).await;
@@ -261,50 +390,129 @@ async fn salesforce_collections_upsert_is_one_call() {
 
     let body = json!({"allOrNone": true, "records": [rec("a-1", "Good"), rec("a-2", "Nope")]});
     let (_, _, results) = send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&body)).await;
-    assert_eq!(results[0]["errors"][0]["statusCode"], "ALL_OR_NONE_OPERATION_ROLLED_BACK");
-    assert_eq!(results[1]["errors"][0]["statusCode"], "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST");
-    let stored = e.admin(Method::GET, "records/salesforce/Contact", None).await;
-    let ids: Vec<&str> = stored.as_array().unwrap().iter().map(|r| r[EXT].as_str().unwrap()).collect();
-    assert_eq!(ids, ["k-2", "k-1", "d-2"], "nothing of the rolled-back request was written");
+    assert_eq!(
+        results[0]["errors"][0]["statusCode"],
+        "ALL_OR_NONE_OPERATION_ROLLED_BACK"
+    );
+    assert_eq!(
+        results[1]["errors"][0]["statusCode"],
+        "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"
+    );
+    let stored = e
+        .admin(Method::GET, "records/salesforce/Contact", None)
+        .await;
+    let ids: Vec<&str> = stored
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[EXT].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["k-2", "k-1", "d-2"],
+        "nothing of the rolled-back request was written"
+    );
 
     let many: Vec<Value> = (0..201).map(|i| rec(&format!("m-{i}"), "Good")).collect();
-    let (status, _, err) = send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&json!({"records": many}))).await;
-    assert_eq!((status.as_u16(), err[0]["errorCode"].as_str()), (400, Some("EXCEEDED_ID_LIMIT")));
+    let (status, _, err) = send(
+        e.req(Method::PATCH, &url)
+            .bearer_auth(&t)
+            .json(&json!({"records": many})),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), err[0]["errorCode"].as_str()),
+        (400, Some("EXCEEDED_ID_LIMIT"))
+    );
 
-    let ids = stored.as_array().unwrap().iter().map(|r| r["Id"].as_str().unwrap()).collect::<Vec<_>>().join(",");
-    let (status, _, results) =
-        send(e.req(Method::DELETE, &format!("{SF}/composite/sobjects?ids={ids}")).bearer_auth(&t)).await;
+    let ids = stored
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["Id"].as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(",");
+    let (status, _, results) = send(
+        e.req(
+            Method::DELETE,
+            &format!("{SF}/composite/sobjects?ids={ids}"),
+        )
+        .bearer_auth(&t),
+    )
+    .await;
     assert_eq!(status, 200);
-    assert!(results.as_array().unwrap().iter().all(|r| r["success"] == true), "{results}");
+    assert!(
+        results
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["success"] == true),
+        "{results}"
+    );
 }
 
 #[tokio::test]
 async fn salesforce_describe_and_limits() {
     let e = Emulator::start(&[]).await;
     let t = e.sf_token().await;
-    let (status, _, d) = send(e.req(Method::GET, &format!("{SF}/sobjects/Contact/describe")).bearer_auth(&t)).await;
+    let (status, _, d) = send(
+        e.req(Method::GET, &format!("{SF}/sobjects/Contact/describe"))
+            .bearer_auth(&t),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(d["name"], "Contact");
-    let field = |name: &str| d["fields"].as_array().unwrap().iter().find(|f| f["name"] == name).cloned().unwrap();
+    let field = |name: &str| {
+        d["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .cloned()
+            .unwrap()
+    };
     assert_eq!(field("Id")["type"], "id");
-    assert_eq!((field(EXT)["externalId"].as_bool(), field(EXT)["type"].as_str()), (Some(true), Some("string")));
+    assert_eq!(
+        (
+            field(EXT)["externalId"].as_bool(),
+            field(EXT)["type"].as_str()
+        ),
+        (Some(true), Some("string"))
+    );
     let outcome = field("Call_Outcome__c");
-    assert_eq!((outcome["type"].as_str(), outcome["restrictedPicklist"].as_bool()), (Some("picklist"), Some(true)));
+    assert_eq!(
+        (
+            outcome["type"].as_str(),
+            outcome["restrictedPicklist"].as_bool()
+        ),
+        (Some("picklist"), Some(true))
+    );
     assert_eq!(
         outcome["picklistValues"][1],
         json!({"value": "Good", "label": "Good", "active": true, "defaultValue": false})
     );
     assert_eq!(
-        (field("Call_Summary__c")["type"].as_str(), field("Call_Summary__c")["length"].as_u64()),
+        (
+            field("Call_Summary__c")["type"].as_str(),
+            field("Call_Summary__c")["length"].as_u64()
+        ),
         (Some("textarea"), Some(131_072))
     );
     assert_eq!(field("Agent_Identified__c")["type"], "boolean");
     assert_eq!(field("Quality_Score__c")["type"], "double");
 
-    let (_, headers, limits) = send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t)).await;
-    assert_eq!(limits["DailyApiRequests"], json!({"Max": 15000, "Remaining": 14998}));
+    let (_, headers, limits) =
+        send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t)).await;
+    assert_eq!(
+        limits["DailyApiRequests"],
+        json!({"Max": 15000, "Remaining": 14998})
+    );
     assert_eq!(header(&headers, "sforce-limit-info"), "api-usage=2/15000");
-    let (status, _, _) = send(e.req(Method::GET, &format!("{SF}/sobjects/Account/describe")).bearer_auth(&t)).await;
+    let (status, _, _) = send(
+        e.req(Method::GET, &format!("{SF}/sobjects/Account/describe"))
+            .bearer_auth(&t),
+    )
+    .await;
     assert_eq!(status, 404);
 }
 
@@ -314,17 +522,30 @@ async fn salesforce_daily_allowance_answers_403_until_reset() {
     let t = e.sf_token().await;
     let limits = format!("{SF}/limits/");
     for _ in 0..3 {
-        assert_eq!(send(e.req(Method::GET, &limits).bearer_auth(&t)).await.0, 200);
+        assert_eq!(
+            send(e.req(Method::GET, &limits).bearer_auth(&t)).await.0,
+            200
+        );
     }
     let (status, headers, body) = send(e.req(Method::GET, &limits).bearer_auth(&t)).await;
     assert_eq!(status, 403, "never 429");
-    assert_eq!(body, json!([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]));
+    assert_eq!(
+        body,
+        json!([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}])
+    );
     assert_eq!(header(&headers, "sforce-limit-info"), "api-usage=3/3");
 
     e.admin(Method::POST, "reset-limits", None).await;
-    assert_eq!(send(e.req(Method::GET, &limits).bearer_auth(&t)).await.0, 200);
-    e.admin(Method::POST, "faults", Some(json!({"sf_daily_limit": 1}))).await;
-    assert_eq!(send(e.req(Method::GET, &limits).bearer_auth(&t)).await.0, 403);
+    assert_eq!(
+        send(e.req(Method::GET, &limits).bearer_auth(&t)).await.0,
+        200
+    );
+    e.admin(Method::POST, "faults", Some(json!({"sf_daily_limit": 1})))
+        .await;
+    assert_eq!(
+        send(e.req(Method::GET, &limits).bearer_auth(&t)).await.0,
+        403
+    );
 }
 
 #[tokio::test]
@@ -332,18 +553,52 @@ async fn expired_tokens_answer_401() {
     let e = Emulator::start(&[]).await;
     let (sf, dv) = (e.sf_token().await, e.dv_token().await);
     e.admin(Method::POST, "expire-tokens", None).await;
-    let (status, _, body) = send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&sf)).await;
+    let (status, _, body) = send(
+        e.req(Method::GET, &format!("{SF}/limits/"))
+            .bearer_auth(&sf),
+    )
+    .await;
     assert_eq!(status, 401);
-    assert_eq!(body, json!([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]));
-    let (status, _, body) =
-        send(e.req(Method::GET, &format!("{DV}/contacts(trusst_contact_id='x')")).bearer_auth(&dv)).await;
-    assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (401, Some("0x80072560")));
+    assert_eq!(
+        body,
+        json!([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}])
+    );
+    let (status, _, body) = send(
+        e.req(
+            Method::GET,
+            &format!("{DV}/contacts(trusst_contact_id='x')"),
+        )
+        .bearer_auth(&dv),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (401, Some("0x80072560"))
+    );
 
     let short = Emulator::start(&["--token-lifetime-secs", "1"]).await;
     let t = short.sf_token().await;
-    assert_eq!(send(short.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t)).await.0, 200);
+    assert_eq!(
+        send(
+            short
+                .req(Method::GET, &format!("{SF}/limits/"))
+                .bearer_auth(&t)
+        )
+        .await
+        .0,
+        200
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(send(short.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t)).await.0, 401);
+    assert_eq!(
+        send(
+            short
+                .req(Method::GET, &format!("{SF}/limits/"))
+                .bearer_auth(&t)
+        )
+        .await
+        .0,
+        401
+    );
 }
 
 /// Poll a bulk job until it is finished; the states it went through.
@@ -351,7 +606,11 @@ async fn wait_for_job(e: &Emulator, t: &str, job: &str) -> (Value, Vec<String>) 
     let mut states = vec![];
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, _, info) = send(e.req(Method::GET, &format!("{SF}/jobs/ingest/{job}")).bearer_auth(t)).await;
+        let (_, _, info) = send(
+            e.req(Method::GET, &format!("{SF}/jobs/ingest/{job}"))
+                .bearer_auth(t),
+        )
+        .await;
         let state = info["state"].as_str().unwrap().to_owned();
         if states.last() != Some(&state) {
             states.push(state.clone());
@@ -365,7 +624,12 @@ async fn wait_for_job(e: &Emulator, t: &str, job: &str) -> (Value, Vec<String>) 
 }
 
 async fn csv(e: &Emulator, t: &str, path: &str) -> String {
-    let res = e.req(Method::GET, path).bearer_auth(t).send().await.unwrap();
+    let res = e
+        .req(Method::GET, path)
+        .bearer_auth(t)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200, "{path}");
     assert_eq!(res.headers()["content-type"], "text/csv");
     res.text().await.unwrap()
@@ -377,16 +641,26 @@ async fn salesforce_bulk_ingest_lifecycle() {
     let t = e.sf_token().await;
     let existing = format!("{SF}/sobjects/Contact/{EXT}/b-0");
     send(
-        e.req(Method::PATCH, &existing).bearer_auth(&t).json(&json!({"Agent_ID__c": "old", "Call_Summary__c": "keep"})),
+        e.req(Method::PATCH, &existing)
+            .bearer_auth(&t)
+            .json(&json!({"Agent_ID__c": "old", "Call_Summary__c": "keep"})),
     )
     .await;
 
     let spec = json!({"object": "Contact", "operation": "upsert", "externalIdFieldName": EXT, "contentType": "CSV", "lineEnding": "LF"});
-    let (status, _, job) = send(e.req(Method::POST, &format!("{SF}/jobs/ingest")).bearer_auth(&t).json(&spec)).await;
+    let (status, _, job) = send(
+        e.req(Method::POST, &format!("{SF}/jobs/ingest"))
+            .bearer_auth(&t)
+            .json(&spec),
+    )
+    .await;
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["state"], "Open");
     let id = job["id"].as_str().unwrap();
-    assert_eq!(job["contentUrl"], format!("services/data/v62.0/jobs/ingest/{id}/batches"));
+    assert_eq!(
+        job["contentUrl"],
+        format!("services/data/v62.0/jobs/ingest/{id}/batches")
+    );
 
     let data = format!(
         "{EXT},Agent_ID__c,Call_Outcome__c,Call_Summary__c,Agent_Identified__c\n\
@@ -395,7 +669,12 @@ async fn salesforce_bulk_ingest_lifecycle() {
          b-2,a2,Great,,1\n\
          b-3,a3,#N/A,\"said \"\"hi\"\"\",0\n"
     );
-    let upload = e.req(Method::PUT, &format!("/{}", job["contentUrl"].as_str().unwrap())).bearer_auth(&t);
+    let upload = e
+        .req(
+            Method::PUT,
+            &format!("/{}", job["contentUrl"].as_str().unwrap()),
+        )
+        .bearer_auth(&t);
     let (status, _, _) = send(upload.header("content-type", "text/csv").body(data)).await;
     assert_eq!(status, 201);
     let close = e
@@ -403,12 +682,25 @@ async fn salesforce_bulk_ingest_lifecycle() {
         .bearer_auth(&t)
         .json(&json!({"state": "UploadComplete"}));
     let (status, _, closed) = send(close).await;
-    assert_eq!((status.as_u16(), closed["state"].as_str()), (200, Some("UploadComplete")));
+    assert_eq!(
+        (status.as_u16(), closed["state"].as_str()),
+        (200, Some("UploadComplete"))
+    );
 
     let (info, states) = wait_for_job(&e, &t, id).await;
-    assert_eq!(states.first().map(String::as_str), Some("UploadComplete"), "clients must poll: {states:?}");
+    assert_eq!(
+        states.first().map(String::as_str),
+        Some("UploadComplete"),
+        "clients must poll: {states:?}"
+    );
     assert_eq!(info["state"], "JobComplete");
-    assert_eq!((info["numberRecordsProcessed"].as_u64(), info["numberRecordsFailed"].as_u64()), (Some(4), Some(1)));
+    assert_eq!(
+        (
+            info["numberRecordsProcessed"].as_u64(),
+            info["numberRecordsFailed"].as_u64()
+        ),
+        (Some(4), Some(1))
+    );
 
     let ok = csv(&e, &t, &format!("{SF}/jobs/ingest/{id}/successfulResults/")).await;
     let lines: Vec<&str> = ok.lines().collect();
@@ -418,17 +710,35 @@ async fn salesforce_bulk_ingest_lifecycle() {
             "\"sf__Id\",\"sf__Created\",\"{EXT}\",\"Agent_ID__c\",\"Call_Outcome__c\",\"Call_Summary__c\",\"Agent_Identified__c\""
         )
     );
-    let order: Vec<&str> = lines[1..].iter().filter_map(|l| l.split(',').nth(2)).collect();
-    assert_eq!(order, ["\"b-3\"", "\"b-1\"", "\"b-0\""], "results are not in upload order");
-    assert!(ok.contains("\"false\",\"b-0\"") && ok.contains("\"true\",\"b-1\",\"Smith, J.\""), "{ok}");
+    let order: Vec<&str> = lines[1..]
+        .iter()
+        .filter_map(|l| l.split(',').nth(2))
+        .collect();
+    assert_eq!(
+        order,
+        ["\"b-3\"", "\"b-1\"", "\"b-0\""],
+        "results are not in upload order"
+    );
+    assert!(
+        ok.contains("\"false\",\"b-0\"") && ok.contains("\"true\",\"b-1\",\"Smith, J.\""),
+        "{ok}"
+    );
 
     let failed = csv(&e, &t, &format!("{SF}/jobs/ingest/{id}/failedResults/")).await;
-    assert!(failed.starts_with("\"sf__Id\",\"sf__Error\",\"Trusst_Contact_ID__c\""), "{failed}");
+    assert!(
+        failed.starts_with("\"sf__Id\",\"sf__Error\",\"Trusst_Contact_ID__c\""),
+        "{failed}"
+    );
     assert!(
         failed.contains("\"\",\"INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST:bad value for restricted picklist field: Great:Call_Outcome__c --\",\"b-2\""),
         "{failed}"
     );
-    let unprocessed = csv(&e, &t, &format!("{SF}/jobs/ingest/{id}/unprocessedrecords/")).await;
+    let unprocessed = csv(
+        &e,
+        &t,
+        &format!("{SF}/jobs/ingest/{id}/unprocessedrecords/"),
+    )
+    .await;
     assert_eq!(unprocessed.lines().count(), 1);
 
     let (_, _, b0) = send(e.req(Method::GET, &existing).bearer_auth(&t)).await;
@@ -438,21 +748,54 @@ async fn salesforce_bulk_ingest_lifecycle() {
         "empty cells leave fields alone"
     );
     assert_eq!(b0["Agent_Identified__c"], true);
-    let (_, _, b1) = send(e.req(Method::GET, &format!("{SF}/sobjects/Contact/{EXT}/b-1")).bearer_auth(&t)).await;
+    let (_, _, b1) = send(
+        e.req(Method::GET, &format!("{SF}/sobjects/Contact/{EXT}/b-1"))
+            .bearer_auth(&t),
+    )
+    .await;
     assert_eq!(b1["Call_Summary__c"], "two\nlines");
-    let (_, _, b3) = send(e.req(Method::GET, &format!("{SF}/sobjects/Contact/{EXT}/b-3")).bearer_auth(&t)).await;
-    assert_eq!((b3["Call_Outcome__c"].clone(), b3["Call_Summary__c"].as_str()), (Value::Null, Some("said \"hi\"")));
+    let (_, _, b3) = send(
+        e.req(Method::GET, &format!("{SF}/sobjects/Contact/{EXT}/b-3"))
+            .bearer_auth(&t),
+    )
+    .await;
+    assert_eq!(
+        (
+            b3["Call_Outcome__c"].clone(),
+            b3["Call_Summary__c"].as_str()
+        ),
+        (Value::Null, Some("said \"hi\""))
+    );
 
     // An aborted job processes nothing and hands every row back as unprocessed.
-    let (_, _, job) = send(e.req(Method::POST, &format!("{SF}/jobs/ingest")).bearer_auth(&t).json(&spec)).await;
+    let (_, _, job) = send(
+        e.req(Method::POST, &format!("{SF}/jobs/ingest"))
+            .bearer_auth(&t)
+            .json(&spec),
+    )
+    .await;
     let id = job["id"].as_str().unwrap();
-    let upload = e.req(Method::PUT, &format!("{SF}/jobs/ingest/{id}/batches")).bearer_auth(&t);
-    send(upload.header("content-type", "text/csv").body(format!("{EXT}\nz-1\n"))).await;
-    let abort =
-        e.req(Method::PATCH, &format!("{SF}/jobs/ingest/{id}")).bearer_auth(&t).json(&json!({"state": "Aborted"}));
+    let upload = e
+        .req(Method::PUT, &format!("{SF}/jobs/ingest/{id}/batches"))
+        .bearer_auth(&t);
+    send(
+        upload
+            .header("content-type", "text/csv")
+            .body(format!("{EXT}\nz-1\n")),
+    )
+    .await;
+    let abort = e
+        .req(Method::PATCH, &format!("{SF}/jobs/ingest/{id}"))
+        .bearer_auth(&t)
+        .json(&json!({"state": "Aborted"}));
     assert_eq!(send(abort).await.2["state"], "Aborted");
     assert_eq!(
-        csv(&e, &t, &format!("{SF}/jobs/ingest/{id}/unprocessedrecords/")).await,
+        csv(
+            &e,
+            &t,
+            &format!("{SF}/jobs/ingest/{id}/unprocessedrecords/")
+        )
+        .await,
         format!("\"{EXT}\"\n\"z-1\"\n")
     );
     let reopen = e
@@ -460,29 +803,67 @@ async fn salesforce_bulk_ingest_lifecycle() {
         .bearer_auth(&t)
         .json(&json!({"state": "UploadComplete"}));
     assert_eq!(send(reopen).await.0, 400);
-    assert_eq!(send(e.req(Method::DELETE, &format!("{SF}/jobs/ingest/{id}")).bearer_auth(&t)).await.0, 204);
+    assert_eq!(
+        send(
+            e.req(Method::DELETE, &format!("{SF}/jobs/ingest/{id}"))
+                .bearer_auth(&t)
+        )
+        .await
+        .0,
+        204
+    );
 }
 
 #[tokio::test]
 async fn dataverse_tokens_and_upserts() {
     let e = Emulator::start(&[]).await;
-    let (status, _, body) = send(e.req(Method::POST, "/trusst-tenant/oauth2/v2.0/token").form(&dv_form("wrong"))).await;
-    assert_eq!((status.as_u16(), body["error"].as_str()), (400, Some("invalid_client")));
-    assert!(body["error_description"].as_str().unwrap().starts_with("AADSTS7000215"));
-    let (status, _, body) =
-        send(e.req(Method::POST, "/trusst-tenant/oauth2/v2.0/token").form(&dv_form("trusst-dv-secret"))).await;
+    let (status, _, body) = send(
+        e.req(Method::POST, "/trusst-tenant/oauth2/v2.0/token")
+            .form(&dv_form("wrong")),
+    )
+    .await;
     assert_eq!(
-        (status.as_u16(), body["expires_in"].as_u64(), body["token_type"].as_str()),
+        (status.as_u16(), body["error"].as_str()),
+        (400, Some("invalid_client"))
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS7000215")
+    );
+    let (status, _, body) = send(
+        e.req(Method::POST, "/trusst-tenant/oauth2/v2.0/token")
+            .form(&dv_form("trusst-dv-secret")),
+    )
+    .await;
+    assert_eq!(
+        (
+            status.as_u16(),
+            body["expires_in"].as_u64(),
+            body["token_type"].as_str()
+        ),
         (200, Some(3599), Some("Bearer"))
     );
     let t = body["access_token"].as_str().unwrap();
 
     let url = format!("{DV}/contacts(trusst_contact_id='dv-1')");
-    let patch = |body: Value| e.req(Method::PATCH, &url).bearer_auth(t).header("OData-Version", "4.0").json(&body);
-    let (status, h1, _) = send(patch(json!({"agentid": "a1", "call_outcome": 100000001, "quality_score": 8}))).await;
+    let patch = |body: Value| {
+        e.req(Method::PATCH, &url)
+            .bearer_auth(t)
+            .header("OData-Version", "4.0")
+            .json(&body)
+    };
+    let (status, h1, _) = send(patch(
+        json!({"agentid": "a1", "call_outcome": 100000001, "quality_score": 8}),
+    ))
+    .await;
     assert_eq!(status, 204);
     let entity = header(&h1, "odata-entityid");
-    assert!(entity.starts_with(&format!("{}{DV}/contacts(", e.base)) && entity.len() > 40, "{entity}");
+    assert!(
+        entity.starts_with(&format!("{}{DV}/contacts(", e.base)) && entity.len() > 40,
+        "{entity}"
+    );
     let (status, h2, _) = send(patch(json!({"agentid": "a2"}))).await;
     assert_eq!(
         (status.as_u16(), header(&h2, "odata-entityid")),
@@ -492,28 +873,66 @@ async fn dataverse_tokens_and_upserts() {
 
     let (status, _, rec) = send(e.req(Method::GET, &url).bearer_auth(t)).await;
     assert_eq!(status, 200);
-    assert_eq!((rec["agentid"].as_str(), rec["call_outcome"].as_i64()), (Some("a2"), Some(100000001)));
+    assert_eq!(
+        (rec["agentid"].as_str(), rec["call_outcome"].as_i64()),
+        (Some("a2"), Some(100000001))
+    );
     assert!(entity.contains(rec["contactid"].as_str().unwrap()));
-    assert!(rec["@odata.context"].as_str().unwrap().ends_with("$metadata#contacts/$entity"));
+    assert!(
+        rec["@odata.context"]
+            .as_str()
+            .unwrap()
+            .ends_with("$metadata#contacts/$entity")
+    );
 
     let repr = |key: &str| {
-        e.req(Method::PATCH, &format!("{DV}/contacts(trusst_contact_id='{key}')"))
-            .bearer_auth(t)
-            .header("Prefer", "return=representation")
+        e.req(
+            Method::PATCH,
+            &format!("{DV}/contacts(trusst_contact_id='{key}')"),
+        )
+        .bearer_auth(t)
+        .header("Prefer", "return=representation")
     };
     let (status, _, body) = send(repr("dv-2").json(&json!({"agent_identified": true}))).await;
     assert_eq!(
-        (status.as_u16(), body["agent_identified"].as_bool(), body["trusst_contact_id"].as_str()),
+        (
+            status.as_u16(),
+            body["agent_identified"].as_bool(),
+            body["trusst_contact_id"].as_str()
+        ),
         (201, Some(true), Some("dv-2"))
     );
-    assert_eq!(send(repr("dv-2").json(&json!({"agent_identified": false}))).await.0, 200);
+    assert_eq!(
+        send(repr("dv-2").json(&json!({"agent_identified": false})))
+            .await
+            .0,
+        200
+    );
 
-    let missing = e.req(Method::PATCH, &format!("{DV}/contacts(trusst_contact_id='dv-none')")).bearer_auth(t);
-    let (status, _, body) = send(missing.header("If-Match", "*").json(&json!({"agentid": "x"}))).await;
-    assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (404, Some("0x80040217")));
+    let missing = e
+        .req(
+            Method::PATCH,
+            &format!("{DV}/contacts(trusst_contact_id='dv-none')"),
+        )
+        .bearer_auth(t);
+    let (status, _, body) = send(
+        missing
+            .header("If-Match", "*")
+            .json(&json!({"agentid": "x"})),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (404, Some("0x80040217"))
+    );
     let (status, _, _) = send(patch(json!({"agentid": "x"})).header("If-None-Match", "*")).await;
     assert_eq!(status, 412);
-    assert_eq!(send(patch(json!({"agentid": "a3"})).header("If-Match", "*")).await.0, 204);
+    assert_eq!(
+        send(patch(json!({"agentid": "a3"})).header("If-Match", "*"))
+            .await
+            .0,
+        204
+    );
 
     let (status, _, body) = send(patch(json!({"favourite_colour": "blue"}))).await;
     assert_eq!(status, 400);
@@ -525,21 +944,36 @@ async fn dataverse_tokens_and_upserts() {
     let (status, _, body) = send(patch(json!({"call_outcome": "Good"}))).await;
     assert_eq!(status, 400);
     assert!(
-        body["error"]["message"].as_str().unwrap().contains("100000001"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100000001"),
         "the label is refused with the value to send: {body}"
     );
     let (status, _, body) = send(patch(json!({"call_outcome": 5}))).await;
-    assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (400, Some("0x8004431a")));
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("0x8004431a"))
+    );
     let (status, _, body) = send(patch(json!({"agentid": "x".repeat(101)}))).await;
-    assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (400, Some("0x80044331")));
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("0x80044331"))
+    );
     let (status, _, _) = send(patch(json!({"compliance_check": "yes"}))).await;
     assert_eq!(status, 400);
     let (status, _, _) = send(patch(json!({"calldate": "2025-03-01T10:00:00"}))).await;
     assert_eq!(status, 400, "a DateTimeOffset needs its offset");
 
-    assert_eq!(send(e.req(Method::DELETE, &url).bearer_auth(t)).await.0, 204);
+    assert_eq!(
+        send(e.req(Method::DELETE, &url).bearer_auth(t)).await.0,
+        204
+    );
     let (status, _, body) = send(e.req(Method::GET, &url).bearer_auth(t)).await;
-    assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (404, Some("0x80040217")));
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (404, Some("0x80040217"))
+    );
     assert_eq!(send(e.req(Method::GET, &url)).await.0, 401);
 }
 
@@ -557,9 +991,22 @@ async fn dataverse_metadata() {
     let options = body["OptionSet"]["Options"].as_array().unwrap();
     let pairs: Vec<(i64, &str)> = options
         .iter()
-        .map(|o| (o["Value"].as_i64().unwrap(), o["Label"]["UserLocalizedLabel"]["Label"].as_str().unwrap()))
+        .map(|o| {
+            (
+                o["Value"].as_i64().unwrap(),
+                o["Label"]["UserLocalizedLabel"]["Label"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(pairs, [(100000000, "Excellent"), (100000001, "Good"), (100000002, "Fair"), (100000003, "Poor")]);
+    assert_eq!(
+        pairs,
+        [
+            (100000000, "Excellent"),
+            (100000001, "Good"),
+            (100000002, "Fair"),
+            (100000003, "Poor")
+        ]
+    );
 
     let (status, _, body) = send(
         e.req(
@@ -571,7 +1018,12 @@ async fn dataverse_metadata() {
     .await;
     assert_eq!(status, 200);
     let kind = |name: &str| {
-        body["value"].as_array().unwrap().iter().find(|a| a["LogicalName"] == name).map(|a| a["AttributeType"].clone())
+        body["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["LogicalName"] == name)
+            .map(|a| a["AttributeType"].clone())
     };
     assert_eq!(kind("call_outcome"), Some(json!("Picklist")));
     assert_eq!(kind("agent_identified"), Some(json!("Boolean")));
@@ -583,7 +1035,9 @@ async fn dataverse_metadata() {
 fn batch_body(parts: &[String], changeset: &[String]) -> String {
     let mut body = String::new();
     let request = |url: &str, json: &str, id: Option<usize>| {
-        let cid = id.map(|i| format!("Content-ID: {i}\r\n")).unwrap_or_default();
+        let cid = id
+            .map(|i| format!("Content-ID: {i}\r\n"))
+            .unwrap_or_default();
         format!(
             "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n{cid}\r\nPATCH {url} HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{json}\r\n"
         )
@@ -603,7 +1057,12 @@ fn batch_body(parts: &[String], changeset: &[String]) -> String {
     body + "--batch_t--\r\n"
 }
 
-async fn post_batch(e: &Emulator, t: &str, body: String, continue_on_error: bool) -> (StatusCode, String) {
+async fn post_batch(
+    e: &Emulator,
+    t: &str,
+    body: String,
+    continue_on_error: bool,
+) -> (StatusCode, String) {
     let mut req = e
         .req(Method::POST, &format!("{DV}/$batch"))
         .bearer_auth(t)
@@ -614,20 +1073,28 @@ async fn post_batch(e: &Emulator, t: &str, body: String, continue_on_error: bool
     let res = req.body(body).send().await.unwrap();
     let status = res.status();
     if status == 200 {
-        assert!(header(res.headers(), "content-type").starts_with("multipart/mixed; boundary=batchresponse_"));
+        assert!(
+            header(res.headers(), "content-type")
+                .starts_with("multipart/mixed; boundary=batchresponse_")
+        );
     }
     (status, res.text().await.unwrap())
 }
 
 fn statuses(text: &str) -> Vec<u16> {
-    text.lines().filter_map(|l| l.strip_prefix("HTTP/1.1 ")).map(|l| l[..3].parse().unwrap()).collect()
+    text.lines()
+        .filter_map(|l| l.strip_prefix("HTTP/1.1 "))
+        .map(|l| l[..3].parse().unwrap())
+        .collect()
 }
 
 #[tokio::test]
 async fn dataverse_batch_and_change_sets() {
     let e = Emulator::start(&[]).await;
     let t = e.dv_token().await;
-    let part = |key: &str, json: &str| format!("{}{DV}/contacts(trusst_contact_id='{key}') {json}", e.base);
+    let part = |key: &str, json: &str| {
+        format!("{}{DV}/contacts(trusst_contact_id='{key}') {json}", e.base)
+    };
     let parts = [
         part("b-1", r#"{"agentid":"1"}"#),
         part("b-2", r#"{"bogus":1}"#),
@@ -637,28 +1104,59 @@ async fn dataverse_batch_and_change_sets() {
     let (status, text) = post_batch(&e, &t, batch_body(&parts, &[]), true).await;
     assert_eq!(status, 200);
     assert_eq!(statuses(&text), [204, 400, 204], "{text}");
-    assert!(text.contains("OData-EntityId: ") && text.contains("0x80060888"), "{text}");
+    assert!(
+        text.contains("OData-EntityId: ") && text.contains("0x80060888"),
+        "{text}"
+    );
 
-    let parts = [part("s-1", r#"{"agentid":"1"}"#), part("s-2", r#"{"bogus":1}"#), part("s-3", r#"{"agentid":"3"}"#)];
+    let parts = [
+        part("s-1", r#"{"agentid":"1"}"#),
+        part("s-2", r#"{"bogus":1}"#),
+        part("s-3", r#"{"agentid":"3"}"#),
+    ];
     let (_, text) = post_batch(&e, &t, batch_body(&parts, &[]), false).await;
-    assert_eq!(statuses(&text), [204, 400], "stops at the first failure: {text}");
+    assert_eq!(
+        statuses(&text),
+        [204, 400],
+        "stops at the first failure: {text}"
+    );
     let exists = |key: &'static str| {
-        let req = e.req(Method::GET, &format!("{DV}/contacts(trusst_contact_id='{key}')")).bearer_auth(&t);
+        let req = e
+            .req(
+                Method::GET,
+                &format!("{DV}/contacts(trusst_contact_id='{key}')"),
+            )
+            .bearer_auth(&t);
         async move { send(req).await.0 == 200 }
     };
     assert!(exists("s-1").await && !exists("s-3").await);
 
-    let good = [part("c-1", r#"{"agentid":"1"}"#), part("c-2", r#"{"agentid":"2"}"#)];
+    let good = [
+        part("c-1", r#"{"agentid":"1"}"#),
+        part("c-2", r#"{"agentid":"2"}"#),
+    ];
     let (_, text) = post_batch(&e, &t, batch_body(&[], &good), false).await;
     assert_eq!(statuses(&text), [204, 204]);
-    assert!(text.contains("Content-ID: 2") && text.contains("boundary=changesetresponse_"), "{text}");
-    let bad = [part("r-1", r#"{"agentid":"1"}"#), part("r-2", r#"{"call_outcome":"Good"}"#)];
+    assert!(
+        text.contains("Content-ID: 2") && text.contains("boundary=changesetresponse_"),
+        "{text}"
+    );
+    let bad = [
+        part("r-1", r#"{"agentid":"1"}"#),
+        part("r-2", r#"{"call_outcome":"Good"}"#),
+    ];
     let (_, text) = post_batch(&e, &t, batch_body(&[part("r-0", "{}")], &bad), false).await;
     assert_eq!(statuses(&text), [204, 400], "{text}");
-    assert!(exists("c-2").await && exists("r-0").await && !exists("r-1").await, "a change set is all or nothing");
+    assert!(
+        exists("c-2").await && exists("r-0").await && !exists("r-1").await,
+        "a change set is all or nothing"
+    );
 
     let many: Vec<String> = (0..1001).map(|i| part(&format!("m-{i}"), "{}")).collect();
-    assert_eq!(post_batch(&e, &t, batch_body(&many, &[]), true).await.0, 400);
+    assert_eq!(
+        post_batch(&e, &t, batch_body(&many, &[]), true).await.0,
+        400
+    );
 }
 
 #[tokio::test]
@@ -675,22 +1173,44 @@ async fn dataverse_service_protection_429() {
     let t = e.dv_token().await;
     let url = format!("{DV}/contacts(trusst_contact_id='p-1')");
 
-    e.admin(Method::POST, "faults", Some(json!({"dataverse": {"burst_429": 2}}))).await;
+    e.admin(
+        Method::POST,
+        "faults",
+        Some(json!({"dataverse": {"burst_429": 2}})),
+    )
+    .await;
     for _ in 0..2 {
-        let (status, headers, body) = send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&json!({}))).await;
-        assert_eq!((status.as_u16(), header(&headers, "retry-after")), (429, "1".to_owned()));
+        let (status, headers, body) =
+            send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&json!({}))).await;
+        assert_eq!(
+            (status.as_u16(), header(&headers, "retry-after")),
+            (429, "1".to_owned())
+        );
         assert_eq!(body["error"]["code"], "0x80072322");
     }
-    assert_eq!(send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&json!({}))).await.0, 204);
+    assert_eq!(
+        send(e.req(Method::PATCH, &url).bearer_auth(&t).json(&json!({})))
+            .await
+            .0,
+        204
+    );
 
     // Three requests inside one $batch count three toward the window of four.
-    let parts: Vec<String> = (0..3).map(|i| format!("contacts(trusst_contact_id='q-{i}') {{}}")).collect();
-    assert_eq!(post_batch(&e, &t, batch_body(&parts, &[]), false).await.0, 200);
+    let parts: Vec<String> = (0..3)
+        .map(|i| format!("contacts(trusst_contact_id='q-{i}') {{}}"))
+        .collect();
+    assert_eq!(
+        post_batch(&e, &t, batch_body(&parts, &[]), false).await.0,
+        200
+    );
     let (status, headers, body) = send(e.req(Method::GET, &url).bearer_auth(&t)).await;
     assert_eq!(status, 429);
     let wait: u64 = header(&headers, "retry-after").parse().unwrap();
     assert!((250..=300).contains(&wait), "{wait}");
-    assert_eq!(body["error"]["message"], "Number of requests exceeded the limit of 4 over time window of 300 seconds.");
+    assert_eq!(
+        body["error"]["message"],
+        "Number of requests exceeded the limit of 4 over time window of 300 seconds."
+    );
     e.admin(Method::POST, "reset-limits", None).await;
     assert_eq!(send(e.req(Method::GET, &url).bearer_auth(&t)).await.0, 200);
 }
@@ -716,24 +1236,49 @@ async fn mulesoft_client_id_enforcement_and_per_record_failures() {
     };
     let (status, _, body) = send(with_headers().json(&mule_payload())).await;
     assert_eq!(status, 200);
-    assert_eq!((body["records_processed"].as_u64(), body["records_failed"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (
+            body["records_processed"].as_u64(),
+            body["records_failed"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
     assert_eq!(body["errors"][0]["trusst_contact_id"], Value::Null);
     assert_eq!(body["errors"][1]["trusst_contact_id"], "m-3");
-    assert!(body["errors"][1]["message"].as_str().unwrap().contains("Score"));
+    assert!(
+        body["errors"][1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Score")
+    );
 
-    let basic = e.req(Method::GET, &format!("{path}/m-1")).basic_auth("trusst-mule-client", Some("trusst-mule-secret"));
+    let basic = e
+        .req(Method::GET, &format!("{path}/m-1"))
+        .basic_auth("trusst-mule-client", Some("trusst-mule-secret"));
     let (status, _, stored) = send(basic).await;
     assert_eq!(status, 200);
     assert_eq!(stored, mule_payload()["contacts"][0]);
-    let absent =
-        e.req(Method::GET, &format!("{path}/m-3")).basic_auth("trusst-mule-client", Some("trusst-mule-secret"));
+    let absent = e
+        .req(Method::GET, &format!("{path}/m-3"))
+        .basic_auth("trusst-mule-client", Some("trusst-mule-secret"));
     assert_eq!(send(absent).await.0, 404);
 
-    let wrong = e.req(Method::POST, path).header("client_id", "trusst-mule-client").header("client_secret", "nope");
+    let wrong = e
+        .req(Method::POST, path)
+        .header("client_id", "trusst-mule-client")
+        .header("client_secret", "nope");
     let (status, _, body) = send(wrong.json(&mule_payload())).await;
-    assert_eq!((status.as_u16(), body), (401, json!({"error": "Authentication denied"})));
+    assert_eq!(
+        (status.as_u16(), body),
+        (401, json!({"error": "Authentication denied"}))
+    );
 
-    e.admin(Method::POST, "faults", Some(json!({"mulesoft": {"burst_429": 1}}))).await;
+    e.admin(
+        Method::POST,
+        "faults",
+        Some(json!({"mulesoft": {"burst_429": 1}})),
+    )
+    .await;
     let (status, headers, _) = send(with_headers().json(&mule_payload())).await;
     assert_eq!(status, 429);
     assert_eq!(header(&headers, "x-ratelimit-reset"), "1000");
@@ -745,7 +1290,10 @@ async fn mulesoft_client_id_enforcement_and_per_record_failures() {
 #[tokio::test]
 async fn mulesoft_oauth_enforcement() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config_with(dir.path(), &[(r#"auth = "client_id""#, r#"auth = "oauth""#)]);
+    let config = config_with(
+        dir.path(),
+        &[(r#"auth = "client_id""#, r#"auth = "oauth""#)],
+    );
     let e = Emulator::with_config(&config, &[]).await;
     let form = [
         ("grant_type", "client_credentials"),
@@ -753,31 +1301,63 @@ async fn mulesoft_oauth_enforcement() {
         ("client_secret", "trusst-mule-secret"),
     ];
     let (status, _, token) = send(e.req(Method::POST, "/mulesoft/oauth2/token").form(&form)).await;
-    assert_eq!((status.as_u16(), token["token_type"].as_str()), (200, Some("Bearer")));
+    assert_eq!(
+        (status.as_u16(), token["token_type"].as_str()),
+        (200, Some("Bearer"))
+    );
     let t = token["access_token"].as_str().unwrap();
-    let (status, _, body) =
-        send(e.req(Method::POST, "/api/trusst-crm-sync").bearer_auth(t).json(&mule_payload())).await;
-    assert_eq!((status.as_u16(), body["records_processed"].as_u64()), (200, Some(1)));
+    let (status, _, body) = send(
+        e.req(Method::POST, "/api/trusst-crm-sync")
+            .bearer_auth(t)
+            .json(&mule_payload()),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["records_processed"].as_u64()),
+        (200, Some(1))
+    );
     let headers_only = e
         .req(Method::POST, "/api/trusst-crm-sync")
         .header("client_id", "trusst-mule-client")
         .header("client_secret", "trusst-mule-secret");
     assert_eq!(send(headers_only.json(&mule_payload())).await.0, 401);
-    let bad = [("grant_type", "client_credentials"), ("client_id", "trusst-mule-client"), ("client_secret", "x")];
-    assert_eq!(send(e.req(Method::POST, "/mulesoft/oauth2/token").form(&bad)).await.0, 401);
+    let bad = [
+        ("grant_type", "client_credentials"),
+        ("client_id", "trusst-mule-client"),
+        ("client_secret", "x"),
+    ];
+    assert_eq!(
+        send(e.req(Method::POST, "/mulesoft/oauth2/token").form(&bad))
+            .await
+            .0,
+        401
+    );
 }
 
 #[tokio::test]
 async fn faults_admin_api() {
     let e = Emulator::start(&["--latency-ms", "200", "--seed", "3"]).await;
     let faults = e.admin(Method::GET, "faults", None).await;
-    assert_eq!((faults["latency_ms"].as_u64(), faults["seed"].as_u64()), (Some(200), Some(3)));
+    assert_eq!(
+        (faults["latency_ms"].as_u64(), faults["seed"].as_u64()),
+        (Some(200), Some(3))
+    );
     let t = e.sf_token().await;
     let started = Instant::now();
-    assert_eq!(send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t)).await.0, 200);
+    assert_eq!(
+        send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t))
+            .await
+            .0,
+        200
+    );
     assert!(started.elapsed() >= Duration::from_millis(200));
 
-    let res = e.req(Method::POST, "/__admin/faults").json(&json!({"rate429": 1})).send().await.unwrap();
+    let res = e
+        .req(Method::POST, "/__admin/faults")
+        .json(&json!({"rate429": 1}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400, "a typo is refused");
     let faults = e
         .admin(
@@ -786,27 +1366,52 @@ async fn faults_admin_api() {
             Some(json!({"latency_ms": null, "salesforce": {"rate_503": 1.0}, "mulesoft": {"drop_rate": 1.0}})),
         )
         .await;
-    assert_eq!((faults["latency_ms"].clone(), faults["seed"].as_u64()), (Value::Null, Some(3)), "a merge patch");
+    assert_eq!(
+        (faults["latency_ms"].clone(), faults["seed"].as_u64()),
+        (Value::Null, Some(3)),
+        "a merge patch"
+    );
 
-    let (status, _, body) = send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t)).await;
-    assert_eq!((status.as_u16(), body[0]["errorCode"].as_str()), (503, Some("SERVER_UNAVAILABLE")));
+    let (status, _, body) =
+        send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t)).await;
+    assert_eq!(
+        (status.as_u16(), body[0]["errorCode"].as_str()),
+        (503, Some("SERVER_UNAVAILABLE"))
+    );
     let dropped = e
         .req(Method::POST, "/api/trusst-crm-sync")
         .basic_auth("trusst-mule-client", Some("trusst-mule-secret"))
         .json(&mule_payload());
-    assert!(dropped.send().await.is_err(), "the connection is closed without a response");
+    assert!(
+        dropped.send().await.is_err(),
+        "the connection is closed without a response"
+    );
 
     let stats = e.admin(Method::GET, "stats", None).await;
     assert_eq!(stats["injected"]["salesforce"]["503"], 1);
     assert_eq!(stats["injected"]["mulesoft"]["drop"], 1);
-    assert_eq!(stats["calls"]["salesforce"]["GET /services/data/{version}/limits/"]["200"], 1);
+    assert_eq!(
+        stats["calls"]["salesforce"]["GET /services/data/{version}/limits/"]["200"],
+        1
+    );
     assert_eq!(stats["tokens_issued"]["salesforce"], 1);
 
     e.admin(Method::DELETE, "faults", None).await;
-    assert_eq!(send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t)).await.0, 200);
+    assert_eq!(
+        send(e.req(Method::GET, &format!("{SF}/limits/")).bearer_auth(&t))
+            .await
+            .0,
+        200
+    );
     e.admin(Method::POST, "reset", None).await;
     let stats = e.admin(Method::GET, "stats", None).await;
-    assert_eq!((stats["calls"].clone(), stats["salesforce_api_usage"]["used"].as_u64()), (json!({}), Some(0)));
+    assert_eq!(
+        (
+            stats["calls"].clone(),
+            stats["salesforce_api_usage"]["used"].as_u64()
+        ),
+        (json!({}), Some(0))
+    );
 }
 
 #[tokio::test]
@@ -825,29 +1430,45 @@ async fn state_file_survives_a_restart() {
         .await;
         let dv = e.dv_token().await;
         send(
-            e.req(Method::PATCH, &format!("{DV}/contacts(trusst_contact_id='s-1')"))
-                .bearer_auth(&dv)
-                .json(&json!({"agentid": "b"})),
+            e.req(
+                Method::PATCH,
+                &format!("{DV}/contacts(trusst_contact_id='s-1')"),
+            )
+            .bearer_auth(&dv)
+            .json(&json!({"agentid": "b"})),
         )
         .await;
-        let mule =
-            e.req(Method::POST, "/api/trusst-crm-sync").basic_auth("trusst-mule-client", Some("trusst-mule-secret"));
+        let mule = e
+            .req(Method::POST, "/api/trusst-crm-sync")
+            .basic_auth("trusst-mule-client", Some("trusst-mule-secret"));
         send(mule.json(&mule_payload())).await;
         r["id"].as_str().unwrap().to_owned()
     };
     assert!(state.exists());
     let e = Emulator::start(&args).await;
     let t = e.sf_token().await;
-    let (status, _, r) = send(e.req(Method::GET, &format!("{SF}/sobjects/Contact/{EXT}/s-1")).bearer_auth(&t)).await;
+    let (status, _, r) = send(
+        e.req(Method::GET, &format!("{SF}/sobjects/Contact/{EXT}/s-1"))
+            .bearer_auth(&t),
+    )
+    .await;
     assert_eq!(
         (status.as_u16(), r["Agent_ID__c"].as_str(), r["Id"].as_str()),
         (200, Some("a"), Some(first_id.as_str()))
     );
-    let (_, _, r2) =
-        send(e.req(Method::PATCH, &format!("{SF}/sobjects/Contact/{EXT}/s-2")).bearer_auth(&t).json(&json!({}))).await;
+    let (_, _, r2) = send(
+        e.req(Method::PATCH, &format!("{SF}/sobjects/Contact/{EXT}/s-2"))
+            .bearer_auth(&t)
+            .json(&json!({})),
+    )
+    .await;
     assert_ne!(r2["id"], r["Id"], "ids are not reused after a restart");
-    let dv = e.admin(Method::GET, "records/dataverse/contact", None).await;
+    let dv = e
+        .admin(Method::GET, "records/dataverse/contact", None)
+        .await;
     assert_eq!(dv[0]["agentid"], "b");
-    let mule = e.admin(Method::GET, "records/mulesoft/contacts", None).await;
+    let mule = e
+        .admin(Method::GET, "records/mulesoft/contacts", None)
+        .await;
     assert_eq!(mule[0]["trusst_contact_id"], "m-1");
 }

@@ -18,7 +18,12 @@ use trusst_cdc::sink::{Outcome, Target};
 /// Contact ids in a posted payload.
 fn ids(body: &str) -> Vec<String> {
     let v: Value = serde_json::from_str(body).unwrap();
-    v["contacts"].as_array().unwrap().iter().map(|c| c["trusst_contact_id"].as_str().unwrap().to_owned()).collect()
+    v["contacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["trusst_contact_id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// A scripted API: contacts with `bad` in the id fail inside a 200 answer; a payload with a
@@ -65,7 +70,10 @@ fn config(mock: &Mock, auth: Auth, secret: &str) -> Config {
         url: format!("{}/api/trusst-crm-sync", mock.url),
         auth,
         client_id: "cid".into(),
-        client_secret: Secret { value: Some(secret.into()), ..Default::default() },
+        client_secret: Secret {
+            value: Some(secret.into()),
+            ..Default::default()
+        },
         token_url: Some(format!("{}/oauth/token", mock.url)),
         batch_size: 200,
         request_timeout: Duration::from_secs(10),
@@ -75,8 +83,14 @@ fn config(mock: &Mock, auth: Auth, secret: &str) -> Config {
 fn record(id: &str) -> Record {
     let mut fields = serde_json::Map::new();
     fields.insert("trusst_contact_id".into(), id.into());
-    fields.insert("universal_questions".into(), json!([{"question_key":"agent_identified","result":"true"}]));
-    Record { contact_id: id.into(), fields }
+    fields.insert(
+        "universal_questions".into(),
+        json!([{"question_key":"agent_identified","result":"true"}]),
+    );
+    Record {
+        contact_id: id.into(),
+        fields,
+    }
 }
 
 fn mapping() -> Mapping {
@@ -88,14 +102,27 @@ async fn client_id_auth_posts_the_guides_payload() {
     let mock = api().await;
     let mut m = Mulesoft::new(&config(&mock, Auth::ClientId, "right")).unwrap();
     m.prepare(&mut mapping()).await.unwrap();
-    let out = m.upsert(&mapping(), &[record("c-1"), record("c-bad"), record("c-2")]).await.unwrap();
-    assert_eq!(out, [Outcome::Written, Outcome::Rejected("INVALID_FIELD: Quality_Score__c".into()), Outcome::Written]);
+    let out = m
+        .upsert(&mapping(), &[record("c-1"), record("c-bad"), record("c-2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            Outcome::Written,
+            Outcome::Rejected("INVALID_FIELD: Quality_Score__c".into()),
+            Outcome::Written
+        ]
+    );
     let seen = mock.seen();
     assert_eq!(seen.len(), 1, "client-id auth sends nothing in prepare");
     let body: Value = serde_json::from_str(&seen[0].body).unwrap();
     assert_eq!(body["source"], "trusst-platform");
     assert!(body["sync_timestamp"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(body["contacts"][0]["universal_questions"][0]["question_key"], "agent_identified");
+    assert_eq!(
+        body["contacts"][0]["universal_questions"][0]["question_key"],
+        "agent_identified"
+    );
     assert_eq!(seen[0].header("content-type"), "application/json");
     // HTTP Basic too, for policies set up to read it: base64("cid:right").
     assert_eq!(seen[0].header("authorization"), "Basic Y2lkOnJpZ2h0");
@@ -108,7 +135,11 @@ async fn wrong_client_credentials_are_a_user_error() {
     let e = m.upsert(&mapping(), &[record("c-1")]).await.unwrap_err();
     assert_eq!(e.fault, Fault::User);
     assert!(!e.retryable);
-    assert!(e.message().contains("[mulesoft] client_id and client_secret"), "{e}");
+    assert!(
+        e.message()
+            .contains("[mulesoft] client_id and client_secret"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -124,21 +155,46 @@ async fn oauth_token_is_fetched_in_prepare_and_renewed_after_401() {
     let form = crm_mock::form(&tokens[0].body);
     assert!(form.contains(&("grant_type".into(), "client_credentials".into())));
     assert!(form.contains(&("client_id".into(), "cid".into())));
-    let posts: Vec<&Seen> = seen.iter().filter(|s| s.target == "/api/trusst-crm-sync").collect();
-    assert_eq!(posts.iter().map(|p| p.header("authorization")).collect::<Vec<_>>(), ["Bearer tok-1", "Bearer tok-2"]);
+    let posts: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.target == "/api/trusst-crm-sync")
+        .collect();
+    assert_eq!(
+        posts
+            .iter()
+            .map(|p| p.header("authorization"))
+            .collect::<Vec<_>>(),
+        ["Bearer tok-1", "Bearer tok-2"]
+    );
 
     let mut bad = Mulesoft::new(&config(&mock, Auth::Oauth, "wrong")).unwrap();
     let e = bad.prepare(&mut mapping()).await.unwrap_err();
     assert_eq!(e.fault, Fault::User);
-    assert!(e.message().contains("invalid_client") && e.message().contains("[mulesoft] client_id"), "{e}");
+    assert!(
+        e.message().contains("invalid_client") && e.message().contains("[mulesoft] client_id"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn a_refused_payload_rejects_the_named_contact_and_resends_the_rest() {
     let mock = api().await;
     let mut m = Mulesoft::new(&config(&mock, Auth::ClientId, "right")).unwrap();
-    let out = m.upsert(&mapping(), &[record("c-1"), record("c-reject"), record("c-2")]).await.unwrap();
-    assert_eq!(out, [Outcome::Written, Outcome::Rejected("call_date is not a date".into()), Outcome::Written]);
+    let out = m
+        .upsert(
+            &mapping(),
+            &[record("c-1"), record("c-reject"), record("c-2")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            Outcome::Written,
+            Outcome::Rejected("call_date is not a date".into()),
+            Outcome::Written
+        ]
+    );
     let posted: Vec<Vec<String>> = mock.seen().iter().map(|s| ids(&s.body)).collect();
     assert_eq!(posted, [vec!["c-1", "c-reject", "c-2"], vec!["c-1", "c-2"]]);
 }
@@ -150,9 +206,15 @@ async fn rate_limits_wait_for_the_reset_in_milliseconds() {
     let e = m.upsert(&mapping(), &[record("limit")]).await.unwrap_err();
     assert!(e.retryable);
     assert_eq!(e.retry_after, Some(Duration::from_millis(1500)));
-    let e = m.upsert(&mapping(), &[record("limit-bare")]).await.unwrap_err();
+    let e = m
+        .upsert(&mapping(), &[record("limit-bare")])
+        .await
+        .unwrap_err();
     assert!(e.retryable);
-    assert_eq!(e.retry_after, None, "no header: the runner's exponential backoff decides");
+    assert_eq!(
+        e.retry_after, None,
+        "no header: the runner's exponential backoff decides"
+    );
 }
 
 #[tokio::test]
@@ -162,8 +224,17 @@ async fn chunks_of_batch_size() {
     c.batch_size = 2;
     let mut m = Mulesoft::new(&c).unwrap();
     let recs: Vec<Record> = (0..5).map(|i| record(&format!("c-{i}"))).collect();
-    assert_eq!(m.upsert(&mapping(), &recs).await.unwrap(), vec![Outcome::Written; 5]);
-    assert_eq!(mock.seen().iter().map(|s| ids(&s.body).len()).collect::<Vec<_>>(), [2, 2, 1]);
+    assert_eq!(
+        m.upsert(&mapping(), &recs).await.unwrap(),
+        vec![Outcome::Written; 5]
+    );
+    assert_eq!(
+        mock.seen()
+            .iter()
+            .map(|s| ids(&s.body).len())
+            .collect::<Vec<_>>(),
+        [2, 2, 1]
+    );
 }
 
 // Against the project's CRM emulator.
@@ -173,7 +244,10 @@ fn emulator_config(emu: &crm_mock::Emulator, auth: Auth) -> Config {
         url: format!("{}/api/trusst-crm-sync", emu.url),
         auth,
         client_id: "trusst-mule-client".into(),
-        client_secret: Secret { value: Some("trusst-mule-secret".into()), ..Default::default() },
+        client_secret: Secret {
+            value: Some("trusst-mule-secret".into()),
+            ..Default::default()
+        },
         token_url: Some(format!("{}/mulesoft/oauth2/token", emu.url)),
         batch_size: 200,
         request_timeout: Duration::from_secs(10),
@@ -187,7 +261,10 @@ fn contact(id: &str, result_type: &str) -> Record {
         "universal_questions".into(),
         json!([{"question_key":"agent_identified","question_text":null,"result_type":result_type,"result":"true"}]),
     );
-    Record { contact_id: id.into(), fields }
+    Record {
+        contact_id: id.into(),
+        fields,
+    }
 }
 
 #[tokio::test]
@@ -195,23 +272,57 @@ async fn emulator_client_id_per_contact_errors_and_rate_limit() {
     let emu = crm_mock::Emulator::start("connector-config/crm-emulator.toml");
     let mut m = Mulesoft::new(&emulator_config(&emu, Auth::ClientId)).unwrap();
     m.prepare(&mut mapping()).await.unwrap();
-    let out = m.upsert(&mapping(), &[contact("c-1", "Boolean"), contact("c-2", "Score"), contact("c-3", "Boolean")]).await.unwrap();
+    let out = m
+        .upsert(
+            &mapping(),
+            &[
+                contact("c-1", "Boolean"),
+                contact("c-2", "Score"),
+                contact("c-3", "Boolean"),
+            ],
+        )
+        .await
+        .unwrap();
     assert_eq!(out[0], Outcome::Written);
-    assert!(matches!(&out[1], Outcome::Rejected(msg) if msg.contains("unsupported result_type 'Score'")), "{out:?}");
+    assert!(
+        matches!(&out[1], Outcome::Rejected(msg) if msg.contains("unsupported result_type 'Score'")),
+        "{out:?}"
+    );
     assert_eq!(out[2], Outcome::Written);
     let rows = emu.admin("GET", "/records/mulesoft/contacts", None).await;
-    let ids: Vec<&str> = rows.as_array().unwrap().iter().map(|r| r["trusst_contact_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["trusst_contact_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["c-1", "c-3"]);
 
-    emu.admin("POST", "/faults", Some(json!({"burst_429": 1}))).await;
-    let e = m.upsert(&mapping(), &[contact("c-4", "Boolean")]).await.unwrap_err();
+    emu.admin("POST", "/faults", Some(json!({"burst_429": 1})))
+        .await;
+    let e = m
+        .upsert(&mapping(), &[contact("c-4", "Boolean")])
+        .await
+        .unwrap_err();
     assert!(e.retryable);
     assert_eq!(e.retry_after, Some(Duration::from_millis(1000)));
-    assert_eq!(m.upsert(&mapping(), &[contact("c-4", "Boolean")]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        m.upsert(&mapping(), &[contact("c-4", "Boolean")])
+            .await
+            .unwrap(),
+        [Outcome::Written]
+    );
 
     let mut wrong = emulator_config(&emu, Auth::ClientId);
-    wrong.client_secret = Secret { value: Some("nope".into()), ..Default::default() };
-    let e = Mulesoft::new(&wrong).unwrap().upsert(&mapping(), &[contact("c-5", "Boolean")]).await.unwrap_err();
+    wrong.client_secret = Secret {
+        value: Some("nope".into()),
+        ..Default::default()
+    };
+    let e = Mulesoft::new(&wrong)
+        .unwrap()
+        .upsert(&mapping(), &[contact("c-5", "Boolean")])
+        .await
+        .unwrap_err();
     assert_eq!(e.fault, Fault::User);
 }
 
@@ -219,10 +330,14 @@ async fn emulator_client_id_per_contact_errors_and_rate_limit() {
 async fn emulator_oauth_token_and_renewal() {
     // The same emulator config with OAuth token enforcement.
     let root = env!("CARGO_MANIFEST_DIR");
-    let text = std::fs::read_to_string(format!("{root}/connector-config/crm-emulator.toml")).unwrap();
+    let text =
+        std::fs::read_to_string(format!("{root}/connector-config/crm-emulator.toml")).unwrap();
     let text = text
         .replace("auth = \"client_id\"", "auth = \"oauth\"")
-        .replace("\"../tests/fixtures/jwt/public.pem\"", &format!("\"{root}/tests/fixtures/jwt/public.pem\""));
+        .replace(
+            "\"../tests/fixtures/jwt/public.pem\"",
+            &format!("\"{root}/tests/fixtures/jwt/public.pem\""),
+        );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crm-emulator.toml");
     std::fs::write(&path, text).unwrap();
@@ -230,15 +345,32 @@ async fn emulator_oauth_token_and_renewal() {
 
     let mut m = Mulesoft::new(&emulator_config(&emu, Auth::Oauth)).unwrap();
     m.prepare(&mut mapping()).await.unwrap();
-    assert_eq!(m.upsert(&mapping(), &[contact("c-1", "Boolean")]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        m.upsert(&mapping(), &[contact("c-1", "Boolean")])
+            .await
+            .unwrap(),
+        [Outcome::Written]
+    );
     emu.admin("POST", "/expire-tokens", None).await;
-    assert_eq!(m.upsert(&mapping(), &[contact("c-2", "Boolean")]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        m.upsert(&mapping(), &[contact("c-2", "Boolean")])
+            .await
+            .unwrap(),
+        [Outcome::Written]
+    );
     let rows = emu.admin("GET", "/records/mulesoft/contacts", None).await;
     assert_eq!(rows.as_array().unwrap().len(), 2);
 
     let mut wrong = emulator_config(&emu, Auth::Oauth);
-    wrong.client_secret = Secret { value: Some("nope".into()), ..Default::default() };
-    let e = Mulesoft::new(&wrong).unwrap().prepare(&mut mapping()).await.unwrap_err();
+    wrong.client_secret = Secret {
+        value: Some("nope".into()),
+        ..Default::default()
+    };
+    let e = Mulesoft::new(&wrong)
+        .unwrap()
+        .prepare(&mut mapping())
+        .await
+        .unwrap_err();
     assert_eq!(e.fault, Fault::User);
     assert!(e.message().contains("invalid_client"), "{e}");
 }

@@ -30,12 +30,19 @@ struct Emulator {
 
 impl Emulator {
     fn start(args: &[&str]) -> Self {
-        let (child, base) = common::crm::spawn_emulator(&repo("connector-config/crm-emulator.toml"), args);
-        Self { child, base, http: reqwest::Client::new() }
+        let (child, base) =
+            common::crm::spawn_emulator(&repo("connector-config/crm-emulator.toml"), args);
+        Self {
+            child,
+            base,
+            http: reqwest::Client::new(),
+        }
     }
 
     async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Value {
-        let mut r = self.http.request(method, format!("{}/__admin/{path}", self.base));
+        let mut r = self
+            .http
+            .request(method, format!("{}/__admin/{path}", self.base));
         if let Some(b) = body {
             r = r.json(&b);
         }
@@ -46,13 +53,22 @@ impl Emulator {
 
     /// Stored Contacts by external id.
     async fn contacts(&self) -> serde_json::Map<String, Value> {
-        let all = self.admin(Method::GET, "records/salesforce/Contact", None).await;
-        all.as_array().unwrap().iter().map(|r| (r[EXT].as_str().unwrap().to_owned(), r.clone())).collect()
+        let all = self
+            .admin(Method::GET, "records/salesforce/Contact", None)
+            .await;
+        all.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r[EXT].as_str().unwrap().to_owned(), r.clone()))
+            .collect()
     }
 
     async fn usage(&self) -> (u64, u64) {
         let s = self.admin(Method::GET, "stats", None).await;
-        (s["salesforce_api_usage"]["used"].as_u64().unwrap(), s["salesforce_api_usage"]["max"].as_u64().unwrap())
+        (
+            s["salesforce_api_usage"]["used"].as_u64().unwrap(),
+            s["salesforce_api_usage"]["max"].as_u64().unwrap(),
+        )
     }
 
     /// A client-credentials config for this emulator, with extra `[salesforce]` lines.
@@ -73,7 +89,8 @@ impl Drop for Emulator {
 }
 
 fn mapping() -> Mapping {
-    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.call_outcome]\ntype = \"picklist\"\n").unwrap();
+    let cfg: MappingConfig =
+        trusst_cdc::config::parse("[questions.call_outcome]\ntype = \"picklist\"\n").unwrap();
     Mapping::new(TargetKind::Salesforce, &cfg)
 }
 
@@ -98,7 +115,14 @@ fn event(id: &str, answers: &[(&str, &str, &str)]) -> ContactEvent {
 
 fn standard(id: &str) -> Record {
     mapping()
-        .map(&event(id, &[("agent_identified", "Boolean", "true"), ("quality_score", "Rating", "8"), ("call_outcome", "Label", "Good")]))
+        .map(&event(
+            id,
+            &[
+                ("agent_identified", "Boolean", "true"),
+                ("quality_score", "Rating", "8"),
+                ("call_outcome", "Label", "Good"),
+            ],
+        ))
         .unwrap()
 }
 
@@ -114,16 +138,39 @@ async fn collections_upsert_refresh_and_delete() {
     let e = Emulator::start(&[]);
     let (mut sf, m) = prepared(&e.config("")).await;
     // The restricted picklist's values came from describe: a bad label fails in the mapping.
-    let err = m.map(&event("c-x", &[("call_outcome", "Label", "Superb")])).unwrap_err();
-    assert!(err.reason.contains("not one of the picklist values"), "{err}");
+    let err = m
+        .map(&event("c-x", &[("call_outcome", "Label", "Superb")]))
+        .unwrap_err();
+    assert!(
+        err.reason.contains("not one of the picklist values"),
+        "{err}"
+    );
 
     let mut long = standard("c-3");
-    long.fields.insert("Agent_ID__c".into(), "x".repeat(300).into());
-    let unknown = m.map(&event("c-2", &[("customer_mood", "Label", "calm"), ("resolution_notes", "Paragraph", "fine")])).unwrap();
-    let out = sf.upsert(&m, &[standard("c-1"), unknown, long]).await.unwrap();
+    long.fields
+        .insert("Agent_ID__c".into(), "x".repeat(300).into());
+    let unknown = m
+        .map(&event(
+            "c-2",
+            &[
+                ("customer_mood", "Label", "calm"),
+                ("resolution_notes", "Paragraph", "fine"),
+            ],
+        ))
+        .unwrap();
+    let out = sf
+        .upsert(&m, &[standard("c-1"), unknown, long])
+        .await
+        .unwrap();
     assert_eq!(out[0], Outcome::Written);
-    assert!(matches!(&out[1], Outcome::Rejected(r) if r.contains("field Customer_Mood__c does not exist on Contact")), "{out:?}");
-    assert!(matches!(&out[2], Outcome::Rejected(r) if r.starts_with("STRING_TOO_LONG") && r.contains("Agent_ID__c")), "{out:?}");
+    assert!(
+        matches!(&out[1], Outcome::Rejected(r) if r.contains("field Customer_Mood__c does not exist on Contact")),
+        "{out:?}"
+    );
+    assert!(
+        matches!(&out[2], Outcome::Rejected(r) if r.starts_with("STRING_TOO_LONG") && r.contains("Agent_ID__c")),
+        "{out:?}"
+    );
 
     let stored = e.contacts().await;
     assert_eq!(stored.keys().collect::<Vec<_>>(), ["c-1"]);
@@ -133,7 +180,12 @@ async fn collections_upsert_refresh_and_delete() {
     assert_eq!(c1["Call_Outcome__c"], "Good");
     assert_eq!(c1["Call_Direction__c"], "inbound");
     assert_eq!(c1["External_ID__c"], "ext-c-1");
-    assert!(c1["Call_Date__c"].as_str().unwrap().starts_with("2025-01-15T14:23:10"));
+    assert!(
+        c1["Call_Date__c"]
+            .as_str()
+            .unwrap()
+            .starts_with("2025-01-15T14:23:10")
+    );
     let (used, max) = sf.api_usage().expect("usage read from Sforce-Limit-Info");
     assert_eq!((used, max), e.usage().await);
 
@@ -144,7 +196,10 @@ async fn collections_upsert_refresh_and_delete() {
     assert_eq!(sf.upsert(&m, &[again]).await.unwrap(), [Outcome::Written]);
     assert_eq!(e.contacts().await["c-1"]["Quality_Score__c"], 9.0);
 
-    let out = sf.delete(&m, &["c-1".into(), "never-written".into()]).await.unwrap();
+    let out = sf
+        .delete(&m, &["c-1".into(), "never-written".into()])
+        .await
+        .unwrap();
     assert_eq!(out, [Outcome::Written, Outcome::Written]);
     assert!(e.contacts().await.is_empty());
 }
@@ -160,12 +215,22 @@ async fn jwt_bearer_flow() {
     ))
     .unwrap();
     let (mut sf, m) = prepared(&cfg).await;
-    assert_eq!(sf.upsert(&m, &[standard("j-1")]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        sf.upsert(&m, &[standard("j-1")]).await.unwrap(),
+        [Outcome::Written]
+    );
 
     let mut wrong = cfg.clone();
     wrong.username = Some("someone@else.example".into());
-    let err = Salesforce::new(&wrong).unwrap().prepare(&mut mapping()).await.unwrap_err();
-    assert!(!err.retryable && err.message().contains("refused the token request"), "{err}");
+    let err = Salesforce::new(&wrong)
+        .unwrap()
+        .prepare(&mut mapping())
+        .await
+        .unwrap_err();
+    assert!(
+        !err.retryable && err.message().contains("refused the token request"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -173,20 +238,33 @@ async fn bulk_upsert_matches_rows_by_external_id() {
     let e = Emulator::start(&[]);
     let (mut sf, m) = prepared(&e.config("bulk_threshold = 3")).await;
     let mut recs: Vec<Record> = (0..8).map(|i| standard(&format!("b-{i}"))).collect();
-    recs[5].fields.insert("Agent_ID__c".into(), "x".repeat(300).into());
-    recs[2].fields.insert("Resolution_Notes__c".into(), "line one, \"quoted\"\nline two".into());
-    recs[3].fields.insert("Resolution_Notes__c".into(), Value::Null);
+    recs[5]
+        .fields
+        .insert("Agent_ID__c".into(), "x".repeat(300).into());
+    recs[2].fields.insert(
+        "Resolution_Notes__c".into(),
+        "line one, \"quoted\"\nline two".into(),
+    );
+    recs[3]
+        .fields
+        .insert("Resolution_Notes__c".into(), Value::Null);
     let out = sf.upsert(&m, &recs).await.unwrap();
     for (i, o) in out.iter().enumerate() {
         if i == 5 {
-            assert!(matches!(o, Outcome::Rejected(r) if r.contains("STRING_TOO_LONG")), "{o:?}");
+            assert!(
+                matches!(o, Outcome::Rejected(r) if r.contains("STRING_TOO_LONG")),
+                "{o:?}"
+            );
         } else {
             assert_eq!(o, &Outcome::Written, "record {i}");
         }
     }
     let stored = e.contacts().await;
     assert_eq!(stored.len(), 7);
-    assert_eq!(stored["b-2"]["Resolution_Notes__c"], "line one, \"quoted\"\nline two");
+    assert_eq!(
+        stored["b-2"]["Resolution_Notes__c"],
+        "line one, \"quoted\"\nline two"
+    );
     assert_eq!(stored["b-3"]["Resolution_Notes__c"], Value::Null);
     assert_eq!(stored["b-7"]["Agent_Identified__c"], true);
     assert_eq!(e.admin(Method::GET, "stats", None).await["bulk_jobs"], 1);
@@ -207,37 +285,63 @@ async fn daily_allowance_pauses_writes() {
         }
     }
     let err = paused.expect("writes pause before the allowance is spent");
-    assert!(err.retryable && err.retry_after == Some(Duration::from_millis(300)), "{err}");
+    assert!(
+        err.retryable && err.retry_after == Some(Duration::from_millis(300)),
+        "{err}"
+    );
     assert!(err.message().contains("(6/12)"), "{err}");
-    assert_eq!(e.usage().await, (6, 12), "stopped at limit_share, nothing more sent");
+    assert_eq!(
+        e.usage().await,
+        (6, 12),
+        "stopped at limit_share, nothing more sent"
+    );
 
     // The 24-hour window rolls on: after the pause, usage is read again and writes resume.
     e.admin(Method::POST, "reset-limits", None).await;
     tokio::time::sleep(Duration::from_millis(350)).await;
-    assert_eq!(sf.upsert(&m, &[standard("l-late")]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        sf.upsert(&m, &[standard("l-late")]).await.unwrap(),
+        [Outcome::Written]
+    );
 
     // The org itself says the allowance is spent: 403 becomes a pause, never a rejection.
-    e.admin(Method::POST, "faults", Some(json!({"sf_daily_limit": 2}))).await;
+    e.admin(Method::POST, "faults", Some(json!({"sf_daily_limit": 2})))
+        .await;
     let err = sf.upsert(&m, &[standard("l-403")]).await.unwrap_err();
-    assert!(err.retryable && err.retry_after == Some(Duration::from_millis(300)), "{err}");
-    assert!(err.message().contains("REQUEST_LIMIT_EXCEEDED") || err.message().contains("allowance"), "{err}");
+    assert!(
+        err.retryable && err.retry_after == Some(Duration::from_millis(300)),
+        "{err}"
+    );
+    assert!(
+        err.message().contains("REQUEST_LIMIT_EXCEEDED") || err.message().contains("allowance"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn unavailable_org_is_retryable() {
     let e = Emulator::start(&[]);
     let (mut sf, m) = prepared(&e.config("")).await;
-    e.admin(Method::POST, "faults", Some(json!({"salesforce": {"burst_503": 1}}))).await;
+    e.admin(
+        Method::POST,
+        "faults",
+        Some(json!({"salesforce": {"burst_503": 1}})),
+    )
+    .await;
     let err = sf.upsert(&m, &[standard("u-1")]).await.unwrap_err();
     assert!(err.retryable, "{err}");
-    assert_eq!(sf.upsert(&m, &[standard("u-1")]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        sf.upsert(&m, &[standard("u-1")]).await.unwrap(),
+        [Outcome::Written]
+    );
 }
 
 #[tokio::test]
 async fn missing_field_fails_prepare_with_its_name() {
     let e = Emulator::start(&[]);
     let mut sf = Salesforce::new(&e.config("")).unwrap();
-    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.quality_score]\nfield = \"QA_Score__c\"\n").unwrap();
+    let cfg: MappingConfig =
+        trusst_cdc::config::parse("[questions.quality_score]\nfield = \"QA_Score__c\"\n").unwrap();
     let mut m = Mapping::new(TargetKind::Salesforce, &cfg);
     let err = sf.prepare(&mut m).await.unwrap_err();
     assert!(

@@ -10,13 +10,15 @@ use common::crm::*;
 use common::*;
 use serde_json::{Value, json};
 
-
 const WAIT: Duration = Duration::from_secs(90);
-
 
 /// The seed's naming rule for Salesforce, written out independently of the connector's.
 fn sf_field(key: &str) -> String {
-    key.split('_').map(|w| format!("{}{}", w[..1].to_uppercase(), &w[1..])).collect::<Vec<_>>().join("_") + "__c"
+    key.split('_')
+        .map(|w| format!("{}{}", w[..1].to_uppercase(), &w[1..]))
+        .collect::<Vec<_>>()
+        .join("_")
+        + "__c"
 }
 
 const LABELS: [&str; 4] = ["Excellent", "Good", "Fair", "Poor"];
@@ -27,7 +29,9 @@ fn typed(system: &str, result_type: &str, raw: &str) -> Value {
         ("Boolean", _) => json!(raw == "true"),
         ("Rating", "dataverse") => json!(raw.parse::<i64>().unwrap()),
         ("Rating", _) => json!(raw.parse::<f64>().unwrap()),
-        ("Label", "dataverse") => json!(100_000_000 + LABELS.iter().position(|l| *l == raw).unwrap() as i64),
+        ("Label", "dataverse") => {
+            json!(100_000_000 + LABELS.iter().position(|l| *l == raw).unwrap() as i64)
+        }
         _ => json!(raw),
     }
 }
@@ -40,35 +44,58 @@ fn num_eq(a: &Value, b: &Value) -> bool {
 }
 
 /// Compare the emulator's records with the seed's query: same contacts, same typed values.
-fn crm_matches(emu: &Emulator, system: &str, expected: &BTreeMap<String, Expected>) -> Result<(), String> {
+fn crm_matches(
+    emu: &Emulator,
+    system: &str,
+    expected: &BTreeMap<String, Expected>,
+) -> Result<(), String> {
     let (object, key) = match system {
         "salesforce" => ("Contact", "Trusst_Contact_ID__c"),
         "dataverse" => ("contact", "trusst_contact_id"),
         _ => ("contacts", "trusst_contact_id"),
     };
     let records = emu.records(system, object);
-    let by_id: BTreeMap<String, &Value> =
-        records.iter().map(|r| (r[key].as_str().unwrap_or_default().to_owned(), r)).collect();
+    let by_id: BTreeMap<String, &Value> = records
+        .iter()
+        .map(|r| (r[key].as_str().unwrap_or_default().to_owned(), r))
+        .collect();
     if records.len() != by_id.len() {
-        return Err(format!("{} records for {} contacts: duplicates", records.len(), by_id.len()));
+        return Err(format!(
+            "{} records for {} contacts: duplicates",
+            records.len(),
+            by_id.len()
+        ));
     }
     if by_id.len() != expected.len() {
-        return Err(format!("{} records in the CRM, {} contacts in the seed query", by_id.len(), expected.len()));
+        return Err(format!(
+            "{} records in the CRM, {} contacts in the seed query",
+            by_id.len(),
+            expected.len()
+        ));
     }
     for (id, e) in expected {
-        let r = by_id.get(id).ok_or_else(|| format!("contact {id} missing"))?;
+        let r = by_id
+            .get(id)
+            .ok_or_else(|| format!("contact {id} missing"))?;
         for (qkey, (rt, raw)) in &e.results {
             let raw = raw.as_deref().unwrap_or_default();
             let (got, want) = match system {
                 "salesforce" => (r[sf_field(qkey)].clone(), typed(system, rt, raw)),
                 "dataverse" => (r[qkey.as_str()].clone(), typed(system, rt, raw)),
                 _ => {
-                    let q = r["universal_questions"].as_array().and_then(|qs| qs.iter().find(|q| q["question_key"] == qkey.as_str()));
-                    (q.map(|q| q["result"].clone()).unwrap_or(Value::Null), json!(raw))
+                    let q = r["universal_questions"]
+                        .as_array()
+                        .and_then(|qs| qs.iter().find(|q| q["question_key"] == qkey.as_str()));
+                    (
+                        q.map(|q| q["result"].clone()).unwrap_or(Value::Null),
+                        json!(raw),
+                    )
                 }
             };
             if !num_eq(&got, &want) {
-                return Err(format!("contact {id} {qkey}: CRM has {got}, seed query says {want}"));
+                return Err(format!(
+                    "contact {id} {qkey}: CRM has {got}, seed query says {want}"
+                ));
             }
         }
         let agent = match system {
@@ -77,7 +104,10 @@ fn crm_matches(emu: &Emulator, system: &str, expected: &BTreeMap<String, Expecte
             _ => &r["contact_agent_id"],
         };
         if agent.as_str() != e.contact_agent_id.as_deref() {
-            return Err(format!("contact {id}: agent {agent} != {:?}", e.contact_agent_id));
+            return Err(format!(
+                "contact {id}: agent {agent} != {:?}",
+                e.contact_agent_id
+            ));
         }
     }
     Ok(())
@@ -97,7 +127,9 @@ async fn converge_and_update(system: &str, example: &str) {
     let (dir, cfg) = sink_config(example, &src.topic, |_| {});
     let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
     let expected = db.expected().await;
-    eventually(WAIT, "the CRM to match the seed query", || crm_matches(&emu, system, &expected));
+    eventually(WAIT, "the CRM to match the seed query", || {
+        crm_matches(&emu, system, &expected)
+    });
     sink.assert_running();
 
     // Later changes update the same records, never add duplicates.
@@ -112,7 +144,9 @@ async fn converge_and_update(system: &str, example: &str) {
     let more = completed(&db, 22, 5).await;
     assert_eq!(more.len(), 5);
     let expected = db.expected().await;
-    eventually(WAIT, "the CRM to follow the updates", || crm_matches(&emu, system, &expected));
+    eventually(WAIT, "the CRM to follow the updates", || {
+        crm_matches(&emu, system, &expected)
+    });
     sink.assert_running();
     db.drop_slot(&src.slot).await;
 }
@@ -139,20 +173,30 @@ async fn salesforce_uses_collections_not_per_record_calls() {
     let (db, src, emu, ids) = pipeline("t_sfcalls", 450).await;
     let mut reader = TopicReader::new(&src.topic);
     reader.until(WAIT, "snapshot", |r| r.len() >= ids.len());
-    let (dir, cfg) = sink_config("salesforce", &src.topic, |t| set(t, "sink", "batch_max_records", 1000));
+    let (dir, cfg) = sink_config("salesforce", &src.topic, |t| {
+        set(t, "sink", "batch_max_records", 1000)
+    });
     let _sink = SinkProc::start(&emu, dir, cfg, &[]);
     let expected = db.expected().await;
-    eventually(WAIT, "450 contacts", || crm_matches(&emu, "salesforce", &expected));
+    eventually(WAIT, "450 contacts", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
     let stats = emu.stats();
     let calls = |route: &str| -> u64 {
-        stats["calls"]["salesforce"][route].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
+        stats["calls"]["salesforce"][route]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0)
     };
     let single = calls("PATCH /services/data/{version}/sobjects/{sobject}/{field}/{value}");
     let collections = calls("PATCH /services/data/{version}/composite/sobjects/{sobject}/{field}");
     assert_eq!(single, 0, "no per-record calls: {stats}");
     // 450 records in batches of at most 1000 events: at least ceil(450/200) requests, and no
     // more than one extra per batch boundary.
-    assert!((3..=6).contains(&collections), "{collections} collection calls for 450 records: {stats}");
+    assert!(
+        (3..=6).contains(&collections),
+        "{collections} collection calls for 450 records: {stats}"
+    );
     db.drop_slot(&src.slot).await;
 }
 
@@ -170,28 +214,49 @@ async fn salesforce_survives_faults() {
     emu.faults(json!({"latency_ms": 1500}));
     let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
     std::thread::sleep(Duration::from_secs(4));
-    assert!(emu.records("salesforce", "Contact").is_empty(), "nothing can land while every call times out");
+    assert!(
+        emu.records("salesforce", "Contact").is_empty(),
+        "nothing can land while every call times out"
+    );
     emu.faults(json!({"burst_503": 3, "latency_ms": 20}));
     let expected = db.expected().await;
-    eventually(WAIT, "convergence through timeouts and 503s", || crm_matches(&emu, "salesforce", &expected));
-    assert!(sink.log().contains("retrying"), "the timeouts were retried:\n{}", sink.log());
+    eventually(WAIT, "convergence through timeouts and 503s", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+    assert!(
+        sink.log().contains("retrying"),
+        "the timeouts were retried:\n{}",
+        sink.log()
+    );
 
     // Token expiry mid-run, then the allowance runs out.
     emu.admin("expire-tokens");
-    let used = emu.stats()["salesforce_api_usage"]["used"].as_u64().unwrap();
+    let used = emu.stats()["salesforce_api_usage"]["used"]
+        .as_u64()
+        .unwrap();
     emu.faults(json!({"sf_daily_limit": used + 2}));
     let c = db.client().await;
-    c.batch_execute("UPDATE inferences SET result = '2', updated_at = now() WHERE question_id = 'q-empathy'").await.unwrap();
+    c.batch_execute(
+        "UPDATE inferences SET result = '2', updated_at = now() WHERE question_id = 'q-empathy'",
+    )
+    .await
+    .unwrap();
     completed(&db, 23, 30).await;
     std::thread::sleep(Duration::from_secs(4));
-    assert!(sink.log().contains("REQUEST_LIMIT_EXCEEDED") || sink.log().contains("allowance"), "{}", sink.log());
+    assert!(
+        sink.log().contains("REQUEST_LIMIT_EXCEEDED") || sink.log().contains("allowance"),
+        "{}",
+        sink.log()
+    );
     sink.assert_running();
     // Kill mid-stream while paused, restart, then a new day.
     sink.crash_and_restart();
     emu.faults(json!({"sf_daily_limit": 1_000_000}));
     emu.admin("reset-limits");
     let expected = db.expected().await;
-    eventually(WAIT, "convergence after the allowance reset", || crm_matches(&emu, "salesforce", &expected));
+    eventually(WAIT, "convergence after the allowance reset", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
     sink.assert_running();
     db.drop_slot(&src.slot).await;
 }
@@ -211,7 +276,9 @@ async fn dynamics_survives_rate_limits_and_crashes() {
     sink.crash_and_restart();
     completed(&db, 24, 20).await;
     let expected = db.expected().await;
-    eventually(WAIT, "convergence through 429s and 503s", || crm_matches(&emu, "dataverse", &expected));
+    eventually(WAIT, "convergence through 429s and 503s", || {
+        crm_matches(&emu, "dataverse", &expected)
+    });
     sink.assert_running();
     db.drop_slot(&src.slot).await;
 }
@@ -227,27 +294,58 @@ async fn poison_record_is_dead_lettered_and_redriven() {
     let mut sink = SinkProc::start(&emu, dir, cfg.clone(), &[]);
     let dlq = format!("{}.dlq.dynamics", src.topic);
     let mut dead = TopicReader::new(&dlq);
-    dead.until(WAIT, "the poison record on the DLQ", |r| r.iter().any(|r| r.key == ids[3]));
-    let body: Value = serde_json::from_slice(dead.records.iter().find(|r| r.key == ids[3]).unwrap().value.as_deref().unwrap()).unwrap();
+    dead.until(WAIT, "the poison record on the DLQ", |r| {
+        r.iter().any(|r| r.key == ids[3])
+    });
+    let body: Value = serde_json::from_slice(
+        dead.records
+            .iter()
+            .find(|r| r.key == ids[3])
+            .unwrap()
+            .value
+            .as_deref()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(body["stage"], "mapping");
-    assert!(body["reason"].as_str().unwrap().contains("Superb"), "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("Superb"),
+        "{body}"
+    );
     assert_eq!(body["event"]["trusst_contact_id"], ids[3].as_str());
     // Everything else landed and the sink kept going.
     let mut expected = db.expected().await;
     expected.remove(&ids[3]);
-    eventually(WAIT, "the other contacts", || crm_matches(&emu, "dataverse", &expected));
+    eventually(WAIT, "the other contacts", || {
+        crm_matches(&emu, "dataverse", &expected)
+    });
     sink.assert_running();
 
     // Fix: map the new label to an existing choice, then re-drive the dead letters.
     let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     let labels = toml::toml! { Superb = 100000000 Excellent = 100000000 Good = 100000001 Fair = 100000002 Poor = 100000003 };
-    let questions = t["mapping"].as_table_mut().unwrap().entry("questions").or_insert(toml::Value::Table(Default::default()));
-    let outcome = questions.as_table_mut().unwrap().entry("call_outcome").or_insert(toml::Value::Table(Default::default()));
-    outcome.as_table_mut().unwrap().insert("labels".into(), toml::Value::Table(labels));
+    let questions = t["mapping"]
+        .as_table_mut()
+        .unwrap()
+        .entry("questions")
+        .or_insert(toml::Value::Table(Default::default()));
+    let outcome = questions
+        .as_table_mut()
+        .unwrap()
+        .entry("call_outcome")
+        .or_insert(toml::Value::Table(Default::default()));
+    outcome
+        .as_table_mut()
+        .unwrap()
+        .insert("labels".into(), toml::Value::Table(labels));
     std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
     let (status, _, log) = sink.run_to_end(&["--redrive"]);
     assert!(status.success(), "{log}");
-    let rec = emu.records("dataverse", "contact").into_iter().find(|r| r["trusst_contact_id"] == ids[3].as_str()).expect("re-driven record");
+    let rec = emu
+        .records("dataverse", "contact")
+        .into_iter()
+        .find(|r| r["trusst_contact_id"] == ids[3].as_str())
+        .expect("re-driven record");
     assert_eq!(rec["call_outcome"], 100000000);
     db.drop_slot(&src.slot).await;
 }
@@ -261,8 +359,12 @@ async fn two_sinks_on_one_topic_both_converge() {
     let _s1 = SinkProc::start(&emu, d1, c1, &[]);
     let _s2 = SinkProc::start(&emu, d2, c2, &[]);
     let expected = db.expected().await;
-    eventually(WAIT, "Salesforce", || crm_matches(&emu, "salesforce", &expected));
-    eventually(WAIT, "Dynamics", || crm_matches(&emu, "dataverse", &expected));
+    eventually(WAIT, "Salesforce", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+    eventually(WAIT, "Dynamics", || {
+        crm_matches(&emu, "dataverse", &expected)
+    });
     db.drop_slot(&src.slot).await;
 }
 
@@ -276,25 +378,41 @@ async fn replay_from_timestamp_and_dry_run() {
     let t = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     std::thread::sleep(Duration::from_millis(500));
     let after = completed(&db, 25, 4).await;
-    reader.until(WAIT, "new contacts", |r| after.iter().all(|id| r.iter().any(|x| &x.key == id)));
+    reader.until(WAIT, "new contacts", |r| {
+        after.iter().all(|id| r.iter().any(|x| &x.key == id))
+    });
 
     // Dry run from the beginning: prints the requests, the emulator sees no data call.
     let (dir, cfg) = sink_config("salesforce", &src.topic, |_| {});
     let sink = SinkProc::start(&emu, dir, cfg, &["--dry-run", "--from", "earliest"]);
     let (status, out, log) = sink.run_to_end(&["--dry-run", "--from", "earliest"]);
     assert!(status.success(), "{log}");
-    assert!(out.contains("PATCH ") && out.contains("composite/sobjects/Contact/Trusst_Contact_ID__c"), "{out}");
-    assert!(emu.records("salesforce", "Contact").is_empty(), "dry run wrote records");
+    assert!(
+        out.contains("PATCH ") && out.contains("composite/sobjects/Contact/Trusst_Contact_ID__c"),
+        "{out}"
+    );
+    assert!(
+        emu.records("salesforce", "Contact").is_empty(),
+        "dry run wrote records"
+    );
 
     // Replay from the timestamp: only the contacts completed after it.
-    let (status, _, log) = sink.run_to_end(&["--from", &format!("timestamp:{t}"), "--until-idle", "3s"]);
+    let (status, _, log) =
+        sink.run_to_end(&["--from", &format!("timestamp:{t}"), "--until-idle", "3s"]);
     assert!(status.success(), "{log}");
-    let got: Vec<String> = emu.records("salesforce", "Contact").iter().map(|r| r["Trusst_Contact_ID__c"].as_str().unwrap().to_owned()).collect();
+    let got: Vec<String> = emu
+        .records("salesforce", "Contact")
+        .iter()
+        .map(|r| r["Trusst_Contact_ID__c"].as_str().unwrap().to_owned())
+        .collect();
     let mut want = after.clone();
     want.sort();
     let mut got_sorted = got.clone();
     got_sorted.sort();
-    assert_eq!(got_sorted, want, "replay sent contacts from before the timestamp");
+    assert_eq!(
+        got_sorted, want,
+        "replay sent contacts from before the timestamp"
+    );
     db.drop_slot(&src.slot).await;
 }
 
@@ -303,8 +421,13 @@ async fn replay_from_timestamp_and_dry_run() {
 async fn mapping_to_a_missing_field_fails_at_start() {
     let emu = Emulator::start(&[]);
     let topic = unique("contacts").replace('_', "-");
-    trusst_cdc::kafka::ensure_compacted_topic(&brokers(), &Default::default(), &topic, 1, 1).await.unwrap();
-    for (example, field) in [("salesforce", "Quality_Scor__c"), ("dynamics", "quality_scor")] {
+    trusst_cdc::kafka::ensure_compacted_topic(&brokers(), &Default::default(), &topic, 1, 1)
+        .await
+        .unwrap();
+    for (example, field) in [
+        ("salesforce", "Quality_Scor__c"),
+        ("dynamics", "quality_scor"),
+    ] {
         let (dir, cfg) = sink_config(example, &topic, |t| {
             let mut q = toml::Table::new();
             q.insert("field".into(), field.into());
@@ -315,6 +438,9 @@ async fn mapping_to_a_missing_field_fails_at_start() {
         let sink = SinkProc::start(&emu, dir, cfg, &[]);
         let (status, _, log) = sink.run_to_end(&[]);
         assert!(!status.success(), "{example}: must fail");
-        assert!(log.contains(field), "{example}: the message must name {field}:\n{log}");
+        assert!(
+            log.contains(field),
+            "{example}: the message must name {field}:\n{log}"
+        );
     }
 }

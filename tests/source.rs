@@ -11,9 +11,11 @@ use trusst_cdc::generate::{Generator, Options, write_contacts};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-
 fn has_all(ids: &[String]) -> impl FnMut(&[Record]) -> bool + '_ {
-    move |recs| ids.iter().all(|id| recs.iter().any(|r| &r.key == id && r.value.is_some()))
+    move |recs| {
+        ids.iter()
+            .all(|id| recs.iter().any(|r| &r.key == id && r.value.is_some()))
+    }
 }
 
 /// Snapshot contacts and streamed contacts both equal the seed's query, field by field.
@@ -48,7 +50,15 @@ async fn completed_contacts_match_the_seed_query() {
     // Only COMPLETED contacts and only universal questions.
     for e in latest.values() {
         assert_eq!(e.universal_questions.len(), 8, "{e:?}");
-        assert!(e.universal_questions.iter().all(|q| !["upsell_attempted", "product_knowledge", "next_steps", "escalation_reason"].contains(&q.question_key.as_str())));
+        assert!(e.universal_questions.iter().all(|q| {
+            ![
+                "upsell_attempted",
+                "product_knowledge",
+                "next_steps",
+                "escalation_reason",
+            ]
+            .contains(&q.question_key.as_str())
+        }));
     }
     assert!(src.terminate().success(), "{}", src.log());
     db.drop_slot(&src.slot).await;
@@ -73,12 +83,25 @@ async fn late_completion_is_published() {
     // A marker contact proves the stream has moved past the INFERENCE-stage writes.
     let marker = completed(&db, 3, 1).await;
     reader.until(WAIT, "marker", has_all(&marker));
-    assert!(reader.events_for("late-1").is_empty(), "a contact in INFERENCE must not be published");
-    c.batch_execute("UPDATE contacts SET current_stage = 'COMPLETED' WHERE contact_id = 'late-1'").await.unwrap();
+    assert!(
+        reader.events_for("late-1").is_empty(),
+        "a contact in INFERENCE must not be published"
+    );
+    c.batch_execute("UPDATE contacts SET current_stage = 'COMPLETED' WHERE contact_id = 'late-1'")
+        .await
+        .unwrap();
     reader.until(WAIT, "late-1", |r| r.iter().any(|r| r.key == "late-1"));
     let e = reader.events_for("late-1").pop().unwrap();
     assert_eq!(e.universal_questions.len(), 2);
-    assert_eq!(e.universal_questions.iter().find(|q| q.question_key == "quality_score").unwrap().result.as_deref(), Some("9"));
+    assert_eq!(
+        e.universal_questions
+            .iter()
+            .find(|q| q.question_key == "quality_score")
+            .unwrap()
+            .result
+            .as_deref(),
+        Some("9")
+    );
     db.drop_slot(&src.slot).await;
 }
 
@@ -134,7 +157,13 @@ async fn unchanged_toast_value_is_never_a_placeholder() {
         .unwrap()
         .get(0);
     assert!(external);
-    let mut src = SourceProc::start(&db, SourceOpts { snapshot: "never", ..Default::default() });
+    let mut src = SourceProc::start(
+        &db,
+        SourceOpts {
+            snapshot: "never",
+            ..Default::default()
+        },
+    );
     src.wait_streaming();
     let mut reader = TopicReader::new(&src.topic);
     // Wait until the stream runs (a marker contact arrives), then touch the row.
@@ -143,7 +172,11 @@ async fn unchanged_toast_value_is_never_a_placeholder() {
     c.execute("UPDATE inferences SET updated_at = now() + interval '1 minute' WHERE inference_id = 'ti-1'", &[]).await.unwrap();
     reader.until(WAIT, "toast-1", |r| r.iter().any(|r| r.key == "toast-1"));
     let e = reader.events_for("toast-1").pop().unwrap();
-    let q = e.universal_questions.iter().find(|q| q.question_key == "resolution_notes").unwrap();
+    let q = e
+        .universal_questions
+        .iter()
+        .find(|q| q.question_key == "resolution_notes")
+        .unwrap();
     assert_eq!(q.result.as_deref(), Some(long.as_str()));
     assert!(long.len() > 4096);
     db.drop_slot(&src.slot).await;
@@ -155,35 +188,73 @@ async fn unchanged_toast_value_is_never_a_placeholder() {
 async fn question_changes_re_emit_affected_contacts() {
     let db = TestDb::new("t_question").await;
     let ids = completed(&db, 7, 20).await;
-    let src = SourceProc::start(&db, SourceOpts { reemit_chunk: 7, ..Default::default() });
+    let src = SourceProc::start(
+        &db,
+        SourceOpts {
+            reemit_chunk: 7,
+            ..Default::default()
+        },
+    );
     let mut reader = TopicReader::new(&src.topic);
     reader.until(WAIT, "snapshot", has_all(&ids));
-    assert!(reader.latest().values().all(|e| e.universal_questions.iter().all(|q| q.question_key != "product_knowledge")));
+    assert!(reader.latest().values().all(|e| {
+        e.universal_questions
+            .iter()
+            .all(|q| q.question_key != "product_knowledge")
+    }));
 
     let c = db.client().await;
-    c.execute("UPDATE questions SET is_universal = TRUE WHERE question_id = 'q-product'", &[]).await.unwrap();
+    c.execute(
+        "UPDATE questions SET is_universal = TRUE WHERE question_id = 'q-product'",
+        &[],
+    )
+    .await
+    .unwrap();
     let answered: Vec<String> = c
-        .query("SELECT contact_id FROM inferences WHERE question_id = 'q-product'", &[])
+        .query(
+            "SELECT contact_id FROM inferences WHERE question_id = 'q-product'",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(answered.len() > 7, "the generator answers q-product for most contacts");
+    assert!(
+        answered.len() > 7,
+        "the generator answers q-product for most contacts"
+    );
     reader.until(WAIT, "re-emitted contacts with product_knowledge", |recs| {
         answered.iter().all(|id| {
-            recs.iter().filter(|r| &r.key == id).filter_map(Record::event).any(|e| {
-                e.source.reason == "question" && e.universal_questions.iter().any(|q| q.question_key == "product_knowledge")
-            })
+            recs.iter()
+                .filter(|r| &r.key == id)
+                .filter_map(Record::event)
+                .any(|e| {
+                    e.source.reason == "question"
+                        && e.universal_questions
+                            .iter()
+                            .any(|q| q.question_key == "product_knowledge")
+                })
         })
     });
 
-    c.execute("UPDATE questions SET key = 'knows_products' WHERE question_id = 'q-product'", &[]).await.unwrap();
+    c.execute(
+        "UPDATE questions SET key = 'knows_products' WHERE question_id = 'q-product'",
+        &[],
+    )
+    .await
+    .unwrap();
     reader.until(WAIT, "renamed key on every affected contact", |recs| {
         answered.iter().all(|id| {
-            recs.iter().filter(|r| &r.key == id).filter_map(Record::event).last().is_some_and(|e| {
-                e.universal_questions.iter().any(|q| q.question_key == "knows_products")
-            })
+            recs.iter()
+                .filter(|r| &r.key == id)
+                .filter_map(Record::event)
+                .last()
+                .is_some_and(|e| {
+                    e.universal_questions
+                        .iter()
+                        .any(|q| q.question_key == "knows_products")
+                })
         })
     });
     reader.settle(Duration::from_secs(1));
@@ -201,19 +272,26 @@ async fn delete_and_truncate() {
     let mut reader = TopicReader::new(&src.topic);
     reader.until(WAIT, "snapshot", has_all(&ids));
     let c = db.client().await;
-    c.execute("DELETE FROM contacts WHERE contact_id = $1", &[&ids[0]]).await.unwrap();
-    reader.until(WAIT, "tombstone", |r| r.iter().any(|r| r.key == ids[0] && r.value.is_none()));
+    c.execute("DELETE FROM contacts WHERE contact_id = $1", &[&ids[0]])
+        .await
+        .unwrap();
+    reader.until(WAIT, "tombstone", |r| {
+        r.iter().any(|r| r.key == ids[0] && r.value.is_none())
+    });
     let recs: Vec<&Record> = reader.records.iter().filter(|r| r.key == ids[0]).collect();
     let n = recs.len();
     assert!(recs[n - 1].value.is_none(), "tombstone last");
-    let del = recs[n - 2].event().expect("delete event before the tombstone");
+    let del = recs[n - 2]
+        .event()
+        .expect("delete event before the tombstone");
     assert_eq!(del.op, Op::Delete);
     assert_eq!(del.trusst_contact_id, ids[0]);
 
     let mut control = TopicReader::new(&format!("{}.control", src.topic));
     c.batch_execute("TRUNCATE s3_conversations").await.unwrap();
     control.until(WAIT, "truncate report", |r| !r.is_empty());
-    let body: serde_json::Value = serde_json::from_slice(control.records[0].value.as_deref().unwrap()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(control.records[0].value.as_deref().unwrap()).unwrap();
     assert_eq!(body["type"], "truncate");
     assert_eq!(body["tables"][0], "s3_conversations");
     db.drop_slot(&src.slot).await;
@@ -223,7 +301,13 @@ async fn delete_and_truncate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_mid_stream_loses_nothing() {
     let db = TestDb::new("t_crash").await;
-    let mut src = SourceProc::start(&db, SourceOpts { batch_max_contacts: 50, ..Default::default() });
+    let mut src = SourceProc::start(
+        &db,
+        SourceOpts {
+            batch_max_contacts: 50,
+            ..Default::default()
+        },
+    );
     let mut reader = TopicReader::new(&src.topic);
     let marker = completed(&db, 9, 1).await;
     reader.until(WAIT, "marker", has_all(&marker));
@@ -245,7 +329,10 @@ async fn crash_mid_stream_loses_nothing() {
     let seen_before_kill = reader.records.len();
     src.kill9();
     let ids = writer.await.unwrap();
-    assert!(seen_before_kill < ids.len(), "the kill must land mid-stream");
+    assert!(
+        seen_before_kill < ids.len(),
+        "the kill must land mid-stream"
+    );
     src.respawn(&db);
     reader.until(WAIT, "every contact after restart", has_all(&ids));
     reader.settle(Duration::from_secs(1));
@@ -259,9 +346,17 @@ async fn crash_mid_stream_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_slot_keeps_advancing() {
     let db = TestDb::new("t_idle").await;
-    let mut src = SourceProc::start(&db, SourceOpts { heartbeat: "500ms", ..Default::default() });
+    let mut src = SourceProc::start(
+        &db,
+        SourceOpts {
+            heartbeat: "500ms",
+            ..Default::default()
+        },
+    );
     let c = db.client().await;
-    c.batch_execute("CREATE TABLE unrelated (id serial primary key, note text)").await.unwrap();
+    c.batch_execute("CREATE TABLE unrelated (id serial primary key, note text)")
+        .await
+        .unwrap();
     let mut first = None;
     for _ in 0..100 {
         first = db.confirmed_lsn(&src.slot).await;
@@ -280,13 +375,26 @@ async fn idle_slot_keeps_advancing() {
             break;
         }
     }
-    assert!(idle_advanced, "confirmed LSN stayed at {first:X} while idle:\n{}", src.log());
+    assert!(
+        idle_advanced,
+        "confirmed LSN stayed at {first:X} while idle:\n{}",
+        src.log()
+    );
     // Writes only to a table outside the publication.
     let start = db.confirmed_lsn(&src.slot).await.unwrap();
     for i in 0..50 {
-        c.execute("INSERT INTO unrelated (note) VALUES ($1)", &[&format!("n{i}")]).await.unwrap();
+        c.execute(
+            "INSERT INTO unrelated (note) VALUES ($1)",
+            &[&format!("n{i}")],
+        )
+        .await
+        .unwrap();
     }
-    let target: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let target: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     let target = trusst_cdc::source::setup::parse_lsn(&target).unwrap();
     assert!(target > start);
     let mut reached = false;
@@ -298,7 +406,11 @@ async fn idle_slot_keeps_advancing() {
         }
     }
     src.assert_running();
-    assert!(reached, "confirmed LSN did not pass the unrelated writes ({target:X}):\n{}", src.log());
+    assert!(
+        reached,
+        "confirmed LSN did not pass the unrelated writes ({target:X}):\n{}",
+        src.log()
+    );
     db.drop_slot(&src.slot).await;
 }
 
@@ -315,12 +427,18 @@ async fn sigterm_stops_cleanly_and_confirms() {
     assert!(status.success(), "exit {status}:\n{}", src.log());
     let confirmed = db.confirmed_lsn(&src.slot).await.unwrap();
     let c = db.client().await;
-    let now: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let now: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     // Everything up to the contacts' commit is confirmed (the WAL may have grown a little since).
-    let last_commit_lsn = trusst_cdc::source::setup::parse_lsn(
-        &reader.events_for(&ids[4]).pop().unwrap().source.lsn,
-    )
-    .unwrap();
-    assert!(confirmed >= last_commit_lsn, "confirmed {confirmed:X} < {last_commit_lsn:X} (now {now})");
+    let last_commit_lsn =
+        trusst_cdc::source::setup::parse_lsn(&reader.events_for(&ids[4]).pop().unwrap().source.lsn)
+            .unwrap();
+    assert!(
+        confirmed >= last_commit_lsn,
+        "confirmed {confirmed:X} < {last_commit_lsn:X} (now {now})"
+    );
     db.drop_slot(&src.slot).await;
 }

@@ -18,9 +18,8 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T> {
             path.display()
         ))
     })?;
-    parse(&text).map_err(|msg| {
-        Error::user(format!("invalid config file {}: {msg}", path.display()))
-    })
+    parse(&text)
+        .map_err(|msg| Error::user(format!("invalid config file {}: {msg}", path.display())))
 }
 
 /// Parse TOML text into `T`; the error is toml's message (line, column, unknown key).
@@ -222,9 +221,13 @@ impl SourceConfig {
         let ident_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 63
-                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         };
-        for (what, v) in [("slot", &self.source.slot), ("publication", &self.source.publication)] {
+        for (what, v) in [
+            ("slot", &self.source.slot),
+            ("publication", &self.source.publication),
+        ] {
             if !ident_ok(v) {
                 return Err(Error::user(format!(
                     "invalid {what} name {v:?}: use 1-63 lowercase letters, digits or '_'"
@@ -232,7 +235,11 @@ impl SourceConfig {
             }
         }
         if self.kafka.topic.is_empty()
-            || !self.kafka.topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            || !self
+                .kafka
+                .topic
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         {
             return Err(Error::user(format!(
                 "invalid topic name {:?}: use letters, digits, '.', '_' or '-'",
@@ -240,7 +247,9 @@ impl SourceConfig {
             )));
         }
         if self.source.batch_max_contacts == 0 || self.source.reemit_chunk == 0 {
-            return Err(Error::user("batch_max_contacts and reemit_chunk must be at least 1"));
+            return Err(Error::user(
+                "batch_max_contacts and reemit_chunk must be at least 1",
+            ));
         }
         if self.kafka.partitions < 1 {
             return Err(Error::user("[kafka] partitions must be at least 1"));
@@ -271,7 +280,8 @@ mod tests {
 
     #[test]
     fn defaults_and_overrides() {
-        let c: SourceConfig = parse("[kafka]\nbrokers = \"b:1\"\n[source]\nheartbeat_interval = \"2s\"\n").unwrap();
+        let c: SourceConfig =
+            parse("[kafka]\nbrokers = \"b:1\"\n[source]\nheartbeat_interval = \"2s\"\n").unwrap();
         assert_eq!(c.source.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(c.kafka.topic, "trusst.contacts");
         let c = c
@@ -287,7 +297,9 @@ mod tests {
 
     #[test]
     fn missing_url_names_the_fix() {
-        let e = SourceConfig::default().resolve(SourceOverrides::default()).unwrap_err();
+        let e = SourceConfig::default()
+            .resolve(SourceOverrides::default())
+            .unwrap_err();
         assert!(e.to_string().contains("DATABASE_URL"), "{e}");
     }
 
@@ -314,7 +326,8 @@ mod shipped_configs {
         super::load::<super::SourceConfig>(&std::path::Path::new(dir).join("source.toml")).unwrap();
         for name in ["salesforce", "dynamics", "mulesoft"] {
             let path = std::path::Path::new(dir).join(format!("{name}.toml"));
-            let cfg: crate::sink::config::SinkConfig = super::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let cfg: crate::sink::config::SinkConfig =
+                super::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(cfg.sink.name, name);
         }
     }

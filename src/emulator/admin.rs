@@ -61,7 +61,10 @@ async fn expire_tokens(State(app): State<Arc<App>>) -> StatusCode {
 }
 
 /// `GET /records/{system}/{object}`: the stored records, in key order.
-async fn records(State(app): State<Arc<App>>, Path((system, object)): Path<(System, String)>) -> Response {
+async fn records(
+    State(app): State<Arc<App>>,
+    Path((system, object)): Path<(System, String)>,
+) -> Response {
     let inner = app.lock();
     let records: Vec<Value> = inner
         .store

@@ -46,7 +46,12 @@ pub struct Reply {
 impl Reply {
     /// A reply with a status and a JSON body.
     pub fn new(status: StatusCode, body: Option<Value>) -> Self {
-        Self { status, headers: vec![], body, content_id: None }
+        Self {
+            status,
+            headers: vec![],
+            body,
+            content_id: None,
+        }
     }
 
     /// 4xx or 5xx.
@@ -67,7 +72,9 @@ pub enum ReplyItem {
 pub fn boundary(content_type: &str) -> Option<String> {
     content_type.split(';').find_map(|param| {
         let (k, v) = param.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_owned())
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_owned())
     })
 }
 
@@ -80,7 +87,8 @@ pub fn parse(content_type: &str, body: &str) -> Result<Vec<Item>, String> {
             let (headers, content) = head(part);
             match header(&headers, "content-type") {
                 Some(ct) if ct.to_ascii_lowercase().starts_with("multipart/mixed") => {
-                    let cb = boundary(ct).ok_or("a change set's Content-Type has no boundary parameter")?;
+                    let cb = boundary(ct)
+                        .ok_or("a change set's Content-Type has no boundary parameter")?;
                     let parts = split(content, &cb)?.into_iter().map(|p| {
                         let (headers, content) = head(p);
                         request(&headers, content)
@@ -103,7 +111,11 @@ fn split<'a>(body: &'a str, boundary: &str) -> Result<Vec<&'a str>, String> {
         if text == open || text == close {
             if let Some(s) = start {
                 let part = &body[s..pos];
-                parts.push(part.strip_suffix("\r\n").or_else(|| part.strip_suffix('\n')).unwrap_or(part));
+                parts.push(
+                    part.strip_suffix("\r\n")
+                        .or_else(|| part.strip_suffix('\n'))
+                        .unwrap_or(part),
+                );
             }
             if text == close {
                 return Ok(parts);
@@ -135,7 +147,10 @@ fn head(text: &str) -> (Vec<(String, String)>, &str) {
 
 /// A header's value, by case-insensitive name.
 pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 /// An `application/http` part: request line, headers, empty line, body.
@@ -163,7 +178,10 @@ pub fn write_response(boundary: &str, items: &[ReplyItem]) -> String {
             ReplyItem::Single(reply) => http_part(&mut out, boundary, reply),
             ReplyItem::ChangeSet(replies) => {
                 let cs = format!("changesetresponse_{}", super::guid());
-                let _ = write!(out, "--{boundary}\r\nContent-Type: multipart/mixed; boundary={cs}\r\n\r\n");
+                let _ = write!(
+                    out,
+                    "--{boundary}\r\nContent-Type: multipart/mixed; boundary={cs}\r\n\r\n"
+                );
                 replies.iter().for_each(|r| http_part(&mut out, &cs, r));
                 let _ = write!(out, "--{cs}--\r\n");
             }
@@ -174,18 +192,28 @@ pub fn write_response(boundary: &str, items: &[ReplyItem]) -> String {
 }
 
 fn http_part(out: &mut String, boundary: &str, reply: &Reply) {
-    let _ = write!(out, "--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n");
+    let _ = write!(
+        out,
+        "--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+    );
     if let Some(id) = &reply.content_id {
         let _ = write!(out, "Content-ID: {id}\r\n");
     }
     let reason = reply.status.canonical_reason().unwrap_or_default();
-    let _ = write!(out, "\r\nHTTP/1.1 {} {reason}\r\nOData-Version: 4.0\r\n", reply.status.as_u16());
+    let _ = write!(
+        out,
+        "\r\nHTTP/1.1 {} {reason}\r\nOData-Version: 4.0\r\n",
+        reply.status.as_u16()
+    );
     for (k, v) in &reply.headers {
         let _ = write!(out, "{k}: {v}\r\n");
     }
     match &reply.body {
         Some(body) => {
-            let _ = write!(out, "Content-Type: application/json; odata.metadata=minimal\r\n\r\n{body}\r\n");
+            let _ = write!(
+                out,
+                "Content-Type: application/json; odata.metadata=minimal\r\n\r\n{body}\r\n"
+            );
         }
         None => out.push_str("\r\n\r\n"),
     }
@@ -221,13 +249,20 @@ DELETE contacts(trusst_contact_id='b') HTTP/1.1\r\n\
     fn parses_requests_and_change_sets() {
         let items = parse("multipart/mixed; boundary=batch_AAA", BODY).unwrap();
         assert_eq!(items.len(), 2);
-        let Item::Request(p) = &items[0] else { panic!("{items:?}") };
+        let Item::Request(p) = &items[0] else {
+            panic!("{items:?}")
+        };
         assert_eq!(p.method, "PATCH");
         assert!(p.url.ends_with("contacts(trusst_contact_id='a')"));
         assert_eq!(header(&p.headers, "CONTENT-TYPE"), Some("application/json"));
         assert_eq!(p.body, "{\"agentid\":\"x\"}");
-        let Item::ChangeSet(cs) = &items[1] else { panic!("{items:?}") };
-        assert_eq!((cs[0].method.as_str(), cs[0].content_id.as_deref()), ("DELETE", Some("1")));
+        let Item::ChangeSet(cs) = &items[1] else {
+            panic!("{items:?}")
+        };
+        assert_eq!(
+            (cs[0].method.as_str(), cs[0].content_id.as_deref()),
+            ("DELETE", Some("1"))
+        );
         assert_eq!(cs[0].body.trim(), "");
     }
 
@@ -239,9 +274,12 @@ DELETE contacts(trusst_contact_id='b') HTTP/1.1\r\n\
             parse("multipart/mixed; boundary=batch_AAA", BODY).unwrap()
         );
         assert!(
-            parse("multipart/mixed; boundary=batch_AAA", &BODY[..BODY.len() - 16])
-                .unwrap_err()
-                .contains("--batch_AAA--")
+            parse(
+                "multipart/mixed; boundary=batch_AAA",
+                &BODY[..BODY.len() - 16]
+            )
+            .unwrap_err()
+            .contains("--batch_AAA--")
         );
         assert!(parse("multipart/mixed", BODY).is_err());
     }
@@ -249,9 +287,18 @@ DELETE contacts(trusst_contact_id='b') HTTP/1.1\r\n\
     #[test]
     fn writes_replies() {
         let mut ok = Reply::new(StatusCode::NO_CONTENT, None);
-        ok.headers.push(("OData-EntityId", "http://x/api/data/v9.2/contacts(1)".into()));
-        let bad = Reply::new(StatusCode::BAD_REQUEST, Some(serde_json::json!({"error": {"code": "0x1"}})));
-        let text = write_response("batchresponse_1", &[ReplyItem::Single(ok), ReplyItem::ChangeSet(vec![bad])]);
+        ok.headers.push((
+            "OData-EntityId",
+            "http://x/api/data/v9.2/contacts(1)".into(),
+        ));
+        let bad = Reply::new(
+            StatusCode::BAD_REQUEST,
+            Some(serde_json::json!({"error": {"code": "0x1"}})),
+        );
+        let text = write_response(
+            "batchresponse_1",
+            &[ReplyItem::Single(ok), ReplyItem::ChangeSet(vec![bad])],
+        );
         assert!(text.starts_with("--batchresponse_1\r\nContent-Type: application/http\r\n"));
         assert!(text.contains(
             "HTTP/1.1 204 No Content\r\nOData-Version: 4.0\r\nOData-EntityId: http://x/api/data/v9.2/contacts(1)\r\n"

@@ -29,7 +29,10 @@ pub(super) fn routes() -> Router<Arc<App>> {
     Router::new()
         .route(jobs, post(create))
         .route(&format!("{jobs}/"), post(create))
-        .route(&format!("{jobs}/{{id}}"), get(info).patch(change_state).delete(remove))
+        .route(
+            &format!("{jobs}/{{id}}"),
+            get(info).patch(change_state).delete(remove),
+        )
         .route(&format!("{jobs}/{{id}}/batches"), put(upload))
         .route(&format!("{jobs}/{{id}}/batches/"), put(upload))
         .route(&format!("{jobs}/{{id}}/{{results}}"), get(results))
@@ -95,7 +98,12 @@ impl Job {
 
     /// Finish without processing: every uploaded row is unprocessed.
     fn finish_unprocessed(&mut self, state: JobState, error: Option<String>) {
-        let (columns, rows) = self.data.as_deref().map(parse_csv).and_then(Result::ok).unwrap_or_default();
+        let (columns, rows) = self
+            .data
+            .as_deref()
+            .map(parse_csv)
+            .and_then(Result::ok)
+            .unwrap_or_default();
         self.results = Some([
             render(&["sf__Id", "sf__Created"], &columns, vec![], self.crlf),
             render(&["sf__Id", "sf__Error"], &columns, vec![], self.crlf),
@@ -125,7 +133,11 @@ struct NewJob {
     column_delimiter: Option<String>,
 }
 
-async fn create(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, String>>, body: Bytes) -> Response {
+async fn create(
+    State(app): State<Arc<App>>,
+    Path(p): Path<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
     let req: NewJob = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "JSON_PARSER_ERROR", e.to_string()),
@@ -142,23 +154,39 @@ async fn create(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Strin
     if req.operation != "upsert" {
         return job_error(
             StatusCode::BAD_REQUEST,
-            format!("operation '{}' is not emulated; only upsert is", req.operation),
+            format!(
+                "operation '{}' is not emulated; only upsert is",
+                req.operation
+            ),
         );
     }
     let ext_field = req.external_id_field_name.unwrap_or_default();
     if external_id(obj, &ext_field).is_err() {
         return job_error(
             StatusCode::BAD_REQUEST,
-            format!("'{ext_field}' is not an external id field of {}", req.object),
+            format!(
+                "'{ext_field}' is not an external id field of {}",
+                req.object
+            ),
         );
     }
-    if req.content_type.is_some_and(|c| c != "CSV") || req.column_delimiter.is_some_and(|c| c != "COMMA") {
-        return job_error(StatusCode::BAD_REQUEST, "only contentType CSV with columnDelimiter COMMA is emulated");
+    if req.content_type.is_some_and(|c| c != "CSV")
+        || req.column_delimiter.is_some_and(|c| c != "COMMA")
+    {
+        return job_error(
+            StatusCode::BAD_REQUEST,
+            "only contentType CSV with columnDelimiter COMMA is emulated",
+        );
     }
     let crlf = match req.line_ending.as_deref() {
         None | Some("LF") => false,
         Some("CRLF") => true,
-        Some(other) => return job_error(StatusCode::BAD_REQUEST, format!("lineEnding '{other}' must be LF or CRLF")),
+        Some(other) => {
+            return job_error(
+                StatusCode::BAD_REQUEST,
+                format!("lineEnding '{other}' must be LF or CRLF"),
+            );
+        }
     };
     let mut inner = app.lock();
     let id = sf_id("750", inner.store.next_seq());
@@ -168,7 +196,9 @@ async fn create(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Strin
         ext_field,
         api_version: p["version"].trim_start_matches('v').to_owned(),
         crlf,
-        created: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+0000").to_string(),
+        created: chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.3f+0000")
+            .to_string(),
         state: JobState::Open,
         data: None,
         processed: 0,
@@ -182,10 +212,18 @@ async fn create(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Strin
 }
 
 /// Run `f` on job `id` under the lock, or answer 404.
-fn with_job(app: &App, p: &HashMap<String, String>, f: impl FnOnce(&mut Job) -> Response) -> Response {
+fn with_job(
+    app: &App,
+    p: &HashMap<String, String>,
+    f: impl FnOnce(&mut Job) -> Response,
+) -> Response {
     match app.lock().jobs.get_mut(&p["id"]) {
         Some(job) => f(job),
-        None => error(StatusCode::NOT_FOUND, "NOT_FOUND", "The requested resource does not exist"),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+        ),
     }
 }
 
@@ -193,7 +231,11 @@ async fn info(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, String>
     with_job(&app, &p, |job| json(StatusCode::OK, job.info()))
 }
 
-async fn upload(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, String>>, body: Bytes) -> Response {
+async fn upload(
+    State(app): State<Arc<App>>,
+    Path(p): Path<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
     with_job(&app, &p, |job| {
         if job.state != JobState::Open || job.data.is_some() {
             return state_error("Data can be uploaded once, while the job is Open");
@@ -208,7 +250,11 @@ async fn upload(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Strin
     })
 }
 
-async fn change_state(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, String>>, body: Bytes) -> Response {
+async fn change_state(
+    State(app): State<Arc<App>>,
+    Path(p): Path<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
     #[derive(Deserialize)]
     struct Change {
         state: String,
@@ -227,7 +273,11 @@ async fn change_state(State(app): State<Arc<App>>, Path(p): Path<HashMap<String,
             (JobState::Open | JobState::UploadComplete | JobState::InProgress, "Aborted") => {
                 job.finish_unprocessed(JobState::Aborted, None);
             }
-            (from, to) => return state_error(format!("Cannot change the job's state from {from:?} to {to}")),
+            (from, to) => {
+                return state_error(format!(
+                    "Cannot change the job's state from {from:?} to {to}"
+                ));
+            }
         }
         json(StatusCode::OK, job.info())
     })
@@ -240,8 +290,14 @@ async fn remove(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Strin
             inner.jobs.remove(&p["id"]);
             StatusCode::NO_CONTENT.into_response()
         }
-        Some(_) => state_error("Only a finished job (JobComplete, Failed or Aborted) can be deleted"),
-        None => error(StatusCode::NOT_FOUND, "NOT_FOUND", "The requested resource does not exist"),
+        Some(_) => {
+            state_error("Only a finished job (JobComplete, Failed or Aborted) can be deleted")
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+        ),
     }
 }
 
@@ -250,24 +306,43 @@ async fn results(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Stri
         "successfulResults" => 0,
         "failedResults" => 1,
         "unprocessedrecords" => 2,
-        _ => return error(StatusCode::NOT_FOUND, "NOT_FOUND", "The requested resource does not exist"),
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "The requested resource does not exist",
+            );
+        }
     };
     with_job(&app, &p, |job| match &job.results {
         Some(r) => ([(header::CONTENT_TYPE, "text/csv")], r[which].clone()).into_response(),
-        None => state_error(format!("Results are available once the job is finished; it is {:?}", job.state)),
+        None => state_error(format!(
+            "Results are available once the job is finished; it is {:?}",
+            job.state
+        )),
     })
 }
 
 /// Move the job along: InProgress after one step, processed after another, unless aborted.
 async fn process_later(app: Arc<App>, id: String) {
     tokio::time::sleep(STEP).await;
-    if let Some(job) = app.lock().jobs.get_mut(&id).filter(|j| j.state == JobState::UploadComplete) {
+    if let Some(job) = app
+        .lock()
+        .jobs
+        .get_mut(&id)
+        .filter(|j| j.state == JobState::UploadComplete)
+    {
         job.state = JobState::InProgress;
     }
     tokio::time::sleep(STEP).await;
     let mut guard = app.lock();
     let Inner { jobs, store, .. } = &mut *guard;
-    let Some(job) = jobs.get_mut(&id).filter(|j| j.state == JobState::InProgress) else { return };
+    let Some(job) = jobs
+        .get_mut(&id)
+        .filter(|j| j.state == JobState::InProgress)
+    else {
+        return;
+    };
     let obj = &app.cfg.salesforce.objects[&job.object];
     process(store, obj, job);
     app.persist(&guard);
@@ -278,15 +353,26 @@ fn process(store: &mut Store, obj: &SObject, job: &mut Job) {
     let (columns, rows) = match parse_csv(job.data.as_deref().unwrap_or_default()) {
         Ok(parsed) => parsed,
         Err(e) => {
-            return job.finish_unprocessed(JobState::Failed, Some(format!("InvalidBatch : Failed to parse CSV: {e}")));
+            return job.finish_unprocessed(
+                JobState::Failed,
+                Some(format!("InvalidBatch : Failed to parse CSV: {e}")),
+            );
         }
     };
-    if let Some(unknown) = columns.iter().find(|c| !obj.fields.contains_key(c.as_str())) {
-        return job
-            .finish_unprocessed(JobState::Failed, Some(format!("InvalidBatch : Field name not found : {unknown}")));
+    if let Some(unknown) = columns
+        .iter()
+        .find(|c| !obj.fields.contains_key(c.as_str()))
+    {
+        return job.finish_unprocessed(
+            JobState::Failed,
+            Some(format!("InvalidBatch : Field name not found : {unknown}")),
+        );
     }
     let Some(key) = columns.iter().position(|c| *c == job.ext_field) else {
-        let message = format!("InvalidBatch : The external id field {} must be a column of the upload", job.ext_field);
+        let message = format!(
+            "InvalidBatch : The external id field {} must be a column of the upload",
+            job.ext_field
+        );
         return job.finish_unprocessed(JobState::Failed, Some(message));
     };
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -319,8 +405,14 @@ fn process(store: &mut Store, obj: &SObject, job: &mut Job) {
         };
         match fields {
             Ok(fields) => {
-                let (id, created) =
-                    write(store, &job.object, &obj.key_prefix, index.get(ext).cloned(), (&job.ext_field, ext), fields);
+                let (id, created) = write(
+                    store,
+                    &job.object,
+                    &obj.key_prefix,
+                    index.get(ext).cloned(),
+                    (&job.ext_field, ext),
+                    fields,
+                );
                 index.insert(ext.to_owned(), id.clone());
                 succeeded.push([vec![id, created.to_string()], row.clone()].concat());
             }
@@ -340,7 +432,12 @@ fn process(store: &mut Store, obj: &SObject, job: &mut Job) {
 }
 
 /// Typed fields of one row: an empty cell leaves the field unchanged, `#N/A` clears it.
-fn row_fields(obj: &SObject, columns: &[String], row: &[String], key: usize) -> Result<Map<String, Value>, FieldError> {
+fn row_fields(
+    obj: &SObject,
+    columns: &[String],
+    row: &[String],
+    key: usize,
+) -> Result<Map<String, Value>, FieldError> {
     let mut fields = Map::new();
     for (i, (name, cell)) in columns.iter().zip(row).enumerate() {
         if i == key || cell.is_empty() {
@@ -368,7 +465,12 @@ fn cell_value(name: &str, f: &SfField, cell: &str) -> Result<Value, FieldError> 
             "false" | "0" => false.into(),
             _ => return Err(bad()),
         },
-        SfType::Double => cell.parse::<f64>().ok().and_then(serde_json::Number::from_f64).ok_or_else(bad)?.into(),
+        SfType::Double => cell
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .ok_or_else(bad)?
+            .into(),
         SfType::Int => cell.parse::<i64>().map_err(|_| bad())?.into(),
         _ => cell.into(),
     })
@@ -378,19 +480,34 @@ fn cell_value(name: &str, f: &SfField, cell: &str) -> Result<Value, FieldError> 
 fn parse_csv(data: &str) -> Result<(Vec<String>, Vec<Vec<String>>), csv::Error> {
     let mut reader = csv::ReaderBuilder::new().from_reader(data.as_bytes());
     let columns = reader.headers()?.iter().map(str::to_owned).collect();
-    let rows = reader.records().map(|r| r.map(|r| r.iter().map(str::to_owned).collect())).collect::<Result<_, _>>()?;
+    let rows = reader
+        .records()
+        .map(|r| r.map(|r| r.iter().map(str::to_owned).collect()))
+        .collect::<Result<_, _>>()?;
     Ok((columns, rows))
 }
 
 /// A results file: every cell quoted, as Salesforce writes them.
 fn render(lead: &[&str], columns: &[String], rows: Vec<Vec<String>>, crlf: bool) -> String {
-    let terminator = if crlf { csv::Terminator::CRLF } else { csv::Terminator::Any(b'\n') };
-    let mut w =
-        csv::WriterBuilder::new().quote_style(csv::QuoteStyle::Always).terminator(terminator).from_writer(vec![]);
-    let header = lead.iter().copied().chain(columns.iter().map(String::as_str));
-    let written = w.write_record(header).and_then(|()| rows.iter().try_for_each(|r| w.write_record(r)));
+    let terminator = if crlf {
+        csv::Terminator::CRLF
+    } else {
+        csv::Terminator::Any(b'\n')
+    };
+    let mut w = csv::WriterBuilder::new()
+        .quote_style(csv::QuoteStyle::Always)
+        .terminator(terminator)
+        .from_writer(vec![]);
+    let header = lead
+        .iter()
+        .copied()
+        .chain(columns.iter().map(String::as_str));
+    let written = w
+        .write_record(header)
+        .and_then(|()| rows.iter().try_for_each(|r| w.write_record(r)));
     written.expect("writing CSV to memory cannot fail");
-    String::from_utf8(w.into_inner().expect("flushing to memory cannot fail")).expect("CSV of UTF-8 cells is UTF-8")
+    String::from_utf8(w.into_inner().expect("flushing to memory cannot fail"))
+        .expect("CSV of UTF-8 cells is UTF-8")
 }
 
 #[cfg(test)]
@@ -403,18 +520,44 @@ mod tests {
         let (columns, rows) = parse_csv(data).unwrap();
         assert_eq!(columns, ["A", "B"]);
         assert_eq!(rows, [vec!["x, \"y\"", "multi\nline"], vec!["", "#N/A"]]);
-        let with_ids = rows.into_iter().map(|r| [vec!["1".to_owned()], r].concat()).collect();
+        let with_ids = rows
+            .into_iter()
+            .map(|r| [vec!["1".to_owned()], r].concat())
+            .collect();
         let out = render(&["sf__Id"], &columns, with_ids, false);
-        assert_eq!(out, "\"sf__Id\",\"A\",\"B\"\n\"1\",\"x, \"\"y\"\"\",\"multi\nline\"\n\"1\",\"\",\"#N/A\"\n");
+        assert_eq!(
+            out,
+            "\"sf__Id\",\"A\",\"B\"\n\"1\",\"x, \"\"y\"\"\",\"multi\nline\"\n\"1\",\"\",\"#N/A\"\n"
+        );
         assert!(parse_csv("A,B\n1,2,3\n").is_err());
     }
 
     #[test]
     fn cells_become_typed_values() {
-        let f = |kind| SfField { kind, length: None, external_id: false, values: vec![], restricted: false };
-        assert_eq!(cell_value("b", &f(SfType::Boolean), "TRUE").unwrap(), json!(true));
-        assert_eq!(cell_value("d", &f(SfType::Double), "7.5").unwrap(), json!(7.5));
-        assert_eq!(cell_value("d", &f(SfType::Double), "#N/A").unwrap(), Value::Null);
-        assert_eq!(cell_value("b", &f(SfType::Boolean), "maybe").unwrap_err().code, "INVALID_TYPE_ON_FIELD_IN_RECORD");
+        let f = |kind| SfField {
+            kind,
+            length: None,
+            external_id: false,
+            values: vec![],
+            restricted: false,
+        };
+        assert_eq!(
+            cell_value("b", &f(SfType::Boolean), "TRUE").unwrap(),
+            json!(true)
+        );
+        assert_eq!(
+            cell_value("d", &f(SfType::Double), "7.5").unwrap(),
+            json!(7.5)
+        );
+        assert_eq!(
+            cell_value("d", &f(SfType::Double), "#N/A").unwrap(),
+            Value::Null
+        );
+        assert_eq!(
+            cell_value("b", &f(SfType::Boolean), "maybe")
+                .unwrap_err()
+                .code,
+            "INVALID_TYPE_ON_FIELD_IN_RECORD"
+        );
     }
 }

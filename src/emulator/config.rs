@@ -261,22 +261,31 @@ impl EmulatorConfig {
         if let Some(key) = &mut cfg.salesforce.jwt_public_key {
             *key = path.parent().unwrap_or(Path::new(".")).join(&*key);
         }
-        cfg.check().map_err(|e| Error::user(format!("invalid emulator config {}: {e}", path.display())))?;
+        cfg.check()
+            .map_err(|e| Error::user(format!("invalid emulator config {}: {e}", path.display())))?;
         Ok(cfg)
     }
 
     /// Consistency checks serde cannot express.
     fn check(&self) -> std::result::Result<(), String> {
         for (name, obj) in &self.salesforce.objects {
-            if obj.key_prefix.len() != 3 || !obj.key_prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
-                return Err(format!("salesforce.objects.{name}.key_prefix must be 3 letters or digits"));
+            if obj.key_prefix.len() != 3
+                || !obj.key_prefix.chars().all(|c| c.is_ascii_alphanumeric())
+            {
+                return Err(format!(
+                    "salesforce.objects.{name}.key_prefix must be 3 letters or digits"
+                ));
             }
             for (field, f) in &obj.fields {
                 if f.kind == SfType::Picklist && f.values.is_empty() {
-                    return Err(format!("salesforce.objects.{name}.fields.{field}: a picklist needs values"));
+                    return Err(format!(
+                        "salesforce.objects.{name}.fields.{field}: a picklist needs values"
+                    ));
                 }
                 if f.external_id && f.kind != SfType::String {
-                    return Err(format!("salesforce.objects.{name}.fields.{field}: external ids must be strings"));
+                    return Err(format!(
+                        "salesforce.objects.{name}.fields.{field}: external ids must be strings"
+                    ));
                 }
             }
         }
@@ -296,14 +305,18 @@ impl EmulatorConfig {
             }
             for (attr, a) in &e.attributes {
                 if a.kind == DvType::Picklist && a.options.is_empty() {
-                    return Err(format!("dataverse.entities.{name}.attributes.{attr}: a picklist needs options"));
+                    return Err(format!(
+                        "dataverse.entities.{name}.attributes.{attr}: a picklist needs options"
+                    ));
                 }
             }
         }
         let path = &self.mulesoft.path;
         let reserved = ["/services/", "/api/data/", "/__admin/", "/mulesoft/"];
-        let clean =
-            path.starts_with('/') && path.len() > 1 && !path.ends_with('/') && !path.contains(['{', '}', '*', '?']);
+        let clean = path.starts_with('/')
+            && path.len() > 1
+            && !path.ends_with('/')
+            && !path.contains(['{', '}', '*', '?']);
         if !clean || reserved.iter().any(|r| path.starts_with(r)) {
             return Err(format!(
                 "mulesoft.path '{path}' must be a plain path: start with '/', not end with '/', no {{ }} * ?, not under {reserved:?}"
@@ -342,7 +355,10 @@ fn two_hours() -> Duration {
     Duration::from_secs(7200)
 }
 fn service_protection() -> RateLimit {
-    RateLimit { requests: 6000, window: Duration::from_secs(300) }
+    RateLimit {
+        requests: 6000,
+        window: Duration::from_secs(300),
+    }
 }
 
 #[cfg(test)]
@@ -356,16 +372,23 @@ mod tests {
         let contact = &cfg.salesforce.objects["Contact"];
         assert!(contact.fields["Trusst_Contact_ID__c"].external_id);
         assert_eq!(contact.fields["Call_Summary__c"].max_len(), Some(131_072));
-        assert_eq!(cfg.dataverse.entities["contact"].alternate_key, ["trusst_contact_id"]);
+        assert_eq!(
+            cfg.dataverse.entities["contact"].alternate_key,
+            ["trusst_contact_id"]
+        );
         assert!(cfg.salesforce.jwt_public_key.unwrap().exists());
     }
 
     #[test]
     fn bad_schema_is_refused() {
-        let text =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("connector-config/crm-emulator.toml"))
-                .unwrap();
-        let bad = text.replace(r#"alternate_key = "trusst_contact_id""#, r#"alternate_key = "call_outcome""#);
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("connector-config/crm-emulator.toml"),
+        )
+        .unwrap();
+        let bad = text.replace(
+            r#"alternate_key = "trusst_contact_id""#,
+            r#"alternate_key = "call_outcome""#,
+        );
         let cfg: EmulatorConfig = crate::config::parse(&bad).unwrap();
         assert!(cfg.check().unwrap_err().contains("alternate_key"));
     }

@@ -36,13 +36,18 @@ pub(super) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route(&format!("{ROOT}/{{seg}}/{{attrs}}"), get(metadata))
         .route(&format!("{ROOT}/{{seg}}/{{attrs}}/{{cast}}"), get(metadata))
         .route_layer(middleware::from_fn_with_state(app.clone(), gate));
-    let all = Router::new().route("/{tenant}/oauth2/v2.0/token", post(token)).merge(data);
+    let all = Router::new()
+        .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .merge(data);
     tracked(all, app, System::Dataverse)
 }
 
 /// A Web API error: `{"error":{"code","message"}}`.
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
-    Reply::new(status, Some(json!({"error": {"code": code, "message": message.into()}})))
+    Reply::new(
+        status,
+        Some(json!({"error": {"code": code, "message": message.into()}})),
+    )
 }
 
 impl IntoResponse for Reply {
@@ -59,7 +64,10 @@ impl IntoResponse for Reply {
         let headers = res.headers_mut();
         headers.insert("odata-version", HeaderValue::from_static("4.0"));
         for (k, v) in self.headers {
-            if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(&v)) {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(&v),
+            ) {
                 headers.insert(k, v);
             }
         }
@@ -88,17 +96,30 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
             "0x80072560",
             "The access token is missing, invalid or expired; get a new one from the token endpoint.",
         );
-        reply.headers.push(("WWW-Authenticate", "Bearer error=\"invalid_token\"".into()));
+        reply
+            .headers
+            .push(("WWW-Authenticate", "Bearer error=\"invalid_token\"".into()));
         return reply.into_response();
     }
     let window = app.cfg.dataverse.rate_limit;
     // A $batch is charged per inner request once it has been parsed.
-    let cost = if req.uri().path().ends_with("/$batch") { 0 } else { 1 };
-    match app.inject(System::Dataverse).await.and_then(|()| app.charge(System::Dataverse, cost, &window)) {
+    let cost = if req.uri().path().ends_with("/$batch") {
+        0
+    } else {
+        1
+    };
+    match app
+        .inject(System::Dataverse)
+        .await
+        .and_then(|()| app.charge(System::Dataverse, cost, &window))
+    {
         Ok(()) => next.run(req).await,
-        Err(Refusal::Unavailable) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, "0x80040216", "Service Unavailable").into_response()
-        }
+        Err(Refusal::Unavailable) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "0x80040216",
+            "Service Unavailable",
+        )
+        .into_response(),
         Err(Refusal::TooMany { retry_after }) => too_many(retry_after, &window),
     }
 }
@@ -110,7 +131,10 @@ async fn token(
 ) -> Response {
     let dv = &app.cfg.dataverse;
     let fail = |code: &str, description: String| {
-        super::json(StatusCode::BAD_REQUEST, json!({"error": code, "error_description": description}))
+        super::json(
+            StatusCode::BAD_REQUEST,
+            json!({"error": code, "error_description": description}),
+        )
     };
     let field = |k: &str| form.get(k).map_or("", String::as_str);
     if tenant != dv.tenant {
@@ -122,7 +146,10 @@ async fn token(
         );
     }
     if field("grant_type") != "client_credentials" {
-        return fail("unsupported_grant_type", "AADSTS70003: The app requested an unsupported grant type.".into());
+        return fail(
+            "unsupported_grant_type",
+            "AADSTS70003: The app requested an unsupported grant type.".into(),
+        );
     }
     if field("client_id") != dv.client_id {
         return fail(
@@ -158,7 +185,10 @@ async fn token(
         );
     }
     let access_token = app.issue_token(System::Dataverse, "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.");
-    let expires_in = app.token_lifetime(&app.lock(), System::Dataverse).as_secs().saturating_sub(1);
+    let expires_in = app
+        .token_lifetime(&app.lock(), System::Dataverse)
+        .as_secs()
+        .saturating_sub(1);
     super::json(
         StatusCode::OK,
         json!({"token_type": "Bearer", "expires_in": expires_in, "ext_expires_in": expires_in, "access_token": access_token}),
@@ -176,7 +206,9 @@ pub(super) enum Key {
 
 /// Split `set(key)` into the set name and its key; no parentheses, no key.
 pub(super) fn parse_key_segment(segment: &str) -> Result<(&str, Option<Key>), String> {
-    let Some(open) = segment.find('(') else { return Ok((segment, None)) };
+    let Some(open) = segment.find('(') else {
+        return Ok((segment, None));
+    };
     let invalid = || format!("'{segment}' is not a valid key segment");
     let inner = segment[open + 1..].strip_suffix(')').ok_or_else(invalid)?;
     let mut chars = inner.chars().peekable();
@@ -189,7 +221,9 @@ pub(super) fn parse_key_segment(segment: &str) -> Result<(&str, Option<Key>), St
         let name = name.trim().to_owned();
         match chars.next() {
             Some('=') if !name.is_empty() => {}
-            None if pairs.is_empty() && !name.is_empty() => return Ok((&segment[..open], Some(Key::Id(name)))),
+            None if pairs.is_empty() && !name.is_empty() => {
+                return Ok((&segment[..open], Some(Key::Id(name))));
+            }
             _ => return Err(invalid()),
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
@@ -228,10 +262,20 @@ async fn single(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let headers: Vec<(String, String)> =
-        headers.iter().filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))).collect();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
     let mut inner = app.lock();
-    let reply = execute(&app, &mut inner, method.as_str(), &seg, query.as_deref(), &headers, &body);
+    let reply = execute(
+        &app,
+        &mut inner,
+        method.as_str(),
+        &seg,
+        query.as_deref(),
+        &headers,
+        &body,
+    );
     if method != Method::GET && !reply.failed() {
         app.persist(&inner);
     }
@@ -249,23 +293,42 @@ fn execute(
     body: &[u8],
 ) -> Reply {
     if method == "GET" && segment.trim_end_matches("()") == "WhoAmI" {
-        let context = format!("{}{ROOT}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", app.base_url);
-        let body =
-            json!({"@odata.context": context, "BusinessUnitId": UNIT_ID, "UserId": USER_ID, "OrganizationId": ORG_ID});
+        let context = format!(
+            "{}{ROOT}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse",
+            app.base_url
+        );
+        let body = json!({"@odata.context": context, "BusinessUnitId": UNIT_ID, "UserId": USER_ID, "OrganizationId": ORG_ID});
         return Reply::new(StatusCode::OK, Some(body));
     }
     let (set, key) = match parse_key_segment(segment) {
         Ok(parsed) => parsed,
         Err(e) => return error(StatusCode::BAD_REQUEST, "0x80060888", e),
     };
-    let Some((logical, entity)) = app.cfg.dataverse.entities.iter().find(|(_, e)| e.entity_set == set) else {
-        return error(StatusCode::NOT_FOUND, "0x8006088a", format!("Resource not found for the segment '{set}'."));
+    let Some((logical, entity)) = app
+        .cfg
+        .dataverse
+        .entities
+        .iter()
+        .find(|(_, e)| e.entity_set == set)
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "0x8006088a",
+            format!("Resource not found for the segment '{set}'."),
+        );
     };
     let Some(key) = key else {
-        let message = format!("The emulator serves single records: {set}(<guid>) or {set}(<alternate key>=...)");
+        let message = format!(
+            "The emulator serves single records: {set}(<guid>) or {set}(<alternate key>=...)"
+        );
         return error(StatusCode::NOT_IMPLEMENTED, "0x8006088a", message);
     };
-    let target = Target { app, logical, entity, set };
+    let target = Target {
+        app,
+        logical,
+        entity,
+        set,
+    };
     let found = match target.locate(&inner.store, &key) {
         Ok(found) => found,
         Err(reply) => return reply,
@@ -273,7 +336,10 @@ fn execute(
     let header = |name| batch::header(headers, name);
     match (method, found) {
         ("GET", Some(id)) => {
-            let record = &inner.store.get(System::Dataverse, logical).expect("found in it")[&id];
+            let record = &inner
+                .store
+                .get(System::Dataverse, logical)
+                .expect("found in it")[&id];
             match target.render(record, query_param(query, "$select").as_deref()) {
                 Ok(body) => Reply::new(StatusCode::OK, Some(body)),
                 Err(reply) => reply,
@@ -285,10 +351,22 @@ fn execute(
         }
         ("GET" | "DELETE", None) => target.missing(&key),
         ("PATCH", found) => {
-            let representation = header("prefer").is_some_and(|p| p.contains("return=representation"));
-            target.upsert(inner, &key, found, (header("if-match"), header("if-none-match")), body, representation)
+            let representation =
+                header("prefer").is_some_and(|p| p.contains("return=representation"));
+            target.upsert(
+                inner,
+                &key,
+                found,
+                (header("if-match"), header("if-none-match")),
+                body,
+                representation,
+            )
         }
-        _ => error(StatusCode::METHOD_NOT_ALLOWED, "0x80060888", format!("{method} is not supported on {set} records")),
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "0x80060888",
+            format!("{method} is not supported on {set} records"),
+        ),
     }
 }
 
@@ -315,10 +393,22 @@ impl Target<'_> {
             Key::Alternate(pairs) => pairs,
         };
         let names: BTreeSet<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
-        if names != self.entity.alternate_key.iter().map(String::as_str).collect() || names.len() != pairs.len() {
+        if names
+            != self
+                .entity
+                .alternate_key
+                .iter()
+                .map(String::as_str)
+                .collect()
+            || names.len() != pairs.len()
+        {
             let message = format!(
                 "The key ({}) is not an alternate key of entity '{}'; its key is ({})",
-                pairs.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(","),
+                pairs
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 self.logical,
                 self.entity.alternate_key.join(",")
             );
@@ -346,7 +436,10 @@ impl Target<'_> {
         let message = match key {
             Key::Id(id) => format!("{} With Id = {id} Does Not Exist", self.logical),
             Key::Alternate(_) => {
-                format!("A record with the specified key values does not exist in {} entity", self.logical)
+                format!(
+                    "A record with the specified key values does not exist in {} entity",
+                    self.logical
+                )
             }
         };
         error(StatusCode::NOT_FOUND, "0x80040217", message)
@@ -356,7 +449,11 @@ impl Target<'_> {
     fn render(&self, record: &Record, select: Option<&str>) -> Result<Value, Reply> {
         let id_attr = self.id_attr();
         let names: Vec<&str> = match select {
-            Some(s) => s.split(',').map(str::trim).filter(|n| *n != id_attr).collect(),
+            Some(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|n| *n != id_attr)
+                .collect(),
             None => self.entity.attributes.keys().map(String::as_str).collect(),
         };
         let mut out = Map::new();
@@ -366,7 +463,11 @@ impl Target<'_> {
         );
         out.insert(
             "@odata.etag".into(),
-            format!("W/\"{}\"", record.get("versionnumber").unwrap_or(&Value::Null)).into(),
+            format!(
+                "W/\"{}\"",
+                record.get("versionnumber").unwrap_or(&Value::Null)
+            )
+            .into(),
         );
         for name in names {
             if !self.entity.attributes.contains_key(name) {
@@ -376,9 +477,15 @@ impl Target<'_> {
                 );
                 return Err(error(StatusCode::BAD_REQUEST, "0x80060888", message));
             }
-            out.insert(name.into(), record.get(name).cloned().unwrap_or(Value::Null));
+            out.insert(
+                name.into(),
+                record.get(name).cloned().unwrap_or(Value::Null),
+            );
         }
-        out.insert(id_attr.clone(), record.get(&id_attr).cloned().unwrap_or(Value::Null));
+        out.insert(
+            id_attr.clone(),
+            record.get(&id_attr).cloned().unwrap_or(Value::Null),
+        );
         Ok(Value::Object(out))
     }
 
@@ -393,7 +500,11 @@ impl Target<'_> {
         representation: bool,
     ) -> Reply {
         let table = inner.store.get(System::Dataverse, self.logical);
-        let version = |id: &str| table.and_then(|t| t[id].get("versionnumber")).map(|v| format!("W/\"{v}\""));
+        let version = |id: &str| {
+            table
+                .and_then(|t| t[id].get("versionnumber"))
+                .map(|v| format!("W/\"{v}\""))
+        };
         match (&found, if_match, if_none_match) {
             (None, Some(_), _) => return self.missing(key),
             (Some(_), _, Some("*")) => {
@@ -426,48 +537,76 @@ impl Target<'_> {
             Key::Id(id) => id.clone(),
             Key::Alternate(_) => guid(),
         });
-        let record = inner.store.table(System::Dataverse, self.logical).entry(id.clone()).or_default();
+        let record = inner
+            .store
+            .table(System::Dataverse, self.logical)
+            .entry(id.clone())
+            .or_default();
         let indexed: Vec<(String, String)> = if created {
             record.insert(self.id_attr(), id.clone().into());
-            let strings = key_values.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect();
+            let strings = key_values
+                .iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+                .collect();
             record.extend(key_values);
             strings
         } else {
             Vec::new()
         };
-        record.extend(fields.into_iter().filter(|(k, _)| !k.starts_with("@odata.")));
+        record.extend(
+            fields
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("@odata.")),
+        );
         record.insert("versionnumber".into(), version.into());
         if let [(k, v)] = indexed.as_slice() {
-            inner.store.indexed(System::Dataverse, self.logical, k, v, &id);
+            inner
+                .store
+                .indexed(System::Dataverse, self.logical, k, v, &id);
         }
-        let record = inner.store.table(System::Dataverse, self.logical).get_mut(&id).expect("just written");
+        let record = inner
+            .store
+            .table(System::Dataverse, self.logical)
+            .get_mut(&id)
+            .expect("just written");
         if representation {
             let body = self.render(record, None).expect("every attribute is known");
-            return Reply::new(if created { StatusCode::CREATED } else { StatusCode::OK }, Some(body));
+            return Reply::new(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                Some(body),
+            );
         }
         let mut reply = Reply::new(StatusCode::NO_CONTENT, None);
-        reply.headers.push(("OData-EntityId", format!("{}{ROOT}/{}({id})", self.app.base_url, self.set)));
+        reply.headers.push((
+            "OData-EntityId",
+            format!("{}{ROOT}/{}({id})", self.app.base_url, self.set),
+        ));
         reply
     }
 
     /// The alternate-key values from the URL as typed attributes; a body may repeat them, but
     /// not contradict them.
     fn key_values(&self, key: &Key, fields: &Record) -> Result<Record, Reply> {
-        let Key::Alternate(pairs) = key else { return Ok(Record::new()) };
+        let Key::Alternate(pairs) = key else {
+            return Ok(Record::new());
+        };
         pairs
             .iter()
             .map(|(k, v)| {
                 let value = match self.entity.attributes[k].kind {
-                    DvType::Integer => v
-                        .parse::<i64>()
-                        .map(Value::from)
-                        .map_err(|_| self.payload_error(&format!("key value '{v}' of '{k}' is not an integer")))?,
+                    DvType::Integer => v.parse::<i64>().map(Value::from).map_err(|_| {
+                        self.payload_error(&format!("key value '{v}' of '{k}' is not an integer"))
+                    })?,
                     _ => Value::from(v.as_str()),
                 };
                 match fields.get(k) {
-                    Some(body) if *body != value => {
-                        Err(self.payload_error(&format!("'{k}' in the body differs from the key in the URL")))
-                    }
+                    Some(body) if *body != value => Err(self.payload_error(&format!(
+                        "'{k}' in the body differs from the key in the URL"
+                    ))),
                     _ => Ok((k.clone(), value)),
                 }
             })
@@ -506,13 +645,19 @@ impl Target<'_> {
             DvType::Boolean => ("Edm.Boolean", value.is_boolean()),
             DvType::Integer | DvType::Picklist => ("Edm.Int32", int32.is_some()),
             DvType::Decimal => ("Edm.Decimal", value.is_number()),
-            DvType::Datetime => {
-                ("Edm.DateTimeOffset", value.as_str().is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()))
-            }
+            DvType::Datetime => (
+                "Edm.DateTimeOffset",
+                value
+                    .as_str()
+                    .is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()),
+            ),
         };
         if !ok {
-            let literal = value.as_str().map_or_else(|| value.to_string(), str::to_owned);
-            let mut detail = format!("Cannot convert the literal '{literal}' to the expected type '{edm}'.");
+            let literal = value
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_owned);
+            let mut detail =
+                format!("Cannot convert the literal '{literal}' to the expected type '{edm}'.");
             if let Some(n) = attr.options.get(&literal) {
                 detail += &format!(
                     " '{name}' is a choice column: send the option's integer value ({n} for '{literal}'), not its label."
@@ -525,7 +670,11 @@ impl Target<'_> {
         {
             let mut accepted: Vec<_> = attr.options.values().collect();
             accepted.sort();
-            let accepted = accepted.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            let accepted = accepted
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
             let message = format!(
                 "A validation error occurred. The value {n} of '{name}' on record of type '{}' is outside the valid range. Accepted Values: {accepted}",
                 self.logical
@@ -558,24 +707,37 @@ async fn metadata(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Str
         },
         _ => Err(()),
     };
-    let (Ok(Some(name)), Ok(attr)) =
-        (logical_name(&p["seg"], "EntityDefinitions"), logical_name(&p["attrs"], "Attributes"))
-    else {
-        return not_found("Only EntityDefinitions(LogicalName='...')/Attributes metadata is emulated".into());
+    let (Ok(Some(name)), Ok(attr)) = (
+        logical_name(&p["seg"], "EntityDefinitions"),
+        logical_name(&p["attrs"], "Attributes"),
+    ) else {
+        return not_found(
+            "Only EntityDefinitions(LogicalName='...')/Attributes metadata is emulated".into(),
+        );
     };
     let Some(entity) = app.cfg.dataverse.entities.get(&name) else {
         return not_found(format!("Could not find entity with LogicalName '{name}'"));
     };
-    let context = format!("{}{ROOT}/$metadata#EntityDefinitions('{name}')/Attributes", app.base_url);
+    let context = format!(
+        "{}{ROOT}/$metadata#EntityDefinitions('{name}')/Attributes",
+        app.base_url
+    );
     let Some(attr_name) = attr else {
         let id = json!({"LogicalName": format!("{name}id"), "AttributeType": "Uniqueidentifier"});
-        let attrs =
-            entity.attributes.iter().map(|(n, a)| json!({"LogicalName": n, "AttributeType": a.kind.metadata_name()}));
+        let attrs = entity
+            .attributes
+            .iter()
+            .map(|(n, a)| json!({"LogicalName": n, "AttributeType": a.kind.metadata_name()}));
         let value: Vec<Value> = std::iter::once(id).chain(attrs).collect();
-        return super::json(StatusCode::OK, json!({"@odata.context": context, "value": value}));
+        return super::json(
+            StatusCode::OK,
+            json!({"@odata.context": context, "value": value}),
+        );
     };
     let Some(a) = entity.attributes.get(&attr_name) else {
-        return not_found(format!("Could not find attribute '{attr_name}' of entity '{name}'"));
+        return not_found(format!(
+            "Could not find attribute '{attr_name}' of entity '{name}'"
+        ));
     };
     let mut out = json!({"@odata.context": format!("{context}/$entity"), "LogicalName": attr_name, "AttributeType": a.kind.metadata_name()});
     match p.get("cast").map(String::as_str) {
@@ -593,13 +755,22 @@ async fn metadata(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Str
             out["OptionSet"] = json!({"Options": options});
             out["GlobalOptionSet"] = Value::Null;
         }
-        Some(cast) if cast == format!("Microsoft.Dynamics.CRM.{}AttributeMetadata", a.kind.metadata_name()) => {
+        Some(cast)
+            if cast
+                == format!(
+                    "Microsoft.Dynamics.CRM.{}AttributeMetadata",
+                    a.kind.metadata_name()
+                ) =>
+        {
             if let Some(max) = a.max_len() {
                 out["MaxLength"] = max.into();
             }
         }
         Some(cast) => {
-            return not_found(format!("Attribute '{attr_name}' is a {}, not a {cast}", a.kind.metadata_name()));
+            return not_found(format!(
+                "Attribute '{attr_name}' is a {}, not a {cast}",
+                a.kind.metadata_name()
+            ));
         }
     }
     super::json(StatusCode::OK, out)
@@ -608,23 +779,46 @@ async fn metadata(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Str
 /// `POST {ROOT}/$batch`.
 async fn batch(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let malformed = |e: &str| {
-        error(StatusCode::BAD_REQUEST, "0x80048d19", format!("The batch request is malformed: {e}")).into_response()
+        error(
+            StatusCode::BAD_REQUEST,
+            "0x80048d19",
+            format!("The batch request is malformed: {e}"),
+        )
+        .into_response()
     };
-    let Ok(text) = std::str::from_utf8(&body) else { return malformed("the body is not UTF-8") };
-    let items = match batch::parse(header_str(&headers, "content-type").unwrap_or_default(), text) {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return malformed("the body is not UTF-8");
+    };
+    let items = match batch::parse(
+        header_str(&headers, "content-type").unwrap_or_default(),
+        text,
+    ) {
         Ok(items) => items,
         Err(e) => return malformed(&e),
     };
-    let count: usize = items.iter().map(|i| if let Item::ChangeSet(parts) = i { parts.len() } else { 1 }).sum();
+    let count: usize = items
+        .iter()
+        .map(|i| {
+            if let Item::ChangeSet(parts) = i {
+                parts.len()
+            } else {
+                1
+            }
+        })
+        .sum();
     if count > BATCH_LIMIT {
-        let message = format!("The batch holds {count} requests; at most {BATCH_LIMIT} are allowed.");
+        let message =
+            format!("The batch holds {count} requests; at most {BATCH_LIMIT} are allowed.");
         return error(StatusCode::BAD_REQUEST, "0x8005f103", message).into_response();
     }
     let window = app.cfg.dataverse.rate_limit;
-    if let Err(Refusal::TooMany { retry_after }) = app.charge(System::Dataverse, count as u64, &window) {
+    if let Err(Refusal::TooMany { retry_after }) =
+        app.charge(System::Dataverse, count as u64, &window)
+    {
         return too_many(retry_after, &window);
     }
-    let continue_on_error = header_str(&headers, "prefer").is_some_and(|p| p.contains("odata.continue-on-error"));
+    let continue_on_error =
+        header_str(&headers, "prefer").is_some_and(|p| p.contains("odata.continue-on-error"));
     let mut inner = app.lock();
     let mut replies = vec![];
     for item in &items {
@@ -657,10 +851,11 @@ async fn batch(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> 
     app.persist(&inner);
     let boundary = format!("batchresponse_{}", guid());
     let mut res = batch::write_response(&boundary, &replies).into_response();
-    let ct =
-        HeaderValue::from_str(&format!("multipart/mixed; boundary={boundary}")).expect("a boundary is a valid header");
+    let ct = HeaderValue::from_str(&format!("multipart/mixed; boundary={boundary}"))
+        .expect("a boundary is a valid header");
     res.headers_mut().insert(header::CONTENT_TYPE, ct);
-    res.headers_mut().insert("odata-version", HeaderValue::from_static("4.0"));
+    res.headers_mut()
+        .insert("odata-version", HeaderValue::from_static("4.0"));
     res
 }
 
@@ -670,15 +865,28 @@ fn run_part(app: &App, inner: &mut Inner, part: &batch::Part) -> Reply {
         Some(i) => &part.url[i + ROOT.len() + 1..],
         None => part.url.trim_start_matches('/'),
     };
-    let (path, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
+    let (path, query) = path
+        .split_once('?')
+        .map_or((path, None), |(p, q)| (p, Some(q)));
     let mut reply = if path.contains('/') {
         error(
             StatusCode::NOT_IMPLEMENTED,
             "0x8006088a",
-            format!("Only record URLs are emulated inside a $batch, not '{}'", part.url),
+            format!(
+                "Only record URLs are emulated inside a $batch, not '{}'",
+                part.url
+            ),
         )
     } else {
-        execute(app, inner, &part.method, &decode(path), query, &part.headers, part.body.as_bytes())
+        execute(
+            app,
+            inner,
+            &part.method,
+            &decode(path),
+            query,
+            &part.headers,
+            part.body.as_bytes(),
+        )
     };
     reply.content_id = part.content_id.clone();
     reply
@@ -689,7 +897,12 @@ mod tests {
     use super::*;
 
     fn alt(pairs: &[(&str, &str)]) -> Option<Key> {
-        Some(Key::Alternate(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
+        Some(Key::Alternate(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ))
     }
 
     #[test]
@@ -702,14 +915,28 @@ mod tests {
             parse_key_segment("contacts(k1='a,b)', k2=5)").unwrap(),
             ("contacts", alt(&[("k1", "a,b)"), ("k2", "5")]))
         );
-        assert_eq!(parse_key_segment("contacts(name='O''Brien')").unwrap().1, alt(&[("name", "O'Brien")]));
-        assert_eq!(parse_key_segment("contacts(k='')").unwrap().1, alt(&[("k", "")]));
+        assert_eq!(
+            parse_key_segment("contacts(name='O''Brien')").unwrap().1,
+            alt(&[("name", "O'Brien")])
+        );
+        assert_eq!(
+            parse_key_segment("contacts(k='')").unwrap().1,
+            alt(&[("k", "")])
+        );
         let id = "9d6a7e4b-0000-4000-8000-000000000001";
-        assert_eq!(parse_key_segment(&format!("contacts({id})")).unwrap().1, Some(Key::Id(id.into())));
+        assert_eq!(
+            parse_key_segment(&format!("contacts({id})")).unwrap().1,
+            Some(Key::Id(id.into()))
+        );
         assert_eq!(parse_key_segment("contacts").unwrap(), ("contacts", None));
-        for bad in
-            ["contacts(k='x", "contacts(k='x')y", "contacts()", "contacts(k='a' b)", "contacts(=1)", "contacts(a,b)"]
-        {
+        for bad in [
+            "contacts(k='x",
+            "contacts(k='x')y",
+            "contacts()",
+            "contacts(k='a' b)",
+            "contacts(=1)",
+            "contacts(a,b)",
+        ] {
             assert!(parse_key_segment(bad).is_err(), "{bad}");
         }
     }

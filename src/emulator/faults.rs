@@ -113,8 +113,16 @@ impl FaultState {
         let template = serde_json::to_value(Faults::default()).map_err(|e| e.to_string())?;
         check_keys(&merged, &template, "")?;
         let faults: Faults = serde_json::from_value(merged).map_err(|e| e.to_string())?;
-        for spec in [&faults.all, &faults.salesforce, &faults.dataverse, &faults.mulesoft] {
-            for p in [spec.rate_429, spec.rate_503, spec.drop_rate].into_iter().flatten() {
+        for spec in [
+            &faults.all,
+            &faults.salesforce,
+            &faults.dataverse,
+            &faults.mulesoft,
+        ] {
+            for p in [spec.rate_429, spec.rate_503, spec.drop_rate]
+                .into_iter()
+                .flatten()
+            {
                 probability(&p.to_string())?;
             }
         }
@@ -186,11 +194,16 @@ fn merge(target: &mut Value, patch: &Value) {
 }
 
 fn check_keys(value: &Value, template: &Value, at: &str) -> Result<(), String> {
-    let (Value::Object(v), Value::Object(t)) = (value, template) else { return Ok(()) };
+    let (Value::Object(v), Value::Object(t)) = (value, template) else {
+        return Ok(());
+    };
     for (k, inner) in v {
-        let known = t
-            .get(k)
-            .ok_or_else(|| format!("unknown fault setting '{at}{k}'; known: {:?}", t.keys().collect::<Vec<_>>()))?;
+        let known = t.get(k).ok_or_else(|| {
+            format!(
+                "unknown fault setting '{at}{k}'; known: {:?}",
+                t.keys().collect::<Vec<_>>()
+            )
+        })?;
         check_keys(inner, known, &format!("{at}{k}."))?;
     }
     Ok(())
@@ -211,22 +224,35 @@ mod tests {
 
     #[test]
     fn patch_merges_and_refuses_typos() {
-        let mut s = FaultState::new(Faults { seed: Some(1), ..Faults::default() });
-        s.patch(&json!({"latency_ms": 5, "dataverse": {"burst_429": 2}})).unwrap();
+        let mut s = FaultState::new(Faults {
+            seed: Some(1),
+            ..Faults::default()
+        });
+        s.patch(&json!({"latency_ms": 5, "dataverse": {"burst_429": 2}}))
+            .unwrap();
         s.patch(&json!({"rate_503": 0.5})).unwrap();
         assert_eq!(s.get().all.latency_ms, Some(5));
         assert_eq!(s.get().dataverse.burst_429, Some(2));
         s.patch(&json!({"latency_ms": null})).unwrap();
         assert_eq!(s.get().all.latency_ms, None);
-        assert!(s.patch(&json!({"rate429": 1})).unwrap_err().contains("rate429"));
-        assert!(s.patch(&json!({"mulesoft": {"bogus": 1}})).unwrap_err().contains("mulesoft.bogus"));
+        assert!(
+            s.patch(&json!({"rate429": 1}))
+                .unwrap_err()
+                .contains("rate429")
+        );
+        assert!(
+            s.patch(&json!({"mulesoft": {"bogus": 1}}))
+                .unwrap_err()
+                .contains("mulesoft.bogus")
+        );
         assert!(s.patch(&json!({"drop_rate": 2.0})).is_err());
     }
 
     #[test]
     fn bursts_are_used_up_and_salesforce_gets_no_429() {
         let mut s = FaultState::new(Faults::default());
-        s.patch(&json!({"burst_429": 1, "salesforce": {"burst_503": 1}})).unwrap();
+        s.patch(&json!({"burst_429": 1, "salesforce": {"burst_503": 1}}))
+            .unwrap();
         assert_eq!(s.roll(System::Salesforce).1, Some(Injected::Unavailable));
         assert_eq!(s.roll(System::Salesforce).1, None);
         assert_eq!(s.roll(System::Mulesoft).1, Some(Injected::TooMany));
@@ -239,7 +265,9 @@ mod tests {
         let roll = || {
             let mut s = FaultState::new(Faults::default());
             s.patch(&json!({"seed": 7, "rate_429": 0.5})).unwrap();
-            (0..32).map(|_| s.roll(System::Dataverse).1.is_some()).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.roll(System::Dataverse).1.is_some())
+                .collect::<Vec<_>>()
         };
         assert_eq!(roll(), roll());
     }

@@ -79,9 +79,21 @@ pub async fn run(args: EmulatorArgs, mut shutdown: watch::Receiver<bool>) -> Res
     let cfg = EmulatorConfig::load(&args.config)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|e| Error::user(format!("cannot listen on {}: {e}; pick another --listen address", args.listen)))?;
-    let addr = listener.local_addr().map_err(|e| Error::internal("reading the bound address").with_source(e))?;
-    let app = Arc::new(App::new(cfg, format!("http://{addr}"), args.state_file, args.faults)?);
+        .map_err(|e| {
+            Error::user(format!(
+                "cannot listen on {}: {e}; pick another --listen address",
+                args.listen
+            ))
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::internal("reading the bound address").with_source(e))?;
+    let app = Arc::new(App::new(
+        cfg,
+        format!("http://{addr}"),
+        args.state_file,
+        args.faults,
+    )?);
     // Scripts and tests read the port from this line (stdout); the log line is for operators.
     println!("listening on http://{addr}");
     tracing::info!(%addr, "crm-emulator listening on http://{addr}");
@@ -100,7 +112,12 @@ fn router(app: Arc<App>) -> Router {
         .merge(dataverse::routes(&app))
         .merge(mulesoft::routes(&app))
         .nest("/__admin", admin::routes())
-        .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint in the CRM emulator\n") })
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "no such endpoint in the CRM emulator\n",
+            )
+        })
         // Bulk API 2.0 accepts uploads up to 150 MB; axum's default is 2 MB.
         .layer(DefaultBodyLimit::max(150 << 20))
         .with_state(app)
@@ -142,7 +159,10 @@ struct Usage {
 
 impl Default for Usage {
     fn default() -> Self {
-        Self { used: 0, since: Instant::now() }
+        Self {
+            used: 0,
+            since: Instant::now(),
+        }
     }
 }
 
@@ -166,11 +186,19 @@ pub(crate) enum Refusal {
 }
 
 impl App {
-    fn new(cfg: EmulatorConfig, base_url: String, state_file: Option<PathBuf>, faults: Faults) -> Result<Self> {
+    fn new(
+        cfg: EmulatorConfig,
+        base_url: String,
+        state_file: Option<PathBuf>,
+        faults: Faults,
+    ) -> Result<Self> {
         let jwt_key = match &cfg.salesforce.jwt_public_key {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    Error::user(format!("cannot read salesforce.jwt_public_key {}: {e}", path.display()))
+                    Error::user(format!(
+                        "cannot read salesforce.jwt_public_key {}: {e}",
+                        path.display()
+                    ))
                 })?;
                 Some(jsonwebtoken::DecodingKey::from_rsa_pem(&pem).map_err(|e| {
                     Error::user(format!(
@@ -194,7 +222,13 @@ impl App {
             windows: HashMap::new(),
             jobs: BTreeMap::new(),
         };
-        Ok(Self { cfg, base_url, jwt_key, state_file, inner: Mutex::new(inner) })
+        Ok(Self {
+            cfg,
+            base_url,
+            jwt_key,
+            state_file,
+            inner: Mutex::new(inner),
+        })
     }
 
     /// The state, whatever an earlier panicking handler left (see [`Injected::Drop`]).
@@ -216,7 +250,13 @@ impl App {
     fn issue_token(&self, system: System, prefix: &str) -> String {
         let token = format!("{prefix}{}", random_string(48));
         let mut inner = self.lock();
-        inner.tokens.insert(token.clone(), Token { system, issued: Instant::now() });
+        inner.tokens.insert(
+            token.clone(),
+            Token {
+                system,
+                issued: Instant::now(),
+            },
+        );
         *inner.stats.tokens_issued.entry(system.name()).or_default() += 1;
         token
     }
@@ -238,15 +278,17 @@ impl App {
         let Some(token) = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
         else {
             return false;
         };
         let inner = self.lock();
-        inner
-            .tokens
-            .get(token.trim())
-            .is_some_and(|t| t.system == system && t.issued.elapsed() < self.token_lifetime(&inner, system))
+        inner.tokens.get(token.trim()).is_some_and(|t| {
+            t.system == system && t.issued.elapsed() < self.token_lifetime(&inner, system)
+        })
     }
 
     /// Apply the injected faults to one data call: sleep the latency, then maybe refuse it. A
@@ -258,7 +300,13 @@ impl App {
             let mut inner = self.lock();
             let rolled = inner.faults.roll(system);
             if let Some(f) = rolled.1 {
-                *inner.stats.injected.entry(system.name()).or_default().entry(f.name()).or_default() += 1;
+                *inner
+                    .stats
+                    .injected
+                    .entry(system.name())
+                    .or_default()
+                    .entry(f.name())
+                    .or_default() += 1;
             }
             rolled
         };
@@ -268,11 +316,16 @@ impl App {
         match fault {
             None => Ok(()),
             Some(Injected::Drop) => {
-                tracing::debug!(system = system.name(), "dropping a connection (fault injection)");
+                tracing::debug!(
+                    system = system.name(),
+                    "dropping a connection (fault injection)"
+                );
                 std::panic::resume_unwind(Box::new("connection dropped by fault injection"))
             }
             Some(Injected::Unavailable) => Err(Refusal::Unavailable),
-            Some(Injected::TooMany) => Err(Refusal::TooMany { retry_after: Duration::from_secs(1) }),
+            Some(Injected::TooMany) => Err(Refusal::TooMany {
+                retry_after: Duration::from_secs(1),
+            }),
         }
     }
 
@@ -293,12 +346,25 @@ impl App {
 }
 
 /// Count every call by system, route and status.
-async fn track(State((app, system)): State<(Arc<App>, System)>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map_or("(unmatched)", MatchedPath::as_str);
+async fn track(
+    State((app, system)): State<(Arc<App>, System)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("(unmatched)", MatchedPath::as_str);
     let label = format!("{} {route}", req.method());
     let res = next.run(req).await;
     let mut inner = app.lock();
-    let calls = inner.stats.calls.entry(system.name()).or_default().entry(label).or_default();
+    let calls = inner
+        .stats
+        .calls
+        .entry(system.name())
+        .or_default()
+        .entry(label)
+        .or_default();
     *calls.entry(res.status().as_u16()).or_default() += 1;
     res
 }
@@ -315,14 +381,26 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response {
 
 /// A random alphanumeric string.
 fn random_string(len: usize) -> String {
-    rand::rng().sample_iter(Alphanumeric).take(len).map(char::from).collect()
+    rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
 }
 
 /// A random (version 4) GUID.
 fn guid() -> String {
-    let n = (rand::random::<u128>() & !(0xf000 << 64) & !(0xc << 60)) | (0x4000 << 64) | (0x8 << 60);
+    let n =
+        (rand::random::<u128>() & !(0xf000 << 64) & !(0xc << 60)) | (0x4000 << 64) | (0x8 << 60);
     let h = format!("{n:032x}");
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// A header's value as text.
@@ -340,7 +418,9 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 
 /// Percent-decode a URL component (`+` stays a plus, as in paths).
 fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

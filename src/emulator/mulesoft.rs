@@ -29,18 +29,28 @@ pub(super) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route(path, post(sync))
         .route(&format!("{path}/{{id}}"), get(read))
         .route_layer(middleware::from_fn_with_state(app.clone(), gate));
-    let all = Router::new().route("/mulesoft/oauth2/token", post(token)).merge(data);
+    let all = Router::new()
+        .route("/mulesoft/oauth2/token", post(token))
+        .merge(data);
     tracked(all, app, System::Mulesoft)
 }
 
 fn denied() -> Response {
-    json(StatusCode::UNAUTHORIZED, json!({"error": "Authentication denied"}))
+    json(
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "Authentication denied"}),
+    )
 }
 
 /// Credentials from HTTP Basic.
 fn basic(headers: &HeaderMap) -> Option<(String, String)> {
     let encoded = header_str(headers, "authorization")?.strip_prefix("Basic ")?;
-    let text = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let text = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()?,
+    )
+    .ok()?;
     let (id, secret) = text.split_once(':')?;
     Some((id.to_owned(), secret.to_owned()))
 }
@@ -51,7 +61,10 @@ fn authorized(app: &App, headers: &HeaderMap) -> bool {
     match m.auth {
         MuleAuth::Oauth => app.bearer_ok(System::Mulesoft, headers),
         MuleAuth::ClientId => {
-            let pair = match (header_str(headers, "client_id"), header_str(headers, "client_secret")) {
+            let pair = match (
+                header_str(headers, "client_id"),
+                header_str(headers, "client_secret"),
+            ) {
                 (Some(id), Some(secret)) => Some((id.to_owned(), secret.to_owned())),
                 _ => basic(headers),
             };
@@ -72,9 +85,15 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
     };
     match refused {
         None => next.run(req).await,
-        Some(Refusal::Unavailable) => json(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "Service Unavailable"})),
+        Some(Refusal::Unavailable) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "Service Unavailable"}),
+        ),
         Some(Refusal::TooMany { retry_after }) => {
-            let mut res = json(StatusCode::TOO_MANY_REQUESTS, json!({"error": "Too many requests"}));
+            let mut res = json(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"error": "Too many requests"}),
+            );
             let limit = limit.map_or(1, |l| l.requests);
             for (name, value) in [
                 ("x-ratelimit-limit", limit),
@@ -88,10 +107,17 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
     }
 }
 
-async fn token(State(app): State<Arc<App>>, headers: HeaderMap, Form(form): Form<HashMap<String, String>>) -> Response {
+async fn token(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
     let m = &app.cfg.mulesoft;
     if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
-        return json(StatusCode::BAD_REQUEST, json!({"error": "unsupported_grant_type"}));
+        return json(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unsupported_grant_type"}),
+        );
     }
     let pair = match (form.get("client_id"), form.get("client_secret")) {
         (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
@@ -105,17 +131,34 @@ async fn token(State(app): State<Arc<App>>, headers: HeaderMap, Form(form): Form
     }
     let access_token = app.issue_token(System::Mulesoft, "");
     let expires_in = app.token_lifetime(&app.lock(), System::Mulesoft).as_secs();
-    json(StatusCode::OK, json!({"access_token": access_token, "token_type": "Bearer", "expires_in": expires_in}))
+    json(
+        StatusCode::OK,
+        json!({"access_token": access_token, "token_type": "Bearer", "expires_in": expires_in}),
+    )
 }
 
 /// Why a contact of the payload is refused, if it is.
 fn check_contact(contact: &Value) -> Result<String, String> {
-    let id = contact.get("trusst_contact_id").and_then(Value::as_str).filter(|s| !s.is_empty());
+    let id = contact
+        .get("trusst_contact_id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty());
     let id = id.ok_or("trusst_contact_id is missing or not a string")?;
-    for q in contact.get("universal_questions").and_then(Value::as_array).into_iter().flatten() {
-        let kind = q.get("result_type").and_then(Value::as_str).unwrap_or_default();
+    for q in contact
+        .get("universal_questions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let kind = q
+            .get("result_type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if !RESULT_TYPES.contains(&kind) {
-            let key = q.get("question_key").and_then(Value::as_str).unwrap_or_default();
+            let key = q
+                .get("question_key")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             return Err(format!(
                 "unsupported result_type '{kind}' for question '{key}'; expected one of {RESULT_TYPES:?}"
             ));
@@ -139,22 +182,29 @@ async fn sync(State(app): State<Arc<App>>, body: Bytes) -> Response {
         match check_contact(contact) {
             Ok(id) => {
                 let record = contact.as_object().cloned().unwrap_or_default();
-                inner.store.table(System::Mulesoft, TABLE).insert(id, record);
+                inner
+                    .store
+                    .table(System::Mulesoft, TABLE)
+                    .insert(id, record);
             }
-            Err(message) => {
-                errors.push(json!({"trusst_contact_id": contact.get("trusst_contact_id"), "message": message}))
-            }
+            Err(message) => errors.push(
+                json!({"trusst_contact_id": contact.get("trusst_contact_id"), "message": message}),
+            ),
         }
     }
     app.persist(&inner);
-    let body =
-        json!({"records_processed": contacts.len() - errors.len(), "records_failed": errors.len(), "errors": errors});
+    let body = json!({"records_processed": contacts.len() - errors.len(), "records_failed": errors.len(), "errors": errors});
     json(StatusCode::OK, body)
 }
 
 /// `GET {path}/{id}`: a stored contact.
 async fn read(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    match app.lock().store.get(System::Mulesoft, TABLE).and_then(|t| t.get(&id)) {
+    match app
+        .lock()
+        .store
+        .get(System::Mulesoft, TABLE)
+        .and_then(|t| t.get(&id))
+    {
         Some(contact) => json(StatusCode::OK, Value::Object(contact.clone())),
         None => json(StatusCode::NOT_FOUND, json!({"error": "Not found"})),
     }
@@ -166,12 +216,14 @@ mod tests {
 
     #[test]
     fn contacts_are_checked_one_by_one() {
-        let ok =
-            json!({"trusst_contact_id": "c1", "universal_questions": [{"question_key": "q", "result_type": "Rating"}]});
+        let ok = json!({"trusst_contact_id": "c1", "universal_questions": [{"question_key": "q", "result_type": "Rating"}]});
         assert_eq!(check_contact(&ok).unwrap(), "c1");
-        assert!(check_contact(&json!({"external_id": "x"})).unwrap_err().contains("trusst_contact_id"));
-        let bad =
-            json!({"trusst_contact_id": "c2", "universal_questions": [{"question_key": "q", "result_type": "Score"}]});
+        assert!(
+            check_contact(&json!({"external_id": "x"}))
+                .unwrap_err()
+                .contains("trusst_contact_id")
+        );
+        let bad = json!({"trusst_contact_id": "c2", "universal_questions": [{"question_key": "q", "result_type": "Score"}]});
         assert!(check_contact(&bad).unwrap_err().contains("'Score'"));
     }
 }

@@ -36,10 +36,22 @@ pub(super) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route(&format!("{v}/limits"), get(limits))
         .route(&format!("{v}/limits/"), get(limits))
         .route(&format!("{v}/sobjects/{{sobject}}/describe"), get(describe))
-        .route(&format!("{v}/sobjects/{{sobject}}/describe/"), get(describe))
-        .route(&format!("{v}/sobjects/{{sobject}}/{{field}}/{{value}}"), get(read).patch(upsert).delete(remove))
-        .route(&format!("{v}/composite/sobjects/{{sobject}}/{{field}}"), patch(upsert_collection))
-        .route(&format!("{v}/composite/sobjects"), delete(delete_collection))
+        .route(
+            &format!("{v}/sobjects/{{sobject}}/describe/"),
+            get(describe),
+        )
+        .route(
+            &format!("{v}/sobjects/{{sobject}}/{{field}}/{{value}}"),
+            get(read).patch(upsert).delete(remove),
+        )
+        .route(
+            &format!("{v}/composite/sobjects/{{sobject}}/{{field}}"),
+            patch(upsert_collection),
+        )
+        .route(
+            &format!("{v}/composite/sobjects"),
+            delete(delete_collection),
+        )
         .merge(super::bulk::routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), gate));
     let all = Router::new()
@@ -51,11 +63,18 @@ pub(super) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
 
 /// A Salesforce REST error: `[{"message","errorCode"}]`.
 pub(super) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    json(status, json!([{"message": message.into(), "errorCode": code}]))
+    json(
+        status,
+        json!([{"message": message.into(), "errorCode": code}]),
+    )
 }
 
 fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "NOT_FOUND", "The requested resource does not exist")
+    error(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        "The requested resource does not exist",
+    )
 }
 
 /// One problem with one record.
@@ -68,7 +87,11 @@ pub(super) struct FieldError {
 
 impl FieldError {
     fn new(code: &'static str, message: impl Into<String>, field: Option<&str>) -> Self {
-        Self { code, message: message.into(), fields: field.map(str::to_owned).into_iter().collect() }
+        Self {
+            code,
+            message: message.into(),
+            fields: field.map(str::to_owned).into_iter().collect(),
+        }
     }
 
     /// As the REST API reports it.
@@ -83,17 +106,30 @@ impl FieldError {
 
     /// As Bulk API results report it: `CODE:message:fields --`.
     pub(super) fn bulk(&self) -> String {
-        format!("{}:{}:{} --", self.code, self.message, self.fields.join(","))
+        format!(
+            "{}:{}:{} --",
+            self.code,
+            self.message,
+            self.fields.join(",")
+        )
     }
 }
 
 /// Auth, API version, the daily allowance and injected faults, in that order, for data calls.
 async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     if !app.bearer_ok(System::Salesforce, req.headers()) {
-        return error(StatusCode::UNAUTHORIZED, "INVALID_SESSION_ID", "Session expired or invalid");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_SESSION_ID",
+            "Session expired or invalid",
+        );
     }
     let version = req.uri().path().split('/').nth(3).unwrap_or_default();
-    if !version.strip_prefix('v').and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= 46.0) {
+    if !version
+        .strip_prefix('v')
+        .and_then(|v| v.parse::<f64>().ok())
+        .is_some_and(|v| v >= 46.0)
+    {
         return error(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
@@ -106,29 +142,47 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         let mut inner = app.lock();
         let (used, max) = usage(&app, &mut inner);
         if used >= max {
-            return error(StatusCode::FORBIDDEN, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.");
+            return error(
+                StatusCode::FORBIDDEN,
+                "REQUEST_LIMIT_EXCEEDED",
+                "TotalRequests Limit exceeded.",
+            );
         }
         inner.sf_usage.used += 1;
     }
     if app.inject(System::Salesforce).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "SERVER_UNAVAILABLE", "Server is temporarily unavailable");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVER_UNAVAILABLE",
+            "Server is temporarily unavailable",
+        );
     }
     next.run(req).await
 }
 
 /// Daily API calls used and allowed, starting a new day when `limit_reset_after` has passed.
 pub(super) fn usage(app: &App, inner: &mut Inner) -> (u64, u64) {
-    if app.cfg.salesforce.limit_reset_after.is_some_and(|d| inner.sf_usage.since.elapsed() >= d) {
+    if app
+        .cfg
+        .salesforce
+        .limit_reset_after
+        .is_some_and(|d| inner.sf_usage.since.elapsed() >= d)
+    {
         inner.sf_usage = Default::default();
     }
-    let max = inner.faults.get().sf_daily_limit.unwrap_or(app.cfg.salesforce.daily_api_limit);
+    let max = inner
+        .faults
+        .get()
+        .sf_daily_limit
+        .unwrap_or(app.cfg.salesforce.daily_api_limit);
     (inner.sf_usage.used, max)
 }
 
 /// Every Salesforce response carries `Sforce-Limit-Info`.
 async fn limit_info(State(app): State<Arc<App>>, mut res: Response) -> Response {
     let (used, max) = usage(&app, &mut app.lock());
-    let value = HeaderValue::from_str(&format!("api-usage={used}/{max}")).expect("digits are a valid header");
+    let value = HeaderValue::from_str(&format!("api-usage={used}/{max}"))
+        .expect("digits are a valid header");
     res.headers_mut().insert("sforce-limit-info", value);
     res
 }
@@ -136,16 +190,23 @@ async fn limit_info(State(app): State<Arc<App>>, mut res: Response) -> Response 
 async fn token(State(app): State<Arc<App>>, Form(form): Form<HashMap<String, String>>) -> Response {
     let sf = &app.cfg.salesforce;
     let oauth_error = |code: &str, description: &str| {
-        json(StatusCode::BAD_REQUEST, json!({"error": code, "error_description": description}))
+        json(
+            StatusCode::BAD_REQUEST,
+            json!({"error": code, "error_description": description}),
+        )
     };
     match form.get("grant_type").map(String::as_str) {
         Some("client_credentials") => {
-            if form.get("client_id") != Some(&sf.client_id) || form.get("client_secret") != Some(&sf.client_secret) {
+            if form.get("client_id") != Some(&sf.client_id)
+                || form.get("client_secret") != Some(&sf.client_secret)
+            {
                 return oauth_error("invalid_client", "invalid client credentials");
             }
         }
         Some(JWT_GRANT) => {
-            if let Err((code, description)) = verify_assertion(&app, form.get("assertion").map_or("", String::as_str)) {
+            if let Err((code, description)) =
+                verify_assertion(&app, form.get("assertion").map_or("", String::as_str))
+            {
                 return oauth_error(code, &description);
             }
         }
@@ -176,14 +237,19 @@ fn verify_assertion(app: &App, assertion: &str) -> Result<(), (&'static str, Str
         exp: i64,
     }
     let sf = &app.cfg.salesforce;
-    let key = app.jwt_key.as_ref().ok_or(("invalid_grant", "the JWT bearer flow is not configured".to_owned()))?;
+    let key = app.jwt_key.as_ref().ok_or((
+        "invalid_grant",
+        "the JWT bearer flow is not configured".to_owned(),
+    ))?;
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     validation.validate_aud = false;
     validation.leeway = 30;
     validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
     let claims = jsonwebtoken::decode::<Claims>(assertion, key, &validation)
         .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => ("invalid_grant", "expired assertion".to_owned()),
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                ("invalid_grant", "expired assertion".to_owned())
+            }
             _ => ("invalid_grant", format!("invalid assertion: {e}")),
         })?
         .claims;
@@ -191,7 +257,10 @@ fn verify_assertion(app: &App, assertion: &str) -> Result<(), (&'static str, Str
         return Err(("invalid_client", "client identifier invalid".into()));
     }
     if claims.exp > chrono::Utc::now().timestamp() + MAX_ASSERTION_SECS {
-        return Err(("invalid_grant", "invalid assertion: exp must be at most 3 minutes ahead".into()));
+        return Err((
+            "invalid_grant",
+            "invalid assertion: exp must be at most 3 minutes ahead".into(),
+        ));
     }
     if !sf.jwt_users.contains(&claims.sub) {
         return Err(("invalid_grant", "user hasn't approved this consumer".into()));
@@ -202,7 +271,10 @@ fn verify_assertion(app: &App, assertion: &str) -> Result<(), (&'static str, Str
 /// `{version}/limits/`.
 async fn limits(State(app): State<Arc<App>>) -> Response {
     let (used, max) = usage(&app, &mut app.lock());
-    json(StatusCode::OK, json!({"DailyApiRequests": {"Max": max, "Remaining": max.saturating_sub(used)}}))
+    json(
+        StatusCode::OK,
+        json!({"DailyApiRequests": {"Max": max, "Remaining": max.saturating_sub(used)}}),
+    )
 }
 
 /// The schema of an sObject, or 404.
@@ -222,14 +294,20 @@ pub(super) fn external_id(obj: &SObject, field: &str) -> Result<(), Response> {
     }
 }
 
-async fn describe(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, String>>) -> Result<Response, Response> {
+async fn describe(
+    State(app): State<Arc<App>>,
+    Path(p): Path<HashMap<String, String>>,
+) -> Result<Response, Response> {
     let name = &p["sobject"];
     let obj = sobject(&app, name)?;
     let id = json!({"name": "Id", "type": "id", "length": 18, "externalId": false, "idLookup": true,
         "picklistValues": [], "restrictedPicklist": false, "nillable": false, "createable": false, "updateable": false});
     let fields = obj.fields.iter().map(|(name, f)| {
-        let values: Vec<_> =
-            f.values.iter().map(|v| json!({"value": v, "label": v, "active": true, "defaultValue": false})).collect();
+        let values: Vec<_> = f
+            .values
+            .iter()
+            .map(|v| json!({"value": v, "label": v, "active": true, "defaultValue": false}))
+            .collect();
         json!({
             "name": name,
             "type": type_name(f.kind),
@@ -282,7 +360,11 @@ pub(super) fn validate(name: &str, obj: &SObject, fields: &Record) -> Result<(),
             Some(f) => check_value(field, f, value).err(),
         })
         .collect();
-    if errors.is_empty() { Ok(()) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 /// Check one value: JSON type, picklist membership, length, date format. Null clears a field.
@@ -292,7 +374,9 @@ pub(super) fn check_value(name: &str, f: &SfField, value: &Value) -> Result<(), 
         SfType::Boolean => value.is_boolean(),
         SfType::Double => value.is_number(),
         SfType::Int => value.is_i64(),
-        SfType::String | SfType::Textarea | SfType::Picklist | SfType::Datetime | SfType::Date => value.is_string(),
+        SfType::String | SfType::Textarea | SfType::Picklist | SfType::Datetime | SfType::Date => {
+            value.is_string()
+        }
     };
     if !type_ok {
         return Err(FieldError::new(
@@ -301,7 +385,9 @@ pub(super) fn check_value(name: &str, f: &SfField, value: &Value) -> Result<(), 
             Some(name),
         ));
     }
-    let Some(s) = value.as_str() else { return Ok(()) };
+    let Some(s) = value.as_str() else {
+        return Ok(());
+    };
     let parses = match f.kind {
         SfType::Datetime => {
             chrono::DateTime::parse_from_rfc3339(s).is_ok()
@@ -314,7 +400,10 @@ pub(super) fn check_value(name: &str, f: &SfField, value: &Value) -> Result<(), 
     if !parses {
         return Err(FieldError::new(
             "JSON_PARSER_ERROR",
-            format!("Cannot deserialize instance of {} from VALUE_STRING value {s}", type_name(f.kind)),
+            format!(
+                "Cannot deserialize instance of {} from VALUE_STRING value {s}",
+                type_name(f.kind)
+            ),
             Some(name),
         ));
     }
@@ -328,7 +417,10 @@ pub(super) fn check_value(name: &str, f: &SfField, value: &Value) -> Result<(), 
     match f.max_len() {
         Some(max) if s.chars().count() > max => Err(FieldError::new(
             "STRING_TOO_LONG",
-            format!("{name}: data value too large: {}... (max length={max})", s.chars().take(40).collect::<String>()),
+            format!(
+                "{name}: data value too large: {}... (max length={max})",
+                s.chars().take(40).collect::<String>()
+            ),
             Some(name),
         )),
         _ => Ok(()),
@@ -354,7 +446,10 @@ pub(super) fn write(
         Some(id) => (id, false),
         None => (sf_id(prefix, store.next_seq()), true),
     };
-    let record = store.table(System::Salesforce, object).entry(id.clone()).or_default();
+    let record = store
+        .table(System::Salesforce, object)
+        .entry(id.clone())
+        .or_default();
     if created {
         record.insert("Id".into(), id.clone().into());
         record.insert(ext_field.into(), ext_value.into());
@@ -385,7 +480,11 @@ fn case_safe(id15: &str) -> String {
         .as_bytes()
         .chunks(5)
         .map(|chunk| {
-            let bits = chunk.iter().enumerate().filter(|(_, c)| c.is_ascii_uppercase()).fold(0, |b, (i, _)| b | 1 << i);
+            let bits = chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_ascii_uppercase())
+                .fold(0, |b, (i, _)| b | 1 << i);
             char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"[bits])
         })
         .collect();
@@ -421,19 +520,35 @@ fn resolve<'a>(app: &'a App, p: &RecordPath) -> Result<&'a SObject, Response> {
     Ok(obj)
 }
 
-async fn read(State(app): State<Arc<App>>, Path(p): Path<RecordPath>) -> Result<Response, Response> {
+async fn read(
+    State(app): State<Arc<App>>,
+    Path(p): Path<RecordPath>,
+) -> Result<Response, Response> {
     let obj = resolve(&app, &p)?;
     let inner = app.lock();
     let id = find(&inner.store, &p.sobject, &p.field, &p.value).ok_or_else(not_found)?;
-    let record = inner.store.get(System::Salesforce, &p.sobject).and_then(|t| t.get(&id)).ok_or_else(not_found)?;
-    Ok(json(StatusCode::OK, render(&p.sobject, obj, &p.version, record)))
+    let record = inner
+        .store
+        .get(System::Salesforce, &p.sobject)
+        .and_then(|t| t.get(&id))
+        .ok_or_else(not_found)?;
+    Ok(json(
+        StatusCode::OK,
+        render(&p.sobject, obj, &p.version, record),
+    ))
 }
 
-async fn remove(State(app): State<Arc<App>>, Path(p): Path<RecordPath>) -> Result<Response, Response> {
+async fn remove(
+    State(app): State<Arc<App>>,
+    Path(p): Path<RecordPath>,
+) -> Result<Response, Response> {
     resolve(&app, &p)?;
     let mut inner = app.lock();
     let id = find(&inner.store, &p.sobject, &p.field, &p.value).ok_or_else(not_found)?;
-    inner.store.table(System::Salesforce, &p.sobject).remove(&id);
+    inner
+        .store
+        .table(System::Salesforce, &p.sobject)
+        .remove(&id);
     app.persist(&inner);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -442,30 +557,63 @@ async fn remove(State(app): State<Arc<App>>, Path(p): Path<RecordPath>) -> Resul
 fn object_body(body: &[u8]) -> Result<Record, Response> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(error(StatusCode::BAD_REQUEST, "JSON_PARSER_ERROR", "The request body must be a JSON object")),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, "JSON_PARSER_ERROR", format!("Unexpected character: {e}"))),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "JSON_PARSER_ERROR",
+            "The request body must be a JSON object",
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "JSON_PARSER_ERROR",
+            format!("Unexpected character: {e}"),
+        )),
     }
 }
 
-async fn upsert(State(app): State<Arc<App>>, Path(p): Path<RecordPath>, body: Bytes) -> Result<Response, Response> {
+async fn upsert(
+    State(app): State<Arc<App>>,
+    Path(p): Path<RecordPath>,
+    body: Bytes,
+) -> Result<Response, Response> {
     let obj = resolve(&app, &p)?;
     let mut fields = object_body(&body)?;
     fields.remove("attributes");
     if fields.contains_key(&p.field) {
-        let message = format!("The {} field should not be specified in the sobject data.", p.field);
+        let message = format!(
+            "The {} field should not be specified in the sobject data.",
+            p.field
+        );
         return Err(json(
             StatusCode::BAD_REQUEST,
             json!([FieldError::new("INVALID_FIELD", message, Some(&p.field)).rest()]),
         ));
     }
-    validate(&p.sobject, obj, &fields)
-        .map_err(|errors| json(StatusCode::BAD_REQUEST, Value::Array(errors.iter().map(FieldError::rest).collect())))?;
+    validate(&p.sobject, obj, &fields).map_err(|errors| {
+        json(
+            StatusCode::BAD_REQUEST,
+            Value::Array(errors.iter().map(FieldError::rest).collect()),
+        )
+    })?;
     let mut inner = app.lock();
     let existing = find(&inner.store, &p.sobject, &p.field, &p.value);
-    let (id, created) = write(&mut inner.store, &p.sobject, &obj.key_prefix, existing, (&p.field, &p.value), fields);
+    let (id, created) = write(
+        &mut inner.store,
+        &p.sobject,
+        &obj.key_prefix,
+        existing,
+        (&p.field, &p.value),
+        fields,
+    );
     app.persist(&inner);
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(json(status, json!({"id": id, "success": true, "errors": [], "created": created})))
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json(
+        status,
+        json!({"id": id, "success": true, "errors": [], "created": created}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -490,10 +638,16 @@ async fn upsert_collection(
         return Err(error(
             StatusCode::BAD_REQUEST,
             "EXCEEDED_ID_LIMIT",
-            format!("record limit reached. cannot submit more than {COLLECTION_LIMIT} records into this call"),
+            format!(
+                "record limit reached. cannot submit more than {COLLECTION_LIMIT} records into this call"
+            ),
         ));
     }
-    let ext_of = |r: &Value| r.get(field.as_str()).and_then(Value::as_str).map(str::to_owned);
+    let ext_of = |r: &Value| {
+        r.get(field.as_str())
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     let mut seen: HashMap<String, usize> = HashMap::new();
     for ext in req.records.iter().filter_map(ext_of) {
         *seen.entry(ext).or_default() += 1;
@@ -503,13 +657,20 @@ async fn upsert_collection(
         .iter()
         .map(|r| {
             let mut fields = r.as_object().cloned().unwrap_or_default();
-            let kind =
-                fields.remove("attributes").and_then(|a| a.get("type").and_then(Value::as_str).map(str::to_owned));
+            let kind = fields
+                .remove("attributes")
+                .and_then(|a| a.get("type").and_then(Value::as_str).map(str::to_owned));
             if kind.as_deref() != Some(object.as_str()) {
-                return Err(vec![FieldError::new("INVALID_TYPE", "Must send a concrete entity type.", None)]);
+                return Err(vec![FieldError::new(
+                    "INVALID_TYPE",
+                    "Must send a concrete entity type.",
+                    None,
+                )]);
             }
-            let Some(ext) =
-                fields.remove(field.as_str()).and_then(|v| v.as_str().map(str::to_owned)).filter(|v| !v.is_empty())
+            let Some(ext) = fields
+                .remove(field.as_str())
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .filter(|v| !v.is_empty())
             else {
                 return Err(vec![FieldError::new(
                     "REQUIRED_FIELD_MISSING",
@@ -519,7 +680,11 @@ async fn upsert_collection(
             };
             if seen[&ext] > 1 {
                 let message = format!("Duplicate external id specified: {ext}");
-                return Err(vec![FieldError::new("DUPLICATE_VALUE", message, Some(field))]);
+                return Err(vec![FieldError::new(
+                    "DUPLICATE_VALUE",
+                    message,
+                    Some(field),
+                )]);
             }
             validate(object, obj, &fields).map(|()| (ext, fields))
         })
@@ -555,7 +720,12 @@ fn failure(errors: &[FieldError]) -> Value {
 /// `DELETE composite/sobjects?ids=...&allOrNone=...`: delete records by Id, of any object.
 async fn delete_collection(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> Response {
     let ids: Vec<String> = query_param(query.as_deref(), "ids")
-        .map(|s| s.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .map(|s| {
+            s.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     if ids.len() > COLLECTION_LIMIT {
         return error(
@@ -570,7 +740,15 @@ async fn delete_collection(State(app): State<Arc<App>>, RawQuery(query): RawQuer
     let located: Vec<Option<String>> = ids
         .iter()
         .map(|id| {
-            objects.iter().find(|o| inner.store.get(System::Salesforce, o).is_some_and(|t| t.contains_key(id))).cloned()
+            objects
+                .iter()
+                .find(|o| {
+                    inner
+                        .store
+                        .get(System::Salesforce, o)
+                        .is_some_and(|t| t.contains_key(id))
+                })
+                .cloned()
         })
         .collect();
     let rolled_back = all_or_none && located.iter().any(Option::is_none);
@@ -601,8 +779,14 @@ mod tests {
     use crate::emulator::config::EmulatorConfig;
 
     fn contact() -> SObject {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connector-config/crm-emulator.toml");
-        EmulatorConfig::load(&path).unwrap().salesforce.objects.remove("Contact").unwrap()
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("connector-config/crm-emulator.toml");
+        EmulatorConfig::load(&path)
+            .unwrap()
+            .salesforce
+            .objects
+            .remove("Contact")
+            .unwrap()
     }
 
     #[test]
@@ -626,19 +810,42 @@ mod tests {
         assert!(
             codes(json!({"Call_Outcome__c": "Good", "Quality_Score__c": 7.5, "Agent_Identified__c": true})).is_empty()
         );
-        assert!(codes(json!({"Call_Outcome__c": null, "Call_Date__c": "2025-01-02T03:04:05.000+0000"})).is_empty());
+        assert!(
+            codes(json!({"Call_Outcome__c": null, "Call_Date__c": "2025-01-02T03:04:05.000+0000"}))
+                .is_empty()
+        );
         assert_eq!(codes(json!({"Nope__c": 1})), ["INVALID_FIELD"]);
         assert_eq!(codes(json!({"Id": "003"})), ["INVALID_FIELD"]);
-        assert_eq!(codes(json!({"Call_Outcome__c": "Great"})), ["INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"]);
-        assert_eq!(codes(json!({"Agent_Identified__c": "true"})), ["INVALID_TYPE_ON_FIELD_IN_RECORD"]);
-        assert_eq!(codes(json!({"Quality_Score__c": "8"})), ["INVALID_TYPE_ON_FIELD_IN_RECORD"]);
-        assert_eq!(codes(json!({"Agent_ID__c": "x".repeat(256)})), ["STRING_TOO_LONG"]);
-        assert_eq!(codes(json!({"Call_Date__c": "yesterday"})), ["JSON_PARSER_ERROR"]);
+        assert_eq!(
+            codes(json!({"Call_Outcome__c": "Great"})),
+            ["INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"]
+        );
+        assert_eq!(
+            codes(json!({"Agent_Identified__c": "true"})),
+            ["INVALID_TYPE_ON_FIELD_IN_RECORD"]
+        );
+        assert_eq!(
+            codes(json!({"Quality_Score__c": "8"})),
+            ["INVALID_TYPE_ON_FIELD_IN_RECORD"]
+        );
+        assert_eq!(
+            codes(json!({"Agent_ID__c": "x".repeat(256)})),
+            ["STRING_TOO_LONG"]
+        );
+        assert_eq!(
+            codes(json!({"Call_Date__c": "yesterday"})),
+            ["JSON_PARSER_ERROR"]
+        );
     }
 
     #[test]
     fn bulk_error_text() {
-        let e = check_value("Call_Outcome__c", &contact().fields["Call_Outcome__c"], &json!("X")).unwrap_err();
+        let e = check_value(
+            "Call_Outcome__c",
+            &contact().fields["Call_Outcome__c"],
+            &json!("X"),
+        )
+        .unwrap_err();
         assert_eq!(
             e.bulk(),
             "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST:bad value for restricted picklist field: X:Call_Outcome__c --"

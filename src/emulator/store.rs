@@ -39,10 +39,16 @@ impl Store {
     pub fn load(path: &Path) -> Result<Self> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                Error::user(format!("state file {} is not valid: {e}; delete it to start empty", path.display()))
+                Error::user(format!(
+                    "state file {} is not valid: {e}; delete it to start empty",
+                    path.display()
+                ))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(Error::user(format!("cannot read state file {}: {e}", path.display()))),
+            Err(e) => Err(Error::user(format!(
+                "cannot read state file {}: {e}",
+                path.display()
+            ))),
         }
     }
 
@@ -57,7 +63,11 @@ impl Store {
 
     /// A table, created empty on first use.
     pub fn table(&mut self, system: System, object: &str) -> &mut Table {
-        self.tables.entry(system).or_default().entry(object.to_owned()).or_default()
+        self.tables
+            .entry(system)
+            .or_default()
+            .entry(object.to_owned())
+            .or_default()
     }
 
     /// A table if it has ever been written.
@@ -82,14 +92,23 @@ impl Store {
     pub fn find(&self, system: System, object: &str, field: &str, value: &str) -> Option<String> {
         let table = self.get(system, object)?;
         let mut index = self.index.borrow_mut();
-        let values = index.entry((system, object.to_owned(), field.to_owned())).or_insert_with(|| {
-            table
-                .iter()
-                .filter_map(|(key, r)| r.get(field).and_then(Value::as_str).map(|v| (v.to_owned(), key.clone())))
-                .collect()
-        });
+        let values = index
+            .entry((system, object.to_owned(), field.to_owned()))
+            .or_insert_with(|| {
+                table
+                    .iter()
+                    .filter_map(|(key, r)| {
+                        r.get(field)
+                            .and_then(Value::as_str)
+                            .map(|v| (v.to_owned(), key.clone()))
+                    })
+                    .collect()
+            });
         let key = values.get(value)?;
-        table.get(key).filter(|r| r.get(field).and_then(Value::as_str) == Some(value)).map(|_| key.clone())
+        table
+            .get(key)
+            .filter(|r| r.get(field).and_then(Value::as_str) == Some(value))
+            .map(|_| key.clone())
     }
 
     /// Record that a new record `key` has `field` = `value`. Indexes of the object's other
@@ -114,10 +133,14 @@ mod tests {
         assert_eq!(Store::load(&path).unwrap().seq, 0);
         let mut s = Store::default();
         let n = s.next_seq();
-        s.table(System::Mulesoft, "contacts").insert("c1".into(), Record::from_iter([("n".into(), n.into())]));
+        s.table(System::Mulesoft, "contacts")
+            .insert("c1".into(), Record::from_iter([("n".into(), n.into())]));
         s.save(&path).unwrap();
         let back = Store::load(&path).unwrap();
-        assert_eq!(back.get(System::Mulesoft, "contacts").unwrap()["c1"]["n"], 1);
+        assert_eq!(
+            back.get(System::Mulesoft, "contacts").unwrap()["c1"]["n"],
+            1
+        );
         assert_eq!(back.seq, 1);
         assert!(!path.with_extension("tmp").exists());
     }

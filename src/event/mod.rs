@@ -134,7 +134,11 @@ pub fn iso(ts: &chrono::NaiveDateTime) -> String {
     let micros = t.nanosecond() / 1000;
     if !(0..=9999).contains(&year) {
         // Outside four digits: chrono's formatting, with the same fraction rule.
-        let pattern = if micros == 0 { "%Y-%m-%dT%H:%M:%S" } else { "%Y-%m-%dT%H:%M:%S%.6f" };
+        let pattern = if micros == 0 {
+            "%Y-%m-%dT%H:%M:%S"
+        } else {
+            "%Y-%m-%dT%H:%M:%S%.6f"
+        };
         return ts.format(pattern).to_string();
     }
     num(&mut s, year as u32, 4);
@@ -166,7 +170,10 @@ mod tests {
 
     #[test]
     fn iso_matches_python_isoformat() {
-        let t = chrono::NaiveDate::from_ymd_opt(2025, 1, 15).unwrap().and_hms_opt(14, 23, 10).unwrap();
+        let t = chrono::NaiveDate::from_ymd_opt(2025, 1, 15)
+            .unwrap()
+            .and_hms_opt(14, 23, 10)
+            .unwrap();
         assert_eq!(iso(&t), "2025-01-15T14:23:10");
         let t = t + chrono::Duration::microseconds(1500);
         assert_eq!(iso(&t), "2025-01-15T14:23:10.001500");
@@ -174,7 +181,10 @@ mod tests {
 
     #[test]
     fn iso_agrees_with_chrono_formatting() {
-        let start = chrono::NaiveDate::from_ymd_opt(1999, 12, 31).unwrap().and_hms_opt(23, 59, 59).unwrap();
+        let start = chrono::NaiveDate::from_ymd_opt(1999, 12, 31)
+            .unwrap()
+            .and_hms_opt(23, 59, 59)
+            .unwrap();
         for i in 0..20_000i64 {
             let t = start + chrono::Duration::microseconds(i * i * 7_919_777 + i * 13);
             let want = if t.and_utc().timestamp_subsec_micros() == 0 {
@@ -196,10 +206,19 @@ mod tests {
     fn delete_round_trips() {
         let e = ContactEvent::delete(
             "c-1",
-            SourcePosition { lsn: "0/1".into(), commit_ts: None, txid: Some(7), reason: "stream".into() },
+            SourcePosition {
+                lsn: "0/1".into(),
+                commit_ts: None,
+                txid: Some(7),
+                reason: "stream".into(),
+            },
         );
         let back = ContactEvent::from_json(&e.to_json()).unwrap();
         assert_eq!(back, e);
-        assert!(String::from_utf8(e.to_json()).unwrap().contains(r#""op":"delete""#));
+        assert!(
+            String::from_utf8(e.to_json())
+                .unwrap()
+                .contains(r#""op":"delete""#)
+        );
     }
 }

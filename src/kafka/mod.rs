@@ -26,7 +26,9 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> Cl
 
 /// Build any rdkafka client, mapping config errors to user errors.
 pub fn create<T: FromClientConfig>(config: &ClientConfig, what: &str) -> Result<T> {
-    config.create().map_err(|e| error::kafka(format!("creating the Kafka {what}"), e))
+    config
+        .create()
+        .map_err(|e| error::kafka(format!("creating the Kafka {what}"), e))
 }
 
 /// The idempotent producer for events: `acks=all`, idempotence on, so retries inside
@@ -70,12 +72,15 @@ pub async fn describe_topic(
     properties: &BTreeMap<String, String>,
     topic: &str,
 ) -> Result<Option<TopicInfo>> {
-    let admin: AdminClient<DefaultClientContext> = create(&client_config(brokers, properties), "admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        create(&client_config(brokers, properties), "admin client")?;
     let md = admin
         .inner()
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(|e| error::kafka(format!("reading metadata of topic {topic}"), e))?;
-    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else { return Ok(None) };
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
     if t.error().is_some() || t.partitions().is_empty() {
         return Ok(None);
     }
@@ -91,7 +96,10 @@ pub async fn describe_topic(
             cleanup_policy = e;
         }
     }
-    Ok(Some(TopicInfo { partitions, cleanup_policy }))
+    Ok(Some(TopicInfo {
+        partitions,
+        cleanup_policy,
+    }))
 }
 
 /// Create `topic` as compacted when it is missing; an existing topic is left as it is.
@@ -105,7 +113,8 @@ pub async fn ensure_compacted_topic(
     if describe_topic(brokers, properties, topic).await?.is_some() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = create(&client_config(brokers, properties), "admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        create(&client_config(brokers, properties), "admin client")?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))
         .set("cleanup.policy", "compact")
         // Keep delete markers long enough for every sink to see them before compaction.
@@ -119,8 +128,10 @@ pub async fn ensure_compacted_topic(
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, code)) => {
-                return Err(Error::external(format!("creating topic {t} failed: {code}"))
-                    .retry(code != RDKafkaErrorCode::TopicAuthorizationFailed));
+                return Err(
+                    Error::external(format!("creating topic {t} failed: {code}"))
+                        .retry(code != RDKafkaErrorCode::TopicAuthorizationFailed),
+                );
             }
         }
     }
@@ -158,7 +169,10 @@ impl Pending {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((e, _)) => {
-                    return Err(error::kafka(format!("producing contact {key} to {topic}"), e));
+                    return Err(error::kafka(
+                        format!("producing contact {key} to {topic}"),
+                        e,
+                    ));
                 }
             }
         }
@@ -181,8 +195,14 @@ impl Pending {
         for f in self.futures.drain(..) {
             match f.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(error::kafka("Kafka did not acknowledge an event", e)),
-                Err(_) => return Err(Error::external("the Kafka producer was dropped before acknowledging")),
+                Ok(Err((e, _))) => {
+                    return Err(error::kafka("Kafka did not acknowledge an event", e));
+                }
+                Err(_) => {
+                    return Err(Error::external(
+                        "the Kafka producer was dropped before acknowledging",
+                    ));
+                }
             }
         }
         Ok(n)

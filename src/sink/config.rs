@@ -148,11 +148,19 @@ impl SinkConfig {
             m.url = v;
         }
         if self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
-            return Err(Error::user("no Kafka brokers: set [kafka] brokers, KAFKA_BROKERS or --kafka-brokers"));
+            return Err(Error::user(
+                "no Kafka brokers: set [kafka] brokers, KAFKA_BROKERS or --kafka-brokers",
+            ));
         }
         let name = &self.sink.name;
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)) {
-            return Err(Error::user(format!("[sink] name {name:?}: use letters, digits, '-' or '_'")));
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        {
+            return Err(Error::user(format!(
+                "[sink] name {name:?}: use letters, digits, '-' or '_'"
+            )));
         }
         if self.sink.batch_max_records == 0 {
             return Err(Error::user("[sink] batch_max_records must be at least 1"));
@@ -164,9 +172,13 @@ impl SinkConfig {
         };
         if missing {
             let t = format!("{:?}", self.sink.target).to_lowercase();
-            return Err(Error::user(format!("target = \"{t}\" needs a [{t}] section (see connector-config/{t}.toml)")));
+            return Err(Error::user(format!(
+                "target = \"{t}\" needs a [{t}] section (see connector-config/{t}.toml)"
+            )));
         }
-        super::mapping::Mapping::new(self.sink.target, &self.mapping).validate().map_err(Error::user)?;
+        super::mapping::Mapping::new(self.sink.target, &self.mapping)
+            .validate()
+            .map_err(Error::user)?;
         Ok(self)
     }
 
@@ -177,11 +189,17 @@ impl SinkConfig {
 
     /// The consumer group.
     pub fn group_id(&self) -> String {
-        self.kafka.group_id.clone().unwrap_or_else(|| format!("trusst-cdc-{}", self.sink.name))
+        self.kafka
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("trusst-cdc-{}", self.sink.name))
     }
 
     /// The dead-letter topic.
     pub fn dlq_topic(&self) -> String {
-        self.kafka.dlq_topic.clone().unwrap_or_else(|| format!("{}.dlq.{}", self.kafka.topic, self.sink.name))
+        self.kafka
+            .dlq_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq.{}", self.kafka.topic, self.sink.name))
     }
 }

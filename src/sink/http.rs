@@ -36,7 +36,9 @@ impl Secret {
         }
         if let Some(name) = &self.env {
             return std::env::var(name).map_err(|_| {
-                Error::user(format!("{what}: environment variable {name} is not set; export it or change {what}"))
+                Error::user(format!(
+                    "{what}: environment variable {name} is not set; export it or change {what}"
+                ))
             });
         }
         if let Some(path) = &self.file {
@@ -44,7 +46,9 @@ impl Secret {
                 .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
                 .map_err(|e| Error::user(format!("{what}: cannot read {path}: {e}")));
         }
-        Err(Error::user(format!("{what} is missing: give value, env or file")))
+        Err(Error::user(format!(
+            "{what} is missing: give value, env or file"
+        )))
     }
 
     /// True when one of the sources is set.
@@ -83,7 +87,12 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 
 /// A non-success status: 429 and 5xx are retryable (429 with its Retry-After), 408 too;
 /// other 4xx are the request's fault and not retryable.
-pub fn status_error(what: &str, status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap, body: &str) -> Error {
+pub fn status_error(
+    what: &str,
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    body: &str,
+) -> Error {
     let body: String = body.chars().take(500).collect();
     let msg = format!("{what}: HTTP {status}: {body}");
     if status.as_u16() == 429 {

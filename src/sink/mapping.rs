@@ -96,7 +96,10 @@ pub enum FieldEntry {
 impl FieldEntry {
     fn spec(&self) -> FieldSpec {
         match self {
-            FieldEntry::Name(n) => FieldSpec { field: Some(n.clone()), ..Default::default() },
+            FieldEntry::Name(n) => FieldSpec {
+                field: Some(n.clone()),
+                ..Default::default()
+            },
             FieldEntry::Spec(s) => s.clone(),
         }
     }
@@ -178,8 +181,16 @@ pub struct Mapping {
 }
 
 /// Contact-level event fields a mapping can name.
-pub const CONTACT_FIELDS: [&str; 8] =
-    ["external_id", "stream_id", "call_date", "call_start_time", "direction", "contact_agent_id", "s3_agent_id", "conn_id"];
+pub const CONTACT_FIELDS: [&str; 8] = [
+    "external_id",
+    "stream_id",
+    "call_date",
+    "call_start_time",
+    "direction",
+    "contact_agent_id",
+    "s3_agent_id",
+    "conn_id",
+];
 
 fn contact_value<'a>(e: &'a ContactEvent, field: &str) -> Option<&'a Option<String>> {
     Some(match field {
@@ -253,40 +264,60 @@ pub struct Record {
 impl Mapping {
     /// Resolve a config for a target, filling the guide's defaults.
     pub fn new(target: TargetKind, cfg: &MappingConfig) -> Self {
-        let (object, ext, defaults): (&str, &str, &[(&str, &str, Option<Conversion>)]) = match target {
-            TargetKind::Salesforce => (
-                "Contact",
-                "Trusst_Contact_ID__c",
-                &[
-                    ("external_id", "External_ID__c", None),
-                    ("call_date", "Call_Date__c", Some(Conversion::DateTime)),
-                    ("call_start_time", "Call_Start_Time__c", Some(Conversion::DateTime)),
-                    ("direction", "Call_Direction__c", Some(Conversion::Picklist)),
-                    ("contact_agent_id", "Agent_ID__c", None),
-                    ("s3_agent_id", "S3_Agent_ID__c", None),
-                    ("conn_id", "Connection_ID__c", None),
-                ],
-            ),
-            TargetKind::Dynamics => (
-                "contact",
-                "trusst_contact_id",
-                &[
-                    ("external_id", "external_id", None),
-                    ("call_date", "calldate", Some(Conversion::DateTime)),
-                    ("call_start_time", "call_start_time", Some(Conversion::DateTime)),
-                    ("direction", "call_direction", Some(Conversion::OptionSet)),
-                    ("contact_agent_id", "agentid", None),
-                    ("s3_agent_id", "s3_agent_id", None),
-                    ("conn_id", "connection_id", None),
-                ],
-            ),
-            TargetKind::Mulesoft => ("contacts", "trusst_contact_id", &[]),
-        };
+        let (object, ext, defaults): (&str, &str, &[(&str, &str, Option<Conversion>)]) =
+            match target {
+                TargetKind::Salesforce => (
+                    "Contact",
+                    "Trusst_Contact_ID__c",
+                    &[
+                        ("external_id", "External_ID__c", None),
+                        ("call_date", "Call_Date__c", Some(Conversion::DateTime)),
+                        (
+                            "call_start_time",
+                            "Call_Start_Time__c",
+                            Some(Conversion::DateTime),
+                        ),
+                        ("direction", "Call_Direction__c", Some(Conversion::Picklist)),
+                        ("contact_agent_id", "Agent_ID__c", None),
+                        ("s3_agent_id", "S3_Agent_ID__c", None),
+                        ("conn_id", "Connection_ID__c", None),
+                    ],
+                ),
+                TargetKind::Dynamics => (
+                    "contact",
+                    "trusst_contact_id",
+                    &[
+                        ("external_id", "external_id", None),
+                        ("call_date", "calldate", Some(Conversion::DateTime)),
+                        (
+                            "call_start_time",
+                            "call_start_time",
+                            Some(Conversion::DateTime),
+                        ),
+                        ("direction", "call_direction", Some(Conversion::OptionSet)),
+                        ("contact_agent_id", "agentid", None),
+                        ("s3_agent_id", "s3_agent_id", None),
+                        ("conn_id", "connection_id", None),
+                    ],
+                ),
+                TargetKind::Mulesoft => ("contacts", "trusst_contact_id", &[]),
+            };
         let mut fields: BTreeMap<String, FieldSpec> = defaults
             .iter()
             .map(|(ev, crm, conv)| {
-                let name = if target == TargetKind::Dynamics { format!("{}{crm}", cfg.field_prefix) } else { (*crm).to_owned() };
-                ((*ev).to_owned(), FieldSpec { field: Some(name), conversion: *conv, ..Default::default() })
+                let name = if target == TargetKind::Dynamics {
+                    format!("{}{crm}", cfg.field_prefix)
+                } else {
+                    (*crm).to_owned()
+                };
+                (
+                    (*ev).to_owned(),
+                    FieldSpec {
+                        field: Some(name),
+                        conversion: *conv,
+                        ..Default::default()
+                    },
+                )
             })
             .collect();
         for (ev, entry) in &cfg.fields {
@@ -300,9 +331,16 @@ impl Mapping {
         Self {
             target,
             object: cfg.object.clone().unwrap_or_else(|| object.to_owned()),
-            entity_set: cfg.entity_set.clone().unwrap_or_else(|| format!("{}s", cfg.object.as_deref().unwrap_or(object))),
+            entity_set: cfg
+                .entity_set
+                .clone()
+                .unwrap_or_else(|| format!("{}s", cfg.object.as_deref().unwrap_or(object))),
             external_id_field: cfg.external_id_field.clone().unwrap_or_else(|| {
-                if target == TargetKind::Dynamics { format!("{}{ext}", cfg.field_prefix) } else { ext.to_owned() }
+                if target == TargetKind::Dynamics {
+                    format!("{}{ext}", cfg.field_prefix)
+                } else {
+                    ext.to_owned()
+                }
             }),
             fields,
             questions: cfg.questions.clone(),
@@ -345,8 +383,12 @@ impl Mapping {
 
     /// Every CRM field the mapping may write for the given question keys (to check against
     /// the CRM's metadata at start), with the conversion it will use when known.
-    pub fn planned_fields<'a>(&self, question_keys: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<(String, Option<Conversion>)> {
-        let mut out: Vec<(String, Option<Conversion>)> = vec![(self.external_id_field.clone(), Some(Conversion::Text))];
+    pub fn planned_fields<'a>(
+        &self,
+        question_keys: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<(String, Option<Conversion>)> {
+        let mut out: Vec<(String, Option<Conversion>)> =
+            vec![(self.external_id_field.clone(), Some(Conversion::Text))];
         for s in self.fields.values().filter(|s| !s.skip) {
             if let Some(f) = &s.field {
                 out.push((f.clone(), s.conversion.or(Some(Conversion::Text))));
@@ -354,7 +396,11 @@ impl Mapping {
         }
         for (key, result_type) in question_keys {
             if let Some(f) = self.question_field(key) {
-                let conv = self.questions.get(key).and_then(|s| s.conversion).or_else(|| default_conversion(result_type, self.target));
+                let conv = self
+                    .questions
+                    .get(key)
+                    .and_then(|s| s.conversion)
+                    .or_else(|| default_conversion(result_type, self.target));
                 out.push((f, conv));
             }
         }
@@ -364,24 +410,43 @@ impl Mapping {
     /// Map one upsert event. MuleSoft gets the guide's contact object; the CRMs get typed fields.
     pub fn map(&self, e: &ContactEvent) -> Result<Record, MapError> {
         if self.target == TargetKind::Mulesoft {
-            return Ok(Record { contact_id: e.trusst_contact_id.clone(), fields: mulesoft_contact(e) });
+            return Ok(Record {
+                contact_id: e.trusst_contact_id.clone(),
+                fields: mulesoft_contact(e),
+            });
         }
         let mut fields = Map::new();
-        fields.insert(self.external_id_field.clone(), Value::String(e.trusst_contact_id.clone()));
+        fields.insert(
+            self.external_id_field.clone(),
+            Value::String(e.trusst_contact_id.clone()),
+        );
         for (ev, spec) in &self.fields {
             if spec.skip {
                 continue;
             }
-            let (Some(field), Some(raw)) = (&spec.field, contact_value(e, ev)) else { continue };
+            let (Some(field), Some(raw)) = (&spec.field, contact_value(e, ev)) else {
+                continue;
+            };
             let v = match raw {
                 None => Value::Null,
-                Some(r) => self.convert(spec.conversion.unwrap_or(Conversion::Text), r, spec, field).map_err(|reason| MapError { field: ev.clone(), reason })?,
+                Some(r) => self
+                    .convert(spec.conversion.unwrap_or(Conversion::Text), r, spec, field)
+                    .map_err(|reason| MapError {
+                        field: ev.clone(),
+                        reason,
+                    })?,
             };
             fields.insert(field.clone(), v);
         }
         for q in &e.universal_questions {
-            let Some(field) = self.question_field(&q.question_key) else { continue };
-            let spec = self.questions.get(&q.question_key).cloned().unwrap_or_default();
+            let Some(field) = self.question_field(&q.question_key) else {
+                continue;
+            };
+            let spec = self
+                .questions
+                .get(&q.question_key)
+                .cloned()
+                .unwrap_or_default();
             let conv = spec.conversion.or_else(|| default_conversion(&q.result_type, self.target)).ok_or_else(|| MapError {
                 field: q.question_key.clone(),
                 reason: format!(
@@ -392,27 +457,51 @@ impl Mapping {
             let v = match &q.result {
                 None => Value::Null,
                 Some(r) if r.trim().is_empty() && conv != Conversion::Text => Value::Null,
-                Some(r) => self.convert(conv, r, &spec, &field).map_err(|reason| MapError { field: q.question_key.clone(), reason })?,
+                Some(r) => self
+                    .convert(conv, r, &spec, &field)
+                    .map_err(|reason| MapError {
+                        field: q.question_key.clone(),
+                        reason,
+                    })?,
             };
             fields.insert(field, v);
         }
-        Ok(Record { contact_id: e.trusst_contact_id.clone(), fields })
+        Ok(Record {
+            contact_id: e.trusst_contact_id.clone(),
+            fields,
+        })
     }
 
     /// The record a delete event becomes when the sink is set to clear fields: every mapped
     /// question field set to null, the contact fields kept.
-    pub fn cleared(&self, contact_id: &str, question_keys: impl IntoIterator<Item = String>) -> Record {
+    pub fn cleared(
+        &self,
+        contact_id: &str,
+        question_keys: impl IntoIterator<Item = String>,
+    ) -> Record {
         let mut fields = Map::new();
-        fields.insert(self.external_id_field.clone(), Value::String(contact_id.to_owned()));
+        fields.insert(
+            self.external_id_field.clone(),
+            Value::String(contact_id.to_owned()),
+        );
         for k in question_keys {
             if let Some(f) = self.question_field(&k) {
                 fields.insert(f, Value::Null);
             }
         }
-        Record { contact_id: contact_id.to_owned(), fields }
+        Record {
+            contact_id: contact_id.to_owned(),
+            fields,
+        }
     }
 
-    fn convert(&self, conv: Conversion, raw: &str, spec: &FieldSpec, field: &str) -> Result<Value, String> {
+    fn convert(
+        &self,
+        conv: Conversion,
+        raw: &str,
+        spec: &FieldSpec,
+        field: &str,
+    ) -> Result<Value, String> {
         let t = raw.trim();
         match conv {
             Conversion::Boolean => match t.to_ascii_lowercase().as_str() {
@@ -427,7 +516,9 @@ impl Mapping {
                 .and_then(serde_json::Number::from_f64)
                 .map(|n| {
                     // Keep integers as integers in JSON: `8`, not `8.0`.
-                    t.parse::<i64>().map(Value::from).unwrap_or(Value::Number(n))
+                    t.parse::<i64>()
+                        .map(Value::from)
+                        .unwrap_or(Value::Number(n))
                 })
                 .ok_or_else(|| format!("Rating value {raw:?} is not a number")),
             Conversion::Integer => t
@@ -442,7 +533,9 @@ impl Mapping {
                 let max = spec.max_length.unwrap_or(self.text_max_length);
                 let n = raw.chars().count();
                 if n > max {
-                    Err(format!("text of {n} characters exceeds the field's {max}; raise max_length if the CRM field is larger"))
+                    Err(format!(
+                        "text of {n} characters exceeds the field's {max}; raise max_length if the CRM field is larger"
+                    ))
                 } else {
                     Ok(Value::String(raw.to_owned()))
                 }
@@ -471,13 +564,20 @@ impl Mapping {
             Conversion::DateTime => {
                 let parsed = chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
                     .map_err(|_| format!("timestamp {raw:?} is not ISO 8601"))?;
-                Ok(Value::String(parsed.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+                Ok(Value::String(
+                    parsed
+                        .and_utc()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                ))
             }
         }
     }
 
     /// Resolve option-set labels for fields that have none, via `lookup(field)` (metadata).
-    pub fn fill_option_sets(&mut self, mut lookup: impl FnMut(&str) -> Option<BTreeMap<String, i64>>) {
+    pub fn fill_option_sets(
+        &mut self,
+        mut lookup: impl FnMut(&str) -> Option<BTreeMap<String, i64>>,
+    ) {
         for spec in self.fields.values_mut().chain(self.questions.values_mut()) {
             if spec.conversion == Some(Conversion::OptionSet) && spec.labels.is_empty() {
                 if let Some(f) = spec.field.clone() {
@@ -491,7 +591,11 @@ impl Mapping {
 
     /// Make sure every question with a Label answer has a spec entry, so metadata can fill it.
     pub fn ensure_question(&mut self, key: &str, result_type: &str) {
-        if self.questions.get(key).is_some_and(|s| s.field.is_some() && s.conversion.is_some()) {
+        if self
+            .questions
+            .get(key)
+            .is_some_and(|s| s.field.is_some() && s.conversion.is_some())
+        {
             return;
         }
         let field = self.question_field(key);
@@ -561,7 +665,12 @@ mod tests {
                     inference_updated_at: None,
                 })
                 .collect(),
-            source: SourcePosition { lsn: "0/1".into(), commit_ts: None, txid: None, reason: "stream".into() },
+            source: SourcePosition {
+                lsn: "0/1".into(),
+                commit_ts: None,
+                txid: None,
+                reason: "stream".into(),
+            },
         }
     }
 
@@ -576,7 +685,12 @@ mod tests {
     fn salesforce_defaults_and_types() {
         let m = Mapping::new(TargetKind::Salesforce, &MappingConfig::default());
         let r = m
-            .map(&event(&[("agent_identified", "Boolean", "true"), ("quality_score", "Rating", "8"), ("call_outcome", "Label", "Good"), ("notes", "Paragraph", "long text")]))
+            .map(&event(&[
+                ("agent_identified", "Boolean", "true"),
+                ("quality_score", "Rating", "8"),
+                ("call_outcome", "Label", "Good"),
+                ("notes", "Paragraph", "long text"),
+            ]))
             .unwrap();
         let f = &r.fields;
         assert_eq!(f["Trusst_Contact_ID__c"], "c-1");
@@ -593,7 +707,9 @@ mod tests {
     #[test]
     fn bad_values_are_errors_naming_the_question() {
         let m = Mapping::new(TargetKind::Salesforce, &MappingConfig::default());
-        let e = m.map(&event(&[("quality_score", "Rating", "abc")])).unwrap_err();
+        let e = m
+            .map(&event(&[("quality_score", "Rating", "abc")]))
+            .unwrap_err();
         assert_eq!(e.field, "quality_score");
         assert!(e.reason.contains("not a number"));
         let e = m.map(&event(&[("x", "Emoji", "🙂")])).unwrap_err();
@@ -609,13 +725,20 @@ mod tests {
         )
         .unwrap();
         let m = Mapping::new(TargetKind::Dynamics, &cfg);
-        let r = m.map(&event(&[("call_outcome", "Label", "Good"), ("quality_score", "Rating", "7")])).unwrap();
+        let r = m
+            .map(&event(&[
+                ("call_outcome", "Label", "Good"),
+                ("quality_score", "Rating", "7"),
+            ]))
+            .unwrap();
         assert_eq!(r.fields["call_outcome"], 100000001);
         assert_eq!(r.fields["quality_score"], 7);
         assert_eq!(r.fields["call_direction"], 1);
         assert_eq!(r.fields["trusst_contact_id"], "c-1");
         assert_eq!(r.fields["calldate"], "2025-01-15T14:23:10.000Z");
-        let e = m.map(&event(&[("call_outcome", "Label", "Superb")])).unwrap_err();
+        let e = m
+            .map(&event(&[("call_outcome", "Label", "Superb")]))
+            .unwrap_err();
         assert!(e.reason.contains("no option value"), "{e}");
     }
 
@@ -623,9 +746,10 @@ mod tests {
     fn option_sets_filled_from_metadata() {
         let mut m = Mapping::new(TargetKind::Dynamics, &MappingConfig::default());
         m.ensure_question("call_outcome", "Label");
-        m.fill_option_sets(|f| (f == "call_outcome" || f == "call_direction").then(|| {
-            BTreeMap::from([("Good".to_string(), 5), ("inbound".to_string(), 9)])
-        }));
+        m.fill_option_sets(|f| {
+            (f == "call_outcome" || f == "call_direction")
+                .then(|| BTreeMap::from([("Good".to_string(), 5), ("inbound".to_string(), 9)]))
+        });
         let r = m.map(&event(&[("call_outcome", "Label", "Good")])).unwrap();
         assert_eq!(r.fields["call_outcome"], 5);
         assert_eq!(r.fields["call_direction"], 9);
@@ -634,11 +758,24 @@ mod tests {
     #[test]
     fn unlisted_label_questions_use_the_columns_options() {
         let mut m = Mapping::new(TargetKind::Dynamics, &MappingConfig::default());
-        m.option_sets.insert("customer_sentiment".into(), BTreeMap::from([("Poor".to_string(), 3)]));
-        m.option_sets.insert("call_direction".into(), BTreeMap::from([("inbound".to_string(), 1)]));
-        let r = m.map(&event(&[("customer_sentiment", "Label", "Poor")])).unwrap();
+        m.option_sets.insert(
+            "customer_sentiment".into(),
+            BTreeMap::from([("Poor".to_string(), 3)]),
+        );
+        m.option_sets.insert(
+            "call_direction".into(),
+            BTreeMap::from([("inbound".to_string(), 1)]),
+        );
+        let r = m
+            .map(&event(&[("customer_sentiment", "Label", "Poor")]))
+            .unwrap();
         assert_eq!(r.fields["customer_sentiment"], 3);
-        assert!(m.map(&event(&[("customer_sentiment", "Label", "Meh")])).unwrap_err().reason.contains("column customer_sentiment"));
+        assert!(
+            m.map(&event(&[("customer_sentiment", "Label", "Meh")]))
+                .unwrap_err()
+                .reason
+                .contains("column customer_sentiment")
+        );
     }
 
     #[test]
@@ -648,25 +785,43 @@ mod tests {
         )
         .unwrap();
         let m = Mapping::new(TargetKind::Salesforce, &cfg);
-        let r = m.map(&event(&[("quality_score", "Rating", "8"), ("agent_identified", "Boolean", "true"), ("other", "Boolean", "true")])).unwrap();
+        let r = m
+            .map(&event(&[
+                ("quality_score", "Rating", "8"),
+                ("agent_identified", "Boolean", "true"),
+                ("other", "Boolean", "true"),
+            ]))
+            .unwrap();
         assert_eq!(r.fields["QS__c"], "8");
-        assert!(!r.fields.contains_key("Agent_Identified__c") && !r.fields.contains_key("Other__c"));
-        let e = m.map(&event(&[("quality_score", "Rating", "1234")])).unwrap_err();
+        assert!(
+            !r.fields.contains_key("Agent_Identified__c") && !r.fields.contains_key("Other__c")
+        );
+        let e = m
+            .map(&event(&[("quality_score", "Rating", "1234")]))
+            .unwrap_err();
         assert!(e.reason.contains("exceeds the field's 3"));
     }
 
     #[test]
     fn picklist_labels_restrict_values() {
-        let cfg: MappingConfig = crate::config::parse("[questions.call_outcome.labels]\nGood = 0\nFair = 0\n").unwrap();
+        let cfg: MappingConfig =
+            crate::config::parse("[questions.call_outcome.labels]\nGood = 0\nFair = 0\n").unwrap();
         let m = Mapping::new(TargetKind::Salesforce, &cfg);
         assert!(m.map(&event(&[("call_outcome", "Label", "Good")])).is_ok());
-        assert!(m.map(&event(&[("call_outcome", "Label", "Superb")])).unwrap_err().reason.contains("not one of"));
+        assert!(
+            m.map(&event(&[("call_outcome", "Label", "Superb")]))
+                .unwrap_err()
+                .reason
+                .contains("not one of")
+        );
     }
 
     #[test]
     fn mulesoft_is_the_guides_contact_object() {
         let m = Mapping::new(TargetKind::Mulesoft, &MappingConfig::default());
-        let r = m.map(&event(&[("agent_identified", "Boolean", "true")])).unwrap();
+        let r = m
+            .map(&event(&[("agent_identified", "Boolean", "true")]))
+            .unwrap();
         assert_eq!(r.fields["trusst_contact_id"], "c-1");
         assert_eq!(r.fields["universal_questions"][0]["result"], "true");
         assert_eq!(r.fields["conn_id"], "REC-001");
@@ -675,6 +830,11 @@ mod tests {
     #[test]
     fn unknown_contact_field_is_rejected() {
         let cfg: MappingConfig = crate::config::parse("[fields]\ncall_time = \"X__c\"\n").unwrap();
-        assert!(Mapping::new(TargetKind::Salesforce, &cfg).validate().unwrap_err().contains("call_time"));
+        assert!(
+            Mapping::new(TargetKind::Salesforce, &cfg)
+                .validate()
+                .unwrap_err()
+                .contains("call_time")
+        );
     }
 }

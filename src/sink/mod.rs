@@ -59,16 +59,19 @@ pub trait Target: Send {
 
 /// Build the configured target's client.
 pub fn build_target(cfg: &config::SinkConfig) -> Result<Box<dyn Target>> {
-    let missing = |t: &str| crate::error::Error::user(format!("target = \"{t}\" needs a [{t}] section"));
+    let missing =
+        |t: &str| crate::error::Error::user(format!("target = \"{t}\" needs a [{t}] section"));
     Ok(match cfg.sink.target {
-        mapping::TargetKind::Salesforce => {
-            Box::new(salesforce::Salesforce::new(cfg.salesforce.as_ref().ok_or_else(|| missing("salesforce"))?)?)
-        }
-        mapping::TargetKind::Dynamics => {
-            Box::new(dynamics::Dynamics::new(cfg.dynamics.as_ref().ok_or_else(|| missing("dynamics"))?)?)
-        }
-        mapping::TargetKind::Mulesoft => {
-            Box::new(mulesoft::Mulesoft::new(cfg.mulesoft.as_ref().ok_or_else(|| missing("mulesoft"))?)?)
-        }
+        mapping::TargetKind::Salesforce => Box::new(salesforce::Salesforce::new(
+            cfg.salesforce
+                .as_ref()
+                .ok_or_else(|| missing("salesforce"))?,
+        )?),
+        mapping::TargetKind::Dynamics => Box::new(dynamics::Dynamics::new(
+            cfg.dynamics.as_ref().ok_or_else(|| missing("dynamics"))?,
+        )?),
+        mapping::TargetKind::Mulesoft => Box::new(mulesoft::Mulesoft::new(
+            cfg.mulesoft.as_ref().ok_or_else(|| missing("mulesoft"))?,
+        )?),
     })
 }

@@ -62,14 +62,29 @@ struct TokenError {
 
 impl ClientCredentials {
     /// A grant for `client_id` at `token_url`; `section` names the config section in errors.
-    pub fn new(section: &'static str, token_url: String, client_id: String, client_secret: String, scope: Option<String>) -> Self {
-        Self { token_url, client_id, client_secret, scope, section, token: None }
+    pub fn new(
+        section: &'static str,
+        token_url: String,
+        client_id: String,
+        client_secret: String,
+        scope: Option<String>,
+    ) -> Self {
+        Self {
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+            section,
+            token: None,
+        }
     }
 
     /// A valid access token: the cached one, or a new one when it is missing or about to expire.
     pub async fn token(&mut self, client: &reqwest::Client) -> Result<String> {
         if let Some(t) = &self.token {
-            if t.expires.is_none_or(|e| Instant::now() + REFRESH_MARGIN < e) {
+            if t.expires
+                .is_none_or(|e| Instant::now() + REFRESH_MARGIN < e)
+            {
                 return Ok(t.value.clone());
             }
             tracing::debug!(token_url = %self.token_url, "access token about to expire; fetching a new one");
@@ -104,27 +119,48 @@ impl ClientCredentials {
             .map_err(|e| http::transport(&format!("token request to {}", self.token_url), e))?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.text().await.map_err(|e| http::transport(&format!("token response from {}", self.token_url), e))?;
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| http::transport(&format!("token response from {}", self.token_url), e))?;
         if !status.is_success() {
             return Err(self.token_error(status, &headers, &body));
         }
         let parsed: TokenResponse = serde_json::from_str(&body).map_err(|e| {
-            Error::external(format!("token response from {} is not the expected JSON (access_token missing?)", self.token_url))
-                .with_source(e)
-                .retry(false)
+            Error::external(format!(
+                "token response from {} is not the expected JSON (access_token missing?)",
+                self.token_url
+            ))
+            .with_source(e)
+            .retry(false)
         })?;
-        let lifetime = parsed.expires_in.as_ref().and_then(expires_in_secs).map(Duration::from_secs);
+        let lifetime = parsed
+            .expires_in
+            .as_ref()
+            .and_then(expires_in_secs)
+            .map(Duration::from_secs);
         tracing::info!(token_url = %self.token_url, expires_in = ?lifetime, "obtained an access token");
         // Measured from the request's start, so a slow answer cannot make us overestimate.
-        Ok(Token { value: parsed.access_token, expires: lifetime.map(|l| started + l) })
+        Ok(Token {
+            value: parsed.access_token,
+            expires: lifetime.map(|l| started + l),
+        })
     }
 
     /// 400/401 from the token endpoint is a credentials or config problem; 429/5xx are retried.
-    fn token_error(&self, status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap, body: &str) -> Error {
+    fn token_error(
+        &self,
+        status: reqwest::StatusCode,
+        headers: &reqwest::header::HeaderMap,
+        body: &str,
+    ) -> Error {
         let what = format!("token request to {}", self.token_url);
         if matches!(status.as_u16(), 400 | 401 | 403 | 404) {
             let detail = match serde_json::from_str::<TokenError>(body) {
-                Ok(TokenError { error: Some(e), error_description: d }) => {
+                Ok(TokenError {
+                    error: Some(e),
+                    error_description: d,
+                }) => {
                     let d: String = d.unwrap_or_default().chars().take(300).collect();
                     format!("{e}: {d}")
                 }
@@ -133,7 +169,11 @@ impl ClientCredentials {
             return Error::user(format!(
                 "{what} refused (HTTP {status}): {detail}; check {s} client_id, client_secret and token_url{extra}",
                 s = self.section,
-                extra = if self.section == "[dynamics]" { ", tenant and scope" } else { "" },
+                extra = if self.section == "[dynamics]" {
+                    ", tenant and scope"
+                } else {
+                    ""
+                },
             ));
         }
         http::status_error(&what, status, headers, body)
@@ -143,7 +183,9 @@ impl ClientCredentials {
 /// `expires_in` as whole seconds, from a number or a numeric string.
 fn expires_in_secs(v: &serde_json::Value) -> Option<u64> {
     match v {
-        serde_json::Value::Number(n) => n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
         serde_json::Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
@@ -162,19 +204,34 @@ mod tests {
 
     #[test]
     fn bad_credentials_are_user_errors_naming_the_section() {
-        let cc = ClientCredentials::new("[dynamics]", "https://login.example/token".into(), "id".into(), "s3cret".into(), None);
+        let cc = ClientCredentials::new(
+            "[dynamics]",
+            "https://login.example/token".into(),
+            "id".into(),
+            "s3cret".into(),
+            None,
+        );
         let body = r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided."}"#;
         let e = cc.token_error(reqwest::StatusCode::UNAUTHORIZED, &Default::default(), body);
         assert_eq!(e.fault, crate::error::Fault::User);
-        assert!(e.message().contains("invalid_client: AADSTS7000215") && e.message().contains("[dynamics] client_id"), "{e}");
+        assert!(
+            e.message().contains("invalid_client: AADSTS7000215")
+                && e.message().contains("[dynamics] client_id"),
+            "{e}"
+        );
         assert!(!e.to_string().contains("s3cret"));
-        let e = cc.token_error(reqwest::StatusCode::SERVICE_UNAVAILABLE, &Default::default(), "");
+        let e = cc.token_error(
+            reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            &Default::default(),
+            "",
+        );
         assert!(e.retryable);
     }
 
     #[test]
     fn debug_hides_the_secret() {
-        let cc = ClientCredentials::new("[mulesoft]", "u".into(), "id".into(), "s3cret".into(), None);
+        let cc =
+            ClientCredentials::new("[mulesoft]", "u".into(), "id".into(), "s3cret".into(), None);
         assert!(!format!("{cc:?}").contains("s3cret"));
     }
 }

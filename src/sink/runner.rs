@@ -52,12 +52,17 @@ impl std::str::FromStr for StartFrom {
                     let mut v = Vec::new();
                     for part in rest.split(',') {
                         let (p, o) = part.split_once(':').ok_or_else(bad)?;
-                        v.push((p.trim().parse().map_err(|_| bad())?, o.trim().parse().map_err(|_| bad())?));
+                        v.push((
+                            p.trim().parse().map_err(|_| bad())?,
+                            o.trim().parse().map_err(|_| bad())?,
+                        ));
                     }
                     StartFrom::Offsets(v)
                 } else if let Some(t) = s.strip_prefix("timestamp:") {
                     let ms = t.parse::<i64>().ok().or_else(|| {
-                        chrono::DateTime::parse_from_rfc3339(t).ok().map(|d| d.timestamp_millis())
+                        chrono::DateTime::parse_from_rfc3339(t)
+                            .ok()
+                            .map(|d| d.timestamp_millis())
                     });
                     StartFrom::Timestamp(ms.ok_or_else(bad)?)
                 } else {
@@ -105,13 +110,26 @@ pub struct Totals {
 
 /// Run a sink until `shutdown` (or, for dry runs and re-drives, until the end of the topic
 /// as it was at start).
-pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions, mut shutdown: watch::Receiver<bool>) -> Result<Totals> {
+pub async fn run(
+    cfg: &SinkConfig,
+    mut target: Box<dyn Target>,
+    opts: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Totals> {
     let mut mapping = Mapping::new(cfg.sink.target, &cfg.mapping);
     if !opts.dry_run {
         prepare(target.as_mut(), &mut mapping, cfg, &mut shutdown).await?;
     }
-    let source_topic = if opts.redrive { cfg.dlq_topic() } else { cfg.kafka.topic.clone() };
-    let group = if opts.redrive { format!("{}-redrive", cfg.group_id()) } else { cfg.group_id() };
+    let source_topic = if opts.redrive {
+        cfg.dlq_topic()
+    } else {
+        cfg.kafka.topic.clone()
+    };
+    let group = if opts.redrive {
+        format!("{}-redrive", cfg.group_id())
+    } else {
+        cfg.group_id()
+    };
     let consumer = consumer(cfg, &group)?;
     let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
     kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
@@ -123,7 +141,9 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
                 return Ok(Totals::default());
             }
             None if opts.dry_run => {
-                return Err(Error::user(format!("topic {source_topic} does not exist; check [kafka] topic")));
+                return Err(Error::user(format!(
+                    "topic {source_topic} does not exist; check [kafka] topic"
+                )));
             }
             // Sinks may start before the source created the topic: wait for it.
             None => {
@@ -137,23 +157,41 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
     };
     let bounded = opts.dry_run || opts.redrive;
     let mut last_record = Instant::now();
-    let end = if bounded { Some(high_watermarks(&consumer, &source_topic, &partitions)?) } else { None };
+    let end = if bounded {
+        Some(high_watermarks(&consumer, &source_topic, &partitions)?)
+    } else {
+        None
+    };
 
     if opts.dry_run {
         // Never join the group: a dry run must not disturb a running sink.
         let tpl = start_positions(&consumer, &source_topic, &partitions, &opts.start)?;
-        consumer.assign(&tpl).map_err(|e| error::kafka("assigning partitions", e))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| error::kafka("assigning partitions", e))?;
     } else {
         if opts.start != StartFrom::Committed {
             let tpl = start_positions(&consumer, &source_topic, &partitions, &opts.start)?;
-            consumer.assign(&tpl).map_err(|e| error::kafka("assigning partitions", e))?;
+            consumer
+                .assign(&tpl)
+                .map_err(|e| error::kafka("assigning partitions", e))?;
             consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
-                error::kafka(format!("moving group {group} to {:?} (stop the group's running sinks first)", opts.start), e)
+                error::kafka(
+                    format!(
+                        "moving group {group} to {:?} (stop the group's running sinks first)",
+                        opts.start
+                    ),
+                    e,
+                )
             })?;
-            consumer.unassign().map_err(|e| error::kafka("unassigning", e))?;
+            consumer
+                .unassign()
+                .map_err(|e| error::kafka("unassigning", e))?;
             tracing::info!(group, start = ?opts.start, "consumer group moved");
         }
-        consumer.subscribe(&[&source_topic]).map_err(|e| error::kafka(format!("subscribing to {source_topic}"), e))?;
+        consumer
+            .subscribe(&[&source_topic])
+            .map_err(|e| error::kafka(format!("subscribing to {source_topic}"), e))?;
     }
     tracing::info!(sink = %cfg.sink.name, topic = %source_topic, group, dry_run = opts.dry_run, "sink started");
 
@@ -161,16 +199,28 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
     let mut positions: HashMap<i32, i64> = HashMap::new();
     let dlq = cfg.dlq_topic();
     if !opts.dry_run && !opts.redrive {
-        kafka::ensure_compacted_topic(cfg.brokers(), &cfg.kafka.properties, &dlq, 1, 1).await.ok();
+        kafka::ensure_compacted_topic(cfg.brokers(), &cfg.kafka.properties, &dlq, 1, 1)
+            .await
+            .ok();
     }
     loop {
         if let Some(end) = &end {
-            if end.iter().all(|(p, h)| positions.get(p).copied().unwrap_or(-1) + 1 >= *h) {
+            if end
+                .iter()
+                .all(|(p, h)| positions.get(p).copied().unwrap_or(-1) + 1 >= *h)
+            {
                 tracing::info!(?totals, "reached the end of the topic as it was at start");
                 return Ok(totals);
             }
         }
-        let batch = match next_batch(&consumer, cfg, &mut shutdown, bounded || opts.until_idle.is_some()).await? {
+        let batch = match next_batch(
+            &consumer,
+            cfg,
+            &mut shutdown,
+            bounded || opts.until_idle.is_some(),
+        )
+        .await?
+        {
             Some(b) => b,
             None => {
                 tracing::info!(?totals, "sink stopped");
@@ -179,7 +229,11 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
         };
         if batch.is_empty() {
             if opts.until_idle.is_some_and(|d| last_record.elapsed() >= d) {
-                tracing::info!(?totals, "no record for {:?}; stopping", opts.until_idle.unwrap_or_default());
+                tracing::info!(
+                    ?totals,
+                    "no record for {:?}; stopping",
+                    opts.until_idle.unwrap_or_default()
+                );
                 return Ok(totals);
             }
             continue;
@@ -189,14 +243,26 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
             let p = positions.entry(m.partition).or_insert(-1);
             *p = (*p).max(m.offset);
         }
-        let mut ctx = BatchCtx { cfg, mapping: &mapping, producer: &producer, dlq: &dlq, source_topic: &source_topic, pending: Pending::default(), totals: &mut totals, shutdown: &mut shutdown };
+        let mut ctx = BatchCtx {
+            cfg,
+            mapping: &mapping,
+            producer: &producer,
+            dlq: &dlq,
+            source_topic: &source_topic,
+            pending: Pending::default(),
+            totals: &mut totals,
+            shutdown: &mut shutdown,
+        };
         if opts.dry_run {
             ctx.dry_run(target.as_ref(), &batch, opts.redrive);
             continue;
         }
         if let Err(e) = ctx.process(target.as_mut(), &batch, opts.redrive).await {
             if *shutdown.borrow() {
-                tracing::info!(?totals, "sink stopped; the unfinished batch will be read again");
+                tracing::info!(
+                    ?totals,
+                    "sink stopped; the unfinished batch will be read again"
+                );
                 return Ok(totals);
             }
             return Err(e);
@@ -208,12 +274,19 @@ pub async fn run(cfg: &SinkConfig, mut target: Box<dyn Target>, opts: RunOptions
 
 /// Check the mapping against the CRM, waiting out an unavailable CRM (retryable errors) but
 /// stopping on a configuration problem.
-async fn prepare(target: &mut dyn Target, mapping: &mut Mapping, cfg: &SinkConfig, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+async fn prepare(
+    target: &mut dyn Target,
+    mapping: &mut Mapping,
+    cfg: &SinkConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<()> {
     let mut backoff = error::backoff(Duration::from_millis(500), cfg.sink.max_backoff);
     loop {
         match target.prepare(mapping).await {
             Err(e) if e.retryable && e.fault != Fault::User => {
-                let wait = e.retry_after.unwrap_or_else(|| backoff.next().unwrap_or(cfg.sink.max_backoff));
+                let wait = e
+                    .retry_after
+                    .unwrap_or_else(|| backoff.next().unwrap_or(cfg.sink.max_backoff));
                 tracing::warn!(error = %e, retry_in = ?wait, "the CRM is not ready; retrying the start-up checks");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -246,11 +319,20 @@ fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Option<Vec<i32>>
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(|e| error::kafka(format!("reading metadata of {topic}"), e))?;
-    let parts: Vec<i32> = md.topics().iter().filter(|t| t.name() == topic).flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
     Ok((!parts.is_empty()).then_some(parts))
 }
 
-fn high_watermarks(consumer: &StreamConsumer, topic: &str, partitions: &[i32]) -> Result<Vec<(i32, i64)>> {
+fn high_watermarks(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<Vec<(i32, i64)>> {
     partitions
         .iter()
         .map(|&p| {
@@ -262,22 +344,31 @@ fn high_watermarks(consumer: &StreamConsumer, topic: &str, partitions: &[i32]) -
         .collect()
 }
 
-fn start_positions(consumer: &StreamConsumer, topic: &str, partitions: &[i32], start: &StartFrom) -> Result<TopicPartitionList> {
+fn start_positions(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partitions: &[i32],
+    start: &StartFrom,
+) -> Result<TopicPartitionList> {
     let mut tpl = TopicPartitionList::new();
     match start {
         StartFrom::Timestamp(ms) => {
             let mut q = TopicPartitionList::new();
             for &p in partitions {
-                q.add_partition_offset(topic, p, Offset::Offset(*ms)).map_err(|e| error::kafka("building offsets", e))?;
+                q.add_partition_offset(topic, p, Offset::Offset(*ms))
+                    .map_err(|e| error::kafka("building offsets", e))?;
             }
-            let found = consumer.offsets_for_times(q, Duration::from_secs(10)).map_err(|e| error::kafka("looking up offsets by time", e))?;
+            let found = consumer
+                .offsets_for_times(q, Duration::from_secs(10))
+                .map_err(|e| error::kafka("looking up offsets by time", e))?;
             for e in found.elements() {
                 // No event at or after the time: start at the end.
                 let off = match e.offset() {
                     Offset::Offset(o) => Offset::Offset(o),
                     _ => Offset::End,
                 };
-                tpl.add_partition_offset(topic, e.partition(), off).map_err(|e| error::kafka("building offsets", e))?;
+                tpl.add_partition_offset(topic, e.partition(), off)
+                    .map_err(|e| error::kafka("building offsets", e))?;
             }
         }
         other => {
@@ -298,14 +389,20 @@ fn start_positions(consumer: &StreamConsumer, topic: &str, partitions: &[i32], s
                     StartFrom::Earliest => Offset::Beginning,
                     StartFrom::Latest => Offset::End,
                     StartFrom::Offsets(list) if list.iter().any(|(lp, _)| *lp == p) => {
-                        Offset::Offset(list.iter().find(|(lp, _)| *lp == p).map(|(_, o)| *o).unwrap_or(0))
+                        Offset::Offset(
+                            list.iter()
+                                .find(|(lp, _)| *lp == p)
+                                .map(|(_, o)| *o)
+                                .unwrap_or(0),
+                        )
                     }
                     _ => match committed.find_partition(topic, p).map(|e| e.offset()) {
                         Some(Offset::Offset(o)) => Offset::Offset(o),
                         _ => Offset::Beginning,
                     },
                 };
-                tpl.add_partition_offset(topic, p, off).map_err(|e| error::kafka("building offsets", e))?;
+                tpl.add_partition_offset(topic, p, off)
+                    .map_err(|e| error::kafka("building offsets", e))?;
             }
         }
     }
@@ -321,7 +418,9 @@ fn start_positions(consumer: &StreamConsumer, topic: &str, partitions: &[i32], s
             Offset::Offset(o) => o.clamp(low, high),
             _ => low,
         };
-        concrete.add_partition_offset(topic, e.partition(), Offset::Offset(off)).map_err(|e| error::kafka("building offsets", e))?;
+        concrete
+            .add_partition_offset(topic, e.partition(), Offset::Offset(off))
+            .map_err(|e| error::kafka("building offsets", e))?;
     }
     Ok(concrete)
 }
@@ -329,7 +428,12 @@ fn start_positions(consumer: &StreamConsumer, topic: &str, partitions: &[i32], s
 /// Collect up to `batch_max_records` or until `batch_max_wait` after the first record.
 /// `None` on shutdown. Bounded runs return an empty batch after a quiet second so the caller
 /// can check whether the end was reached.
-async fn next_batch(consumer: &StreamConsumer, cfg: &SinkConfig, shutdown: &mut watch::Receiver<bool>, bounded: bool) -> Result<Option<Vec<Msg>>> {
+async fn next_batch(
+    consumer: &StreamConsumer,
+    cfg: &SinkConfig,
+    shutdown: &mut watch::Receiver<bool>,
+    bounded: bool,
+) -> Result<Option<Vec<Msg>>> {
     let mut batch = Vec::new();
     let mut deadline: Option<Instant> = None;
     loop {
@@ -375,9 +479,12 @@ fn commit(consumer: &StreamConsumer, topic: &str, batch: &[Msg]) -> Result<()> {
     }
     let mut tpl = TopicPartitionList::new();
     for (p, o) in next {
-        tpl.add_partition_offset(topic, p, Offset::Offset(o)).map_err(|e| error::kafka("building offsets", e))?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(o))
+            .map_err(|e| error::kafka("building offsets", e))?;
     }
-    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| error::kafka("committing offsets", e))
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .map_err(|e| error::kafka("committing offsets", e))
 }
 
 /// One CRM call of a batch.
@@ -420,15 +527,33 @@ impl BatchCtx<'_> {
             let raw: serde_json::Value = match serde_json::from_slice(payload) {
                 Ok(v) => v,
                 Err(e) => {
-                    self.dead_letter(m, None, "decode", &format!("record is not JSON: {e}"), Some(payload)).await?;
+                    self.dead_letter(
+                        m,
+                        None,
+                        "decode",
+                        &format!("record is not JSON: {e}"),
+                        Some(payload),
+                    )
+                    .await?;
                     continue;
                 }
             };
-            let raw = if redrive { raw.get("event").cloned().unwrap_or(serde_json::Value::Null) } else { raw };
+            let raw = if redrive {
+                raw.get("event").cloned().unwrap_or(serde_json::Value::Null)
+            } else {
+                raw
+            };
             let event = match serde_json::from_value::<ContactEvent>(raw.clone()) {
                 Ok(e) => e,
                 Err(e) => {
-                    self.dead_letter(m, Some(&raw), "decode", &format!("record is not a trusst-cdc event: {e}"), None).await?;
+                    self.dead_letter(
+                        m,
+                        Some(&raw),
+                        "decode",
+                        &format!("record is not a trusst-cdc event: {e}"),
+                        None,
+                    )
+                    .await?;
                     continue;
                 }
             };
@@ -441,7 +566,12 @@ impl BatchCtx<'_> {
         Ok(items.into_iter().flatten().collect())
     }
 
-    async fn process(&mut self, target: &mut dyn Target, batch: &[Msg], redrive: bool) -> Result<()> {
+    async fn process(
+        &mut self,
+        target: &mut dyn Target,
+        batch: &[Msg],
+        redrive: bool,
+    ) -> Result<()> {
         let items = self.newest(batch, redrive).await?;
         let mut upserts: Vec<(Record, &Item)> = Vec::new();
         let mut deletes: Vec<&Item> = Vec::new();
@@ -449,7 +579,10 @@ impl BatchCtx<'_> {
             match it.event.op {
                 Op::Upsert => match self.mapping.map(&it.event) {
                     Ok(r) => upserts.push((r, it)),
-                    Err(e) => self.dead_letter(it.msg, Some(&it.raw), "mapping", &e.to_string(), None).await?,
+                    Err(e) => {
+                        self.dead_letter(it.msg, Some(&it.raw), "mapping", &e.to_string(), None)
+                            .await?
+                    }
                 },
                 Op::Delete => match self.cfg.sink.on_delete {
                     OnDelete::Delete => deletes.push(it),
@@ -465,10 +598,14 @@ impl BatchCtx<'_> {
         for chunk in upserts.chunks(max) {
             let records: Vec<Record> = chunk.iter().map(|(r, _)| r.clone()).collect();
             let outcomes = self.with_retries(target, Call::Upsert(&records)).await;
-            self.settle(chunk.iter().map(|(_, it)| *it), outcomes).await?;
+            self.settle(chunk.iter().map(|(_, it)| *it), outcomes)
+                .await?;
         }
         for chunk in deletes.chunks(max) {
-            let ids: Vec<String> = chunk.iter().map(|it| it.event.trusst_contact_id.clone()).collect();
+            let ids: Vec<String> = chunk
+                .iter()
+                .map(|it| it.event.trusst_contact_id.clone())
+                .collect();
             let outcomes = self.with_retries(target, Call::Delete(&ids)).await;
             self.settle(chunk.iter().copied(), outcomes).await?;
         }
@@ -477,7 +614,11 @@ impl BatchCtx<'_> {
 
     /// Retry a CRM call while it fails with a retryable error (honouring Retry-After and
     /// pauses); stop on shutdown so nothing is committed for the batch.
-    async fn with_retries(&mut self, target: &mut dyn Target, call: Call<'_>) -> Result<Vec<Outcome>> {
+    async fn with_retries(
+        &mut self,
+        target: &mut dyn Target,
+        call: Call<'_>,
+    ) -> Result<Vec<Outcome>> {
         let mut backoff = error::backoff(Duration::from_millis(200), self.cfg.sink.max_backoff);
         let what = match call {
             Call::Upsert(_) => "upsert",
@@ -491,7 +632,9 @@ impl BatchCtx<'_> {
             match result {
                 Ok(o) => return Ok(o),
                 Err(e) if e.retryable => {
-                    let wait = e.retry_after.unwrap_or_else(|| backoff.next().unwrap_or(self.cfg.sink.max_backoff));
+                    let wait = e
+                        .retry_after
+                        .unwrap_or_else(|| backoff.next().unwrap_or(self.cfg.sink.max_backoff));
                     tracing::warn!(sink = %self.cfg.sink.name, error = %e, retry_in = ?wait, "{what} failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -508,32 +651,50 @@ impl BatchCtx<'_> {
 
     /// Count written records, dead-letter rejected ones; a non-retryable request error
     /// dead-letters the whole chunk, a configuration error stops the sink.
-    async fn settle<'i>(&mut self, items: impl Iterator<Item = &'i Item<'i>> + Clone, outcomes: Result<Vec<Outcome>>) -> Result<()> {
+    async fn settle<'i>(
+        &mut self,
+        items: impl Iterator<Item = &'i Item<'i>> + Clone,
+        outcomes: Result<Vec<Outcome>>,
+    ) -> Result<()> {
         let n = items.clone().count();
         match outcomes {
             Ok(o) if o.len() == n => {
                 for (it, o) in items.zip(o) {
                     match o {
                         Outcome::Written => self.totals.written += 1,
-                        Outcome::Rejected(reason) => self.dead_letter(it.msg, Some(&it.raw), "crm", &reason, None).await?,
+                        Outcome::Rejected(reason) => {
+                            self.dead_letter(it.msg, Some(&it.raw), "crm", &reason, None)
+                                .await?
+                        }
                     }
                 }
                 Ok(())
             }
-            Ok(o) => Err(Error::internal(format!("the CRM client returned {} outcomes for {n} records", o.len()))),
+            Ok(o) => Err(Error::internal(format!(
+                "the CRM client returned {} outcomes for {n} records",
+                o.len()
+            ))),
             // A configuration problem stops the sink; a retryable error only comes back on
             // shutdown: either way the batch is left uncommitted, to be read again.
             Err(e) if e.fault == Fault::User || e.retryable => Err(e),
             Err(e) => {
                 for it in items {
-                    self.dead_letter(it.msg, Some(&it.raw), "crm", &e.to_string(), None).await?;
+                    self.dead_letter(it.msg, Some(&it.raw), "crm", &e.to_string(), None)
+                        .await?;
                 }
                 Ok(())
             }
         }
     }
 
-    async fn dead_letter(&mut self, m: &Msg, event: Option<&serde_json::Value>, stage: &str, reason: &str, raw: Option<&[u8]>) -> Result<()> {
+    async fn dead_letter(
+        &mut self,
+        m: &Msg,
+        event: Option<&serde_json::Value>,
+        stage: &str,
+        reason: &str,
+        raw: Option<&[u8]>,
+    ) -> Result<()> {
         tracing::warn!(sink = %self.cfg.sink.name, contact_id = %m.key, partition = m.partition, offset = m.offset, stage, reason, "dead-lettered");
         let body = json!({
             "sink": self.cfg.sink.name,
@@ -545,7 +706,14 @@ impl BatchCtx<'_> {
             "event": event,
             "raw": raw.map(|r| String::from_utf8_lossy(r).into_owned()),
         });
-        self.pending.send(self.producer, self.dlq, &m.key, Some(body.to_string().as_bytes())).await?;
+        self.pending
+            .send(
+                self.producer,
+                self.dlq,
+                &m.key,
+                Some(body.to_string().as_bytes()),
+            )
+            .await?;
         self.totals.dead_lettered += 1;
         Ok(())
     }
@@ -556,21 +724,32 @@ impl BatchCtx<'_> {
         for m in batch {
             self.totals.consumed += 1;
             let Some(p) = &m.payload else { continue };
-            let parsed = serde_json::from_slice::<serde_json::Value>(p).ok().map(|v| if redrive { v["event"].clone() } else { v });
+            let parsed = serde_json::from_slice::<serde_json::Value>(p)
+                .ok()
+                .map(|v| if redrive { v["event"].clone() } else { v });
             match parsed.and_then(|v| serde_json::from_value::<ContactEvent>(v).ok()) {
                 Some(e) => {
                     newest.insert(m.key.clone(), (e, m));
                 }
-                None => println!("WOULD DEAD-LETTER {} (p{} @{}): not a trusst-cdc event", m.key, m.partition, m.offset),
+                None => println!(
+                    "WOULD DEAD-LETTER {} (p{} @{}): not a trusst-cdc event",
+                    m.key, m.partition, m.offset
+                ),
             }
         }
         let mut records = Vec::new();
         for (key, (e, m)) in newest {
             match e.op {
-                Op::Delete => println!("WOULD {:?} {key} (delete event, p{} @{})", self.cfg.sink.on_delete, m.partition, m.offset),
+                Op::Delete => println!(
+                    "WOULD {:?} {key} (delete event, p{} @{})",
+                    self.cfg.sink.on_delete, m.partition, m.offset
+                ),
                 Op::Upsert => match self.mapping.map(&e) {
                     Ok(r) => records.push(r),
-                    Err(err) => println!("WOULD DEAD-LETTER {key} (p{} @{}): {err}", m.partition, m.offset),
+                    Err(err) => println!(
+                        "WOULD DEAD-LETTER {key} (p{} @{}): {err}",
+                        m.partition, m.offset
+                    ),
                 },
             }
         }
@@ -588,14 +767,30 @@ mod tests {
 
     #[test]
     fn start_positions_parse() {
-        assert_eq!("earliest".parse::<StartFrom>().unwrap(), StartFrom::Earliest);
-        assert_eq!("offset:0:15,2:7".parse::<StartFrom>().unwrap(), StartFrom::Offsets(vec![(0, 15), (2, 7)]));
         assert_eq!(
-            "timestamp:2026-01-15T00:00:00Z".parse::<StartFrom>().unwrap(),
+            "earliest".parse::<StartFrom>().unwrap(),
+            StartFrom::Earliest
+        );
+        assert_eq!(
+            "offset:0:15,2:7".parse::<StartFrom>().unwrap(),
+            StartFrom::Offsets(vec![(0, 15), (2, 7)])
+        );
+        assert_eq!(
+            "timestamp:2026-01-15T00:00:00Z"
+                .parse::<StartFrom>()
+                .unwrap(),
             StartFrom::Timestamp(1_768_435_200_000)
         );
-        assert_eq!("timestamp:1000".parse::<StartFrom>().unwrap(), StartFrom::Timestamp(1000));
-        assert!("offset:x".parse::<StartFrom>().unwrap_err().contains("offset:PARTITION:OFFSET"));
+        assert_eq!(
+            "timestamp:1000".parse::<StartFrom>().unwrap(),
+            StartFrom::Timestamp(1000)
+        );
+        assert!(
+            "offset:x"
+                .parse::<StartFrom>()
+                .unwrap_err()
+                .contains("offset:PARTITION:OFFSET")
+        );
         assert!("yesterday".parse::<StartFrom>().is_err());
     }
 }

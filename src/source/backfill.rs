@@ -41,7 +41,11 @@ impl Range {
         if batch_days == 0 {
             return Err(Error::user("--batch-days must be at least 1"));
         }
-        Ok(Self { start, end, batch_days })
+        Ok(Self {
+            start,
+            end,
+            batch_days,
+        })
     }
 
     /// The windows `[from, to)` in order.
@@ -74,14 +78,23 @@ const IN_WINDOW: &str = "c.current_stage = 'COMPLETED' AND EXISTS (SELECT 1 FROM
 async fn count(client: &Client, from: NaiveDate, to: NaiveDate) -> Result<u64> {
     let (from, to) = (midnight(from), midnight(to));
     let n: i64 = client
-        .query_one(&format!("SELECT count(*) FROM contacts c WHERE {IN_WINDOW}"), &[&from, &to])
+        .query_one(
+            &format!("SELECT count(*) FROM contacts c WHERE {IN_WINDOW}"),
+            &[&from, &to],
+        )
         .await
         .map_err(|e| error::pg("counting the contacts to backfill", e))?
         .get(0);
     Ok(n as u64)
 }
 
-async fn page(client: &Client, from: NaiveDate, to: NaiveDate, after: &str, limit: usize) -> Result<Vec<String>> {
+async fn page(
+    client: &Client,
+    from: NaiveDate,
+    to: NaiveDate,
+    after: &str,
+    limit: usize,
+) -> Result<Vec<String>> {
     let (from, to) = (midnight(from), midnight(to));
     let rows = client
         .query(
@@ -109,7 +122,13 @@ struct Progress {
 impl Progress {
     fn new(total: u64) -> Self {
         let now = Instant::now();
-        Self { total, done: 0, started: now, last_log: now, tty: std::io::stderr().is_terminal() }
+        Self {
+            total,
+            done: 0,
+            started: now,
+            last_log: now,
+            tty: std::io::stderr().is_terminal(),
+        }
     }
 
     fn add(&mut self, n: u64, window: (NaiveDate, NaiveDate)) {
@@ -117,10 +136,18 @@ impl Progress {
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = self.done as f64 / secs;
         let left = self.total.saturating_sub(self.done);
-        let eta = if rate > 0.0 { Duration::from_secs_f64(left as f64 / rate) } else { Duration::ZERO };
+        let eta = if rate > 0.0 {
+            Duration::from_secs_f64(left as f64 / rate)
+        } else {
+            Duration::ZERO
+        };
         let eta = humantime::format_duration(Duration::from_secs(eta.as_secs()));
         if self.tty {
-            let pct = if self.total == 0 { 100.0 } else { self.done as f64 * 100.0 / self.total as f64 };
+            let pct = if self.total == 0 {
+                100.0
+            } else {
+                self.done as f64 * 100.0 / self.total as f64
+            };
             eprint!(
                 "\r\x1b[2Kbackfill {} .. {}: {}/{} contacts ({pct:.0}%), {rate:.0}/s, ETA {eta}",
                 window.0, window.1, self.done, self.total
@@ -142,24 +169,39 @@ impl Progress {
 }
 
 /// Run the backfill (or, with `dry_run`, only count per window).
-pub async fn run(cfg: &SourceConfig, range: &Range, dry_run: bool, shutdown: watch::Receiver<bool>) -> Result<Totals> {
+pub async fn run(
+    cfg: &SourceConfig,
+    range: &Range,
+    dry_run: bool,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Totals> {
     let client = crate::pg::connect(cfg.database_url()).await?;
     enrich::prepare_session(&client).await?;
     let windows = range.windows();
     // One count for the whole range: the progress total. Only a dry run counts per window.
-    let mut totals = Totals { contacts: count(&client, range.start, range.end).await?, published: 0 };
+    let mut totals = Totals {
+        contacts: count(&client, range.start, range.end).await?,
+        published: 0,
+    };
     if dry_run {
         for &(from, to) in &windows {
             let n = count(&client, from, to).await?;
             tracing::info!(window = %format!("{from} .. {to}"), contacts = n, "backfill dry run: would publish");
         }
-        tracing::info!(contacts = totals.contacts, "backfill dry run: nothing published");
+        tracing::info!(
+            contacts = totals.contacts,
+            "backfill dry run: nothing published"
+        );
         return Ok(totals);
     }
 
     let producer = super::event_producer(cfg).await?;
     // Events carry the WAL position the backfill started at, to tell them apart when tracing.
-    let origin = Origin { lsn: setup::current_wal_lsn(&client).await?, commit_ts: 0, xid: 0 };
+    let origin = Origin {
+        lsn: setup::current_wal_lsn(&client).await?,
+        commit_ts: 0,
+        xid: 0,
+    };
     tracing::info!(
         contacts = totals.contacts, windows = windows.len(), topic = %cfg.kafka.topic, at = %fmt_lsn(origin.lsn),
         "backfill started"
@@ -175,7 +217,9 @@ pub async fn run(cfg: &SourceConfig, range: &Range, dry_run: bool, shutdown: wat
                 return Ok(totals);
             }
             let ids = page(&client, from, to, &after, limit).await?;
-            let Some(last) = ids.last().cloned() else { break };
+            let Some(last) = ids.last().cloned() else {
+                break;
+            };
             let full = ids.len() == limit;
             let job = Job::at(ids, origin, "backfill");
             let n = publisher::publish_and_wait(&client, &producer, &cfg.kafka.topic, &job).await?;
@@ -188,7 +232,11 @@ pub async fn run(cfg: &SourceConfig, range: &Range, dry_run: bool, shutdown: wat
         }
     }
     progress.finish();
-    tracing::info!(published = totals.published, contacts = totals.contacts, "backfill done");
+    tracing::info!(
+        published = totals.published,
+        contacts = totals.contacts,
+        "backfill done"
+    );
     Ok(totals)
 }
 
@@ -208,11 +256,14 @@ mod tests {
         assert_eq!(w[0], (d("2025-01-15"), d("2025-01-16")));
         assert_eq!(w[6], (d("2025-01-21"), d("2025-01-22")));
         let r = Range::new(d("2025-01-15"), d("2025-01-22"), 3).unwrap();
-        assert_eq!(r.windows(), vec![
-            (d("2025-01-15"), d("2025-01-18")),
-            (d("2025-01-18"), d("2025-01-21")),
-            (d("2025-01-21"), d("2025-01-22")),
-        ]);
+        assert_eq!(
+            r.windows(),
+            vec![
+                (d("2025-01-15"), d("2025-01-18")),
+                (d("2025-01-18"), d("2025-01-21")),
+                (d("2025-01-21"), d("2025-01-22")),
+            ]
+        );
     }
 
     #[test]

@@ -55,7 +55,10 @@ pub async fn enrich(client: &Client, ids: &[String]) -> Result<HashMap<String, C
 /// The re-read as a prepared statement, for a connection that runs it batch after batch: the
 /// server then reuses one plan instead of planning every small batch again.
 pub async fn prepare(client: &Client) -> Result<Statement> {
-    client.prepare(ENRICH_SQL).await.map_err(|e| error::pg("preparing the re-read query", e))
+    client
+        .prepare(ENRICH_SQL)
+        .await
+        .map_err(|e| error::pg("preparing the re-read query", e))
 }
 
 /// Run the re-read (a statement from [`prepare`] on the same connection) for `ids` and return

@@ -43,9 +43,7 @@ pub const HEARTBEAT_PREFIX: &str = "trusst-cdc.heartbeat";
 /// Run the source until `shutdown` turns true. A failure before the first stream started exits
 /// (a misconfiguration should be loud); once streaming, retryable failures reconnect with backoff.
 pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
-    let new_backoff = || {
-        error::backoff(Duration::from_millis(500), Duration::from_secs(30))
-    };
+    let new_backoff = || error::backoff(Duration::from_millis(500), Duration::from_secs(30));
     let mut backoff = new_backoff();
     let mut ever_streamed = false;
     loop {
@@ -190,7 +188,9 @@ impl<'a> Session<'a> {
         let s = &cfg.source;
         let client = crate::pg::connect(cfg.database_url()).await?;
         enrich::prepare_session(&client).await?;
-        setup::failures(&setup::preflight(&client, &s.publication, &s.slot, s.create_publication).await?)?;
+        setup::failures(
+            &setup::preflight(&client, &s.publication, &s.slot, s.create_publication).await?,
+        )?;
         if s.create_publication {
             setup::ensure_publication(&client, &s.publication).await?;
         }
@@ -208,7 +208,8 @@ impl<'a> Session<'a> {
             }
             let st = file.load()?;
             if !st.done {
-                self.snapshot(&client, &producer, &file, st, slot_lsn).await?;
+                self.snapshot(&client, &producer, &file, st, slot_lsn)
+                    .await?;
             }
         }
         if *self.shutdown.borrow() {
@@ -220,14 +221,17 @@ impl<'a> Session<'a> {
         // re-emit lookups never wait behind an enrichment query.
         let enrich_client = crate::pg::connect(cfg.database_url()).await?;
         enrich::prepare_session(&enrich_client).await?;
-        self.publisher = Some(Publisher::start(enrich_client, producer.clone(), cfg.kafka.topic.clone()).await?);
+        self.publisher =
+            Some(Publisher::start(enrich_client, producer.clone(), cfg.kafka.topic.clone()).await?);
         let repl_cfg = crate::pg::replication_config(cfg.database_url(), &s.slot, &s.publication)?
             .with_start_lsn(Lsn(slot_lsn))
             .with_ack_lsn(Lsn(slot_lsn));
         let mut repl = ReplicationClient::connect(repl_cfg)
             .await
             .map_err(|e| Error::external("starting logical replication").with_source(e))?;
-        repl.wait_started().await.map_err(|e| Error::external("starting logical replication").with_source(e))?;
+        repl.wait_started()
+            .await
+            .map_err(|e| Error::external("starting logical replication").with_source(e))?;
         tracing::info!(slot = %s.slot, from = %fmt_lsn(slot_lsn), "streaming changes");
 
         let result = self.stream(&client, &producer, &mut repl).await;
@@ -252,13 +256,16 @@ impl<'a> Session<'a> {
         self.questions = rows
             .iter()
             .map(|r| {
-                (r.get::<_, String>(0), Question {
-                    key: r.get(1),
-                    text: r.get(2),
-                    result_type: r.get(3),
-                    group: r.get(4),
-                    is_universal: r.get(5),
-                })
+                (
+                    r.get::<_, String>(0),
+                    Question {
+                        key: r.get(1),
+                        text: r.get(2),
+                        result_type: r.get(3),
+                        group: r.get(4),
+                        is_universal: r.get(5),
+                    },
+                )
             })
             .collect();
         // Read after the questions: a change committed in between then counts as a replay and
@@ -288,22 +295,36 @@ impl<'a> Session<'a> {
             .get(0);
         tracing::info!(remaining = total, resumed_after = %st.last_key, "initial snapshot started");
         let started = Instant::now();
-        let origin = Origin { lsn: slot_lsn, commit_ts: 0, xid: 0 };
+        let origin = Origin {
+            lsn: slot_lsn,
+            commit_ts: 0,
+            xid: 0,
+        };
         loop {
             if *self.shutdown.borrow() {
                 let _ = client.batch_execute("ROLLBACK").await;
                 return Ok(());
             }
-            let ids = enrich::completed_page(client, &st.last_key, self.cfg.source.batch_max_contacts).await?;
-            let Some(last) = ids.last().cloned() else { break };
+            let ids =
+                enrich::completed_page(client, &st.last_key, self.cfg.source.batch_max_contacts)
+                    .await?;
+            let Some(last) = ids.last().cloned() else {
+                break;
+            };
             let job = Job::at(ids, origin, "snapshot");
-            let n = publisher::publish_and_wait(client, producer, &self.cfg.kafka.topic, &job).await?;
+            let n =
+                publisher::publish_and_wait(client, producer, &self.cfg.kafka.topic, &job).await?;
             self.published += n as u64;
             st.last_key = last;
             st.published += n as u64;
             file.save(&st)?;
             let rate = st.published as f64 / started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(published = st.published, of = total, rate = format!("{rate:.0}/s"), "snapshot progress");
+            tracing::info!(
+                published = st.published,
+                of = total,
+                rate = format!("{rate:.0}/s"),
+                "snapshot progress"
+            );
         }
         let _ = client.batch_execute("COMMIT").await;
         st.done = true;
@@ -312,7 +333,12 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    async fn stream(&mut self, client: &Client, producer: &FutureProducer, repl: &mut ReplicationClient) -> Result<()> {
+    async fn stream(
+        &mut self,
+        client: &Client,
+        producer: &FutureProducer,
+        repl: &mut ReplicationClient,
+    ) -> Result<()> {
         let s = &self.cfg.source;
         let mut heartbeat = tokio::time::interval(s.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -361,20 +387,45 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn handle(&mut self, ev: ReplicationEvent, producer: &FutureProducer, repl: &ReplicationClient) -> Result<()> {
+    async fn handle(
+        &mut self,
+        ev: ReplicationEvent,
+        producer: &FutureProducer,
+        repl: &ReplicationClient,
+    ) -> Result<()> {
         match ev {
-            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
-                self.current = Some(Origin { lsn: final_lsn.0, commit_ts: commit_time_micros, xid });
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                self.current = Some(Origin {
+                    lsn: final_lsn.0,
+                    commit_ts: commit_time_micros,
+                    xid,
+                });
             }
-            ReplicationEvent::XLogData { data, wal_start, .. } => {
+            ReplicationEvent::XLogData {
+                data, wal_start, ..
+            } => {
                 let msg = pgoutput::decode(&data).map_err(|e| {
-                    Error::internal(format!("cannot decode the replication stream at {}", fmt_lsn(wal_start.0))).with_source(e)
+                    Error::internal(format!(
+                        "cannot decode the replication stream at {}",
+                        fmt_lsn(wal_start.0)
+                    ))
+                    .with_source(e)
                 })?;
-                let origin = self.current.unwrap_or(Origin { lsn: wal_start.0, commit_ts: 0, xid: 0 });
+                let origin = self.current.unwrap_or(Origin {
+                    lsn: wal_start.0,
+                    commit_ts: 0,
+                    xid: 0,
+                });
                 for effect in self.tracker.effects(msg) {
                     self.apply(effect, origin, producer).await?;
                 }
-                if self.batch.touched.len() + self.batch.deleted.len() >= self.cfg.source.batch_max_contacts {
+                if self.batch.touched.len() + self.batch.deleted.len()
+                    >= self.cfg.source.batch_max_contacts
+                {
                     // Mid-transaction flush: the rows are committed (pgoutput sends a transaction
                     // only after its commit), only the confirmation waits for the commit.
                     self.flush(repl).await?;
@@ -387,7 +438,8 @@ impl<'a> Session<'a> {
                     self.batch.end_lsn = Some(end_lsn.0);
                     // Checked here too: under a steady stream the receive branch is always
                     // ready and the timer branch would never get its turn.
-                    if self.batch.touched.len() + self.batch.deleted.len() >= self.cfg.source.batch_max_contacts
+                    if self.batch.touched.len() + self.batch.deleted.len()
+                        >= self.cfg.source.batch_max_contacts
                         || since.elapsed() >= self.cfg.source.batch_max_wait
                     {
                         self.flush(repl).await?;
@@ -397,7 +449,9 @@ impl<'a> Session<'a> {
                     self.confirm(end_lsn.0, repl);
                 }
             }
-            ReplicationEvent::Message { lsn, transactional, .. } => {
+            ReplicationEvent::Message {
+                lsn, transactional, ..
+            } => {
                 if !transactional && self.current.is_none() && self.batch.since.is_none() {
                     self.confirm(lsn.0, repl);
                 }
@@ -419,7 +473,12 @@ impl<'a> Session<'a> {
         self.batch.touched.insert(contact_id, origin);
     }
 
-    async fn apply(&mut self, effect: Effect, origin: Origin, producer: &FutureProducer) -> Result<()> {
+    async fn apply(
+        &mut self,
+        effect: Effect,
+        origin: Origin,
+        producer: &FutureProducer,
+    ) -> Result<()> {
         match effect {
             Effect::Touch(id) => self.touch(id, origin),
             Effect::Contact { contact_id, stage } => {
@@ -435,7 +494,10 @@ impl<'a> Session<'a> {
                 };
                 self.touch(contact_id, origin);
             }
-            Effect::Inference { contact_id, question_id } => {
+            Effect::Inference {
+                contact_id,
+                question_id,
+            } => {
                 let relevant = match question_id.as_deref().and_then(|q| self.questions.get(q)) {
                     Some(q) => q.is_universal,
                     None => true, // unknown question: re-read, enrichment decides
@@ -449,7 +511,9 @@ impl<'a> Session<'a> {
                 self.batch.deleted.insert(id.clone());
                 self.touch(id, origin);
             }
-            Effect::Question { question_id, row } => self.question_changed(question_id, row, origin),
+            Effect::Question { question_id, row } => {
+                self.question_changed(question_id, row, origin)
+            }
             Effect::Truncated(tables) => {
                 self.not_completed.clear();
                 let lsn = fmt_lsn(origin.lsn);
@@ -479,10 +543,22 @@ impl<'a> Session<'a> {
     /// Record a stream anomaly on `<topic>.control`, so it is kept beside the events.
     async fn control(&self, producer: &FutureProducer, body: serde_json::Value) -> Result<()> {
         let topic = format!("{}.control", self.cfg.kafka.topic);
-        kafka::ensure_compacted_topic(self.cfg.brokers(), &self.cfg.kafka.properties, &topic, 1, self.cfg.kafka.replication_factor).await?;
+        kafka::ensure_compacted_topic(
+            self.cfg.brokers(),
+            &self.cfg.kafka.properties,
+            &topic,
+            1,
+            self.cfg.kafka.replication_factor,
+        )
+        .await?;
         let mut p = Pending::default();
-        let key = format!("{}:{}", body["type"].as_str().unwrap_or("control"), body["lsn"].as_str().unwrap_or(""));
-        p.send(producer, &topic, &key, Some(body.to_string().as_bytes())).await?;
+        let key = format!(
+            "{}:{}",
+            body["type"].as_str().unwrap_or("control"),
+            body["lsn"].as_str().unwrap_or("")
+        );
+        p.send(producer, &topic, &key, Some(body.to_string().as_bytes()))
+            .await?;
         p.wait().await.map(|_| ())
     }
 
@@ -491,13 +567,17 @@ impl<'a> Session<'a> {
         let after = row.map(|r| {
             let b = before.clone();
             // An unchanged TOASTed column comes as None: keep the cached value.
-            let keep = |new: Option<String>, old: Option<&Option<String>>| new.or_else(|| old.cloned().flatten());
+            let keep = |new: Option<String>, old: Option<&Option<String>>| {
+                new.or_else(|| old.cloned().flatten())
+            };
             Question {
                 key: keep(r.key, b.as_ref().map(|q| &q.key)),
                 text: keep(r.text, b.as_ref().map(|q| &q.text)),
                 result_type: keep(r.result_type, b.as_ref().map(|q| &q.result_type)),
                 group: r.group,
-                is_universal: r.is_universal.unwrap_or(b.as_ref().is_some_and(|q| q.is_universal)),
+                is_universal: r
+                    .is_universal
+                    .unwrap_or(b.as_ref().is_some_and(|q| q.is_universal)),
             }
         });
         let universal = |q: &Option<Question>| q.as_ref().is_some_and(|q| q.is_universal);
@@ -511,8 +591,16 @@ impl<'a> Session<'a> {
                 self.questions.remove(&question_id);
             }
         }
-        if reemit && !self.jobs.iter().any(|j| j.question_id == question_id && j.after.is_empty()) {
-            tracing::info!(question_id, "universal question changed: re-emitting its completed contacts");
+        if reemit
+            && !self
+                .jobs
+                .iter()
+                .any(|j| j.question_id == question_id && j.after.is_empty())
+        {
+            tracing::info!(
+                question_id,
+                "universal question changed: re-emitting its completed contacts"
+            );
             self.jobs.push_back(ReemitJob {
                 question_id,
                 after: String::new(),
@@ -524,9 +612,12 @@ impl<'a> Session<'a> {
 
     /// One chunk of the oldest re-emit job, between stream batches so the stream never stalls.
     async fn reemit_step(&mut self, client: &Client, repl: &ReplicationClient) -> Result<()> {
-        let Some(job) = self.jobs.front() else { return Ok(()) };
+        let Some(job) = self.jobs.front() else {
+            return Ok(());
+        };
         let chunk = self.cfg.source.reemit_chunk;
-        let ids = enrich::contacts_for_question(client, &job.question_id, &job.after, chunk).await?;
+        let ids =
+            enrich::contacts_for_question(client, &job.question_id, &job.after, chunk).await?;
         let last = ids.last().cloned();
         let full = ids.len() == chunk;
         let origin = job.origin;
@@ -539,7 +630,11 @@ impl<'a> Session<'a> {
             _ => {
                 tracing::info!(question_id = %job.question_id, "re-emit done");
                 self.jobs.pop_front();
-                let upto = if self.batch.since.is_some() { self.confirmed } else { self.last_commit_end };
+                let upto = if self.batch.since.is_some() {
+                    self.confirmed
+                } else {
+                    self.last_commit_end
+                };
                 self.confirm(upto, repl);
             }
         }
@@ -548,7 +643,10 @@ impl<'a> Session<'a> {
 
     /// Hand a job to the pipeline, remembering the position it confirms once acknowledged.
     async fn submit(&mut self, job: Job, end: Option<u64>) -> Result<()> {
-        let publisher = self.publisher.as_ref().ok_or_else(|| Error::internal("publishing before the stream started"))?;
+        let publisher = self
+            .publisher
+            .as_ref()
+            .ok_or_else(|| Error::internal("publishing before the stream started"))?;
         let done = publisher.submit(job).await?;
         self.inflight.push_back((done, end));
         Ok(())
@@ -560,7 +658,12 @@ impl<'a> Session<'a> {
         if batch.since.is_none() {
             return Ok(());
         }
-        let ids: Vec<String> = batch.touched.keys().filter(|id| !self.not_completed.contains(*id)).cloned().collect();
+        let ids: Vec<String> = batch
+            .touched
+            .keys()
+            .filter(|id| !self.not_completed.contains(*id))
+            .cloned()
+            .collect();
         if ids.is_empty() {
             // Nothing can be published: confirm like a transaction without relevant changes.
             if let Some(end) = batch.end_lsn {
@@ -568,14 +671,30 @@ impl<'a> Session<'a> {
             }
             return Ok(());
         }
-        let chunks: Vec<Vec<String>> = ids.chunks(self.cfg.source.batch_max_contacts).map(<[String]>::to_vec).collect();
+        let chunks: Vec<Vec<String>> = ids
+            .chunks(self.cfg.source.batch_max_contacts)
+            .map(<[String]>::to_vec)
+            .collect();
         let last = chunks.len() - 1;
         for (i, ids) in chunks.into_iter().enumerate() {
-            let origins = ids.iter().filter_map(|id| batch.touched.remove_entry(id)).collect();
+            let origins = ids
+                .iter()
+                .filter_map(|id| batch.touched.remove_entry(id))
+                .collect();
             let deleted = ids.iter().filter_map(|id| batch.deleted.take(id)).collect();
             // Only the last chunk carries the position: confirmation waits for all of them.
             let end = if i == last { batch.end_lsn } else { None };
-            self.submit(Job { ids, origins, deleted, origin: None, reason: "stream" }, end).await?;
+            self.submit(
+                Job {
+                    ids,
+                    origins,
+                    deleted,
+                    origin: None,
+                    reason: "stream",
+                },
+                end,
+            )
+            .await?;
         }
         tracing::debug!(contacts = ids.len(), "batch handed to the publisher");
         self.ack_ready(repl)?;
@@ -602,14 +721,23 @@ impl<'a> Session<'a> {
     /// Wait for the oldest in-flight batch and confirm its end (and, once nothing is in
     /// flight, any position deferred meanwhile).
     async fn ack_front(&mut self, repl: &ReplicationClient) -> Result<()> {
-        let Some((done, end)) = self.inflight.pop_front() else { return Ok(()) };
+        let Some((done, end)) = self.inflight.pop_front() else {
+            return Ok(());
+        };
         let res = done.await.map_err(|_| ());
         self.acked(res, end, repl)
     }
 
     /// Confirm a batch whose acknowledgements arrived (the batch was popped, in order).
-    fn acked(&mut self, res: std::result::Result<Result<usize>, ()>, end: Option<u64>, repl: &ReplicationClient) -> Result<()> {
-        let n = res.map_err(|()| Error::internal("the publishing pipeline stopped before acknowledging a batch"))??;
+    fn acked(
+        &mut self,
+        res: std::result::Result<Result<usize>, ()>,
+        end: Option<u64>,
+        repl: &ReplicationClient,
+    ) -> Result<()> {
+        let n = res.map_err(|()| {
+            Error::internal("the publishing pipeline stopped before acknowledging a batch")
+        })??;
         self.published += n as u64;
         let mut upto = end.unwrap_or(0);
         if self.inflight.is_empty() {
@@ -630,7 +758,12 @@ impl<'a> Session<'a> {
     }
 
     fn confirm(&mut self, lsn: u64, repl: &ReplicationClient) {
-        if !self.inflight.is_empty() && self.inflight.iter().all(|(_, end)| end.is_none_or(|e| e < lsn)) {
+        if !self.inflight.is_empty()
+            && self
+                .inflight
+                .iter()
+                .all(|(_, end)| end.is_none_or(|e| e < lsn))
+        {
             // A later position may not be confirmed before the batches still in flight.
             self.deferred = self.deferred.max(lsn);
             return;
@@ -649,7 +782,10 @@ impl<'a> Session<'a> {
         let lsn = fmt_lsn(self.confirmed);
         for _ in 0..50 {
             match client
-                .execute("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", &[&self.cfg.source.slot, &lsn])
+                .execute(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                    &[&self.cfg.source.slot, &lsn],
+                )
                 .await
             {
                 Ok(_) => {

@@ -72,25 +72,50 @@ pub enum OldKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message<'a> {
     /// `B`: start of a transaction.
-    Begin { final_lsn: u64, commit_ts: i64, xid: u32 },
+    Begin {
+        final_lsn: u64,
+        commit_ts: i64,
+        xid: u32,
+    },
     /// `C`: end of a transaction.
-    Commit { flags: u8, commit_lsn: u64, end_lsn: u64, commit_ts: i64 },
+    Commit {
+        flags: u8,
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_ts: i64,
+    },
     /// `O`: the origin of the following changes.
     Origin { lsn: u64, name: String },
     /// `R`: a relation's shape.
     Relation(Relation),
     /// `Y`: a data type's name.
-    Type { id: u32, namespace: String, name: String },
+    Type {
+        id: u32,
+        namespace: String,
+        name: String,
+    },
     /// `I`: a new row.
     Insert { relation: u32, new: Vec<Value<'a>> },
     /// `U`: a changed row, with the old image when the replica identity provides one.
-    Update { relation: u32, old: Option<(OldKind, Vec<Value<'a>>)>, new: Vec<Value<'a>> },
+    Update {
+        relation: u32,
+        old: Option<(OldKind, Vec<Value<'a>>)>,
+        new: Vec<Value<'a>>,
+    },
     /// `D`: a removed row (key columns, or the full row with replica identity FULL).
-    Delete { relation: u32, old: (OldKind, Vec<Value<'a>>) },
+    Delete {
+        relation: u32,
+        old: (OldKind, Vec<Value<'a>>),
+    },
     /// `T`: one or more truncated relations.
     Truncate { options: u8, relations: Vec<u32> },
     /// `M`: a logical decoding message from `pg_logical_emit_message`.
-    LogicalMessage { transactional: bool, lsn: u64, prefix: String, content: &'a [u8] },
+    LogicalMessage {
+        transactional: bool,
+        lsn: u64,
+        prefix: String,
+        content: &'a [u8],
+    },
 }
 
 /// Why a payload could not be decoded.
@@ -104,7 +129,11 @@ pub struct DecodeError {
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "malformed pgoutput message at byte {}: {}", self.offset, self.reason)
+        write!(
+            f,
+            "malformed pgoutput message at byte {}: {}",
+            self.offset, self.reason
+        )
     }
 }
 
@@ -117,7 +146,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn err<T>(&self, reason: impl Into<String>) -> Result<T, DecodeError> {
-        Err(DecodeError { offset: self.pos, reason: reason.into() })
+        Err(DecodeError {
+            offset: self.pos,
+            reason: reason.into(),
+        })
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
@@ -127,7 +159,10 @@ impl<'a> Reader<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            _ => self.err(format!("need {n} more bytes, {} left", self.buf.len() - self.pos)),
+            _ => self.err(format!(
+                "need {n} more bytes, {} left",
+                self.buf.len() - self.pos
+            )),
         }
     }
 
@@ -136,11 +171,15 @@ impl<'a> Reader<'a> {
     }
 
     fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
 
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn i32(&mut self) -> Result<i32, DecodeError> {
@@ -148,7 +187,9 @@ impl<'a> Reader<'a> {
     }
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     fn i64(&mut self) -> Result<i64, DecodeError> {
@@ -174,7 +215,9 @@ impl<'a> Reader<'a> {
         // Each column takes at least one byte, so a count beyond the rest is malformed; checking
         // first keeps a hostile count from reserving memory.
         if n > self.buf.len() - self.pos {
-            return self.err(format!("tuple claims {n} columns, too many for the bytes left"));
+            return self.err(format!(
+                "tuple claims {n} columns, too many for the bytes left"
+            ));
         }
         let mut values = Vec::with_capacity(n);
         for _ in 0..n {
@@ -204,7 +247,10 @@ impl<'a> Reader<'a> {
             b'N' => Ok(()),
             other => {
                 self.pos -= 1;
-                self.err(format!("expected 'N' before new tuple, got {:?}", other as char))
+                self.err(format!(
+                    "expected 'N' before new tuple, got {:?}",
+                    other as char
+                ))
             }
         }
     }
@@ -222,14 +268,21 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
     let mut r = Reader { buf, pos: 0 };
     let tag = r.u8()?;
     let msg = match tag {
-        b'B' => Message::Begin { final_lsn: r.u64()?, commit_ts: r.i64()?, xid: r.u32()? },
+        b'B' => Message::Begin {
+            final_lsn: r.u64()?,
+            commit_ts: r.i64()?,
+            xid: r.u32()?,
+        },
         b'C' => Message::Commit {
             flags: r.u8()?,
             commit_lsn: r.u64()?,
             end_lsn: r.u64()?,
             commit_ts: r.i64()?,
         },
-        b'O' => Message::Origin { lsn: r.u64()?, name: r.cstr()? },
+        b'O' => Message::Origin {
+            lsn: r.u64()?,
+            name: r.cstr()?,
+        },
         b'R' => {
             let id = r.u32()?;
             let namespace = r.cstr()?;
@@ -246,13 +299,26 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
                     type_modifier: r.i32()?,
                 });
             }
-            Message::Relation(Relation { id, namespace, name, replica_identity, columns })
+            Message::Relation(Relation {
+                id,
+                namespace,
+                name,
+                replica_identity,
+                columns,
+            })
         }
-        b'Y' => Message::Type { id: r.u32()?, namespace: r.cstr()?, name: r.cstr()? },
+        b'Y' => Message::Type {
+            id: r.u32()?,
+            namespace: r.cstr()?,
+            name: r.cstr()?,
+        },
         b'I' => {
             let relation = r.u32()?;
             r.expect_new()?;
-            Message::Insert { relation, new: r.tuple()? }
+            Message::Insert {
+                relation,
+                new: r.tuple()?,
+            }
         }
         b'U' => {
             let relation = r.u32()?;
@@ -265,11 +331,18 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
                 }
                 other => {
                     r.pos -= 1;
-                    return r.err(format!("expected 'K', 'O' or 'N' in update, got {:?}", other as char));
+                    return r.err(format!(
+                        "expected 'K', 'O' or 'N' in update, got {:?}",
+                        other as char
+                    ));
                 }
             };
             r.expect_new()?;
-            Message::Update { relation, old, new: r.tuple()? }
+            Message::Update {
+                relation,
+                old,
+                new: r.tuple()?,
+            }
         }
         b'D' => {
             let relation = r.u32()?;
@@ -278,16 +351,24 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
                 b'O' => OldKind::Full,
                 other => {
                     r.pos -= 1;
-                    return r.err(format!("expected 'K' or 'O' in delete, got {:?}", other as char));
+                    return r.err(format!(
+                        "expected 'K' or 'O' in delete, got {:?}",
+                        other as char
+                    ));
                 }
             };
-            Message::Delete { relation, old: (kind, r.tuple()?) }
+            Message::Delete {
+                relation,
+                old: (kind, r.tuple()?),
+            }
         }
         b'T' => {
             let n = r.u32()? as usize;
             let options = r.u8()?;
             if n > (buf.len() - r.pos) / 4 {
-                return r.err(format!("truncate claims {n} relations, too many for the bytes left"));
+                return r.err(format!(
+                    "truncate claims {n} relations, too many for the bytes left"
+                ));
             }
             let relations = (0..n).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
             Message::Truncate { options, relations }
@@ -298,7 +379,12 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
             let prefix = r.cstr()?;
             let len = r.u32()? as usize;
             let content = r.take(len)?;
-            Message::LogicalMessage { transactional: flags & 1 == 1, lsn, prefix, content }
+            Message::LogicalMessage {
+                transactional: flags & 1 == 1,
+                lsn,
+                prefix,
+                content,
+            }
         }
         other => {
             r.pos = 0;
@@ -343,7 +429,9 @@ mod tests {
         b.extend(b"contact_id\0");
         b.extend(1043u32.to_be_bytes());
         b.extend(68i32.to_be_bytes());
-        let Message::Relation(rel) = decode(&b).unwrap() else { panic!() };
+        let Message::Relation(rel) = decode(&b).unwrap() else {
+            panic!()
+        };
         assert_eq!(rel.id, 16385);
         assert_eq!(rel.name, "inferences");
         assert_eq!(rel.replica_identity, b'f');
@@ -384,7 +472,9 @@ mod tests {
         b.extend(7u32.to_be_bytes());
         b.push(b'N');
         b.extend(tuple(&[Some("x")]));
-        let Message::Update { old: None, new, .. } = decode(&b).unwrap() else { panic!() };
+        let Message::Update { old: None, new, .. } = decode(&b).unwrap() else {
+            panic!()
+        };
         assert_eq!(new[0].as_str(), Some("x"));
 
         let mut b = vec![b'U'];
@@ -393,10 +483,18 @@ mod tests {
         b.extend(tuple(&[Some("old")]));
         b.push(b'N');
         b.extend(tuple(&[Some("new")]));
-        let Message::Update { old: Some((OldKind::Full, old)), new, .. } = decode(&b).unwrap() else {
+        let Message::Update {
+            old: Some((OldKind::Full, old)),
+            new,
+            ..
+        } = decode(&b).unwrap()
+        else {
             panic!()
         };
-        assert_eq!((old[0].as_str(), new[0].as_str()), (Some("old"), Some("new")));
+        assert_eq!(
+            (old[0].as_str(), new[0].as_str()),
+            (Some("old"), Some("new"))
+        );
     }
 
     #[test]
@@ -405,14 +503,26 @@ mod tests {
         b.extend(9u32.to_be_bytes());
         b.push(b'K');
         b.extend(tuple(&[Some("k"), None]));
-        assert!(matches!(decode(&b).unwrap(), Message::Delete { relation: 9, old: (OldKind::Key, _) }));
+        assert!(matches!(
+            decode(&b).unwrap(),
+            Message::Delete {
+                relation: 9,
+                old: (OldKind::Key, _)
+            }
+        ));
 
         let mut b = vec![b'T'];
         b.extend(2u32.to_be_bytes());
         b.push(1);
         b.extend(5u32.to_be_bytes());
         b.extend(6u32.to_be_bytes());
-        assert_eq!(decode(&b).unwrap(), Message::Truncate { options: 1, relations: vec![5, 6] });
+        assert_eq!(
+            decode(&b).unwrap(),
+            Message::Truncate {
+                options: 1,
+                relations: vec![5, 6]
+            }
+        );
     }
 
     #[test]
@@ -421,7 +531,14 @@ mod tests {
         b.extend(100u64.to_be_bytes());
         b.extend(5i64.to_be_bytes());
         b.extend(42u32.to_be_bytes());
-        assert_eq!(decode(&b).unwrap(), Message::Begin { final_lsn: 100, commit_ts: 5, xid: 42 });
+        assert_eq!(
+            decode(&b).unwrap(),
+            Message::Begin {
+                final_lsn: 100,
+                commit_ts: 5,
+                xid: 42
+            }
+        );
 
         let mut b = vec![b'M', 0];
         b.extend(77u64.to_be_bytes());
@@ -454,7 +571,12 @@ mod tests {
         b.push(b'N');
         b.extend(1u16.to_be_bytes());
         b.push(b'x');
-        assert!(decode(&b).unwrap_err().reason.contains("unknown tuple value marker"));
+        assert!(
+            decode(&b)
+                .unwrap_err()
+                .reason
+                .contains("unknown tuple value marker")
+        );
         // trailing bytes
         let mut b = vec![b'O'];
         b.extend(1u64.to_be_bytes());

@@ -39,7 +39,13 @@ pub(super) struct Job {
 impl Job {
     /// Contacts that all share one origin (snapshot pages, re-emits, backfill pages).
     pub fn at(ids: Vec<String>, origin: Origin, reason: &'static str) -> Self {
-        Self { ids, origins: HashMap::new(), deleted: HashSet::new(), origin: Some(origin), reason }
+        Self {
+            ids,
+            origins: HashMap::new(),
+            deleted: HashSet::new(),
+            origin: Some(origin),
+            reason,
+        }
     }
 }
 
@@ -102,7 +108,10 @@ impl Publisher {
                 }
             }
         });
-        Ok(Self { tx, tasks: [reader, writer] })
+        Ok(Self {
+            tx,
+            tasks: [reader, writer],
+        })
     }
 
     /// Queue a job; waits only while both stages are full.
@@ -119,7 +128,12 @@ impl Publisher {
 /// Re-read `job.ids` on `client`, produce their events and wait until Kafka acknowledged them
 /// (used where no pipeline runs: the snapshot reads inside its own transaction, the backfill
 /// page by page). Returns events published.
-pub(super) async fn publish_and_wait(client: &Client, producer: &FutureProducer, topic: &str, job: &Job) -> Result<usize> {
+pub(super) async fn publish_and_wait(
+    client: &Client,
+    producer: &FutureProducer,
+    topic: &str,
+    job: &Job,
+) -> Result<usize> {
     let mut states = enrich::enrich(client, &job.ids).await?;
     let mut pending = Pending::default();
     let n = produce(producer, topic, &mut pending, job, &mut states).await?;
@@ -137,10 +151,14 @@ async fn produce(
 ) -> Result<usize> {
     let mut n = 0;
     for id in &job.ids {
-        let Some(o) = job.origins.get(id).copied().or(job.origin) else { continue };
+        let Some(o) = job.origins.get(id).copied().or(job.origin) else {
+            continue;
+        };
         let position = SourcePosition {
             lsn: fmt_lsn(o.lsn),
-            commit_ts: (o.commit_ts != 0).then(|| super::pg_epoch_micros_to_rfc3339(o.commit_ts)).flatten(),
+            commit_ts: (o.commit_ts != 0)
+                .then(|| super::pg_epoch_micros_to_rfc3339(o.commit_ts))
+                .flatten(),
             txid: (o.xid != 0).then_some(o.xid),
             reason: job.reason.to_owned(),
         };
@@ -151,11 +169,15 @@ async fn produce(
                 format!("{}:{}:{id}", job.reason, position.lsn)
             };
             ev.source = position;
-            pending.send(producer, topic, id, Some(&ev.to_json())).await?;
+            pending
+                .send(producer, topic, id, Some(&ev.to_json()))
+                .await?;
             n += 1;
         } else if job.deleted.contains(id) {
             let ev = ContactEvent::delete(id, position);
-            pending.send(producer, topic, id, Some(&ev.to_json())).await?;
+            pending
+                .send(producer, topic, id, Some(&ev.to_json()))
+                .await?;
             // The tombstone lets compaction forget the contact once sinks saw the delete.
             pending.send(producer, topic, id, None).await?;
             n += 1;

@@ -10,10 +10,50 @@ use crate::error::{self, Error, Result};
 
 /// Columns the connector reads, per table (the seed's join plus what triggers need).
 pub const REQUIRED_COLUMNS: [(&str, &[&str]); 4] = [
-    ("contacts", &["contact_id", "stream_id", "external_id", "start_time", "direction", "current_stage", "agent_id"]),
-    ("inferences", &["inference_id", "contact_id", "question_id", "result", "updated_at"]),
-    ("questions", &["question_id", "key", "text", "result_type", "is_universal", "group", "order"]),
-    ("s3_conversations", &["conversation_id", "contact_id", "conn_id", "agent_id", "call_time"]),
+    (
+        "contacts",
+        &[
+            "contact_id",
+            "stream_id",
+            "external_id",
+            "start_time",
+            "direction",
+            "current_stage",
+            "agent_id",
+        ],
+    ),
+    (
+        "inferences",
+        &[
+            "inference_id",
+            "contact_id",
+            "question_id",
+            "result",
+            "updated_at",
+        ],
+    ),
+    (
+        "questions",
+        &[
+            "question_id",
+            "key",
+            "text",
+            "result_type",
+            "is_universal",
+            "group",
+            "order",
+        ],
+    ),
+    (
+        "s3_conversations",
+        &[
+            "conversation_id",
+            "contact_id",
+            "conn_id",
+            "agent_id",
+            "call_time",
+        ],
+    ),
 ];
 
 /// Tables whose deletes must carry `contact_id`, a column outside their primary key.
@@ -30,18 +70,32 @@ pub struct Finding {
 
 impl Finding {
     fn ok(what: impl Into<String>) -> Self {
-        Self { what: what.into(), fix: None }
+        Self {
+            what: what.into(),
+            fix: None,
+        }
     }
     fn bad(what: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { what: what.into(), fix: Some(fix.into()) }
+        Self {
+            what: what.into(),
+            fix: Some(fix.into()),
+        }
     }
 }
 
 /// Check the database side: wal_level, privileges, tables and columns, replica identity,
 /// publication coverage and the slot.
-pub async fn preflight(client: &Client, publication: &str, slot: &str, create_publication: bool) -> Result<Vec<Finding>> {
+pub async fn preflight(
+    client: &Client,
+    publication: &str,
+    slot: &str,
+    create_publication: bool,
+) -> Result<Vec<Finding>> {
     let q = |sql: &'static str| async move {
-        client.query_one(sql, &[]).await.map_err(|e| error::pg("running preflight checks", e))
+        client
+            .query_one(sql, &[])
+            .await
+            .map_err(|e| error::pg("running preflight checks", e))
     };
     let mut out = Vec::new();
 
@@ -62,7 +116,9 @@ pub async fn preflight(client: &Client, publication: &str, slot: &str, create_pu
     } else {
         Finding::bad(
             format!("role {user} lacks the REPLICATION privilege"),
-            format!("ALTER ROLE {user} WITH REPLICATION (RDS/Aurora: GRANT rds_replication TO {user})"),
+            format!(
+                "ALTER ROLE {user} WITH REPLICATION (RDS/Aurora: GRANT rds_replication TO {user})"
+            ),
         )
     });
 
@@ -83,9 +139,15 @@ pub async fn preflight(client: &Client, publication: &str, slot: &str, create_pu
             continue;
         }
         let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        let missing: Vec<&str> = columns.iter().copied().filter(|c| !have.iter().any(|h| h == c)).collect();
+        let missing: Vec<&str> = columns
+            .iter()
+            .copied()
+            .filter(|c| !have.iter().any(|h| h == c))
+            .collect();
         if missing.is_empty() {
-            out.push(Finding::ok(format!("table {table} has every column the connector reads")));
+            out.push(Finding::ok(format!(
+                "table {table} has every column the connector reads"
+            )));
         } else {
             out.push(Finding::bad(
                 format!("table {table} lacks column(s) {}", missing.join(", ")),
@@ -93,18 +155,27 @@ pub async fn preflight(client: &Client, publication: &str, slot: &str, create_pu
             ));
         }
         let can_select: bool = client
-            .query_one("SELECT has_table_privilege(to_regclass($1), 'SELECT')", &[&table])
+            .query_one(
+                "SELECT has_table_privilege(to_regclass($1), 'SELECT')",
+                &[&table],
+            )
             .await
             .map_err(|e| error::pg("checking table privileges", e))?
             .get(0);
         if !can_select {
-            out.push(Finding::bad(format!("role {user} cannot SELECT from {table}"), format!("GRANT SELECT ON {table} TO {user}")));
+            out.push(Finding::bad(
+                format!("role {user} cannot SELECT from {table}"),
+                format!("GRANT SELECT ON {table} TO {user}"),
+            ));
         }
     }
 
     for table in NEED_FULL_IDENTITY {
         let ident: Option<i8> = client
-            .query_opt("SELECT relreplident FROM pg_class WHERE oid = to_regclass($1)", &[&table])
+            .query_opt(
+                "SELECT relreplident FROM pg_class WHERE oid = to_regclass($1)",
+                &[&table],
+            )
             .await
             .ok()
             .flatten()
@@ -120,31 +191,55 @@ pub async fn preflight(client: &Client, publication: &str, slot: &str, create_pu
     }
 
     let pub_exists: bool = client
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&publication])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
         .await
         .map_err(|e| error::pg("reading publications", e))?
         .get(0);
     if pub_exists {
         let rows = client
-            .query("SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&publication])
+            .query(
+                "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                &[&publication],
+            )
             .await
             .map_err(|e| error::pg("reading publication tables", e))?;
         let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        let missing: Vec<&str> = TABLES.iter().copied().filter(|t| !have.iter().any(|h| h == t)).collect();
+        let missing: Vec<&str> = TABLES
+            .iter()
+            .copied()
+            .filter(|t| !have.iter().any(|h| h == t))
+            .collect();
         out.push(if missing.is_empty() {
-            Finding::ok(format!("publication {publication} covers {}", TABLES.join(", ")))
+            Finding::ok(format!(
+                "publication {publication} covers {}",
+                TABLES.join(", ")
+            ))
         } else {
             Finding::bad(
-                format!("publication {publication} does not cover {}", missing.join(", ")),
-                format!("ALTER PUBLICATION {publication} ADD TABLE {}", missing.join(", ")),
+                format!(
+                    "publication {publication} does not cover {}",
+                    missing.join(", ")
+                ),
+                format!(
+                    "ALTER PUBLICATION {publication} ADD TABLE {}",
+                    missing.join(", ")
+                ),
             )
         });
     } else if create_publication {
-        out.push(Finding::ok(format!("publication {publication} will be created at start")));
+        out.push(Finding::ok(format!(
+            "publication {publication} will be created at start"
+        )));
     } else {
         out.push(Finding::bad(
             format!("publication {publication} does not exist"),
-            format!("CREATE PUBLICATION {publication} FOR TABLE {}", TABLES.join(", ")),
+            format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {}",
+                TABLES.join(", ")
+            ),
         ));
     }
 
@@ -177,13 +272,20 @@ pub fn failures(findings: &[Finding]) -> Result<()> {
         .iter()
         .filter_map(|f| f.fix.as_ref().map(|fix| format!("{} (fix: {fix})", f.what)))
         .collect();
-    if bad.is_empty() { Ok(()) } else { Err(Error::user(bad.join("; "))) }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::user(bad.join("; ")))
+    }
 }
 
 /// Create the publication over the four tables when it is missing.
 pub async fn ensure_publication(client: &Client, publication: &str) -> Result<()> {
     let exists: bool = client
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&publication])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
         .await
         .map_err(|e| error::pg("reading publications", e))?
         .get(0);
@@ -210,7 +312,10 @@ pub async fn ensure_publication(client: &Client, publication: &str) -> Result<()
 /// Create the slot when missing. Returns its confirmed position and whether it was created now.
 pub async fn ensure_slot(client: &Client, slot: &str) -> Result<(u64, bool)> {
     let row = client
-        .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .map_err(|e| error::pg("reading replication slots", e))?;
     if let Some(r) = row {
@@ -218,7 +323,10 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<(u64, bool)> {
         return Ok((parse_lsn(lsn.as_deref().unwrap_or("0/0"))?, false));
     }
     let r = client
-        .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
         .await
         .map_err(|e| error::pg(format!("creating replication slot {slot}"), e))?;
     let lsn: String = r.get(0);
@@ -238,7 +346,9 @@ pub async fn current_wal_lsn(client: &Client) -> Result<u64> {
 
 /// Parse PostgreSQL's `X/Y` LSN text.
 pub fn parse_lsn(s: &str) -> Result<u64> {
-    let (hi, lo) = s.split_once('/').ok_or_else(|| Error::internal(format!("bad LSN {s:?}")))?;
+    let (hi, lo) = s
+        .split_once('/')
+        .ok_or_else(|| Error::internal(format!("bad LSN {s:?}")))?;
     let hi = u64::from_str_radix(hi, 16).map_err(|_| Error::internal(format!("bad LSN {s:?}")))?;
     let lo = u64::from_str_radix(lo, 16).map_err(|_| Error::internal(format!("bad LSN {s:?}")))?;
     Ok((hi << 32) | lo)

@@ -29,7 +29,9 @@ pub struct StateFile {
 impl StateFile {
     /// `<dir>/<slot>.snapshot.json`.
     pub fn new(dir: &Path, slot: &str) -> Self {
-        Self { path: dir.join(format!("{slot}.snapshot.json")) }
+        Self {
+            path: dir.join(format!("{slot}.snapshot.json")),
+        }
     }
 
     /// Read the state; a missing file means no snapshot ran yet.
@@ -42,7 +44,10 @@ impl StateFile {
                 ))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SnapshotState::default()),
-            Err(e) => Err(Error::user(format!("cannot read state file {}: {e}", self.path.display()))),
+            Err(e) => Err(Error::user(format!(
+                "cannot read state file {}: {e}",
+                self.path.display()
+            ))),
         }
     }
 
@@ -61,7 +66,8 @@ impl StateFile {
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&serde_json::to_vec_pretty(state).expect("state serializes")).map_err(io)?;
+            f.write_all(&serde_json::to_vec_pretty(state).expect("state serializes"))
+                .map_err(io)?;
             f.sync_all().map_err(io)?;
         }
         std::fs::rename(&tmp, &self.path).map_err(io)
@@ -77,7 +83,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = StateFile::new(dir.path(), "s");
         assert_eq!(f.load().unwrap(), SnapshotState::default());
-        let s = SnapshotState { done: true, last_key: "c9".into(), published: 3 };
+        let s = SnapshotState {
+            done: true,
+            last_key: "c9".into(),
+            published: 3,
+        };
         f.save(&s).unwrap();
         assert_eq!(f.load().unwrap(), s);
         std::fs::write(dir.path().join("s.snapshot.json"), b"{").unwrap();

@@ -35,13 +35,22 @@ pub enum Effect {
     Touch(String),
     /// The contact row was inserted or updated; `stage` is its new `current_stage` when the
     /// WAL carries it, so a contact known not to be COMPLETED need not be re-read.
-    Contact { contact_id: String, stage: Option<String> },
+    Contact {
+        contact_id: String,
+        stage: Option<String>,
+    },
     /// An inference changed: touch the contact if the question is (or was) universal.
-    Inference { contact_id: String, question_id: Option<String> },
+    Inference {
+        contact_id: String,
+        question_id: Option<String>,
+    },
     /// The contact row is gone: publish a delete event and a tombstone.
     ContactDeleted(String),
     /// A question was inserted or updated (`Some`) or deleted (`None` row, id only).
-    Question { question_id: String, row: Option<QuestionRow> },
+    Question {
+        question_id: String,
+        row: Option<QuestionRow>,
+    },
     /// These tables were truncated.
     Truncated(Vec<String>),
     /// A change whose contact cannot be known from the WAL; reported, with the fix.
@@ -89,14 +98,23 @@ impl Tracker {
                 vec![]
             }
             Message::Insert { relation, new } => self.row(relation, None, Some(&new), false),
-            Message::Update { relation, old, new } => {
-                self.row(relation, old.as_ref().map(|(_, t)| t.as_slice()), Some(&new), false)
-            }
-            Message::Delete { relation, old: (_, old) } => self.row(relation, Some(&old), None, true),
+            Message::Update { relation, old, new } => self.row(
+                relation,
+                old.as_ref().map(|(_, t)| t.as_slice()),
+                Some(&new),
+                false,
+            ),
+            Message::Delete {
+                relation,
+                old: (_, old),
+            } => self.row(relation, Some(&old), None, true),
             Message::Truncate { relations, .. } => {
                 let names = relations
                     .iter()
-                    .map(|id| self.table(*id).map_or_else(|| format!("relation {id}"), str::to_owned))
+                    .map(|id| {
+                        self.table(*id)
+                            .map_or_else(|| format!("relation {id}"), str::to_owned)
+                    })
                     .collect();
                 vec![Effect::Truncated(names)]
             }
@@ -104,11 +122,19 @@ impl Tracker {
         }
     }
 
-    fn row(&self, relation: u32, old: Option<&[Value]>, new: Option<&[Value]>, delete: bool) -> Vec<Effect> {
+    fn row(
+        &self,
+        relation: u32,
+        old: Option<&[Value]>,
+        new: Option<&[Value]>,
+        delete: bool,
+    ) -> Vec<Effect> {
         let Some(rel) = self.relations.get(&relation) else {
             return vec![Effect::Unattributable {
                 table: format!("relation {relation}"),
-                reason: "change for a relation that was never described; the stream is out of order".into(),
+                reason:
+                    "change for a relation that was never described; the stream is out of order"
+                        .into(),
             }];
         };
         let images: Vec<&[Value]> = [old, new].into_iter().flatten().collect();
@@ -124,7 +150,12 @@ impl Tracker {
                     id.into_iter().map(Effect::ContactDeleted).collect()
                 } else {
                     let stage = new.and_then(|t| text(rel, t, "current_stage"));
-                    id.into_iter().map(|contact_id| Effect::Contact { contact_id, stage: stage.clone() }).collect()
+                    id.into_iter()
+                        .map(|contact_id| Effect::Contact {
+                            contact_id,
+                            stage: stage.clone(),
+                        })
+                        .collect()
                 }
             }
             "inferences" | "s3_conversations" => {
@@ -148,10 +179,16 @@ impl Tracker {
                 let mut out = Vec::new();
                 for contact_id in contact_ids {
                     if question_ids.is_empty() {
-                        out.push(Effect::Inference { contact_id: contact_id.clone(), question_id: None });
+                        out.push(Effect::Inference {
+                            contact_id: contact_id.clone(),
+                            question_id: None,
+                        });
                     }
                     for q in &question_ids {
-                        out.push(Effect::Inference { contact_id: contact_id.clone(), question_id: Some(q.clone()) });
+                        out.push(Effect::Inference {
+                            contact_id: contact_id.clone(),
+                            question_id: Some(q.clone()),
+                        });
                     }
                 }
                 out
@@ -160,11 +197,17 @@ impl Tracker {
                 if delete {
                     ids("question_id")
                         .into_iter()
-                        .map(|question_id| Effect::Question { question_id, row: None })
+                        .map(|question_id| Effect::Question {
+                            question_id,
+                            row: None,
+                        })
                         .collect()
                 } else {
                     new.and_then(|t| question_row(rel, t))
-                        .map(|row| Effect::Question { question_id: row.question_id.clone(), row: Some(row) })
+                        .map(|row| Effect::Question {
+                            question_id: row.question_id.clone(),
+                            row: Some(row),
+                        })
                         .into_iter()
                         .collect()
                 }
@@ -187,7 +230,12 @@ mod tests {
             replica_identity: b'f',
             columns: cols
                 .iter()
-                .map(|c| Column { key: false, name: (*c).into(), type_oid: 25, type_modifier: -1 })
+                .map(|c| Column {
+                    key: false,
+                    name: (*c).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
                 .collect(),
         })
     }
@@ -200,58 +248,144 @@ mod tests {
     fn contact_update_and_delete() {
         let mut tr = Tracker::new();
         tr.effects(rel(1, "contacts", &["contact_id", "current_stage"]));
-        let e = tr.effects(Message::Update { relation: 1, old: None, new: vec![t("c1"), t("COMPLETED")] });
-        assert_eq!(e, vec![Effect::Contact { contact_id: "c1".into(), stage: Some("COMPLETED".into()) }]);
-        let e = tr.effects(Message::Insert { relation: 1, new: vec![t("c2"), t("INFERENCE")] });
-        assert_eq!(e, vec![Effect::Contact { contact_id: "c2".into(), stage: Some("INFERENCE".into()) }]);
-        let e = tr.effects(Message::Update { relation: 1, old: None, new: vec![t("c3"), Value::UnchangedToast] });
-        assert_eq!(e, vec![Effect::Contact { contact_id: "c3".into(), stage: None }]);
-        let e = tr.effects(Message::Delete { relation: 1, old: (OldKind::Key, vec![t("c1"), Value::Null]) });
+        let e = tr.effects(Message::Update {
+            relation: 1,
+            old: None,
+            new: vec![t("c1"), t("COMPLETED")],
+        });
+        assert_eq!(
+            e,
+            vec![Effect::Contact {
+                contact_id: "c1".into(),
+                stage: Some("COMPLETED".into())
+            }]
+        );
+        let e = tr.effects(Message::Insert {
+            relation: 1,
+            new: vec![t("c2"), t("INFERENCE")],
+        });
+        assert_eq!(
+            e,
+            vec![Effect::Contact {
+                contact_id: "c2".into(),
+                stage: Some("INFERENCE".into())
+            }]
+        );
+        let e = tr.effects(Message::Update {
+            relation: 1,
+            old: None,
+            new: vec![t("c3"), Value::UnchangedToast],
+        });
+        assert_eq!(
+            e,
+            vec![Effect::Contact {
+                contact_id: "c3".into(),
+                stage: None
+            }]
+        );
+        let e = tr.effects(Message::Delete {
+            relation: 1,
+            old: (OldKind::Key, vec![t("c1"), Value::Null]),
+        });
         assert_eq!(e, vec![Effect::ContactDeleted("c1".into())]);
     }
 
     #[test]
     fn inference_with_toasted_result_still_names_contact() {
         let mut tr = Tracker::new();
-        tr.effects(rel(2, "inferences", &["inference_id", "contact_id", "question_id", "result"]));
+        tr.effects(rel(
+            2,
+            "inferences",
+            &["inference_id", "contact_id", "question_id", "result"],
+        ));
         let e = tr.effects(Message::Update {
             relation: 2,
             old: None,
             new: vec![t("i1"), t("c1"), t("q1"), Value::UnchangedToast],
         });
-        assert_eq!(e, vec![Effect::Inference { contact_id: "c1".into(), question_id: Some("q1".into()) }]);
+        assert_eq!(
+            e,
+            vec![Effect::Inference {
+                contact_id: "c1".into(),
+                question_id: Some("q1".into())
+            }]
+        );
     }
 
     #[test]
     fn inference_delete_without_full_identity_is_reported() {
         let mut tr = Tracker::new();
-        tr.effects(rel(2, "inferences", &["inference_id", "contact_id", "question_id", "result"]));
+        tr.effects(rel(
+            2,
+            "inferences",
+            &["inference_id", "contact_id", "question_id", "result"],
+        ));
         let e = tr.effects(Message::Delete {
             relation: 2,
-            old: (OldKind::Key, vec![t("i1"), Value::Null, Value::Null, Value::Null]),
+            old: (
+                OldKind::Key,
+                vec![t("i1"), Value::Null, Value::Null, Value::Null],
+            ),
         });
-        assert!(matches!(&e[0], Effect::Unattributable { reason, .. } if reason.contains("REPLICA IDENTITY FULL")));
+        assert!(
+            matches!(&e[0], Effect::Unattributable { reason, .. } if reason.contains("REPLICA IDENTITY FULL"))
+        );
     }
 
     #[test]
     fn question_changes_and_truncate() {
         let mut tr = Tracker::new();
-        tr.effects(rel(3, "questions", &["question_id", "key", "text", "result_type", "is_universal", "group"]));
+        tr.effects(rel(
+            3,
+            "questions",
+            &[
+                "question_id",
+                "key",
+                "text",
+                "result_type",
+                "is_universal",
+                "group",
+            ],
+        ));
         let e = tr.effects(Message::Insert {
             relation: 3,
-            new: vec![t("q1"), t("k"), Value::UnchangedToast, t("Boolean"), t("t"), Value::Null],
+            new: vec![
+                t("q1"),
+                t("k"),
+                Value::UnchangedToast,
+                t("Boolean"),
+                t("t"),
+                Value::Null,
+            ],
         });
-        let Effect::Question { row: Some(row), .. } = &e[0] else { panic!("{e:?}") };
+        let Effect::Question { row: Some(row), .. } = &e[0] else {
+            panic!("{e:?}")
+        };
         assert_eq!(row.is_universal, Some(true));
         assert_eq!(row.text, None);
-        let e = tr.effects(Message::Truncate { options: 0, relations: vec![3, 99] });
-        assert_eq!(e, vec![Effect::Truncated(vec!["questions".into(), "relation 99".into()])]);
+        let e = tr.effects(Message::Truncate {
+            options: 0,
+            relations: vec![3, 99],
+        });
+        assert_eq!(
+            e,
+            vec![Effect::Truncated(vec![
+                "questions".into(),
+                "relation 99".into()
+            ])]
+        );
     }
 
     #[test]
     fn unrelated_tables_do_nothing() {
         let mut tr = Tracker::new();
         tr.effects(rel(4, "audit_log", &["contact_id"]));
-        assert!(tr.effects(Message::Insert { relation: 4, new: vec![t("c1")] }).is_empty());
+        assert!(
+            tr.effects(Message::Insert {
+                relation: 4,
+                new: vec![t("c1")]
+            })
+            .is_empty()
+        );
     }
 }

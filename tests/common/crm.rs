@@ -24,8 +24,14 @@ pub fn spawn_emulator(config: &std::path::Path, flags: &[&str]) -> (Child, Strin
         .spawn()
         .expect("start crm-emulator");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let base = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("emulator said {line:?}")).to_owned();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("emulator said {line:?}"))
+        .to_owned();
     (child, base)
 }
 
@@ -39,7 +45,10 @@ pub struct Emulator {
 impl Emulator {
     /// Start on a free port with the shipped schema and extra flags.
     pub fn start(flags: &[&str]) -> Self {
-        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/connector-config/crm-emulator.toml");
+        let config = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/connector-config/crm-emulator.toml"
+        );
         let (child, base) = spawn_emulator(std::path::Path::new(config), flags);
         Self { child, base }
     }
@@ -47,22 +56,36 @@ impl Emulator {
     /// Stored records of one object (`salesforce`/`Contact`, `dataverse`/`contact`, `mulesoft`/`contacts`).
     pub fn records(&self, system: &str, object: &str) -> Vec<Value> {
         let url = format!("{}/__admin/records/{system}/{object}", self.base);
-        ureq::get(&url).call().unwrap().body_mut().read_json::<Vec<Value>>().unwrap()
+        ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json::<Vec<Value>>()
+            .unwrap()
     }
 
     /// Set faults (a JSON merge patch).
     pub fn faults(&self, patch: Value) {
-        ureq::post(&format!("{}/__admin/faults", self.base)).send_json(&patch).expect("faults accepted");
+        ureq::post(&format!("{}/__admin/faults", self.base))
+            .send_json(&patch)
+            .expect("faults accepted");
     }
 
     /// POST an admin action (`reset-limits`, `expire-tokens`, `reset`).
     pub fn admin(&self, action: &str) {
-        ureq::post(&format!("{}/__admin/{action}", self.base)).send_empty().expect("admin action accepted");
+        ureq::post(&format!("{}/__admin/{action}", self.base))
+            .send_empty()
+            .expect("admin action accepted");
     }
 
     /// Call counters.
     pub fn stats(&self) -> Value {
-        ureq::get(&format!("{}/__admin/stats", self.base)).call().unwrap().body_mut().read_json().unwrap()
+        ureq::get(&format!("{}/__admin/stats", self.base))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap()
     }
 }
 
@@ -84,8 +107,15 @@ pub struct SinkProc {
 
 /// Write a sink config from a shipped example (`salesforce`, `dynamics`, `mulesoft`) with the
 /// test's topic, a unique group, and `edit` applied to the TOML table.
-pub fn sink_config(example: &str, topic: &str, edit: impl FnOnce(&mut toml::Table)) -> (tempfile::TempDir, PathBuf) {
-    let path = format!("{}/connector-config/{example}.toml", env!("CARGO_MANIFEST_DIR"));
+pub fn sink_config(
+    example: &str,
+    topic: &str,
+    edit: impl FnOnce(&mut toml::Table),
+) -> (tempfile::TempDir, PathBuf) {
+    let path = format!(
+        "{}/connector-config/{example}.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let kafka = t.get_mut("kafka").unwrap().as_table_mut().unwrap();
     kafka.insert("topic".into(), topic.into());
@@ -115,17 +145,40 @@ impl SinkProc {
         let env = vec![
             ("KAFKA_BROKERS".to_owned(), brokers()),
             ("SALESFORCE_LOGIN_URL".to_owned(), emu.base.clone()),
-            ("SALESFORCE_CLIENT_SECRET".to_owned(), "trusst-sf-secret".to_owned()),
+            (
+                "SALESFORCE_CLIENT_SECRET".to_owned(),
+                "trusst-sf-secret".to_owned(),
+            ),
             ("DYNAMICS_URL".to_owned(), emu.base.clone()),
-            ("DYNAMICS_TOKEN_URL".to_owned(), format!("{}/trusst-tenant/oauth2/v2.0/token", emu.base)),
-            ("DYNAMICS_CLIENT_SECRET".to_owned(), "trusst-dv-secret".to_owned()),
-            ("MULESOFT_URL".to_owned(), format!("{}/api/trusst-crm-sync", emu.base)),
-            ("MULESOFT_CLIENT_SECRET".to_owned(), "trusst-mule-secret".to_owned()),
+            (
+                "DYNAMICS_TOKEN_URL".to_owned(),
+                format!("{}/trusst-tenant/oauth2/v2.0/token", emu.base),
+            ),
+            (
+                "DYNAMICS_CLIENT_SECRET".to_owned(),
+                "trusst-dv-secret".to_owned(),
+            ),
+            (
+                "MULESOFT_URL".to_owned(),
+                format!("{}/api/trusst-crm-sync", emu.base),
+            ),
+            (
+                "MULESOFT_CLIENT_SECRET".to_owned(),
+                "trusst-mule-secret".to_owned(),
+            ),
             ("TRUSST_LOG".to_owned(), "info,trusst_cdc=debug".to_owned()),
         ];
-        let log = dir.path().join(format!("sink-{}.log", rand::random::<u32>()));
+        let log = dir
+            .path()
+            .join(format!("sink-{}.log", rand::random::<u32>()));
         let child = Self::spawn(&config, &log, &env, args);
-        Self { child, config, log, dir, env }
+        Self {
+            child,
+            config,
+            log,
+            dir,
+            env,
+        }
     }
 
     fn spawn(config: &PathBuf, log: &PathBuf, env: &[(String, String)], args: &[&str]) -> Child {
@@ -144,13 +197,19 @@ impl SinkProc {
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.log = self.dir.path().join(format!("sink-{}.log", rand::random::<u32>()));
+        self.log = self
+            .dir
+            .path()
+            .join(format!("sink-{}.log", rand::random::<u32>()));
         self.child = Self::spawn(&self.config, &self.log, &self.env, &[]);
     }
 
     /// Run another command with the same config and environment to completion.
     pub fn run_to_end(&self, args: &[&str]) -> (std::process::ExitStatus, String, String) {
-        let log = self.dir.path().join(format!("run-{}.log", rand::random::<u32>()));
+        let log = self
+            .dir
+            .path()
+            .join(format!("run-{}.log", rand::random::<u32>()));
         let mut c = Self::spawn(&self.config, &log, &self.env, args);
         let deadline = Instant::now() + Duration::from_secs(120);
         let status = loop {
@@ -161,7 +220,11 @@ impl SinkProc {
             std::thread::sleep(Duration::from_millis(100));
         };
         let out = std::fs::read_to_string(log.with_extension("out")).unwrap_or_default();
-        (status, out, std::fs::read_to_string(&log).unwrap_or_default())
+        (
+            status,
+            out,
+            std::fs::read_to_string(&log).unwrap_or_default(),
+        )
     }
 
     /// The log so far.
@@ -178,7 +241,10 @@ impl SinkProc {
 
     /// SIGTERM and wait.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         self.child.wait().unwrap()
     }
 }
@@ -196,7 +262,9 @@ pub fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> Resu
     loop {
         match check() {
             Ok(()) => return,
-            Err(last) if Instant::now() > deadline => panic!("timed out after {timeout:?} waiting for {what}: {last}"),
+            Err(last) if Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}: {last}")
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(250)),
         }
     }

@@ -35,7 +35,10 @@ pub fn unique(prefix: &str) -> String {
 /// Replace the database name in a URL.
 pub fn with_db(url: &str, db: &str) -> String {
     let (head, tail) = url.rsplit_once('/').expect("URL has a database");
-    let query = tail.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let query = tail
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     format!("{head}/{db}{query}")
 }
 
@@ -51,8 +54,13 @@ impl TestDb {
     /// Create and load the schema.
     pub async fn new(prefix: &str) -> Self {
         let name = unique(prefix);
-        let admin = trusst_cdc::pg::connect(&base_url()).await.expect("connect to the test cluster");
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let admin = trusst_cdc::pg::connect(&base_url())
+            .await
+            .expect("connect to the test cluster");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
         let url = with_db(&base_url(), &name);
         let c = trusst_cdc::pg::connect(&url).await.unwrap();
         trusst_cdc::generate::init_schema(&c).await.unwrap();
@@ -109,7 +117,8 @@ impl TestDb {
                 conn_id: r.get(7),
                 results: BTreeMap::new(),
             });
-            e.results.insert(r.get::<_, String>(9), (r.get(11), r.get(13)));
+            e.results
+                .insert(r.get::<_, String>(9), (r.get(11), r.get(13)));
         }
         out
     }
@@ -118,7 +127,10 @@ impl TestDb {
     pub async fn confirmed_lsn(&self, slot: &str) -> Option<u64> {
         let c = self.client().await;
         let r = c
-            .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
             .await
             .unwrap()?;
         let s: Option<String> = r.get(0);
@@ -129,7 +141,10 @@ impl TestDb {
     pub async fn drop_slot(&self, slot: &str) {
         let c = self.client().await;
         for _ in 0..50 {
-            if c.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.is_ok() {
+            if c.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .is_ok()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -175,7 +190,12 @@ impl Expected {
             results: e
                 .universal_questions
                 .iter()
-                .map(|q| (q.question_key.clone(), (q.result_type.clone(), q.result.clone())))
+                .map(|q| {
+                    (
+                        q.question_key.clone(),
+                        (q.result_type.clone(), q.result.clone()),
+                    )
+                })
                 .collect(),
         }
     }
@@ -202,7 +222,12 @@ pub struct SourceOpts {
 
 impl Default for SourceOpts {
     fn default() -> Self {
-        Self { heartbeat: "1s", snapshot: "initial", batch_max_contacts: 1000, reemit_chunk: 7 }
+        Self {
+            heartbeat: "1s",
+            snapshot: "initial",
+            batch_max_contacts: 1000,
+            reemit_chunk: 7,
+        }
     }
 }
 
@@ -221,7 +246,13 @@ impl SourceProc {
     }
 
     /// Start (or restart) with the given names and state folder.
-    pub fn start_with(db: &TestDb, slot: String, topic: String, dir: tempfile::TempDir, opts: SourceOpts) -> Self {
+    pub fn start_with(
+        db: &TestDb,
+        slot: String,
+        topic: String,
+        dir: tempfile::TempDir,
+        opts: SourceOpts,
+    ) -> Self {
         let config = dir.path().join("source.toml");
         std::fs::write(
             &config,
@@ -236,7 +267,9 @@ impl SourceProc {
             ),
         )
         .unwrap();
-        let log = dir.path().join(format!("source-{}.log", rand::random::<u32>()));
+        let log = dir
+            .path()
+            .join(format!("source-{}.log", rand::random::<u32>()));
         let child = Command::new(bin())
             .args(["source", "--config"])
             .arg(&config)
@@ -247,14 +280,24 @@ impl SourceProc {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start trusst-cdc source");
-        Self { child, db_url: db.url.clone(), slot, topic, dir, log }
+        Self {
+            child,
+            db_url: db.url.clone(),
+            slot,
+            topic,
+            dir,
+            log,
+        }
     }
 
     /// Start the process again with the same config and state (after a kill).
     pub fn respawn(&mut self, db: &TestDb) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.log = self.dir.path().join(format!("source-{}.log", rand::random::<u32>()));
+        self.log = self
+            .dir
+            .path()
+            .join(format!("source-{}.log", rand::random::<u32>()));
         self.child = Command::new(bin())
             .args(["source", "--config"])
             .arg(self.dir.path().join("source.toml"))
@@ -272,7 +315,11 @@ impl SourceProc {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !self.log().contains("streaming changes") {
             self.assert_running();
-            assert!(Instant::now() < deadline, "source did not start streaming:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "source did not start streaming:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -290,13 +337,20 @@ impl SourceProc {
 
     /// SIGTERM, then wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "source did not stop within 30 s of SIGTERM:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "source did not stop within 30 s of SIGTERM:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -317,11 +371,17 @@ impl Drop for SourceProc {
         // test failed (a background thread: Drop may run inside the async test's runtime).
         let (url, slot) = (self.db_url.clone(), self.slot.clone());
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(c) = trusst_cdc::pg::connect(&url).await {
                     for _ in 0..30 {
-                        if c.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.is_ok() {
+                        if c.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                            .await
+                            .is_ok()
+                        {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -346,7 +406,9 @@ pub struct Record {
 impl Record {
     /// The event, when the record is not a tombstone.
     pub fn event(&self) -> Option<ContactEvent> {
-        self.value.as_deref().map(|v| ContactEvent::from_json(v).expect("event JSON"))
+        self.value
+            .as_deref()
+            .map(|v| ContactEvent::from_json(v).expect("event JSON"))
     }
 }
 
@@ -368,7 +430,10 @@ impl TopicReader {
             .create()
             .unwrap();
         consumer.subscribe(&[topic]).unwrap();
-        Self { consumer, records: Vec::new() }
+        Self {
+            consumer,
+            records: Vec::new(),
+        }
     }
 
     fn poll_for(&mut self, d: Duration) {
@@ -376,7 +441,10 @@ impl TopicReader {
         while Instant::now() < end {
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => self.records.push(Record {
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                    key: m
+                        .key()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                        .unwrap_or_default(),
                     value: m.payload().map(<[u8]>::to_vec),
                     partition: m.partition(),
                     offset: m.offset(),
@@ -388,16 +456,27 @@ impl TopicReader {
     }
 
     /// Poll until `done(records)` holds; panic with what was seen after `timeout`.
-    pub fn until(&mut self, timeout: Duration, what: &str, mut done: impl FnMut(&[Record]) -> bool) {
+    pub fn until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&[Record]) -> bool,
+    ) {
         let end = Instant::now() + timeout;
         loop {
             if done(&self.records) {
                 return;
             }
             if Instant::now() > end {
-                let keys: Vec<String> =
-                    self.records.iter().map(|r| format!("{}@{}:{}", r.key, r.partition, r.offset)).collect();
-                panic!("timed out after {timeout:?} waiting for {what}; {} records seen: {keys:?}", self.records.len());
+                let keys: Vec<String> = self
+                    .records
+                    .iter()
+                    .map(|r| format!("{}@{}:{}", r.key, r.partition, r.offset))
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; {} records seen: {keys:?}",
+                    self.records.len()
+                );
             }
             self.poll_for(Duration::from_millis(200));
         }
@@ -426,12 +505,19 @@ impl TopicReader {
 
     /// Every event (not tombstones) for one contact, in topic order.
     pub fn events_for(&self, contact: &str) -> Vec<ContactEvent> {
-        self.records.iter().filter(|r| r.key == contact).filter_map(Record::event).collect()
+        self.records
+            .iter()
+            .filter(|r| r.key == contact)
+            .filter_map(Record::event)
+            .collect()
     }
 }
 
 /// The latest upsert events equal the seed's query, contact by contact.
-pub fn assert_matches_seed(latest: &BTreeMap<String, ContactEvent>, expected: &BTreeMap<String, Expected>) {
+pub fn assert_matches_seed(
+    latest: &BTreeMap<String, ContactEvent>,
+    expected: &BTreeMap<String, Expected>,
+) {
     let got: BTreeMap<String, Expected> = latest
         .iter()
         .filter(|(_, e)| e.op == trusst_cdc::event::Op::Upsert)
@@ -439,7 +525,10 @@ pub fn assert_matches_seed(latest: &BTreeMap<String, ContactEvent>, expected: &B
         .collect();
     let missing: Vec<&String> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
     let extra: Vec<&String> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing from topic: {missing:?}; not in the seed query: {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing from topic: {missing:?}; not in the seed query: {extra:?}"
+    );
     for (k, e) in expected {
         assert_eq!(&got[k], e, "contact {k} differs from the seed query");
     }

@@ -25,7 +25,10 @@ pub struct Seen {
 impl Seen {
     /// A header's value, or "".
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 }
 
@@ -42,7 +45,11 @@ pub struct Reply {
 impl Reply {
     /// A JSON answer.
     pub fn json(status: u16, body: serde_json::Value) -> Self {
-        Reply { status, headers: vec![("content-type".into(), "application/json".into())], body: body.to_string() }
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string(),
+        }
     }
     /// An answer with a header added.
     pub fn with(mut self, name: &str, value: &str) -> Self {
@@ -66,24 +73,32 @@ impl Mock {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let handler: Arc<Handler> = Arc::new(handler);
         let (s, h) = (seen.clone(), handler.clone());
-        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-            let (s, h) = (s.clone(), h.clone());
-            async move {
-                let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                let target = percent_decode(target);
-                let req = Seen { method: method.to_string(), target, headers, body: String::from_utf8_lossy(&body).into_owned() };
-                let reply = h(&req);
-                s.lock().unwrap().push(req);
-                let mut resp: Response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
-                for (k, v) in reply.headers {
-                    resp.headers_mut().insert(
-                        axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                        axum::http::HeaderValue::from_str(&v).unwrap(),
-                    );
+        let app = axum::Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                let (s, h) = (s.clone(), h.clone());
+                async move {
+                    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                    let target = percent_decode(target);
+                    let req = Seen {
+                        method: method.to_string(),
+                        target,
+                        headers,
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                    };
+                    let reply = h(&req);
+                    s.lock().unwrap().push(req);
+                    let mut resp: Response =
+                        (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
+                    for (k, v) in reply.headers {
+                        resp.headers_mut().insert(
+                            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                            axum::http::HeaderValue::from_str(&v).unwrap(),
+                        );
+                    }
+                    resp
                 }
-                resp
-            }
-        });
+            },
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -117,7 +132,10 @@ fn percent_decode(s: &str) -> String {
 
 /// A token endpoint answer with a numbered token.
 pub fn token_reply(n: usize) -> Reply {
-    Reply::json(200, serde_json::json!({"token_type":"Bearer","expires_in":3599,"access_token":format!("tok-{n}")}))
+    Reply::json(
+        200,
+        serde_json::json!({"token_type":"Bearer","expires_in":3599,"access_token":format!("tok-{n}")}),
+    )
 }
 
 /// Form fields of an `application/x-www-form-urlencoded` body (values here need no decoding
@@ -142,7 +160,13 @@ impl Emulator {
     pub fn start(config: &str) -> Emulator {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trusst-cdc"))
-            .args(["crm-emulator", "--listen", "127.0.0.1:0", "--config", config])
+            .args([
+                "crm-emulator",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                config,
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -160,14 +184,26 @@ impl Emulator {
     }
 
     /// Call an admin endpoint (`/__admin/...`); the JSON answer, or null.
-    pub async fn admin(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
         let c = reqwest::Client::new();
-        let mut req = c.request(method.parse().unwrap(), format!("{}/__admin{path}", self.url));
+        let mut req = c.request(
+            method.parse().unwrap(),
+            format!("{}/__admin{path}", self.url),
+        );
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req.send().await.unwrap();
-        assert!(resp.status().is_success(), "admin {path}: {}", resp.status());
+        assert!(
+            resp.status().is_success(),
+            "admin {path}: {}",
+            resp.status()
+        );
         resp.json().await.unwrap_or(serde_json::Value::Null)
     }
 }

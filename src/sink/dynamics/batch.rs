@@ -37,7 +37,10 @@ pub struct PartResponse {
 impl PartResponse {
     /// A header of the inner HTTP response, by lower-case name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -108,7 +111,9 @@ pub fn build(boundary: &str, requests: &[Request]) -> String {
 pub fn boundary_of(content_type: &str) -> Option<String> {
     content_type.split(';').skip(1).find_map(|p| {
         let (k, v) = p.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_owned())
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_owned())
     })
 }
 
@@ -132,7 +137,8 @@ fn header_lines(head: &str) -> impl Iterator<Item = (String, String)> + '_ {
 /// Read a `$batch` response body into its parts, in order. Nested multipart parts (changeset
 /// responses, which we never send but a service may still use) are flattened.
 pub fn parse(content_type: &str, body: &str) -> Result<Vec<PartResponse>, String> {
-    let boundary = boundary_of(content_type).ok_or_else(|| format!("no boundary in Content-Type {content_type:?}"))?;
+    let boundary = boundary_of(content_type)
+        .ok_or_else(|| format!("no boundary in Content-Type {content_type:?}"))?;
     let mut out = Vec::new();
     parse_into(&boundary, body, &mut out)?;
     Ok(out)
@@ -151,17 +157,31 @@ fn parse_into(boundary: &str, body: &str, out: &mut Vec<PartResponse>) -> Result
         // Drop transport padding and the line break after the delimiter, and the one before
         // the next delimiter.
         let piece = piece.trim_start_matches([' ', '\t']);
-        let piece = piece.strip_prefix("\r\n").or_else(|| piece.strip_prefix('\n')).unwrap_or(piece);
-        let piece = piece.strip_suffix("\r\n").or_else(|| piece.strip_suffix('\n')).unwrap_or(piece);
+        let piece = piece
+            .strip_prefix("\r\n")
+            .or_else(|| piece.strip_prefix('\n'))
+            .unwrap_or(piece);
+        let piece = piece
+            .strip_suffix("\r\n")
+            .or_else(|| piece.strip_suffix('\n'))
+            .unwrap_or(piece);
         let (head, content) = split_head(piece);
         let headers: Vec<(String, String)> = header_lines(head).collect();
-        let ctype = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str()).unwrap_or("");
+        let ctype = headers
+            .iter()
+            .find(|(k, _)| k == "content-type")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
         if ctype.to_ascii_lowercase().starts_with("multipart/") {
-            let inner = boundary_of(ctype).ok_or_else(|| format!("no boundary in nested Content-Type {ctype:?}"))?;
+            let inner = boundary_of(ctype)
+                .ok_or_else(|| format!("no boundary in nested Content-Type {ctype:?}"))?;
             parse_into(&inner, content, out)?;
             continue;
         }
-        let content_id = headers.iter().find(|(k, _)| k == "content-id").and_then(|(_, v)| v.trim_matches(['<', '>']).parse().ok());
+        let content_id = headers
+            .iter()
+            .find(|(k, _)| k == "content-id")
+            .and_then(|(_, v)| v.trim_matches(['<', '>']).parse().ok());
         out.push(parse_http(content, content_id)?);
     }
     // A response cut short has parts but no closing delimiter; what was read is still valid,
@@ -183,9 +203,19 @@ fn parse_http(s: &str, content_id: Option<usize>) -> Result<PartResponse, String
         .nth(1)
         .and_then(|c| c.parse::<u16>().ok())
         .filter(|_| status_line.starts_with("HTTP/"))
-        .ok_or_else(|| format!("part without an HTTP status line: {:?}", status_line.chars().take(80).collect::<String>()))?;
+        .ok_or_else(|| {
+            format!(
+                "part without an HTTP status line: {:?}",
+                status_line.chars().take(80).collect::<String>()
+            )
+        })?;
     let headers = header_lines(&head[head.find('\n').map_or(head.len(), |i| i + 1)..]).collect();
-    Ok(PartResponse { content_id, status, headers, body: body.trim().to_owned() })
+    Ok(PartResponse {
+        content_id,
+        status,
+        headers,
+        body: body.trim().to_owned(),
+    })
 }
 
 /// `"<code>: <message>"` from an OData error body `{"error":{"code","message"}}`, or the status
@@ -193,21 +223,33 @@ fn parse_http(s: &str, content_id: Option<usize>) -> Result<PartResponse, String
 pub fn error_text(status: u16, body: &str) -> String {
     let v: Option<serde_json::Value> = serde_json::from_str(body).ok();
     let err = v.as_ref().and_then(|v| v.get("error"));
-    let code = err.and_then(|e| e.get("code")).and_then(|c| c.as_str()).filter(|c| !c.is_empty());
+    let code = err
+        .and_then(|e| e.get("code"))
+        .and_then(|c| c.as_str())
+        .filter(|c| !c.is_empty());
     let msg = err.and_then(|e| e.get("message")).and_then(|m| m.as_str());
     match (code, msg) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
         (None, Some(m)) => format!("HTTP {status}: {m}"),
         _ => {
             let b: String = body.chars().take(300).collect();
-            if b.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {b}") }
+            if b.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                format!("HTTP {status}: {b}")
+            }
         }
     }
 }
 
 /// Seconds from a part's `Retry-After`, capped at an hour.
 fn part_retry_after(p: &PartResponse) -> Option<Duration> {
-    p.header("retry-after")?.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(|s| Duration::from_secs_f64(s.min(3600.0)))
+    p.header("retry-after")?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(3600.0)))
 }
 
 /// One [`Outcome`] per request from the parts of a response to `n` requests.
@@ -219,7 +261,9 @@ fn part_retry_after(p: &PartResponse) -> Option<Duration> {
 pub fn outcomes(parts: &[PartResponse], n: usize, delete: bool) -> Result<Vec<Outcome>> {
     // Parts come in request order; when every part echoes a usable Content-ID, trust that.
     let by_id = parts.len() <= n
-        && parts.iter().all(|p| p.content_id.is_some_and(|c| (1..=n).contains(&c)))
+        && parts
+            .iter()
+            .all(|p| p.content_id.is_some_and(|c| (1..=n).contains(&c)))
         && {
             let mut ids: Vec<usize> = parts.iter().filter_map(|p| p.content_id).collect();
             ids.sort_unstable();
@@ -228,7 +272,11 @@ pub fn outcomes(parts: &[PartResponse], n: usize, delete: bool) -> Result<Vec<Ou
         };
     let mut slots: Vec<Option<&PartResponse>> = vec![None; n];
     for (i, p) in parts.iter().enumerate() {
-        let at = if by_id { p.content_id.unwrap_or(0).saturating_sub(1) } else { i };
+        let at = if by_id {
+            p.content_id.unwrap_or(0).saturating_sub(1)
+        } else {
+            i
+        };
         if at < n {
             slots[at] = Some(p);
         }
@@ -236,7 +284,10 @@ pub fn outcomes(parts: &[PartResponse], n: usize, delete: bool) -> Result<Vec<Ou
 
     let mut wait: Option<Duration> = None;
     let mut transient: Vec<String> = Vec::new();
-    for p in parts.iter().filter(|p| p.status == 429 || p.status == 401 || p.status == 408 || p.status >= 500) {
+    for p in parts
+        .iter()
+        .filter(|p| p.status == 429 || p.status == 401 || p.status == 408 || p.status >= 500)
+    {
         if let Some(w) = part_retry_after(p) {
             wait = Some(wait.map_or(w, |x| x.max(w)));
         }
@@ -245,7 +296,10 @@ pub fn outcomes(parts: &[PartResponse], n: usize, delete: bool) -> Result<Vec<Ou
         }
     }
     if !transient.is_empty() {
-        let count = parts.iter().filter(|p| p.status == 429 || p.status == 401 || p.status == 408 || p.status >= 500).count();
+        let count = parts
+            .iter()
+            .filter(|p| p.status == 429 || p.status == 401 || p.status == 408 || p.status >= 500)
+            .count();
         let e = Error::external(format!(
             "Dataverse $batch: {count} of {n} requests failed transiently (resending the batch): {}",
             transient.join("; ")
@@ -283,10 +337,18 @@ mod tests {
     fn key_literals_double_quotes_and_encode() {
         assert_eq!(key_literal("c-1"), "'c-1'");
         assert_eq!(key_literal("O'Brien"), "'O''Brien'");
-        assert_eq!(key_literal("a b/c?d#e%f&g+h"), "'a%20b%2Fc%3Fd%23e%25f%26g%2Bh'");
+        assert_eq!(
+            key_literal("a b/c?d#e%f&g+h"),
+            "'a%20b%2Fc%3Fd%23e%25f%26g%2Bh'"
+        );
         assert_eq!(key_literal("é"), "'%C3%A9'");
         assert_eq!(
-            key_url("https://org.crm.dynamics.com/api/data/v9.2", "contacts", "trusst_contact_id", "c-1"),
+            key_url(
+                "https://org.crm.dynamics.com/api/data/v9.2",
+                "contacts",
+                "trusst_contact_id",
+                "c-1"
+            ),
             "https://org.crm.dynamics.com/api/data/v9.2/contacts(trusst_contact_id='c-1')"
         );
     }
@@ -301,8 +363,16 @@ mod tests {
     #[test]
     fn builds_the_exact_multipart_body() {
         let reqs = [
-            Request { method: "PATCH", url: "https://o/api/data/v9.2/contacts(k='a')".into(), body: Some(r#"{"x":1}"#.into()) },
-            Request { method: "DELETE", url: "https://o/api/data/v9.2/contacts(k='b')".into(), body: None },
+            Request {
+                method: "PATCH",
+                url: "https://o/api/data/v9.2/contacts(k='a')".into(),
+                body: Some(r#"{"x":1}"#.into()),
+            },
+            Request {
+                method: "DELETE",
+                url: "https://o/api/data/v9.2/contacts(k='b')".into(),
+                body: None,
+            },
         ];
         let expected = "--batch_X\r\n\
             Content-Type: application/http\r\n\
@@ -325,15 +395,24 @@ mod tests {
         assert_eq!(build("batch_X", &reqs), expected);
         // No bare LF anywhere.
         let body = build("batch_X", &reqs);
-        assert!(body.match_indices('\n').all(|(i, _)| i > 0 && &body[i - 1..i] == "\r"));
+        assert!(
+            body.match_indices('\n')
+                .all(|(i, _)| i > 0 && &body[i - 1..i] == "\r")
+        );
         // Our own parser reads what we build as two requests (sanity of the framing).
         assert_eq!(body.matches("--batch_X\r\n").count(), 2);
     }
 
     #[test]
     fn boundary_from_content_type() {
-        assert_eq!(boundary_of("multipart/mixed; boundary=batchresponse_1").as_deref(), Some("batchresponse_1"));
-        assert_eq!(boundary_of("multipart/mixed; charset=utf-8; Boundary=\"b q\"").as_deref(), Some("b q"));
+        assert_eq!(
+            boundary_of("multipart/mixed; boundary=batchresponse_1").as_deref(),
+            Some("batchresponse_1")
+        );
+        assert_eq!(
+            boundary_of("multipart/mixed; charset=utf-8; Boundary=\"b q\"").as_deref(),
+            Some("b q")
+        );
         assert_eq!(boundary_of("application/json"), None);
     }
 
@@ -350,13 +429,27 @@ mod tests {
         let err = r#"{"error":{"code":"0x80040203","message":"The property 'x' does not exist on type 'Microsoft.Dynamics.CRM.contact'"}}"#;
         let body = format!(
             "{}{}{}--batchresponse_R--\r\n",
-            part("204 No Content", "OData-EntityId: https://o/api/data/v9.2/contacts(1)\r\n", ""),
-            part("400 Bad Request", "Content-Type: application/json; odata.metadata=minimal\r\n", err),
+            part(
+                "204 No Content",
+                "OData-EntityId: https://o/api/data/v9.2/contacts(1)\r\n",
+                ""
+            ),
+            part(
+                "400 Bad Request",
+                "Content-Type: application/json; odata.metadata=minimal\r\n",
+                err
+            ),
             part("201 Created", "", "{}")
         );
         let parts = parse(CT, &body).unwrap();
-        assert_eq!(parts.iter().map(|p| p.status).collect::<Vec<_>>(), [204, 400, 201]);
-        assert_eq!(parts[0].header("odata-entityid"), Some("https://o/api/data/v9.2/contacts(1)"));
+        assert_eq!(
+            parts.iter().map(|p| p.status).collect::<Vec<_>>(),
+            [204, 400, 201]
+        );
+        assert_eq!(
+            parts[0].header("odata-entityid"),
+            Some("https://o/api/data/v9.2/contacts(1)")
+        );
         assert_eq!(parts[1].body, err);
         let out = outcomes(&parts, 3, false).unwrap();
         assert_eq!(out[0], Outcome::Written);
@@ -372,7 +465,11 @@ mod tests {
         let body = format!(
             "{}{}{}--batchresponse_R--\r\n",
             part("204 No Content", "", ""),
-            part("400 Bad Request", "", r#"{"error":{"code":"0x1","message":"bad"}}"#),
+            part(
+                "400 Bad Request",
+                "",
+                r#"{"error":{"code":"0x1","message":"bad"}}"#
+            ),
             part(
                 "429 Too Many Requests",
                 "Retry-After: 7\r\n",
@@ -385,7 +482,10 @@ mod tests {
         assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
         assert!(e.message().contains("0x80072322"), "{e}");
         // A 5xx part without Retry-After: retryable, no wait imposed.
-        let body = format!("{}--batchresponse_R--\r\n", part("503 Service Unavailable", "", ""));
+        let body = format!(
+            "{}--batchresponse_R--\r\n",
+            part("503 Service Unavailable", "", "")
+        );
         let e = outcomes(&parse(CT, &body).unwrap(), 1, false).unwrap_err();
         assert!(e.retryable && e.retry_after.is_none());
     }
@@ -394,7 +494,10 @@ mod tests {
     fn missing_parts_are_retryable() {
         let body = format!("{}--batchresponse_R--\r\n", part("204 No Content", "", ""));
         let e = outcomes(&parse(CT, &body).unwrap(), 3, false).unwrap_err();
-        assert!(e.retryable && e.message().contains("answered 1 of 3"), "{e}");
+        assert!(
+            e.retryable && e.message().contains("answered 1 of 3"),
+            "{e}"
+        );
         // A body cut off without the closing delimiter still yields the parts read.
         let cut = part("204 No Content", "", "");
         assert_eq!(parse(CT, &cut).unwrap().len(), 1);
@@ -404,12 +507,21 @@ mod tests {
     fn delete_404_counts_as_deleted() {
         let body = format!(
             "{}{}--batchresponse_R--\r\n",
-            part("404 Not Found", "", r#"{"error":{"code":"0x80040217","message":"contact With Ids = x Does Not Exist"}}"#),
+            part(
+                "404 Not Found",
+                "",
+                r#"{"error":{"code":"0x80040217","message":"contact With Ids = x Does Not Exist"}}"#
+            ),
             part("204 No Content", "", "")
         );
         let parts = parse(CT, &body).unwrap();
-        assert_eq!(outcomes(&parts, 2, true).unwrap(), [Outcome::Written, Outcome::Written]);
-        assert!(matches!(&outcomes(&parts, 2, false).unwrap()[0], Outcome::Rejected(m) if m.starts_with("0x80040217: ")));
+        assert_eq!(
+            outcomes(&parts, 2, true).unwrap(),
+            [Outcome::Written, Outcome::Written]
+        );
+        assert!(
+            matches!(&outcomes(&parts, 2, false).unwrap()[0], Outcome::Rejected(m) if m.starts_with("0x80040217: "))
+        );
     }
 
     #[test]
@@ -420,7 +532,10 @@ mod tests {
             --changesetresponse_C--\r\n--batchresponse_R--\r\n";
         let parts = parse(CT, body).unwrap();
         assert_eq!(parts.len(), 2);
-        assert_eq!(outcomes(&parts, 2, false).unwrap(), [Outcome::Rejected("0x2: no".into()), Outcome::Written]);
+        assert_eq!(
+            outcomes(&parts, 2, false).unwrap(),
+            [Outcome::Rejected("0x2: no".into()), Outcome::Written]
+        );
     }
 
     #[test]
@@ -435,7 +550,10 @@ mod tests {
     fn error_text_without_odata_body() {
         assert_eq!(error_text(400, "plain"), "HTTP 400: plain");
         assert_eq!(error_text(412, ""), "HTTP 412");
-        assert_eq!(error_text(400, r#"{"error":{"message":"m"}}"#), "HTTP 400: m");
+        assert_eq!(
+            error_text(400, r#"{"error":{"message":"m"}}"#),
+            "HTTP 400: m"
+        );
     }
 
     #[test]

@@ -22,7 +22,10 @@ pub struct Attribute {
 impl Attribute {
     /// True for the choice types whose value is an option number.
     pub fn is_choice(&self) -> bool {
-        matches!(self.attribute_type.as_str(), "Picklist" | "State" | "Status")
+        matches!(
+            self.attribute_type.as_str(),
+            "Picklist" | "State" | "Status"
+        )
     }
 
     /// The metadata type to cast to when reading this column's options.
@@ -42,7 +45,9 @@ struct Listing<T> {
 
 /// The columns in an attribute listing (`{"value":[{"LogicalName","AttributeType"}...]}`).
 pub fn parse_attributes(body: &str) -> Result<Vec<Attribute>, String> {
-    serde_json::from_str::<Listing<Attribute>>(body).map(|l| l.value).map_err(|e| format!("unexpected attribute listing: {e}"))
+    serde_json::from_str::<Listing<Attribute>>(body)
+        .map(|l| l.value)
+        .map_err(|e| format!("unexpected attribute listing: {e}"))
 }
 
 /// Label -> value of one option set object `{"Options":[{"Value","Label":{"UserLocalizedLabel":{"Label"}}}]}`.
@@ -58,7 +63,14 @@ fn options(set: &Value) -> Option<BTreeMap<String, i64>> {
                     .get("UserLocalizedLabel")
                     .and_then(|l| l.get("Label"))
                     .and_then(Value::as_str)
-                    .or_else(|| label.get("LocalizedLabels")?.as_array()?.first()?.get("Label")?.as_str())?;
+                    .or_else(|| {
+                        label
+                            .get("LocalizedLabels")?
+                            .as_array()?
+                            .first()?
+                            .get("Label")?
+                            .as_str()
+                    })?;
                 Some((text.to_owned(), value))
             })
             .collect(),
@@ -68,21 +80,33 @@ fn options(set: &Value) -> Option<BTreeMap<String, i64>> {
 /// Labels of one attribute's metadata object: its local `OptionSet`, or the `GlobalOptionSet`
 /// when the column uses a global choice (then `OptionSet` is null).
 pub fn attribute_options(attr: &Value) -> Option<BTreeMap<String, i64>> {
-    attr.get("OptionSet").filter(|v| !v.is_null()).and_then(options).or_else(|| attr.get("GlobalOptionSet").and_then(options))
+    attr.get("OptionSet")
+        .filter(|v| !v.is_null())
+        .and_then(options)
+        .or_else(|| attr.get("GlobalOptionSet").and_then(options))
 }
 
 /// The options of one column from its `PicklistAttributeMetadata` response.
 pub fn parse_option_set(body: &str) -> Result<BTreeMap<String, i64>, String> {
-    let v: Value = serde_json::from_str(body).map_err(|e| format!("unexpected option set metadata: {e}"))?;
-    attribute_options(&v).ok_or_else(|| "option set metadata has neither OptionSet nor GlobalOptionSet options".to_owned())
+    let v: Value =
+        serde_json::from_str(body).map_err(|e| format!("unexpected option set metadata: {e}"))?;
+    attribute_options(&v).ok_or_else(|| {
+        "option set metadata has neither OptionSet nor GlobalOptionSet options".to_owned()
+    })
 }
 
 /// Every column's options from a listing of `PicklistAttributeMetadata` (`{"value":[...]}`).
 pub fn parse_option_sets(body: &str) -> Result<BTreeMap<String, BTreeMap<String, i64>>, String> {
-    let l: Listing<Value> = serde_json::from_str(body).map_err(|e| format!("unexpected option set listing: {e}"))?;
+    let l: Listing<Value> =
+        serde_json::from_str(body).map_err(|e| format!("unexpected option set listing: {e}"))?;
     Ok(l.value
         .iter()
-        .filter_map(|a| Some((a.get("LogicalName")?.as_str()?.to_owned(), attribute_options(a)?)))
+        .filter_map(|a| {
+            Some((
+                a.get("LogicalName")?.as_str()?.to_owned(),
+                attribute_options(a)?,
+            ))
+        })
         .collect())
 }
 
@@ -99,16 +123,23 @@ pub fn fits(conv: Conversion, attribute_type: &str) -> bool {
     ok.contains(&attribute_type)
 }
 
-
 /// The config key that decides which column a field goes to, for error messages.
 pub fn config_key(mapping: &Mapping, field: &str) -> String {
     if mapping.external_id_field == field {
         return "[mapping] external_id_field".to_owned();
     }
-    if let Some((ev, _)) = mapping.fields.iter().find(|(_, s)| s.field.as_deref() == Some(field)) {
+    if let Some((ev, _)) = mapping
+        .fields
+        .iter()
+        .find(|(_, s)| s.field.as_deref() == Some(field))
+    {
         return format!("[mapping.fields] {ev} (or [mapping] field_prefix)");
     }
-    if let Some(key) = mapping.questions.keys().find(|k| mapping.question_field(k).as_deref() == Some(field)) {
+    if let Some(key) = mapping
+        .questions
+        .keys()
+        .find(|k| mapping.question_field(k).as_deref() == Some(field))
+    {
         return format!("[mapping.questions.{key}] field (or skip = true)");
     }
     "[mapping]".to_owned()
@@ -116,8 +147,13 @@ pub fn config_key(mapping: &Mapping, field: &str) -> String {
 
 /// Check every planned `(field, conversion)` against the table's columns; one line per
 /// problem, naming the column and the config key that fixes it.
-pub fn check_fields(mapping: &Mapping, planned: &[(String, Option<Conversion>)], attrs: &[Attribute]) -> Vec<String> {
-    let by_name: BTreeMap<&str, &Attribute> = attrs.iter().map(|a| (a.logical_name.as_str(), a)).collect();
+pub fn check_fields(
+    mapping: &Mapping,
+    planned: &[(String, Option<Conversion>)],
+    attrs: &[Attribute],
+) -> Vec<String> {
+    let by_name: BTreeMap<&str, &Attribute> =
+        attrs.iter().map(|a| (a.logical_name.as_str(), a)).collect();
     let mut problems = Vec::new();
     let mut seen: Vec<(&str, Option<Conversion>)> = Vec::new();
     for (field, conv) in planned {
@@ -163,7 +199,10 @@ mod tests {
         assert_eq!(a.len(), 3);
         assert_eq!(a[0].attribute_type, "String");
         assert!(a[1].is_choice() && a[2].is_choice() && !a[0].is_choice());
-        assert_eq!(a[2].metadata_cast(), "Microsoft.Dynamics.CRM.StateAttributeMetadata");
+        assert_eq!(
+            a[2].metadata_cast(),
+            "Microsoft.Dynamics.CRM.StateAttributeMetadata"
+        );
         assert!(parse_attributes("{}").is_err());
     }
 
@@ -174,12 +213,21 @@ mod tests {
             {"Value":100000001,"Label":{"LocalizedLabels":[{"Label":"outbound"}],"UserLocalizedLabel":null}}]},"GlobalOptionSet":null}"#;
         assert_eq!(
             parse_option_set(local).unwrap(),
-            BTreeMap::from([("inbound".to_owned(), 100000000), ("outbound".to_owned(), 100000001)])
+            BTreeMap::from([
+                ("inbound".to_owned(), 100000000),
+                ("outbound".to_owned(), 100000001)
+            ])
         );
         let global = r#"{"LogicalName":"call_outcome","OptionSet":null,"GlobalOptionSet":{"Options":[
             {"Value":1,"Label":{"UserLocalizedLabel":{"Label":"Good"}}}]}}"#;
-        assert_eq!(parse_option_set(global).unwrap(), BTreeMap::from([("Good".to_owned(), 1)]));
-        assert!(parse_option_set(r#"{"LogicalName":"x","OptionSet":null,"GlobalOptionSet":null}"#).is_err());
+        assert_eq!(
+            parse_option_set(global).unwrap(),
+            BTreeMap::from([("Good".to_owned(), 1)])
+        );
+        assert!(
+            parse_option_set(r#"{"LogicalName":"x","OptionSet":null,"GlobalOptionSet":null}"#)
+                .is_err()
+        );
         let listing = format!(r#"{{"value":[{local},{global}]}}"#);
         let all = parse_option_sets(&listing).unwrap();
         assert_eq!(all.len(), 2);
@@ -197,9 +245,13 @@ mod tests {
 
     #[test]
     fn problems_name_the_column_and_the_config_key() {
-        let cfg: MappingConfig = crate::config::parse("[questions.quality_score]\nfield = \"qs\"\n").unwrap();
+        let cfg: MappingConfig =
+            crate::config::parse("[questions.quality_score]\nfield = \"qs\"\n").unwrap();
         let m = Mapping::new(TargetKind::Dynamics, &cfg);
-        let attr = |n: &str, t: &str| Attribute { logical_name: n.into(), attribute_type: t.into() };
+        let attr = |n: &str, t: &str| Attribute {
+            logical_name: n.into(),
+            attribute_type: t.into(),
+        };
         let attrs = vec![
             attr("trusst_contact_id", "String"),
             attr("external_id", "String"),
@@ -209,12 +261,20 @@ mod tests {
             attr("agentid", "String"),
             attr("s3_agent_id", "String"),
         ];
-        let planned = m.planned_fields([("quality_score", "Rating"), ("agent_identified", "Boolean")]);
+        let planned =
+            m.planned_fields([("quality_score", "Rating"), ("agent_identified", "Boolean")]);
         let p = check_fields(&m, &planned, &attrs);
         assert_eq!(p.len(), 4, "{p:#?}");
-        assert!(p.iter().any(|l| l.contains("'calldate' is of type String but is written as date_time") && l.contains("[mapping.fields] call_date")));
-        assert!(p.iter().any(|l| l.contains("no column 'connection_id'") && l.contains("[mapping.fields] conn_id")));
-        assert!(p.iter().any(|l| l.contains("no column 'qs'") && l.contains("[mapping.questions.quality_score] field")));
+        assert!(p.iter().any(|l| {
+            l.contains("'calldate' is of type String but is written as date_time")
+                && l.contains("[mapping.fields] call_date")
+        }));
+        assert!(
+            p.iter().any(|l| l.contains("no column 'connection_id'")
+                && l.contains("[mapping.fields] conn_id"))
+        );
+        assert!(p.iter().any(|l| l.contains("no column 'qs'")
+            && l.contains("[mapping.questions.quality_score] field")));
         assert!(p.iter().any(|l| l.contains("no column 'agent_identified'")));
     }
 }

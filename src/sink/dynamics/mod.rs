@@ -21,15 +21,15 @@ pub mod metadata;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 
 pub use config::Config;
 
 use crate::error::{Error, Result};
 use crate::sink::mapping::{Conversion, Mapping};
 use crate::sink::oauth::ClientCredentials;
-use crate::sink::{http, Outcome, Target};
+use crate::sink::{Outcome, Target, http};
 use batch::Request;
 use metadata::Attribute;
 
@@ -55,7 +55,10 @@ pub struct Dynamics {
 
 impl std::fmt::Debug for Dynamics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dynamics").field("api", &self.api).field("auth", &self.auth).finish_non_exhaustive()
+        f.debug_struct("Dynamics")
+            .field("api", &self.api)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
     }
 }
 
@@ -69,20 +72,38 @@ impl Dynamics {
             )));
         }
         if cfg.batch_size == 0 || cfg.batch_size > MAX_BATCH {
-            return Err(Error::user(format!("[dynamics] batch_size = {} must be between 1 and {MAX_BATCH}", cfg.batch_size)));
+            return Err(Error::user(format!(
+                "[dynamics] batch_size = {} must be between 1 and {MAX_BATCH}",
+                cfg.batch_size
+            )));
         }
         if cfg.tenant.trim().is_empty() && cfg.token_url.is_none() {
-            return Err(Error::user("[dynamics] tenant is empty: give the Entra ID tenant id or domain (or token_url)"));
+            return Err(Error::user(
+                "[dynamics] tenant is empty: give the Entra ID tenant id or domain (or token_url)",
+            ));
         }
         let secret = cfg.client_secret.resolve("[dynamics] client_secret")?;
-        let token_url =
-            cfg.token_url.clone().unwrap_or_else(|| format!("https://login.microsoftonline.com/{}/oauth2/v2.0/token", cfg.tenant.trim()));
-        let scope = cfg.scope.clone().unwrap_or_else(|| format!("{url}/.default"));
+        let token_url = cfg.token_url.clone().unwrap_or_else(|| {
+            format!(
+                "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+                cfg.tenant.trim()
+            )
+        });
+        let scope = cfg
+            .scope
+            .clone()
+            .unwrap_or_else(|| format!("{url}/.default"));
         Ok(Self {
             api: format!("{url}{API_PATH}"),
             batch_size: cfg.batch_size,
             http: http::client(cfg.request_timeout)?,
-            auth: ClientCredentials::new("[dynamics]", token_url, cfg.client_id.clone(), secret, Some(scope)),
+            auth: ClientCredentials::new(
+                "[dynamics]",
+                token_url,
+                cfg.client_id.clone(),
+                secret,
+                Some(scope),
+            ),
             entity: None,
             attributes: BTreeMap::new(),
             option_sets: BTreeMap::new(),
@@ -91,7 +112,11 @@ impl Dynamics {
 
     /// Send a Web API request with a Bearer token and the OData headers; a 401 fetches a new
     /// token and sends once more. Returns status, headers and body of the final answer.
-    async fn send(&mut self, what: &str, make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder) -> Result<(StatusCode, HeaderMap, String)> {
+    async fn send(
+        &mut self,
+        what: &str,
+        make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, HeaderMap, String)> {
         let mut retried = false;
         loop {
             let token = self.auth.token(&self.http).await?;
@@ -109,7 +134,10 @@ impl Dynamics {
             if status == StatusCode::UNAUTHORIZED {
                 self.auth.invalidate();
                 if !retried {
-                    tracing::warn!(what, "Dataverse answered 401; fetching a new token and retrying once");
+                    tracing::warn!(
+                        what,
+                        "Dataverse answered 401; fetching a new token and retrying once"
+                    );
                     retried = true;
                     continue;
                 }
@@ -131,13 +159,20 @@ impl Dynamics {
                 "{what}: HTTP 403 {}; give the application user a security role with the needed privileges",
                 batch::error_text(403, body)
             )),
-            404 => Error::user(format!("{what}: HTTP 404 {}; check [dynamics] url", batch::error_text(404, body))),
+            404 => Error::user(format!(
+                "{what}: HTTP 404 {}; check [dynamics] url",
+                batch::error_text(404, body)
+            )),
             _ => http::status_error(what, status, headers, body),
         }
     }
 
     fn entity_url(&self, entity: &str) -> String {
-        format!("{}/EntityDefinitions(LogicalName={})", self.api, batch::key_literal(entity))
+        format!(
+            "{}/EntityDefinitions(LogicalName={})",
+            self.api,
+            batch::key_literal(entity)
+        )
     }
 
     /// `GET` a metadata URL; `Ok(None)` on 404 so callers can say what is missing.
@@ -159,8 +194,14 @@ impl Dynamics {
         if let Some(o) = self.option_sets.get(field) {
             return Ok(o.clone());
         }
-        let entity = self.entity.clone().ok_or_else(|| Error::internal("resolve_option_set called before prepare"))?;
-        let cast = self.attributes.get(field).map_or("Microsoft.Dynamics.CRM.PicklistAttributeMetadata", Attribute::metadata_cast);
+        let entity = self
+            .entity
+            .clone()
+            .ok_or_else(|| Error::internal("resolve_option_set called before prepare"))?;
+        let cast = self.attributes.get(field).map_or(
+            "Microsoft.Dynamics.CRM.PicklistAttributeMetadata",
+            Attribute::metadata_cast,
+        );
         let url = format!(
             "{}/Attributes(LogicalName={})/{cast}?$select=LogicalName&$expand=OptionSet($select=Options),GlobalOptionSet($select=Options)",
             self.entity_url(&entity),
@@ -170,7 +211,8 @@ impl Dynamics {
         let body = self.get_metadata(&what, &url).await?.ok_or_else(|| {
             Error::user(format!("{what}: table '{entity}' has no choice column '{field}'; create it or map the question elsewhere"))
         })?;
-        let opts = metadata::parse_option_set(&body).map_err(|e| Error::external(format!("{what}: {e}")).retry(false))?;
+        let opts = metadata::parse_option_set(&body)
+            .map_err(|e| Error::external(format!("{what}: {e}")).retry(false))?;
         tracing::debug!(field, options = opts.len(), "read choice options");
         self.option_sets.insert(field.to_owned(), opts.clone());
         Ok(opts)
@@ -187,7 +229,10 @@ impl Dynamics {
         if status.is_success()
             && let Ok(all) = metadata::parse_option_sets(&body)
         {
-            tracing::debug!(columns = all.len(), "read the options of all choice columns");
+            tracing::debug!(
+                columns = all.len(),
+                "read the options of all choice columns"
+            );
             self.option_sets.extend(all);
             return Ok(());
         }
@@ -199,9 +244,17 @@ impl Dynamics {
     /// the entity set name and the alternate key. Skipped when the service lacks the endpoint.
     async fn check_entity_set_and_key(&mut self, mapping: &Mapping) -> Result<()> {
         let entity = mapping.object.clone();
-        let url = format!("{}?$select=LogicalName,EntitySetName", self.entity_url(&entity));
-        if let Some(body) = self.get_metadata("reading the table definition", &url).await? {
-            let set = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v.get("EntitySetName")?.as_str().map(str::to_owned));
+        let url = format!(
+            "{}?$select=LogicalName,EntitySetName",
+            self.entity_url(&entity)
+        );
+        if let Some(body) = self
+            .get_metadata("reading the table definition", &url)
+            .await?
+        {
+            let set = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("EntitySetName")?.as_str().map(str::to_owned));
             if let Some(set) = set.filter(|s| *s != mapping.entity_set) {
                 return Err(Error::user(format!(
                     "[mapping] entity_set = {:?}, but table '{entity}' is addressed as '{set}' in the Web API; set entity_set = \"{set}\"",
@@ -209,17 +262,28 @@ impl Dynamics {
                 )));
             }
         }
-        let url = format!("{}/Keys?$select=LogicalName,KeyAttributes,EntityKeyIndexStatus", self.entity_url(&entity));
-        let (status, _, body) = self.send("reading the alternate keys", |c| c.get(&url)).await?;
+        let url = format!(
+            "{}/Keys?$select=LogicalName,KeyAttributes,EntityKeyIndexStatus",
+            self.entity_url(&entity)
+        );
+        let (status, _, body) = self
+            .send("reading the alternate keys", |c| c.get(&url))
+            .await?;
         if !status.is_success() {
             tracing::debug!(%status, "alternate keys not readable; skipping the check");
             return Ok(());
         }
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else { return Ok(()) };
-        let Some(keys) = v.get("value").and_then(|k| k.as_array()) else { return Ok(()) };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+            return Ok(());
+        };
+        let Some(keys) = v.get("value").and_then(|k| k.as_array()) else {
+            return Ok(());
+        };
         let ext = &mapping.external_id_field;
         let key = keys.iter().find(|k| {
-            k.get("KeyAttributes").and_then(|a| a.as_array()).is_some_and(|a| a.len() == 1 && a[0].as_str() == Some(ext))
+            k.get("KeyAttributes")
+                .and_then(|a| a.as_array())
+                .is_some_and(|a| a.len() == 1 && a[0].as_str() == Some(ext))
         });
         match key {
             None => Err(Error::user(format!(
@@ -243,24 +307,44 @@ impl Dynamics {
         let url = format!("{}/$batch", self.api);
         let content_type = format!("multipart/mixed; boundary={boundary}");
         let what = "Dataverse $batch";
-        tracing::debug!(requests = requests.len(), bytes = body.len(), "sending $batch");
+        tracing::debug!(
+            requests = requests.len(),
+            bytes = body.len(),
+            "sending $batch"
+        );
         let (status, headers, text) = self
             .send(what, |c| {
-                c.post(&url).header(CONTENT_TYPE, &content_type).header("Prefer", "odata.continue-on-error").body(body.clone())
+                c.post(&url)
+                    .header(CONTENT_TYPE, &content_type)
+                    .header("Prefer", "odata.continue-on-error")
+                    .body(body.clone())
             })
             .await?;
         if !status.is_success() {
             return Err(Self::status_error(what, status, &headers, &text));
         }
-        let ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ct = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         // An unreadable answer (a proxy's page, a cut connection) tells nothing about what was
         // written; resending is safe because every request is idempotent.
-        let parts = batch::parse(ct, &text).map_err(|e| Error::external(format!("{what}: unreadable response: {e}")))?;
+        let parts = batch::parse(ct, &text)
+            .map_err(|e| Error::external(format!("{what}: unreadable response: {e}")))?;
         if parts.iter().any(|p| p.status == 401) {
             self.auth.invalidate();
         }
         let out = batch::outcomes(&parts, requests.len(), delete)?;
-        let rejected: Vec<&String> = out.iter().filter_map(|o| if let Outcome::Rejected(m) = o { Some(m) } else { None }).collect();
+        let rejected: Vec<&String> = out
+            .iter()
+            .filter_map(|o| {
+                if let Outcome::Rejected(m) = o {
+                    Some(m)
+                } else {
+                    None
+                }
+            })
+            .collect();
         if let Some(first) = rejected.first() {
             tracing::warn!(rejected = rejected.len(), of = out.len(), first = %first, "Dataverse rejected records");
         }
@@ -274,7 +358,12 @@ impl Dynamics {
         fields.remove(&mapping.external_id_field);
         Request {
             method: "PATCH",
-            url: batch::key_url(&self.api, &mapping.entity_set, &mapping.external_id_field, &r.contact_id),
+            url: batch::key_url(
+                &self.api,
+                &mapping.entity_set,
+                &mapping.external_id_field,
+                &r.contact_id,
+            ),
             body: Some(serde_json::Value::Object(fields).to_string()),
         }
     }
@@ -286,10 +375,17 @@ impl Dynamics {
     /// default name: any spec becomes a question field (cleared by `on_delete = "clear"`), and
     /// a column that merely fits the naming rule may be the customer's own.
     fn ensure_choice_questions(&self, mapping: &mut Mapping) {
-        let configured: Vec<(String, Option<Conversion>)> =
-            mapping.questions.iter().filter(|(_, s)| !s.skip).map(|(k, s)| (k.clone(), s.conversion)).collect();
+        let configured: Vec<(String, Option<Conversion>)> = mapping
+            .questions
+            .iter()
+            .filter(|(_, s)| !s.skip)
+            .map(|(k, s)| (k.clone(), s.conversion))
+            .collect();
         for (key, conv) in configured {
-            let choice = mapping.question_field(&key).and_then(|f| self.attributes.get(&f)).is_some_and(Attribute::is_choice);
+            let choice = mapping
+                .question_field(&key)
+                .and_then(|f| self.attributes.get(&f))
+                .is_some_and(Attribute::is_choice);
             if conv == Some(Conversion::OptionSet) || (conv.is_none() && choice) {
                 mapping.ensure_question(&key, "Label");
             }
@@ -304,13 +400,21 @@ impl Target for Dynamics {
     async fn prepare(&mut self, mapping: &mut Mapping) -> Result<()> {
         self.auth.token(&self.http).await?;
         let entity = mapping.object.clone();
-        let url = format!("{}/Attributes?$select=LogicalName,AttributeType", self.entity_url(&entity));
+        let url = format!(
+            "{}/Attributes?$select=LogicalName,AttributeType",
+            self.entity_url(&entity)
+        );
         let body = self.get_metadata("reading the table's columns", &url).await?.ok_or_else(|| {
             Error::user(format!("Dataverse has no table with the logical name '{entity}'; check [mapping] object"))
         })?;
-        let attrs = metadata::parse_attributes(&body).map_err(|e| Error::external(format!("reading the table's columns: {e}")).retry(false))?;
+        let attrs = metadata::parse_attributes(&body).map_err(|e| {
+            Error::external(format!("reading the table's columns: {e}")).retry(false)
+        })?;
         tracing::info!(table = %entity, columns = attrs.len(), "read the table definition");
-        self.attributes = attrs.iter().map(|a| (a.logical_name.clone(), a.clone())).collect();
+        self.attributes = attrs
+            .iter()
+            .map(|a| (a.logical_name.clone(), a.clone()))
+            .collect();
         self.entity = Some(entity.clone());
         self.check_entity_set_and_key(mapping).await?;
 
@@ -319,7 +423,10 @@ impl Target for Dynamics {
         let planned = mapping.planned_fields(keys.iter().map(|k| (k.as_str(), "")));
         let problems = metadata::check_fields(mapping, &planned, &attrs);
         if !problems.is_empty() {
-            return Err(Error::user(format!("the mapping does not fit Dataverse table '{entity}':\n  - {}", problems.join("\n  - "))));
+            return Err(Error::user(format!(
+                "the mapping does not fit Dataverse table '{entity}':\n  - {}",
+                problems.join("\n  - ")
+            )));
         }
 
         // Columns that need options: those of option-set specs without labels.
@@ -327,14 +434,19 @@ impl Target for Dynamics {
             .fields
             .values()
             .chain(mapping.questions.values())
-            .filter(|s| !s.skip && s.conversion == Some(Conversion::OptionSet) && s.labels.is_empty())
+            .filter(|s| {
+                !s.skip && s.conversion == Some(Conversion::OptionSet) && s.labels.is_empty()
+            })
             .filter_map(|s| s.field.clone())
             .collect();
         // Every choice column's options, not only the configured ones: a Label question that is
         // not listed in the config finds its column's values at map time.
         self.read_all_option_sets(&entity).await?;
-        let choices: Vec<String> =
-            attrs.iter().filter(|a| a.attribute_type == "Picklist").map(|a| a.logical_name.clone()).collect();
+        let choices: Vec<String> = attrs
+            .iter()
+            .filter(|a| a.attribute_type == "Picklist")
+            .map(|a| a.logical_name.clone())
+            .collect();
         for f in &needed {
             if !self.option_sets.contains_key(f) {
                 self.resolve_option_set(f).await?;
@@ -367,10 +479,17 @@ impl Target for Dynamics {
 
     /// PATCH on the alternate key (upsert: created or updated, 204 either way), in `$batch`es
     /// of `batch_size` without changesets.
-    async fn upsert(&mut self, mapping: &Mapping, records: &[crate::sink::mapping::Record]) -> Result<Vec<Outcome>> {
+    async fn upsert(
+        &mut self,
+        mapping: &Mapping,
+        records: &[crate::sink::mapping::Record],
+    ) -> Result<Vec<Outcome>> {
         let mut out = Vec::with_capacity(records.len());
         for chunk in records.chunks(self.batch_size) {
-            let requests: Vec<Request> = chunk.iter().map(|r| self.upsert_request(mapping, r)).collect();
+            let requests: Vec<Request> = chunk
+                .iter()
+                .map(|r| self.upsert_request(mapping, r))
+                .collect();
             out.extend(self.run_batch(&requests, false).await?);
         }
         Ok(out)
@@ -384,7 +503,12 @@ impl Target for Dynamics {
                 .iter()
                 .map(|id| Request {
                     method: "DELETE",
-                    url: batch::key_url(&self.api, &mapping.entity_set, &mapping.external_id_field, id),
+                    url: batch::key_url(
+                        &self.api,
+                        &mapping.entity_set,
+                        &mapping.external_id_field,
+                        id,
+                    ),
                     body: None,
                 })
                 .collect();
@@ -399,7 +523,12 @@ impl Target for Dynamics {
             .iter()
             .map(|r| {
                 let req = self.upsert_request(mapping, r);
-                format!("{} {} {}", req.method, req.url, req.body.unwrap_or_default())
+                format!(
+                    "{} {} {}",
+                    req.method,
+                    req.url,
+                    req.body.unwrap_or_default()
+                )
             })
             .collect()
     }
@@ -417,7 +546,10 @@ mod tests {
             tenant: "contoso.onmicrosoft.com".into(),
             token_url: None,
             client_id: "app".into(),
-            client_secret: Secret { value: Some("s".into()), ..Default::default() },
+            client_secret: Secret {
+                value: Some("s".into()),
+                ..Default::default()
+            },
             scope: None,
             batch_size: 2,
             request_timeout: std::time::Duration::from_secs(5),
@@ -431,10 +563,18 @@ mod tests {
         let mut fields = serde_json::Map::new();
         fields.insert("trusst_contact_id".into(), "c-1".into());
         fields.insert("calldate".into(), "2025-01-15T14:23:10.000Z".into());
-        let lines = d.dry_run(&m, &[Record { contact_id: "c-1".into(), fields }]);
+        let lines = d.dry_run(
+            &m,
+            &[Record {
+                contact_id: "c-1".into(),
+                fields,
+            }],
+        );
         assert_eq!(
             lines,
-            ["PATCH https://org.crm.dynamics.com/api/data/v9.2/contacts(trusst_contact_id='c-1') {\"calldate\":\"2025-01-15T14:23:10.000Z\"}"]
+            [
+                "PATCH https://org.crm.dynamics.com/api/data/v9.2/contacts(trusst_contact_id='c-1') {\"calldate\":\"2025-01-15T14:23:10.000Z\"}"
+            ]
         );
         assert_eq!(d.max_batch(), 2);
     }
@@ -443,13 +583,28 @@ mod tests {
     fn config_mistakes_are_user_errors() {
         let mut c = cfg();
         c.batch_size = 1001;
-        assert!(Dynamics::new(&c).unwrap_err().message().contains("batch_size"));
+        assert!(
+            Dynamics::new(&c)
+                .unwrap_err()
+                .message()
+                .contains("batch_size")
+        );
         let mut c = cfg();
         c.url = "org.crm.dynamics.com".into();
-        assert!(Dynamics::new(&c).unwrap_err().message().contains("[dynamics] url"));
+        assert!(
+            Dynamics::new(&c)
+                .unwrap_err()
+                .message()
+                .contains("[dynamics] url")
+        );
         let mut c = cfg();
         c.client_secret = Secret::default();
-        assert!(Dynamics::new(&c).unwrap_err().message().contains("client_secret"));
+        assert!(
+            Dynamics::new(&c)
+                .unwrap_err()
+                .message()
+                .contains("client_secret")
+        );
     }
 
     #[test]
@@ -460,14 +615,25 @@ mod tests {
         .unwrap();
         let mut m = Mapping::new(TargetKind::Dynamics, &cfg);
         let mut d = Dynamics::new(&self::cfg()).unwrap();
-        let attr = |n: &str, t: &str| (n.to_owned(), Attribute { logical_name: n.into(), attribute_type: t.into() });
+        let attr = |n: &str, t: &str| {
+            (
+                n.to_owned(),
+                Attribute {
+                    logical_name: n.into(),
+                    attribute_type: t.into(),
+                },
+            )
+        };
         d.attributes = BTreeMap::from([
             attr("new_outcome", "Picklist"),
             attr("new_sentiment", "Picklist"),
             attr("new_quality_score", "Integer"),
         ]);
         d.ensure_choice_questions(&mut m);
-        assert_eq!(m.questions["call_outcome"].conversion, Some(Conversion::OptionSet));
+        assert_eq!(
+            m.questions["call_outcome"].conversion,
+            Some(Conversion::OptionSet)
+        );
         // A non-choice column keeps the conversion of the answer's result type.
         assert_eq!(m.questions["quality_score"].conversion, None);
         // Columns that merely fit the naming rule get no question spec.

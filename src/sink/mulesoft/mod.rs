@@ -9,8 +9,8 @@ pub mod config;
 pub mod response;
 
 use async_trait::async_trait;
-use reqwest::header::ACCEPT;
 use reqwest::StatusCode;
+use reqwest::header::ACCEPT;
 use serde_json::Value;
 
 pub use config::{Auth, Config};
@@ -18,7 +18,7 @@ pub use config::{Auth, Config};
 use crate::error::{Error, Result};
 use crate::sink::mapping::{Mapping, Record};
 use crate::sink::oauth::ClientCredentials;
-use crate::sink::{http, Outcome, Target};
+use crate::sink::{Outcome, Target, http};
 
 /// Why a delete event cannot be carried out, given per record.
 pub const NO_DELETE: &str = "the MuleSoft API has no delete operation; set on_delete = \"ignore\"";
@@ -38,7 +38,9 @@ pub struct Mulesoft {
 
 impl std::fmt::Debug for Mulesoft {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mulesoft").field("url", &self.url).finish_non_exhaustive()
+        f.debug_struct("Mulesoft")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -56,22 +58,40 @@ impl Mulesoft {
         reqwest::Url::parse(&cfg.url)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https"))
-            .ok_or_else(|| Error::user(format!("[mulesoft] url {:?} is not an http(s) URL", cfg.url)))?;
+            .ok_or_else(|| {
+                Error::user(format!(
+                    "[mulesoft] url {:?} is not an http(s) URL",
+                    cfg.url
+                ))
+            })?;
         if cfg.batch_size == 0 {
             return Err(Error::user("[mulesoft] batch_size must be at least 1"));
         }
         let secret = cfg.client_secret.resolve("[mulesoft] client_secret")?;
         let creds = match cfg.auth {
-            Auth::ClientId => Credentials::ClientId { id: cfg.client_id.clone(), secret },
+            Auth::ClientId => Credentials::ClientId {
+                id: cfg.client_id.clone(),
+                secret,
+            },
             Auth::Oauth => {
-                let token_url = cfg
-                    .token_url
-                    .clone()
-                    .ok_or_else(|| Error::user("[mulesoft] token_url is required when auth = \"oauth\""))?;
-                Credentials::Oauth(ClientCredentials::new("[mulesoft]", token_url, cfg.client_id.clone(), secret, None))
+                let token_url = cfg.token_url.clone().ok_or_else(|| {
+                    Error::user("[mulesoft] token_url is required when auth = \"oauth\"")
+                })?;
+                Credentials::Oauth(ClientCredentials::new(
+                    "[mulesoft]",
+                    token_url,
+                    cfg.client_id.clone(),
+                    secret,
+                    None,
+                ))
             }
         };
-        Ok(Self { url: cfg.url.clone(), batch_size: cfg.batch_size, http: http::client(cfg.request_timeout)?, creds })
+        Ok(Self {
+            url: cfg.url.clone(),
+            batch_size: cfg.batch_size,
+            http: http::client(cfg.request_timeout)?,
+            creds,
+        })
     }
 
     /// POST one payload with credentials. 401/403 fetch a new OAuth token and try once more;
@@ -80,13 +100,18 @@ impl Mulesoft {
         let what = "MuleSoft API";
         let mut retried = false;
         loop {
-            let mut req = self.http.post(&self.url).header(ACCEPT, "application/json").json(payload);
+            let mut req = self
+                .http
+                .post(&self.url)
+                .header(ACCEPT, "application/json")
+                .json(payload);
             req = match &mut self.creds {
                 // Client ID Enforcement reads either the headers or HTTP Basic, as the policy is
                 // set up; sending both works with either setup.
-                Credentials::ClientId { id, secret } => {
-                    req.header("client_id", id.as_str()).header("client_secret", secret.as_str()).basic_auth(id.as_str(), Some(secret.as_str()))
-                }
+                Credentials::ClientId { id, secret } => req
+                    .header("client_id", id.as_str())
+                    .header("client_secret", secret.as_str())
+                    .basic_auth(id.as_str(), Some(secret.as_str())),
                 Credentials::Oauth(cc) => req.bearer_auth(cc.token(&self.http).await?),
             };
             let resp = req.send().await.map_err(|e| http::transport(what, e))?;
@@ -125,10 +150,15 @@ impl Mulesoft {
                     });
                 }
                 404 | 405 => {
-                    return Err(Error::user(format!("{what}: HTTP {status} at {}: {brief}; check [mulesoft] url", self.url)));
+                    return Err(Error::user(format!(
+                        "{what}: HTTP {status} at {}: {brief}; check [mulesoft] url",
+                        self.url
+                    )));
                 }
                 413 => {
-                    return Err(Error::user(format!("{what}: payload too large (HTTP 413); lower [mulesoft] batch_size")));
+                    return Err(Error::user(format!(
+                        "{what}: payload too large (HTTP 413); lower [mulesoft] batch_size"
+                    )));
                 }
                 400..=499 if status.as_u16() != 408 => return Ok(Posted::Refused(status, body)),
                 _ => return Err(http::status_error(what, status, &headers, &body)),
@@ -143,8 +173,14 @@ impl Mulesoft {
         let mut out: Vec<Option<Outcome>> = vec![None; chunk.len()];
         let mut pending: Vec<usize> = (0..chunk.len()).collect();
         for attempt in 0..2 {
-            let payload = response::payload(pending.iter().map(|&i| &chunk[i].fields), chrono::Utc::now());
-            let ids: Vec<&str> = pending.iter().map(|&i| chunk[i].contact_id.as_str()).collect();
+            let payload = response::payload(
+                pending.iter().map(|&i| &chunk[i].fields),
+                chrono::Utc::now(),
+            );
+            let ids: Vec<&str> = pending
+                .iter()
+                .map(|&i| chunk[i].contact_id.as_str())
+                .collect();
             tracing::debug!(contacts = ids.len(), "posting to the MuleSoft API");
             match self.post(&payload).await? {
                 Posted::Accepted(body) => {
@@ -157,7 +193,10 @@ impl Mulesoft {
                 Posted::Refused(status, body) => {
                     let answer = response::parse_answer(&body);
                     let (tied, _) = response::attribute(&ids, &answer.errors);
-                    let whole: String = format!("HTTP {status}: {}", body.chars().take(300).collect::<String>());
+                    let whole: String = format!(
+                        "HTTP {status}: {}",
+                        body.chars().take(300).collect::<String>()
+                    );
                     tracing::warn!(%status, tied = tied.len(), of = ids.len(), "MuleSoft API refused the payload");
                     let resend = attempt == 0 && !tied.is_empty() && tied.len() < ids.len();
                     let mut rest = Vec::new();
@@ -175,10 +214,20 @@ impl Mulesoft {
                 }
             }
         }
-        let out: Vec<Outcome> = out.into_iter().map(|o| o.expect("every contact has an outcome")).collect();
-        let rejected = out.iter().filter(|o| matches!(o, Outcome::Rejected(_))).count();
+        let out: Vec<Outcome> = out
+            .into_iter()
+            .map(|o| o.expect("every contact has an outcome"))
+            .collect();
+        let rejected = out
+            .iter()
+            .filter(|o| matches!(o, Outcome::Rejected(_)))
+            .count();
         if rejected > 0 {
-            tracing::warn!(rejected, of = out.len(), "MuleSoft API did not take every contact");
+            tracing::warn!(
+                rejected,
+                of = out.len(),
+                "MuleSoft API did not take every contact"
+            );
         }
         Ok(out)
     }
@@ -194,7 +243,9 @@ impl Target for Mulesoft {
                 cc.token(&self.http).await?;
                 tracing::info!(url = %self.url, "MuleSoft OAuth token obtained");
             }
-            Credentials::ClientId { .. } => tracing::info!(url = %self.url, "MuleSoft client-id auth; nothing to check before the first request"),
+            Credentials::ClientId { .. } => {
+                tracing::info!(url = %self.url, "MuleSoft client-id auth; nothing to check before the first request")
+            }
         }
         Ok(())
     }
@@ -214,14 +265,23 @@ impl Target for Mulesoft {
 
     /// The API has no delete: every contact is rejected with [`NO_DELETE`].
     async fn delete(&mut self, _mapping: &Mapping, contact_ids: &[String]) -> Result<Vec<Outcome>> {
-        Ok(contact_ids.iter().map(|_| Outcome::Rejected(NO_DELETE.to_owned())).collect())
+        Ok(contact_ids
+            .iter()
+            .map(|_| Outcome::Rejected(NO_DELETE.to_owned()))
+            .collect())
     }
 
     /// `POST <url> <payload>` per request `upsert` would send.
     fn dry_run(&self, _mapping: &Mapping, records: &[Record]) -> Vec<String> {
         records
             .chunks(self.batch_size)
-            .map(|c| format!("POST {} {}", self.url, response::payload(c.iter().map(|r| &r.fields), chrono::Utc::now())))
+            .map(|c| {
+                format!(
+                    "POST {} {}",
+                    self.url,
+                    response::payload(c.iter().map(|r| &r.fields), chrono::Utc::now())
+                )
+            })
             .collect()
     }
 }
@@ -237,7 +297,10 @@ mod tests {
             url: "https://org.us-e1.cloudhub.io/api/trusst-crm-sync".into(),
             auth,
             client_id: "id".into(),
-            client_secret: Secret { value: Some("s".into()), ..Default::default() },
+            client_secret: Secret {
+                value: Some("s".into()),
+                ..Default::default()
+            },
             token_url: None,
             batch_size: 2,
             request_timeout: std::time::Duration::from_secs(5),
@@ -247,7 +310,10 @@ mod tests {
     fn record(id: &str) -> Record {
         let mut fields = serde_json::Map::new();
         fields.insert("trusst_contact_id".into(), id.into());
-        Record { contact_id: id.into(), fields }
+        Record {
+            contact_id: id.into(),
+            fields,
+        }
     }
 
     #[test]
@@ -265,10 +331,20 @@ mod tests {
 
     #[test]
     fn oauth_needs_a_token_url() {
-        assert!(Mulesoft::new(&cfg(Auth::Oauth)).unwrap_err().message().contains("token_url"));
+        assert!(
+            Mulesoft::new(&cfg(Auth::Oauth))
+                .unwrap_err()
+                .message()
+                .contains("token_url")
+        );
         let mut c = cfg(Auth::ClientId);
         c.url = "cloudhub".into();
-        assert!(Mulesoft::new(&c).unwrap_err().message().contains("[mulesoft] url"));
+        assert!(
+            Mulesoft::new(&c)
+                .unwrap_err()
+                .message()
+                .contains("[mulesoft] url")
+        );
     }
 
     #[tokio::test]

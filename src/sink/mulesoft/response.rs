@@ -26,7 +26,10 @@ pub const SOURCE: &str = "trusst-platform";
 
 /// The guide's payload: `{"source","sync_timestamp","contacts":[...]}`; the timestamp is
 /// RFC 3339 in UTC with `Z`, to the second, as in the guide's example.
-pub fn payload<'a>(contacts: impl IntoIterator<Item = &'a Map<String, Value>>, now: chrono::DateTime<chrono::Utc>) -> Value {
+pub fn payload<'a>(
+    contacts: impl IntoIterator<Item = &'a Map<String, Value>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Value {
     serde_json::json!({
         "source": SOURCE,
         "sync_timestamp": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -47,16 +50,25 @@ pub struct Answer {
 
 /// Read an answer body; anything that is not a JSON object reads as an empty answer.
 pub fn parse_answer(body: &str) -> Answer {
-    let Ok(Value::Object(o)) = serde_json::from_str::<Value>(body) else { return Answer::default() };
+    let Ok(Value::Object(o)) = serde_json::from_str::<Value>(body) else {
+        return Answer::default();
+    };
     let count = |k: &str| {
-        o.get(k).and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())))
+        o.get(k).and_then(|v| {
+            v.as_u64()
+                .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+        })
     };
     let errors = match o.get("errors") {
         Some(Value::Array(a)) => a.clone(),
         Some(Value::Null) | None => Vec::new(),
         Some(other) => vec![other.clone()],
     };
-    Answer { processed: count("records_processed"), failed: count("records_failed"), errors }
+    Answer {
+        processed: count("records_processed"),
+        failed: count("records_failed"),
+        errors,
+    }
 }
 
 /// True when `text` contains `id` as a whole word: not inside a longer id such as `c-10` for
@@ -106,12 +118,24 @@ pub fn attribute(ids: &[&str], errors: &[Value]) -> (BTreeMap<usize, Vec<String>
     for e in errors {
         let msg = message(e);
         let explicit: Option<String> = match e {
-            Value::Object(o) => ["trusst_contact_id", "contact_id", "id"].iter().find_map(|k| o.get(*k).and_then(scalar)),
+            Value::Object(o) => ["trusst_contact_id", "contact_id", "id"]
+                .iter()
+                .find_map(|k| o.get(*k).and_then(scalar)),
             _ => None,
         };
         let hits: Vec<usize> = match &explicit {
-            Some(id) => ids.iter().enumerate().filter(|(_, x)| **x == id).map(|(i, _)| i).collect(),
-            None => ids.iter().enumerate().filter(|(_, x)| mentions(&msg, x)).map(|(i, _)| i).collect(),
+            Some(id) => ids
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| **x == id)
+                .map(|(i, _)| i)
+                .collect(),
+            None => ids
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| mentions(&msg, x))
+                .map(|(i, _)| i)
+                .collect(),
         };
         if hits.is_empty() {
             untied.push(msg);
@@ -130,14 +154,28 @@ pub fn outcomes(ids: &[&str], answer: &Answer) -> Vec<Outcome> {
     let (tied, untied) = attribute(ids, &answer.errors);
     let tied_n = tied.len() as u64;
     let failed = answer.failed.unwrap_or(tied_n + untied.len() as u64);
-    let unaccounted = answer.processed.map_or(0, |p| n.saturating_sub(p.saturating_add(failed)));
+    let unaccounted = answer
+        .processed
+        .map_or(0, |p| n.saturating_sub(p.saturating_add(failed)));
     let uncertain = failed > tied_n || unaccounted > 0;
     let untied_reason = if uncertain {
-        let quoted = if untied.is_empty() { "no error details".to_owned() } else { untied.iter().take(5).cloned().collect::<Vec<_>>().join("; ") };
+        let quoted = if untied.is_empty() {
+            "no error details".to_owned()
+        } else {
+            untied
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         Some(format!(
             "the MuleSoft API reported {failed} of {n} contacts failed{} without saying which ({quoted}); this contact may not \
              have been written",
-            answer.processed.map(|p| format!(" and {p} processed")).unwrap_or_default()
+            answer
+                .processed
+                .map(|p| format!(" and {p} processed"))
+                .unwrap_or_default()
         ))
     } else {
         if !untied.is_empty() {
@@ -180,7 +218,9 @@ mod tests {
     fn payload_is_the_guides() {
         let mut c = Map::new();
         c.insert("trusst_contact_id".into(), "c-1".into());
-        let now = chrono::DateTime::parse_from_rfc3339("2025-01-15T14:30:00.123+00:00").unwrap().to_utc();
+        let now = chrono::DateTime::parse_from_rfc3339("2025-01-15T14:30:00.123+00:00")
+            .unwrap()
+            .to_utc();
         assert_eq!(
             payload([&c], now),
             json!({"source":"trusst-platform","sync_timestamp":"2025-01-15T14:30:00Z","contacts":[{"trusst_contact_id":"c-1"}]})
@@ -192,7 +232,10 @@ mod tests {
         let a = parse_answer(r#"{"records_processed":3,"records_failed":0,"errors":[]}"#);
         assert_eq!(outcomes(&IDS, &a), vec![Outcome::Written; 3]);
         // No counts, no errors, or no JSON at all: a 2xx is taken at its word.
-        assert_eq!(outcomes(&IDS, &parse_answer("OK")), vec![Outcome::Written; 3]);
+        assert_eq!(
+            outcomes(&IDS, &parse_answer("OK")),
+            vec![Outcome::Written; 3]
+        );
     }
 
     #[test]
@@ -213,7 +256,11 @@ mod tests {
         // `contact_id` / `id` keys, `error` as the message, nested error objects.
         let (tied, untied) = attribute(
             &IDS,
-            &[json!({"contact_id":"c-1","error":"dup"}), json!({"id":"c-2","error":{"message":"deep"}}), json!({"id":"zzz"})],
+            &[
+                json!({"contact_id":"c-1","error":"dup"}),
+                json!({"id":"c-2","error":{"message":"deep"}}),
+                json!({"id":"zzz"}),
+            ],
         );
         assert_eq!(tied[&0], ["dup"]);
         assert_eq!(tied[&2], ["deep"]);
@@ -232,11 +279,15 @@ mod tests {
 
     #[test]
     fn unattributed_failures_reject_every_untied_contact() {
-        let a = parse_answer(r#"{"records_processed":2,"records_failed":1,"errors":["Salesforce timeout"]}"#);
+        let a = parse_answer(
+            r#"{"records_processed":2,"records_failed":1,"errors":["Salesforce timeout"]}"#,
+        );
         let out = outcomes(&IDS, &a);
         assert!(out.iter().all(|o| matches!(o, Outcome::Rejected(m) if m.contains("reported 1 of 3 contacts failed") && m.contains("Salesforce timeout"))), "{out:?}");
         // One failure tied, a second one not: the tied one gets its message, the rest the doubt.
-        let a = parse_answer(r#"{"records_processed":1,"records_failed":2,"errors":[{"id":"c-1","message":"bad"},"boom"]}"#);
+        let a = parse_answer(
+            r#"{"records_processed":1,"records_failed":2,"errors":[{"id":"c-1","message":"bad"},"boom"]}"#,
+        );
         let out = outcomes(&IDS, &a);
         assert_eq!(out[0], Outcome::Rejected("bad".into()));
         assert!(matches!(&out[1], Outcome::Rejected(m) if m.contains("boom")));
@@ -247,7 +298,11 @@ mod tests {
     fn counts_that_do_not_add_up_are_doubtful() {
         // Only 1 processed, 0 failed, 3 sent: two contacts are unaccounted for.
         let a = parse_answer(r#"{"records_processed":1,"records_failed":0,"errors":[]}"#);
-        assert!(outcomes(&IDS, &a).iter().all(|o| matches!(o, Outcome::Rejected(m) if m.contains("no error details"))));
+        assert!(
+            outcomes(&IDS, &a)
+                .iter()
+                .all(|o| matches!(o, Outcome::Rejected(m) if m.contains("no error details")))
+        );
         // Counts as strings are read too.
         let a = parse_answer(r#"{"records_processed":"3","records_failed":"0"}"#);
         assert_eq!(outcomes(&IDS, &a), vec![Outcome::Written; 3]);
@@ -255,8 +310,17 @@ mod tests {
 
     #[test]
     fn a_tied_error_rejects_even_when_the_counts_say_zero_failed() {
-        let a = parse_answer(r#"{"records_processed":3,"records_failed":0,"errors":[{"id":"c-2","message":"warning-ish"}]}"#);
-        assert_eq!(outcomes(&IDS, &a), vec![Outcome::Written, Outcome::Written, Outcome::Rejected("warning-ish".into())]);
+        let a = parse_answer(
+            r#"{"records_processed":3,"records_failed":0,"errors":[{"id":"c-2","message":"warning-ish"}]}"#,
+        );
+        assert_eq!(
+            outcomes(&IDS, &a),
+            vec![
+                Outcome::Written,
+                Outcome::Written,
+                Outcome::Rejected("warning-ish".into())
+            ]
+        );
     }
 
     #[test]

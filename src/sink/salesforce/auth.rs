@@ -27,7 +27,10 @@ pub struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token").field("access_token", &"**").field("instance_url", &self.instance_url).finish()
+        f.debug_struct("Token")
+            .field("access_token", &"**")
+            .field("instance_url", &self.instance_url)
+            .finish()
     }
 }
 
@@ -46,18 +49,33 @@ pub struct Claims {
 
 /// Claims for an assertion made at `now` (seconds since the epoch).
 pub fn claims(client_id: &str, username: &str, audience: &str, now: u64) -> Claims {
-    Claims { iss: client_id.to_owned(), sub: username.to_owned(), aud: audience.to_owned(), exp: now + ASSERTION_LIFETIME_SECS }
+    Claims {
+        iss: client_id.to_owned(),
+        sub: username.to_owned(),
+        aud: audience.to_owned(),
+        exp: now + ASSERTION_LIFETIME_SECS,
+    }
 }
 
 /// Sign claims with RS256.
 pub fn sign(claims: &Claims, key: &jsonwebtoken::EncodingKey) -> Result<String> {
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256), claims, key)
-        .map_err(|e| Error::internal("signing the JWT assertion").with_source(e))
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        claims,
+        key,
+    )
+    .map_err(|e| Error::internal("signing the JWT assertion").with_source(e))
 }
 
 enum Grant {
-    ClientCredentials { secret: String },
-    Jwt { key: jsonwebtoken::EncodingKey, username: String, audience: String },
+    ClientCredentials {
+        secret: String,
+    },
+    Jwt {
+        key: jsonwebtoken::EncodingKey,
+        username: String,
+        audience: String,
+    },
 }
 
 /// Obtains tokens for one config; secrets are resolved and the key parsed once, up front.
@@ -69,7 +87,10 @@ pub struct Authenticator {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator").field("token_url", &self.token_url).field("client_id", &self.client_id).finish_non_exhaustive()
+        f.debug_struct("Authenticator")
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -98,10 +119,14 @@ impl Authenticator {
             )));
         }
         if cfg.client_id.is_empty() {
-            return Err(Error::user("[salesforce] client_id is empty; use the connected app's consumer key"));
+            return Err(Error::user(
+                "[salesforce] client_id is empty; use the connected app's consumer key",
+            ));
         }
         let grant = match cfg.auth {
-            Auth::ClientCredentials => Grant::ClientCredentials { secret: cfg.client_secret.resolve("[salesforce] client_secret")? },
+            Auth::ClientCredentials => Grant::ClientCredentials {
+                secret: cfg.client_secret.resolve("[salesforce] client_secret")?,
+            },
             Auth::Jwt => {
                 let username = cfg.username.clone().filter(|u| !u.is_empty()).ok_or_else(|| {
                     Error::user("[salesforce] auth = \"jwt\" needs username (the integration user the token acts as)")
@@ -113,10 +138,18 @@ impl Authenticator {
                     ))
                 })?;
                 let audience = cfg.audience.clone().unwrap_or_else(|| login.to_owned());
-                Grant::Jwt { key, username, audience }
+                Grant::Jwt {
+                    key,
+                    username,
+                    audience,
+                }
             }
         };
-        Ok(Self { token_url: format!("{login}/services/oauth2/token"), client_id: cfg.client_id.clone(), grant })
+        Ok(Self {
+            token_url: format!("{login}/services/oauth2/token"),
+            client_id: cfg.client_id.clone(),
+            grant,
+        })
     }
 
     /// The token endpoint.
@@ -132,9 +165,16 @@ impl Authenticator {
                 ("client_id", self.client_id.clone()),
                 ("client_secret", secret.clone()),
             ],
-            Grant::Jwt { key, username, audience } => {
+            Grant::Jwt {
+                key,
+                username,
+                audience,
+            } => {
                 let assertion = sign(&claims(&self.client_id, username, audience, now), key)?;
-                vec![("grant_type", JWT_GRANT.to_owned()), ("assertion", assertion)]
+                vec![
+                    ("grant_type", JWT_GRANT.to_owned()),
+                    ("assertion", assertion),
+                ]
             }
         })
     }
@@ -143,22 +183,42 @@ impl Authenticator {
     /// app need fixing); 429, 5xx and transport failures are retryable.
     pub async fn fetch(&self, client: &reqwest::Client) -> Result<Token> {
         let what = "Salesforce token request";
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
-        let resp = client.post(&self.token_url).form(&self.form(now)?).send().await.map_err(|e| http::transport(what, e))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let resp = client
+            .post(&self.token_url)
+            .form(&self.form(now)?)
+            .send()
+            .await
+            .map_err(|e| http::transport(what, e))?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.text().await.map_err(|e| http::transport(what, e))?;
         if status.is_success() {
-            let t: TokenResponse = serde_json::from_str(&body)
-                .map_err(|e| Error::external(format!("{what}: unexpected answer from {}", self.token_url)).with_source(e))?;
+            let t: TokenResponse = serde_json::from_str(&body).map_err(|e| {
+                Error::external(format!("{what}: unexpected answer from {}", self.token_url))
+                    .with_source(e)
+            })?;
             let instance_url = t.instance_url.trim_end_matches('/').to_owned();
             info!(instance_url = %instance_url, flow = self.flow(), "obtained a Salesforce access token");
-            return Ok(Token { access_token: t.access_token, instance_url });
+            return Ok(Token {
+                access_token: t.access_token,
+                instance_url,
+            });
         }
         if matches!(status.as_u16(), 400 | 401 | 403) {
             let e: OAuthError = serde_json::from_str(&body).unwrap_or_default();
-            let reason = if e.error.is_empty() { body.chars().take(300).collect() } else { format!("{}: {}", e.error, e.error_description) };
-            return Err(Error::user(format!("Salesforce refused the token request (HTTP {status}, {reason}); {}", self.hint())));
+            let reason = if e.error.is_empty() {
+                body.chars().take(300).collect()
+            } else {
+                format!("{}: {}", e.error, e.error_description)
+            };
+            return Err(Error::user(format!(
+                "Salesforce refused the token request (HTTP {status}, {reason}); {}",
+                self.hint()
+            )));
         }
         Err(http::status_error(what, status, &headers, &body))
     }
@@ -197,10 +257,20 @@ pub(crate) mod tests {
         let public: PublicKeyX509Der = kp.public_key().as_der().unwrap();
         let pem = |label: &str, der: &[u8]| {
             let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-            let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
-            format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+            let lines: Vec<&str> = b64
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            format!(
+                "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+                lines.join("\n")
+            )
         };
-        (pem("PRIVATE KEY", private.as_ref()), pem("PUBLIC KEY", public.as_ref()))
+        (
+            pem("PRIVATE KEY", private.as_ref()),
+            pem("PUBLIC KEY", public.as_ref()),
+        )
     }
 
     pub(crate) fn config(auth: Auth) -> Config {
@@ -213,14 +283,30 @@ pub(crate) mod tests {
 
     #[test]
     fn claims_follow_the_jwt_bearer_flow() {
-        let c = claims("app-key", "int@acme.com", "https://login.salesforce.com", 1_700_000_000);
-        assert_eq!(c, Claims { iss: "app-key".into(), sub: "int@acme.com".into(), aud: "https://login.salesforce.com".into(), exp: 1_700_000_180 });
+        let c = claims(
+            "app-key",
+            "int@acme.com",
+            "https://login.salesforce.com",
+            1_700_000_000,
+        );
+        assert_eq!(
+            c,
+            Claims {
+                iss: "app-key".into(),
+                sub: "int@acme.com".into(),
+                aud: "https://login.salesforce.com".into(),
+                exp: 1_700_000_180
+            }
+        );
     }
 
     #[test]
     fn client_credentials_form() {
         let a = Authenticator::new(&config(Auth::ClientCredentials)).unwrap();
-        assert_eq!(a.token_url(), "https://acme.my.salesforce.com/services/oauth2/token");
+        assert_eq!(
+            a.token_url(),
+            "https://acme.my.salesforce.com/services/oauth2/token"
+        );
         let f = a.form(0).unwrap();
         assert_eq!(f[0], ("grant_type", "client_credentials".to_owned()));
         assert_eq!(f[1], ("client_id", "app-key".to_owned()));
@@ -232,9 +318,17 @@ pub(crate) mod tests {
     fn jwt_assertion_is_signed_rs256_and_verifies() {
         let (private, public) = test_key_pem();
         let mut c = config(Auth::Jwt);
-        assert!(Authenticator::new(&c).unwrap_err().message().contains("needs username"));
+        assert!(
+            Authenticator::new(&c)
+                .unwrap_err()
+                .message()
+                .contains("needs username")
+        );
         c.username = Some("int@acme.com".into());
-        c.private_key = Secret { value: Some(private), ..Default::default() };
+        c.private_key = Secret {
+            value: Some(private),
+            ..Default::default()
+        };
         let a = Authenticator::new(&c).unwrap();
         let f = a.form(1_700_000_000).unwrap();
         assert_eq!(f[0], ("grant_type", JWT_GRANT.to_owned()));
@@ -245,26 +339,50 @@ pub(crate) mod tests {
         v.validate_exp = false;
         v.set_audience(&["https://acme.my.salesforce.com"]);
         let key = jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).unwrap();
-        let got = jsonwebtoken::decode::<Claims>(jwt, &key, &v).unwrap().claims;
+        let got = jsonwebtoken::decode::<Claims>(jwt, &key, &v)
+            .unwrap()
+            .claims;
         // Audience defaults to the login URL (without its trailing slash).
-        assert_eq!(got, claims("app-key", "int@acme.com", "https://acme.my.salesforce.com", 1_700_000_000));
+        assert_eq!(
+            got,
+            claims(
+                "app-key",
+                "int@acme.com",
+                "https://acme.my.salesforce.com",
+                1_700_000_000
+            )
+        );
 
         c.audience = Some("https://test.salesforce.com".into());
         let f = Authenticator::new(&c).unwrap().form(5).unwrap();
         v.set_audience(&["https://test.salesforce.com"]);
-        assert_eq!(jsonwebtoken::decode::<Claims>(&f[1].1, &key, &v).unwrap().claims.exp, 185);
+        assert_eq!(
+            jsonwebtoken::decode::<Claims>(&f[1].1, &key, &v)
+                .unwrap()
+                .claims
+                .exp,
+            185
+        );
     }
 
     #[test]
     fn bad_key_and_url_are_user_errors() {
         let mut c = config(Auth::Jwt);
         c.username = Some("u".into());
-        c.private_key = Secret { value: Some("not a key".into()), ..Default::default() };
+        c.private_key = Secret {
+            value: Some("not a key".into()),
+            ..Default::default()
+        };
         let e = Authenticator::new(&c).unwrap_err();
         assert_eq!(e.fault, crate::error::Fault::User);
         assert!(e.message().contains("private_key"), "{e}");
         let mut c = config(Auth::ClientCredentials);
         c.login_url = "acme.my.salesforce.com".into();
-        assert!(Authenticator::new(&c).unwrap_err().message().contains("login_url"));
+        assert!(
+            Authenticator::new(&c)
+                .unwrap_err()
+                .message()
+                .contains("login_url")
+        );
     }
 }

@@ -67,9 +67,15 @@ pub struct Part {
 
 /// The column header: the external-id field first, then every other field any record has.
 pub fn header(records: &[&Record], external_id_field: &str) -> Vec<String> {
-    let others: BTreeSet<&str> =
-        records.iter().flat_map(|r| r.fields.keys()).map(String::as_str).filter(|k| *k != external_id_field).collect();
-    std::iter::once(external_id_field.to_owned()).chain(others.into_iter().map(str::to_owned)).collect()
+    let others: BTreeSet<&str> = records
+        .iter()
+        .flat_map(|r| r.fields.keys())
+        .map(String::as_str)
+        .filter(|k| *k != external_id_field)
+        .collect();
+    std::iter::once(external_id_field.to_owned())
+        .chain(others.into_iter().map(str::to_owned))
+        .collect()
 }
 
 /// One cell: null as `#N/A`, booleans `true`/`false`, numbers plain; a field the record lacks
@@ -88,18 +94,31 @@ pub fn cell(v: Option<&Value>) -> String {
 
 /// One CSV line (quoted as RFC 4180 needs, LF-terminated).
 fn row(cells: impl IntoIterator<Item = String>) -> Result<String> {
-    let mut w = csv::WriterBuilder::new().terminator(csv::Terminator::Any(b'\n')).buffer_capacity(1024).from_writer(Vec::new());
-    w.write_record(cells).map_err(|e| Error::internal("writing Bulk API CSV").with_source(e))?;
-    let bytes = w.into_inner().map_err(|e| Error::internal(format!("writing Bulk API CSV: {}", e.error())))?;
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .buffer_capacity(1024)
+        .from_writer(Vec::new());
+    w.write_record(cells)
+        .map_err(|e| Error::internal("writing Bulk API CSV").with_source(e))?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::internal(format!("writing Bulk API CSV: {}", e.error())))?;
     String::from_utf8(bytes).map_err(|e| Error::internal("writing Bulk API CSV").with_source(e))
 }
 
 /// Split records into job CSVs of at most `max_bytes` each (RFC 4180 quoting, LF endings).
-pub fn build_parts(records: &[&Record], external_id_field: &str, max_bytes: usize) -> Result<Vec<Part>> {
+pub fn build_parts(
+    records: &[&Record],
+    external_id_field: &str,
+    max_bytes: usize,
+) -> Result<Vec<Part>> {
     let cols = header(records, external_id_field);
     let head = row(cols.iter().cloned())?;
     let mut parts: Vec<Part> = Vec::new();
-    let mut cur = Part { csv: head.clone(), rows: Vec::new() };
+    let mut cur = Part {
+        csv: head.clone(),
+        rows: Vec::new(),
+    };
     for (i, r) in records.iter().enumerate() {
         let cells = cols.iter().map(|c| {
             if c == external_id_field && !r.fields.contains_key(c) {
@@ -117,7 +136,13 @@ pub fn build_parts(records: &[&Record], external_id_field: &str, max_bytes: usiz
             )));
         }
         if !cur.rows.is_empty() && cur.csv.len() + line.len() > max_bytes {
-            parts.push(std::mem::replace(&mut cur, Part { csv: head.clone(), rows: Vec::new() }));
+            parts.push(std::mem::replace(
+                &mut cur,
+                Part {
+                    csv: head.clone(),
+                    rows: Vec::new(),
+                },
+            ));
         }
         cur.csv.push_str(&line);
         cur.rows.push(i);
@@ -138,23 +163,42 @@ pub fn read_results(
     out: &mut [Option<RecordResult>],
 ) -> Result<()> {
     let bad = |e: csv::Error| Error::external("reading a Bulk API result file").with_source(e);
-    let mut rd = csv::ReaderBuilder::new().flexible(true).from_reader(csv_text.as_bytes());
+    let mut rd = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(csv_text.as_bytes());
     let headers = rd.headers().map_err(bad)?.clone();
     let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
     let ext = col(external_id_field).ok_or_else(|| {
-        Error::external(format!("a Bulk API result file has no {external_id_field} column (columns: {})", headers.iter().collect::<Vec<_>>().join(", ")))
+        Error::external(format!(
+            "a Bulk API result file has no {external_id_field} column (columns: {})",
+            headers.iter().collect::<Vec<_>>().join(", ")
+        ))
     })?;
     let err_col = col("sf__Error");
     for rec in rd.records() {
         let rec = rec.map_err(bad)?;
-        let Some(&i) = rec.get(ext).and_then(|v| index.get(v)) else { continue };
+        let Some(&i) = rec.get(ext).and_then(|v| index.get(v)) else {
+            continue;
+        };
         out[i] = Some(if success {
             RecordResult::Written
         } else {
-            let msg = err_col.and_then(|c| rec.get(c)).unwrap_or("").trim().to_owned();
-            let msg = if msg.is_empty() { "UNKNOWN_ERROR: the row failed and no reason was given".to_owned() } else { msg };
+            let msg = err_col
+                .and_then(|c| rec.get(c))
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            let msg = if msg.is_empty() {
+                "UNKNOWN_ERROR: the row failed and no reason was given".to_owned()
+            } else {
+                msg
+            };
             // sf__Error reads `CODE:message:fields`.
-            if TRANSIENT_CODES.iter().any(|c| msg.starts_with(c)) { RecordResult::Transient(msg) } else { RecordResult::Rejected(msg) }
+            if TRANSIENT_CODES.iter().any(|c| msg.starts_with(c)) {
+                RecordResult::Transient(msg)
+            } else {
+                RecordResult::Rejected(msg)
+            }
         });
     }
     Ok(())
@@ -162,7 +206,12 @@ pub fn read_results(
 
 /// Count the data rows of a CSV (the `unprocessedrecords/` file).
 pub fn count_rows(csv_text: &str) -> usize {
-    csv::ReaderBuilder::new().flexible(true).from_reader(csv_text.as_bytes()).records().filter(|r| r.is_ok()).count()
+    csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(csv_text.as_bytes())
+        .records()
+        .filter(|r| r.is_ok())
+        .count()
 }
 
 #[cfg(test)]
@@ -178,7 +227,10 @@ mod tests {
         for (k, v) in extra {
             fields.insert((*k).into(), v.clone());
         }
-        Record { contact_id: id.into(), fields }
+        Record {
+            contact_id: id.into(),
+            fields,
+        }
     }
 
     #[test]
@@ -192,8 +244,22 @@ mod tests {
     #[test]
     fn csv_quotes_nulls_and_types() {
         let rs = [
-            rec("c-1", &[("Agent_Identified__c", true.into()), ("Quality_Score__c", 8.5.into()), ("Notes__c", "said \"hi\", then left\nbye".into())]),
-            rec("c-2", &[("Agent_Identified__c", false.into()), ("Notes__c", Value::Null), ("Call_Outcome__c", "Good".into())]),
+            rec(
+                "c-1",
+                &[
+                    ("Agent_Identified__c", true.into()),
+                    ("Quality_Score__c", 8.5.into()),
+                    ("Notes__c", "said \"hi\", then left\nbye".into()),
+                ],
+            ),
+            rec(
+                "c-2",
+                &[
+                    ("Agent_Identified__c", false.into()),
+                    ("Notes__c", Value::Null),
+                    ("Call_Outcome__c", "Good".into()),
+                ],
+            ),
         ];
         let refs: Vec<&Record> = rs.iter().collect();
         let parts = build_parts(&refs, EXT, MAX_UPLOAD_BYTES).unwrap();
@@ -214,11 +280,19 @@ mod tests {
 
     #[test]
     fn splits_by_size() {
-        let rs: Vec<Record> = (0..10).map(|i| rec(&format!("c-{i}"), &[("Notes__c", "x".repeat(40).into())])).collect();
+        let rs: Vec<Record> = (0..10)
+            .map(|i| rec(&format!("c-{i}"), &[("Notes__c", "x".repeat(40).into())]))
+            .collect();
         let refs: Vec<&Record> = rs.iter().collect();
         let parts = build_parts(&refs, EXT, 150).unwrap();
         assert!(parts.len() > 1);
-        assert_eq!(parts.iter().flat_map(|p| p.rows.clone()).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            parts
+                .iter()
+                .flat_map(|p| p.rows.clone())
+                .collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
         for p in &parts {
             assert!(p.csv.len() <= 150, "{}", p.csv.len());
             assert!(p.csv.starts_with("Trusst_Contact_ID__c,Notes__c\n"));
@@ -240,7 +314,9 @@ mod tests {
         read_results(ok, EXT, true, &index, &mut out).unwrap();
         read_results(failed, EXT, false, &index, &mut out).unwrap();
         assert_eq!(out[0], Some(RecordResult::Written));
-        assert!(matches!(&out[1], Some(RecordResult::Rejected(m)) if m.starts_with("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST:bad value")));
+        assert!(
+            matches!(&out[1], Some(RecordResult::Rejected(m)) if m.starts_with("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST:bad value"))
+        );
         assert_eq!(out[2], None, "c-3 is in neither file: unprocessed");
         assert_eq!(out[3], Some(RecordResult::Written));
         assert!(matches!(&out[4], Some(RecordResult::Transient(_))));
@@ -251,7 +327,10 @@ mod tests {
     fn job_states() {
         let j: JobInfo = serde_json::from_str(r#"{"id":"750x","state":"Failed","errorMessage":"InvalidBatch : Field name not found : Foo__c","numberRecordsProcessed":0}"#).unwrap();
         assert!(j.is_final());
-        assert_eq!(j.error_message.as_deref(), Some("InvalidBatch : Field name not found : Foo__c"));
+        assert_eq!(
+            j.error_message.as_deref(),
+            Some("InvalidBatch : Field name not found : Foo__c")
+        );
         let j: JobInfo = serde_json::from_str(r#"{"id":"750x","state":"InProgress"}"#).unwrap();
         assert!(!j.is_final());
     }

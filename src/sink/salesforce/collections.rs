@@ -45,7 +45,10 @@ pub struct ApiError {
 impl ApiError {
     /// The error code, whichever key carried it.
     pub fn code(&self) -> &str {
-        self.status_code.as_deref().or(self.error_code.as_deref()).unwrap_or("UNKNOWN_ERROR")
+        self.status_code
+            .as_deref()
+            .or(self.error_code.as_deref())
+            .unwrap_or("UNKNOWN_ERROR")
     }
 }
 
@@ -83,8 +86,13 @@ pub fn body<'a>(object: &str, records: impl IntoIterator<Item = &'a Record>) -> 
 
 /// Map a 200 answer to one result per record, in request order.
 pub fn results(body: &str, expected: usize) -> Result<Vec<RecordResult>> {
-    let parsed: Vec<SaveResult> = serde_json::from_str(body)
-        .map_err(|e| Error::external(format!("Salesforce Collections upsert: unexpected answer: {}", snippet(body))).with_source(e))?;
+    let parsed: Vec<SaveResult> = serde_json::from_str(body).map_err(|e| {
+        Error::external(format!(
+            "Salesforce Collections upsert: unexpected answer: {}",
+            snippet(body)
+        ))
+        .with_source(e)
+    })?;
     if parsed.len() != expected {
         // Results are matched by position: with a different count nothing is known per record,
         // so the whole request is retried (upserts are idempotent).
@@ -102,9 +110,14 @@ pub fn results(body: &str, expected: usize) -> Result<Vec<RecordResult>> {
             let text = if r.errors.is_empty() {
                 "UNKNOWN_ERROR: the record was not saved and no reason was given".to_owned()
             } else {
-                r.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                r.errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
             };
-            if !r.errors.is_empty() && r.errors.iter().all(|e| TRANSIENT_CODES.contains(&e.code())) {
+            if !r.errors.is_empty() && r.errors.iter().all(|e| TRANSIENT_CODES.contains(&e.code()))
+            {
                 RecordResult::Transient(text)
             } else {
                 RecordResult::Rejected(text)
@@ -116,14 +129,21 @@ pub fn results(body: &str, expected: usize) -> Result<Vec<RecordResult>> {
 /// The errors of an error response (`[{"message","errorCode","fields"}]`), or the raw body.
 pub fn request_error(body: &str) -> String {
     match serde_json::from_str::<Vec<ApiError>>(body) {
-        Ok(errs) if !errs.is_empty() => errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        Ok(errs) if !errs.is_empty() => errs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
         _ => snippet(body),
     }
 }
 
 /// The first error code of an error response.
 pub fn request_error_code(body: &str) -> Option<String> {
-    serde_json::from_str::<Vec<ApiError>>(body).ok()?.first().map(|e| e.code().to_owned())
+    serde_json::from_str::<Vec<ApiError>>(body)
+        .ok()?
+        .first()
+        .map(|e| e.code().to_owned())
 }
 
 /// At most 500 characters of a body, for messages.
@@ -145,12 +165,24 @@ mod tests {
         for (k, v) in extra {
             fields.insert((*k).into(), v.clone());
         }
-        Record { contact_id: id.into(), fields }
+        Record {
+            contact_id: id.into(),
+            fields,
+        }
     }
 
     #[test]
     fn builds_the_request_body() {
-        let rs = [rec("c-1", &[("Agent_Identified__c", Value::Bool(true)), ("Notes__c", Value::Null)]), rec("c-2", &[("Quality_Score__c", 8.into())])];
+        let rs = [
+            rec(
+                "c-1",
+                &[
+                    ("Agent_Identified__c", Value::Bool(true)),
+                    ("Notes__c", Value::Null),
+                ],
+            ),
+            rec("c-2", &[("Quality_Score__c", 8.into())]),
+        ];
         let b = body("Contact", &rs);
         assert_eq!(
             b,
@@ -179,8 +211,16 @@ mod tests {
                 "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST: bad value for restricted picklist field: Superb (fields: Call_Outcome__c)".into()
             )
         );
-        assert_eq!(r[2], RecordResult::Rejected("STRING_TOO_LONG: Notes: data value too large".into()));
-        assert_eq!(r[3], RecordResult::Transient("UNABLE_TO_LOCK_ROW: unable to obtain exclusive access to this record".into()));
+        assert_eq!(
+            r[2],
+            RecordResult::Rejected("STRING_TOO_LONG: Notes: data value too large".into())
+        );
+        assert_eq!(
+            r[3],
+            RecordResult::Transient(
+                "UNABLE_TO_LOCK_ROW: unable to obtain exclusive access to this record".into()
+            )
+        );
         assert_eq!(r[4], RecordResult::Written);
         assert!(matches!(&r[5], RecordResult::Rejected(m) if m.starts_with("UNKNOWN_ERROR")));
     }
@@ -188,14 +228,20 @@ mod tests {
     #[test]
     fn count_mismatch_and_garbage_are_retryable() {
         let e = results(r#"[{"success":true}]"#, 2).unwrap_err();
-        assert!(e.retryable && e.message().contains("1 results for 2 records"), "{e}");
+        assert!(
+            e.retryable && e.message().contains("1 results for 2 records"),
+            "{e}"
+        );
         assert!(results("<html>", 1).unwrap_err().retryable);
     }
 
     #[test]
     fn whole_request_errors() {
         let b = r#"[{"message":"No such column 'Foo__c' on sobject of type Contact","errorCode":"INVALID_FIELD"}]"#;
-        assert_eq!(request_error(b), "INVALID_FIELD: No such column 'Foo__c' on sobject of type Contact");
+        assert_eq!(
+            request_error(b),
+            "INVALID_FIELD: No such column 'Foo__c' on sobject of type Contact"
+        );
         assert_eq!(request_error_code(b).as_deref(), Some("INVALID_FIELD"));
         assert_eq!(request_error("Bad Gateway"), "Bad Gateway");
         assert_eq!(request_error_code("{}"), None);

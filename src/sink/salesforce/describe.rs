@@ -80,7 +80,9 @@ fn yes() -> bool {
 pub fn fitting_types(conv: Conversion) -> &'static [&'static str] {
     match conv {
         Conversion::Boolean => &["boolean"],
-        Conversion::Number | Conversion::Integer => &["double", "int", "long", "currency", "percent"],
+        Conversion::Number | Conversion::Integer => {
+            &["double", "int", "long", "currency", "percent"]
+        }
         Conversion::Text => &["string", "textarea", "email", "phone", "url", "picklist"],
         Conversion::Picklist => &["picklist", "multipicklist", "string"],
         Conversion::DateTime => &["datetime", "date"],
@@ -88,19 +90,24 @@ pub fn fitting_types(conv: Conversion) -> &'static [&'static str] {
     }
 }
 
-
 impl ObjectFields {
     /// Parse a describe answer.
     pub fn parse(object: &str, body: &str) -> Result<Self> {
-        let d: Describe = serde_json::from_str(body)
-            .map_err(|e| Error::external(format!("describe of {object}: unexpected answer")).with_source(e))?;
+        let d: Describe = serde_json::from_str(body).map_err(|e| {
+            Error::external(format!("describe of {object}: unexpected answer")).with_source(e)
+        })?;
         let fields = d
             .fields
             .into_iter()
             .map(|f| {
                 let info = FieldInfo {
                     writable: f.createable.unwrap_or(true) || f.updateable.unwrap_or(true),
-                    picklist: f.picklist_values.into_iter().filter(|p| p.active).map(|p| p.value).collect(),
+                    picklist: f
+                        .picklist_values
+                        .into_iter()
+                        .filter(|p| p.active)
+                        .map(|p| p.value)
+                        .collect(),
                     name: f.name,
                     kind: f.kind.to_ascii_lowercase(),
                     external_id: f.external_id,
@@ -109,7 +116,11 @@ impl ObjectFields {
                 (info.name.to_ascii_lowercase(), info)
             })
             .collect();
-        Ok(Self { object: d.name.unwrap_or_else(|| object.to_owned()), fields, fetched: Instant::now() })
+        Ok(Self {
+            object: d.name.unwrap_or_else(|| object.to_owned()),
+            fields,
+            fetched: Instant::now(),
+        })
     }
 
     /// A field by name, in any case.
@@ -161,7 +172,11 @@ impl ObjectFields {
                 }
             }
         }
-        if problems.is_empty() { Ok(()) } else { Err(Error::user(problems.join("\n"))) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::user(problems.join("\n")))
+        }
     }
 
     /// Give configured picklist questions and fields without `labels` the values of their
@@ -184,15 +199,26 @@ impl ObjectFields {
             if spec.conversion != Some(Conversion::Picklist) || !spec.labels.is_empty() {
                 return;
             }
-            if let Some(info) = fields.get(field).filter(|i| i.restricted && !i.picklist.is_empty()) {
-                spec.labels = info.picklist.iter().map(|v| (v.clone(), 0)).collect::<BTreeMap<_, _>>();
+            if let Some(info) = fields
+                .get(field)
+                .filter(|i| i.restricted && !i.picklist.is_empty())
+            {
+                spec.labels = info
+                    .picklist
+                    .iter()
+                    .map(|v| (v.clone(), 0))
+                    .collect::<BTreeMap<_, _>>();
             }
         }
     }
 
     /// Fields of a record the object does not have.
     pub fn unknown<'a>(&self, record: &'a Record) -> impl Iterator<Item = &'a str> {
-        record.fields.keys().map(String::as_str).filter(|k| !self.has(k))
+        record
+            .fields
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !self.has(k))
     }
 
     /// Make a record fit to send, or say why it cannot be sent. Unknown fields holding null are
@@ -217,21 +243,48 @@ impl ObjectFields {
             let kind = info.kind.as_str();
             match value {
                 Value::Null => {}
-                Value::Bool(_) if kind != "boolean" && !fitting_types(Conversion::Text).contains(&kind) => {
-                    problems.push(format!("field {name} is of type {kind} and cannot take the boolean {value}"));
+                Value::Bool(_)
+                    if kind != "boolean" && !fitting_types(Conversion::Text).contains(&kind) =>
+                {
+                    problems.push(format!(
+                        "field {name} is of type {kind} and cannot take the boolean {value}"
+                    ));
                 }
-                Value::Number(_) if !matches!(kind, "double" | "int" | "long" | "currency" | "percent" | "string" | "textarea") => {
-                    problems.push(format!("field {name} is of type {kind} and cannot take the number {value}"));
+                Value::Number(_)
+                    if !matches!(
+                        kind,
+                        "double" | "int" | "long" | "currency" | "percent" | "string" | "textarea"
+                    ) =>
+                {
+                    problems.push(format!(
+                        "field {name} is of type {kind} and cannot take the number {value}"
+                    ));
                 }
-                Value::String(_) if matches!(kind, "boolean" | "double" | "int" | "long" | "currency" | "percent") => {
-                    problems.push(format!("field {name} is of type {kind} and cannot take the text {value}"));
+                Value::String(_)
+                    if matches!(
+                        kind,
+                        "boolean" | "double" | "int" | "long" | "currency" | "percent"
+                    ) =>
+                {
+                    problems.push(format!(
+                        "field {name} is of type {kind} and cannot take the text {value}"
+                    ));
                 }
                 Value::String(s) if kind == "date" && s.len() > 10 && s.as_bytes()[10] == b'T' => {
-                    out.fields.insert(name.clone(), Value::String(s[..10].to_owned()));
+                    out.fields
+                        .insert(name.clone(), Value::String(s[..10].to_owned()));
                 }
                 Value::String(s) if info.restricted && !info.picklist.is_empty() => {
-                    let ok = |v: &str| info.picklist.iter().any(|p| p.eq_ignore_ascii_case(v.trim()));
-                    let all_ok = if kind == "multipicklist" { s.split(';').all(ok) } else { ok(s) };
+                    let ok = |v: &str| {
+                        info.picklist
+                            .iter()
+                            .any(|p| p.eq_ignore_ascii_case(v.trim()))
+                    };
+                    let all_ok = if kind == "multipicklist" {
+                        s.split(';').all(ok)
+                    } else {
+                        ok(s)
+                    };
                     if !all_ok {
                         problems.push(format!(
                             "{s:?} is not a value of the restricted picklist {name} ({}); add it to the picklist",
@@ -242,20 +295,41 @@ impl ObjectFields {
                 _ => {}
             }
         }
-        if problems.is_empty() { Ok(out) } else { Err(problems.join("; ")) }
+        if problems.is_empty() {
+            Ok(out)
+        } else {
+            Err(problems.join("; "))
+        }
     }
 }
 
 /// What a planned field is for, and the config key that names it.
 fn origin(mapping: &Mapping, field: &str, ext: bool) -> (String, String) {
     if ext {
-        return ("the external id".into(), "[mapping] external_id_field".into());
+        return (
+            "the external id".into(),
+            "[mapping] external_id_field".into(),
+        );
     }
-    if let Some((ev, _)) = mapping.fields.iter().find(|(_, s)| s.field.as_deref() == Some(field)) {
-        return (format!("event field {ev}"), format!("[mapping.fields] {ev}"));
+    if let Some((ev, _)) = mapping
+        .fields
+        .iter()
+        .find(|(_, s)| s.field.as_deref() == Some(field))
+    {
+        return (
+            format!("event field {ev}"),
+            format!("[mapping.fields] {ev}"),
+        );
     }
-    if let Some(key) = mapping.questions.keys().find(|k| mapping.question_field(k).as_deref() == Some(field)) {
-        return (format!("question {key}"), format!("[mapping.questions.{key}] field"));
+    if let Some(key) = mapping
+        .questions
+        .keys()
+        .find(|k| mapping.question_field(k).as_deref() == Some(field))
+    {
+        return (
+            format!("question {key}"),
+            format!("[mapping.questions.{key}] field"),
+        );
     }
     ("mapped field".into(), "[mapping]".into())
 }
@@ -292,14 +366,20 @@ pub(crate) mod tests {
     }
 
     fn mapping(toml: &str) -> Mapping {
-        Mapping::new(TargetKind::Salesforce, &crate::config::parse::<MappingConfig>(toml).unwrap())
+        Mapping::new(
+            TargetKind::Salesforce,
+            &crate::config::parse::<MappingConfig>(toml).unwrap(),
+        )
     }
 
     #[test]
     fn default_mapping_fits_the_object() {
         let d = ObjectFields::parse("Contact", &contact_describe()).unwrap();
         d.check(&mapping("")).unwrap();
-        d.check(&mapping("[questions.agent_identified]\ntype = \"boolean\"\n[questions.quality_score]\n")).unwrap();
+        d.check(&mapping(
+            "[questions.agent_identified]\ntype = \"boolean\"\n[questions.quality_score]\n",
+        ))
+        .unwrap();
         assert!(d.has("trusst_contact_id__c") && d.has("NOTES__C"));
         assert!(!d.get("Id").unwrap().writable);
     }
@@ -307,7 +387,11 @@ pub(crate) mod tests {
     #[test]
     fn missing_and_mistyped_fields_are_named() {
         let d = ObjectFields::parse("Contact", &contact_describe()).unwrap();
-        let e = d.check(&mapping("[questions.customer_sentiment]\n[questions.quality_score]\ntype = \"boolean\"\n")).unwrap_err();
+        let e = d
+            .check(&mapping(
+                "[questions.customer_sentiment]\n[questions.quality_score]\ntype = \"boolean\"\n",
+            ))
+            .unwrap_err();
         assert_eq!(e.fault, crate::error::Fault::User);
         let m = e.message();
         assert!(
@@ -316,13 +400,35 @@ pub(crate) mod tests {
         );
         assert!(m.contains("field Quality_Score__c (question quality_score) on Contact is of type double, which does not take boolean values"), "{m}");
 
-        let e = d.check(&mapping("external_id_field = \"External_ID__c\"\n")).unwrap_err();
-        assert!(e.message().contains("External_ID__c on Contact is not marked External ID"), "{e}");
-        let e = d.check(&mapping("external_id_field = \"Nope__c\"\n")).unwrap_err();
-        assert!(e.message().contains("external id field Nope__c does not exist on Contact"), "{e}");
-        let e = d.check(&mapping("[fields]\nconn_id = \"Formula__c\"\n")).unwrap_err();
-        assert!(e.message().contains("Formula__c (event field conn_id) on Contact cannot be written"), "{e}");
-        let e = d.check(&mapping("[questions.call_outcome]\ntype = \"option_set\"\n")).unwrap_err();
+        let e = d
+            .check(&mapping("external_id_field = \"External_ID__c\"\n"))
+            .unwrap_err();
+        assert!(
+            e.message()
+                .contains("External_ID__c on Contact is not marked External ID"),
+            "{e}"
+        );
+        let e = d
+            .check(&mapping("external_id_field = \"Nope__c\"\n"))
+            .unwrap_err();
+        assert!(
+            e.message()
+                .contains("external id field Nope__c does not exist on Contact"),
+            "{e}"
+        );
+        let e = d
+            .check(&mapping("[fields]\nconn_id = \"Formula__c\"\n"))
+            .unwrap_err();
+        assert!(
+            e.message()
+                .contains("Formula__c (event field conn_id) on Contact cannot be written"),
+            "{e}"
+        );
+        let e = d
+            .check(&mapping(
+                "[questions.call_outcome]\ntype = \"option_set\"\n",
+            ))
+            .unwrap_err();
         assert!(e.message().contains("option_set is for Dynamics"), "{e}");
     }
 
@@ -331,7 +437,13 @@ pub(crate) mod tests {
         let d = ObjectFields::parse("Contact", &contact_describe()).unwrap();
         let mut m = mapping("[questions.call_outcome]\ntype = \"picklist\"\n");
         d.fill_picklists(&mut m);
-        assert_eq!(m.questions["call_outcome"].labels.keys().collect::<Vec<_>>(), ["Fair", "Good"]);
+        assert_eq!(
+            m.questions["call_outcome"]
+                .labels
+                .keys()
+                .collect::<Vec<_>>(),
+            ["Fair", "Good"]
+        );
         // The unrestricted direction picklist takes any value: left open.
         assert!(m.fields["direction"].labels.is_empty());
     }
@@ -339,19 +451,38 @@ pub(crate) mod tests {
     #[test]
     fn screening_records() {
         let d = ObjectFields::parse("Contact", &contact_describe()).unwrap();
-        let rec = |pairs: Value| Record { contact_id: "c-1".into(), fields: pairs.as_object().cloned().unwrap_or_else(Map::new) };
+        let rec = |pairs: Value| Record {
+            contact_id: "c-1".into(),
+            fields: pairs.as_object().cloned().unwrap_or_else(Map::new),
+        };
         let r = d.screen(&rec(json!({"Trusst_Contact_ID__c": "c-1", "Nps__c": null, "Call_Day__c": "2025-01-15T14:23:10.000Z", "call_outcome__c": "good"}))).unwrap();
         assert!(!r.fields.contains_key("Nps__c"));
         assert_eq!(r.fields["Call_Day__c"], "2025-01-15");
         let e = d.screen(&rec(json!({"Nps__c": 9}))).unwrap_err();
         assert!(e.contains("field Nps__c does not exist on Contact"), "{e}");
-        let e = d.screen(&rec(json!({"Quality_Score__c": "eight"}))).unwrap_err();
+        let e = d
+            .screen(&rec(json!({"Quality_Score__c": "eight"})))
+            .unwrap_err();
         assert!(e.contains("of type double and cannot take the text"), "{e}");
-        let e = d.screen(&rec(json!({"Agent_Identified__c": 1}))).unwrap_err();
-        assert!(e.contains("of type boolean and cannot take the number 1"), "{e}");
-        let e = d.screen(&rec(json!({"Call_Outcome__c": "Old"}))).unwrap_err();
-        assert!(e.contains("restricted picklist Call_Outcome__c (Good, Fair)"), "{e}");
+        let e = d
+            .screen(&rec(json!({"Agent_Identified__c": 1})))
+            .unwrap_err();
+        assert!(
+            e.contains("of type boolean and cannot take the number 1"),
+            "{e}"
+        );
+        let e = d
+            .screen(&rec(json!({"Call_Outcome__c": "Old"})))
+            .unwrap_err();
+        assert!(
+            e.contains("restricted picklist Call_Outcome__c (Good, Fair)"),
+            "{e}"
+        );
         assert!(d.screen(&rec(json!({"Call_Direction__c": "sideways", "Notes__c": "x", "Agent_Identified__c": false}))).is_ok());
-        assert_eq!(d.unknown(&rec(json!({"Nps__c": 1, "Notes__c": 2}))).collect::<Vec<_>>(), ["Nps__c"]);
+        assert_eq!(
+            d.unknown(&rec(json!({"Nps__c": 1, "Notes__c": 2})))
+                .collect::<Vec<_>>(),
+            ["Nps__c"]
+        );
     }
 }

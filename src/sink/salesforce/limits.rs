@@ -20,7 +20,11 @@ pub fn parse(value: &str) -> Option<(u64, u64)> {
         let used = used.trim().parse().ok()?;
         // A trailing annotation such as `5000(appName=x)` only occurs on per-app entries, but
         // tolerate it: the digits are what count.
-        let max: String = max.trim().chars().take_while(char::is_ascii_digit).collect();
+        let max: String = max
+            .trim()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         Some((used, max.parse().ok()?))
     })
 }
@@ -54,7 +58,11 @@ impl Usage {
 
     /// Remember the reading of a response's headers, when it has one.
     pub fn observe(&mut self, headers: &reqwest::header::HeaderMap) {
-        if let Some((used, max)) = headers.get(HEADER).and_then(|v| v.to_str().ok()).and_then(parse) {
+        if let Some((used, max)) = headers
+            .get(HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse)
+        {
             self.record(used, max);
         }
     }
@@ -71,13 +79,18 @@ impl Usage {
 
     /// The reading when it has reached `share`.
     pub fn reached(&self, share: f64) -> Option<(u64, u64)> {
-        self.reading.filter(|&(used, max)| share_reached(used, max, share))
+        self.reading
+            .filter(|&(used, max)| share_reached(used, max, share))
     }
 }
 
 /// The error that pauses writes: retryable after `pause`, so the runner waits and loses nothing.
 pub fn pause_error(used: u64, max: u64, share: f64, pause: Duration) -> Error {
-    let pct = if max == 0 { 100.0 } else { used as f64 * 100.0 / max as f64 };
+    let pct = if max == 0 {
+        100.0
+    } else {
+        used as f64 * 100.0 / max as f64
+    };
     Error::external(format!(
         "Salesforce daily API allowance is {pct:.1}% used ({used}/{max}) ≥ limit_share {:.0}%; pausing writes for {}",
         share * 100.0,
@@ -94,8 +107,14 @@ mod tests {
     fn parses_the_header() {
         assert_eq!(parse("api-usage=18/5000"), Some((18, 5000)));
         assert_eq!(parse(" api-usage=4990/5000 "), Some((4990, 5000)));
-        assert_eq!(parse("api-usage=25/15000; per-app-api-usage=17/250(appName=sample-app)"), Some((25, 15000)));
-        assert_eq!(parse("per-app-api-usage=17/250(appName=x), api-usage=1/2"), Some((1, 2)));
+        assert_eq!(
+            parse("api-usage=25/15000; per-app-api-usage=17/250(appName=sample-app)"),
+            Some((25, 15000))
+        );
+        assert_eq!(
+            parse("per-app-api-usage=17/250(appName=x), api-usage=1/2"),
+            Some((1, 2))
+        );
         assert_eq!(parse("per-app-api-usage=17/250(appName=x)"), None);
         assert_eq!(parse("api-usage=abc/5000"), None);
         assert_eq!(parse("api-usage=18"), None);

@@ -50,7 +50,11 @@ use crate::error::{Error, Fault, Result};
 /// How often a record locked by another transaction is sent again within one call.
 const LOCK_RETRIES: u32 = 3;
 /// Pause before the first resend of locked records (grows linearly).
-const LOCK_BACKOFF: Duration = if cfg!(test) { Duration::from_millis(5) } else { Duration::from_secs(1) };
+const LOCK_BACKOFF: Duration = if cfg!(test) {
+    Duration::from_millis(5)
+} else {
+    Duration::from_secs(1)
+};
 /// Extra requests one Collections chunk may spend isolating the records of a whole-request 400.
 const BISECT_BUDGET: usize = 16;
 /// Shortest time between two describes triggered by unknown fields.
@@ -60,7 +64,11 @@ const POLL_MAX: Duration = Duration::from_secs(10);
 /// Attempts of a read (job status, result files) that meets 429, 5xx or a transport failure.
 const READ_ATTEMPTS: u32 = 6;
 /// Pause before the second attempt of such a read (doubles up to [`POLL_MAX`]).
-const READ_BACKOFF: Duration = if cfg!(test) { Duration::from_millis(5) } else { Duration::from_millis(500) };
+const READ_BACKOFF: Duration = if cfg!(test) {
+    Duration::from_millis(5)
+} else {
+    Duration::from_millis(500)
+};
 /// Most records one `upsert` call takes; larger than any sensible `bulk_threshold`, so that
 /// batches above the threshold reach Bulk API (the runner's batch size is the real bound).
 const MAX_BATCH: usize = 100_000;
@@ -81,16 +89,36 @@ struct Req {
 
 impl Req {
     fn get(path: String, accept: &'static str) -> Self {
-        Self { method: Method::GET, path, body: None, accept }
+        Self {
+            method: Method::GET,
+            path,
+            body: None,
+            accept,
+        }
     }
     fn json(method: Method, path: String, body: &Value) -> Self {
-        Self { method, path, body: Some((JSON, Bytes::from(body.to_string()))), accept: JSON }
+        Self {
+            method,
+            path,
+            body: Some((JSON, Bytes::from(body.to_string()))),
+            accept: JSON,
+        }
     }
     fn csv(method: Method, path: String, body: String) -> Self {
-        Self { method, path, body: Some((CSV, Bytes::from(body))), accept: JSON }
+        Self {
+            method,
+            path,
+            body: Some((CSV, Bytes::from(body))),
+            accept: JSON,
+        }
     }
     fn delete(path: String) -> Self {
-        Self { method: Method::DELETE, path, body: None, accept: JSON }
+        Self {
+            method: Method::DELETE,
+            path,
+            body: None,
+            accept: JSON,
+        }
     }
 }
 
@@ -115,7 +143,10 @@ pub struct Salesforce {
 
 impl std::fmt::Debug for Salesforce {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Salesforce").field("login_url", &self.cfg.login_url).field("usage", &self.usage.get()).finish_non_exhaustive()
+        f.debug_struct("Salesforce")
+            .field("login_url", &self.cfg.login_url)
+            .field("usage", &self.usage.get())
+            .finish_non_exhaustive()
     }
 }
 
@@ -134,14 +165,20 @@ pub fn encode_segment(s: &str) -> String {
 
 /// The external-id value of a record as it is sent.
 fn ext_value<'a>(r: &'a Record, ext: &str) -> &'a str {
-    r.fields.get(ext).and_then(Value::as_str).unwrap_or(&r.contact_id)
+    r.fields
+        .get(ext)
+        .and_then(Value::as_str)
+        .unwrap_or(&r.contact_id)
 }
 
 impl Salesforce {
     /// Check the config (credentials, key, numbers) and build the client; nothing is sent.
     pub fn new(cfg: &Config) -> Result<Self> {
         if !(cfg.limit_share > 0.0 && cfg.limit_share <= 1.0) {
-            return Err(Error::user(format!("[salesforce] limit_share = {} must be above 0 and at most 1 (e.g. 0.9)", cfg.limit_share)));
+            return Err(Error::user(format!(
+                "[salesforce] limit_share = {} must be above 0 and at most 1 (e.g. 0.9)",
+                cfg.limit_share
+            )));
         }
         let version = cfg.api_version.trim_start_matches(['v', 'V']);
         match version.parse::<f64>() {
@@ -187,14 +224,24 @@ impl Salesforce {
                 None => {
                     // Credentials refused mid-run (a rotated secret, a revoked app) are the
                     // operator's to fix, but the records are fine: pause instead of dead-lettering.
-                    let t = self.auth.fetch(&self.client).await.map_err(|e| if e.fault == Fault::User { e.after(self.cfg.limit_pause) } else { e })?;
+                    let t = self.auth.fetch(&self.client).await.map_err(|e| {
+                        if e.fault == Fault::User {
+                            e.after(self.cfg.limit_pause)
+                        } else {
+                            e
+                        }
+                    })?;
                     self.token = Some(t.clone());
                     fresh = true;
                     t
                 }
             };
             let url = format!("{}{}", token.instance_url, req.path);
-            let mut rb = self.client.request(req.method.clone(), &url).bearer_auth(&token.access_token).header(ACCEPT, req.accept);
+            let mut rb = self
+                .client
+                .request(req.method.clone(), &url)
+                .bearer_auth(&token.access_token)
+                .header(ACCEPT, req.accept);
             if let Some((ct, body)) = &req.body {
                 rb = rb.header(CONTENT_TYPE, *ct).body(body.clone());
             }
@@ -229,7 +276,11 @@ impl Salesforce {
                 ))
                 .after(self.cfg.limit_pause));
             }
-            return Ok(Resp { status, headers, body });
+            return Ok(Resp {
+                status,
+                headers,
+                body,
+            });
         }
     }
 
@@ -256,7 +307,9 @@ impl Salesforce {
                 Ok(resp) if resp.status.is_success() => return Ok(resp.body),
                 Ok(resp) if resp.status.as_u16() == 429 || resp.status.is_server_error() => {
                     let e = self.status_error(what, &resp);
-                    wait = http::retry_after(&resp.headers).unwrap_or(wait).min(Duration::from_secs(60));
+                    wait = http::retry_after(&resp.headers)
+                        .unwrap_or(wait)
+                        .min(Duration::from_secs(60));
                     e
                 }
                 Ok(resp) => return Err(self.status_error(what, &resp)),
@@ -284,9 +337,15 @@ impl Salesforce {
         if self.usage.age().is_some_and(|a| a >= self.cfg.limit_pause) {
             // Without a new reading the old one would block writes for ever.
             self.usage = Usage::default();
-            let resp = self.send("Salesforce limits", &Req::get(self.data("/limits/"), JSON)).await?;
+            let resp = self
+                .send("Salesforce limits", &Req::get(self.data("/limits/"), JSON))
+                .await?;
             let reading = serde_json::from_str::<Value>(&resp.body).ok();
-            if let Some((used, max)) = reading.as_ref().filter(|_| resp.status.is_success()).and_then(limits::parse_limits_body) {
+            if let Some((used, max)) = reading
+                .as_ref()
+                .filter(|_| resp.status.is_success())
+                .and_then(limits::parse_limits_body)
+            {
                 self.usage.record(used, max);
             }
         }
@@ -300,7 +359,15 @@ impl Salesforce {
 
     async fn describe(&mut self, object: &str) -> Result<ObjectFields> {
         let what = format!("describe of {object}");
-        let resp = self.send(&what, &Req::get(self.data(&format!("/sobjects/{}/describe", encode_segment(object))), JSON)).await?;
+        let resp = self
+            .send(
+                &what,
+                &Req::get(
+                    self.data(&format!("/sobjects/{}/describe", encode_segment(object))),
+                    JSON,
+                ),
+            )
+            .await?;
         match resp.status.as_u16() {
             200 => ObjectFields::parse(object, &resp.body),
             404 => Err(Error::user(format!(
@@ -314,16 +381,26 @@ impl Salesforce {
     async fn refresh_fields_for(&mut self, object: &str, records: &[Record]) {
         let Some(f) = &self.fields else { return };
         let stale = f.fetched.elapsed() >= self.describe_refresh;
-        if !stale || !records.iter().any(|r| r.fields.iter().any(|(k, v)| !v.is_null() && !f.has(k))) {
+        if !stale
+            || !records
+                .iter()
+                .any(|r| r.fields.iter().any(|(k, v)| !v.is_null() && !f.has(k)))
+        {
             return;
         }
         match self.describe(object).await {
             Ok(f) => self.fields = Some(f),
-            Err(e) => warn!(error = %e, "could not read the describe again; screening with the previous one"),
+            Err(e) => {
+                warn!(error = %e, "could not read the describe again; screening with the previous one")
+            }
         }
     }
 
-    async fn collections_upsert(&mut self, mapping: &Mapping, recs: &[&Record]) -> Result<Vec<Outcome>> {
+    async fn collections_upsert(
+        &mut self,
+        mapping: &Mapping,
+        recs: &[&Record],
+    ) -> Result<Vec<Outcome>> {
         let mut out = Vec::with_capacity(recs.len());
         for chunk in recs.chunks(collections::MAX_RECORDS) {
             out.extend(self.collections_chunk(mapping, chunk).await?);
@@ -332,7 +409,11 @@ impl Salesforce {
     }
 
     /// One chunk of at most 200, resending records that met a locked row.
-    async fn collections_chunk(&mut self, mapping: &Mapping, recs: &[&Record]) -> Result<Vec<Outcome>> {
+    async fn collections_chunk(
+        &mut self,
+        mapping: &Mapping,
+        recs: &[&Record],
+    ) -> Result<Vec<Outcome>> {
         let mut out: Vec<Option<Outcome>> = vec![None; recs.len()];
         let mut pending: Vec<usize> = (0..recs.len()).collect();
         let mut attempt = 0;
@@ -363,16 +444,26 @@ impl Salesforce {
                     attempt
                 )));
             }
-            warn!(records = locked.len(), attempt, "Salesforce rows locked by another transaction; sending them again");
+            warn!(
+                records = locked.len(),
+                attempt, "Salesforce rows locked by another transaction; sending them again"
+            );
             tokio::time::sleep(LOCK_BACKOFF * attempt).await;
             pending = locked;
         }
-        Ok(out.into_iter().map(|o| o.unwrap_or_else(|| Outcome::Rejected("no result for this record".into()))).collect())
+        Ok(out
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::Rejected("no result for this record".into())))
+            .collect())
     }
 
     /// Send records as Collections requests; a whole-request 400 is split to find the records
     /// at fault.
-    async fn collections_send(&mut self, mapping: &Mapping, recs: &[&Record]) -> Result<Vec<RecordResult>> {
+    async fn collections_send(
+        &mut self,
+        mapping: &Mapping,
+        recs: &[&Record],
+    ) -> Result<Vec<RecordResult>> {
         let what = "Salesforce Collections upsert";
         let path = self.data(&format!(
             "/composite/sobjects/{}/{}",
@@ -385,10 +476,15 @@ impl Salesforce {
         while let Some((lo, hi)) = stack.pop() {
             self.check_allowance().await?;
             let body = collections::body(&mapping.object, recs[lo..hi].iter().copied());
-            let resp = self.send(what, &Req::json(Method::PATCH, path.clone(), &body)).await?;
+            let resp = self
+                .send(what, &Req::json(Method::PATCH, path.clone(), &body))
+                .await?;
             match resp.status.as_u16() {
                 200 => {
-                    for (k, r) in collections::results(&resp.body, hi - lo)?.into_iter().enumerate() {
+                    for (k, r) in collections::results(&resp.body, hi - lo)?
+                        .into_iter()
+                        .enumerate()
+                    {
                         res[lo + k] = Some(r);
                     }
                 }
@@ -408,7 +504,12 @@ impl Salesforce {
                 _ => return Err(self.status_error(what, &resp)),
             }
         }
-        Ok(res.into_iter().map(|r| r.unwrap_or_else(|| RecordResult::Rejected("no result for this record".into()))).collect())
+        Ok(res
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| RecordResult::Rejected("no result for this record".into()))
+            })
+            .collect())
     }
 
     async fn bulk_upsert(&mut self, mapping: &Mapping, recs: &[&Record]) -> Result<Vec<Outcome>> {
@@ -419,19 +520,45 @@ impl Salesforce {
             self.check_allowance().await?;
             let job = self.run_job(mapping, part).await?;
             let jp = self.data(&format!("/jobs/ingest/{}", encode_segment(&job)));
-            let index: HashMap<&str, usize> = part.rows.iter().map(|&i| (ext_value(recs[i], ext), i)).collect();
-            let ok = self.read("Bulk API successful results", &format!("{jp}/successfulResults/"), CSV).await?;
+            let index: HashMap<&str, usize> = part
+                .rows
+                .iter()
+                .map(|&i| (ext_value(recs[i], ext), i))
+                .collect();
+            let ok = self
+                .read(
+                    "Bulk API successful results",
+                    &format!("{jp}/successfulResults/"),
+                    CSV,
+                )
+                .await?;
             bulk::read_results(&ok, ext, true, &index, &mut res)?;
-            let failed = self.read("Bulk API failed results", &format!("{jp}/failedResults/"), CSV).await?;
+            let failed = self
+                .read(
+                    "Bulk API failed results",
+                    &format!("{jp}/failedResults/"),
+                    CSV,
+                )
+                .await?;
             bulk::read_results(&failed, ext, false, &index, &mut res)?;
             let missing = part.rows.iter().filter(|&&i| res[i].is_none()).count();
             if missing > 0 {
-                let unprocessed = self.read("Bulk API unprocessed records", &format!("{jp}/unprocessedrecords/"), CSV).await.map(|t| bulk::count_rows(&t));
+                let unprocessed = self
+                    .read(
+                        "Bulk API unprocessed records",
+                        &format!("{jp}/unprocessedrecords/"),
+                        CSV,
+                    )
+                    .await
+                    .map(|t| bulk::count_rows(&t));
                 warn!(job = %job, missing, unprocessed = ?unprocessed.ok(), "Bulk API job left records unprocessed");
             }
         }
         let missing = res.iter().filter(|r| r.is_none()).count();
-        let locked = res.iter().filter(|r| matches!(r, Some(RecordResult::Transient(_)))).count();
+        let locked = res
+            .iter()
+            .filter(|r| matches!(r, Some(RecordResult::Transient(_))))
+            .count();
         if missing + locked > 0 {
             // Written rows are written again on the retry: upserts are idempotent.
             return Err(Error::external(format!(
@@ -450,18 +577,37 @@ impl Salesforce {
 
     /// Create a job, upload the CSV, close it and wait for it to complete; returns the job id.
     async fn run_job(&mut self, mapping: &Mapping, part: &bulk::Part) -> Result<String> {
-        let create = Req::json(Method::POST, self.data("/jobs/ingest"), &bulk::job_request(&mapping.object, &mapping.external_id_field));
+        let create = Req::json(
+            Method::POST,
+            self.data("/jobs/ingest"),
+            &bulk::job_request(&mapping.object, &mapping.external_id_field),
+        );
         let resp = self.send("Bulk API job creation", &create).await?;
         if !resp.status.is_success() {
             return Err(self.status_error("Bulk API job creation", &resp));
         }
-        let job: bulk::JobInfo = serde_json::from_str(&resp.body)
-            .map_err(|e| Error::external(format!("Bulk API job creation: unexpected answer: {}", collections::snippet(&resp.body))).with_source(e))?;
+        let job: bulk::JobInfo = serde_json::from_str(&resp.body).map_err(|e| {
+            Error::external(format!(
+                "Bulk API job creation: unexpected answer: {}",
+                collections::snippet(&resp.body)
+            ))
+            .with_source(e)
+        })?;
         let jp = self.data(&format!("/jobs/ingest/{}", encode_segment(&job.id)));
         info!(job = %job.id, records = part.rows.len(), bytes = part.csv.len(), "Bulk API job created");
         let steps = [
-            ("Bulk API upload", Req::csv(Method::PUT, format!("{jp}/batches"), part.csv.clone())),
-            ("Bulk API job close", Req::json(Method::PATCH, jp.clone(), &json!({ "state": "UploadComplete" }))),
+            (
+                "Bulk API upload",
+                Req::csv(Method::PUT, format!("{jp}/batches"), part.csv.clone()),
+            ),
+            (
+                "Bulk API job close",
+                Req::json(
+                    Method::PATCH,
+                    jp.clone(),
+                    &json!({ "state": "UploadComplete" }),
+                ),
+            ),
         ];
         for (what, req) in &steps {
             let r = match self.send(what, req).await {
@@ -497,8 +643,13 @@ impl Salesforce {
         loop {
             tokio::time::sleep(interval).await;
             let body = self.read("Bulk API job status", jp, JSON).await?;
-            let info: bulk::JobInfo = serde_json::from_str(&body)
-                .map_err(|e| Error::external(format!("Bulk API job status: unexpected answer: {}", collections::snippet(&body))).with_source(e))?;
+            let info: bulk::JobInfo = serde_json::from_str(&body).map_err(|e| {
+                Error::external(format!(
+                    "Bulk API job status: unexpected answer: {}",
+                    collections::snippet(&body)
+                ))
+                .with_source(e)
+            })?;
             if info.is_final() {
                 return Ok(info);
             }
@@ -517,9 +668,17 @@ impl Salesforce {
 
     /// Best effort: an abandoned job would otherwise still run and count against limits.
     async fn abort_job(&mut self, jp: &str) {
-        match self.send("Bulk API job abort", &Req::json(Method::PATCH, jp.to_owned(), &json!({ "state": "Aborted" }))).await {
+        match self
+            .send(
+                "Bulk API job abort",
+                &Req::json(Method::PATCH, jp.to_owned(), &json!({ "state": "Aborted" })),
+            )
+            .await
+        {
             Ok(r) if r.status.is_success() => info!(job = %jp, "Bulk API job aborted"),
-            Ok(r) => warn!(job = %jp, status = r.status.as_u16(), "could not abort the Bulk API job"),
+            Ok(r) => {
+                warn!(job = %jp, status = r.status.as_u16(), "could not abort the Bulk API job")
+            }
             Err(e) => warn!(job = %jp, error = %e, "could not abort the Bulk API job"),
         }
     }
@@ -626,17 +785,27 @@ impl Target for Salesforce {
         if recs.len() <= self.cfg.bulk_threshold {
             let url = format!(
                 "{base}{}",
-                self.data(&format!("/composite/sobjects/{}/{}", encode_segment(&mapping.object), encode_segment(&mapping.external_id_field)))
+                self.data(&format!(
+                    "/composite/sobjects/{}/{}",
+                    encode_segment(&mapping.object),
+                    encode_segment(&mapping.external_id_field)
+                ))
             );
             return recs
                 .chunks(collections::MAX_RECORDS)
-                .map(|c| format!("PATCH {url} {}", collections::body(&mapping.object, c.iter().copied())))
+                .map(|c| {
+                    format!(
+                        "PATCH {url} {}",
+                        collections::body(&mapping.object, c.iter().copied())
+                    )
+                })
                 .collect();
         }
-        let parts = match bulk::build_parts(&recs, &mapping.external_id_field, bulk::MAX_UPLOAD_BYTES) {
-            Ok(p) => p,
-            Err(e) => return vec![format!("# {e}")],
-        };
+        let parts =
+            match bulk::build_parts(&recs, &mapping.external_id_field, bulk::MAX_UPLOAD_BYTES) {
+                Ok(p) => p,
+                Err(e) => return vec![format!("# {e}")],
+            };
         let jobs = format!("{base}{}", self.data("/jobs/ingest"));
         let create = bulk::job_request(&mapping.object, &mapping.external_id_field);
         parts
@@ -646,7 +815,11 @@ impl Target for Salesforce {
                 let job = format!("{jobs}/<job {}>", n + 1);
                 [
                     format!("POST {jobs} {create}"),
-                    format!("PUT {job}/batches text/csv: header + {} lines, {} bytes", p.rows.len(), p.csv.len()),
+                    format!(
+                        "PUT {job}/batches text/csv: header + {} lines, {} bytes",
+                        p.rows.len(),
+                        p.csv.len()
+                    ),
                     format!("PATCH {job} {}", json!({ "state": "UploadComplete" })),
                 ]
             })

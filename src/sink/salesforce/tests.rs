@@ -38,15 +38,26 @@ type Shared = Arc<Mutex<Org>>;
 
 fn reply(status: u16, org: &Org, body: String) -> (AxStatus, AxHeaders, String) {
     let mut h = AxHeaders::new();
-    h.insert("sforce-limit-info", format!("api-usage={}/{}", org.used, org.max).parse().unwrap());
+    h.insert(
+        "sforce-limit-info",
+        format!("api-usage={}/{}", org.used, org.max)
+            .parse()
+            .unwrap(),
+    );
     (AxStatus::from_u16(status).unwrap(), h, body)
 }
 
 /// Decide a record's fate from its Notes__c, the way a real org would for such data.
 fn save(org: &mut Org, rec: Map<String, Value>) -> Value {
-    let id = rec.get(EXT).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let id = rec
+        .get(EXT)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     match rec.get("Notes__c").and_then(Value::as_str) {
-        Some("too long") => json!({"success": false, "errors": [{"statusCode": "STRING_TOO_LONG", "message": "Notes: data value too large", "fields": ["Notes__c"]}]}),
+        Some("too long") => {
+            json!({"success": false, "errors": [{"statusCode": "STRING_TOO_LONG", "message": "Notes: data value too large", "fields": ["Notes__c"]}]})
+        }
         Some("locked") if org.locked_once.insert(id.clone()) => {
             json!({"success": false, "errors": [{"statusCode": "UNABLE_TO_LOCK_ROW", "message": "unable to obtain exclusive access to this record"}]})
         }
@@ -60,7 +71,13 @@ fn save(org: &mut Org, rec: Map<String, Value>) -> Value {
     }
 }
 
-async fn handle(State(org): State<Shared>, method: AxMethod, uri: Uri, headers: AxHeaders, body: bytes::Bytes) -> (AxStatus, AxHeaders, String) {
+async fn handle(
+    State(org): State<Shared>,
+    method: AxMethod,
+    uri: Uri,
+    headers: AxHeaders,
+    body: bytes::Bytes,
+) -> (AxStatus, AxHeaders, String) {
     let mut org = org.lock().unwrap();
     let path = uri.path().to_owned();
     let line = format!("{method} {path}");
@@ -71,25 +88,43 @@ async fn handle(State(org): State<Shared>, method: AxMethod, uri: Uri, headers: 
         let b = json!({"access_token": org.valid_token, "instance_url": org.base, "token_type": "Bearer"}).to_string();
         return (AxStatus::OK, AxHeaders::new(), b);
     }
-    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if bearer != format!("Bearer {}", org.valid_token) {
-        return reply(401, &org, r#"[{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]"#.into());
+        return reply(
+            401,
+            &org,
+            r#"[{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]"#.into(),
+        );
     }
     org.used += 1;
-    if let Some(pos) = org.force.iter().position(|(p, _, _)| line.starts_with(p.as_str())) {
+    if let Some(pos) = org
+        .force
+        .iter()
+        .position(|(p, _, _)| line.starts_with(p.as_str()))
+    {
         let (_, status, b) = org.force.remove(pos).unwrap();
         return reply(status, &org, b);
     }
-    let rest = path.strip_prefix("/services/data/v62.0").unwrap_or(&path).to_owned();
+    let rest = path
+        .strip_prefix("/services/data/v62.0")
+        .unwrap_or(&path)
+        .to_owned();
     let text = String::from_utf8_lossy(&body).to_string();
     match (method.as_str(), rest.as_str()) {
         ("GET", "/sobjects/Contact/describe") => {
             let mut d: Value = serde_json::from_str(&describe::tests::contact_describe()).unwrap();
-            d["fields"].as_array_mut().unwrap().extend(org.new_fields.iter().cloned());
+            d["fields"]
+                .as_array_mut()
+                .unwrap()
+                .extend(org.new_fields.iter().cloned());
             reply(200, &org, d.to_string())
         }
         ("GET", "/limits/") => {
-            let b = json!({"DailyApiRequests": {"Max": org.max, "Remaining": org.max - org.used}}).to_string();
+            let b = json!({"DailyApiRequests": {"Max": org.max, "Remaining": org.max - org.used}})
+                .to_string();
             reply(200, &org, b)
         }
         ("PATCH", "/composite/sobjects/Contact/Trusst_Contact_ID__c") => {
@@ -99,7 +134,10 @@ async fn handle(State(org): State<Shared>, method: AxMethod, uri: Uri, headers: 
             if recs.iter().any(|r| r["Notes__c"] == "poison") {
                 return reply(400, &org, r#"[{"message":"Cannot deserialize instance of double from VALUE_STRING","errorCode":"JSON_PARSER_ERROR"}]"#.into());
             }
-            let results: Vec<Value> = recs.into_iter().map(|r| save(&mut org, r.as_object().unwrap().clone())).collect();
+            let results: Vec<Value> = recs
+                .into_iter()
+                .map(|r| save(&mut org, r.as_object().unwrap().clone()))
+                .collect();
             reply(200, &org, Value::Array(results).to_string())
         }
         ("POST", "/jobs/ingest") => {
@@ -164,12 +202,20 @@ async fn handle(State(org): State<Shared>, method: AxMethod, uri: Uri, headers: 
                 reply(404, &org, r#"[{"errorCode":"NOT_FOUND","message":"The requested resource does not exist"}]"#.into())
             }
         }
-        _ => reply(404, &org, r#"[{"errorCode":"NOT_FOUND","message":"The requested resource does not exist"}]"#.into()),
+        _ => reply(
+            404,
+            &org,
+            r#"[{"errorCode":"NOT_FOUND","message":"The requested resource does not exist"}]"#
+                .into(),
+        ),
     }
 }
 
 async fn fake_org() -> Shared {
-    let org: Shared = Arc::new(Mutex::new(Org { max: 5000, ..Default::default() }));
+    let org: Shared = Arc::new(Mutex::new(Org {
+        max: 5000,
+        ..Default::default()
+    }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     org.lock().unwrap().base = format!("http://{}", listener.local_addr().unwrap());
     let app = axum::Router::new().fallback(handle).with_state(org.clone());
@@ -185,7 +231,8 @@ fn config(base: &str, extra: &str) -> Config {
 }
 
 fn mapping() -> Mapping {
-    let cfg: MappingConfig = crate::config::parse("[questions.call_outcome]\ntype = \"picklist\"\n").unwrap();
+    let cfg: MappingConfig =
+        crate::config::parse("[questions.call_outcome]\ntype = \"picklist\"\n").unwrap();
     Mapping::new(TargetKind::Salesforce, &cfg)
 }
 
@@ -194,7 +241,10 @@ fn rec(id: &str, notes: &str) -> Record {
     fields.insert(EXT.into(), id.into());
     fields.insert("Notes__c".into(), notes.into());
     fields.insert("Agent_Identified__c".into(), true.into());
-    Record { contact_id: id.into(), fields }
+    Record {
+        contact_id: id.into(),
+        fields,
+    }
 }
 
 async fn ready(org: &Shared, extra: &str) -> (Salesforce, Mapping) {
@@ -213,21 +263,59 @@ fn log(org: &Shared) -> Vec<String> {
 async fn prepare_upsert_refresh_and_delete() {
     let org = fake_org().await;
     let (mut sf, m) = ready(&org, "").await;
-    assert_eq!(m.questions["call_outcome"].labels.len(), 2, "restricted picklist values filled from describe");
-    assert_eq!(log(&org), ["POST /services/oauth2/token", "GET /services/data/v62.0/sobjects/Contact/describe"]);
+    assert_eq!(
+        m.questions["call_outcome"].labels.len(),
+        2,
+        "restricted picklist values filled from describe"
+    );
+    assert_eq!(
+        log(&org),
+        [
+            "POST /services/oauth2/token",
+            "GET /services/data/v62.0/sobjects/Contact/describe"
+        ]
+    );
 
     let mut unknown = rec("c-4", "x");
-    unknown.fields.insert("Customer_Mood__c".into(), "calm".into());
+    unknown
+        .fields
+        .insert("Customer_Mood__c".into(), "calm".into());
     let mut unanswered = rec("c-5", "x");
     unanswered.fields.insert("Nps__c".into(), Value::Null);
-    let out = sf.upsert(&m, &[rec("c-1", "fine"), rec("c-2", "too long"), rec("c-3", "locked"), unknown, unanswered]).await.unwrap();
+    let out = sf
+        .upsert(
+            &m,
+            &[
+                rec("c-1", "fine"),
+                rec("c-2", "too long"),
+                rec("c-3", "locked"),
+                unknown,
+                unanswered,
+            ],
+        )
+        .await
+        .unwrap();
     assert_eq!(out[0], Outcome::Written);
-    assert_eq!(out[1], Outcome::Rejected("STRING_TOO_LONG: Notes: data value too large (fields: Notes__c)".into()));
+    assert_eq!(
+        out[1],
+        Outcome::Rejected("STRING_TOO_LONG: Notes: data value too large (fields: Notes__c)".into())
+    );
     assert_eq!(out[2], Outcome::Written, "a locked row is sent again");
-    assert!(matches!(&out[3], Outcome::Rejected(m) if m.contains("field Customer_Mood__c does not exist on Contact")), "{out:?}");
-    assert_eq!(out[4], Outcome::Written, "a null for a missing field is dropped");
+    assert!(
+        matches!(&out[3], Outcome::Rejected(m) if m.contains("field Customer_Mood__c does not exist on Contact")),
+        "{out:?}"
+    );
+    assert_eq!(
+        out[4],
+        Outcome::Written,
+        "a null for a missing field is dropped"
+    );
     let l = log(&org);
-    assert_eq!(l.iter().filter(|l| l.starts_with("PATCH")).count(), 2, "{l:?}");
+    assert_eq!(
+        l.iter().filter(|l| l.starts_with("PATCH")).count(),
+        2,
+        "{l:?}"
+    );
     // The unknown field does not read the describe again right away.
     assert!(!l.iter().any(|l| l.contains("describe")));
     {
@@ -238,13 +326,24 @@ async fn prepare_upsert_refresh_and_delete() {
 
     // Expired session: one new token, the request goes through.
     org.lock().unwrap().valid_token = "rotated".into();
-    assert_eq!(sf.upsert(&m, &[rec("c-1", "again")]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        sf.upsert(&m, &[rec("c-1", "again")]).await.unwrap(),
+        [Outcome::Written]
+    );
     assert_eq!(org.lock().unwrap().token_n, 2);
 
-    org.lock().unwrap().records.insert("a/b c".into(), Map::new());
-    let out = sf.delete(&m, &["c-1".into(), "never-written".into(), "a/b c".into()]).await.unwrap();
+    org.lock()
+        .unwrap()
+        .records
+        .insert("a/b c".into(), Map::new());
+    let out = sf
+        .delete(&m, &["c-1".into(), "never-written".into(), "a/b c".into()])
+        .await
+        .unwrap();
     assert_eq!(out, [Outcome::Written, Outcome::Written, Outcome::Written]);
-    assert!(log(&org).contains(&"DELETE /services/data/v62.0/sobjects/Contact/Trusst_Contact_ID__c/a%2Fb%20c".to_owned()));
+    assert!(log(&org).contains(
+        &"DELETE /services/data/v62.0/sobjects/Contact/Trusst_Contact_ID__c/a%2Fb%20c".to_owned()
+    ));
     assert!(!org.lock().unwrap().records.contains_key("a/b c"));
 }
 
@@ -254,26 +353,46 @@ async fn a_field_created_while_running_is_picked_up() {
     let (mut sf, m) = ready(&org, "").await;
     let mut r = rec("c-1", "x");
     r.fields.insert("Customer_Mood__c".into(), "calm".into());
-    assert!(matches!(&sf.upsert(&m, std::slice::from_ref(&r)).await.unwrap()[0], Outcome::Rejected(_)));
-    org.lock().unwrap().new_fields.push(json!({"name": "Customer_Mood__c", "type": "string"}));
+    assert!(matches!(
+        &sf.upsert(&m, std::slice::from_ref(&r)).await.unwrap()[0],
+        Outcome::Rejected(_)
+    ));
+    org.lock()
+        .unwrap()
+        .new_fields
+        .push(json!({"name": "Customer_Mood__c", "type": "string"}));
     // Within the refresh interval the old describe still rules.
-    assert!(matches!(&sf.upsert(&m, std::slice::from_ref(&r)).await.unwrap()[0], Outcome::Rejected(_)));
+    assert!(matches!(
+        &sf.upsert(&m, std::slice::from_ref(&r)).await.unwrap()[0],
+        Outcome::Rejected(_)
+    ));
     sf.describe_refresh = Duration::ZERO;
     log(&org);
     assert_eq!(sf.upsert(&m, &[r]).await.unwrap(), [Outcome::Written]);
-    assert_eq!(log(&org)[0], "GET /services/data/v62.0/sobjects/Contact/describe");
-    assert_eq!(org.lock().unwrap().records["c-1"]["Customer_Mood__c"], "calm");
+    assert_eq!(
+        log(&org)[0],
+        "GET /services/data/v62.0/sobjects/Contact/describe"
+    );
+    assert_eq!(
+        org.lock().unwrap().records["c-1"]["Customer_Mood__c"],
+        "calm"
+    );
 }
 
 #[tokio::test]
 async fn whole_request_400_is_narrowed_to_the_bad_record() {
     let org = fake_org().await;
     let (mut sf, m) = ready(&org, "").await;
-    let recs: Vec<Record> = (0..6).map(|i| rec(&format!("c-{i}"), if i == 4 { "poison" } else { "ok" })).collect();
+    let recs: Vec<Record> = (0..6)
+        .map(|i| rec(&format!("c-{i}"), if i == 4 { "poison" } else { "ok" }))
+        .collect();
     let out = sf.upsert(&m, &recs).await.unwrap();
     for (i, o) in out.iter().enumerate() {
         if i == 4 {
-            assert!(matches!(o, Outcome::Rejected(m) if m.starts_with("JSON_PARSER_ERROR")), "{o:?}");
+            assert!(
+                matches!(o, Outcome::Rejected(m) if m.starts_with("JSON_PARSER_ERROR")),
+                "{o:?}"
+            );
         } else {
             assert_eq!(o, &Outcome::Written);
         }
@@ -286,30 +405,66 @@ async fn request_statuses_map_to_the_contract() {
     let org = fake_org().await;
     let (mut sf, m) = ready(&org, "").await;
     let patch = "PATCH /services/data/v62.0/composite";
-    org.lock().unwrap().force.push_back((patch.into(), 503, "busy".into()));
+    org.lock()
+        .unwrap()
+        .force
+        .push_back((patch.into(), 503, "busy".into()));
     let e = sf.upsert(&m, &[rec("c-1", "x")]).await.unwrap_err();
     assert!(e.retryable && e.retry_after.is_none(), "{e}");
 
-    org.lock().unwrap().force.push_back((patch.into(), 429, "slow down".into()));
-    assert!(sf.upsert(&m, &[rec("c-1", "x")]).await.unwrap_err().retry_after.is_some());
+    org.lock()
+        .unwrap()
+        .force
+        .push_back((patch.into(), 429, "slow down".into()));
+    assert!(
+        sf.upsert(&m, &[rec("c-1", "x")])
+            .await
+            .unwrap_err()
+            .retry_after
+            .is_some()
+    );
 
-    org.lock().unwrap().force.push_back((patch.into(), 404, r#"[{"errorCode":"NOT_FOUND","message":"nope"}]"#.into()));
+    org.lock().unwrap().force.push_back((
+        patch.into(),
+        404,
+        r#"[{"errorCode":"NOT_FOUND","message":"nope"}]"#.into(),
+    ));
     let e = sf.upsert(&m, &[rec("c-1", "x")]).await.unwrap_err();
-    assert!(!e.retryable && e.message().contains("NOT_FOUND: nope"), "{e}");
+    assert!(
+        !e.retryable && e.message().contains("NOT_FOUND: nope"),
+        "{e}"
+    );
 
-    org.lock().unwrap().force.push_back((patch.into(), 400, r#"[{"errorCode":"INVALID_FIELD","message":"No such column"}]"#.into()));
-    assert_eq!(sf.upsert(&m, &[rec("c-1", "x")]).await.unwrap(), [Outcome::Rejected("INVALID_FIELD: No such column".into())]);
+    org.lock().unwrap().force.push_back((
+        patch.into(),
+        400,
+        r#"[{"errorCode":"INVALID_FIELD","message":"No such column"}]"#.into(),
+    ));
+    assert_eq!(
+        sf.upsert(&m, &[rec("c-1", "x")]).await.unwrap(),
+        [Outcome::Rejected("INVALID_FIELD: No such column".into())]
+    );
 
-    org.lock().unwrap().force.push_back((patch.into(), 403, r#"[{"errorCode":"INSUFFICIENT_ACCESS","message":"no"}]"#.into()));
+    org.lock().unwrap().force.push_back((
+        patch.into(),
+        403,
+        r#"[{"errorCode":"INSUFFICIENT_ACCESS","message":"no"}]"#.into(),
+    ));
     let e = sf.upsert(&m, &[rec("c-1", "x")]).await.unwrap_err();
-    assert!(e.fault == Fault::User && e.retryable, "permissions pause, records are kept: {e}");
+    assert!(
+        e.fault == Fault::User && e.retryable,
+        "permissions pause, records are kept: {e}"
+    );
 
     // Every attempt locked: a retryable error after a few tries.
     let mut locked = rec("c-9", "x");
     locked.fields.insert("Notes__c".into(), "locked".into());
     for _ in 0..=LOCK_RETRIES {
         let lock = r#"[{"success":false,"errors":[{"statusCode":"UNABLE_TO_LOCK_ROW","message":"locked"}]}]"#;
-        org.lock().unwrap().force.push_back((patch.into(), 200, lock.into()));
+        org.lock()
+            .unwrap()
+            .force
+            .push_back((patch.into(), 200, lock.into()));
     }
     let e = sf.upsert(&m, &[locked]).await.unwrap_err();
     assert!(e.retryable && e.message().contains("stayed locked"), "{e}");
@@ -321,28 +476,49 @@ async fn allowance_pauses_writes_and_resumes() {
     let (mut sf, m) = ready(&org, "limit_share = 0.9\nlimit_pause = \"50ms\"").await;
     org.lock().unwrap().used = 4600;
     // This write still goes (the last reading was low) and reads 4601/5000.
-    assert_eq!(sf.upsert(&m, &[rec("c-1", "x")]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        sf.upsert(&m, &[rec("c-1", "x")]).await.unwrap(),
+        [Outcome::Written]
+    );
     log(&org);
     let e = sf.upsert(&m, &[rec("c-2", "x")]).await.unwrap_err();
-    assert!(e.retryable && e.retry_after == Some(Duration::from_millis(50)), "{e}");
+    assert!(
+        e.retryable && e.retry_after == Some(Duration::from_millis(50)),
+        "{e}"
+    );
     assert!(e.message().contains("(4601/5000)"), "{e}");
     assert!(log(&org).is_empty(), "nothing is sent while paused");
-    assert!(sf.delete(&m, &["c-1".into()]).await.unwrap_err().retry_after.is_some());
+    assert!(
+        sf.delete(&m, &["c-1".into()])
+            .await
+            .unwrap_err()
+            .retry_after
+            .is_some()
+    );
 
     // After the pause the usage is read again; the window has rolled on.
     tokio::time::sleep(Duration::from_millis(60)).await;
     org.lock().unwrap().used = 100;
-    assert_eq!(sf.upsert(&m, &[rec("c-2", "x")]).await.unwrap(), [Outcome::Written]);
+    assert_eq!(
+        sf.upsert(&m, &[rec("c-2", "x")]).await.unwrap(),
+        [Outcome::Written]
+    );
     assert_eq!(log(&org)[0], "GET /services/data/v62.0/limits/");
 
     // The org says the allowance is spent: pause, never dead-letter.
     org.lock().unwrap().force.push_back((
         "PATCH".into(),
         403,
-        r#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#.into(),
+        r#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#
+            .into(),
     ));
     let e = sf.upsert(&m, &[rec("c-3", "x")]).await.unwrap_err();
-    assert!(e.retryable && e.retry_after == Some(Duration::from_millis(50)) && e.message().contains("REQUEST_LIMIT_EXCEEDED"), "{e}");
+    assert!(
+        e.retryable
+            && e.retry_after == Some(Duration::from_millis(50))
+            && e.message().contains("REQUEST_LIMIT_EXCEEDED"),
+        "{e}"
+    );
     assert_eq!(sf.api_usage(), Some((5000, 5000)));
 }
 
@@ -350,23 +526,55 @@ async fn allowance_pauses_writes_and_resumes() {
 async fn bulk_job_survives_a_bad_poll_and_matches_shuffled_results() {
     let org = fake_org().await;
     let (mut sf, m) = ready(&org, "bulk_threshold = 2").await;
-    org.lock().unwrap().force.push_back(("GET /services/data/v62.0/jobs/ingest/750J1".into(), 503, "Service Unavailable".into()));
-    let recs = [rec("c-1", "a, \"quoted\"\nline"), rec("c-2", "too long"), rec("c-3", "ok"), rec("c-4", "ok")];
+    org.lock().unwrap().force.push_back((
+        "GET /services/data/v62.0/jobs/ingest/750J1".into(),
+        503,
+        "Service Unavailable".into(),
+    ));
+    let recs = [
+        rec("c-1", "a, \"quoted\"\nline"),
+        rec("c-2", "too long"),
+        rec("c-3", "ok"),
+        rec("c-4", "ok"),
+    ];
     let out = sf.upsert(&m, &recs).await.unwrap();
     assert_eq!(out[0], Outcome::Written);
-    assert_eq!(out[1], Outcome::Rejected("STRING_TOO_LONG:Notes: data value too large:Notes__c --".into()));
+    assert_eq!(
+        out[1],
+        Outcome::Rejected("STRING_TOO_LONG:Notes: data value too large:Notes__c --".into())
+    );
     assert_eq!(&out[2..], [Outcome::Written, Outcome::Written]);
     let l = log(&org);
-    assert!(l.contains(&"POST /services/data/v62.0/jobs/ingest".to_owned()), "{l:?}");
+    assert!(
+        l.contains(&"POST /services/data/v62.0/jobs/ingest".to_owned()),
+        "{l:?}"
+    );
     assert!(l.contains(&"PUT /services/data/v62.0/jobs/ingest/750J1/batches".to_owned()));
     assert!(l.contains(&"PATCH /services/data/v62.0/jobs/ingest/750J1".to_owned()));
     assert!(!l.iter().any(|l| l.contains("unprocessedrecords")));
-    assert!(org.lock().unwrap().jobs["750J1"].0.contains("\"a, \"\"quoted\"\"\nline\""));
+    assert!(
+        org.lock().unwrap().jobs["750J1"]
+            .0
+            .contains("\"a, \"\"quoted\"\"\nline\"")
+    );
 
     // A row in neither result file: the batch is retried.
-    let e = sf.upsert(&m, &[rec("c-5", "ok"), rec("c-6", "skip-me"), rec("c-7", "ok")]).await.unwrap_err();
-    assert!(e.retryable && e.message().contains("1 of 3 records unprocessed"), "{e}");
-    assert!(log(&org).iter().any(|l| l.ends_with("/unprocessedrecords/")));
+    let e = sf
+        .upsert(
+            &m,
+            &[rec("c-5", "ok"), rec("c-6", "skip-me"), rec("c-7", "ok")],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.retryable && e.message().contains("1 of 3 records unprocessed"),
+        "{e}"
+    );
+    assert!(
+        log(&org)
+            .iter()
+            .any(|l| l.ends_with("/unprocessedrecords/"))
+    );
 }
 
 #[tokio::test]
@@ -374,14 +582,30 @@ async fn failed_job_is_retryable_with_its_reason() {
     let org = fake_org().await;
     let (mut sf, m) = ready(&org, "bulk_threshold = 1").await;
     let failed = r#"{"id":"750J1","state":"Failed","errorMessage":"InvalidBatch : Field name not found : Foo__c"}"#;
-    org.lock().unwrap().force.push_back(("GET /services/data/v62.0/jobs/ingest/750J1".into(), 200, failed.into()));
-    let e = sf.upsert(&m, &[rec("c-1", "ok"), rec("c-2", "ok")]).await.unwrap_err();
-    assert!(e.retryable && e.message().contains("ended Failed: InvalidBatch : Field name not found : Foo__c"), "{e}");
+    org.lock().unwrap().force.push_back((
+        "GET /services/data/v62.0/jobs/ingest/750J1".into(),
+        200,
+        failed.into(),
+    ));
+    let e = sf
+        .upsert(&m, &[rec("c-1", "ok"), rec("c-2", "ok")])
+        .await
+        .unwrap_err();
+    assert!(
+        e.retryable
+            && e.message()
+                .contains("ended Failed: InvalidBatch : Field name not found : Foo__c"),
+        "{e}"
+    );
 }
 
 #[test]
 fn dry_run_sends_nothing() {
-    let sf = Salesforce::new(&config("https://acme.my.salesforce.com/", "bulk_threshold = 2")).unwrap();
+    let sf = Salesforce::new(&config(
+        "https://acme.my.salesforce.com/",
+        "bulk_threshold = 2",
+    ))
+    .unwrap();
     let m = mapping();
     let lines = sf.dry_run(&m, &[rec("c-1", "n")]);
     assert_eq!(
@@ -404,16 +628,32 @@ fn config_checks_and_path_encoding() {
     let c = config("https://acme.my.salesforce.com", "");
     let mut bad = c.clone();
     bad.limit_share = 1.5;
-    assert!(Salesforce::new(&bad).unwrap_err().message().contains("limit_share"));
+    assert!(
+        Salesforce::new(&bad)
+            .unwrap_err()
+            .message()
+            .contains("limit_share")
+    );
     let mut old = c.clone();
     old.api_version = "45.0".into();
-    assert!(Salesforce::new(&old).unwrap_err().message().contains("46.0"));
+    assert!(
+        Salesforce::new(&old)
+            .unwrap_err()
+            .message()
+            .contains("46.0")
+    );
     let mut v = c.clone();
     v.api_version = "v60.0".into();
-    assert_eq!(Salesforce::new(&v).unwrap().data_path, "/services/data/v60.0");
+    assert_eq!(
+        Salesforce::new(&v).unwrap().data_path,
+        "/services/data/v60.0"
+    );
     let sf = Salesforce::new(&c).unwrap();
     assert!(sf.max_batch() > c.bulk_threshold);
-    assert_eq!(encode_segment("a/b c?d~e_f.g-h%"), "a%2Fb%20c%3Fd~e_f.g-h%25");
+    assert_eq!(
+        encode_segment("a/b c?d~e_f.g-h%"),
+        "a%2Fb%20c%3Fd~e_f.g-h%25"
+    );
     assert!(!format!("{sf:?}").contains("\"s\""));
 }
 
@@ -421,7 +661,10 @@ fn config_checks_and_path_encoding() {
 fn example_config_parses() {
     let text = include_str!("../../../connector-config/salesforce.toml");
     let cfg: crate::sink::config::SinkConfig = crate::config::parse(text).unwrap();
-    let o = crate::sink::config::SinkOverrides { kafka_brokers: Some("127.0.0.1:9092".into()), topic: None };
+    let o = crate::sink::config::SinkOverrides {
+        kafka_brokers: Some("127.0.0.1:9092".into()),
+        topic: None,
+    };
     let cfg = cfg.resolve(o).unwrap();
     let sf = cfg.salesforce.unwrap();
     assert_eq!(sf.bulk_timeout, Duration::from_secs(1800));

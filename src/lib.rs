@@ -4,6 +4,7 @@
 //! - [`event`]: the event format.
 //! - [`kafka`]: producer, topics.
 //! - [`check`]: the preflight.
+//! - [`status`]: the pipeline's state (slot lag, consumer lag, dead letters, sync audit).
 //! - [`generate`]: realistic demo and test data.
 //! - [`emulator`]: a local Salesforce / Dataverse / MuleSoft emulator for tests and demos.
 
@@ -17,4 +18,5 @@ pub mod kafka;
 pub mod pg;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod tail;

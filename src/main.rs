@@ -100,6 +100,22 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         until_idle: Option<Duration>,
     },
+    /// Print the pipeline's state: slot lag, topic end offsets, per-sink consumer lag, dead
+    /// letters and the sync audit's last rows; non-zero exit when something is missing.
+    Status {
+        /// Source config file (database, slot, Kafka, topic).
+        #[arg(long, default_value = "connector-config/source.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        overrides: SourceOverrides,
+        /// Sink config files (repeatable); default: the shipped salesforce, dynamics and mulesoft
+        /// configs beside the source config.
+        #[arg(long = "sink")]
+        sinks: Vec<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the events on a topic as they arrive.
     Tail {
         /// Kafka bootstrap servers.
@@ -244,6 +260,41 @@ async fn run(cli: Cli) -> Result<()> {
                 "sink finished"
             );
             Ok(())
+        }
+        Command::Status {
+            config,
+            overrides,
+            sinks,
+            json,
+        } => {
+            let cfg = source_config(&config, overrides)?;
+            let sinks = if sinks.is_empty() {
+                let dir = config.parent().map(PathBuf::from).unwrap_or_default();
+                ["salesforce", "dynamics", "mulesoft"]
+                    .iter()
+                    .map(|n| dir.join(format!("{n}.toml")))
+                    .filter(|p| p.exists())
+                    .collect()
+            } else {
+                sinks
+            };
+            let sinks = trusst_cdc::status::load_sinks(&sinks)?;
+            let report = trusst_cdc::status::gather(&cfg, &sinks).await;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .map_err(|e| Error::internal(format!("status as JSON: {e}")))?
+                );
+            } else {
+                print!("{}", trusst_cdc::status::render(&report));
+            }
+            match report.problems.len() {
+                0 => Ok(()),
+                n => Err(Error::external(format!(
+                    "{n} problem(s) found; see the lines above"
+                ))),
+            }
         }
         Command::Tail {
             kafka_brokers,

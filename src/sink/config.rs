@@ -108,6 +108,9 @@ pub struct SinkConfig {
     /// `[mulesoft]`, required when target = "mulesoft".
     #[serde(default)]
     pub mulesoft: Option<mulesoft::Config>,
+    /// `[audit]`: the optional sync audit table.
+    #[serde(default)]
+    pub audit: super::audit::AuditConfig,
 }
 
 /// Flag / environment overrides of a sink config.
@@ -147,6 +150,10 @@ impl SinkConfig {
         if let (Some(m), Some(v)) = (self.mulesoft.as_mut(), env("MULESOFT_URL")) {
             m.url = v;
         }
+        if let Some(v) = env("TRUSST_AUDIT_DATABASE_URL") {
+            self.audit.database_url = Some(v);
+        }
+        self.audit.validate()?;
         if self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
             return Err(Error::user(
                 "no Kafka brokers: set [kafka] brokers, KAFKA_BROKERS or --kafka-brokers",
@@ -171,7 +178,7 @@ impl SinkConfig {
             TargetKind::Mulesoft => self.mulesoft.is_none(),
         };
         if missing {
-            let t = format!("{:?}", self.sink.target).to_lowercase();
+            let t = self.sink.target.name();
             return Err(Error::user(format!(
                 "target = \"{t}\" needs a [{t}] section (see connector-config/{t}.toml)"
             )));

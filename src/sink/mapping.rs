@@ -26,6 +26,17 @@ pub enum TargetKind {
     Mulesoft,
 }
 
+impl TargetKind {
+    /// The name used in configs and the sync audit's `crm_system` column.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Salesforce => "salesforce",
+            TargetKind::Dynamics => "dynamics",
+            TargetKind::Mulesoft => "mulesoft",
+        }
+    }
+}
+
 /// How a raw value becomes a CRM value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

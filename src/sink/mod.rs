@@ -8,6 +8,7 @@
 //! record or the record is on the dead-letter topic, so a crash re-sends (upserts are idempotent
 //! on the external id) and never skips.
 
+pub mod audit;
 pub mod config;
 pub mod dynamics;
 pub mod http;

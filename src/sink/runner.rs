@@ -10,6 +10,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
 use tokio::sync::watch;
 
+use super::audit::Audit;
 use super::config::{OnDelete, SinkConfig};
 use super::mapping::{Mapping, Record};
 use super::{Outcome, Target};
@@ -106,16 +107,39 @@ pub struct Totals {
     pub dead_lettered: u64,
     /// Older events skipped because a newer one for the same contact was in the batch.
     pub superseded: u64,
+    /// The newest dead-letter reason (for the sync audit).
+    pub last_failure: Option<String>,
 }
 
 /// Run a sink until `shutdown` (or, for dry runs and re-drives, until the end of the topic
-/// as it was at start).
+/// as it was at start), recording its activity in the sync audit when one is configured.
 pub async fn run(
+    cfg: &SinkConfig,
+    target: Box<dyn Target>,
+    opts: RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Totals> {
+    // A dry run writes nothing, so it has nothing to audit.
+    let mut audit = match opts.dry_run {
+        true => None,
+        false => Audit::open(&cfg.audit, &cfg.sink.name, cfg.sink.target.name()).await?,
+    };
+    let mut totals = Totals::default();
+    let result = deliver(cfg, target, opts, shutdown, &mut totals, &mut audit).await;
+    if let Some(a) = audit.as_mut() {
+        a.finish(&totals, result.as_ref().err()).await;
+    }
+    result.map(|()| totals)
+}
+
+async fn deliver(
     cfg: &SinkConfig,
     mut target: Box<dyn Target>,
     opts: RunOptions,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<Totals> {
+    totals: &mut Totals,
+    audit: &mut Option<Audit>,
+) -> Result<()> {
     let mut mapping = Mapping::new(cfg.sink.target, &cfg.mapping);
     if !opts.dry_run {
         prepare(target.as_mut(), &mut mapping, cfg, &mut shutdown).await?;
@@ -138,7 +162,7 @@ pub async fn run(
             Some(p) => break p,
             None if opts.redrive => {
                 tracing::info!(topic = %source_topic, "no dead-letter topic: nothing to re-drive");
-                return Ok(Totals::default());
+                return Ok(());
             }
             None if opts.dry_run => {
                 return Err(Error::user(format!(
@@ -150,7 +174,7 @@ pub async fn run(
                 tracing::info!(topic = %source_topic, "waiting for the topic to be created (is the source running?)");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = shutdown.wait_for(|v| *v) => return Ok(Totals::default()),
+                    _ = shutdown.wait_for(|v| *v) => return Ok(()),
                 }
             }
         }
@@ -195,7 +219,6 @@ pub async fn run(
     }
     tracing::info!(sink = %cfg.sink.name, topic = %source_topic, group, dry_run = opts.dry_run, "sink started");
 
-    let mut totals = Totals::default();
     let mut positions: HashMap<i32, i64> = HashMap::new();
     let dlq = cfg.dlq_topic();
     if !opts.dry_run && !opts.redrive {
@@ -210,31 +233,34 @@ pub async fn run(
                 .all(|(p, h)| positions.get(p).copied().unwrap_or(-1) + 1 >= *h)
             {
                 tracing::info!(?totals, "reached the end of the topic as it was at start");
-                return Ok(totals);
+                return Ok(());
             }
         }
-        let batch = match next_batch(
-            &consumer,
-            cfg,
-            &mut shutdown,
-            bounded || opts.until_idle.is_some(),
-        )
-        .await?
-        {
+        // Bounded runs wake every second to check for the end; an audited sink wakes once per
+        // audit interval so a quiet topic still gets its last row written on time.
+        let wake = if bounded || opts.until_idle.is_some() {
+            Some(Duration::from_secs(1))
+        } else {
+            audit.as_ref().map(|_| cfg.audit.interval)
+        };
+        let batch = match next_batch(&consumer, cfg, &mut shutdown, wake).await? {
             Some(b) => b,
             None => {
                 tracing::info!(?totals, "sink stopped");
-                return Ok(totals);
+                return Ok(());
             }
         };
         if batch.is_empty() {
+            if let Some(a) = audit.as_mut() {
+                a.tick(totals).await;
+            }
             if opts.until_idle.is_some_and(|d| last_record.elapsed() >= d) {
                 tracing::info!(
                     ?totals,
                     "no record for {:?}; stopping",
                     opts.until_idle.unwrap_or_default()
                 );
-                return Ok(totals);
+                return Ok(());
             }
             continue;
         }
@@ -250,7 +276,7 @@ pub async fn run(
             dlq: &dlq,
             source_topic: &source_topic,
             pending: Pending::default(),
-            totals: &mut totals,
+            totals,
             shutdown: &mut shutdown,
         };
         if opts.dry_run {
@@ -263,12 +289,15 @@ pub async fn run(
                     ?totals,
                     "sink stopped; the unfinished batch will be read again"
                 );
-                return Ok(totals);
+                return Ok(());
             }
             return Err(e);
         }
         ctx.pending.wait().await?;
         commit(&consumer, &source_topic, &batch)?;
+        if let Some(a) = audit.as_mut() {
+            a.tick(totals).await;
+        }
     }
 }
 
@@ -426,13 +455,13 @@ fn start_positions(
 }
 
 /// Collect up to `batch_max_records` or until `batch_max_wait` after the first record.
-/// `None` on shutdown. Bounded runs return an empty batch after a quiet second so the caller
-/// can check whether the end was reached.
+/// `None` on shutdown. With `wake`, an empty batch comes back after that long without a record,
+/// so the caller can check whether the end was reached or write its audit row.
 async fn next_batch(
     consumer: &StreamConsumer,
     cfg: &SinkConfig,
     shutdown: &mut watch::Receiver<bool>,
-    bounded: bool,
+    wake: Option<Duration>,
 ) -> Result<Option<Vec<Msg>>> {
     let mut batch = Vec::new();
     let mut deadline: Option<Instant> = None;
@@ -445,8 +474,7 @@ async fn next_batch(
         }
         let wait = match deadline {
             Some(d) => d.saturating_duration_since(Instant::now()),
-            None if bounded => Duration::from_secs(1),
-            None => Duration::from_secs(3600),
+            None => wake.unwrap_or(Duration::from_secs(3600)),
         };
         tokio::select! {
             _ = shutdown.changed() => {}
@@ -715,6 +743,7 @@ impl BatchCtx<'_> {
             )
             .await?;
         self.totals.dead_lettered += 1;
+        self.totals.last_failure = Some(format!("{stage}: {reason}"));
         Ok(())
     }
 

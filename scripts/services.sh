@@ -8,6 +8,8 @@
 #   scripts/services.sh psql [ARGS]   psql as postgres on database trusst (later -d overrides it)
 #   scripts/services.sh drop-slots REGEX
 #                                     drop the inactive replication slots whose name matches REGEX
+#   scripts/services.sh drop-dbs REGEX
+#                                     drop the databases whose name matches REGEX (and their slots)
 #   scripts/services.sh kafka-topics [ARGS]
 #                                     Kafka's TopicCommand, --bootstrap-server already given
 #   chaos helpers: restart-pg, stop-pg, start-pg, kill-kafka (SIGKILL), stop-kafka, start-kafka
@@ -568,6 +570,19 @@ drop-slots)
     # Through stdin: psql substitutes :'re' (quoted safely) there, not in -c.
     echo "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE NOT active AND slot_name ~ :'re'" |
         PGPASSWORD=$PG_PASSWORD "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -v re="$1" -h 127.0.0.1 -p "$PGPORT" -U postgres -d "$PG_DB" >/dev/null
+    ;;
+drop-dbs)
+    [[ $# -eq 1 ]] || die "usage: scripts/services.sh drop-dbs REGEX"
+    PGBIN=$(find_pgbin) || die "PostgreSQL is not installed (run: scripts/services.sh up)"
+    # A database with a logical slot cannot be dropped: its inactive slots go first. WITH (FORCE)
+    # ends sessions a killed test left behind.
+    psql_re() {
+        PGPASSWORD=$PG_PASSWORD "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -v re="$1" -h 127.0.0.1 -p "$PGPORT" -U postgres -d "$PG_DB"
+    }
+    echo "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE NOT active AND database ~ :'re'" |
+        psql_re "$1" >/dev/null
+    echo "SELECT format('DROP DATABASE %I WITH (FORCE);', datname) FROM pg_database WHERE datname ~ :'re' AND datname NOT IN ('postgres', 'template0', 'template1', '$PG_DB')" |
+        psql_re "$1" | PGPASSWORD=$PG_PASSWORD "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres -d "$PG_DB" >/dev/null
     ;;
 kafka-topics)
     [[ -f $KAFKA_LIB/.stamp ]] || die "Kafka is not fetched yet (run: scripts/services.sh up)"

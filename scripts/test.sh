@@ -24,6 +24,8 @@ export REPLICA_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${REPLICA_PG
 
 # Slots left by an interrupted earlier run would hold WAL and count against max_replication_slots.
 scripts/services.sh drop-slots '^slot_'
+# Each test makes a database of its own; those of earlier runs only take disk.
+scripts/services.sh drop-dbs '^test_'
 
 echo "test: building" >&2
 cargo build --locked --all-targets

@@ -16,7 +16,7 @@ const WAIT: Duration = Duration::from_secs(90);
 
 /// A database without the Trusst schema, as an operator would create for the audit.
 async fn ops_database() -> String {
-    let name = unique("ops");
+    let name = unique("test_ops");
     let admin = trusst_cdc::pg::connect(&base_url()).await.unwrap();
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))

@@ -51,9 +51,10 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// Create and load the schema.
+    /// Create and load the schema. The name starts with `test_` so scripts/test.sh can drop
+    /// what earlier runs left behind.
     pub async fn new(prefix: &str) -> Self {
-        let name = unique(prefix);
+        let name = unique(&format!("test_{prefix}"));
         let admin = trusst_cdc::pg::connect(&base_url())
             .await
             .expect("connect to the test cluster");

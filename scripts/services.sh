@@ -13,9 +13,15 @@
 #   scripts/services.sh kafka-topics [ARGS]
 #                                     Kafka's TopicCommand, --bootstrap-server already given
 #   chaos helpers: restart-pg, stop-pg, start-pg, kill-kafka (SIGKILL), stop-kafka, start-kafka
+#   scripts/services.sh tls-certs     make the test CA and the server certificate in .run/tls (idempotent)
 #
 #   PG_INSTANCE=NAME PG_WAL_LEVEL=replica PGPORT=N scripts/services.sh start-pg|stop-pg
 #                                     an extra cluster in .run/NAME (used by the bad-input tests)
+#   PG_SSL_CERT=FILE PG_SSL_KEY=FILE  with start-pg: ssl=on with that certificate and key, and only
+#                                     TLS connections accepted (hostssl); e.g. .run/tls/server.pem/.key
+#
+# Kafka also listens with TLS on KAFKA_PORT+2 (security.protocol=SSL), with the server certificate
+# from .run/tls signed by the test CA .run/tls/ca.pem.
 #
 # Environment: PGPORT (55432), KAFKA_PORT (19092; the KRaft controller listens on KAFKA_PORT+1),
 # KAFKA_VERSION (4.1.2), KAFKA_HEAP_OPTS (-Xms512m -Xmx1g), SERVICES_TIMEOUT (seconds, 120),
@@ -47,6 +53,7 @@ PG_PASSWORD=postgres
 KAFKA_VERSION=${KAFKA_VERSION:-4.1.2}
 KAFKA_PORT=${KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=$((KAFKA_PORT + 1))
+KAFKA_SSL_PORT=$((KAFKA_PORT + 2))
 KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}
 KAFKA_POM_DIR=$ROOT/scripts/kafka
 KAFKA_LIB=$CACHE/kafka/lib
@@ -57,6 +64,10 @@ KAFKA_PROPS=$KAFKA_DIR/server.properties
 KAFKA_PID=$KAFKA_DIR/kafka.pid
 
 TIMEOUT=${SERVICES_TIMEOUT:-120}
+
+TLS_DIR=$RUN/tls
+PG_SSL_CERT=${PG_SSL_CERT:-}
+PG_SSL_KEY=${PG_SSL_KEY:-}
 
 # initdb and postgres refuse to run as root, so root hands the cluster to a system user of its own.
 PG_OS_USER=
@@ -122,6 +133,37 @@ take_lock() {
     chmod 755 "$RUN"
     exec 9>>"$RUN/.lock"
     flock -w "$TIMEOUT" 9 || die "another scripts/services.sh is still running (lock $RUN/.lock)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Test certificates
+# ---------------------------------------------------------------------------------------------
+
+# A CA, a server certificate it signs for localhost and 127.0.0.1 (PostgreSQL and Kafka use the
+# same one), and a second, unrelated CA for tests that expect verification to fail.
+tls_certs() {
+    [[ -s $TLS_DIR/server.pem && -s $TLS_DIR/other-ca.pem ]] && return
+    command -v openssl >/dev/null || die "openssl not found (apt-get install openssl)"
+    log "making test TLS certificates in .run/tls"
+    local tmp=$TLS_DIR.tmp
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    openssl req -x509 "${ec[@]}" -keyout "$tmp/ca.key" -out "$tmp/ca.pem" -days 3650 \
+        -subj "/CN=trusst-cdc test CA" 2>/dev/null
+    openssl req -x509 "${ec[@]}" -keyout "$tmp/other-ca.key" -out "$tmp/other-ca.pem" -days 3650 \
+        -subj "/CN=trusst-cdc unrelated CA" 2>/dev/null
+    openssl req "${ec[@]}" -keyout "$tmp/server.key" -out "$tmp/server.csr" -subj "/CN=localhost" 2>/dev/null
+    printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=CA:FALSE" \
+        "keyUsage=digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >"$tmp/server.ext"
+    openssl x509 -req -in "$tmp/server.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial \
+        -out "$tmp/server.pem" -days 3650 -extfile "$tmp/server.ext" 2>/dev/null
+    # Kafka's PEM keystore: the key and its certificate in one file.
+    cat "$tmp/server.key" "$tmp/server.pem" >"$tmp/server-keystore.pem"
+    rm -f "$tmp"/*.csr "$tmp"/*.ext "$tmp"/*.srl
+    chmod 755 "$tmp"
+    rm -rf "$TLS_DIR"
+    mv "$tmp" "$TLS_DIR"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -222,13 +264,29 @@ log_line_prefix = '%m [%p] %q%u@%d '
 log_replication_commands = on
 EOF
 
+    # With a certificate, TCP connections must use TLS (hostssl), so a test that gets in has proved it.
+    local host=host
+    if [[ -n $PG_SSL_CERT || -n $PG_SSL_KEY ]]; then
+        [[ -s $PG_SSL_CERT && -s $PG_SSL_KEY ]] || die "PG_SSL_CERT and PG_SSL_KEY must both name existing files"
+        host=hostssl
+        write_pg_file "$PG_DIR/server.pem" <"$PG_SSL_CERT"
+        # postgres refuses a key that others can read.
+        write_pg_file "$PG_DIR/server.key" <"$PG_SSL_KEY"
+        chmod 600 "$PG_DIR/server.key"
+        cat >>"$PG_DATA/trusst.conf" <<EOF
+ssl = on
+ssl_cert_file = '$PG_DIR/server.pem'
+ssl_key_file = '$PG_DIR/server.key'
+EOF
+    fi
+
     write_pg_file "$PG_DATA/pg_hba.conf" <<EOF
 # Written by scripts/services.sh on every start: edit the script, not this file.
 # TYPE  DATABASE     USER  ADDRESS        METHOD
 local   all          all                  trust
 local   replication  all                  trust
-host    all          all   127.0.0.1/32   scram-sha-256
-host    replication  all   127.0.0.1/32   scram-sha-256
+$host    all          all   127.0.0.1/32   scram-sha-256
+$host    replication  all   127.0.0.1/32   scram-sha-256
 EOF
 }
 
@@ -359,12 +417,17 @@ write_kafka_props() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL
 log.dirs=$KAFKA_DATA
+
+# The SSL listener: a PEM keystore (key + certificate) signed by the test CA in .run/tls.
+ssl.keystore.type=PEM
+ssl.keystore.location=$TLS_DIR/server-keystore.pem
+ssl.client.auth=none
 
 # Topics are created on purpose by the connector or the tests, never as a typo's side effect.
 auto.create.topics.enable=false
@@ -391,19 +454,20 @@ EOF
 kafka_start() {
     local pid port
     if pid=$(kafka_pid); then
-        grep -qx "advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT" "$KAFKA_PROPS" ||
+        grep -q "^advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT\(,\|$\)" "$KAFKA_PROPS" ||
             die "kafka from .run/kafka is already running on another port than $KAFKA_PORT (stop it first)"
         log "kafka already running on 127.0.0.1:$KAFKA_PORT (pid $pid)"
         return
     fi
     rm -f "$KAFKA_PID"
-    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SSL_PORT"; do
         if port_open "$port"; then
-            die "port $port is taken by something else (set KAFKA_PORT to use another pair)"
+            die "port $port is taken by something else (set KAFKA_PORT to use other ports: it, +1 and +2)"
         fi
     done
     need_java
     fetch_kafka
+    tls_certs
     mkdir -p "$KAFKA_DATA" "$KAFKA_LOGS"
     write_kafka_props
 
@@ -423,7 +487,7 @@ kafka_start() {
     [[ -f $server_log ]] && offset=$(stat -c %s "$server_log")
     [[ -f $stdout_log ]] && stdout_offset=$(stat -c %s "$stdout_log")
 
-    log "starting kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller on $KAFKA_CONTROLLER_PORT)"
+    log "starting kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller on $KAFKA_CONTROLLER_PORT, SSL on $KAFKA_SSL_PORT)"
     # The inner shell records its own pid and then becomes java, so the pid file names the broker
     # itself; setsid detaches it from this script's session, and neither our stdio nor our lock
     # (fd 9) is kept open by it.
@@ -531,6 +595,8 @@ status() {
 print_env() {
     printf 'export DATABASE_URL=%q\n' "postgres://postgres:$PG_PASSWORD@127.0.0.1:$PGPORT/$PG_DB"
     printf 'export KAFKA_BROKERS=%q\n' "127.0.0.1:$KAFKA_PORT"
+    printf 'export KAFKA_SSL_BROKERS=%q\n' "127.0.0.1:$KAFKA_SSL_PORT"
+    printf 'export TLS_DIR=%q\n' "$TLS_DIR"
     local bin
     if bin=$(find_pgbin); then
         printf 'export PGBIN=%q\n' "$bin"
@@ -599,6 +665,10 @@ stop-pg)
 start-pg)
     take_lock
     pg_start
+    ;;
+tls-certs)
+    take_lock
+    tls_certs
     ;;
 kill-kafka)
     take_lock

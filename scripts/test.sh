@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test against real services: unit tests, the integration tests (PostgreSQL with
-# wal_level=logical, an extra wal_level=replica cluster for the bad-input tests, Apache Kafka),
-# and a short cargo-fuzz run of each fuzz target (pgoutput decoder, event decoder, config loader).
+# wal_level=logical, an extra wal_level=replica cluster for the bad-input tests, an extra cluster
+# that accepts only TLS, Apache Kafka with its SSL listener, moto's Secrets Manager server), and a
+# short cargo-fuzz run of each fuzz target (pgoutput decoder, event decoder, config loader).
+#
+# Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL).
 #
 #   scripts/test.sh                 everything
 #   FUZZ_SECONDS=0 scripts/test.sh  skip the fuzz run (it needs a nightly toolchain)
@@ -19,13 +22,31 @@ fi
 scripts/deps.sh
 scripts/services.sh up
 PG_INSTANCE=pg-replica PG_WAL_LEVEL=replica PGPORT=${REPLICA_PGPORT:-55433} scripts/services.sh start-pg
+scripts/services.sh tls-certs
+PG_INSTANCE=pg-tls PG_SSL_CERT=.run/tls/server.pem PG_SSL_KEY=.run/tls/server.key PGPORT=${TLS_PGPORT:-55435} \
+    scripts/services.sh start-pg
 eval "$(scripts/services.sh env)"
 export REPLICA_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${REPLICA_PGPORT:-55433}/trusst"
+export TLS_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${TLS_PGPORT:-55435}/trusst"
+
+# moto's server mode stands in for AWS Secrets Manager (tests/secrets.rs starts it per test).
+MOTO_VERSION=5.2.5
+# (pip's output is read whole: grep -q would close the pipe early, and pipefail would see pip fail.)
+if [[ ! -x .cache/moto-venv/bin/moto_server ]] ||
+    [[ $(.cache/moto-venv/bin/pip show moto 2>/dev/null) != *"Version: $MOTO_VERSION"* ]]; then
+    echo "test: installing moto $MOTO_VERSION from PyPI into .cache/moto-venv" >&2
+    rm -rf .cache/moto-venv
+    python3 -m venv .cache/moto-venv
+    .cache/moto-venv/bin/pip install -q "moto[server]==$MOTO_VERSION" >&2
+fi
+export MOTO_SERVER=$PWD/.cache/moto-venv/bin/moto_server
 
 # Slots left by an interrupted earlier run would hold WAL and count against max_replication_slots.
 scripts/services.sh drop-slots '^slot_'
 # Each test makes a database of its own; those of earlier runs only take disk.
 scripts/services.sh drop-dbs '^test_'
+PGPORT=${TLS_PGPORT:-55435} scripts/services.sh drop-slots '^slot_'
+PGPORT=${TLS_PGPORT:-55435} scripts/services.sh drop-dbs '^test_'
 
 echo "test: building" >&2
 cargo build --locked --all-targets

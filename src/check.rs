@@ -19,7 +19,9 @@ pub async fn run(cfg: &SourceConfig) -> Result<()> {
         }
         Err(e) => findings.push(Finding {
             what: format!("PostgreSQL: {e}"),
-            fix: Some("check DATABASE_URL".into()),
+            fix: Some(
+                "check [database] (url or DATABASE_URL, or secret; sslmode, sslrootcert)".into(),
+            ),
         }),
     }
     findings.extend(kafka_findings(cfg).await);

@@ -16,6 +16,7 @@ pub mod event;
 pub mod generate;
 pub mod kafka;
 pub mod pg;
+pub mod secrets;
 pub mod sink;
 pub mod source;
 pub mod status;

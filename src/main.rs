@@ -1,6 +1,6 @@
 //! The `trusst-cdc` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -195,18 +195,21 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-fn source_config(path: &PathBuf, overrides: SourceOverrides) -> Result<SourceConfig> {
-    config::load::<SourceConfig>(path)?.resolve(overrides)
+/// The source config with overrides applied and, with `[database] secret`, the credentials read.
+async fn source_config(path: &Path, overrides: SourceOverrides) -> Result<SourceConfig> {
+    let mut cfg = config::load::<SourceConfig>(path)?.resolve(overrides)?;
+    cfg.fetch_secret().await?;
+    Ok(cfg)
 }
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Source { config, overrides } => {
-            let cfg = source_config(&config, overrides)?;
+            let cfg = source_config(&config, overrides).await?;
             source::run(cfg, shutdown_signal()).await
         }
         Command::Check { config, overrides } => {
-            let cfg = source_config(&config, overrides)?;
+            let cfg = source_config(&config, overrides).await?;
             check::run(&cfg).await
         }
         Command::Backfill {
@@ -217,7 +220,7 @@ async fn run(cli: Cli) -> Result<()> {
             batch_days,
             dry_run,
         } => {
-            let cfg = source_config(&config, overrides)?;
+            let cfg = source_config(&config, overrides).await?;
             let range = source::backfill::Range::new(start_date, end_date, batch_days)?;
             let totals = source::backfill::run(&cfg, &range, dry_run, shutdown_signal()).await?;
             if dry_run {

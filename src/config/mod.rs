@@ -3,12 +3,14 @@
 //! Unknown keys are rejected so a typo never silently falls back to a default.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
+use crate::pg::SslMode;
+use crate::secrets::SecretRef;
 
 /// Read and parse a TOML file into `T`, with errors that name the file, the line and the fix.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T> {
@@ -27,13 +29,41 @@ pub fn parse<T: DeserializeOwned>(text: &str) -> std::result::Result<T, String> 
     toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " | "))
 }
 
-/// `[database]`: the Trusst PostgreSQL database.
-#[derive(Debug, Clone, Deserialize, Default)]
+/// `[database]`: the Trusst PostgreSQL database, by URL or by AWS Secrets Manager secret.
+#[derive(Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// libpq-style URL, e.g. `postgres://user:pass@host:5432/trusst`; `DATABASE_URL` overrides.
     #[serde(default)]
     pub url: Option<String>,
+    /// The secret holding the credentials (instead of `url`).
+    #[serde(default)]
+    pub secret: Option<SecretRef>,
+    /// TLS mode; a `sslmode` in the URL wins. Default: `require` with a secret, else `prefer`.
+    #[serde(default)]
+    pub sslmode: Option<SslMode>,
+    /// PEM file of the CA the server's certificate must chain to; a `sslrootcert` in the URL wins.
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL carries the password: show only where it points.
+        let url = self
+            .url
+            .as_deref()
+            .map(|u| crate::pg::parse_url(u).map(|t| crate::pg::describe(&t.config)));
+        f.debug_struct("DatabaseConfig")
+            .field(
+                "url",
+                &url.map(|r| r.unwrap_or_else(|_| "(invalid)".into())),
+            )
+            .field("secret", &self.secret)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .finish()
+    }
 }
 
 /// `[kafka]`: the broker and the event topic.
@@ -207,11 +237,29 @@ impl SourceConfig {
         Ok(self)
     }
 
-    fn validate(&self) -> Result<()> {
-        if self.database.url.as_deref().unwrap_or("").is_empty() {
-            return Err(Error::user(
-                "no database URL: set [database] url, DATABASE_URL or --database-url",
-            ));
+    fn validate(&mut self) -> Result<()> {
+        let db = &mut self.database;
+        match (db.url.as_deref().filter(|u| !u.is_empty()), &db.secret) {
+            (None, None) => {
+                return Err(Error::user(
+                    "no database: set [database] url, DATABASE_URL or --database-url, or [database] secret \
+                     (AWS Secrets Manager)",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(Error::user(
+                    "both a database URL ([database] url, DATABASE_URL or --database-url) and [database] secret are \
+                     set: keep one (unset DATABASE_URL when the credentials come from the secret)",
+                ));
+            }
+            (Some(url), None) => {
+                let url = crate::pg::with_tls_defaults(url, db.sslmode, db.sslrootcert.as_deref());
+                crate::pg::parse_url(&url)?;
+                db.url = Some(url);
+            }
+            (None, Some(secret)) => {
+                secret.secret_id()?;
+            }
         }
         if self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
             return Err(Error::user(
@@ -257,7 +305,23 @@ impl SourceConfig {
         Ok(())
     }
 
-    /// The database URL (present after [`SourceConfig::resolve`]).
+    /// With `[database] secret`: read the credentials from AWS Secrets Manager into the URL that
+    /// [`SourceConfig::database_url`] returns. Call after [`SourceConfig::resolve`].
+    pub async fn fetch_secret(&mut self) -> Result<()> {
+        let db = &mut self.database;
+        let Some(secret) = &db.secret else {
+            return Ok(());
+        };
+        let creds = crate::secrets::fetch(secret).await?;
+        // The integration guide requires TLS for the customer databases.
+        let mode = db.sslmode.unwrap_or(SslMode::Require);
+        let url = crate::pg::with_tls_defaults(&creds.url(), Some(mode), db.sslrootcert.as_deref());
+        crate::pg::parse_url(&url)?;
+        db.url = Some(url);
+        Ok(())
+    }
+
+    /// The database URL (present after [`SourceConfig::resolve`] and [`SourceConfig::fetch_secret`]).
     pub fn database_url(&self) -> &str {
         self.database.url.as_deref().unwrap_or_default()
     }
@@ -301,6 +365,51 @@ mod tests {
             .resolve(SourceOverrides::default())
             .unwrap_err();
         assert!(e.to_string().contains("DATABASE_URL"), "{e}");
+    }
+
+    #[test]
+    fn url_and_secret_exclude_each_other() {
+        let c: SourceConfig =
+            parse("[database]\nsecret = { customer = \"acme\" }\n[kafka]\nbrokers = \"b\"\n")
+                .unwrap();
+        let e = c
+            .clone()
+            .resolve(SourceOverrides {
+                database_url: Some("postgres://h/d".into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("keep one"), "{e}");
+        let c = c.resolve(SourceOverrides::default()).unwrap();
+        assert_eq!(
+            c.database.secret.unwrap().secret_id().unwrap(),
+            "trusst/acme/db-readonly-user"
+        );
+        let e =
+            parse::<SourceConfig>("[database]\nsecret = { customer = \"a\", regoin = \"x\" }\n")
+                .unwrap_err();
+        assert!(e.contains("unknown field `regoin`"), "{e}");
+    }
+
+    #[test]
+    fn tls_keys_fill_the_url_and_debug_hides_the_password() {
+        let c: SourceConfig = parse(
+            "[database]\nurl = \"postgres://u:hunter2@h/d\"\nsslmode = \"verify-full\"\nsslrootcert = \"/ca.pem\"\n\
+             [kafka]\nbrokers = \"b\"\n",
+        )
+        .unwrap();
+        let c = c.resolve(SourceOverrides::default()).unwrap();
+        assert_eq!(
+            c.database_url(),
+            "postgres://u:hunter2@h/d?sslmode=verify-full&sslrootcert=/ca.pem"
+        );
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("hunter2") && dbg.contains("h:5432/d"),
+            "{dbg}"
+        );
+        let e = parse::<SourceConfig>("[database]\nsslmode = \"verify\"\n").unwrap_err();
+        assert!(e.contains("verify-full"), "{e}");
     }
 
     #[test]

@@ -228,10 +228,10 @@ impl<'a> Session<'a> {
             .with_ack_lsn(Lsn(slot_lsn));
         let mut repl = ReplicationClient::connect(repl_cfg)
             .await
-            .map_err(|e| Error::external("starting logical replication").with_source(e))?;
+            .map_err(|e| crate::pg::replication_error(cfg.database_url(), e))?;
         repl.wait_started()
             .await
-            .map_err(|e| Error::external("starting logical replication").with_source(e))?;
+            .map_err(|e| crate::pg::replication_error(cfg.database_url(), e))?;
         tracing::info!(slot = %s.slot, from = %fmt_lsn(slot_lsn), "streaming changes");
 
         let result = self.stream(&client, &producer, &mut repl).await;

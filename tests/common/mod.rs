@@ -54,15 +54,20 @@ impl TestDb {
     /// Create and load the schema. The name starts with `test_` so scripts/test.sh can drop
     /// what earlier runs left behind.
     pub async fn new(prefix: &str) -> Self {
+        Self::new_on(&base_url(), prefix).await
+    }
+
+    /// The same on the cluster at `base` (another cluster than `DATABASE_URL`'s).
+    pub async fn new_on(base: &str, prefix: &str) -> Self {
         let name = unique(&format!("test_{prefix}"));
-        let admin = trusst_cdc::pg::connect(&base_url())
+        let admin = trusst_cdc::pg::connect(base)
             .await
             .expect("connect to the test cluster");
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create database");
-        let url = with_db(&base_url(), &name);
+        let url = with_db(base, &name);
         let c = trusst_cdc::pg::connect(&url).await.unwrap();
         trusst_cdc::generate::init_schema(&c).await.unwrap();
         trusst_cdc::generate::ensure_questions(&c).await.unwrap();
@@ -205,6 +210,7 @@ impl Expected {
 /// A running `trusst-cdc source` child process.
 pub struct SourceProc {
     pub child: Child,
+    pub opts: SourceOpts,
     /// The database it streams from (to drop the slot when the test ends).
     pub db_url: String,
     pub slot: String,
@@ -214,11 +220,22 @@ pub struct SourceProc {
 }
 
 /// Settings for [`SourceProc::start`].
+#[derive(Clone)]
 pub struct SourceOpts {
     pub heartbeat: &'static str,
     pub snapshot: &'static str,
     pub batch_max_contacts: usize,
     pub reemit_chunk: usize,
+    /// Lines for `[database]`; when set, `DATABASE_URL` is not passed (nor inherited).
+    pub database: Option<String>,
+    /// Bootstrap servers instead of `KAFKA_BROKERS`.
+    pub brokers: Option<String>,
+    /// `[kafka.properties]` entries.
+    pub kafka_properties: Vec<(String, String)>,
+    /// Extra environment of the process.
+    pub env: Vec<(String, String)>,
+    /// `TRUSST_LOG`.
+    pub log_filter: &'static str,
 }
 
 impl Default for SourceOpts {
@@ -228,7 +245,50 @@ impl Default for SourceOpts {
             snapshot: "initial",
             batch_max_contacts: 1000,
             reemit_chunk: 7,
+            database: None,
+            brokers: None,
+            kafka_properties: Vec::new(),
+            env: Vec::new(),
+            log_filter: "info,trusst_cdc=debug",
         }
+    }
+}
+
+impl SourceOpts {
+    /// The `trusst-cdc <command> --config <config>` process for these settings, with `db_url`
+    /// as `DATABASE_URL` unless `[database]` lines are given.
+    pub fn command(&self, command: &str, config: &std::path::Path, db_url: &str) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.args([command, "--config"]).arg(config);
+        if self.database.is_some() {
+            cmd.env_remove("DATABASE_URL");
+        } else {
+            cmd.env("DATABASE_URL", db_url);
+        }
+        cmd.env(
+            "KAFKA_BROKERS",
+            self.brokers.clone().unwrap_or_else(brokers),
+        )
+        .env("TRUSST_LOG", self.log_filter);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// The `[database]` and `[kafka.properties]` lines of the config file.
+    fn sections(&self) -> String {
+        let mut out = String::new();
+        if let Some(db) = &self.database {
+            out.push_str(&format!("[database]\n{db}\n"));
+        }
+        if !self.kafka_properties.is_empty() {
+            out.push_str("[kafka.properties]\n");
+            for (k, v) in &self.kafka_properties {
+                out.push_str(&format!("{k:?} = {v:?}\n"));
+            }
+        }
+        out
     }
 }
 
@@ -259,30 +319,28 @@ impl SourceProc {
             &config,
             format!(
                 "[kafka]\ntopic = \"{topic}\"\npartitions = 3\n[source]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
-                 snapshot = \"{}\"\nheartbeat_interval = \"{}\"\nbatch_max_contacts = {}\nreemit_chunk = {}\nstate_dir = \"{}\"\n",
+                 snapshot = \"{}\"\nheartbeat_interval = \"{}\"\nbatch_max_contacts = {}\nreemit_chunk = {}\nstate_dir = \"{}\"\n{}",
                 opts.snapshot,
                 opts.heartbeat,
                 opts.batch_max_contacts,
                 opts.reemit_chunk,
-                dir.path().join("state").display()
+                dir.path().join("state").display(),
+                opts.sections()
             ),
         )
         .unwrap();
         let log = dir
             .path()
             .join(format!("source-{}.log", rand::random::<u32>()));
-        let child = Command::new(bin())
-            .args(["source", "--config"])
-            .arg(&config)
-            .env("DATABASE_URL", &db.url)
-            .env("KAFKA_BROKERS", brokers())
-            .env("TRUSST_LOG", "info,trusst_cdc=debug")
+        let child = opts
+            .command("source", &config, &db.url)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start trusst-cdc source");
         Self {
             child,
+            opts,
             db_url: db.url.clone(),
             slot,
             topic,
@@ -299,12 +357,9 @@ impl SourceProc {
             .dir
             .path()
             .join(format!("source-{}.log", rand::random::<u32>()));
-        self.child = Command::new(bin())
-            .args(["source", "--config"])
-            .arg(self.dir.path().join("source.toml"))
-            .env("DATABASE_URL", &db.url)
-            .env("KAFKA_BROKERS", brokers())
-            .env("TRUSST_LOG", "info,trusst_cdc=debug")
+        self.child = self
+            .opts
+            .command("source", &self.dir.path().join("source.toml"), &db.url)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&self.log).unwrap())
             .spawn()

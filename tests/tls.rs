@@ -1,0 +1,221 @@
+//! TLS to PostgreSQL and Kafka with the test CA that `scripts/services.sh tls-certs` makes: a
+//! cluster that accepts only TLS (`TLS_DATABASE_URL`, started by scripts/test.sh with
+//! `PG_SSL_CERT`/`PG_SSL_KEY`) and the broker's SSL listener (`KAFKA_SSL_BROKERS`).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `TLS_DATABASE_URL`: the cluster with `ssl = on` and only `hostssl` entries.
+fn tls_base() -> String {
+    std::env::var("TLS_DATABASE_URL").expect(
+        "TLS_DATABASE_URL is not set: run scripts/test.sh (it starts the TLS cluster with \
+         PG_INSTANCE=pg-tls PG_SSL_CERT=.run/tls/server.pem PG_SSL_KEY=.run/tls/server.key scripts/services.sh start-pg)",
+    )
+}
+
+/// A file of the test CA folder (`TLS_DIR`, default .run/tls).
+fn tls_file(name: &str) -> String {
+    let dir = std::env::var("TLS_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.run/tls").into());
+    let path = PathBuf::from(dir).join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/services.sh tls-certs",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+fn ssl_brokers() -> String {
+    std::env::var("KAFKA_SSL_BROKERS")
+        .expect("KAFKA_SSL_BROKERS is not set: eval \"$(scripts/services.sh env)\"")
+}
+
+/// `url` with TLS parameters (the URL has no query yet).
+fn with_params(url: &str, params: &str) -> String {
+    format!("{url}?{params}")
+}
+
+/// `trusst-cdc check` with `db_url` and, optionally, the SSL listener with `kafka_ca`.
+fn check(db_url: &str, kafka_ca: Option<&str>) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("source.toml");
+    let mut text = format!("[kafka]\ntopic = \"{}\"\n", unique("tls").replace('_', "-"));
+    let mut opts = SourceOpts::default();
+    if let Some(ca) = kafka_ca {
+        text.push_str(&format!(
+            "[kafka.properties]\n\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"{ca}\"\n"
+        ));
+        opts.brokers = Some(ssl_brokers());
+    }
+    std::fs::write(&config, text).unwrap();
+    opts.command("check", &config, db_url)
+        .output()
+        .expect("run trusst-cdc check")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_full_postgres_and_ssl_kafka_end_to_end() {
+    let db = TestDb::new_on(&tls_base(), "tls").await;
+    completed(&db, 51, 5).await;
+    let ca = tls_file("ca.pem");
+    let opts = SourceOpts {
+        brokers: Some(ssl_brokers()),
+        kafka_properties: vec![
+            ("security.protocol".into(), "SSL".into()),
+            ("ssl.ca.location".into(), ca.clone()),
+        ],
+        ..Default::default()
+    };
+    // The stream and its re-reads through verify-full: the URL's host is 127.0.0.1, which the
+    // server certificate lists as an IP address.
+    let tls_db = TestDb {
+        name: db.name.clone(),
+        url: with_params(&db.url, &format!("sslmode=verify-full&sslrootcert={ca}")),
+    };
+    let mut src = SourceProc::start(&tls_db, opts);
+    src.wait_streaming();
+    completed(&db, 52, 3).await;
+    let mut reader = TopicReader::new(&src.topic);
+    let expected = db.expected().await;
+    assert_eq!(expected.len(), 8);
+    reader.until(Duration::from_secs(60), "8 contacts", |recs| {
+        recs.iter()
+            .map(|r| &r.key)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == 8
+    });
+    assert_matches_seed(&reader.latest(), &expected);
+
+    // The replication connection itself is encrypted (pg_hba allows nothing else, but say it).
+    let c = db.client().await;
+    let row = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s ON s.pid = a.pid \
+             WHERE a.backend_type = 'walsender' AND a.application_name = $1 AND s.ssl",
+            &[&format!("trusst-cdc:{}", src.slot)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i64>(0),
+        1,
+        "no TLS walsender for the slot:\n{}",
+        src.log()
+    );
+    assert!(
+        src.terminate().success(),
+        "source did not stop cleanly:\n{}",
+        src.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_full_with_the_wrong_ca_fails_naming_sslrootcert() {
+    let wrong = tls_file("other-ca.pem");
+    let url = with_params(
+        &tls_base(),
+        &format!("sslmode=verify-full&sslrootcert={wrong}"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("source.toml");
+    std::fs::write(
+        &config,
+        format!("[source]\nstate_dir = \"{}\"\n", dir.path().display()),
+    )
+    .unwrap();
+    let mut child = SourceOpts::default()
+        .command("source", &config, &url)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "source kept running with a wrong CA"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("TLS handshake with PostgreSQL at 127.0.0.1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("does not verify against sslrootcert {wrong}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "set sslrootcert to the PEM file of the CA that signed the server's certificate"
+        ),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn require_and_verify_ca_connect_and_a_plain_connection_is_refused() {
+    let db = TestDb::new_on(&tls_base(), "tls").await;
+    let ca = tls_file("ca.pem");
+    // `localhost` is in the certificate too; verify-ca ignores the name either way.
+    for params in [
+        "sslmode=require".to_owned(),
+        format!("sslmode=verify-ca&sslrootcert={ca}"),
+    ] {
+        let out = check(&with_params(&db.url, &params), None);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{params}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("checks passed"), "{stdout}");
+    }
+    let out = check(&with_params(&db.url, "sslmode=disable"), None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "a plain connection got in:\n{stdout}"
+    );
+    assert!(stdout.contains("no encryption"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_ssl_with_the_wrong_ca_is_reported_by_check() {
+    let db = TestDb::new_on(&tls_base(), "tls").await;
+    let url = with_params(&db.url, "sslmode=require");
+    let good = check(&url, Some(&tls_file("ca.pem")));
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(
+        good.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("ok    Kafka at {} answers", ssl_brokers())),
+        "{stdout}"
+    );
+    let bad = check(&url, Some(&tls_file("other-ca.pem")));
+    let stdout = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "FAIL  Kafka at {} is not reachable",
+            ssl_brokers()
+        )),
+        "{stdout}"
+    );
+}

@@ -5,6 +5,7 @@
 //! - [`kafka`]: producer, topics.
 //! - [`check`]: the preflight.
 //! - [`generate`]: realistic demo and test data.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/health`, `/ready` endpoint.
 //! - [`emulator`]: a local Salesforce / Dataverse / MuleSoft emulator for tests and demos.
 
 pub mod check;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod event;
 pub mod generate;
 pub mod kafka;
+pub mod metrics;
 pub mod pg;
 pub mod sink;
 pub mod source;

@@ -108,6 +108,9 @@ pub struct SinkConfig {
     /// `[mulesoft]`, required when target = "mulesoft".
     #[serde(default)]
     pub mulesoft: Option<mulesoft::Config>,
+    /// `[metrics]`: the `/metrics`, `/health`, `/ready` endpoint.
+    #[serde(default)]
+    pub metrics: crate::metrics::server::MetricsConfig,
 }
 
 /// Flag / environment overrides of a sink config.

@@ -276,6 +276,7 @@ impl SourceProc {
             .env("DATABASE_URL", &db.url)
             .env("KAFKA_BROKERS", brokers())
             .env("TRUSST_LOG", "info,trusst_cdc=debug")
+            .env("TRUSST_METRICS_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -304,6 +305,7 @@ impl SourceProc {
             .env("DATABASE_URL", &db.url)
             .env("KAFKA_BROKERS", brokers())
             .env("TRUSST_LOG", "info,trusst_cdc=debug")
+            .env("TRUSST_METRICS_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&self.log).unwrap())
             .spawn()
@@ -327,6 +329,14 @@ impl SourceProc {
     /// The process's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `http://host:port` of the process's metrics endpoint, once it logged it.
+    pub fn metrics_url(&mut self) -> String {
+        metrics::wait_endpoint("source", || {
+            self.assert_running();
+            self.log()
+        })
     }
 
     /// `kill -9`.
@@ -535,3 +545,4 @@ pub fn assert_matches_seed(
 }
 
 pub mod crm;
+pub mod metrics;

@@ -24,6 +24,8 @@ scripts/services.sh drop-slots '^trusst_demo$'
 scripts/services.sh psql -q -c "DROP DATABASE IF EXISTS $DEMO_DB" -c "CREATE DATABASE $DEMO_DB"
 export DATABASE_URL=${DATABASE_URL%/*}/$DEMO_DB
 export TRUSST_TOPIC=trusst.demo.$(date +%s) TRUSST_SLOT=trusst_demo TRUSST_PUBLICATION=trusst_demo
+# Four processes on one machine: each serves /metrics on a free port, logged in its log file.
+export TRUSST_METRICS_LISTEN=127.0.0.1:0
 state=$(mktemp -d)
 # The demo's slot goes with the demo: left behind it would hold WAL until dropped.
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; scripts/services.sh drop-slots "^trusst_demo$" || true; rm -rf "$state"' EXIT

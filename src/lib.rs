@@ -6,6 +6,7 @@
 //! - [`check`]: the preflight.
 //! - [`status`]: the pipeline's state (slot lag, consumer lag, dead letters, sync audit).
 //! - [`generate`]: realistic demo and test data.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/health`, `/ready` endpoint.
 //! - [`emulator`]: a local Salesforce / Dataverse / MuleSoft emulator for tests and demos.
 
 pub mod check;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod event;
 pub mod generate;
 pub mod kafka;
+pub mod metrics;
 pub mod pg;
 pub mod secrets;
 pub mod sink;

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use trusst_cdc::config::{self, SourceConfig, SourceOverrides};
 use trusst_cdc::error::{Error, Fault, Result};
+use trusst_cdc::metrics::server::{self as metrics_server, Listen};
 use trusst_cdc::{check, generate, pg, source};
 
 // A thread-caching allocator: events are built and dropped by the thousand per batch, and the
@@ -32,6 +33,10 @@ struct Cli {
         env = "TRUSST_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Address of the /metrics, /health and /ready endpoint of `source` and `sink` (host:port,
+    /// port 0 picks a free one, `off` disables); overrides `[metrics] listen`.
+    #[arg(long, global = true, env = "TRUSST_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -203,9 +208,16 @@ async fn source_config(path: &Path, overrides: SourceOverrides) -> Result<Source
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let metrics_flag = cli.metrics_listen;
     match cli.command {
         Command::Source { config, overrides } => {
             let cfg = source_config(&config, overrides).await?;
+            let listen = Listen::resolve(
+                metrics_flag.as_deref(),
+                cfg.metrics.listen.as_deref(),
+                metrics_server::SOURCE_DEFAULT,
+            )?;
+            metrics_server::start(&listen, source::READY_CONDITIONS).await?;
             source::run(cfg, shutdown_signal()).await
         }
         Command::Check { config, overrides } => {
@@ -247,6 +259,16 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = config::load::<trusst_cdc::sink::config::SinkConfig>(&config)?
                 .resolve(overrides)?;
             let target = trusst_cdc::sink::build_target(&cfg)?;
+            if !dry_run && !redrive && until_idle.is_none() {
+                // One-off runs (dry runs, re-drives, replays) serve nothing: they end on their own
+                // and must not take the running sink's address.
+                let listen = Listen::resolve(
+                    metrics_flag.as_deref(),
+                    cfg.metrics.listen.as_deref(),
+                    metrics_server::SINK_DEFAULT,
+                )?;
+                metrics_server::start(&listen, trusst_cdc::sink::runner::READY_CONDITIONS).await?;
+            }
             let opts = trusst_cdc::sink::runner::RunOptions {
                 start: from,
                 dry_run,
@@ -270,7 +292,7 @@ async fn run(cli: Cli) -> Result<()> {
             sinks,
             json,
         } => {
-            let cfg = source_config(&config, overrides)?;
+            let cfg = source_config(&config, overrides).await?;
             let sinks = if sinks.is_empty() {
                 let dir = config.parent().map(PathBuf::from).unwrap_or_default();
                 ["salesforce", "dynamics", "mulesoft"]

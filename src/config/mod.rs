@@ -193,6 +193,9 @@ pub struct SourceConfig {
     /// `[source]`.
     #[serde(default)]
     pub source: SourceSection,
+    /// `[metrics]`: the `/metrics`, `/health`, `/ready` endpoint.
+    #[serde(default)]
+    pub metrics: crate::metrics::server::MetricsConfig,
 }
 
 /// Values from flags or the environment that win over the file.

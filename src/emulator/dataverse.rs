@@ -113,7 +113,16 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         .await
         .and_then(|()| app.charge(System::Dataverse, cost, &window))
     {
-        Ok(()) => next.run(req).await,
+        Ok(()) => {
+            let mut resp = next.run(req).await;
+            // Read after the handler: a $batch charges its inner requests there.
+            let left = app.remaining(System::Dataverse, &window);
+            resp.headers_mut().insert(
+                "x-ms-ratelimit-burst-remaining-xrm-requests",
+                HeaderValue::from(left),
+            );
+            resp
+        }
         Err(Refusal::Unavailable) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "0x80040216",

@@ -112,6 +112,11 @@ fn router(app: Arc<App>) -> Router {
         .merge(dataverse::routes(&app))
         .merge(mulesoft::routes(&app))
         .nest("/__admin", admin::routes())
+        // Liveness for orchestrators (compose health checks); outside the emulated APIs.
+        .route(
+            "/health",
+            axum::routing::get(crate::metrics::server::health),
+        )
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -326,6 +331,14 @@ impl App {
             Some(Injected::TooMany) => Err(Refusal::TooMany {
                 retry_after: Duration::from_secs(1),
             }),
+        }
+    }
+
+    /// Requests left in a system's current rate-limit window.
+    fn remaining(&self, system: System, limit: &RateLimit) -> u64 {
+        match self.lock().windows.get(&system) {
+            Some(w) if w.since.elapsed() < limit.window => limit.requests.saturating_sub(w.used),
+            _ => limit.requests,
         }
     }
 

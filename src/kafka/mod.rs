@@ -195,8 +195,18 @@ impl Pending {
         for f in self.futures.drain(..) {
             match f.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(error::kafka("Kafka did not acknowledge an event", e));
+                Ok(Err((e, msg))) => {
+                    use rdkafka::Message;
+                    let key = msg.key().map(String::from_utf8_lossy).unwrap_or_default();
+                    tracing::error!(topic = msg.topic(), partition = msg.partition(), contact_id = %key, error = %e, "Kafka did not acknowledge an event");
+                    return Err(error::kafka(
+                        format!(
+                            "Kafka did not acknowledge the event of contact {key} on {} partition {}",
+                            msg.topic(),
+                            msg.partition()
+                        ),
+                        e,
+                    ));
                 }
                 Err(_) => {
                     return Err(Error::external(

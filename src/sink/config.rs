@@ -111,6 +111,9 @@ pub struct SinkConfig {
     /// `[audit]`: the optional sync audit table.
     #[serde(default)]
     pub audit: super::audit::AuditConfig,
+    /// `[metrics]`: the `/metrics`, `/health`, `/ready` endpoint.
+    #[serde(default)]
+    pub metrics: crate::metrics::server::MetricsConfig,
 }
 
 /// Flag / environment overrides of a sink config.

@@ -67,6 +67,30 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client> {
         .map_err(|e| Error::internal("building the HTTP client").with_source(e))
 }
 
+/// Send a request to the CRM `target` (`salesforce`, `dynamics`, `mulesoft`), counting it by
+/// status in the metrics and reading any rate-limit allowance from the answer's headers.
+pub async fn send(
+    target: &'static str,
+    what: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response> {
+    let started = std::time::Instant::now();
+    match request.send().await {
+        Ok(resp) => {
+            crate::metrics::crm_request(target, Some(resp.status().as_u16()), started.elapsed());
+            if let Some((remaining, limit)) = crate::metrics::allowance_from_headers(resp.headers())
+            {
+                crate::metrics::crm_allowance(target, remaining, limit);
+            }
+            Ok(resp)
+        }
+        Err(e) => {
+            crate::metrics::crm_request(target, None, started.elapsed());
+            Err(transport(what, e))
+        }
+    }
+}
+
 /// A transport failure (connect, timeout, dropped connection): retryable.
 pub fn transport(what: &str, e: reqwest::Error) -> Error {
     Error::external(format!("{what}: request failed")).with_source(e)

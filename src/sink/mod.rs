@@ -58,6 +58,19 @@ pub trait Target: Send {
     fn dry_run(&self, mapping: &Mapping, records: &[Record]) -> Vec<String>;
 }
 
+/// Contact ids for a log line: all of a small set, the first few of a large one.
+pub fn contact_ids<'a>(ids: impl Iterator<Item = &'a str>) -> String {
+    const SHOWN: usize = 5;
+    let ids: Vec<&str> = ids.collect();
+    let more = ids.len().saturating_sub(SHOWN);
+    let shown = ids[..ids.len().min(SHOWN)].join(",");
+    if more > 0 {
+        format!("{shown},... ({more} more)")
+    } else {
+        shown
+    }
+}
+
 /// Build the configured target's client.
 pub fn build_target(cfg: &config::SinkConfig) -> Result<Box<dyn Target>> {
     let missing =
@@ -75,4 +88,17 @@ pub fn build_target(cfg: &config::SinkConfig) -> Result<Box<dyn Target>> {
             cfg.mulesoft.as_ref().ok_or_else(|| missing("mulesoft"))?,
         )?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn contact_ids_for_logs() {
+        assert_eq!(super::contact_ids(["a", "b"].into_iter()), "a,b");
+        assert_eq!(
+            super::contact_ids(["a", "b", "c", "d", "e", "f", "g"].into_iter()),
+            "a,b,c,d,e,... (2 more)"
+        );
+        assert_eq!(super::contact_ids(std::iter::empty()), "");
+    }
 }

@@ -79,6 +79,11 @@ impl ClientCredentials {
         }
     }
 
+    /// The CRM this grant belongs to, for the metrics: the section name without brackets.
+    fn target(&self) -> &'static str {
+        self.section.trim_start_matches('[').trim_end_matches(']')
+    }
+
     /// A valid access token: the cached one, or a new one when it is missing or about to expire.
     pub async fn token(&mut self, client: &reqwest::Client) -> Result<String> {
         if let Some(t) = &self.token {
@@ -110,13 +115,16 @@ impl ClientCredentials {
             form.push(("scope", s));
         }
         let started = Instant::now();
-        let resp = client
+        let request = client
             .post(&self.token_url)
             .header(reqwest::header::ACCEPT, "application/json")
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| http::transport(&format!("token request to {}", self.token_url), e))?;
+            .form(&form);
+        let resp = http::send(
+            self.target(),
+            &format!("token request to {}", self.token_url),
+            request,
+        )
+        .await?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp

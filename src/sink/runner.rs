@@ -13,10 +13,19 @@ use tokio::sync::watch;
 use super::audit::Audit;
 use super::config::{OnDelete, SinkConfig};
 use super::mapping::{Mapping, Record};
-use super::{Outcome, Target};
+use super::{Outcome, Target, contact_ids};
 use crate::error::{self, Error, Fault, Result};
 use crate::event::{ContactEvent, Op};
 use crate::kafka::{self, Pending};
+use crate::metrics::kafka::{CONSUMER_ASSIGNED, LagContext};
+
+/// Readiness condition: the CRM accepted the credentials and the mapping checks passed.
+pub const CRM_READY: &str = "crm authenticated";
+/// What `/ready` waits for in a sink.
+pub const READY_CONDITIONS: &[&str] = &[CONSUMER_ASSIGNED, CRM_READY];
+
+/// The sink's consumer, reporting consumer lag and assignment to the metrics.
+type SinkConsumer = StreamConsumer<LagContext>;
 
 /// Where a sink starts reading.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +152,7 @@ async fn deliver(
     let mut mapping = Mapping::new(cfg.sink.target, &cfg.mapping);
     if !opts.dry_run {
         prepare(target.as_mut(), &mut mapping, cfg, &mut shutdown).await?;
+        crate::metrics::ready(CRM_READY, true);
     }
     let source_topic = if opts.redrive {
         cfg.dlq_topic()
@@ -327,7 +337,7 @@ async fn prepare(
     }
 }
 
-fn consumer(cfg: &SinkConfig, group: &str) -> Result<StreamConsumer> {
+fn consumer(cfg: &SinkConfig, group: &str) -> Result<SinkConsumer> {
     let mut c = kafka::client_config(cfg.brokers(), &std::collections::BTreeMap::new());
     c.set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -336,15 +346,20 @@ fn consumer(cfg: &SinkConfig, group: &str) -> Result<StreamConsumer> {
         // A CRM pause (daily allowance spent) can be long; the loop keeps polling while it
         // waits, this is the backstop.
         .set("max.poll.interval.ms", "900000")
-        .set("session.timeout.ms", "30000");
+        .set("session.timeout.ms", "30000")
+        .set(
+            "statistics.interval.ms",
+            crate::metrics::kafka::STATS_INTERVAL_MS,
+        );
     for (k, v) in &cfg.kafka.properties {
         c.set(k, v);
     }
-    kafka::create(&c, "consumer")
+    c.create_with_context(LagContext::new(&cfg.sink.name))
+        .map_err(|e| error::kafka("creating the Kafka consumer", e))
 }
 
 /// The topic's partitions, `None` while it does not exist.
-fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Option<Vec<i32>>> {
+fn partitions(consumer: &SinkConsumer, topic: &str) -> Result<Option<Vec<i32>>> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(|e| error::kafka(format!("reading metadata of {topic}"), e))?;
@@ -358,7 +373,7 @@ fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Option<Vec<i32>>
 }
 
 fn high_watermarks(
-    consumer: &StreamConsumer,
+    consumer: &SinkConsumer,
     topic: &str,
     partitions: &[i32],
 ) -> Result<Vec<(i32, i64)>> {
@@ -374,7 +389,7 @@ fn high_watermarks(
 }
 
 fn start_positions(
-    consumer: &StreamConsumer,
+    consumer: &SinkConsumer,
     topic: &str,
     partitions: &[i32],
     start: &StartFrom,
@@ -458,7 +473,7 @@ fn start_positions(
 /// `None` on shutdown. With `wake`, an empty batch comes back after that long without a record,
 /// so the caller can check whether the end was reached or write its audit row.
 async fn next_batch(
-    consumer: &StreamConsumer,
+    consumer: &SinkConsumer,
     cfg: &SinkConfig,
     shutdown: &mut watch::Receiver<bool>,
     wake: Option<Duration>,
@@ -481,7 +496,7 @@ async fn next_batch(
             r = tokio::time::timeout(wait, consumer.recv()) => match r {
                 Err(_) => return Ok(Some(batch)),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "Kafka consumer error");
+                    tracing::warn!(sink = %cfg.sink.name, topic = %cfg.kafka.topic, error = %e, "Kafka consumer error");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Ok(Ok(m)) => {
@@ -498,7 +513,7 @@ async fn next_batch(
     }
 }
 
-fn commit(consumer: &StreamConsumer, topic: &str, batch: &[Msg]) -> Result<()> {
+fn commit(consumer: &SinkConsumer, topic: &str, batch: &[Msg]) -> Result<()> {
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     for m in batch {
         let e = next.entry(m.partition).or_insert(0);
@@ -510,9 +525,32 @@ fn commit(consumer: &StreamConsumer, topic: &str, batch: &[Msg]) -> Result<()> {
         tpl.add_partition_offset(topic, p, Offset::Offset(o))
             .map_err(|e| error::kafka("building offsets", e))?;
     }
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .map_err(|e| error::kafka("committing offsets", e))
+    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+        error::kafka(
+            format!("committing offsets of {topic} ({})", offsets(batch.iter())),
+            e,
+        )
+    })
+}
+
+/// The offsets a set of records spans, per partition: `p0:12-40,p2:7`.
+fn offsets<'m>(msgs: impl Iterator<Item = &'m Msg>) -> String {
+    let mut span: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+    for m in msgs {
+        let e = span.entry(m.partition).or_insert((m.offset, m.offset));
+        *e = (e.0.min(m.offset), e.1.max(m.offset));
+    }
+    let parts: Vec<String> = span
+        .into_iter()
+        .map(|(p, (lo, hi))| {
+            if lo == hi {
+                format!("p{p}:{lo}")
+            } else {
+                format!("p{p}:{lo}-{hi}")
+            }
+        })
+        .collect();
+    parts.join(",")
 }
 
 /// One CRM call of a batch.
@@ -548,6 +586,7 @@ impl BatchCtx<'_> {
     async fn newest<'m>(&mut self, batch: &'m [Msg], redrive: bool) -> Result<Vec<Item<'m>>> {
         let mut newest: HashMap<&str, usize> = HashMap::new();
         let mut items: Vec<Option<Item<'m>>> = Vec::new();
+        crate::metrics::sink_consumed(&self.cfg.sink.name, batch.len());
         for m in batch {
             self.totals.consumed += 1;
             // A tombstone follows its delete event; the delete event did the work.
@@ -588,6 +627,7 @@ impl BatchCtx<'_> {
             if let Some(i) = newest.insert(m.key.as_str(), items.len()) {
                 items[i] = None;
                 self.totals.superseded += 1;
+                crate::metrics::sink_superseded(&self.cfg.sink.name);
             }
             items.push(Some(Item { msg: m, event, raw }));
         }
@@ -625,7 +665,13 @@ impl BatchCtx<'_> {
         let max = target.max_batch().max(1);
         for chunk in upserts.chunks(max) {
             let records: Vec<Record> = chunk.iter().map(|(r, _)| r.clone()).collect();
-            let outcomes = self.with_retries(target, Call::Upsert(&records)).await;
+            let outcomes = self
+                .with_retries(
+                    target,
+                    Call::Upsert(&records),
+                    chunk.iter().map(|(_, it)| *it),
+                )
+                .await;
             self.settle(chunk.iter().map(|(_, it)| *it), outcomes)
                 .await?;
         }
@@ -634,7 +680,9 @@ impl BatchCtx<'_> {
                 .iter()
                 .map(|it| it.event.trusst_contact_id.clone())
                 .collect();
-            let outcomes = self.with_retries(target, Call::Delete(&ids)).await;
+            let outcomes = self
+                .with_retries(target, Call::Delete(&ids), chunk.iter().copied())
+                .await;
             self.settle(chunk.iter().copied(), outcomes).await?;
         }
         Ok(())
@@ -642,10 +690,11 @@ impl BatchCtx<'_> {
 
     /// Retry a CRM call while it fails with a retryable error (honouring Retry-After and
     /// pauses); stop on shutdown so nothing is committed for the batch.
-    async fn with_retries(
+    async fn with_retries<'i>(
         &mut self,
         target: &mut dyn Target,
         call: Call<'_>,
+        items: impl Iterator<Item = &'i Item<'i>> + Clone,
     ) -> Result<Vec<Outcome>> {
         let mut backoff = error::backoff(Duration::from_millis(200), self.cfg.sink.max_backoff);
         let what = match call {
@@ -657,13 +706,26 @@ impl BatchCtx<'_> {
                 Call::Upsert(r) => target.upsert(self.mapping, r).await,
                 Call::Delete(ids) => target.delete(self.mapping, ids).await,
             };
+            // Readiness follows the CRM: refused credentials (a user error that pauses) make the
+            // sink not ready until a call succeeds again.
+            match &result {
+                Ok(_) => crate::metrics::ready(CRM_READY, true),
+                Err(e) if e.fault == Fault::User => crate::metrics::ready(CRM_READY, false),
+                Err(_) => {}
+            }
             match result {
                 Ok(o) => return Ok(o),
                 Err(e) if e.retryable => {
                     let wait = e
                         .retry_after
                         .unwrap_or_else(|| backoff.next().unwrap_or(self.cfg.sink.max_backoff));
-                    tracing::warn!(sink = %self.cfg.sink.name, error = %e, retry_in = ?wait, "{what} failed; retrying");
+                    let records = items.clone().count();
+                    crate::metrics::sink_failed(&self.cfg.sink.name, records);
+                    tracing::warn!(
+                        sink = %self.cfg.sink.name, topic = %self.source_topic, offsets = %offsets(items.clone().map(|it| it.msg)),
+                        contact_ids = %contact_ids(items.clone().map(|it| it.event.trusst_contact_id.as_str())), records,
+                        error = %e, retry_in = ?wait, "{what} failed; retrying"
+                    );
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.shutdown.wait_for(|v| *v) => {
@@ -687,15 +749,18 @@ impl BatchCtx<'_> {
         let n = items.clone().count();
         match outcomes {
             Ok(o) if o.len() == n => {
+                let mut written = 0;
                 for (it, o) in items.zip(o) {
                     match o {
-                        Outcome::Written => self.totals.written += 1,
+                        Outcome::Written => written += 1,
                         Outcome::Rejected(reason) => {
                             self.dead_letter(it.msg, Some(&it.raw), "crm", &reason, None)
                                 .await?
                         }
                     }
                 }
+                self.totals.written += written;
+                crate::metrics::sink_written(&self.cfg.sink.name, written);
                 Ok(())
             }
             Ok(o) => Err(Error::internal(format!(
@@ -723,7 +788,10 @@ impl BatchCtx<'_> {
         reason: &str,
         raw: Option<&[u8]>,
     ) -> Result<()> {
-        tracing::warn!(sink = %self.cfg.sink.name, contact_id = %m.key, partition = m.partition, offset = m.offset, stage, reason, "dead-lettered");
+        tracing::error!(
+            sink = %self.cfg.sink.name, contact_id = %m.key, topic = %self.source_topic, partition = m.partition, offset = m.offset,
+            stage, reason, dlq = %self.dlq, "record dead-lettered"
+        );
         let body = json!({
             "sink": self.cfg.sink.name,
             "stage": stage,
@@ -744,6 +812,7 @@ impl BatchCtx<'_> {
             .await?;
         self.totals.dead_lettered += 1;
         self.totals.last_failure = Some(format!("{stage}: {reason}"));
+        crate::metrics::sink_dead_lettered(&self.cfg.sink.name, stage);
         Ok(())
     }
 
@@ -821,5 +890,18 @@ mod tests {
                 .contains("offset:PARTITION:OFFSET")
         );
         assert!("yesterday".parse::<StartFrom>().is_err());
+    }
+
+    #[test]
+    fn log_summaries() {
+        let m = |partition, offset| Msg {
+            partition,
+            offset,
+            key: String::new(),
+            payload: None,
+        };
+        let batch = [m(2, 7), m(0, 40), m(0, 12), m(0, 13)];
+        assert_eq!(offsets(batch.iter()), "p0:12-40,p2:7");
+        assert_eq!(offsets([].iter()), "");
     }
 }

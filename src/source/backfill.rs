@@ -213,7 +213,10 @@ pub async fn run(
         loop {
             if *shutdown.borrow() {
                 progress.finish();
-                tracing::warn!(window = %format!("{from} .. {to}"), published = totals.published, "backfill interrupted; re-run it from this window");
+                tracing::warn!(
+                    window = %format!("{from} .. {to}"), contact_id = %after, published = totals.published,
+                    "backfill interrupted after this contact; re-run it from this window"
+                );
                 return Ok(totals);
             }
             let ids = page(&client, from, to, &after, limit).await?;

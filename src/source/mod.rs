@@ -40,16 +40,30 @@ const NOT_COMPLETED_CAP: usize = 200_000;
 /// Prefix of the heartbeat messages written with `pg_logical_emit_message`.
 pub const HEARTBEAT_PREFIX: &str = "trusst-cdc.heartbeat";
 
+/// Readiness condition: the logical replication stream is connected.
+pub const REPLICATION_CONNECTED: &str = "replication stream connected";
+/// Readiness condition: Kafka answered and the event topic exists.
+pub const KAFKA_PRODUCER_UP: &str = "kafka producer up";
+/// What `/ready` waits for in the source.
+pub const READY_CONDITIONS: &[&str] = &[REPLICATION_CONNECTED, KAFKA_PRODUCER_UP];
+
+/// How often the slot's lag is read for `trusst_cdc_replication_lag_bytes`.
+const LAG_POLL: Duration = Duration::from_secs(5);
+
 /// Run the source until `shutdown` turns true. A failure before the first stream started exits
 /// (a misconfiguration should be loud); once streaming, retryable failures reconnect with backoff.
 pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
     let new_backoff = || error::backoff(Duration::from_millis(500), Duration::from_secs(30));
     let mut backoff = new_backoff();
     let mut ever_streamed = false;
+    // Across sessions: the lag keeps being read while the source reconnects.
+    let _lag = watch_slot_lag(cfg.database_url().to_owned(), cfg.source.slot.clone());
     loop {
         let started = Instant::now();
         let mut session = Session::new(&cfg, shutdown.clone());
         let result = session.run().await;
+        crate::metrics::ready(REPLICATION_CONNECTED, false);
+        crate::metrics::ready(KAFKA_PRODUCER_UP, false);
         ever_streamed |= session.streaming;
         match result {
             Ok(()) => return Ok(()),
@@ -58,7 +72,8 @@ pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<(
                     backoff = new_backoff();
                 }
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                tracing::warn!(error = %e, retry_in = ?delay, "source session failed; reconnecting");
+                let lsn = fmt_lsn(session.confirmed);
+                tracing::warn!(error = %e, slot = %cfg.source.slot, lsn = %lsn, retry_in = ?delay, "source session failed; reconnecting from the slot's confirmed LSN");
                 let mut sd = shutdown.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -67,6 +82,39 @@ pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Read the slot's lag every [`LAG_POLL`] on a connection of its own, so the gauge keeps
+/// growing while the stream is stuck. Stops when the returned handle is dropped.
+fn watch_slot_lag(url: String, slot: String) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut client = None;
+        let mut tick = tokio::time::interval(LAG_POLL);
+        loop {
+            tick.tick().await;
+            if client.is_none() {
+                client = crate::pg::connect(&url).await.ok();
+            }
+            let Some(c) = &client else { continue };
+            match setup::slot_lag_bytes(c, &slot).await {
+                Ok(Some(bytes)) => crate::metrics::replication_lag_bytes(&slot, bytes),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(slot = %slot, error = %e, "reading the slot lag failed; reconnecting");
+                    client = None;
+                }
+            }
+        }
+    }))
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -195,6 +243,7 @@ impl<'a> Session<'a> {
             setup::ensure_publication(&client, &s.publication).await?;
         }
         let producer = event_producer(cfg).await?;
+        crate::metrics::ready(KAFKA_PRODUCER_UP, true);
         let (slot_lsn, created) = setup::ensure_slot(&client, &s.slot).await?;
         self.confirmed = slot_lsn;
         self.last_commit_end = slot_lsn;
@@ -233,6 +282,7 @@ impl<'a> Session<'a> {
             .await
             .map_err(|e| crate::pg::replication_error(cfg.database_url(), e))?;
         tracing::info!(slot = %s.slot, from = %fmt_lsn(slot_lsn), "streaming changes");
+        crate::metrics::ready(REPLICATION_CONNECTED, true);
 
         let result = self.stream(&client, &producer, &mut repl).await;
         let _ = repl.shutdown().await;
@@ -380,7 +430,7 @@ impl<'a> Session<'a> {
                         .execute("SELECT pg_logical_emit_message(false, $1, 'heartbeat')", &[&HEARTBEAT_PREFIX])
                         .await
                     {
-                        tracing::warn!(error = %e, "heartbeat failed; the slot advances only on keepalives");
+                        tracing::warn!(error = %e, lsn = %fmt_lsn(self.confirmed), "heartbeat failed; the slot advances only on keepalives");
                     }
                 }
             }
@@ -431,7 +481,12 @@ impl<'a> Session<'a> {
                     self.flush(repl).await?;
                 }
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                crate::metrics::commit_read(&self.cfg.source.slot, commit_time_micros);
                 self.current = None;
                 self.last_commit_end = end_lsn.0;
                 if let Some(since) = self.batch.since {
@@ -796,7 +851,7 @@ impl<'a> Session<'a> {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
-        tracing::warn!(confirmed = %lsn, "could not record the final position; the next start replays from the last reported one");
+        tracing::warn!(slot = %self.cfg.source.slot, lsn = %lsn, "could not record the final position; the next start replays from the last reported one");
     }
 }
 

@@ -18,6 +18,7 @@ use super::{Origin, enrich};
 use crate::error::{Error, Result};
 use crate::event::{ContactEvent, SourcePosition, lsn as fmt_lsn};
 use crate::kafka::Pending;
+use crate::metrics::Published;
 
 /// Jobs queued per stage before the reader waits: enough to keep both stages busy.
 const STAGE_QUEUE: usize = 2;
@@ -97,9 +98,14 @@ impl Publisher {
                 match produce(&producer, &topic, &mut pending, &job, &mut states).await {
                     // Acknowledgements are awaited off this stage, so the next job's records
                     // are produced while the broker works on this one's.
-                    Ok(n) => {
+                    Ok(tally) => {
+                        let topic = topic.clone();
                         tokio::spawn(async move {
-                            let _ = done.send(pending.wait().await.map(|_| n));
+                            let res = pending.wait().await.map(|_| {
+                                tally.acknowledged(&topic, job.reason);
+                                events(&tally)
+                            });
+                            let _ = done.send(res);
                         });
                     }
                     Err(e) => {
@@ -136,20 +142,27 @@ pub(super) async fn publish_and_wait(
 ) -> Result<usize> {
     let mut states = enrich::enrich(client, &job.ids).await?;
     let mut pending = Pending::default();
-    let n = produce(producer, topic, &mut pending, job, &mut states).await?;
+    let tally = produce(producer, topic, &mut pending, job, &mut states).await?;
     pending.wait().await?;
-    Ok(n)
+    tally.acknowledged(topic, job.reason);
+    Ok(events(&tally))
 }
 
-/// Produce one event per re-read contact, and a delete event plus tombstone per deleted one.
+/// Events of a job as the source counts them: one per contact (a delete's tombstone is part of it).
+fn events(tally: &Published) -> usize {
+    (tally.upserts + tally.deletes) as usize
+}
+
+/// Produce one event per re-read contact, and a delete event plus tombstone per deleted one;
+/// what was produced, to be counted once Kafka acknowledged it.
 async fn produce(
     producer: &FutureProducer,
     topic: &str,
     pending: &mut Pending,
     job: &Job,
     states: &mut HashMap<String, ContactEvent>,
-) -> Result<usize> {
-    let mut n = 0;
+) -> Result<Published> {
+    let mut tally = Published::default();
     for id in &job.ids {
         let Some(o) = job.origins.get(id).copied().or(job.origin) else {
             continue;
@@ -172,7 +185,7 @@ async fn produce(
             pending
                 .send(producer, topic, id, Some(&ev.to_json()))
                 .await?;
-            n += 1;
+            tally.upserts += 1;
         } else if job.deleted.contains(id) {
             let ev = ContactEvent::delete(id, position);
             pending
@@ -180,8 +193,14 @@ async fn produce(
                 .await?;
             // The tombstone lets compaction forget the contact once sinks saw the delete.
             pending.send(producer, topic, id, None).await?;
-            n += 1;
+            tally.deletes += 1;
+            tally.tombstones += 1;
+        } else {
+            continue;
+        }
+        if job.reason == "stream" && o.commit_ts != 0 {
+            tally.commits.push(o.commit_ts);
         }
     }
-    Ok(n)
+    Ok(tally)
 }

@@ -344,6 +344,19 @@ pub async fn current_wal_lsn(client: &Client) -> Result<u64> {
     parse_lsn(&now)
 }
 
+/// The slot's unconfirmed WAL in bytes (`pg_current_wal_lsn()` minus `confirmed_flush_lsn`);
+/// `None` when the slot does not exist.
+pub async fn slot_lag_bytes(client: &Client, slot: &str) -> Result<Option<i64>> {
+    let row = client
+        .query_opt(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| error::pg(format!("reading the lag of slot {slot}"), e))?;
+    Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
+}
+
 /// Parse PostgreSQL's `X/Y` LSN text.
 pub fn parse_lsn(s: &str) -> Result<u64> {
     let (hi, lo) = s

@@ -167,6 +167,8 @@ impl SinkProc {
                 "trusst-mule-secret".to_owned(),
             ),
             ("TRUSST_LOG".to_owned(), "info,trusst_cdc=debug".to_owned()),
+            // Tests run side by side: each process takes a free port and logs it.
+            ("TRUSST_METRICS_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         ];
         let log = dir
             .path()
@@ -237,6 +239,14 @@ impl SinkProc {
         if let Some(s) = self.child.try_wait().unwrap() {
             panic!("sink exited with {s}:\n{}", self.log());
         }
+    }
+
+    /// `http://host:port` of the sink's metrics endpoint, once it logged it.
+    pub fn metrics_url(&mut self) -> String {
+        super::metrics::wait_endpoint("sink", || {
+            self.assert_running();
+            self.log()
+        })
     }
 
     /// SIGTERM and wait.

@@ -269,7 +269,9 @@ impl SourceOpts {
             "KAFKA_BROKERS",
             self.brokers.clone().unwrap_or_else(brokers),
         )
-        .env("TRUSST_LOG", self.log_filter);
+        .env("TRUSST_LOG", self.log_filter)
+        // Tests run side by side: each process takes a free port for its metrics endpoint.
+        .env("TRUSST_METRICS_LISTEN", "127.0.0.1:0");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -383,6 +385,14 @@ impl SourceProc {
     /// The process's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `http://host:port` of the process's metrics endpoint, once it logged it.
+    pub fn metrics_url(&mut self) -> String {
+        metrics::wait_endpoint("source", || {
+            self.assert_running();
+            self.log()
+        })
     }
 
     /// `kill -9`.
@@ -591,3 +601,4 @@ pub fn assert_matches_seed(
 }
 
 pub mod crm;
+pub mod metrics;

@@ -120,14 +120,12 @@ impl Dynamics {
         let mut retried = false;
         loop {
             let token = self.auth.token(&self.http).await?;
-            let resp = make(&self.http)
+            let request = make(&self.http)
                 .bearer_auth(&token)
                 .header("OData-MaxVersion", "4.0")
                 .header("OData-Version", "4.0")
-                .header(ACCEPT, "application/json")
-                .send()
-                .await
-                .map_err(|e| http::transport(what, e))?;
+                .header(ACCEPT, "application/json");
+            let resp = http::send("dynamics", what, request).await?;
             let status = resp.status();
             let headers = resp.headers().clone();
             let body = resp.text().await.map_err(|e| http::transport(what, e))?;
@@ -300,8 +298,14 @@ impl Dynamics {
         }
     }
 
-    /// One `$batch` with `Prefer: odata.continue-on-error`: one outcome per request.
-    async fn run_batch(&mut self, requests: &[Request], delete: bool) -> Result<Vec<Outcome>> {
+    /// One `$batch` with `Prefer: odata.continue-on-error`: one outcome per request
+    /// (`contact_ids[i]` is request `i`'s contact, for the log).
+    async fn run_batch(
+        &mut self,
+        requests: &[Request],
+        contact_ids: &[&str],
+        delete: bool,
+    ) -> Result<Vec<Outcome>> {
         let boundary = batch::new_boundary();
         let body = batch::build(&boundary, requests);
         let url = format!("{}/$batch", self.api);
@@ -335,18 +339,20 @@ impl Dynamics {
             self.auth.invalidate();
         }
         let out = batch::outcomes(&parts, requests.len(), delete)?;
-        let rejected: Vec<&String> = out
+        let rejected: Vec<(&str, &String)> = contact_ids
             .iter()
-            .filter_map(|o| {
+            .zip(&out)
+            .filter_map(|(id, o)| {
                 if let Outcome::Rejected(m) = o {
-                    Some(m)
+                    Some((*id, m))
                 } else {
                     None
                 }
             })
             .collect();
-        if let Some(first) = rejected.first() {
-            tracing::warn!(rejected = rejected.len(), of = out.len(), first = %first, "Dataverse rejected records");
+        if let Some((_, first)) = rejected.first() {
+            let ids = crate::sink::contact_ids(rejected.iter().map(|(id, _)| *id));
+            tracing::warn!(rejected = rejected.len(), of = out.len(), contact_ids = %ids, first = %first, "Dataverse rejected records");
         }
         Ok(out)
     }
@@ -490,7 +496,8 @@ impl Target for Dynamics {
                 .iter()
                 .map(|r| self.upsert_request(mapping, r))
                 .collect();
-            out.extend(self.run_batch(&requests, false).await?);
+            let ids: Vec<&str> = chunk.iter().map(|r| r.contact_id.as_str()).collect();
+            out.extend(self.run_batch(&requests, &ids, false).await?);
         }
         Ok(out)
     }
@@ -512,7 +519,8 @@ impl Target for Dynamics {
                     body: None,
                 })
                 .collect();
-            out.extend(self.run_batch(&requests, true).await?);
+            let ids: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            out.extend(self.run_batch(&requests, &ids, true).await?);
         }
         Ok(out)
     }

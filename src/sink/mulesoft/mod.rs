@@ -114,7 +114,7 @@ impl Mulesoft {
                     .basic_auth(id.as_str(), Some(secret.as_str())),
                 Credentials::Oauth(cc) => req.bearer_auth(cc.token(&self.http).await?),
             };
-            let resp = req.send().await.map_err(|e| http::transport(what, e))?;
+            let resp = http::send("mulesoft", what, req).await?;
             let status = resp.status();
             let headers = resp.headers().clone();
             let body = resp.text().await.map_err(|e| http::transport(what, e))?;
@@ -197,7 +197,8 @@ impl Mulesoft {
                         "HTTP {status}: {}",
                         body.chars().take(300).collect::<String>()
                     );
-                    tracing::warn!(%status, tied = tied.len(), of = ids.len(), "MuleSoft API refused the payload");
+                    let contact_ids = crate::sink::contact_ids(ids.iter().copied());
+                    tracing::warn!(%status, tied = tied.len(), of = ids.len(), contact_ids, "MuleSoft API refused the payload");
                     let resend = attempt == 0 && !tied.is_empty() && tied.len() < ids.len();
                     let mut rest = Vec::new();
                     for (pos, &i) in pending.iter().enumerate() {
@@ -218,14 +219,18 @@ impl Mulesoft {
             .into_iter()
             .map(|o| o.expect("every contact has an outcome"))
             .collect();
-        let rejected = out
+        let rejected: Vec<&str> = chunk
             .iter()
-            .filter(|o| matches!(o, Outcome::Rejected(_)))
-            .count();
-        if rejected > 0 {
+            .zip(&out)
+            .filter(|(_, o)| matches!(o, Outcome::Rejected(_)))
+            .map(|(r, _)| r.contact_id.as_str())
+            .collect();
+        if !rejected.is_empty() {
+            let contact_ids = crate::sink::contact_ids(rejected.iter().copied());
             tracing::warn!(
-                rejected,
+                rejected = rejected.len(),
                 of = out.len(),
+                contact_ids,
                 "MuleSoft API did not take every contact"
             );
         }

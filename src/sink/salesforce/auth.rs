@@ -187,12 +187,12 @@ impl Authenticator {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or_default();
-        let resp = client
-            .post(&self.token_url)
-            .form(&self.form(now)?)
-            .send()
-            .await
-            .map_err(|e| http::transport(what, e))?;
+        let resp = http::send(
+            "salesforce",
+            what,
+            client.post(&self.token_url).form(&self.form(now)?),
+        )
+        .await?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.text().await.map_err(|e| http::transport(what, e))?;

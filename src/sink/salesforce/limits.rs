@@ -52,6 +52,7 @@ pub struct Usage {
 impl Usage {
     /// Remember a reading.
     pub fn record(&mut self, used: u64, max: u64) {
+        crate::metrics::crm_allowance("salesforce", max.saturating_sub(used), Some(max));
         self.reading = Some((used, max));
         self.at = Some(Instant::now());
     }

@@ -246,7 +246,7 @@ impl Salesforce {
                 rb = rb.header(CONTENT_TYPE, *ct).body(body.clone());
             }
             let started = Instant::now();
-            let resp = rb.send().await.map_err(|e| http::transport(what, e))?;
+            let resp = http::send("salesforce", what, rb).await?;
             let status = resp.status();
             let headers = resp.headers().clone();
             self.usage.observe(&headers);
@@ -444,9 +444,13 @@ impl Salesforce {
                     attempt
                 )));
             }
+            let contact_ids =
+                crate::sink::contact_ids(locked.iter().map(|&i| recs[i].contact_id.as_str()));
             warn!(
                 records = locked.len(),
-                attempt, "Salesforce rows locked by another transaction; sending them again"
+                attempt,
+                contact_ids,
+                "Salesforce rows locked by another transaction; sending them again"
             );
             tokio::time::sleep(LOCK_BACKOFF * attempt).await;
             pending = locked;
@@ -491,7 +495,10 @@ impl Salesforce {
                 400 if hi - lo > 1 && budget >= 2 => {
                     budget -= 2;
                     let mid = lo + (hi - lo) / 2;
-                    warn!(records = hi - lo, error = %collections::request_error(&resp.body), "Salesforce refused the whole request; splitting it to find the records at fault");
+                    warn!(
+                        records = hi - lo, contact_ids = crate::sink::contact_ids(recs[lo..hi].iter().map(|r| r.contact_id.as_str())),
+                        error = %collections::request_error(&resp.body), "Salesforce refused the whole request; splitting it to find the records at fault"
+                    );
                     stack.push((mid, hi));
                     stack.push((lo, mid));
                 }

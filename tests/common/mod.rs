@@ -218,6 +218,8 @@ pub struct SourceOpts {
     pub snapshot: &'static str,
     pub batch_max_contacts: usize,
     pub reemit_chunk: usize,
+    /// `[kafka] format`: `json` or `avro` (the registry comes from `SCHEMA_REGISTRY_URL`).
+    pub format: &'static str,
 }
 
 impl Default for SourceOpts {
@@ -227,6 +229,7 @@ impl Default for SourceOpts {
             snapshot: "initial",
             batch_max_contacts: 1000,
             reemit_chunk: 7,
+            format: "json",
         }
     }
 }
@@ -257,8 +260,9 @@ impl SourceProc {
         std::fs::write(
             &config,
             format!(
-                "[kafka]\ntopic = \"{topic}\"\npartitions = 3\n[source]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
+                "[kafka]\ntopic = \"{topic}\"\npartitions = 3\nformat = \"{}\"\n[source]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
                  snapshot = \"{}\"\nheartbeat_interval = \"{}\"\nbatch_max_contacts = {}\nreemit_chunk = {}\nstate_dir = \"{}\"\n",
+                opts.format,
                 opts.snapshot,
                 opts.heartbeat,
                 opts.batch_max_contacts,

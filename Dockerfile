@@ -5,6 +5,7 @@ WORKDIR /src
 RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-dev pkg-config && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY schema ./schema
 COPY tests/fixtures ./tests/fixtures
 COPY benches ./benches
 RUN cargo build --release --locked --bin trusst-cdc

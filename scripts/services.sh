@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Local PostgreSQL and Apache Kafka for development, tests and demos, without Docker.
+# Local PostgreSQL, Apache Kafka and Apicurio Registry for development, tests and demos, without Docker.
 #
-#   scripts/services.sh up            start both (idempotent: already running services are left alone)
-#   scripts/services.sh down          stop both
-#   scripts/services.sh status        one line per service; exits 3 if either is down
-#   scripts/services.sh env           eval "$(scripts/services.sh env)" -> DATABASE_URL, KAFKA_BROKERS, PGBIN
+#   scripts/services.sh up            start all three (idempotent: already running services are left alone)
+#   scripts/services.sh down          stop them
+#   scripts/services.sh status        one line per service; exits 3 if any is down
+#   scripts/services.sh env           eval "$(scripts/services.sh env)" -> DATABASE_URL, KAFKA_BROKERS,
+#                                     SCHEMA_REGISTRY_URL, PGBIN
 #   scripts/services.sh psql [ARGS]   psql as postgres on database trusst (later -d overrides it)
 #   scripts/services.sh drop-slots REGEX
 #                                     drop the inactive replication slots whose name matches REGEX
@@ -12,7 +13,8 @@
 #                                     drop the databases whose name matches REGEX (and their slots)
 #   scripts/services.sh kafka-topics [ARGS]
 #                                     Kafka's TopicCommand, --bootstrap-server already given
-#   chaos helpers: restart-pg, stop-pg, start-pg, kill-kafka (SIGKILL), stop-kafka, start-kafka
+#   chaos helpers: restart-pg, stop-pg, start-pg, kill-kafka (SIGKILL), stop-kafka, start-kafka,
+#                  stop-registry, start-registry
 #   scripts/services.sh tls-certs     make the test CA and the server certificate in .run/tls (idempotent)
 #
 #   PG_INSTANCE=NAME PG_WAL_LEVEL=replica PGPORT=N scripts/services.sh start-pg|stop-pg
@@ -24,11 +26,14 @@
 # from .run/tls signed by the test CA .run/tls/ca.pem.
 #
 # Environment: PGPORT (55432), KAFKA_PORT (19092; the KRaft controller listens on KAFKA_PORT+1),
-# KAFKA_VERSION (4.1.2), KAFKA_HEAP_OPTS (-Xms512m -Xmx1g), SERVICES_TIMEOUT (seconds, 120),
+# KAFKA_VERSION (4.1.2), KAFKA_HEAP_OPTS (-Xms512m -Xmx1g), REGISTRY_PORT (18081),
+# APICURIO_VERSION (3.0.9: the newest whose `all` tarball runs on Java 17; 3.1.x ships none and
+# 3.3.x needs Java 21), REGISTRY_HEAP_OPTS (-Xmx384m), SERVICES_TIMEOUT (seconds, 120),
 # PG_OS_USER_NAME (trusstpg: the system user that owns the cluster when this runs as root).
 #
-# Needs only Java 17+, Maven and Debian's apt: PostgreSQL comes from Debian, the Kafka broker from
-# Maven Central. Downloads are cached in .cache/ and all runtime state lives in .run/ (both
+# Needs only Java 17+, Maven and Debian's apt: PostgreSQL comes from Debian, the Kafka broker and
+# Apicurio Registry (Confluent-compatible API at /apis/ccompat/v7, in-memory storage) from Maven
+# Central. Downloads are cached in .cache/ and all runtime state lives in .run/ (both
 # git-ignored), so later runs start in seconds and `down`/`up` keeps data.
 set -euo pipefail
 
@@ -62,6 +67,15 @@ KAFKA_DATA=$KAFKA_DIR/data
 KAFKA_LOGS=$KAFKA_DIR/logs
 KAFKA_PROPS=$KAFKA_DIR/server.properties
 KAFKA_PID=$KAFKA_DIR/kafka.pid
+
+APICURIO_VERSION=${APICURIO_VERSION:-3.0.9}
+REGISTRY_PORT=${REGISTRY_PORT:-18081}
+REGISTRY_HEAP_OPTS=${REGISTRY_HEAP_OPTS:--Xmx384m}
+APICURIO_HOME=$CACHE/apicurio/app
+REGISTRY_DIR=$RUN/registry
+REGISTRY_PID=$REGISTRY_DIR/registry.pid
+REGISTRY_LOG=$REGISTRY_DIR/registry.log
+REGISTRY_API=/apis/ccompat/v7
 
 TIMEOUT=${SERVICES_TIMEOUT:-120}
 
@@ -368,31 +382,41 @@ need_java() {
     fi
 }
 
-# Kafka runs straight from its Maven artifacts; the stamp ties the cached jars to the version and
-# the pom, so editing either fetches again instead of silently running stale jars.
-fetch_kafka() {
-    local stamp
-    stamp="kafka $KAFKA_VERSION pom $(sha256sum "$KAFKA_POM_DIR/pom.xml" | cut -c1-16)"
-    if [[ -f $KAFKA_LIB/.stamp && $(<"$KAFKA_LIB/.stamp") == "$stamp" ]]; then
+# Fetches from Maven Central into DEST once: `maven_fetch WHAT DEST STAMP POST MVN-ARGS...` runs
+# mvn with MVN-ARGS and -DoutputDirectory=<a temporary folder>, then the function POST (may be
+# empty) on that folder, and only then moves it to DEST. The stamp ties DEST to what was asked
+# for, so changing a version or a pom fetches again instead of silently running stale files.
+maven_fetch() {
+    local what=$1 dest=$2 stamp=$3 post=$4
+    shift 4
+    if [[ -f $dest/.stamp && $(<"$dest/.stamp") == "$stamp" ]]; then
         return
     fi
-    command -v mvn >/dev/null || die "mvn not found: Maven is needed to fetch Kafka from Maven Central"
-    log "fetching Apache Kafka $KAFKA_VERSION from Maven Central (first run only)"
-    local tmp=$CACHE/kafka/lib.tmp started=$SECONDS
+    command -v mvn >/dev/null || die "mvn not found: Maven is needed to fetch $what from Maven Central"
+    log "fetching $what from Maven Central (first run only)"
+    local tmp=$dest.tmp fetch_log started=$SECONDS
+    fetch_log=$(dirname "$dest")/fetch.log
     rm -rf "$tmp"
-    mkdir -p "$CACHE/kafka"
-    if ! mvn -B -q -f "$KAFKA_POM_DIR/pom.xml" \
-        -Dmaven.repo.local="$CACHE/m2" \
-        -Dkafka.version="$KAFKA_VERSION" \
-        dependency:copy-dependencies -DoutputDirectory="$tmp" -DincludeScope=runtime \
-        >"$CACHE/kafka/fetch.log" 2>&1; then
-        show_tail "$CACHE/kafka/fetch.log"
-        die "could not fetch Kafka $KAFKA_VERSION with Maven"
+    mkdir -p "$(dirname "$dest")"
+    if ! mvn -B -q -Dmaven.repo.local="$CACHE/m2" "$@" -DoutputDirectory="$tmp" >"$fetch_log" 2>&1; then
+        show_tail "$fetch_log"
+        die "could not fetch $what with Maven"
+    fi
+    if [[ -n $post ]]; then
+        "$post" "$tmp" || die "could not unpack $what (see ${fetch_log#"$ROOT"/})"
     fi
     echo "$stamp" >"$tmp/.stamp"
-    rm -rf "$KAFKA_LIB"
-    mv "$tmp" "$KAFKA_LIB"
-    log "fetched $(find "$KAFKA_LIB" -name '*.jar' | wc -l) jars in $((SECONDS - started))s"
+    rm -rf "$dest"
+    mv "$tmp" "$dest"
+    log "fetched $what in $((SECONDS - started))s"
+}
+
+# Kafka runs straight from its Maven artifacts (the pom lists the broker and its logging).
+fetch_kafka() {
+    maven_fetch "Apache Kafka $KAFKA_VERSION" "$KAFKA_LIB" \
+        "kafka $KAFKA_VERSION pom $(sha256sum "$KAFKA_POM_DIR/pom.xml" | cut -c1-16)" "" \
+        -f "$KAFKA_POM_DIR/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+        dependency:copy-dependencies -DincludeScope=runtime
 }
 
 kafka_tool() {
@@ -573,6 +597,101 @@ kafka_kill() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Apicurio Registry (the schema registry for Avro events)
+# ---------------------------------------------------------------------------------------------
+
+# The `all` tarball holds a Quarkus runner jar and its lib/; unpacked once, the tarball dropped.
+unpack_apicurio() {
+    local tarball
+    tarball=$(compgen -G "$1/apicurio-registry-app-*-all.tar.gz") || return 1
+    tar -xzf "$tarball" -C "$1" && rm -f "$tarball"
+}
+
+fetch_apicurio() {
+    maven_fetch "Apicurio Registry $APICURIO_VERSION" "$APICURIO_HOME" "apicurio $APICURIO_VERSION" unpack_apicurio \
+        dependency:copy -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all"
+}
+
+registry_pid() {
+    local pid
+    [[ -f $REGISTRY_PID ]] || return 1
+    pid=$(<"$REGISTRY_PID")
+    [[ $pid =~ ^[0-9]+$ ]] && is_alive "$pid" &&
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'apicurio-registry-app' || return 1
+    echo "$pid"
+}
+
+# True when GET $1 on the registry answers 200 (plain bash, so no HTTP client is needed).
+registry_answers() {
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$REGISTRY_PORT" || exit 1
+        printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$1" >&3
+        read -r -t 5 _ status _ <&3 || exit 1
+        [[ $status == 200 ]]
+    ) 2>/dev/null
+}
+
+registry_start() {
+    local pid
+    if pid=$(registry_pid); then
+        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-Dquarkus.http.port=$REGISTRY_PORT " ||
+            die "the registry from .run/registry is already running on another port than $REGISTRY_PORT (stop it first)"
+        log "registry already running on 127.0.0.1:$REGISTRY_PORT (pid $pid)"
+        return
+    fi
+    rm -f "$REGISTRY_PID"
+    if port_open "$REGISTRY_PORT"; then
+        die "port $REGISTRY_PORT is taken by something else (set REGISTRY_PORT to use another one)"
+    fi
+    need_java
+    fetch_apicurio
+    mkdir -p "$REGISTRY_DIR"
+    local jar offset=0
+    jar=$(compgen -G "$APICURIO_HOME/apicurio-registry-app-*-runner.jar") ||
+        die "no runner jar in ${APICURIO_HOME#"$ROOT"/} (delete it to fetch again)"
+    [[ -f $REGISTRY_LOG ]] && offset=$(stat -c %s "$REGISTRY_LOG")
+    log "starting Apicurio Registry $APICURIO_VERSION on 127.0.0.1:$REGISTRY_PORT (in-memory storage)"
+    # In-memory H2 storage: schemas live as long as the process, which is what tests and demos
+    # want. The C1-only JIT and the serial collector roughly halve the start-up time.
+    # shellcheck disable=SC2086,SC2016 # REGISTRY_HEAP_OPTS is a list of JVM flags; $$ is the inner shell's
+    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$REGISTRY_PID" \
+        java $REGISTRY_HEAP_OPTS -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+        -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT" \
+        -Dapicurio.storage.kind=sql -Dapicurio.storage.sql.kind=h2 \
+        -Dquarkus.log.console.format='%d{HH:mm:ss,SSS} %-5p [%c{2.}] %s%e%n' \
+        -jar "$jar" </dev/null >>"$REGISTRY_LOG" 2>&1 9>&- &
+    local launched=$! deadline=$((SECONDS + TIMEOUT))
+    until registry_answers "$REGISTRY_API/subjects"; do
+        if ! is_alive "$launched"; then
+            show_tail_since "$REGISTRY_LOG" "$offset"
+            die "the registry exited during startup"
+        fi
+        if ((SECONDS >= deadline)); then
+            show_tail_since "$REGISTRY_LOG" "$offset"
+            die "the registry did not answer on 127.0.0.1:$REGISTRY_PORT within ${TIMEOUT}s"
+        fi
+        sleep 0.5
+    done
+    log "registry is up (pid $(<"$REGISTRY_PID"))"
+}
+
+registry_stop() {
+    local pid
+    if ! pid=$(registry_pid); then
+        log "registry is not running"
+        rm -f "$REGISTRY_PID"
+        return
+    fi
+    log "stopping the registry (pid $pid)"
+    kill -TERM "$pid"
+    if ! wait_gone "$pid" 30; then
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_gone "$pid" 10 || die "the registry (pid $pid) does not die"
+    fi
+    rm -f "$REGISTRY_PID"
+}
+
+# ---------------------------------------------------------------------------------------------
 
 status() {
     local down=0 pid
@@ -589,6 +708,12 @@ status() {
         echo "kafka:    down"
         down=1
     fi
+    if pid=$(registry_pid) && registry_answers "$REGISTRY_API/subjects"; then
+        echo "registry: up   http://127.0.0.1:$REGISTRY_PORT$REGISTRY_API (Apicurio $(cut -d' ' -f2 "$APICURIO_HOME/.stamp"), pid $pid)"
+    else
+        echo "registry: down"
+        down=1
+    fi
     return $((down * 3))
 }
 
@@ -597,6 +722,7 @@ print_env() {
     printf 'export KAFKA_BROKERS=%q\n' "127.0.0.1:$KAFKA_PORT"
     printf 'export KAFKA_SSL_BROKERS=%q\n' "127.0.0.1:$KAFKA_SSL_PORT"
     printf 'export TLS_DIR=%q\n' "$TLS_DIR"
+    printf 'export SCHEMA_REGISTRY_URL=%q\n' "http://127.0.0.1:$REGISTRY_PORT$REGISTRY_API"
     local bin
     if bin=$(find_pgbin); then
         printf 'export PGBIN=%q\n' "$bin"
@@ -617,10 +743,12 @@ up)
     take_lock
     pg_start
     kafka_start
+    registry_start
     log "ready: eval \"\$(scripts/services.sh env)\""
     ;;
 down)
     take_lock
+    registry_stop
     kafka_stop
     pg_stop
     ;;
@@ -681,6 +809,14 @@ stop-kafka)
 start-kafka)
     take_lock
     kafka_start
+    ;;
+stop-registry)
+    take_lock
+    registry_stop
+    ;;
+start-registry)
+    take_lock
+    registry_start
     ;;
 *) usage ;;
 esac

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test against real services: unit tests, the integration tests (PostgreSQL with
 # wal_level=logical, an extra wal_level=replica cluster for the bad-input tests, an extra cluster
-# that accepts only TLS, Apache Kafka with its SSL listener, moto's Secrets Manager server), and a
-# short cargo-fuzz run of each fuzz target (pgoutput decoder, event decoder, config loader).
+# that accepts only TLS, Apache Kafka with its SSL listener, Apicurio Registry for the Avro tests,
+# moto's Secrets Manager server), and a short cargo-fuzz run of each fuzz target (pgoutput decoder,
+# JSON and Avro event decoders, config loader).
 #
-# Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL).
+# Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL),
+# REGISTRY_PORT (18081).
 #
 #   scripts/test.sh                 everything
 #   FUZZ_SECONDS=0 scripts/test.sh  skip the fuzz run (it needs a nightly toolchain)
@@ -58,7 +60,7 @@ if ((FUZZ_SECONDS > 0)) && ((${#filter[@]} == 0)); then
     if cargo +nightly --version >/dev/null 2>&1; then
         export PATH=$PWD/.cache/tools/bin:$PATH
         command -v cargo-fuzz >/dev/null || cargo install --root .cache/tools cargo-fuzz --locked -q
-        for target in pgoutput event_json config; do
+        for target in pgoutput event_json event_avro config; do
             echo "test: fuzzing $target for ${FUZZ_SECONDS}s" >&2
             cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS"
         done

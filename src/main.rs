@@ -132,9 +132,12 @@ enum Command {
         /// Start at the oldest record instead of new ones.
         #[arg(long)]
         from_beginning: bool,
-        /// Print raw JSON values.
+        /// Print the values as JSON (JSON records as they are, Avro records decoded).
         #[arg(long)]
         json: bool,
+        /// Schema registry for Avro records (Confluent-compatible API base).
+        #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+        schema_registry_url: Option<String>,
         /// Stop after this many records.
         #[arg(long)]
         max: Option<usize>,
@@ -326,9 +329,24 @@ async fn run(cli: Cli) -> Result<()> {
             topic,
             from_beginning,
             json,
+            schema_registry_url,
             max,
             idle,
-        } => trusst_cdc::tail::run(&kafka_brokers, &topic, from_beginning, json, max, idle).await,
+        } => {
+            let decoder = trusst_cdc::event::Decoder::new(trusst_cdc::config::registry(
+                schema_registry_url.as_deref(),
+            )?);
+            trusst_cdc::tail::run(
+                &kafka_brokers,
+                &topic,
+                &decoder,
+                from_beginning,
+                json,
+                max,
+                idle,
+            )
+            .await
+        }
         Command::Generate {
             database_url,
             contacts,

@@ -114,6 +114,7 @@ pub fn load_sinks(paths: &[PathBuf]) -> Result<Vec<(PathBuf, SinkConfig)>> {
             let overrides = SinkOverrides {
                 kafka_brokers: env("KAFKA_BROKERS"),
                 topic: env("TRUSST_TOPIC"),
+                schema_registry_url: env("SCHEMA_REGISTRY_URL"),
             };
             let cfg = crate::config::load::<SinkConfig>(p)?.resolve(overrides)?;
             Ok((p.clone(), cfg))

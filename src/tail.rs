@@ -7,7 +7,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 
 use crate::error::{Error, Result};
-use crate::event::{ContactEvent, Op};
+use crate::event::{Decoder, Op};
 use crate::kafka;
 
 /// Print records of `topic` from the beginning (or the end), one line each, until `max`
@@ -15,6 +15,7 @@ use crate::kafka;
 pub async fn run(
     brokers: &str,
     topic: &str,
+    decoder: &Decoder,
     from_beginning: bool,
     json: bool,
     max: Option<usize>,
@@ -65,16 +66,20 @@ pub async fn run(
             println!("{key} [p{} @{}] tombstone", m.partition(), m.offset());
             continue;
         };
-        if json {
+        if json && crate::event::avro::split_frame(payload).is_none() {
             println!("{}", String::from_utf8_lossy(payload));
             continue;
         }
-        let e = ContactEvent::from_json(payload).map_err(|e| {
+        let e = decoder.decode(payload).await?.map_err(|e| {
             Error::external(format!(
                 "record {key} at offset {} is not an event: {e}",
                 m.offset()
             ))
         })?;
+        if json {
+            println!("{}", String::from_utf8_lossy(&e.to_json()));
+            continue;
+        }
         let answers: Vec<String> = e
             .universal_questions
             .iter()

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::crm::*;
@@ -11,107 +10,6 @@ use common::*;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// The seed's naming rule for Salesforce, written out independently of the connector's.
-fn sf_field(key: &str) -> String {
-    key.split('_')
-        .map(|w| format!("{}{}", w[..1].to_uppercase(), &w[1..]))
-        .collect::<Vec<_>>()
-        .join("_")
-        + "__c"
-}
-
-const LABELS: [&str; 4] = ["Excellent", "Good", "Fair", "Poor"];
-
-/// The value a CRM should hold for a raw result (Dynamics choices are 100000000 + index).
-fn typed(system: &str, result_type: &str, raw: &str) -> Value {
-    match (result_type, system) {
-        ("Boolean", _) => json!(raw == "true"),
-        ("Rating", "dataverse") => json!(raw.parse::<i64>().unwrap()),
-        ("Rating", _) => json!(raw.parse::<f64>().unwrap()),
-        ("Label", "dataverse") => {
-            json!(100_000_000 + LABELS.iter().position(|l| *l == raw).unwrap() as i64)
-        }
-        _ => json!(raw),
-    }
-}
-
-fn num_eq(a: &Value, b: &Value) -> bool {
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
-    }
-}
-
-/// Compare the emulator's records with the seed's query: same contacts, same typed values.
-fn crm_matches(
-    emu: &Emulator,
-    system: &str,
-    expected: &BTreeMap<String, Expected>,
-) -> Result<(), String> {
-    let (object, key) = match system {
-        "salesforce" => ("Contact", "Trusst_Contact_ID__c"),
-        "dataverse" => ("contact", "trusst_contact_id"),
-        _ => ("contacts", "trusst_contact_id"),
-    };
-    let records = emu.records(system, object);
-    let by_id: BTreeMap<String, &Value> = records
-        .iter()
-        .map(|r| (r[key].as_str().unwrap_or_default().to_owned(), r))
-        .collect();
-    if records.len() != by_id.len() {
-        return Err(format!(
-            "{} records for {} contacts: duplicates",
-            records.len(),
-            by_id.len()
-        ));
-    }
-    if by_id.len() != expected.len() {
-        return Err(format!(
-            "{} records in the CRM, {} contacts in the seed query",
-            by_id.len(),
-            expected.len()
-        ));
-    }
-    for (id, e) in expected {
-        let r = by_id
-            .get(id)
-            .ok_or_else(|| format!("contact {id} missing"))?;
-        for (qkey, (rt, raw)) in &e.results {
-            let raw = raw.as_deref().unwrap_or_default();
-            let (got, want) = match system {
-                "salesforce" => (r[sf_field(qkey)].clone(), typed(system, rt, raw)),
-                "dataverse" => (r[qkey.as_str()].clone(), typed(system, rt, raw)),
-                _ => {
-                    let q = r["universal_questions"]
-                        .as_array()
-                        .and_then(|qs| qs.iter().find(|q| q["question_key"] == qkey.as_str()));
-                    (
-                        q.map(|q| q["result"].clone()).unwrap_or(Value::Null),
-                        json!(raw),
-                    )
-                }
-            };
-            if !num_eq(&got, &want) {
-                return Err(format!(
-                    "contact {id} {qkey}: CRM has {got}, seed query says {want}"
-                ));
-            }
-        }
-        let agent = match system {
-            "salesforce" => &r["Agent_ID__c"],
-            "dataverse" => &r["agentid"],
-            _ => &r["contact_agent_id"],
-        };
-        if agent.as_str() != e.contact_agent_id.as_deref() {
-            return Err(format!(
-                "contact {id}: agent {agent} != {:?}",
-                e.contact_agent_id
-            ));
-        }
-    }
-    Ok(())
-}
 
 /// Source, emulator and one sink for `example`; returns everything the test needs.
 async fn pipeline(prefix: &str, n: usize) -> (TestDb, SourceProc, Emulator, Vec<String>) {

@@ -11,6 +11,7 @@ use serde::{Deserialize, de::DeserializeOwned};
 use crate::error::{Error, Result};
 use crate::pg::SslMode;
 use crate::secrets::SecretRef;
+use crate::event::{Format, Registry};
 
 /// Read and parse a TOML file into `T`, with errors that name the file, the line and the fix.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T> {
@@ -85,17 +86,17 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (e.g. `security.protocol`), passed through unchanged.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Format of event values: `json` (default) or `avro` (needs `schema_registry_url`).
+    #[serde(default)]
+    pub format: Format,
+    /// Confluent-compatible schema registry API base; `SCHEMA_REGISTRY_URL` overrides.
+    #[serde(default)]
+    pub schema_registry_url: Option<String>,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        Self {
-            brokers: None,
-            topic: default_topic(),
-            partitions: default_partitions(),
-            replication_factor: default_replication(),
-            properties: BTreeMap::new(),
-        }
+        parse("").expect("defaults parse")
     }
 }
 
@@ -216,6 +217,12 @@ pub struct SourceOverrides {
     /// Publication.
     #[arg(long, env = "TRUSST_PUBLICATION")]
     pub publication: Option<String>,
+    /// Format of event values (`[kafka] format`).
+    #[arg(long, env = "TRUSST_FORMAT", value_enum)]
+    pub format: Option<Format>,
+    /// Schema registry (Confluent-compatible API base), used when the format is avro.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
 }
 
 impl SourceConfig {
@@ -235,6 +242,12 @@ impl SourceConfig {
         }
         if let Some(p) = o.publication {
             self.source.publication = p;
+        }
+        if o.schema_registry_url.is_some() {
+            self.kafka.schema_registry_url = o.schema_registry_url;
+        }
+        if let Some(f) = o.format {
+            self.kafka.format = f;
         }
         self.validate()?;
         Ok(self)
@@ -305,6 +318,12 @@ impl SourceConfig {
         if self.kafka.partitions < 1 {
             return Err(Error::user("[kafka] partitions must be at least 1"));
         }
+        if self.kafka.format == Format::Avro && self.registry()?.is_none() {
+            return Err(Error::user(
+                "[kafka] format = \"avro\" needs a schema registry: set [kafka] schema_registry_url, SCHEMA_REGISTRY_URL \
+                 or --schema-registry-url (e.g. http://127.0.0.1:18081/apis/ccompat/v7)",
+            ));
+        }
         Ok(())
     }
 
@@ -324,6 +343,11 @@ impl SourceConfig {
         Ok(())
     }
 
+    /// The schema registry client, when a registry URL is configured.
+    pub fn registry(&self) -> Result<Option<Registry>> {
+        registry(self.kafka.schema_registry_url.as_deref())
+    }
+
     /// The database URL (present after [`SourceConfig::resolve`] and [`SourceConfig::fetch_secret`]).
     pub fn database_url(&self) -> &str {
         self.database.url.as_deref().unwrap_or_default()
@@ -333,6 +357,11 @@ impl SourceConfig {
     pub fn brokers(&self) -> &str {
         self.kafka.brokers.as_deref().unwrap_or_default()
     }
+}
+
+/// A registry client for an optional URL (an empty URL counts as none).
+pub fn registry(url: Option<&str>) -> Result<Option<Registry>> {
+    url.filter(|u| !u.is_empty()).map(Registry::new).transpose()
 }
 
 #[cfg(test)]
@@ -413,6 +442,32 @@ mod tests {
         );
         let e = parse::<SourceConfig>("[database]\nsslmode = \"verify\"\n").unwrap_err();
         assert!(e.contains("verify-full"), "{e}");
+    }
+
+    #[test]
+    fn avro_needs_a_registry() {
+        let c: SourceConfig = parse("[kafka]\nformat = \"avro\"\n").unwrap();
+        let o = || SourceOverrides {
+            database_url: Some("postgres://h/d".into()),
+            kafka_brokers: Some("b".into()),
+            ..Default::default()
+        };
+        let e = c.clone().resolve(o()).unwrap_err();
+        assert!(e.to_string().contains("SCHEMA_REGISTRY_URL"), "{e}");
+        let c = c.resolve(SourceOverrides {
+            schema_registry_url: Some("http://127.0.0.1:1/apis/ccompat/v7".into()),
+            ..o()
+        });
+        assert_eq!(c.unwrap().kafka.format, Format::Avro);
+        assert_eq!(
+            parse::<SourceConfig>("").unwrap().kafka.format,
+            Format::Json
+        );
+        assert!(
+            parse::<SourceConfig>("[kafka]\nformat = \"protobuf\"\n")
+                .unwrap_err()
+                .contains("unknown variant")
+        );
     }
 
     #[test]

@@ -1,8 +1,18 @@
-//! The per-contact event published to Kafka: one JSON document per COMPLETED contact, keyed by
-//! contact id. Field names follow the seed's MuleSoft payload so the simplest sink is a
-//! pass-through; `schema/contact-event.schema.json` is the published contract.
+//! The per-contact event published to Kafka: one document per COMPLETED contact, keyed by
+//! contact id, in JSON (the default) or Avro with a schema registry. Field names follow the seed's
+//! MuleSoft payload so the simplest sink is a pass-through; `schema/contact-event.schema.json`
+//! and `schema/contact-event.avsc` are the published contracts.
+//!
+//! [`Encoder`] writes values in the configured [`Format`]; [`Decoder`] is the one way the sinks
+//! and `tail` read them, telling the formats apart by the first byte.
+
+pub mod avro;
+pub mod registry;
 
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+pub use registry::Registry;
 
 /// Version of the event layout; bumped only for incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -115,6 +125,106 @@ impl ContactEvent {
     /// Parse an event read from the topic.
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+/// The format of event values on the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One JSON document per value (`schema/contact-event.schema.json`).
+    #[default]
+    Json,
+    /// Confluent wire format: magic byte 0, 4-byte schema id, Avro body (`schema/contact-event.avsc`).
+    Avro,
+}
+
+/// Turns events into record values in the source's format.
+#[derive(Debug, Clone)]
+pub enum Encoder {
+    /// JSON.
+    Json,
+    /// Avro framed with the id the registry gave the event schema.
+    Avro {
+        /// The registered schema's id.
+        schema_id: u32,
+    },
+}
+
+impl Encoder {
+    /// The encoder for `format`; for Avro, registers the event schema under `<topic>-value`
+    /// (the same schema keeps its id and adds no version).
+    pub async fn new(format: Format, registry: Option<&Registry>, topic: &str) -> Result<Self> {
+        match format {
+            Format::Json => Ok(Self::Json),
+            Format::Avro => {
+                let registry = registry.ok_or_else(|| {
+                    Error::user("format = \"avro\" needs a schema registry: set [kafka] schema_registry_url or SCHEMA_REGISTRY_URL")
+                })?;
+                let subject = registry::value_subject(topic);
+                let schema_id = registry.register(&subject, avro::SCHEMA_TEXT).await?;
+                tracing::info!(
+                    subject,
+                    schema_id,
+                    registry = registry.url(),
+                    "event schema registered"
+                );
+                Ok(Self::Avro { schema_id })
+            }
+        }
+    }
+
+    /// The record value for `event`.
+    pub fn encode(&self, event: &ContactEvent) -> Vec<u8> {
+        match self {
+            Self::Json => event.to_json(),
+            Self::Avro { schema_id } => avro::encode(event, *schema_id),
+        }
+    }
+}
+
+/// What a record value decodes to: an event, or why the record is not one (it is then
+/// dead-lettered, never skipped silently).
+pub type Decoded = std::result::Result<ContactEvent, String>;
+
+/// Reads record values in either format: Avro when the value starts with the magic byte 0, JSON
+/// otherwise. Shared by every sink and `tail`.
+#[derive(Clone, Default)]
+pub struct Decoder {
+    registry: Option<Registry>,
+}
+
+impl Decoder {
+    /// A decoder that fetches Avro writer schemas from `registry` (JSON needs none).
+    pub fn new(registry: Option<Registry>) -> Self {
+        Self { registry }
+    }
+
+    /// Decode one record value. `Err` stops the caller (no registry configured for an Avro
+    /// record, or the registry cannot be reached): retrying later or fixing the config helps.
+    /// `Ok(Err(reason))` is a record that will never decode.
+    pub async fn decode(&self, value: &[u8]) -> Result<Decoded> {
+        let Some((id, body)) = avro::split_frame(value) else {
+            if value.first() == Some(&avro::MAGIC) {
+                return Ok(Err(format!(
+                    "record starts with the Avro magic byte but is only {} bytes long",
+                    value.len()
+                )));
+            }
+            return Ok(ContactEvent::from_json(value)
+                .map_err(|e| format!("record is not a trusst-cdc JSON event: {e}")));
+        };
+        let Some(registry) = &self.registry else {
+            return Err(Error::user(format!(
+                "the topic holds Avro records (schema id {id}) but no schema registry is configured: set \
+                 SCHEMA_REGISTRY_URL (or [kafka] schema_registry_url) to the registry the source uses"
+            )));
+        };
+        Ok(match registry.schema(id).await? {
+            Ok(writer) => avro::decode_body(body, &writer)
+                .map_err(|e| format!("Avro record (schema id {id}): {e}")),
+            Err(reason) => Err(reason),
+        })
     }
 }
 

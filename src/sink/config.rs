@@ -28,6 +28,10 @@ pub struct SinkKafka {
     /// librdkafka properties passed through.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Schema registry (Confluent-compatible API base) to read Avro events; `SCHEMA_REGISTRY_URL`
+    /// overrides. JSON events need none.
+    #[serde(default)]
+    pub schema_registry_url: Option<String>,
 }
 
 impl Default for SinkKafka {
@@ -125,6 +129,9 @@ pub struct SinkOverrides {
     /// Event topic.
     #[arg(long, env = "TRUSST_TOPIC")]
     pub topic: Option<String>,
+    /// Schema registry for Avro events.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
 }
 
 impl SinkConfig {
@@ -136,6 +143,10 @@ impl SinkConfig {
         if let Some(t) = o.topic {
             self.kafka.topic = t;
         }
+        if o.schema_registry_url.is_some() {
+            self.kafka.schema_registry_url = o.schema_registry_url;
+        }
+        crate::config::registry(self.kafka.schema_registry_url.as_deref())?;
         // Endpoints move between environments (a container network, the emulator), so they can
         // come from the environment like the brokers do.
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -195,6 +206,13 @@ impl SinkConfig {
     /// The brokers (present after [`SinkConfig::resolve`]).
     pub fn brokers(&self) -> &str {
         self.kafka.brokers.as_deref().unwrap_or_default()
+    }
+
+    /// The decoder for the topic's records (with the registry client when one is configured).
+    pub fn decoder(&self) -> Result<crate::event::Decoder> {
+        Ok(crate::event::Decoder::new(crate::config::registry(
+            self.kafka.schema_registry_url.as_deref(),
+        )?))
     }
 
     /// The consumer group.

@@ -15,7 +15,7 @@ use super::config::{OnDelete, SinkConfig};
 use super::mapping::{Mapping, Record};
 use super::{Outcome, Target, contact_ids};
 use crate::error::{self, Error, Fault, Result};
-use crate::event::{ContactEvent, Op};
+use crate::event::{ContactEvent, Decoder, Op};
 use crate::kafka::{self, Pending};
 use crate::metrics::kafka::{CONSUMER_ASSIGNED, LagContext};
 
@@ -150,6 +150,7 @@ async fn deliver(
     audit: &mut Option<Audit>,
 ) -> Result<()> {
     let mut mapping = Mapping::new(cfg.sink.target, &cfg.mapping);
+    let decoder = cfg.decoder()?;
     if !opts.dry_run {
         prepare(target.as_mut(), &mut mapping, cfg, &mut shutdown).await?;
         crate::metrics::ready(CRM_READY, true);
@@ -282,6 +283,7 @@ async fn deliver(
         let mut ctx = BatchCtx {
             cfg,
             mapping: &mapping,
+            decoder: &decoder,
             producer: &producer,
             dlq: &dlq,
             source_topic: &source_topic,
@@ -290,7 +292,7 @@ async fn deliver(
             shutdown: &mut shutdown,
         };
         if opts.dry_run {
-            ctx.dry_run(target.as_ref(), &batch, opts.redrive);
+            ctx.dry_run(target.as_ref(), &batch, opts.redrive).await?;
             continue;
         }
         if let Err(e) = ctx.process(target.as_mut(), &batch, opts.redrive).await {
@@ -564,6 +566,7 @@ enum Call<'r> {
 struct BatchCtx<'a> {
     cfg: &'a SinkConfig,
     mapping: &'a Mapping,
+    decoder: &'a Decoder,
     producer: &'a FutureProducer,
     dlq: &'a str,
     source_topic: &'a str,
@@ -576,8 +579,46 @@ struct BatchCtx<'a> {
 struct Item<'m> {
     msg: &'m Msg,
     event: ContactEvent,
-    /// The original event JSON (for the dead-letter record).
+    /// The event as JSON (for the dead-letter record, whatever the topic's format).
     raw: serde_json::Value,
+}
+
+/// A record value read by a sink: the event topic's (JSON or Avro) or, on a re-drive, a
+/// dead-letter record (JSON) whose `event` is the event.
+enum Read {
+    Event(Box<ContactEvent>, serde_json::Value),
+    /// Not an event: the reason, and the event-shaped JSON when there is some.
+    Bad(String, Option<serde_json::Value>),
+}
+
+impl BatchCtx<'_> {
+    /// Decode one value; an `Err` (the registry unreachable, no registry configured for Avro)
+    /// stops the batch uncommitted.
+    async fn read(&self, payload: &[u8], redrive: bool) -> Result<Read> {
+        if !redrive {
+            return Ok(match self.decoder.decode(payload).await? {
+                Ok(e) => {
+                    let raw = serde_json::to_value(&e)
+                        .map_err(|e| Error::internal("events serialize").with_source(e))?;
+                    Read::Event(Box::new(e), raw)
+                }
+                Err(reason) => Read::Bad(reason, None),
+            });
+        }
+        let raw = match serde_json::from_slice::<serde_json::Value>(payload) {
+            Ok(v) => v.get("event").cloned().unwrap_or(serde_json::Value::Null),
+            Err(e) => {
+                return Ok(Read::Bad(
+                    format!("dead-letter record is not JSON: {e}"),
+                    None,
+                ));
+            }
+        };
+        Ok(match serde_json::from_value::<ContactEvent>(raw.clone()) {
+            Ok(e) => Read::Event(Box::new(e), raw),
+            Err(e) => Read::Bad(format!("record is not a trusst-cdc event: {e}"), Some(raw)),
+        })
+    }
 }
 
 impl BatchCtx<'_> {
@@ -591,36 +632,16 @@ impl BatchCtx<'_> {
             self.totals.consumed += 1;
             // A tombstone follows its delete event; the delete event did the work.
             let Some(payload) = &m.payload else { continue };
-            let raw: serde_json::Value = match serde_json::from_slice(payload) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.dead_letter(
-                        m,
-                        None,
-                        "decode",
-                        &format!("record is not JSON: {e}"),
-                        Some(payload),
-                    )
-                    .await?;
-                    continue;
-                }
-            };
-            let raw = if redrive {
-                raw.get("event").cloned().unwrap_or(serde_json::Value::Null)
-            } else {
-                raw
-            };
-            let event = match serde_json::from_value::<ContactEvent>(raw.clone()) {
-                Ok(e) => e,
-                Err(e) => {
-                    self.dead_letter(
-                        m,
-                        Some(&raw),
-                        "decode",
-                        &format!("record is not a trusst-cdc event: {e}"),
-                        None,
-                    )
-                    .await?;
+            let (event, raw) = match self.read(payload, redrive).await? {
+                Read::Event(e, raw) => (*e, raw),
+                Read::Bad(reason, raw) => {
+                    let bytes = if raw.is_none() {
+                        Some(payload.as_slice())
+                    } else {
+                        None
+                    };
+                    self.dead_letter(m, raw.as_ref(), "decode", &reason, bytes)
+                        .await?;
                     continue;
                 }
             };
@@ -800,7 +821,7 @@ impl BatchCtx<'_> {
             "source": {"topic": self.source_topic, "partition": m.partition, "offset": m.offset},
             "contact_id": m.key,
             "event": event,
-            "raw": raw.map(|r| String::from_utf8_lossy(r).into_owned()),
+            "raw": raw.map(raw_text),
         });
         self.pending
             .send(
@@ -816,21 +837,18 @@ impl BatchCtx<'_> {
         Ok(())
     }
 
-    fn dry_run(&mut self, target: &dyn Target, batch: &[Msg], redrive: bool) {
+    async fn dry_run(&mut self, target: &dyn Target, batch: &[Msg], redrive: bool) -> Result<()> {
         // Decoding failures are only printed here: a dry run writes nothing, not even to the DLQ.
         let mut newest: BTreeMap<String, (ContactEvent, &Msg)> = BTreeMap::new();
         for m in batch {
             self.totals.consumed += 1;
             let Some(p) = &m.payload else { continue };
-            let parsed = serde_json::from_slice::<serde_json::Value>(p)
-                .ok()
-                .map(|v| if redrive { v["event"].clone() } else { v });
-            match parsed.and_then(|v| serde_json::from_value::<ContactEvent>(v).ok()) {
-                Some(e) => {
-                    newest.insert(m.key.clone(), (e, m));
+            match self.read(p, redrive).await? {
+                Read::Event(e, _) => {
+                    newest.insert(m.key.clone(), (*e, m));
                 }
-                None => println!(
-                    "WOULD DEAD-LETTER {} (p{} @{}): not a trusst-cdc event",
+                Read::Bad(reason, _) => println!(
+                    "WOULD DEAD-LETTER {} (p{} @{}): {reason}",
                     m.key, m.partition, m.offset
                 ),
             }
@@ -856,6 +874,20 @@ impl BatchCtx<'_> {
                 println!("{line}");
             }
         }
+        Ok(())
+    }
+}
+
+/// An undecodable value for the dead-letter record: text as it is, binary (an Avro frame) as
+/// base64 with a prefix saying so.
+fn raw_text(bytes: &[u8]) -> String {
+    use base64::Engine;
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !s.contains('\0') => s.to_owned(),
+        _ => format!(
+            "base64:{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        ),
     }
 }
 

@@ -195,7 +195,7 @@ pub async fn run(
         return Ok(totals);
     }
 
-    let producer = super::event_producer(cfg).await?;
+    let out = super::event_producer(cfg, &tokio::sync::OnceCell::new()).await?;
     // Events carry the WAL position the backfill started at, to tell them apart when tracing.
     let origin = Origin {
         lsn: setup::current_wal_lsn(&client).await?,
@@ -225,7 +225,7 @@ pub async fn run(
             };
             let full = ids.len() == limit;
             let job = Job::at(ids, origin, "backfill");
-            let n = publisher::publish_and_wait(&client, &producer, &cfg.kafka.topic, &job).await?;
+            let n = publisher::publish_and_wait(&client, &out, &job).await?;
             totals.published += n as u64;
             progress.add(job.ids.len() as u64, (from, to));
             if !full {

@@ -25,7 +25,7 @@ use tokio_postgres::Client;
 
 use crate::config::{SnapshotMode, SourceConfig};
 use crate::error::{self, Error, Result};
-use crate::event::lsn as fmt_lsn;
+use crate::event::{Encoder, lsn as fmt_lsn};
 use crate::kafka::{self, Pending};
 use publisher::{Done, Job, Publisher};
 use triggers::{Effect, QuestionRow, Tracker};
@@ -58,9 +58,11 @@ pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<(
     let mut ever_streamed = false;
     // Across sessions: the lag keeps being read while the source reconnects.
     let _lag = watch_slot_lag(cfg.database_url().to_owned(), cfg.source.slot.clone());
+    // The schema is registered by the first session only; reconnects reuse its id.
+    let encoder = tokio::sync::OnceCell::new();
     loop {
         let started = Instant::now();
-        let mut session = Session::new(&cfg, shutdown.clone());
+        let mut session = Session::new(&cfg, shutdown.clone(), &encoder);
         let result = session.run().await;
         crate::metrics::ready(REPLICATION_CONNECTED, false);
         crate::metrics::ready(KAFKA_PRODUCER_UP, false);
@@ -118,10 +120,28 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The event producer, once Kafka answered and the event topic exists (created compacted).
-async fn event_producer(cfg: &SourceConfig) -> Result<FutureProducer> {
+/// Where events go: the producer, the event topic and the encoder of the configured format.
+#[derive(Clone)]
+struct EventOut {
+    producer: FutureProducer,
+    topic: String,
+    encoder: Encoder,
+}
+
+/// The event producer, once Kafka answered and the event topic exists (created compacted), and
+/// the encoder (for Avro: once the schema is registered; `encoder` keeps it for later sessions).
+async fn event_producer(
+    cfg: &SourceConfig,
+    encoder: &tokio::sync::OnceCell<Encoder>,
+) -> Result<EventOut> {
     let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
     kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
+    let encoder = encoder
+        .get_or_try_init(|| async {
+            Encoder::new(cfg.kafka.format, cfg.registry()?.as_ref(), &cfg.kafka.topic).await
+        })
+        .await?
+        .clone();
     kafka::ensure_compacted_topic(
         cfg.brokers(),
         &cfg.kafka.properties,
@@ -130,7 +150,11 @@ async fn event_producer(cfg: &SourceConfig) -> Result<FutureProducer> {
         cfg.kafka.replication_factor,
     )
     .await?;
-    Ok(producer)
+    Ok(EventOut {
+        producer,
+        topic: cfg.kafka.topic.clone(),
+        encoder,
+    })
 }
 
 /// The transaction a touched contact was last seen in.
@@ -174,6 +198,8 @@ struct Batch {
 
 struct Session<'a> {
     cfg: &'a SourceConfig,
+    /// The event encoder, shared by the sessions of one run.
+    encoder: &'a tokio::sync::OnceCell<Encoder>,
     shutdown: watch::Receiver<bool>,
     tracker: Tracker,
     questions: HashMap<String, Question>,
@@ -210,9 +236,14 @@ fn pg_epoch_micros_to_rfc3339(micros: i64) -> Option<String> {
 }
 
 impl<'a> Session<'a> {
-    fn new(cfg: &'a SourceConfig, shutdown: watch::Receiver<bool>) -> Self {
+    fn new(
+        cfg: &'a SourceConfig,
+        shutdown: watch::Receiver<bool>,
+        encoder: &'a tokio::sync::OnceCell<Encoder>,
+    ) -> Self {
         Self {
             cfg,
+            encoder,
             shutdown,
             tracker: Tracker::new(),
             questions: HashMap::new(),
@@ -242,7 +273,8 @@ impl<'a> Session<'a> {
         if s.create_publication {
             setup::ensure_publication(&client, &s.publication).await?;
         }
-        let producer = event_producer(cfg).await?;
+        let out = event_producer(cfg, self.encoder).await?;
+        let producer = out.producer.clone();
         crate::metrics::ready(KAFKA_PRODUCER_UP, true);
         let (slot_lsn, created) = setup::ensure_slot(&client, &s.slot).await?;
         self.confirmed = slot_lsn;
@@ -257,8 +289,7 @@ impl<'a> Session<'a> {
             }
             let st = file.load()?;
             if !st.done {
-                self.snapshot(&client, &producer, &file, st, slot_lsn)
-                    .await?;
+                self.snapshot(&client, &out, &file, st, slot_lsn).await?;
             }
         }
         if *self.shutdown.borrow() {
@@ -270,8 +301,7 @@ impl<'a> Session<'a> {
         // re-emit lookups never wait behind an enrichment query.
         let enrich_client = crate::pg::connect(cfg.database_url()).await?;
         enrich::prepare_session(&enrich_client).await?;
-        self.publisher =
-            Some(Publisher::start(enrich_client, producer.clone(), cfg.kafka.topic.clone()).await?);
+        self.publisher = Some(Publisher::start(enrich_client, out).await?);
         let repl_cfg = crate::pg::replication_config(cfg.database_url(), &s.slot, &s.publication)?
             .with_start_lsn(Lsn(slot_lsn))
             .with_ack_lsn(Lsn(slot_lsn));
@@ -327,7 +357,7 @@ impl<'a> Session<'a> {
     async fn snapshot(
         &mut self,
         client: &Client,
-        producer: &FutureProducer,
+        out: &EventOut,
         file: &state::StateFile,
         mut st: state::SnapshotState,
         slot_lsn: u64,
@@ -362,8 +392,7 @@ impl<'a> Session<'a> {
                 break;
             };
             let job = Job::at(ids, origin, "snapshot");
-            let n =
-                publisher::publish_and_wait(client, producer, &self.cfg.kafka.topic, &job).await?;
+            let n = publisher::publish_and_wait(client, out, &job).await?;
             self.published += n as u64;
             st.last_key = last;
             st.published += n as u64;

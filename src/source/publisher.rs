@@ -9,12 +9,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Row};
 
-use super::{Origin, enrich};
+use super::{EventOut, Origin, enrich};
 use crate::error::{Error, Result};
 use crate::event::{ContactEvent, SourcePosition, lsn as fmt_lsn};
 use crate::kafka::Pending;
@@ -71,7 +70,7 @@ impl Drop for Publisher {
 
 impl Publisher {
     /// Start the stages: `client` is a connection of their own, used for nothing else.
-    pub async fn start(client: Client, producer: FutureProducer, topic: String) -> Result<Self> {
+    pub async fn start(client: Client, out: EventOut) -> Result<Self> {
         let statement = enrich::prepare(&client).await?;
         let (tx, mut jobs) = mpsc::channel::<(Job, oneshot::Sender<Result<usize>>)>(STAGE_QUEUE);
         let (etx, mut fetched) = mpsc::channel::<Fetched>(STAGE_QUEUE);
@@ -95,11 +94,11 @@ impl Publisher {
             while let Some((job, rows, done)) = fetched.recv().await {
                 let mut states = enrich::build(rows);
                 let mut pending = Pending::default();
-                match produce(&producer, &topic, &mut pending, &job, &mut states).await {
+                match produce(&out, &mut pending, &job, &mut states).await {
                     // Acknowledgements are awaited off this stage, so the next job's records
                     // are produced while the broker works on this one's.
                     Ok(tally) => {
-                        let topic = topic.clone();
+                        let topic = out.topic.clone();
                         tokio::spawn(async move {
                             let res = pending.wait().await.map(|_| {
                                 tally.acknowledged(&topic, job.reason);
@@ -134,17 +133,12 @@ impl Publisher {
 /// Re-read `job.ids` on `client`, produce their events and wait until Kafka acknowledged them
 /// (used where no pipeline runs: the snapshot reads inside its own transaction, the backfill
 /// page by page). Returns events published.
-pub(super) async fn publish_and_wait(
-    client: &Client,
-    producer: &FutureProducer,
-    topic: &str,
-    job: &Job,
-) -> Result<usize> {
+pub(super) async fn publish_and_wait(client: &Client, out: &EventOut, job: &Job) -> Result<usize> {
     let mut states = enrich::enrich(client, &job.ids).await?;
     let mut pending = Pending::default();
-    let tally = produce(producer, topic, &mut pending, job, &mut states).await?;
+    let tally = produce(out, &mut pending, job, &mut states).await?;
     pending.wait().await?;
-    tally.acknowledged(topic, job.reason);
+    tally.acknowledged(&out.topic, job.reason);
     Ok(events(&tally))
 }
 
@@ -156,8 +150,7 @@ fn events(tally: &Published) -> usize {
 /// Produce one event per re-read contact, and a delete event plus tombstone per deleted one;
 /// what was produced, to be counted once Kafka acknowledged it.
 async fn produce(
-    producer: &FutureProducer,
-    topic: &str,
+    out: &EventOut,
     pending: &mut Pending,
     job: &Job,
     states: &mut HashMap<String, ContactEvent>,
@@ -183,16 +176,26 @@ async fn produce(
             };
             ev.source = position;
             pending
-                .send(producer, topic, id, Some(&ev.to_json()))
+                .send(
+                    &out.producer,
+                    &out.topic,
+                    id,
+                    Some(&out.encoder.encode(&ev)),
+                )
                 .await?;
             tally.upserts += 1;
         } else if job.deleted.contains(id) {
             let ev = ContactEvent::delete(id, position);
             pending
-                .send(producer, topic, id, Some(&ev.to_json()))
+                .send(
+                    &out.producer,
+                    &out.topic,
+                    id,
+                    Some(&out.encoder.encode(&ev)),
+                )
                 .await?;
             // The tombstone lets compaction forget the contact once sinks saw the delete.
-            pending.send(producer, topic, id, None).await?;
+            pending.send(&out.producer, &out.topic, id, None).await?;
             tally.deletes += 1;
             tally.tombstones += 1;
         } else {

@@ -236,6 +236,8 @@ pub struct SourceOpts {
     pub env: Vec<(String, String)>,
     /// `TRUSST_LOG`.
     pub log_filter: &'static str,
+    /// `[kafka] format`: `json` or `avro` (the registry comes from `SCHEMA_REGISTRY_URL`).
+    pub format: &'static str,
 }
 
 impl Default for SourceOpts {
@@ -250,6 +252,7 @@ impl Default for SourceOpts {
             kafka_properties: Vec::new(),
             env: Vec::new(),
             log_filter: "info,trusst_cdc=debug",
+            format: "json",
         }
     }
 }
@@ -320,8 +323,9 @@ impl SourceProc {
         std::fs::write(
             &config,
             format!(
-                "[kafka]\ntopic = \"{topic}\"\npartitions = 3\n[source]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
+                "[kafka]\ntopic = \"{topic}\"\npartitions = 3\nformat = \"{}\"\n[source]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
                  snapshot = \"{}\"\nheartbeat_interval = \"{}\"\nbatch_max_contacts = {}\nreemit_chunk = {}\nstate_dir = \"{}\"\n{}",
+                opts.format,
                 opts.snapshot,
                 opts.heartbeat,
                 opts.batch_max_contacts,

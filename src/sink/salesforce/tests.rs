@@ -663,7 +663,7 @@ fn example_config_parses() {
     let cfg: crate::sink::config::SinkConfig = crate::config::parse(text).unwrap();
     let o = crate::sink::config::SinkOverrides {
         kafka_brokers: Some("127.0.0.1:9092".into()),
-        topic: None,
+        ..Default::default()
     };
     let cfg = cfg.resolve(o).unwrap();
     let sf = cfg.salesforce.unwrap();

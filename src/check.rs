@@ -25,6 +25,7 @@ pub async fn run(cfg: &SourceConfig) -> Result<()> {
         }),
     }
     findings.extend(kafka_findings(cfg).await);
+    findings.extend(registry_findings(cfg).await);
     let mut failed = 0;
     for f in &findings {
         match &f.fix {
@@ -74,4 +75,59 @@ async fn kafka_findings(cfg: &SourceConfig) -> Vec<Finding> {
         Err(e) => out.push(Finding { what: format!("cannot describe topic {topic}: {e}"), fix: Some("check topic ACLs".into()) }),
     }
     out
+}
+
+/// With `format = "avro"`: the registry answers and would accept the event schema.
+async fn registry_findings(cfg: &SourceConfig) -> Vec<Finding> {
+    use crate::event::{Format, avro, registry};
+    if cfg.kafka.format != Format::Avro {
+        return vec![];
+    }
+    let registry = match cfg.registry() {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return vec![Finding {
+                what: "format = \"avro\" but no schema registry is configured".into(),
+                fix: Some("set SCHEMA_REGISTRY_URL or [kafka] schema_registry_url".into()),
+            }];
+        }
+        Err(e) => {
+            return vec![Finding {
+                what: format!("schema registry: {}", e.message()),
+                fix: Some("fix SCHEMA_REGISTRY_URL or [kafka] schema_registry_url".into()),
+            }];
+        }
+    };
+    let subject = registry::value_subject(&cfg.kafka.topic);
+    let finding = match registry.compatible(&subject, avro::SCHEMA_TEXT).await {
+        Ok(None) => Finding {
+            what: format!(
+                "schema registry at {} answers; subject {subject} will be created",
+                registry.url()
+            ),
+            fix: None,
+        },
+        Ok(Some(true)) => Finding {
+            what: format!(
+                "schema registry at {} accepts the event schema under {subject}",
+                registry.url()
+            ),
+            fix: None,
+        },
+        Ok(Some(false)) => Finding {
+            what: format!(
+                "the registry's subject {subject} refuses the event schema as incompatible"
+            ),
+            fix: Some(format!(
+                "make the change backward compatible, publish to a new topic, or relax the subject's compatibility \
+                 (PUT {}/config/{subject})",
+                registry.url()
+            )),
+        },
+        Err(e) => Finding {
+            what: format!("schema registry: {}", e.message()),
+            fix: Some("check SCHEMA_REGISTRY_URL and that the registry is running".into()),
+        },
+    };
+    vec![finding]
 }

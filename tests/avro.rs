@@ -308,4 +308,18 @@ async fn an_incompatible_subject_is_refused_with_the_fix() {
     ] {
         assert!(msg.contains(part), "the message names {part:?}: {msg}");
     }
+    // The preflight asks the registry without registering, and the answer matches.
+    assert_eq!(
+        registry
+            .compatible(&subject, avro::SCHEMA_TEXT)
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    // A subject without versions accepts anything (Apicurio says so, Confluent answers 404).
+    let fresh = registry
+        .compatible(&format!("{subject}-new"), avro::SCHEMA_TEXT)
+        .await
+        .unwrap();
+    assert!(matches!(fresh, None | Some(true)), "{fresh:?}");
 }

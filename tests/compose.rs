@@ -423,3 +423,34 @@ fn the_dockerfile_is_multi_stage_and_copies_what_the_build_includes() {
         );
     }
 }
+
+/// The source and each sink serve /metrics on every interface of their container (the default,
+/// loopback, cannot be scraped from outside), each published on a host port of its own.
+#[test]
+fn metrics_endpoints_are_reachable_from_outside_their_containers() {
+    let c = compose();
+    let mut host_ports = BTreeSet::new();
+    for name in [
+        "source",
+        "sink-salesforce",
+        "sink-dynamics",
+        "sink-mulesoft",
+    ] {
+        let svc = service(&c, name);
+        let listen = env(svc)
+            .get("TRUSST_METRICS_LISTEN")
+            .cloned()
+            .unwrap_or_default();
+        let (host, port) = listen
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{name}: TRUSST_METRICS_LISTEN={listen:?}"));
+        assert_eq!(host, "0.0.0.0", "{name} must bind every interface");
+        let port: u16 = port.parse().unwrap();
+        let published = published(svc, port)
+            .unwrap_or_else(|| panic!("{name}: metrics port {port} is not published"));
+        assert!(
+            host_ports.insert(published),
+            "{name}: host port {published} is taken twice"
+        );
+    }
+}

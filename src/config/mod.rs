@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::{Deserialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
+use crate::event::{Format, Registry};
 use crate::pg::SslMode;
 use crate::secrets::SecretRef;
-use crate::event::{Format, Registry};
 
 /// Read and parse a TOML file into `T`, with errors that name the file, the line and the fix.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T> {

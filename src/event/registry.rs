@@ -125,6 +125,37 @@ impl Registry {
         }
     }
 
+    /// Whether the registry would accept `schema` under `subject` without registering it:
+    /// `Ok(None)` when the subject has no version yet (the first registration always succeeds).
+    pub async fn compatible(&self, subject: &str, schema: &str) -> Result<Option<bool>> {
+        let subject_path = utf8_percent_encode(subject, NON_ALPHANUMERIC);
+        let resp = self
+            .http
+            .post(format!(
+                "{}/compatibility/subjects/{subject_path}/versions/latest",
+                self.base
+            ))
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(json!({"schemaType": "AVRO", "schema": schema}).to_string())
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| self.unreachable(e))?;
+        if status.as_u16() == 404 {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(Error::external(format!(
+                "the schema registry at {} answered {status} to a compatibility check: {}",
+                self.base,
+                error_message(&body)
+            )));
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        Ok(v["is_compatible"].as_bool())
+    }
+
     /// The compatibility level of a subject (or the global one), for error messages.
     async fn compatibility(&self, subject_path: &str) -> Option<String> {
         for url in [

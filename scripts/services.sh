@@ -56,6 +56,9 @@ KAFKA_PID=$KAFKA_DIR/kafka.pid
 
 TIMEOUT=${SERVICES_TIMEOUT:-120}
 
+# shellcheck source=scripts/lib/maven.sh
+source "$ROOT/scripts/lib/maven.sh"
+
 # initdb and postgres refuse to run as root, so root hands the cluster to a system user of its own.
 PG_OS_USER=
 if [[ $(id -u) == 0 ]]; then
@@ -213,6 +216,8 @@ unix_socket_directories = '$PG_SOCK'
 unix_socket_permissions = 0700
 password_encryption = 'scram-sha-256'
 wal_level = $PG_WAL_LEVEL
+# Commit times of rows (pg_xact_commit_timestamp), which the end-to-end latency benchmark reads.
+track_commit_timestamp = on
 max_replication_slots = 64
 max_wal_senders = 64
 shared_buffers = 256MB
@@ -308,31 +313,11 @@ need_java() {
     fi
 }
 
-# Kafka runs straight from its Maven artifacts; the stamp ties the cached jars to the version and
-# the pom, so editing either fetches again instead of silently running stale jars.
+# Kafka runs straight from its Maven artifacts (scripts/lib/maven.sh caches them, stamped with the
+# version and the pom, so editing either fetches again instead of silently running stale jars).
 fetch_kafka() {
-    local stamp
-    stamp="kafka $KAFKA_VERSION pom $(sha256sum "$KAFKA_POM_DIR/pom.xml" | cut -c1-16)"
-    if [[ -f $KAFKA_LIB/.stamp && $(<"$KAFKA_LIB/.stamp") == "$stamp" ]]; then
-        return
-    fi
-    command -v mvn >/dev/null || die "mvn not found: Maven is needed to fetch Kafka from Maven Central"
-    log "fetching Apache Kafka $KAFKA_VERSION from Maven Central (first run only)"
-    local tmp=$CACHE/kafka/lib.tmp started=$SECONDS
-    rm -rf "$tmp"
-    mkdir -p "$CACHE/kafka"
-    if ! mvn -B -q -f "$KAFKA_POM_DIR/pom.xml" \
-        -Dmaven.repo.local="$CACHE/m2" \
-        -Dkafka.version="$KAFKA_VERSION" \
-        dependency:copy-dependencies -DoutputDirectory="$tmp" -DincludeScope=runtime \
-        >"$CACHE/kafka/fetch.log" 2>&1; then
-        show_tail "$CACHE/kafka/fetch.log"
-        die "could not fetch Kafka $KAFKA_VERSION with Maven"
-    fi
-    echo "$stamp" >"$tmp/.stamp"
-    rm -rf "$KAFKA_LIB"
-    mv "$tmp" "$KAFKA_LIB"
-    log "fetched $(find "$KAFKA_LIB" -name '*.jar' | wc -l) jars in $((SECONDS - started))s"
+    maven_fetch "kafka $KAFKA_VERSION" "$KAFKA_POM_DIR/pom.xml" "$KAFKA_LIB" -Dkafka.version="$KAFKA_VERSION" ||
+        die "could not fetch Kafka $KAFKA_VERSION"
 }
 
 kafka_tool() {

@@ -27,6 +27,11 @@ pub async fn connect(url: &str) -> Result<Client> {
     let (client, conn) = config.connect(NoTls).await.map_err(|e| {
         let hint = describe(&config);
         match e.as_db_error() {
+            // Starting up, shutting down or restarting (a failover, a restart): the source's
+            // reconnect loop must wait it out, not stop as if the configuration were wrong.
+            Some(db) if server_unavailable(db.code()) => {
+                Error::external(format!("PostgreSQL at {hint} is not accepting connections now: {}", db.message()))
+            }
             Some(db) => Error::user(format!("PostgreSQL at {hint} refused the connection: {}", db.message())),
             None => Error::external(format!("cannot connect to PostgreSQL at {hint}; check DATABASE_URL and that the server is running"))
                 .with_source(e),
@@ -38,6 +43,12 @@ pub async fn connect(url: &str) -> Result<Client> {
         }
     });
     Ok(client)
+}
+
+/// A refusal that passes with time: the server is starting, shutting down or out of connection
+/// slots (SQLSTATE classes 57, operator intervention, and 53, insufficient resources).
+fn server_unavailable(code: &tokio_postgres::error::SqlState) -> bool {
+    code.code().starts_with("57") || code.code().starts_with("53")
 }
 
 /// The first host (or Unix socket folder) and port of a URL, with libpq's defaults.
@@ -77,4 +88,30 @@ pub fn replication_config(url: &str, slot: &str, publication: &str) -> Result<Re
             .with_buffer_size(8192)
             .with_options("-c datestyle=ISO,YMD -c timezone=UTC"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_postgres::error::SqlState;
+
+    use super::server_unavailable;
+
+    #[test]
+    fn a_restarting_server_is_waited_out_but_a_bad_login_is_not() {
+        for code in [
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::TOO_MANY_CONNECTIONS,
+        ] {
+            assert!(server_unavailable(&code), "{code:?}");
+        }
+        for code in [
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_CATALOG_NAME,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+        ] {
+            assert!(!server_unavailable(&code), "{code:?}");
+        }
+    }
 }

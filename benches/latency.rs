@@ -1,19 +1,40 @@
-//! Commit-to-Kafka latency: reads `stream` events from a topic as they arrive and reports
-//! p50/p99 of (arrival time - the event's commit timestamp). Run by scripts/bench-source.sh:
+//! Readers for the benchmark scripts (scripts/bench-source.sh, scripts/bench-compare.sh):
 //!
-//!   cargo bench --bench latency -- <brokers> <topic> <expected events> <idle seconds>
+//!   cargo bench --bench latency -- <brokers> <topic> <expected events> <idle seconds> [warm-up seconds] [format]
 //!
-//! Prints one JSON line: {"events", "p50_ms", "p99_ms", "max_ms", "span_s"}.
+//! Commit-to-Kafka latency: reads events from the topic as they arrive and reports p50/p99 of
+//! (arrival time - the event's commit timestamp). `format` is `trusst` (default: `stream` events,
+//! `source.commit_ts`) or `debezium` (Debezium's change events of the contacts table whose `after`
+//! row is COMPLETED, `source.ts_us`, else `source.ts_ms`; with or without the JSON converter's
+//! schema envelope). Events committed less than `warm-up seconds` after the first one are read but
+//! not counted, so a process that has just started (a JVM compiling its hot paths) is measured
+//! once it runs steadily. Prints `{"ready":true}` once assigned, then one JSON line:
+//! {"events", "p50_ms", "p99_ms", "max_ms", "span_s"}.
 //!
 //!   cargo bench --bench latency -- drain <brokers> <topic> <contacts>
 //!
 //! Reads from the beginning until `contacts` distinct contacts have an upsert event and prints
-//! {"done_ms": <wall clock, ms since the epoch, when the last one was read>}.
+//! {"first_ms", "done_ms"}: wall clock (ms since the epoch) when the first and the last were read.
+//!
+//!   cargo bench --bench latency -- watermarks <brokers> <topic,topic,...> <records> [idle seconds]
+//!
+//! Polls the topics' high watermarks (no records are read, so the reader costs the measured
+//! pipeline nothing) until together they hold `records` records, or nothing was added for `idle
+//! seconds` (default 60) once something was; prints {"first_ms", "done_ms", "records"}: when the
+//! first record and the last were there, and how many there are.
+//!
+//!   cargo bench --bench latency -- lag <brokers> <topic> <group>
+//!
+//! Prints the group's lag on the topic (records not yet committed, summed over partitions; a
+//! partition without a committed offset counts whole), for scripts that wait for quiet.
 
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
 use trusst_cdc::event::ContactEvent;
 
 fn main() {
@@ -21,13 +42,38 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    if args.first().map(String::as_str) == Some("drain") {
-        return drain(&args[1], &args[2], args[3].parse().expect("contacts"));
+    match args.first().map(String::as_str) {
+        Some("drain") => drain(&args[1], &args[2], args[3].parse().expect("contacts")),
+        Some("watermarks") => {
+            let idle = args.get(4).map_or(60, |s| s.parse().expect("idle seconds"));
+            watermarks(
+                &args[1],
+                &args[2],
+                args[3].parse().expect("records"),
+                Duration::from_secs(idle),
+            )
+        }
+        Some("lag") => lag(&args[1], &args[2], &args[3]),
+        _ => latency(&args),
     }
-    let [brokers, topic, expected, idle] = <[String; 4]>::try_from(args)
-        .expect("usage: <brokers> <topic> <expected events> <idle seconds>");
+}
+
+fn latency(args: &[String]) {
+    let usage = "usage: <brokers> <topic> <expected events> <idle seconds> [warm-up seconds] [trusst|debezium]";
+    let [brokers, topic, expected, idle] =
+        <[String; 4]>::try_from(args.get(..4).expect(usage).to_vec()).expect(usage);
     let expected: usize = expected.parse().expect("expected events");
     let idle = Duration::from_secs(idle.parse().expect("idle seconds"));
+    let warmup = chrono::Duration::seconds(
+        args.get(4)
+            .map_or(0, |w| w.parse().expect("warm-up seconds")),
+    );
+    let commit_time: fn(&[u8]) -> Option<DateTime<Utc>> =
+        match args.get(5).map_or("trusst", String::as_str) {
+            "trusst" => trusst_commit,
+            "debezium" => debezium_commit,
+            other => panic!("unknown format {other}: trusst or debezium"),
+        };
     let consumer: BaseConsumer = consumer_config(&brokers, "latency", "latest")
         .create()
         .expect("consumer");
@@ -44,32 +90,21 @@ fn main() {
     let mut lat_ms: Vec<f64> = Vec::with_capacity(expected);
     let mut last = Instant::now();
     let mut first: Option<Instant> = None;
+    let mut counted_from: Option<DateTime<Utc>> = None;
     while lat_ms.len() < expected && last.elapsed() < idle {
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
-        let now = chrono::Utc::now();
+        let now = Utc::now();
         last = Instant::now();
-        first.get_or_insert(last);
-        let Some(e) = m.payload().and_then(|p| ContactEvent::from_json(p).ok()) else {
+        let Some(ts) = m.payload().and_then(commit_time) else {
             continue;
         };
-        if e.source.reason != "stream" {
+        if ts < *counted_from.get_or_insert(ts + warmup) {
             continue;
         }
-        if let Some(ts) = e
-            .source
-            .commit_ts
-            .as_deref()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        {
-            lat_ms.push(
-                (now - ts.with_timezone(&chrono::Utc))
-                    .num_microseconds()
-                    .unwrap_or(0) as f64
-                    / 1000.0,
-            );
-        }
+        first.get_or_insert(last);
+        lat_ms.push((now - ts).num_microseconds().unwrap_or(0) as f64 / 1000.0);
     }
     lat_ms.sort_by(f64::total_cmp);
     let pct = |p: f64| {
@@ -92,6 +127,35 @@ fn main() {
     );
 }
 
+/// The commit time of a trusst-cdc `stream` event.
+fn trusst_commit(payload: &[u8]) -> Option<DateTime<Utc>> {
+    let e = ContactEvent::from_json(payload).ok()?;
+    if e.source.reason != "stream" {
+        return None;
+    }
+    Some(
+        DateTime::parse_from_rfc3339(e.source.commit_ts.as_deref()?)
+            .ok()?
+            .with_timezone(&Utc),
+    )
+}
+
+/// The commit time of a Debezium change event that makes a contact COMPLETED: the moment the
+/// enriched event of trusst-cdc corresponds to.
+fn debezium_commit(payload: &[u8]) -> Option<DateTime<Utc>> {
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    // The JSON converter wraps the change in {"schema", "payload"} when schemas are enabled.
+    let change = v.get("payload").filter(|p| p.is_object()).unwrap_or(&v);
+    if change["after"]["current_stage"] != "COMPLETED" {
+        return None;
+    }
+    let source = &change["source"];
+    match source["ts_us"].as_i64() {
+        Some(us) => DateTime::from_timestamp_micros(us),
+        None => DateTime::from_timestamp_millis(source["ts_ms"].as_i64()?),
+    }
+}
+
 /// A reader of its own group (named after `purpose` and this process) from `reset`.
 fn consumer_config(brokers: &str, purpose: &str, reset: &str) -> rdkafka::ClientConfig {
     let mut c = rdkafka::ClientConfig::new();
@@ -112,6 +176,7 @@ fn drain(brokers: &str, topic: &str, contacts: usize) {
         .expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let mut seen = std::collections::HashSet::with_capacity(contacts);
+    let mut first_ms = None;
     while seen.len() < contacts {
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
             continue;
@@ -120,9 +185,91 @@ fn drain(brokers: &str, topic: &str, contacts: usize) {
             .is_some_and(|p| p.windows(13).any(|w| w == br#""op":"upsert""#))
         {
             if let Some(k) = m.key() {
+                first_ms.get_or_insert_with(|| Utc::now().timestamp_millis());
                 seen.insert(k.to_vec());
             }
         }
     }
-    println!("{{\"done_ms\":{}}}", chrono::Utc::now().timestamp_millis());
+    println!(
+        "{{\"first_ms\":{},\"done_ms\":{}}}",
+        first_ms.unwrap_or_default(),
+        Utc::now().timestamp_millis()
+    );
+}
+
+fn watermarks(brokers: &str, topics: &str, records: i64, idle: Duration) {
+    let consumer: BaseConsumer = consumer_config(brokers, "watermarks", "earliest")
+        .create()
+        .expect("consumer");
+    // topic -> its partitions, once the topic exists (the connector creates it).
+    let mut partitions: Vec<(&str, Vec<i32>)> =
+        topics.split(',').map(|t| (t, Vec::new())).collect();
+    let mut first_ms = None;
+    let (mut seen, mut last_ms, mut since_change) = (0, 0, Instant::now());
+    loop {
+        let mut total = 0;
+        for (topic, ids) in &mut partitions {
+            if ids.is_empty() {
+                if let Ok(meta) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                    *ids = meta
+                        .topics()
+                        .iter()
+                        .flat_map(|t| t.partitions())
+                        .map(|p| p.id())
+                        .collect();
+                }
+            }
+            for &p in ids.iter() {
+                if let Ok((low, high)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5))
+                {
+                    total += high - low;
+                }
+            }
+        }
+        let now = Utc::now().timestamp_millis();
+        if total > seen {
+            first_ms.get_or_insert(now);
+            (seen, last_ms, since_change) = (total, now, Instant::now());
+        }
+        if total >= records || (seen > 0 && since_change.elapsed() >= idle) {
+            println!(
+                "{{\"first_ms\":{},\"done_ms\":{last_ms},\"records\":{seen}}}",
+                first_ms.unwrap_or(now)
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn lag(brokers: &str, topic: &str, group: &str) {
+    // Not subscribed, so it never joins the group: it only reads the group's committed offsets.
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let timeout = Duration::from_secs(10);
+    let meta = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .expect("topic metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in meta.topics().iter().flat_map(|t| t.partitions()) {
+        tpl.add_partition(topic, p.id());
+    }
+    let committed = consumer
+        .committed_offsets(tpl, timeout)
+        .expect("committed offsets");
+    let mut total = 0;
+    for e in committed.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, e.partition(), timeout)
+            .expect("watermarks");
+        total += match e.offset() {
+            Offset::Offset(o) => high - o,
+            _ => high - low,
+        };
+    }
+    println!("{total}");
 }

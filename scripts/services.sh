@@ -82,6 +82,8 @@ TIMEOUT=${SERVICES_TIMEOUT:-120}
 TLS_DIR=$RUN/tls
 PG_SSL_CERT=${PG_SSL_CERT:-}
 PG_SSL_KEY=${PG_SSL_KEY:-}
+# shellcheck source=scripts/lib/maven.sh
+source "$ROOT/scripts/lib/maven.sh"
 
 # initdb and postgres refuse to run as root, so root hands the cluster to a system user of its own.
 PG_OS_USER=
@@ -271,6 +273,8 @@ unix_socket_directories = '$PG_SOCK'
 unix_socket_permissions = 0700
 password_encryption = 'scram-sha-256'
 wal_level = $PG_WAL_LEVEL
+# Commit times of rows (pg_xact_commit_timestamp), which the end-to-end latency benchmark reads.
+track_commit_timestamp = on
 max_replication_slots = 64
 max_wal_senders = 64
 shared_buffers = 256MB
@@ -382,41 +386,11 @@ need_java() {
     fi
 }
 
-# Fetches from Maven Central into DEST once: `maven_fetch WHAT DEST STAMP POST MVN-ARGS...` runs
-# mvn with MVN-ARGS and -DoutputDirectory=<a temporary folder>, then the function POST (may be
-# empty) on that folder, and only then moves it to DEST. The stamp ties DEST to what was asked
-# for, so changing a version or a pom fetches again instead of silently running stale files.
-maven_fetch() {
-    local what=$1 dest=$2 stamp=$3 post=$4
-    shift 4
-    if [[ -f $dest/.stamp && $(<"$dest/.stamp") == "$stamp" ]]; then
-        return
-    fi
-    command -v mvn >/dev/null || die "mvn not found: Maven is needed to fetch $what from Maven Central"
-    log "fetching $what from Maven Central (first run only)"
-    local tmp=$dest.tmp fetch_log started=$SECONDS
-    fetch_log=$(dirname "$dest")/fetch.log
-    rm -rf "$tmp"
-    mkdir -p "$(dirname "$dest")"
-    if ! mvn -B -q -Dmaven.repo.local="$CACHE/m2" "$@" -DoutputDirectory="$tmp" >"$fetch_log" 2>&1; then
-        show_tail "$fetch_log"
-        die "could not fetch $what with Maven"
-    fi
-    if [[ -n $post ]]; then
-        "$post" "$tmp" || die "could not unpack $what (see ${fetch_log#"$ROOT"/})"
-    fi
-    echo "$stamp" >"$tmp/.stamp"
-    rm -rf "$dest"
-    mv "$tmp" "$dest"
-    log "fetched $what in $((SECONDS - started))s"
-}
-
-# Kafka runs straight from its Maven artifacts (the pom lists the broker and its logging).
+# Kafka runs straight from its Maven artifacts (scripts/lib/maven.sh caches them, stamped with the
+# version and the pom, so editing either fetches again instead of silently running stale jars).
 fetch_kafka() {
-    maven_fetch "Apache Kafka $KAFKA_VERSION" "$KAFKA_LIB" \
-        "kafka $KAFKA_VERSION pom $(sha256sum "$KAFKA_POM_DIR/pom.xml" | cut -c1-16)" "" \
-        -f "$KAFKA_POM_DIR/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
-        dependency:copy-dependencies -DincludeScope=runtime
+    maven_fetch "kafka $KAFKA_VERSION" "$KAFKA_POM_DIR/pom.xml" "$KAFKA_LIB" -Dkafka.version="$KAFKA_VERSION" ||
+        die "could not fetch Kafka $KAFKA_VERSION"
 }
 
 kafka_tool() {
@@ -608,8 +582,9 @@ unpack_apicurio() {
 }
 
 fetch_apicurio() {
-    maven_fetch "Apicurio Registry $APICURIO_VERSION" "$APICURIO_HOME" "apicurio $APICURIO_VERSION" unpack_apicurio \
-        dependency:copy -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all"
+    maven_fetch_artifact "Apicurio Registry $APICURIO_VERSION" "$APICURIO_HOME" \
+        "io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all" unpack_apicurio ||
+        die "could not fetch Apicurio Registry $APICURIO_VERSION"
 }
 
 registry_pid() {

@@ -384,6 +384,9 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 });
             }
+            // Only the writers may hold the receiver: once they have all failed (a database
+            // restart), sending fails and the generator exits instead of waiting forever.
+            drop(rx);
             let mut g = generate::Generator::new(seed, generate::Options::default());
             let started = Instant::now();
             let mut done = 0usize;

@@ -409,6 +409,14 @@ pub async fn connect(url: &str) -> Result<Client> {
     let (client, conn) = config.connect(connector).await.map_err(|e| {
         let hint = describe(&config);
         if let Some(db) = e.as_db_error() {
+            // Starting up, shutting down or restarting (a failover, a restart): the source's
+            // reconnect loop must wait it out, not stop as if the configuration were wrong.
+            if server_unavailable(db.code()) {
+                return Error::external(format!(
+                    "PostgreSQL at {hint} is not accepting connections now: {}",
+                    db.message()
+                ));
+            }
             return Error::user(format!("PostgreSQL at {hint} refused the connection: {}", db.message()));
         }
         if let Some(err) = tls.explain(&hint, &error_chain(&e)) {
@@ -449,6 +457,12 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     parts.join(": ")
+}
+
+/// A refusal that passes with time: the server is starting, shutting down or out of connection
+/// slots (SQLSTATE classes 57, operator intervention, and 53, insufficient resources).
+fn server_unavailable(code: &tokio_postgres::error::SqlState) -> bool {
+    code.code().starts_with("57") || code.code().starts_with("53")
 }
 
 /// The first host (or Unix socket folder) and port of a URL, with libpq's defaults.
@@ -600,5 +614,25 @@ mod tests {
             e.to_string().contains("sslrootcert /nonexistent/ca.pem"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_restarting_server_is_waited_out_but_a_bad_login_is_not() {
+        use tokio_postgres::error::SqlState;
+        for code in [
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::TOO_MANY_CONNECTIONS,
+        ] {
+            assert!(server_unavailable(&code), "{code:?}");
+        }
+        for code in [
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_CATALOG_NAME,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+        ] {
+            assert!(!server_unavailable(&code), "{code:?}");
+        }
     }
 }

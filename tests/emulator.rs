@@ -226,6 +226,15 @@ async fn salesforce_single_upsert_read_delete() {
     );
     let id = created["id"].as_str().unwrap().to_owned();
     assert!(id.len() == 18 && id.starts_with("003"), "{id}");
+    let (_, _, first) = send(e.req(Method::GET, &url).bearer_auth(&t)).await;
+    let stamp = |r: &Value| {
+        chrono::DateTime::parse_from_str(
+            r["SystemModstamp"].as_str().unwrap(),
+            "%Y-%m-%dT%H:%M:%S%.3f%z",
+        )
+        .unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
 
     let (status, _, updated) = send(
         e.req(Method::PATCH, &url)
@@ -251,6 +260,10 @@ async fn salesforce_single_upsert_read_delete() {
     );
     assert_eq!(record["Quality_Score__c"], 8.5);
     assert!(record["Call_Summary__c"].is_null());
+    assert!(
+        stamp(&record) > stamp(&first),
+        "every write moves SystemModstamp: {first} then {record}"
+    );
 
     let (status, _, err) = send(
         e.req(Method::PATCH, &url)

@@ -302,6 +302,8 @@ async fn describe(
     let obj = sobject(&app, name)?;
     let id = json!({"name": "Id", "type": "id", "length": 18, "externalId": false, "idLookup": true,
         "picklistValues": [], "restrictedPicklist": false, "nillable": false, "createable": false, "updateable": false});
+    let modstamp = json!({"name": "SystemModstamp", "type": "datetime", "length": 0, "externalId": false, "idLookup": false,
+        "picklistValues": [], "restrictedPicklist": false, "nillable": false, "createable": false, "updateable": false});
     let fields = obj.fields.iter().map(|(name, f)| {
         let values: Vec<_> = f
             .values
@@ -325,7 +327,7 @@ async fn describe(
     Ok(json(
         StatusCode::OK,
         json!({"name": name, "label": name, "keyPrefix": obj.key_prefix, "custom": name.ends_with("__c"),
-            "createable": true, "updateable": true, "fields": std::iter::once(id).chain(fields).collect::<Vec<_>>()}),
+            "createable": true, "updateable": true, "fields": ([id, modstamp].into_iter().chain(fields).collect::<Vec<_>>())}),
     ))
 }
 
@@ -455,10 +457,20 @@ pub(super) fn write(
         record.insert(ext_field.into(), ext_value.into());
     }
     record.extend(fields);
+    // The system field Salesforce sets on every write; benchmarks read it back to time when a
+    // change became readable.
+    record.insert("SystemModstamp".into(), modstamp().into());
     if created {
         store.indexed(System::Salesforce, object, ext_field, ext_value, &id);
     }
     (id, created)
+}
+
+/// Now, as Salesforce writes a date/time (milliseconds, UTC, `+0000`).
+fn modstamp() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3f+0000")
+        .to_string()
 }
 
 /// An 18-character Salesforce id: prefix, pod, a base-62 counter and the case-safe suffix.
@@ -497,6 +509,7 @@ fn render(object: &str, obj: &SObject, version: &str, record: &Record) -> Value 
     let mut out = json!({
         "attributes": {"type": object, "url": format!("/services/data/{version}/sobjects/{object}/{}", id.as_str().unwrap_or_default())},
         "Id": id,
+        "SystemModstamp": record.get("SystemModstamp").cloned().unwrap_or(Value::Null),
     });
     for name in obj.fields.keys() {
         out[name] = record.get(name).cloned().unwrap_or(Value::Null);

@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# Side-by-side source benchmark: one run, one machine, one PostgreSQL, one WAL, three contenders:
+#   (a) the ceiling: pg_recvlogical draining the workload with pgoutput to /dev/null;
+#   (b) Debezium's PostgreSQL connector (Maven Central) in Kafka Connect standalone: pgoutput,
+#       JSON converter, the same broker, one topic per table;
+#   (c) trusst-cdc's source: enriched per-contact events, acknowledged by Kafka.
+# For each: time to drain N completed contacts, row changes/s, contacts/s, CPU seconds and peak RSS;
+# then commit-to-Kafka latency p50/p99 at a steady LATENCY_RATE contacts/s for (b) and (c). The
+# ratios are printed and the section "Side by side" of BENCHMARKS.md is rewritten.
+#
+#   scripts/bench-compare.sh       N=50000 ROUNDS=3 LATENCY_RATE=1000 LATENCY_SECONDS=30 WARMUP_SECONDS=10
+#
+# Fairness: every slot is created on the same publication before the workload is written, so each
+# run decodes exactly the same WAL from the same start; Debezium runs with snapshot.mode=no_data on
+# its own slot, `-Xmx1g` and Kafka's stock G1 flags, its drain ends when its topics hold every row
+# change (high watermarks, so the check reads nothing), and its start-up (JVM, worker, connector) is
+# reported in a column of its own beside the time to drain. Rounds alternate the contenders; the
+# median round of each is reported. The latency runs start each process fresh on a new slot and
+# count events only after WARMUP_SECONDS of steady load, so a JVM is measured once its hot paths
+# are compiled.
+#
+# Environment: DEBEZIUM_VERSION (3.6.1.Final), DEBEZIUM_HEAP (-Xmx1g), DEBEZIUM_PROPS (extra
+# connector properties, one per line), CONNECT_PORT (18083, the Connect worker's REST listener),
+# plus PGPORT and KAFKA_PORT as for scripts/services.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=${N:-50000}
+ROUNDS=${ROUNDS:-3}
+LATENCY_RATE=${LATENCY_RATE:-1000}
+LATENCY_SECONDS=${LATENCY_SECONDS:-30}
+WARMUP_SECONDS=${WARMUP_SECONDS:-10}
+DEBEZIUM_VERSION=${DEBEZIUM_VERSION:-3.6.1.Final}
+DEBEZIUM_HEAP=${DEBEZIUM_HEAP:--Xmx1g}
+DEBEZIUM_PROPS=${DEBEZIUM_PROPS:-}
+CONNECT_PORT=${CONNECT_PORT:-18083}
+KAFKA_VERSION=${KAFKA_VERSION:-4.1.2}
+DB=trusst_compare
+TABLES=(contacts inferences questions s3_conversations)
+
+# shellcheck source=scripts/lib/bench.sh
+source scripts/lib/bench.sh
+# shellcheck source=scripts/lib/maven.sh
+source scripts/lib/maven.sh
+SLOTS='^cmp_(recv|cdc|dbz)_[0-9a-z]+$'
+bench_cleanup() { scripts/services.sh drop-slots "$SLOTS"; }
+bench_init --benches
+
+# Kafka Connect matching the broker, and Debezium's connector plugin unpacked into a plugin.path.
+CACHE=$PWD/.cache
+connect=$CACHE/kafka-connect
+maven_fetch "kafka-connect $KAFKA_VERSION debezium $DEBEZIUM_VERSION" scripts/kafka-connect/pom.xml "$connect/lib" \
+    -Dkafka.version="$KAFKA_VERSION" -Ddebezium.version="$DEBEZIUM_VERSION"
+plugins=$connect/plugins-$DEBEZIUM_VERSION
+if [[ ! -d $plugins ]]; then
+    rm -rf "$plugins.tmp"
+    mkdir -p "$plugins.tmp"
+    tar -xzf "$connect/lib/debezium-connector-postgres-$DEBEZIUM_VERSION-plugin.tar.gz" -C "$plugins.tmp"
+    mv "$plugins.tmp" "$plugins"
+fi
+
+scripts/services.sh drop-slots "$SLOTS"
+bench_fresh_db $DB
+psqlb -d $DB -c "CREATE PUBLICATION bench_pub FOR TABLE contacts, inferences, questions, s3_conversations" >/dev/null
+for r in $(seq 1 "$ROUNDS"); do
+    for who in recv cdc dbz; do
+        psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_${who}_$r', 'pgoutput')" >/dev/null
+    done
+done
+
+bench_workload $DB "$N"
+echo "bench: $rows row changes up to $end; $ROUNDS rounds of (a), (b), (c)" >&2
+
+# Starts Debezium in Kafka Connect standalone on SLOT with topic prefix PREFIX; sets $dbz_pid.
+debezium_start() {
+    local slot=$1 prefix=$2 dir=$work/connect-$2
+    mkdir -p "$dir"
+    cat >"$dir/worker.properties" <<EOF
+bootstrap.servers=$KAFKA_BROKERS
+# The JSON converter without the schema envelope: the lighter of its two settings.
+key.converter=org.apache.kafka.connect.json.JsonConverter
+value.converter=org.apache.kafka.connect.json.JsonConverter
+key.converter.schemas.enable=false
+value.converter.schemas.enable=false
+offset.storage.file.filename=$dir/offsets
+offset.flush.interval.ms=10000
+plugin.path=$plugins
+listeners=http://127.0.0.1:$CONNECT_PORT
+# The broker does not create topics on first use; Connect creates the connector's.
+topic.creation.enable=true
+EOF
+    cat >"$dir/debezium.properties" <<EOF
+name=$prefix
+connector.class=io.debezium.connector.postgresql.PostgresConnector
+tasks.max=1
+plugin.name=pgoutput
+database.hostname=127.0.0.1
+database.port=${PGPORT:-55432}
+database.user=postgres
+database.password=postgres
+database.dbname=$DB
+topic.prefix=$prefix
+slot.name=$slot
+publication.name=bench_pub
+publication.autocreate.mode=disabled
+snapshot.mode=no_data
+table.include.list=public.contacts,public.inferences,public.questions,public.s3_conversations
+topic.creation.default.partitions=6
+topic.creation.default.replication.factor=1
+$DEBEZIUM_PROPS
+EOF
+    # shellcheck disable=SC2086 # DEBEZIUM_HEAP is a list of JVM flags
+    java $DEBEZIUM_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
+        -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+        -Dlog4j2.configurationFile="$PWD/scripts/kafka-connect/log4j2.properties" \
+        -cp "$connect/lib/*" org.apache.kafka.connect.cli.ConnectStandalone \
+        "$dir/worker.properties" "$dir/debezium.properties" 2>"$work/debezium.log" &
+    dbz_pid=$!
+}
+
+# Debezium's topics for PREFIX: one per table, comma-separated.
+debezium_topics() {
+    local t out=
+    for t in "${TABLES[@]}"; do out+="$1.public.$t,"; done
+    echo "${out%,}"
+}
+
+stop() {
+    kill -TERM "$1"
+    wait "$1" || true
+}
+
+recv_runs=()
+dbz_runs=()
+cdc_runs=()
+for r in $(seq 1 "$ROUNDS"); do
+    echo "bench: round $r: (a) pg_recvlogical" >&2
+    recv_runs+=("$(recvlogical_drain $DB "cmp_recv_$r" bench_pub "$end")")
+
+    echo "bench: round $r: (b) Debezium $DEBEZIUM_VERSION in Kafka Connect $KAFKA_VERSION" >&2
+    prefix=cmp_dbz_${r}_$(date +%s)
+    "$latency_bin" watermarks "$KAFKA_BROKERS" "$(debezium_topics "$prefix")" "$rows" 60 >"$work/dbz-drain.json" &
+    marks_pid=$!
+    t0=$(date +%s%3N)
+    debezium_start "cmp_dbz_$r" "$prefix"
+    while kill -0 $marks_pid 2>/dev/null; do
+        kill -0 $dbz_pid 2>/dev/null || {
+            tail -40 "$work/debezium.log" >&2
+            exit 1
+        }
+        sleep 0.1
+    done
+    read -r first_ms done_ms records < <(json_fields "$work/dbz-drain.json" first_ms done_ms records)
+    ((records >= rows)) || {
+        tail -40 "$work/debezium.log" >&2
+        echo "bench: Debezium's topics hold $records records, $rows row changes were written" >&2
+        exit 1
+    }
+    dbz_runs+=("$(seconds_between "$t0" "$done_ms") $(proc_figures $dbz_pid) $(seconds_between "$t0" "$first_ms")")
+    stop $dbz_pid
+
+    echo "bench: round $r: (c) trusst-cdc source" >&2
+    cdc_drain "cmp_cdc_$r" bench_pub "$N" "trusst.cmp.$(date +%s).$r"
+    cdc_runs+=("$drained")
+    stop $source_pid
+    echo "bench: round $r: (a) ${recv_runs[-1]%% *} s, (b) ${dbz_runs[-1]%% *} s, (c) ${drained%% *} s" >&2
+done
+
+# Latency at a steady rate, each contender alone and fresh on a new slot: the generator runs for
+# WARMUP_SECONDS + LATENCY_SECONDS (+5 s of slack); events committed in the first WARMUP_SECONDS
+# after the first one read are not counted.
+latency_run() {
+    local name=$1 topic=$2 format=$3 pid=$4 seed=$5 gen_pid lat_pid
+    echo "bench: latency of $name at $LATENCY_RATE contacts/s, ${WARMUP_SECONDS}s warm-up + ${LATENCY_SECONDS}s" >&2
+    $bin generate --database-url "$url" --contacts $(((WARMUP_SECONDS + LATENCY_SECONDS + 5) * LATENCY_RATE)) \
+        --chunk 50 --connections 2 --rate "$LATENCY_RATE" --seed "$seed" 2>"$work/gen.log" &
+    gen_pid=$!
+    # Subscribed once the topic exists and has its first event.
+    "$latency_bin" watermarks "$KAFKA_BROKERS" "$topic" 1 >/dev/null
+    "$latency_bin" "$KAFKA_BROKERS" "$topic" $((LATENCY_RATE * LATENCY_SECONDS)) 15 "$WARMUP_SECONDS" "$format" \
+        >"$work/latency-$name.json" &
+    lat_pid=$!
+    wait $lat_pid
+    wait $gen_pid
+    kill -0 "$pid" 2>/dev/null || { echo "bench: $name ended during the latency run" >&2; exit 1; }
+    echo "$(tail -1 "$work/latency-$name.json" | tr -d '\n') $(proc_figures "$pid")"
+}
+
+psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_dbz_lat', 'pgoutput')" >/dev/null
+prefix=cmp_dbz_lat_$(date +%s)
+debezium_start cmp_dbz_lat "$prefix"
+dbz_lat=$(latency_run debezium "$prefix.public.contacts" debezium $dbz_pid 7)
+stop $dbz_pid
+
+psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_cdc_lat', 'pgoutput')" >/dev/null
+topic=trusst.cmp.lat.$(date +%s)
+start_source cmp_cdc_lat bench_pub "$topic"
+cdc_lat=$(latency_run trusst-cdc "$topic" trusst $source_pid 8)
+stop $source_pid
+
+cmd="N=$N ROUNDS=$ROUNDS LATENCY_RATE=$LATENCY_RATE LATENCY_SECONDS=$LATENCY_SECONDS WARMUP_SECONDS=$WARMUP_SECONDS scripts/bench-compare.sh"
+python3 - "$N" "$rows" "$(bench_machine)" "$cmd" "$DEBEZIUM_VERSION" "$KAFKA_VERSION" "$DEBEZIUM_HEAP" \
+    "$(printf '%s;' "${recv_runs[@]}")" "$(printf '%s;' "${dbz_runs[@]}")" "$(printf '%s;' "${cdc_runs[@]}")" \
+    "$dbz_lat" "$cdc_lat" "$LATENCY_RATE" "$WARMUP_SECONDS" <<'PY' | tee /dev/stderr | bench_write_section "Side by side (scripts/bench-compare.sh)"
+import json, sys, datetime
+n, rows, machine, cmd, dbz_version, kafka_version, heap = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:8]
+parse = lambda arg: [tuple(float(x) for x in run.split()) for run in arg.split(';') if run.strip()]
+recv_runs, dbz_runs, cdc_runs = parse(sys.argv[8]), parse(sys.argv[9]), parse(sys.argv[10])
+def lat(arg):
+    head, _, figures = arg.rpartition('} ')
+    kb, cpu = figures.split()
+    return json.loads(head + '}'), int(kb)
+(dbz_lat, dbz_steady_kb), (cdc_lat, cdc_steady_kb) = lat(sys.argv[11]), lat(sys.argv[12])
+rate, warmup = int(sys.argv[13]), int(sys.argv[14])
+# The median round by time, reported whole (its RSS and CPU belong to that run).
+median = lambda runs: sorted(runs)[len(runs) // 2]
+recv_s, recv_kb, recv_cpu = median(recv_runs)
+dbz_s, dbz_kb, dbz_cpu, dbz_start = median(dbz_runs)
+cdc_s, cdc_kb, cdc_cpu, cdc_start = median(cdc_runs)
+all_runs = lambda runs: ", ".join(f"{r[0]:.2f}" for r in runs)
+mb = lambda kb: f"{kb / 1024:,.0f} MB"
+def row(name, s, kb, cpu, start, runs):
+    streaming = f"{rows / (s - start):,.0f}" if start is not None else "-"
+    start = f"{start:.2f} s" if start is not None else "-"
+    return f"| {name} | {s:.2f} s | {start} | {rows / s:,.0f} | {streaming} | {n / s:,.0f} | {cpu:.2f} | {mb(kb)} | {all_runs(runs)} |"
+table = f"""## Side by side (scripts/bench-compare.sh)
+
+Run {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine}; PostgreSQL, Kafka and every
+contender on the same machine. Command: `{cmd}`.
+
+Workload: {n} contacts, each TRANSCRIPTION -> INFERENCE -> COMPLETED with about 12 inferences,
+{rows} row changes, then `VACUUM (ANALYZE)` as autovacuum would. Every slot was created on one
+publication before the workload, so each contender decoded the same WAL from the same start;
+{len(cdc_runs)} rounds ran (a), (b), (c) in turn and the table shows each one's median round.
+
+- (a) `pg_recvlogical`, pgoutput, to `/dev/null`: the ceiling, PostgreSQL's own walsender.
+- (b) Debezium {dbz_version} PostgreSQL connector in Kafka Connect {kafka_version} standalone (`{heap}`, G1),
+  pgoutput, `snapshot.mode=no_data` on its own slot, JSON converter without schemas, one topic per
+  table (6 partitions), connector defaults otherwise: one change event per row. Drained = its topics'
+  high watermarks add up to the row changes. Start-up (JVM, worker, connector) counts in the time
+  to drain, and is also shown on its own; "streaming" is row changes/s after it.
+- (c) trusst-cdc source: one enriched event per completed contact (re-read with the seed's join),
+  produced idempotently with `acks=all`. Drained = a consumer has read every contact's event.
+
+CPU is user + system time of the process (`/proc/PID/stat`, or `/usr/bin/time` for (a)); peak RSS
+is its `VmHWM`.
+
+| | time to drain | start-up | row changes/s | streaming row changes/s | contacts/s | CPU s | peak RSS | all rounds (s) |
+|---|---|---|---|---|---|---|---|---|
+{row("(a) pg_recvlogical -> /dev/null", recv_s, recv_kb, recv_cpu, None, recv_runs)}
+{row(f"(b) Debezium -> Kafka (row events)", dbz_s, dbz_kb, dbz_cpu, dbz_start, dbz_runs)}
+{row("(c) trusst-cdc -> Kafka (enriched contact events)", cdc_s, cdc_kb, cdc_cpu, cdc_start, cdc_runs)}
+
+Commit-to-Kafka latency at a steady {rate} contacts/s (generator on the same machine, two
+connections, 50 contacts per transaction; each contender started fresh on a new slot, events of
+the first {warmup} s not counted). Latency = the moment a consumer (librdkafka, the same settings
+for both) reads the event minus the commit time PostgreSQL put in the stream: Debezium's
+`source.ts_us` on the contact's COMPLETED row event, trusst-cdc's `source.commit_ts` on the
+contact's event.
+
+| | events | p50 | p99 | max | peak RSS after the steady run |
+|---|---|---|---|---|---|
+| (b) Debezium | {dbz_lat['events']} | {dbz_lat['p50_ms']} ms | {dbz_lat['p99_ms']} ms | {dbz_lat['max_ms']} ms | {mb(dbz_steady_kb)} |
+| (c) trusst-cdc | {cdc_lat['events']} | {cdc_lat['p50_ms']} ms | {cdc_lat['p99_ms']} ms | {cdc_lat['max_ms']} ms | {mb(cdc_steady_kb)} |
+
+| ratio | trusst-cdc / ceiling | trusst-cdc / Debezium | target |
+|---|---|---|---|
+| row changes/s (time to drain) | {recv_s / cdc_s:.2f} | {dbz_s / cdc_s:.2f} | >= 0.8 x ceiling; >= 2 x Debezium |
+| row changes/s, start-up left out | - | {(dbz_s - dbz_start) / (cdc_s - cdc_start):.2f} | |
+| CPU seconds | {cdc_cpu / recv_cpu:.2f} | {cdc_cpu / dbz_cpu:.2f} | |
+| peak RSS (drain) | {cdc_kb / recv_kb:.2f} | {cdc_kb / dbz_kb:.2f} | <= 0.1 x Debezium |
+| peak RSS (steady run) | - | {cdc_steady_kb / dbz_steady_kb:.2f} | |
+| latency p99 | - | {cdc_lat['p99_ms'] / dbz_lat['p99_ms']:.2f} | |
+
+Debezium emits one event per row change and leaves joining them into a contact to the consumer;
+trusst-cdc's figures include that work (the re-read) and publish one event per contact.
+"""
+print(table)
+PY
+echo "bench: reproduce with: $cmd" >&2

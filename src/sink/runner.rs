@@ -231,6 +231,7 @@ async fn deliver(
     tracing::info!(sink = %cfg.sink.name, topic = %source_topic, group, dry_run = opts.dry_run, "sink started");
 
     let mut positions: HashMap<i32, i64> = HashMap::new();
+    let mut uncommitted = Uncommitted::default();
     let dlq = cfg.dlq_topic();
     if !opts.dry_run && !opts.redrive {
         kafka::ensure_compacted_topic(cfg.brokers(), &cfg.kafka.properties, &dlq, 1, 1)
@@ -249,7 +250,8 @@ async fn deliver(
         }
         // Bounded runs wake every second to check for the end; an audited sink wakes once per
         // audit interval so a quiet topic still gets its last row written on time.
-        let wake = if bounded || opts.until_idle.is_some() {
+        // Offsets a failed commit left behind are retried within a second.
+        let wake = if bounded || opts.until_idle.is_some() || !uncommitted.is_empty() {
             Some(Duration::from_secs(1))
         } else {
             audit.as_ref().map(|_| cfg.audit.interval)
@@ -257,11 +259,13 @@ async fn deliver(
         let batch = match next_batch(&consumer, cfg, &mut shutdown, wake).await? {
             Some(b) => b,
             None => {
+                uncommitted.commit(&consumer, &source_topic)?;
                 tracing::info!(?totals, "sink stopped");
                 return Ok(());
             }
         };
         if batch.is_empty() {
+            uncommitted.commit(&consumer, &source_topic)?;
             if let Some(a) = audit.as_mut() {
                 a.tick(totals).await;
             }
@@ -306,7 +310,8 @@ async fn deliver(
             return Err(e);
         }
         ctx.pending.wait().await?;
-        commit(&consumer, &source_topic, &batch)?;
+        uncommitted.add(&batch);
+        uncommitted.commit(&consumer, &source_topic)?;
         if let Some(a) = audit.as_mut() {
             a.tick(totals).await;
         }
@@ -515,24 +520,69 @@ async fn next_batch(
     }
 }
 
-fn commit(consumer: &SinkConsumer, topic: &str, batch: &[Msg]) -> Result<()> {
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-    for m in batch {
-        let e = next.entry(m.partition).or_insert(0);
-        // Committed offset = the next record to read.
-        *e = (*e).max(m.offset + 1);
+/// Offsets of records the CRM accepted (or the dead-letter topic holds) that are not committed
+/// yet. A commit that fails because the broker restarts or the group coordinator moves is tried
+/// again on the next loop turn, while the consumer keeps polling so it can rejoin its group;
+/// stopping the sink there would only re-send what was already written.
+#[derive(Default)]
+struct Uncommitted(BTreeMap<i32, i64>);
+
+impl Uncommitted {
+    fn add(&mut self, batch: &[Msg]) {
+        for m in batch {
+            let e = self.0.entry(m.partition).or_insert(0);
+            // Committed offset = the next record to read.
+            *e = (*e).max(m.offset + 1);
+        }
     }
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in next {
-        tpl.add_partition_offset(topic, p, Offset::Offset(o))
-            .map_err(|e| error::kafka("building offsets", e))?;
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
-    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
-        error::kafka(
-            format!("committing offsets of {topic} ({})", offsets(batch.iter())),
-            e,
-        )
-    })
+
+    /// Commit what is pending; a retryable failure keeps it for the next try.
+    fn commit(&mut self, consumer: &SinkConsumer, topic: &str) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        // A partition taken away in a rebalance is its new owner's to commit: that member reads
+        // those records again, and the upserts are idempotent.
+        if let Ok(assigned) = consumer.assignment() {
+            let owned: std::collections::HashSet<i32> = assigned
+                .elements_for_topic(topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect();
+            self.0.retain(|p, _| owned.contains(p));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &self.0 {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+                .map_err(|e| error::kafka("building offsets", e))?;
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                self.0.clear();
+                Ok(())
+            }
+            Err(e) => {
+                let pending: Vec<String> =
+                    self.0.iter().map(|(p, o)| format!("p{p}:{o}")).collect();
+                let err = error::kafka(
+                    format!("committing offsets of {topic} ({})", pending.join(",")),
+                    e,
+                );
+                if !err.retryable {
+                    return Err(err);
+                }
+                tracing::warn!(topic, offsets = %pending.join(","), error = %err, "offset commit failed; retrying on the next turn");
+                Ok(())
+            }
+        }
+    }
 }
 
 /// The offsets a set of records spans, per partition: `p0:12-40,p2:7`.

@@ -183,11 +183,10 @@ fn drain(brokers: &str, topic: &str, contacts: usize) {
         };
         if m.payload()
             .is_some_and(|p| p.windows(13).any(|w| w == br#""op":"upsert""#))
+            && let Some(k) = m.key()
         {
-            if let Some(k) = m.key() {
-                first_ms.get_or_insert_with(|| Utc::now().timestamp_millis());
-                seen.insert(k.to_vec());
-            }
+            first_ms.get_or_insert_with(|| Utc::now().timestamp_millis());
+            seen.insert(k.to_vec());
         }
     }
     println!(
@@ -209,15 +208,15 @@ fn watermarks(brokers: &str, topics: &str, records: i64, idle: Duration) {
     loop {
         let mut total = 0;
         for (topic, ids) in &mut partitions {
-            if ids.is_empty() {
-                if let Ok(meta) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
-                    *ids = meta
-                        .topics()
-                        .iter()
-                        .flat_map(|t| t.partitions())
-                        .map(|p| p.id())
-                        .collect();
-                }
+            if ids.is_empty()
+                && let Ok(meta) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))
+            {
+                *ids = meta
+                    .topics()
+                    .iter()
+                    .flat_map(|t| t.partitions())
+                    .map(|p| p.id())
+                    .collect();
             }
             for &p in ids.iter() {
                 if let Ok((low, high)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5))

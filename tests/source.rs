@@ -249,7 +249,7 @@ async fn question_changes_re_emit_affected_contacts() {
             recs.iter()
                 .filter(|r| &r.key == id)
                 .filter_map(Record::event)
-                .last()
+                .next_back()
                 .is_some_and(|e| {
                     e.universal_questions
                         .iter()

@@ -19,6 +19,9 @@ pub type Record = Map<String, Value>;
 /// One object's records by key (Salesforce Id, Dataverse GUID, MuleSoft contact id).
 pub type Table = BTreeMap<String, Record>;
 
+/// One lookup field's index: value -> record key.
+type FieldIndex = HashMap<String, String>;
+
 /// Every table, plus the sequence that makes ids unique.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Store {
@@ -31,7 +34,7 @@ pub struct Store {
     /// first lookup and kept up to date by [`Store::indexed`], so finding a record by external id
     /// is not a scan of the table (which made large runs quadratic).
     #[serde(skip)]
-    index: RefCell<HashMap<(System, String, String), HashMap<String, String>>>,
+    index: RefCell<HashMap<(System, String, String), FieldIndex>>,
 }
 
 impl Store {

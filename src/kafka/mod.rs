@@ -91,10 +91,10 @@ pub async fn describe_topic(
         .await
         .map_err(|e| error::kafka(format!("describing topic {topic}"), e))?;
     let mut cleanup_policy = String::from("delete");
-    if let Some(Ok(res)) = configs.into_iter().next() {
-        if let Some(e) = res.get("cleanup.policy").and_then(|e| e.value.clone()) {
-            cleanup_policy = e;
-        }
+    if let Some(Ok(res)) = configs.into_iter().next()
+        && let Some(e) = res.get("cleanup.policy").and_then(|e| e.value.clone())
+    {
+        cleanup_policy = e;
     }
     Ok(Some(TopicInfo {
         partitions,

@@ -272,47 +272,49 @@ pub struct Record {
     pub fields: Map<String, Value>,
 }
 
+/// A contact-level field the guide maps by default: (event field, CRM field, conversion).
+type DefaultField = (&'static str, &'static str, Option<Conversion>);
+
 impl Mapping {
     /// Resolve a config for a target, filling the guide's defaults.
     pub fn new(target: TargetKind, cfg: &MappingConfig) -> Self {
-        let (object, ext, defaults): (&str, &str, &[(&str, &str, Option<Conversion>)]) =
-            match target {
-                TargetKind::Salesforce => (
-                    "Contact",
-                    "Trusst_Contact_ID__c",
-                    &[
-                        ("external_id", "External_ID__c", None),
-                        ("call_date", "Call_Date__c", Some(Conversion::DateTime)),
-                        (
-                            "call_start_time",
-                            "Call_Start_Time__c",
-                            Some(Conversion::DateTime),
-                        ),
-                        ("direction", "Call_Direction__c", Some(Conversion::Picklist)),
-                        ("contact_agent_id", "Agent_ID__c", None),
-                        ("s3_agent_id", "S3_Agent_ID__c", None),
-                        ("conn_id", "Connection_ID__c", None),
-                    ],
-                ),
-                TargetKind::Dynamics => (
-                    "contact",
-                    "trusst_contact_id",
-                    &[
-                        ("external_id", "external_id", None),
-                        ("call_date", "calldate", Some(Conversion::DateTime)),
-                        (
-                            "call_start_time",
-                            "call_start_time",
-                            Some(Conversion::DateTime),
-                        ),
-                        ("direction", "call_direction", Some(Conversion::OptionSet)),
-                        ("contact_agent_id", "agentid", None),
-                        ("s3_agent_id", "s3_agent_id", None),
-                        ("conn_id", "connection_id", None),
-                    ],
-                ),
-                TargetKind::Mulesoft => ("contacts", "trusst_contact_id", &[]),
-            };
+        let (object, ext, defaults): (&str, &str, &[DefaultField]) = match target {
+            TargetKind::Salesforce => (
+                "Contact",
+                "Trusst_Contact_ID__c",
+                &[
+                    ("external_id", "External_ID__c", None),
+                    ("call_date", "Call_Date__c", Some(Conversion::DateTime)),
+                    (
+                        "call_start_time",
+                        "Call_Start_Time__c",
+                        Some(Conversion::DateTime),
+                    ),
+                    ("direction", "Call_Direction__c", Some(Conversion::Picklist)),
+                    ("contact_agent_id", "Agent_ID__c", None),
+                    ("s3_agent_id", "S3_Agent_ID__c", None),
+                    ("conn_id", "Connection_ID__c", None),
+                ],
+            ),
+            TargetKind::Dynamics => (
+                "contact",
+                "trusst_contact_id",
+                &[
+                    ("external_id", "external_id", None),
+                    ("call_date", "calldate", Some(Conversion::DateTime)),
+                    (
+                        "call_start_time",
+                        "call_start_time",
+                        Some(Conversion::DateTime),
+                    ),
+                    ("direction", "call_direction", Some(Conversion::OptionSet)),
+                    ("contact_agent_id", "agentid", None),
+                    ("s3_agent_id", "s3_agent_id", None),
+                    ("conn_id", "connection_id", None),
+                ],
+            ),
+            TargetKind::Mulesoft => ("contacts", "trusst_contact_id", &[]),
+        };
         let mut fields: BTreeMap<String, FieldSpec> = defaults
             .iter()
             .map(|(ev, crm, conv)| {
@@ -590,12 +592,12 @@ impl Mapping {
         mut lookup: impl FnMut(&str) -> Option<BTreeMap<String, i64>>,
     ) {
         for spec in self.fields.values_mut().chain(self.questions.values_mut()) {
-            if spec.conversion == Some(Conversion::OptionSet) && spec.labels.is_empty() {
-                if let Some(f) = spec.field.clone() {
-                    if let Some(l) = lookup(&f) {
-                        spec.labels = l;
-                    }
-                }
+            if spec.conversion == Some(Conversion::OptionSet)
+                && spec.labels.is_empty()
+                && let Some(f) = spec.field.clone()
+                && let Some(l) = lookup(&f)
+            {
+                spec.labels = l;
             }
         }
     }

@@ -239,14 +239,13 @@ async fn deliver(
             .ok();
     }
     loop {
-        if let Some(end) = &end {
-            if end
+        if let Some(end) = &end
+            && end
                 .iter()
                 .all(|(p, h)| positions.get(p).copied().unwrap_or(-1) + 1 >= *h)
-            {
-                tracing::info!(?totals, "reached the end of the topic as it was at start");
-                return Ok(());
-            }
+        {
+            tracing::info!(?totals, "reached the end of the topic as it was at start");
+            return Ok(());
         }
         // Bounded runs wake every second to check for the end; an audited sink wakes once per
         // audit interval so a quiet topic still gets its last row written on time.

@@ -509,8 +509,9 @@ impl TopicReader {
     fn poll_for(&mut self, d: Duration) {
         let end = Instant::now() + d;
         while Instant::now() < end {
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => self.records.push(Record {
+            // An error (the topic may not exist yet) or nothing: keep polling.
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                self.records.push(Record {
                     key: m
                         .key()
                         .map(|k| String::from_utf8_lossy(k).into_owned())
@@ -518,9 +519,7 @@ impl TopicReader {
                     value: m.payload().map(<[u8]>::to_vec),
                     partition: m.partition(),
                     offset: m.offset(),
-                }),
-                // The topic may not exist yet: keep polling.
-                Some(Err(_)) | None => {}
+                });
             }
         }
     }

@@ -461,10 +461,10 @@ impl Target for Dynamics {
         for f in &choices {
             // Best effort for columns the config does not name: a failure only means a Label
             // question landing there is dead-lettered with the reason.
-            if !self.option_sets.contains_key(f) {
-                if let Err(e) = self.resolve_option_set(f).await {
-                    tracing::debug!(column = %f, error = %e, "choice options not readable");
-                }
+            if !self.option_sets.contains_key(f)
+                && let Err(e) = self.resolve_option_set(f).await
+            {
+                tracing::debug!(column = %f, error = %e, "choice options not readable");
             }
         }
         mapping.option_sets = self.option_sets.clone();

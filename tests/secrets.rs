@@ -167,13 +167,7 @@ async fn secret_credentials_drive_source_backfill_and_check() {
     let mut reader = TopicReader::new(&src.topic);
     let expected = db.expected().await;
     assert_eq!(expected.len(), 8);
-    reader.until(Duration::from_secs(60), "8 contacts", |recs| {
-        recs.iter()
-            .map(|r| &r.key)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
-            == 8
-    });
+    reader.until_contacts(Duration::from_secs(60), 8);
     assert_matches_seed(&reader.latest(), &expected);
     assert!(
         src.terminate().success(),

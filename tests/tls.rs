@@ -84,13 +84,7 @@ async fn verify_full_postgres_and_ssl_kafka_end_to_end() {
     let mut reader = TopicReader::new(&src.topic);
     let expected = db.expected().await;
     assert_eq!(expected.len(), 8);
-    reader.until(Duration::from_secs(60), "8 contacts", |recs| {
-        recs.iter()
-            .map(|r| &r.key)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
-            == 8
-    });
+    reader.until_contacts(Duration::from_secs(60), 8);
     assert_matches_seed(&reader.latest(), &expected);
 
     // The replication connection itself is encrypted (pg_hba allows nothing else, but say it).

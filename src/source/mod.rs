@@ -128,6 +128,21 @@ struct EventOut {
     encoder: Encoder,
 }
 
+impl EventOut {
+    /// Enqueue `event` for its contact in the configured format; `None` is the tombstone.
+    async fn send(
+        &self,
+        pending: &mut Pending,
+        id: &str,
+        event: Option<&crate::event::ContactEvent>,
+    ) -> Result<()> {
+        let value = event.map(|e| self.encoder.encode(e));
+        pending
+            .send(&self.producer, &self.topic, id, value.as_deref())
+            .await
+    }
+}
+
 /// The event producer, once Kafka answered and the event topic exists (created compacted), and
 /// the encoder (for Avro: once the schema is registered; `encoder` keeps it for later sessions).
 async fn event_producer(

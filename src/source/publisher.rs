@@ -175,27 +175,13 @@ async fn produce(
                 format!("{}:{}:{id}", job.reason, position.lsn)
             };
             ev.source = position;
-            pending
-                .send(
-                    &out.producer,
-                    &out.topic,
-                    id,
-                    Some(&out.encoder.encode(&ev)),
-                )
-                .await?;
+            out.send(pending, id, Some(&ev)).await?;
             tally.upserts += 1;
         } else if job.deleted.contains(id) {
             let ev = ContactEvent::delete(id, position);
-            pending
-                .send(
-                    &out.producer,
-                    &out.topic,
-                    id,
-                    Some(&out.encoder.encode(&ev)),
-                )
-                .await?;
+            out.send(pending, id, Some(&ev)).await?;
             // The tombstone lets compaction forget the contact once sinks saw the delete.
-            pending.send(&out.producer, &out.topic, id, None).await?;
+            out.send(pending, id, None).await?;
             tally.deletes += 1;
             tally.tombstones += 1;
         } else {

@@ -524,6 +524,17 @@ impl TopicReader {
         }
     }
 
+    /// Poll until records for `n` distinct contacts have arrived.
+    pub fn until_contacts(&mut self, timeout: Duration, n: usize) {
+        self.until(timeout, &format!("{n} contacts"), |recs| {
+            recs.iter()
+                .map(|r| &r.key)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == n
+        });
+    }
+
     /// Poll until `done(records)` holds; panic with what was seen after `timeout`.
     pub fn until(
         &mut self,

@@ -9,7 +9,10 @@
 //! schema envelope). Events committed less than `warm-up seconds` after the first one are read but
 //! not counted, so a process that has just started (a JVM compiling its hot paths) is measured
 //! once it runs steadily. Prints `{"ready":true}` once assigned, then one JSON line:
-//! {"events", "p50_ms", "p99_ms", "max_ms", "span_s"}.
+//! {"events", "p50_ms", "p99_ms", "max_ms", "span_s", "record_ts", "record_p50_ms",
+//! "record_p99_ms", "record_max_ms"}; the `record_` figures use the record's Kafka timestamp
+//! instead of the arrival time: the broker's append time when `record_ts` is `log_append` (a
+//! topic with `message.timestamp.type=LogAppendTime`), the producer's send time when `create`.
 //!
 //!   cargo bench --bench latency -- drain <brokers> <topic> <contacts>
 //!
@@ -22,6 +25,13 @@
 //! pipeline nothing) until together they hold `records` records, or nothing was added for `idle
 //! seconds` (default 60) once something was; prints {"first_ms", "done_ms", "records"}: when the
 //! first record and the last were there, and how many there are.
+//!
+//!   cargo bench --bench latency -- slot <database url> <slot> <publication> <seconds> [warm-up seconds]
+//!
+//! PostgreSQL's own delivery latency, the floor under any consumer of the slot: streams the slot
+//! (pgoutput, nothing decoded or published) for `seconds` and reports, per transaction, the time
+//! its Commit message arrived minus its commit time, as {"commits", "p50_ms", "p99_ms", "max_ms"}.
+//! Commits in the first `warm-up seconds` are not counted.
 //!
 //!   cargo bench --bench latency -- lag <brokers> <topic> <group>
 //!
@@ -54,6 +64,16 @@ fn main() {
             )
         }
         Some("lag") => lag(&args[1], &args[2], &args[3]),
+        Some("slot") => slot(
+            &args[1],
+            &args[2],
+            &args[3],
+            Duration::from_secs(args[4].parse().expect("seconds")),
+            Duration::from_secs(
+                args.get(5)
+                    .map_or(0, |w| w.parse().expect("warm-up seconds")),
+            ),
+        ),
         _ => latency(&args),
     }
 }
@@ -88,6 +108,13 @@ fn latency(args: &[String]) {
     eprintln!("latency: consuming {topic}");
     println!("{{\"ready\":true}}");
     let mut lat_ms: Vec<f64> = Vec::with_capacity(expected);
+    // The record's own timestamp: the broker's append time on a LogAppendTime topic.
+    let mut kafka_ms: Vec<f64> = Vec::with_capacity(expected);
+    let mut ts_kind = "none";
+    // LATENCY_SAMPLES=FILE keeps every counted event as `commit time (us), latency (ms)`, to find
+    // when a slow stretch happened.
+    let mut samples = std::env::var_os("LATENCY_SAMPLES")
+        .map(|p| std::io::BufWriter::new(std::fs::File::create(p).expect("LATENCY_SAMPLES file")));
     let mut last = Instant::now();
     let mut first: Option<Instant> = None;
     let mut counted_from: Option<DateTime<Utc>> = None;
@@ -105,7 +132,98 @@ fn latency(args: &[String]) {
         }
         first.get_or_insert(last);
         lat_ms.push((now - ts).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        if let Some(w) = samples.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(
+                w,
+                "{},{:.1}",
+                ts.timestamp_micros(),
+                lat_ms[lat_ms.len() - 1]
+            );
+        }
+        let (kind, record_ms) = match m.timestamp() {
+            rdkafka::Timestamp::LogAppendTime(ms) => ("log_append", Some(ms)),
+            rdkafka::Timestamp::CreateTime(ms) => ("create", Some(ms)),
+            rdkafka::Timestamp::NotAvailable => ("none", None),
+        };
+        ts_kind = kind;
+        if let Some(ms) = record_ms {
+            kafka_ms.push((ms * 1000 - ts.timestamp_micros()) as f64 / 1000.0);
+        }
     }
+    if let Some(mut w) = samples {
+        use std::io::Write;
+        let _ = w.flush();
+    }
+    lat_ms.sort_by(f64::total_cmp);
+    kafka_ms.sort_by(f64::total_cmp);
+    let pct_of = |v: &[f64], p: f64| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[((v.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let pct = |p: f64| pct_of(&lat_ms, p);
+    let span = first
+        .map(|f| last.duration_since(f).as_secs_f64())
+        .unwrap_or(0.0);
+    println!(
+        "{{\"events\":{},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"max_ms\":{:.1},\"span_s\":{:.1},\
+         \"record_ts\":\"{ts_kind}\",\"record_p50_ms\":{:.1},\"record_p99_ms\":{:.1},\"record_max_ms\":{:.1}}}",
+        lat_ms.len(),
+        pct(0.5),
+        pct(0.99),
+        lat_ms.last().copied().unwrap_or(f64::NAN),
+        span,
+        pct_of(&kafka_ms, 0.5),
+        pct_of(&kafka_ms, 0.99),
+        kafka_ms.last().copied().unwrap_or(f64::NAN),
+    );
+}
+
+fn slot(url: &str, slot: &str, publication: &str, run: Duration, warmup: Duration) {
+    use pgwire_replication::{ReplicationClient, ReplicationEvent};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut lat_ms: Vec<f64> = rt.block_on(async {
+        let cfg = trusst_cdc::pg::replication_config(url, slot, publication).expect("config");
+        let mut repl = ReplicationClient::connect(cfg)
+            .await
+            .expect("replication connection");
+        repl.wait_started().await.expect("replication start");
+        println!("{{\"ready\":true}}");
+        let start = Instant::now();
+        let mut lat = Vec::new();
+        while start.elapsed() < run {
+            let ev = match tokio::time::timeout(Duration::from_millis(200), repl.recv()).await {
+                Err(_) => continue,
+                Ok(ev) => ev.expect("replication stream"),
+            };
+            match ev {
+                Some(ReplicationEvent::Commit {
+                    commit_time_micros,
+                    end_lsn,
+                    ..
+                }) => {
+                    let age = trusst_cdc::metrics::pg_micros_age(
+                        commit_time_micros,
+                        Utc::now().timestamp_micros(),
+                    );
+                    if start.elapsed() >= warmup {
+                        lat.push(age.as_secs_f64() * 1000.0);
+                    }
+                    repl.update_applied_lsn(end_lsn);
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        let _ = repl.shutdown().await;
+        lat
+    });
     lat_ms.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         if lat_ms.is_empty() {
@@ -114,16 +232,12 @@ fn latency(args: &[String]) {
             lat_ms[((lat_ms.len() - 1) as f64 * p).round() as usize]
         }
     };
-    let span = first
-        .map(|f| last.duration_since(f).as_secs_f64())
-        .unwrap_or(0.0);
     println!(
-        "{{\"events\":{},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"max_ms\":{:.1},\"span_s\":{:.1}}}",
+        "{{\"commits\":{},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"max_ms\":{:.1}}}",
         lat_ms.len(),
         pct(0.5),
         pct(0.99),
-        lat_ms.last().copied().unwrap_or(f64::NAN),
-        span
+        lat_ms.last().copied().unwrap_or(f64::NAN)
     );
 }
 

@@ -13,6 +13,8 @@
 #                                     drop the databases whose name matches REGEX (and their slots)
 #   scripts/services.sh kafka-topics [ARGS]
 #                                     Kafka's TopicCommand, --bootstrap-server already given
+#   scripts/services.sh kafka-configs [ARGS]
+#                                     Kafka's ConfigCommand, --bootstrap-server already given
 #   chaos helpers: restart-pg, stop-pg, start-pg, kill-kafka (SIGKILL), stop-kafka, start-kafka,
 #                  stop-registry, start-registry
 #   scripts/services.sh tls-certs     make the test CA and the server certificate in .run/tls (idempotent)
@@ -756,6 +758,10 @@ drop-dbs)
 kafka-topics)
     [[ -f $KAFKA_LIB/.stamp ]] || die "Kafka is not fetched yet (run: scripts/services.sh up)"
     kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" "$@"
+    ;;
+kafka-configs)
+    [[ -f $KAFKA_LIB/.stamp ]] || die "Kafka is not fetched yet (run: scripts/services.sh up)"
+    kafka_tool kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" "$@"
     ;;
 restart-pg)
     take_lock

@@ -421,11 +421,32 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// The source runs on one worker thread unless TOKIO_WORKER_THREADS says otherwise: its stages
+/// hand each other small messages, and on the few cores a database host spares, cross-thread
+/// wake-ups cost more CPU than a second worker gains (measured in BENCHMARKS.md: 0.97 x the
+/// ceiling on one worker against 0.77 on two, with 25% less CPU). librdkafka keeps its own threads.
+fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all();
+    if matches!(command, Command::Source { .. })
+        && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
+    {
+        b.worker_threads(1);
+    }
+    b.build()
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match run(cli).await {
+    let runtime = match runtime(&cli.command) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -459,6 +459,11 @@ impl<'a> Session<'a> {
                 res = async { (&mut self.inflight.front_mut().expect("guarded").0).await }, if !self.inflight.is_empty() => {
                     let (_, end) = self.inflight.pop_front().expect("front exists");
                     self.acked(res.map_err(|_| ()), end, repl)?;
+                    // The pipeline just emptied: what committed meanwhile goes out now instead of
+                    // waiting out batch_max_wait.
+                    if self.inflight.is_empty() && self.current.is_none() && self.batch.end_lsn.is_some() {
+                        self.flush(repl).await?;
+                    }
                 }
                 _ = sleep_until_opt(deadline) => {
                     self.flush(repl).await?;
@@ -535,10 +540,13 @@ impl<'a> Session<'a> {
                 self.last_commit_end = end_lsn.0;
                 if let Some(since) = self.batch.since {
                     self.batch.end_lsn = Some(end_lsn.0);
-                    // Checked here too: under a steady stream the receive branch is always
-                    // ready and the timer branch would never get its turn.
-                    if self.batch.touched.len() + self.batch.deleted.len()
-                        >= self.cfg.source.batch_max_contacts
+                    // With nothing in flight there is nothing to batch behind: publish at once.
+                    // Otherwise commits gather until the pipeline frees up (see the ack branch),
+                    // the batch is full or it waited batch_max_wait; checked here too because
+                    // under a steady stream the timer branch would never get its turn.
+                    if self.inflight.is_empty()
+                        || self.batch.touched.len() + self.batch.deleted.len()
+                            >= self.cfg.source.batch_max_contacts
                         || since.elapsed() >= self.cfg.source.batch_max_wait
                     {
                         self.flush(repl).await?;

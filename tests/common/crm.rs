@@ -264,6 +264,7 @@ impl Drop for SinkProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        super::log_on_panic("sink", &self.log);
     }
 }
 

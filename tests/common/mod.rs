@@ -297,6 +297,31 @@ impl SourceOpts {
     }
 }
 
+/// When the test is failing, print the warnings, errors and last lines of a process's log so
+/// the failure report says what the process did (the log's folder is deleted with the test).
+pub fn log_on_panic(what: &str, log: &std::path::Path) {
+    if !std::thread::panicking() {
+        return;
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let notable: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .take(40)
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(40)..];
+    eprintln!(
+        "---- {what} log {}: {} warnings/errors (first 40) ----\n{}\n---- {what} log: last {} lines ----\n{}",
+        log.display(),
+        notable.len(),
+        notable.join("\n"),
+        tail.len(),
+        tail.join("\n")
+    );
+}
+
 /// Path of the binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_trusst-cdc")
@@ -437,6 +462,7 @@ impl Drop for SourceProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        log_on_panic("source", &self.log);
         // A slot left behind holds WAL and a slot of the cluster's limit; drop it even when the
         // test failed (a background thread: Drop may run inside the async test's runtime).
         let (url, slot) = (self.db_url.clone(), self.slot.clone());

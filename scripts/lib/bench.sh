@@ -24,7 +24,8 @@
 #   wait_quiet DB SLOT TOPIC GROUP...
 #                              until SLOT has confirmed everything written so far and each consumer
 #                              GROUP has committed everything on TOPIC (fails after QUIET_TIMEOUT s)
-#   start_emulator [FLAGS]     the CRM emulator on a free port (shipped config); sets $emu_pid, $base
+#   start_emulator [FLAGS]     the CRM emulator on a free port (shipped config, or $emulator_config);
+#                              sets $emu_pid, $base
 #   start_sink TARGET TOPIC GROUP [EDIT [SINK FLAGS]]
 #                              a sink: connector-config/TARGET.toml on TOPIC as GROUP, against the
 #                              emulator at $base (EDIT: a Python statement changing `text`, the
@@ -49,7 +50,9 @@ bench_init() {
     work=$(mktemp -d)
     # Slots left behind would hold WAL (gigabytes after a run) until dropped; bench_cleanup is the
     # caller's hook for that.
-    trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; bench_cleanup || true; rm -rf "$work"' EXIT
+    # BENCH_KEEP=1 keeps the work folder (configs, every process's log) for a look afterwards.
+    trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; bench_cleanup || true
+          if [[ -n ${BENCH_KEEP:-} ]]; then echo "bench: logs and configs kept in $work" >&2; else rm -rf "$work"; fi' EXIT
 }
 
 # Overridden by the caller for what it must undo (slots, temporary configs).
@@ -168,7 +171,7 @@ wait_quiet() {
 }
 
 start_emulator() {
-    "$bin" crm-emulator --config connector-config/crm-emulator.toml --listen 127.0.0.1:0 "$@" \
+    "$bin" crm-emulator --config "${emulator_config:-connector-config/crm-emulator.toml}" --listen 127.0.0.1:0 "$@" \
         >"$work/emu.out" 2>"$work/emu.log" &
     emu_pid=$!
     wait_for "$work/emu.out" listening $emu_pid "$work/emu.log"

@@ -28,6 +28,57 @@ WHERE c.contact_id = ANY($1)
 ORDER BY c.contact_id, q."group", q."order", q.key, i.inference_id
 "#;
 
+/// How many of the given transactions (32-bit xids from the stream) a new snapshot would not
+/// see yet. The xid becomes 64-bit with the epoch of the snapshot's xmax (an xid that is already
+/// assigned is below xmax, so a larger result belongs to the previous epoch).
+const INVISIBLE_SQL: &str = "
+WITH s AS (SELECT pg_current_snapshot() AS snap),
+     e AS (SELECT snap, pg_snapshot_xmax(snap)::text::bigint AS xmax FROM s)
+SELECT count(*) FROM e, unnest($1::bigint[]) AS x
+WHERE NOT pg_visible_in_snapshot(
+    (CASE WHEN ((xmax >> 32) << 32 | x) > xmax THEN ((xmax >> 32) - 1) << 32 | x
+          ELSE (xmax >> 32) << 32 | x END)::text::xid8,
+    snap)";
+
+/// Longest wait for a decoded commit to become visible before the re-read gives up.
+const VISIBLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Wait until the transactions `xids` are visible to new snapshots.
+///
+/// The walsender may send a commit as soon as its WAL is flushed, a moment before the committing
+/// backend leaves the proc array; a re-read in that moment would not see the commit and the
+/// contact would look unfinished. On a busy host that moment lasts milliseconds.
+pub async fn await_visible(client: &Client, statement: &Statement, xids: &[i64]) -> Result<()> {
+    if xids.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let invisible: i64 = client
+            .query_one(statement, &[&xids])
+            .await
+            .map_err(|e| error::pg("checking that the streamed commits are visible", e))?
+            .get(0);
+        if invisible == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > VISIBLE_TIMEOUT {
+            return Err(crate::error::Error::external(format!(
+                "{invisible} streamed transactions were still not visible after {VISIBLE_TIMEOUT:?}"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// The visibility check of [`await_visible`], prepared once per connection.
+pub async fn prepare_visibility(client: &Client) -> Result<Statement> {
+    client
+        .prepare(INVISIBLE_SQL)
+        .await
+        .map_err(|e| error::pg("preparing the visibility check (PostgreSQL 13 or later)", e))
+}
+
 /// Session settings for a connection that runs the re-read and the snapshot's paging.
 ///
 /// Every query here reads at most a batch of contacts by key, so index nested loops are the

@@ -49,6 +49,22 @@ impl Job {
     }
 }
 
+impl Job {
+    /// The streamed transactions behind the job (none for snapshot and backfill pages).
+    fn xids(&self) -> Vec<i64> {
+        let mut x: Vec<i64> = self
+            .origins
+            .values()
+            .chain(self.origin.as_ref())
+            .filter(|o| o.xid != 0)
+            .map(|o| i64::from(o.xid))
+            .collect();
+        x.sort_unstable();
+        x.dedup();
+        x
+    }
+}
+
 /// Completes with the number of events once Kafka acknowledged every record of a job.
 pub(super) type Done = oneshot::Receiver<Result<usize>>;
 
@@ -72,13 +88,18 @@ impl Publisher {
     /// Start the stages: `client` is a connection of their own, used for nothing else.
     pub async fn start(client: Client, out: EventOut) -> Result<Self> {
         let statement = enrich::prepare(&client).await?;
+        let visibility = enrich::prepare_visibility(&client).await?;
         let (tx, mut jobs) = mpsc::channel::<(Job, oneshot::Sender<Result<usize>>)>(STAGE_QUEUE);
         let (etx, mut fetched) = mpsc::channel::<Fetched>(STAGE_QUEUE);
         let reader = tokio::spawn(async move {
             while let Some((job, done)) = jobs.recv().await {
                 // Only the query runs here: the rows become events in the next stage, so the
                 // database works on the next batch meanwhile.
-                match enrich::fetch(&client, &statement, &job.ids).await {
+                let fetched = async {
+                    enrich::await_visible(&client, &visibility, &job.xids()).await?;
+                    enrich::fetch(&client, &statement, &job.ids).await
+                };
+                match fetched.await {
                     Ok(rows) => {
                         if etx.send((job, rows, done)).await.is_err() {
                             return;

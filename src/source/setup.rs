@@ -99,6 +99,18 @@ pub async fn preflight(
     };
     let mut out = Vec::new();
 
+    // pg_visible_in_snapshot (the re-read's visibility wait) and pgoutput's needs: 13 or later.
+    let version: String = q("SHOW server_version_num").await?.get(0);
+    let major = version.parse::<u32>().unwrap_or(0) / 10000;
+    out.push(if major >= 13 {
+        Finding::ok(format!("PostgreSQL {major}"))
+    } else {
+        Finding::bad(
+            format!("PostgreSQL server_version_num = {version}"),
+            "upgrade to PostgreSQL 13 or later (versions before 13 are out of support)",
+        )
+    });
+
     let wal: String = q("SHOW wal_level").await?.get(0);
     out.push(if wal == "logical" {
         Finding::ok("wal_level = logical")

@@ -442,3 +442,55 @@ async fn sigterm_stops_cleanly_and_confirms() {
     );
     db.drop_slot(&src.slot).await;
 }
+
+/// The re-read waits for streamed transactions to become visible: a transaction still open
+/// holds it back, its commit releases it. (The wait covers the moment between a commit reaching
+/// the slot and other sessions seeing it, which cannot be produced on demand.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn re_read_waits_until_streamed_transactions_are_visible() {
+    use trusst_cdc::source::enrich;
+    let db = TestDb::new("t_visible").await;
+    let writer = db.client().await;
+    writer.batch_execute("BEGIN").await.unwrap();
+    let xid: i64 = writer
+        .query_one(
+            "SELECT (pg_current_xact_id()::text::bigint & 4294967295)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let reader = db.client().await;
+    let check = enrich::prepare_visibility(&reader).await.unwrap();
+    // A committed transaction (this session's last one) passes at once.
+    let done_xid: i64 = reader
+        .query_one(
+            "SELECT (pg_current_xact_id()::text::bigint & 4294967295)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    enrich::await_visible(&reader, &check, &[done_xid])
+        .await
+        .unwrap();
+
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let wait = tokio::spawn(async move {
+        let r = enrich::await_visible(&reader, &check, &[done_xid, xid]).await;
+        let _ = tx.send(());
+        r
+    });
+    // While the writer's transaction is open the wait cannot end, however slow the machine.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "the re-read went ahead while transaction {xid} was still open"
+    );
+    writer.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(9), wait)
+        .await
+        .expect("the wait ended once the transaction committed")
+        .unwrap()
+        .unwrap();
+}

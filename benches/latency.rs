@@ -157,14 +157,7 @@ fn latency(args: &[String]) {
     }
     lat_ms.sort_by(f64::total_cmp);
     kafka_ms.sort_by(f64::total_cmp);
-    let pct_of = |v: &[f64], p: f64| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v[((v.len() - 1) as f64 * p).round() as usize]
-        }
-    };
-    let pct = |p: f64| pct_of(&lat_ms, p);
+    let pct = |p: f64| percentile(&lat_ms, p);
     let span = first
         .map(|f| last.duration_since(f).as_secs_f64())
         .unwrap_or(0.0);
@@ -176,8 +169,8 @@ fn latency(args: &[String]) {
         pct(0.99),
         lat_ms.last().copied().unwrap_or(f64::NAN),
         span,
-        pct_of(&kafka_ms, 0.5),
-        pct_of(&kafka_ms, 0.99),
+        percentile(&kafka_ms, 0.5),
+        percentile(&kafka_ms, 0.99),
         kafka_ms.last().copied().unwrap_or(f64::NAN),
     );
 }
@@ -225,13 +218,7 @@ fn slot(url: &str, slot: &str, publication: &str, run: Duration, warmup: Duratio
         lat
     });
     lat_ms.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        if lat_ms.is_empty() {
-            f64::NAN
-        } else {
-            lat_ms[((lat_ms.len() - 1) as f64 * p).round() as usize]
-        }
-    };
+    let pct = |p: f64| percentile(&lat_ms, p);
     println!(
         "{{\"commits\":{},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"max_ms\":{:.1}}}",
         lat_ms.len(),
@@ -239,6 +226,15 @@ fn slot(url: &str, slot: &str, publication: &str, run: Duration, warmup: Duratio
         pct(0.99),
         lat_ms.last().copied().unwrap_or(f64::NAN)
     );
+}
+
+/// The `p` quantile (0..=1) of sorted samples, NaN when there are none.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        f64::NAN
+    } else {
+        sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    }
 }
 
 /// The commit time of a trusst-cdc `stream` event.

@@ -173,8 +173,7 @@ latency_run() {
     local name=$1 topic=$2 format=$3 pid=$4 seed=$5 gen_pid lat_pid
     echo "bench: latency of $name at $LATENCY_RATE contacts/s, ${WARMUP_SECONDS}s warm-up + ${LATENCY_SECONDS}s" >&2
     bench_checkpoint
-    $bin generate --database-url "$url" --contacts $(((WARMUP_SECONDS + LATENCY_SECONDS + 5) * LATENCY_RATE)) \
-        --chunk 50 --connections 2 --rate "$LATENCY_RATE" --seed "$seed" 2>"$work/gen.log" &
+    steady_load $(((WARMUP_SECONDS + LATENCY_SECONDS + 5) * LATENCY_RATE)) "$seed" &
     gen_pid=$!
     # Subscribed once the topic exists and has its first event.
     "$latency_bin" watermarks "$KAFKA_BROKERS" "$topic" 1 >/dev/null

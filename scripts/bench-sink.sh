@@ -59,8 +59,7 @@ e2e_latency() {
     wait_for "$work/sink-salesforce.log" "sink started" $sink_pid
     local contacts=$(((WARMUP_SECONDS + LATENCY_SECONDS) * LATENCY_RATE))
     echo "bench: e2e: $contacts contacts at $LATENCY_RATE/s (the first ${WARMUP_SECONDS}s are warm-up)" >&2
-    $bin generate --database-url "$url" --contacts "$contacts" --chunk 50 --connections 2 --rate "$LATENCY_RATE" \
-        --seed 11 2>"$work/gen.log"
+    steady_load "$contacts" 11
     wait_quiet $db bench_e2e "$topic" "$group"
     kill -0 $src && kill -0 $sink_pid
     psqlb -d $db -tA -F ' ' -c "SELECT contact_id, (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000)::bigint

@@ -68,7 +68,7 @@ scripts/services.sh kafka-configs --alter --entity-type topics --entity-name "$t
 "$latency_bin" "$KAFKA_BROKERS" "$topic" "$expected" 15 "$WARMUP_SECONDS" >"$work/latency.json" &
 lat_pid=$!
 wait_for "$work/latency.json" ready $lat_pid
-$bin generate --database-url "$url" --contacts "$generated" --chunk 50 --connections 2 --rate "$LATENCY_RATE" --seed 7 2>"$work/gen.log"
+steady_load "$generated" 7
 wait $lat_pid
 lat=$(tail -1 "$work/latency.json")
 steady_kb=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
@@ -83,7 +83,7 @@ bench_checkpoint
 "$latency_bin" slot "$url" bench_floor_1 bench_pub $((WARMUP_SECONDS + LATENCY_SECONDS)) "$WARMUP_SECONDS" >"$work/floor.json" &
 floor_pid=$!
 wait_for "$work/floor.json" ready $floor_pid
-$bin generate --database-url "$url" --contacts "$generated" --chunk 50 --connections 2 --rate "$LATENCY_RATE" --seed 9 2>"$work/gen.log"
+steady_load "$generated" 9
 wait $floor_pid
 floor=$(tail -1 "$work/floor.json")
 

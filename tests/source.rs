@@ -443,6 +443,17 @@ async fn sigterm_stops_cleanly_and_confirms() {
     db.drop_slot(&src.slot).await;
 }
 
+/// The session's transaction id as the stream carries it (32 bits), assigning one if needed.
+async fn xid32(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT (pg_current_xact_id()::text::bigint & 4294967295)",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// The re-read waits for streamed transactions to become visible: a transaction still open
 /// holds it back, its commit releases it. (The wait covers the moment between a commit reaching
 /// the slot and other sessions seeing it, which cannot be produced on demand.)
@@ -452,25 +463,11 @@ async fn re_read_waits_until_streamed_transactions_are_visible() {
     let db = TestDb::new("t_visible").await;
     let writer = db.client().await;
     writer.batch_execute("BEGIN").await.unwrap();
-    let xid: i64 = writer
-        .query_one(
-            "SELECT (pg_current_xact_id()::text::bigint & 4294967295)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let xid = xid32(&writer).await;
     let reader = db.client().await;
     let check = enrich::prepare_visibility(&reader).await.unwrap();
     // A committed transaction (this session's last one) passes at once.
-    let done_xid: i64 = reader
-        .query_one(
-            "SELECT (pg_current_xact_id()::text::bigint & 4294967295)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let done_xid = xid32(&reader).await;
     enrich::await_visible(&reader, &check, &[done_xid])
         .await
         .unwrap();

@@ -16,6 +16,8 @@
 #                              are [source] lines); sets $source_pid, logs to $work/source.log
 #   bench_workload DB N        N completed contacts, then VACUUM (ANALYZE); sets $end (the WAL
 #                              position after them) and $rows (the row changes written)
+#   steady_load N SEED         N contacts completed at a steady $LATENCY_RATE/s (two connections,
+#                              50 contacts per transaction: the load every latency run measures)
 #   cdc_drain SLOT PUBLICATION N TOPIC
 #                              trusst-cdc's source from SLOT into TOPIC until N contacts' events are
 #                              there; leaves it running as $source_pid and sets $drained to
@@ -96,6 +98,11 @@ $extra
 TOML
     DATABASE_URL=$url "$bin" source --config "$work/source.toml" 2>>"$work/source.log" &
     source_pid=$!
+}
+
+steady_load() {
+    "$bin" generate --database-url "$url" --contacts "$1" --chunk 50 --connections 2 \
+        --rate "$LATENCY_RATE" --seed "$2" 2>"$work/gen.log"
 }
 
 bench_workload() {

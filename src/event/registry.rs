@@ -64,14 +64,15 @@ impl Registry {
         .with_source(e)
     }
 
-    /// Register `schema` (Avro) under `subject` and return its id. Registering the same schema
-    /// again returns the same id and adds no version.
-    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32> {
-        let subject_path = utf8_percent_encode(subject, NON_ALPHANUMERIC);
-        let url = format!("{}/subjects/{subject_path}/versions", self.base);
+    /// POST an Avro `schema` to `url` as the Confluent API takes it; the answer's status and body.
+    async fn post_schema(
+        &self,
+        url: String,
+        schema: &str,
+    ) -> Result<(reqwest::StatusCode, String)> {
         let resp = self
             .http
-            .post(&url)
+            .post(url)
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .body(json!({"schemaType": "AVRO", "schema": schema}).to_string())
             .send()
@@ -79,6 +80,19 @@ impl Registry {
             .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         let body = resp.text().await.map_err(|e| self.unreachable(e))?;
+        Ok((status, body))
+    }
+
+    /// Register `schema` (Avro) under `subject` and return its id. Registering the same schema
+    /// again returns the same id and adds no version.
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32> {
+        let subject_path = utf8_percent_encode(subject, NON_ALPHANUMERIC);
+        let (status, body) = self
+            .post_schema(
+                format!("{}/subjects/{subject_path}/versions", self.base),
+                schema,
+            )
+            .await?;
         if status.is_success() {
             let id = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
@@ -129,19 +143,15 @@ impl Registry {
     /// `Ok(None)` when the subject has no version yet (the first registration always succeeds).
     pub async fn compatible(&self, subject: &str, schema: &str) -> Result<Option<bool>> {
         let subject_path = utf8_percent_encode(subject, NON_ALPHANUMERIC);
-        let resp = self
-            .http
-            .post(format!(
-                "{}/compatibility/subjects/{subject_path}/versions/latest",
-                self.base
-            ))
-            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-            .body(json!({"schemaType": "AVRO", "schema": schema}).to_string())
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let status = resp.status();
-        let body = resp.text().await.map_err(|e| self.unreachable(e))?;
+        let (status, body) = self
+            .post_schema(
+                format!(
+                    "{}/compatibility/subjects/{subject_path}/versions/latest",
+                    self.base
+                ),
+                schema,
+            )
+            .await?;
         if status.as_u16() == 404 {
             return Ok(None);
         }

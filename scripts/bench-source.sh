@@ -3,6 +3,7 @@
 #   (a) PostgreSQL's own ceiling: pg_recvlogical draining the workload with pgoutput to /dev/null;
 #   (b) trusst-cdc's source draining the same WAL into Kafka as enriched per-contact events;
 #   (c) commit-to-Kafka latency p50/p99 at a steady LATENCY_RATE contacts/s;
+#   (c2) the same with the source's tasks on a one-worker tokio pool, for comparison;
 #   (d) the floor under (c): PostgreSQL's own commit-to-slot-reader delay at the same rate.
 # Every slot is created before the workload is written, so every run drains exactly the same
 # changes; ROUNDS rounds alternate (a) and (b) and the median of each is reported.
@@ -60,20 +61,43 @@ done
 echo "bench: (c) latency at $LATENCY_RATE contacts/s, ${WARMUP_SECONDS}s warm-up + ${LATENCY_SECONDS}s" >&2
 expected=$((LATENCY_RATE * LATENCY_SECONDS))
 generated=$((LATENCY_RATE * (WARMUP_SECONDS + LATENCY_SECONDS + 3)))
-bench_checkpoint
 # The broker stamps each record with its append time, so "reached Kafka" is measured at the
 # broker as well as at a consumer.
 scripts/services.sh kafka-configs --alter --entity-type topics --entity-name "$topic" \
     --add-config message.timestamp.type=LogAppendTime >/dev/null
-"$latency_bin" "$KAFKA_BROKERS" "$topic" "$expected" 15 "$WARMUP_SECONDS" >"$work/latency.json" &
-lat_pid=$!
-wait_for "$work/latency.json" ready $lat_pid
-steady_load "$generated" 7
-wait $lat_pid
+# latency_run OUT SEED PID: the steady load against the running source PID, figures in OUT;
+# sets $cpu to "CPU_SECONDS WALL_SECONDS" of the source over the load.
+latency_run() {
+    local c0 c1 t0
+    bench_checkpoint
+    "$latency_bin" "$KAFKA_BROKERS" "$topic" "$expected" 15 "$WARMUP_SECONDS" >"$1" &
+    lat_pid=$!
+    wait_for "$1" ready $lat_pid
+    c0=$(proc_figures "$3" | cut -d' ' -f2)
+    t0=$EPOCHREALTIME
+    steady_load "$generated" "$2"
+    c1=$(proc_figures "$3" | cut -d' ' -f2)
+    cpu="$(python3 -c "print(f'{$c1 - $c0:.2f} {$EPOCHREALTIME - $t0:.1f}')")"
+    wait $lat_pid
+}
+latency_run "$work/latency.json" 7 $pid
 lat=$(tail -1 "$work/latency.json")
+lat_cpu=$cpu
 steady_kb=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
 kill -TERM $pid
 wait $pid || true
+
+# (c2) The same with the source's tasks on a worker pool of one thread beside the main thread
+# (the runtime before it became single-threaded): what the cross-thread hand-offs cost.
+echo "bench: (c2) latency, source on a one-worker pool" >&2
+mv "$work/source.log" "$work/source-c.log"
+TOKIO_WORKER_THREADS=1 start_source "bench_cdc_$ROUNDS" bench_pub "$topic"
+wait_for "$work/source.log" "streaming changes" $source_pid
+latency_run "$work/latency-pool.json" 8 $source_pid
+lat_pool=$(tail -1 "$work/latency-pool.json")
+pool_cpu=$cpu
+kill -TERM $source_pid
+wait $source_pid || true
 
 # (d) The floor under (c): how late PostgreSQL itself delivers each commit to a slot reader that
 # does nothing with it, under the same load, with the source stopped.
@@ -87,13 +111,14 @@ steady_load "$generated" 9
 wait $floor_pid
 floor=$(tail -1 "$work/floor.json")
 
-python3 - "$N" "$rows" "$(printf '%s;' "${recv_runs[@]}")" "$(printf '%s;' "${cdc_runs[@]}")" "$lat" "$steady_kb" "$LATENCY_RATE" "$(bench_machine)" "$floor" "$WARMUP_SECONDS" <<'PY' | tee /dev/stderr | bench_write_section "Source (scripts/bench-source.sh)"
+python3 - "$N" "$rows" "$(printf '%s;' "${recv_runs[@]}")" "$(printf '%s;' "${cdc_runs[@]}")" "$lat" "$steady_kb" "$LATENCY_RATE" "$(bench_machine)" "$floor" "$WARMUP_SECONDS" "$lat_pool" "$lat_cpu" "$pool_cpu" <<'PY' | tee /dev/stderr | bench_write_section "Source (scripts/bench-source.sh)"
 import json, sys, datetime
 n, rows, machine = int(sys.argv[1]), int(sys.argv[2]), sys.argv[8]
 parse = lambda arg: [tuple(float(x) for x in run.split()) for run in arg.split(';') if run.strip()]
 recv_runs, cdc_runs = parse(sys.argv[3]), parse(sys.argv[4])
 lat, steady_kb, rate = json.loads(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-floor, warmup = json.loads(sys.argv[9]), int(sys.argv[10])
+floor, warmup, pool = json.loads(sys.argv[9]), int(sys.argv[10]), json.loads(sys.argv[11])
+cpu_share = lambda arg: (lambda c, s: f"{c:.1f} CPU s in {s:.0f} s, {100 * c / s:.0f}% of a core")(*map(float, arg.split()))
 # The median round by time, reported whole (its RSS and CPU belong to that run).
 median = lambda runs: sorted(runs)[len(runs) // 2]
 recv_s, recv_kb, recv_cpu = median(recv_runs)
@@ -123,10 +148,12 @@ PostgreSQL put in the stream (the event's `source.commit_ts`) to:
 |---|---|---|---|
 | (c) the broker's append time (topic with `message.timestamp.type=LogAppendTime`, record timestamp: {lat.get('record_ts')}) | {lat.get('record_p50_ms')} ms | {lat.get('record_p99_ms')} ms | {lat.get('record_max_ms')} ms |
 | (c) a consumer reading it (librdkafka, `fetch.wait.max.ms=100`) | {lat['p50_ms']} ms | {lat['p99_ms']} ms | {lat['max_ms']} ms |
+| (c2) the broker's append time, source on a one-worker tokio pool (`TOKIO_WORKER_THREADS=1`) instead of one thread | {pool.get('record_p50_ms')} ms | {pool.get('record_p99_ms')} ms | {pool.get('record_max_ms')} ms |
 | (d) floor: the Commit message reaching a slot reader that does nothing else ({floor['commits']} commits; same load, source stopped) | {floor['p50_ms']} ms | {floor['p99_ms']} ms | {floor['max_ms']} ms |
 
 (d) is PostgreSQL's part alone: the commit's WAL flushed, decoded by the walsender and sent.
-Source peak RSS after the steady run {steady_kb/1024:.0f} MB.
+The source's CPU over the steady load (generator start to end): (c) {cpu_share(sys.argv[12])};
+(c2) {cpu_share(sys.argv[13])}. Source peak RSS after the steady run {steady_kb/1024:.0f} MB.
 Targets: (b) >= 0.8 x (a); commit-to-Kafka p99 < 200 ms; RSS < 100 MB.
 """
 print(table)

@@ -47,8 +47,10 @@ pub async fn run(cfg: &SourceConfig) -> Result<()> {
 
 async fn kafka_findings(cfg: &SourceConfig) -> Vec<Finding> {
     let brokers = cfg.brokers();
-    let reach = kafka::producer(brokers, &cfg.kafka.properties)
-        .and_then(|p| kafka::ping(&p, brokers, Duration::from_secs(10)));
+    let reach = match kafka::producer(brokers, &cfg.kafka.properties) {
+        Ok(p) => kafka::ping(&p, brokers, Duration::from_secs(10)).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = reach {
         return vec![Finding {
             what: format!("Kafka at {brokers} is not reachable ({})", e.message()),

@@ -421,19 +421,23 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The source runs on one worker thread unless TOKIO_WORKER_THREADS says otherwise: its stages
-/// hand each other small messages, and on the few cores a database host spares, cross-thread
-/// wake-ups cost more CPU than a second worker gains (measured in BENCHMARKS.md: 0.97 x the
-/// ceiling on one worker against 0.77 on two, with 25% less CPU). librdkafka keeps its own threads.
+/// The source runs on one thread unless TOKIO_WORKER_THREADS asks for a worker pool: its
+/// stages hand each other small messages (one per replication message), and on the few cores a
+/// database host spares, waking another thread for each costs more CPU than a second thread
+/// gains. Measured in BENCHMARKS.md: on 2 cores, 40% less CPU and a third of the commit-to-Kafka
+/// p99 at 1,000 contacts/s against one worker beside the main thread. librdkafka keeps its own
+/// threads either way.
 fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    b.enable_all();
     if matches!(command, Command::Source { .. })
         && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
     {
-        b.worker_threads(1);
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
     }
-    b.build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn main() -> ExitCode {

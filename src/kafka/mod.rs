@@ -47,9 +47,15 @@ pub fn producer(brokers: &str, properties: &BTreeMap<String, String>) -> Result<
     create(&c, "producer")
 }
 
-/// Fetch cluster metadata to prove the brokers answer; the error names the address.
-pub fn ping(producer: &FutureProducer, brokers: &str, timeout: Duration) -> Result<()> {
-    producer.client().fetch_metadata(None, timeout).map(|_| ()).map_err(|e| {
+/// Fetch cluster metadata to prove the brokers answer; the error names the address. The
+/// blocking metadata call runs off the async threads (the source has only one).
+pub async fn ping(producer: &FutureProducer, brokers: &str, timeout: Duration) -> Result<()> {
+    let p = producer.clone();
+    let res =
+        tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, timeout).map(|_| ()))
+            .await
+            .map_err(|e| Error::internal(format!("the Kafka metadata request panicked: {e}")))?;
+    res.map_err(|e| {
         Error::external(format!(
             "Kafka at {brokers} did not answer within {timeout:?}; check KAFKA_BROKERS and that the broker is running"
         ))
@@ -72,19 +78,27 @@ pub async fn describe_topic(
     properties: &BTreeMap<String, String>,
     topic: &str,
 ) -> Result<Option<TopicInfo>> {
-    let admin: AdminClient<DefaultClientContext> =
-        create(&client_config(brokers, properties), "admin client")?;
-    let md = admin
-        .inner()
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| error::kafka(format!("reading metadata of topic {topic}"), e))?;
-    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-        return Ok(None);
-    };
-    if t.error().is_some() || t.partitions().is_empty() {
+    let config = client_config(brokers, properties);
+    let name = topic.to_owned();
+    // The metadata call blocks: it runs off the async threads, and hands the client back.
+    let (admin, partitions) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let admin: AdminClient<DefaultClientContext> = create(&config, "admin client")?;
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .map_err(|e| error::kafka(format!("reading metadata of topic {name}"), e))?;
+        let partitions = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        Ok((admin, partitions))
+    })
+    .await
+    .map_err(|e| Error::internal(format!("the Kafka metadata request panicked: {e}")))??;
+    if partitions == 0 {
         return Ok(None);
     }
-    let partitions = t.partitions().len();
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let configs = admin
         .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)

@@ -167,7 +167,7 @@ async fn deliver(
     };
     let consumer = consumer(cfg, &group)?;
     let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
-    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
+    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10)).await?;
     let partitions = loop {
         match partitions(&consumer, &source_topic)? {
             Some(p) => break p,

@@ -150,7 +150,7 @@ async fn event_producer(
     encoder: &tokio::sync::OnceCell<Encoder>,
 ) -> Result<EventOut> {
     let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
-    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10))?;
+    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10)).await?;
     let encoder = encoder
         .get_or_try_init(|| async {
             Encoder::new(cfg.kafka.format, cfg.registry()?.as_ref(), &cfg.kafka.topic).await

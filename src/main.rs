@@ -146,6 +146,10 @@ enum Command {
         /// Stop after this long without a record (e.g. 10s).
         #[arg(long, value_parser = humantime::parse_duration)]
         idle: Option<Duration>,
+        /// A librdkafka property for the consumer, KEY=VALUE, repeatable (e.g.
+        /// `-X security.protocol=SSL -X ssl.ca.location=ca.pem`), as `[kafka.properties]`.
+        #[arg(short = 'X', long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+        kafka_property: Vec<(String, String)>,
     },
     /// Write realistic demo contacts (schema and questions included) into a database.
     Generate {
@@ -334,20 +338,21 @@ async fn run(cli: Cli) -> Result<()> {
             schema_registry_url,
             max,
             idle,
+            kafka_property,
         } => {
             let decoder = trusst_cdc::event::Decoder::new(trusst_cdc::config::registry(
                 schema_registry_url.as_deref(),
             )?);
-            trusst_cdc::tail::run(
-                &kafka_brokers,
-                &topic,
-                &decoder,
+            let opts = trusst_cdc::tail::Options {
+                brokers: kafka_brokers,
+                properties: kafka_property.into_iter().collect(),
+                topic,
                 from_beginning,
                 json,
                 max,
                 idle,
-            )
-            .await
+            };
+            trusst_cdc::tail::run(&opts, &decoder).await
         }
         Command::Generate {
             database_url,
@@ -418,6 +423,16 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CrmEmulator(args) => trusst_cdc::emulator::run(args, shutdown_signal()).await,
+    }
+}
+
+/// `KEY=VALUE` of `--kafka-property`.
+fn parse_property(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!(
+            "expected KEY=VALUE (a librdkafka property such as security.protocol=SSL), got {s:?}"
+        )),
     }
 }
 

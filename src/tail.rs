@@ -1,5 +1,6 @@
 //! `trusst-cdc tail`: print the events on a topic as they arrive (demo and debugging aid).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -10,18 +11,38 @@ use crate::error::{Error, Result};
 use crate::event::{Decoder, Op};
 use crate::kafka;
 
-/// Print records of `topic` from the beginning (or the end), one line each, until `max`
-/// records or `idle` without any.
-pub async fn run(
-    brokers: &str,
-    topic: &str,
-    decoder: &Decoder,
-    from_beginning: bool,
-    json: bool,
-    max: Option<usize>,
-    idle: Option<Duration>,
-) -> Result<()> {
-    let mut c = kafka::client_config(brokers, &Default::default());
+/// What to read and how to print it.
+pub struct Options {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// librdkafka properties for the consumer, as `[kafka.properties]`.
+    pub properties: BTreeMap<String, String>,
+    /// The topic.
+    pub topic: String,
+    /// Start at the oldest record instead of new ones.
+    pub from_beginning: bool,
+    /// Print values as JSON instead of one summary line each.
+    pub json: bool,
+    /// Stop after this many records.
+    pub max: Option<usize>,
+    /// Stop after this long without a record.
+    pub idle: Option<Duration>,
+}
+
+/// Print records of `opts.topic` from the beginning (or the end), one line each, until
+/// `opts.max` records or `opts.idle` without any.
+pub async fn run(opts: &Options, decoder: &Decoder) -> Result<()> {
+    let Options {
+        brokers,
+        properties,
+        topic,
+        from_beginning,
+        json,
+        max,
+        idle,
+    } = opts;
+    let (from_beginning, json, max, idle) = (*from_beginning, *json, *max, *idle);
+    let mut c = kafka::client_config(brokers, properties);
     c.set(
         "group.id",
         format!("trusst-cdc-tail-{}", std::process::id()),
@@ -33,7 +54,7 @@ pub async fn run(
     );
     let consumer: StreamConsumer = kafka::create(&c, "consumer")?;
     consumer
-        .subscribe(&[topic])
+        .subscribe(&[topic.as_str()])
         .map_err(|e| crate::error::kafka("subscribing", e))?;
     let mut stream = consumer.stream();
     let mut seen = 0usize;

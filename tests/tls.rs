@@ -87,6 +87,42 @@ async fn verify_full_postgres_and_ssl_kafka_end_to_end() {
     reader.until_contacts(Duration::from_secs(60), 8);
     assert_matches_seed(&reader.latest(), &expected);
 
+    // `tail` reads the same events through the SSL listener with the same properties.
+    let out = std::process::Command::new(bin())
+        .args([
+            "tail",
+            "--kafka-brokers",
+            &ssl_brokers(),
+            "--topic",
+            &src.topic,
+        ])
+        .args(["--from-beginning", "--json", "--idle", "15s"])
+        .args([
+            "-X",
+            "security.protocol=SSL",
+            "-X",
+            &format!("ssl.ca.location={ca}"),
+        ])
+        .output()
+        .expect("run trusst-cdc tail");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tailed: std::collections::BTreeSet<String> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON event per line"))
+        .map(|v| {
+            v["trusst_contact_id"]
+                .as_str()
+                .expect("trusst_contact_id")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(tailed, expected.keys().cloned().collect(), "{stdout}");
+
     // The replication connection itself is encrypted (pg_hba allows nothing else, but say it).
     let c = db.client().await;
     let row = c

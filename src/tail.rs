@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
 
 use crate::error::{Error, Result};
 use crate::event::{Decoder, Op};
@@ -42,6 +43,18 @@ pub async fn run(opts: &Options, decoder: &Decoder) -> Result<()> {
         idle,
     } = opts;
     let (from_beginning, json, max, idle) = (*from_beginning, *json, *max, *idle);
+    // A consumer only logs an unreachable broker and keeps waiting: ask once, and say so.
+    let probe: FutureProducer =
+        kafka::create(&kafka::client_config(brokers, properties), "client")?;
+    kafka::ping(&probe, brokers, Duration::from_secs(10))
+        .await
+        .map_err(|e| {
+            Error::external(format!(
+                "{}; a secured listener needs its settings as -X KEY=VALUE (e.g. -X security.protocol=SSL)",
+                e.message()
+            ))
+        })?;
+    drop(probe);
     let mut c = kafka::client_config(brokers, properties);
     c.set(
         "group.id",

@@ -122,6 +122,26 @@ async fn verify_full_postgres_and_ssl_kafka_end_to_end() {
         })
         .collect();
     assert_eq!(tailed, expected.keys().cloned().collect(), "{stdout}");
+    // Without them the SSL listener cannot be read, and tail says what to pass.
+    let out = std::process::Command::new(bin())
+        .args([
+            "tail",
+            "--kafka-brokers",
+            &ssl_brokers(),
+            "--topic",
+            &src.topic,
+        ])
+        .args(["--from-beginning", "--idle", "15s"])
+        .output()
+        .expect("run trusst-cdc tail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "tail without SSL settings succeeded");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.contains("-X security.protocol=SSL"), "{stderr}");
 
     // The replication connection itself is encrypted (pg_hba allows nothing else, but say it).
     let c = db.client().await;

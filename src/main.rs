@@ -439,7 +439,7 @@ fn parse_property(s: &str) -> std::result::Result<(String, String), String> {
 /// The source runs on one thread unless TOKIO_WORKER_THREADS asks for a worker pool: its
 /// stages hand each other small messages (one per replication message), and on the few cores a
 /// database host spares, waking another thread for each costs more CPU than a second thread
-/// gains. Measured in BENCHMARKS.md: on 2 cores, 40% less CPU and a third of the commit-to-Kafka
+/// gains. Measured in BENCHMARKS.md: on 2 cores, a third less CPU and a third of the commit-to-Kafka
 /// p99 at 1,000 contacts/s against one worker beside the main thread. librdkafka keeps its own
 /// threads either way.
 fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {

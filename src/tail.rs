@@ -33,16 +33,15 @@ pub struct Options {
 /// Print records of `opts.topic` from the beginning (or the end), one line each, until
 /// `opts.max` records or `opts.idle` without any.
 pub async fn run(opts: &Options, decoder: &Decoder) -> Result<()> {
-    let Options {
-        brokers,
-        properties,
-        topic,
+    let &Options {
+        ref brokers,
+        ref properties,
+        ref topic,
         from_beginning,
         json,
         max,
         idle,
     } = opts;
-    let (from_beginning, json, max, idle) = (*from_beginning, *json, *max, *idle);
     // A consumer only logs an unreachable broker and keeps waiting: ask once, and say so.
     let probe: FutureProducer =
         kafka::create(&kafka::client_config(brokers, properties), "client")?;

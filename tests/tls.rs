@@ -36,6 +36,17 @@ fn ssl_brokers() -> String {
         .expect("KAFKA_SSL_BROKERS is not set: eval \"$(scripts/services.sh env)\"")
 }
 
+/// `trusst-cdc tail` of `topic` from the beginning on the SSL listener until 15 s without a
+/// record, with `extra` flags.
+fn tail_ssl(topic: &str, extra: &[&str]) -> Output {
+    std::process::Command::new(bin())
+        .args(["tail", "--kafka-brokers", &ssl_brokers(), "--topic", topic])
+        .args(["--from-beginning", "--idle", "15s"])
+        .args(extra)
+        .output()
+        .expect("run trusst-cdc tail")
+}
+
 /// `url` with TLS parameters (the URL has no query yet).
 fn with_params(url: &str, params: &str) -> String {
     format!("{url}?{params}")
@@ -88,23 +99,11 @@ async fn verify_full_postgres_and_ssl_kafka_end_to_end() {
     assert_matches_seed(&reader.latest(), &expected);
 
     // `tail` reads the same events through the SSL listener with the same properties.
-    let out = std::process::Command::new(bin())
-        .args([
-            "tail",
-            "--kafka-brokers",
-            &ssl_brokers(),
-            "--topic",
-            &src.topic,
-        ])
-        .args(["--from-beginning", "--json", "--idle", "15s"])
-        .args([
-            "-X",
-            "security.protocol=SSL",
-            "-X",
-            &format!("ssl.ca.location={ca}"),
-        ])
-        .output()
-        .expect("run trusst-cdc tail");
+    let ssl_ca = format!("ssl.ca.location={ca}");
+    let out = tail_ssl(
+        &src.topic,
+        &["--json", "-X", "security.protocol=SSL", "-X", &ssl_ca],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -123,17 +122,7 @@ async fn verify_full_postgres_and_ssl_kafka_end_to_end() {
         .collect();
     assert_eq!(tailed, expected.keys().cloned().collect(), "{stdout}");
     // Without them the SSL listener cannot be read, and tail says what to pass.
-    let out = std::process::Command::new(bin())
-        .args([
-            "tail",
-            "--kafka-brokers",
-            &ssl_brokers(),
-            "--topic",
-            &src.topic,
-        ])
-        .args(["--from-beginning", "--idle", "15s"])
-        .output()
-        .expect("run trusst-cdc tail");
+    let out = tail_ssl(&src.topic, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "tail without SSL settings succeeded");
     assert!(

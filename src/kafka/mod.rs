@@ -47,20 +47,23 @@ pub fn producer(brokers: &str, properties: &BTreeMap<String, String>) -> Result<
     create(&c, "producer")
 }
 
-/// Fetch cluster metadata to prove the brokers answer; the error names the address. The
-/// blocking metadata call runs off the async threads (the source has only one).
+/// Fetch cluster metadata to prove the brokers answer; the error names the address.
 pub async fn ping(producer: &FutureProducer, brokers: &str, timeout: Duration) -> Result<()> {
     let p = producer.clone();
-    let res =
-        tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, timeout).map(|_| ()))
-            .await
-            .map_err(|e| Error::internal(format!("the Kafka metadata request panicked: {e}")))?;
-    res.map_err(|e| {
+    let answer = off_thread(move || p.client().fetch_metadata(None, timeout).map(|_| ())).await?;
+    answer.map_err(|e| {
         Error::external(format!(
             "Kafka at {brokers} did not answer within {timeout:?}; check KAFKA_BROKERS and that the broker is running"
         ))
         .with_source(e)
     })
+}
+
+/// Run a blocking librdkafka call (metadata) off the async threads: the source has only one.
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("a Kafka metadata request panicked: {e}")))
 }
 
 /// Settings of an existing topic that matter to the connector.
@@ -80,8 +83,8 @@ pub async fn describe_topic(
 ) -> Result<Option<TopicInfo>> {
     let config = client_config(brokers, properties);
     let name = topic.to_owned();
-    // The metadata call blocks: it runs off the async threads, and hands the client back.
-    let (admin, partitions) = tokio::task::spawn_blocking(move || -> Result<_> {
+    // The admin client comes back from the blocking call for the describe below.
+    let (admin, partitions) = off_thread(move || -> Result<_> {
         let admin: AdminClient<DefaultClientContext> = create(&config, "admin client")?;
         let md = admin
             .inner()
@@ -94,8 +97,7 @@ pub async fn describe_topic(
             .map_or(0, |t| t.partitions().len());
         Ok((admin, partitions))
     })
-    .await
-    .map_err(|e| Error::internal(format!("the Kafka metadata request panicked: {e}")))??;
+    .await??;
     if partitions == 0 {
         return Ok(None);
     }

@@ -21,6 +21,10 @@
 #
 #   PG_INSTANCE=NAME PG_WAL_LEVEL=replica PGPORT=N scripts/services.sh start-pg|stop-pg
 #                                     an extra cluster in .run/NAME (used by the bad-input tests)
+#   KAFKA_INSTANCE=NAME KAFKA_PORT=N scripts/services.sh start-kafka|stop-kafka|kill-kafka
+#                                     an extra single-node broker in .run/NAME (its own data, ports
+#                                     N, N+1, N+2), e.g. for tests that stop Kafka without
+#                                     disturbing the broker other tests share
 #   PG_SSL_CERT=FILE PG_SSL_KEY=FILE  with start-pg: ssl=on with that certificate and key, and only
 #                                     TLS connections accepted (hostssl); e.g. .run/tls/server.pem/.key
 #
@@ -64,7 +68,8 @@ KAFKA_SSL_PORT=$((KAFKA_PORT + 2))
 KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}
 KAFKA_POM_DIR=$ROOT/scripts/kafka
 KAFKA_LIB=$CACHE/kafka/lib
-KAFKA_DIR=$RUN/kafka
+KAFKA_INSTANCE=${KAFKA_INSTANCE:-kafka}
+KAFKA_DIR=$RUN/$KAFKA_INSTANCE
 KAFKA_DATA=$KAFKA_DIR/data
 KAFKA_LOGS=$KAFKA_DIR/logs
 KAFKA_PROPS=$KAFKA_DIR/server.properties
@@ -455,7 +460,7 @@ kafka_start() {
     local pid port
     if pid=$(kafka_pid); then
         grep -q "^advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT\(,\|$\)" "$KAFKA_PROPS" ||
-            die "kafka from .run/kafka is already running on another port than $KAFKA_PORT (stop it first)"
+            die "kafka from .run/$KAFKA_INSTANCE is already running on another port than $KAFKA_PORT (stop it first)"
         log "kafka already running on 127.0.0.1:$KAFKA_PORT (pid $pid)"
         return
     fi
@@ -475,7 +480,7 @@ kafka_start() {
     if [[ ! -f $KAFKA_DATA/meta.properties ]]; then
         local cluster_id
         cluster_id=$(kafka_tool kafka.tools.StorageTool random-uuid)
-        log "formatting Kafka storage in .run/kafka/data (cluster id $cluster_id)"
+        log "formatting Kafka storage in .run/$KAFKA_INSTANCE/data (cluster id $cluster_id)"
         if ! kafka_tool kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" \
             >"$KAFKA_LOGS/format.log" 2>&1; then
             show_tail "$KAFKA_LOGS/format.log"

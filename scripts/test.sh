@@ -6,7 +6,7 @@
 # JSON and Avro event decoders, config loader).
 #
 # Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL),
-# REGISTRY_PORT (18081).
+# FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and start), REGISTRY_PORT (18081).
 #
 #   scripts/test.sh                 everything
 #   FUZZ_SECONDS=0 scripts/test.sh  skip the fuzz run (it needs a nightly toolchain)
@@ -27,6 +27,10 @@ PG_INSTANCE=pg-replica PG_WAL_LEVEL=replica PGPORT=${REPLICA_PGPORT:-55433} scri
 scripts/services.sh tls-certs
 PG_INSTANCE=pg-tls PG_SSL_CERT=.run/tls/server.pem PG_SSL_KEY=.run/tls/server.key PGPORT=${TLS_PGPORT:-55435} \
     scripts/services.sh start-pg
+# A broker of its own for tests that stop Kafka (tests/source_faults.rs), so the shared one stays up.
+export FAULT_KAFKA_PORT=${FAULT_KAFKA_PORT:-19192}
+KAFKA_INSTANCE=kafka-faults KAFKA_PORT=$FAULT_KAFKA_PORT KAFKA_HEAP_OPTS="-Xms256m -Xmx512m" \
+    scripts/services.sh start-kafka
 eval "$(scripts/services.sh env)"
 export REPLICA_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${REPLICA_PGPORT:-55433}/trusst"
 export TLS_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${TLS_PGPORT:-55435}/trusst"

@@ -8,6 +8,7 @@
 
 pub mod backfill;
 pub mod enrich;
+pub mod ledger;
 pub mod pgoutput;
 mod publisher;
 pub mod setup;
@@ -27,6 +28,7 @@ use crate::config::{SnapshotMode, SourceConfig};
 use crate::error::{self, Error, Result};
 use crate::event::{Encoder, lsn as fmt_lsn};
 use crate::kafka::{self, Pending};
+use ledger::{Hold, Ledger, Ticket};
 use publisher::{Done, Job, Publisher};
 use triggers::{Effect, QuestionRow, Tracker};
 
@@ -74,7 +76,7 @@ pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<(
                     backoff = new_backoff();
                 }
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                let lsn = fmt_lsn(session.confirmed);
+                let lsn = fmt_lsn(session.ledger.confirmed());
                 tracing::warn!(error = %e, slot = %cfg.source.slot, lsn = %lsn, retry_in = ?delay, "source session failed; reconnecting from the slot's confirmed LSN");
                 let mut sd = shutdown.clone();
                 tokio::select! {
@@ -195,9 +197,9 @@ struct Question {
 struct ReemitJob {
     question_id: String,
     after: String,
-    /// The slot may not be confirmed past this LSN until the job is done: a crash must replay
+    /// Keeps the slot before the question change until the job is done: a crash must replay
     /// the question change so the job is recreated.
-    barrier: u64,
+    hold: Hold,
     origin: Origin,
 }
 
@@ -206,8 +208,8 @@ struct ReemitJob {
 struct Batch {
     touched: HashMap<String, Origin>,
     deleted: HashSet<String>,
-    /// End LSN of the last transaction whose changes are all in this batch.
-    end_lsn: Option<u64>,
+    /// Set once a committed transaction's changes are all in this batch.
+    committed: bool,
     since: Option<Instant>,
 }
 
@@ -230,15 +232,15 @@ struct Session<'a> {
     jobs: VecDeque<ReemitJob>,
     /// Transaction being received.
     current: Option<Origin>,
-    last_commit_end: u64,
-    confirmed: u64,
+    /// Which position the slot may be confirmed at (see [`ledger`]).
+    ledger: Ledger,
+    /// The confirmed position last handed to the replication client.
+    reported: u64,
     published: u64,
-    /// Batches handed to the publisher awaiting acknowledgement, oldest first, with their end LSN.
-    inflight: VecDeque<(Done, Option<u64>)>,
+    /// Work handed to the publisher awaiting acknowledgement, oldest first.
+    inflight: VecDeque<(Ticket, Done)>,
     /// Enrichment and production, beside the reader; started once the stream starts.
     publisher: Option<Publisher>,
-    /// A position reached while batches were in flight, confirmed once they are acknowledged.
-    deferred: u64,
     /// Set once setup succeeded (database, Kafka, topic and slot all fine) in this session.
     streaming: bool,
 }
@@ -267,13 +269,12 @@ impl<'a> Session<'a> {
             not_completed: HashSet::new(),
             jobs: VecDeque::new(),
             current: None,
-            last_commit_end: 0,
-            confirmed: 0,
+            ledger: Ledger::new(0),
+            reported: 0,
             published: 0,
             streaming: false,
             inflight: VecDeque::new(),
             publisher: None,
-            deferred: 0,
         }
     }
 
@@ -292,8 +293,8 @@ impl<'a> Session<'a> {
         let producer = out.producer.clone();
         crate::metrics::ready(KAFKA_PRODUCER_UP, true);
         let (slot_lsn, created) = setup::ensure_slot(&client, &s.slot).await?;
-        self.confirmed = slot_lsn;
-        self.last_commit_end = slot_lsn;
+        self.ledger = Ledger::new(slot_lsn);
+        self.reported = slot_lsn;
         // Everything is reachable and configured: from here on failures are retried.
         self.streaming = true;
 
@@ -456,12 +457,12 @@ impl<'a> Session<'a> {
                     };
                     self.handle(ev, producer, repl).await?;
                 }
-                res = async { (&mut self.inflight.front_mut().expect("guarded").0).await }, if !self.inflight.is_empty() => {
-                    let (_, end) = self.inflight.pop_front().expect("front exists");
-                    self.acked(res.map_err(|_| ()), end, repl)?;
+                res = async { (&mut self.inflight.front_mut().expect("guarded").1).await }, if !self.inflight.is_empty() => {
+                    let (ticket, _) = self.inflight.pop_front().expect("front exists");
+                    self.acked(res.map_err(|_| ()), ticket, repl)?;
                     // The pipeline just emptied: what committed meanwhile goes out now instead of
                     // waiting out batch_max_wait.
-                    if self.inflight.is_empty() && self.current.is_none() && self.batch.end_lsn.is_some() {
+                    if self.inflight.is_empty() && self.current.is_none() && self.batch.committed {
                         self.flush(repl).await?;
                     }
                 }
@@ -479,7 +480,7 @@ impl<'a> Session<'a> {
                         .execute("SELECT pg_logical_emit_message(false, $1, 'heartbeat')", &[&HEARTBEAT_PREFIX])
                         .await
                     {
-                        tracing::warn!(error = %e, lsn = %fmt_lsn(self.confirmed), "heartbeat failed; the slot advances only on keepalives");
+                        tracing::warn!(error = %e, lsn = %fmt_lsn(self.ledger.confirmed()), "heartbeat failed; the slot advances only on keepalives");
                     }
                 }
             }
@@ -498,6 +499,7 @@ impl<'a> Session<'a> {
                 xid,
                 commit_time_micros,
             } => {
+                self.ledger.begin();
                 self.current = Some(Origin {
                     lsn: final_lsn.0,
                     commit_ts: commit_time_micros,
@@ -537,9 +539,11 @@ impl<'a> Session<'a> {
             } => {
                 crate::metrics::commit_read(&self.cfg.source.slot, commit_time_micros);
                 self.current = None;
-                self.last_commit_end = end_lsn.0;
+                // The commit's end is released once every event gathered before it is
+                // acknowledged; with nothing outstanding, at once.
+                self.ledger.commit(end_lsn.0);
                 if let Some(since) = self.batch.since {
-                    self.batch.end_lsn = Some(end_lsn.0);
+                    self.batch.committed = true;
                     // With nothing in flight there is nothing to batch behind: publish at once.
                     // Otherwise commits gather until the pipeline frees up (see the ack branch),
                     // the batch is full or it waited batch_max_wait; checked here too because
@@ -551,31 +555,28 @@ impl<'a> Session<'a> {
                     {
                         self.flush(repl).await?;
                     }
-                } else {
-                    // Nothing to publish from this transaction: it is safe to confirm at once.
-                    self.confirm(end_lsn.0, repl);
                 }
             }
             ReplicationEvent::Message {
                 lsn, transactional, ..
             } => {
-                if !transactional && self.current.is_none() && self.batch.since.is_none() {
-                    self.confirm(lsn.0, repl);
+                if !transactional {
+                    self.ledger.reached(lsn.0);
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
-                // Everything sent before this keepalive was handled; with no open transaction
-                // and nothing unpublished, the server's position is safe to confirm.
-                if self.current.is_none() && self.batch.since.is_none() {
-                    self.confirm(wal_end.0, repl);
-                }
+                // Everything sent before this keepalive was handled: the server's position is
+                // released once the work gathered before it is acknowledged.
+                self.ledger.reached(wal_end.0);
             }
             ReplicationEvent::StoppedAt { .. } => {}
         }
+        self.report(repl);
         Ok(())
     }
 
     fn touch(&mut self, contact_id: String, origin: Origin) {
+        self.ledger.change();
         self.batch.since.get_or_insert_with(Instant::now);
         self.batch.touched.insert(contact_id, origin);
     }
@@ -708,10 +709,11 @@ impl<'a> Session<'a> {
                 question_id,
                 "universal question changed: re-emitting its completed contacts"
             );
+            let hold = self.ledger.hold();
             self.jobs.push_back(ReemitJob {
                 question_id,
                 after: String::new(),
-                barrier: self.last_commit_end,
+                hold,
                 origin,
             });
         }
@@ -729,33 +731,32 @@ impl<'a> Session<'a> {
         let full = ids.len() == chunk;
         let origin = job.origin;
         // Through the pipeline, behind the batches already in it, so per-contact order holds.
-        self.submit(Job::at(ids, origin, "question"), None).await?;
+        let ticket = self.ledger.submit_extra();
+        self.submit(Job::at(ids, origin, "question"), ticket)
+            .await?;
         self.drain_inflight(repl).await?;
         let job = self.jobs.front_mut().expect("job present");
         match last {
             Some(last) if full => job.after = last,
             _ => {
                 tracing::info!(question_id = %job.question_id, "re-emit done");
+                let hold = job.hold;
                 self.jobs.pop_front();
-                let upto = if self.batch.since.is_some() {
-                    self.confirmed
-                } else {
-                    self.last_commit_end
-                };
-                self.confirm(upto, repl);
+                self.ledger.release(hold);
+                self.report(repl);
             }
         }
         Ok(())
     }
 
-    /// Hand a job to the pipeline, remembering the position it confirms once acknowledged.
-    async fn submit(&mut self, job: Job, end: Option<u64>) -> Result<()> {
+    /// Hand a job to the pipeline under the ledger's `ticket`.
+    async fn submit(&mut self, job: Job, ticket: Ticket) -> Result<()> {
         let publisher = self
             .publisher
             .as_ref()
             .ok_or_else(|| Error::internal("publishing before the stream started"))?;
         let done = publisher.submit(job).await?;
-        self.inflight.push_back((done, end));
+        self.inflight.push_back((ticket, done));
         Ok(())
     }
 
@@ -772,10 +773,9 @@ impl<'a> Session<'a> {
             .cloned()
             .collect();
         if ids.is_empty() {
-            // Nothing can be published: confirm like a transaction without relevant changes.
-            if let Some(end) = batch.end_lsn {
-                self.confirm(end, repl);
-            }
+            // Nothing can be published: the positions the batch held back are free.
+            self.ledger.discard_open();
+            self.report(repl);
             return Ok(());
         }
         let chunks: Vec<Vec<String>> = ids
@@ -789,8 +789,12 @@ impl<'a> Session<'a> {
                 .filter_map(|id| batch.touched.remove_entry(id))
                 .collect();
             let deleted = ids.iter().filter_map(|id| batch.deleted.take(id)).collect();
-            // Only the last chunk carries the position: confirmation waits for all of them.
-            let end = if i == last { batch.end_lsn } else { None };
+            // Only the last chunk carries the positions: confirmation waits for all of them.
+            let ticket = if i == last {
+                self.ledger.submit()
+            } else {
+                self.ledger.submit_extra()
+            };
             self.submit(
                 Job {
                     ids,
@@ -799,7 +803,7 @@ impl<'a> Session<'a> {
                     origin: None,
                     reason: "stream",
                 },
-                end,
+                ticket,
             )
             .await?;
         }
@@ -811,48 +815,43 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Confirm the oldest batches whose acknowledgements already arrived, without waiting.
+    /// Take the acknowledgements that already arrived, oldest first, without waiting.
     fn ack_ready(&mut self, repl: &ReplicationClient) -> Result<()> {
-        while let Some((done, _)) = self.inflight.front_mut() {
+        while let Some((_, done)) = self.inflight.front_mut() {
             let res = match done.try_recv() {
                 Ok(res) => Ok(res),
                 Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
                 Err(oneshot::error::TryRecvError::Closed) => Err(()),
             };
-            let (_, end) = self.inflight.pop_front().expect("front exists");
-            self.acked(res, end, repl)?;
+            let (ticket, _) = self.inflight.pop_front().expect("front exists");
+            self.acked(res, ticket, repl)?;
         }
         Ok(())
     }
 
-    /// Wait for the oldest in-flight batch and confirm its end (and, once nothing is in
-    /// flight, any position deferred meanwhile).
+    /// Wait for the oldest work in flight to be acknowledged.
     async fn ack_front(&mut self, repl: &ReplicationClient) -> Result<()> {
-        let Some((done, end)) = self.inflight.pop_front() else {
+        let Some((ticket, done)) = self.inflight.pop_front() else {
             return Ok(());
         };
         let res = done.await.map_err(|_| ());
-        self.acked(res, end, repl)
+        self.acked(res, ticket, repl)
     }
 
-    /// Confirm a batch whose acknowledgements arrived (the batch was popped, in order).
+    /// Record an acknowledgement (or fail the session on a failed delivery: nothing after the
+    /// last acknowledged work is confirmed, so the reconnect replays it).
     fn acked(
         &mut self,
         res: std::result::Result<Result<usize>, ()>,
-        end: Option<u64>,
+        ticket: Ticket,
         repl: &ReplicationClient,
     ) -> Result<()> {
         let n = res.map_err(|()| {
             Error::internal("the publishing pipeline stopped before acknowledging a batch")
         })??;
         self.published += n as u64;
-        let mut upto = end.unwrap_or(0);
-        if self.inflight.is_empty() {
-            upto = upto.max(std::mem::take(&mut self.deferred));
-        }
-        if upto > 0 {
-            self.confirm(upto, repl);
-        }
+        self.ledger.acked(ticket);
+        self.report(repl);
         Ok(())
     }
 
@@ -864,29 +863,17 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    fn confirm(&mut self, lsn: u64, repl: &ReplicationClient) {
-        if !self.inflight.is_empty()
-            && self
-                .inflight
-                .iter()
-                .all(|(_, end)| end.is_none_or(|e| e < lsn))
-        {
-            // A later position may not be confirmed before the batches still in flight.
-            self.deferred = self.deferred.max(lsn);
-            return;
-        }
-        let lsn = match self.jobs.front() {
-            Some(j) => lsn.min(j.barrier),
-            None => lsn,
-        };
-        if lsn > self.confirmed {
-            self.confirmed = lsn;
+    /// Hand the ledger's confirmed position to the replication client when it moved.
+    fn report(&mut self, repl: &ReplicationClient) {
+        let lsn = self.ledger.confirmed();
+        if lsn > self.reported {
+            self.reported = lsn;
             repl.update_applied_lsn(Lsn(lsn));
         }
     }
 
     async fn advance_released_slot(&self, client: &Client) {
-        let lsn = fmt_lsn(self.confirmed);
+        let lsn = fmt_lsn(self.ledger.confirmed());
         for _ in 0..50 {
             match client
                 .execute(

@@ -517,8 +517,13 @@ pub struct TopicReader {
 impl TopicReader {
     /// Subscribe with a fresh consumer group from the earliest offset.
     pub fn new(topic: &str) -> Self {
+        Self::on(&brokers(), topic)
+    }
+
+    /// The same on another broker than `KAFKA_BROKERS`.
+    pub fn on(brokers: &str, topic: &str) -> Self {
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             .set("group.id", unique("reader"))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")

@@ -155,15 +155,63 @@ pub async fn init_schema(client: &Client) -> Result<()> {
     Ok(())
 }
 
+/// The generator's casts for the schema it writes to: ids and times may have other types than
+/// the guide's (`uuid`, `timestamptz`, an enum stage...), so every value is written as text or
+/// `timestamp` and cast to the column's own type.
+struct Casts(std::collections::HashMap<(String, String), crate::source::schema::PgType>);
+
+impl Casts {
+    async fn read(client: &Client) -> Result<Self> {
+        Ok(Self(crate::source::schema::column_types(client).await?))
+    }
+
+    /// `expr` cast to the type of `table.column` (unchanged when the column is unknown).
+    fn to(&self, expr: &str, table: &str, column: &str) -> String {
+        match self.0.get(&(table.to_owned(), column.to_owned())) {
+            Some(t) => format!("({expr})::{}", t.name),
+            None => expr.to_owned(),
+        }
+    }
+
+    /// A text parameter or column `expr` cast to the column's type.
+    fn text(&self, expr: &str, table: &str, column: &str) -> String {
+        self.to(&format!("{expr}::text"), table, column)
+    }
+
+    /// A boolean `expr` in the form of the column (boolean, an integer, or text).
+    fn flag(&self, expr: &str, table: &str, column: &str) -> String {
+        let base = self
+            .0
+            .get(&(table.to_owned(), column.to_owned()))
+            .map(|t| t.base.as_str());
+        match base {
+            Some("int2" | "int4" | "int8") => self.to(
+                &format!("CASE WHEN {expr} THEN 1 ELSE 0 END"),
+                table,
+                column,
+            ),
+            Some("bool") | None => expr.to_owned(),
+            Some(_) => self.text(expr, table, column),
+        }
+    }
+}
+
 /// Insert the generator's questions when missing.
 pub async fn ensure_questions(client: &Client) -> Result<()> {
+    let c = Casts::read(client).await?;
+    let sql = format!(
+        "INSERT INTO questions (question_id, key, text, result_type, is_universal, \"group\", \"order\") \
+         VALUES ({}, {}, {}, {}, {}, {}, $7::integer) ON CONFLICT (question_id) DO NOTHING",
+        c.text("$1", "questions", "question_id"),
+        c.text("$2", "questions", "key"),
+        c.text("$3", "questions", "text"),
+        c.text("$4", "questions", "result_type"),
+        c.flag("$5::boolean", "questions", "is_universal"),
+        c.text("$6", "questions", "group"),
+    );
     for (id, key, text, rt, universal, group, order) in QUESTIONS {
         client
-            .execute(
-                "INSERT INTO questions (question_id, key, text, result_type, is_universal, is_scored, \"group\", \"order\") \
-                 VALUES ($1, $2, $3, $4, $5, $5, $6, $7) ON CONFLICT (question_id) DO NOTHING",
-                &[&id, &key, &text, &rt, &universal, &group, &order],
-            )
+            .execute(&sql, &[&id, &key, &text, &rt, &universal, &group, &order])
             .await
             .map_err(|e| error::pg("inserting questions", e))?;
     }
@@ -331,18 +379,39 @@ pub async fn write_contacts(client: &mut Client, contacts: &[NewContact]) -> Res
         .collect();
     let calls: Vec<chrono::NaiveDateTime> = contacts.iter().map(|c| c.call_time).collect();
 
+    let k = Casts::read(client).await?;
+    let contact_ids = format!("$1::text[]::{}[]", contact_id_type(&k));
     let tx = client.transaction().await.map_err(e)?;
     tx.execute(
-        "INSERT INTO contacts (contact_id, stream_id, external_id, start_time, direction, agent_id, current_stage) \
-         SELECT a, b, c, d, e, f, 'TRANSCRIPTION' FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::timestamp[], $5::varchar[], $6::varchar[]) AS t(a, b, c, d, e, f)",
+        &format!(
+            "INSERT INTO contacts (contact_id, stream_id, external_id, start_time, direction, agent_id, current_stage) \
+             SELECT {}, {}, {}, {}, {}, {}, {} FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $5::text[], $6::text[]) AS t(a, b, c, d, e, f)",
+            k.text("a", "contacts", "contact_id"),
+            k.text("b", "contacts", "stream_id"),
+            k.text("c", "contacts", "external_id"),
+            k.to("d", "contacts", "start_time"),
+            k.text("e", "contacts", "direction"),
+            k.text("f", "contacts", "agent_id"),
+            k.text("'TRANSCRIPTION'", "contacts", "current_stage"),
+        ),
         &[&ids, &streams, &externals, &starts, &dirs, &agents],
     )
     .await
     .map_err(e)?;
     tx.execute(
-        "INSERT INTO s3_conversations (conversation_id, contact_id, stream_id, conn_id, agent_id, call_time, audio_s3_key, metadata_s3_key) \
-         SELECT a, b, c, d, e, f, 'audio/' || a || '.wav', 'meta/' || a || '.json' \
-         FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::varchar[], $6::timestamp[]) AS t(a, b, c, d, e, f)",
+        &format!(
+            "INSERT INTO s3_conversations (conversation_id, contact_id, stream_id, conn_id, agent_id, call_time, audio_s3_key, metadata_s3_key) \
+             SELECT {}, {}, {}, {}, {}, {}, {}, {} \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamp[]) AS t(a, b, c, d, e, f)",
+            k.text("a", "s3_conversations", "conversation_id"),
+            k.text("b", "s3_conversations", "contact_id"),
+            k.text("c", "s3_conversations", "stream_id"),
+            k.text("d", "s3_conversations", "conn_id"),
+            k.text("e", "s3_conversations", "agent_id"),
+            k.to("f", "s3_conversations", "call_time"),
+            k.text("'audio/' || a || '.wav'", "s3_conversations", "audio_s3_key"),
+            k.text("'meta/' || a || '.json'", "s3_conversations", "metadata_s3_key"),
+        ),
         &[&convs, &ids, &streams, &conns, &s3_agents, &calls],
     )
     .await
@@ -363,14 +432,23 @@ pub async fn write_contacts(client: &mut Client, contacts: &[NewContact]) -> Res
     }
     let tx = client.transaction().await.map_err(e)?;
     tx.execute(
-        "UPDATE contacts SET current_stage = 'INFERENCE' WHERE contact_id = ANY($1)",
+        &format!(
+            "UPDATE contacts SET current_stage = {} WHERE contact_id = ANY({contact_ids})",
+            k.text("'INFERENCE'", "contacts", "current_stage")
+        ),
         &[&ids],
     )
     .await
     .map_err(e)?;
     tx.execute(
-        "INSERT INTO inferences (inference_id, contact_id, question_id, result) \
-         SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::text[])",
+        &format!(
+            "INSERT INTO inferences (inference_id, contact_id, question_id, result) \
+             SELECT {}, {}, {}, {} FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS t(a, b, c, d)",
+            k.text("a", "inferences", "inference_id"),
+            k.text("b", "inferences", "contact_id"),
+            k.text("c", "inferences", "question_id"),
+            k.text("d", "inferences", "result"),
+        ),
         &[&inf_ids, &inf_contacts, &inf_questions, &inf_results],
     )
     .await
@@ -379,10 +457,19 @@ pub async fn write_contacts(client: &mut Client, contacts: &[NewContact]) -> Res
 
     client
         .execute(
-            "UPDATE contacts SET current_stage = 'COMPLETED' WHERE contact_id = ANY($1)",
+            &format!(
+                "UPDATE contacts SET current_stage = {} WHERE contact_id = ANY({contact_ids})",
+                k.text("'COMPLETED'", "contacts", "current_stage")
+            ),
             &[&ids],
         )
         .await
         .map_err(e)?;
     Ok(())
+}
+
+/// The type `contacts.contact_id` has here (as `format_type` spells it).
+fn contact_id_type(k: &Casts) -> String {
+    k.0.get(&("contacts".to_owned(), "contact_id".to_owned()))
+        .map_or_else(|| "text".to_owned(), |t| t.name.clone())
 }

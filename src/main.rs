@@ -104,7 +104,7 @@ enum Command {
         #[arg(long)]
         redrive: bool,
         /// Stop after this long without a record (one-off replays), e.g. 30s.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = cli_duration)]
         until_idle: Option<Duration>,
     },
     /// Print the pipeline's state: slot lag, topic end offsets, per-sink consumer lag, dead
@@ -144,7 +144,7 @@ enum Command {
         #[arg(long)]
         max: Option<usize>,
         /// Stop after this long without a record (e.g. 10s).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = cli_duration)]
         idle: Option<Duration>,
         /// A librdkafka property for the consumer, KEY=VALUE, repeatable (e.g.
         /// `-X security.protocol=SSL -X ssl.ca.location=ca.pem`), as `[kafka.properties]`.
@@ -476,4 +476,11 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A duration flag: humantime text with the config files' checks (longer than zero, at most a
+/// year).
+fn cli_duration(text: &str) -> std::result::Result<Duration, String> {
+    let v = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    trusst_cdc::config::duration::check(v)
 }

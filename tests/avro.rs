@@ -171,6 +171,7 @@ fn event(contact: &str) -> ContactEvent {
             txid: None,
             reason: "stream".into(),
         },
+        truncated: None,
     }
 }
 

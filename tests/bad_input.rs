@@ -56,6 +56,26 @@ fn unknown_key_is_named() {
     );
 }
 
+/// A zero interval used to panic inside the timer; now the config is refused with the key's line.
+#[test]
+fn zero_duration_is_refused_not_a_panic() {
+    for cmd in ["check", "source"] {
+        let (out, text) = run(
+            &[cmd],
+            &base_url(),
+            &brokers(),
+            "[source]\nheartbeat_interval = \"0s\"\n",
+        );
+        assert_fails(
+            &out,
+            &text,
+            &["line 2", "heartbeat_interval", "longer than zero"],
+        );
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(!text.contains("panicked"), "{text}");
+    }
+}
+
 #[test]
 fn missing_config_file() {
     let out = Command::new(bin())
@@ -84,7 +104,7 @@ async fn missing_table_and_column_are_named() {
             &text,
             &[
                 "table inferences is missing",
-                "table s3_conversations lacks column(s) conn_id",
+                "column s3_conversations.conn_id: missing",
             ],
         );
     }
@@ -103,8 +123,9 @@ async fn replica_identity_is_checked_with_its_fix() {
         &out,
         &text,
         &[
-            "inferences does not have REPLICA IDENTITY FULL",
+            "inferences's replica identity (inferences_pkey: inference_id) lacks contact_id",
             "ALTER TABLE inferences REPLICA IDENTITY FULL",
+            "REPLICA IDENTITY USING INDEX",
         ],
     );
 }

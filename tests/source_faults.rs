@@ -9,8 +9,8 @@
 mod common;
 
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
 
 use common::*;
 use rand::RngExt;
@@ -19,7 +19,7 @@ use trusst_cdc::generate::{Generator, Options, write_contacts};
 const WAIT: Duration = Duration::from_secs(90);
 
 /// One test at a time: they stop and start the one broker they share.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: Mutex<()> = Mutex::const_new(());
 
 fn has_all(ids: &[String]) -> impl FnMut(&[Record]) -> bool + '_ {
     move |recs| {
@@ -120,7 +120,7 @@ async fn running_source(
 /// commit while Kafka was away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contacts_completed_while_kafka_is_down_survive_a_kill() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let broker = FaultBroker::up();
     let db = TestDb::new("f_kill").await;
     let (mut src, mut reader) = running_source(&db, &broker, opts(&broker)).await;
@@ -152,7 +152,7 @@ async fn contacts_completed_while_kafka_is_down_survive_a_kill() {
 /// from the slot, and once Kafka is back every contact arrives, with no kill at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_down_past_the_delivery_timeout_loses_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let broker = FaultBroker::up();
     let db = TestDb::new("f_timeout").await;
     let mut o = opts(&broker);
@@ -188,7 +188,7 @@ async fn kafka_down_past_the_delivery_timeout_loses_nothing() {
 /// pivot query. The seed is printed so a failing schedule can be replayed (`FAULT_SEED`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_kills_under_load_lose_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let broker = FaultBroker::up();
     let seed: u64 = std::env::var("FAULT_SEED")
         .ok()

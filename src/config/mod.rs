@@ -30,6 +30,38 @@ pub fn parse<T: DeserializeOwned>(text: &str) -> std::result::Result<T, String> 
     toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " | "))
 }
 
+/// Durations in config files: humantime text (`"10s"`, `"250ms"`, `"5m"`) that must be longer
+/// than zero and at most a year. Zero would make a timer spin or panic, and a century would
+/// overflow the clock; either is a typo, reported with the key's line instead of at run time.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, de::Error};
+
+    /// The longest duration accepted.
+    pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+    /// Deserialize with the checks above (use as `deserialize_with`).
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v: Duration = humantime_serde::deserialize(d)?;
+        check(v).map_err(D::Error::custom)
+    }
+
+    /// The same checks on a value that did not come from a file.
+    pub fn check(v: Duration) -> Result<Duration, String> {
+        if v.is_zero() {
+            Err("a duration must be longer than zero, e.g. \"10s\" or \"250ms\"".into())
+        } else if v > MAX {
+            Err(format!(
+                "a duration of {} is longer than a year; use e.g. \"10s\" or \"5m\"",
+                humantime::format_duration(v)
+            ))
+        } else {
+            Ok(v)
+        }
+    }
+}
+
 /// `[database]`: the Trusst PostgreSQL database, by URL or by AWS Secrets Manager secret.
 #[derive(Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -140,10 +172,16 @@ pub struct SourceSection {
     #[serde(default = "default_page")]
     pub batch_max_contacts: usize,
     /// Longest a touched contact waits before its batch is published.
-    #[serde(default = "default_wait", with = "humantime_serde")]
+    #[serde(
+        default = "default_wait",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub batch_max_wait: Duration,
     /// Interval of the `pg_logical_emit_message` heartbeat that keeps an idle slot advancing.
-    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    #[serde(
+        default = "default_heartbeat",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub heartbeat_interval: Duration,
     /// Contacts re-emitted per step after a question change, between stream batches.
     #[serde(default = "default_page")]
@@ -151,6 +189,10 @@ pub struct SourceSection {
     /// Folder for the snapshot progress file.
     #[serde(default = "default_state_dir")]
     pub state_dir: String,
+    /// Largest encoded event; longer texts are shortened (and listed in the event's
+    /// `truncated`). Default and cap: what the producer and the topic accept.
+    #[serde(default)]
+    pub max_event_bytes: Option<usize>,
 }
 
 impl Default for SourceSection {
@@ -158,6 +200,9 @@ impl Default for SourceSection {
         parse("").expect("defaults parse")
     }
 }
+
+/// Smallest `max_event_bytes` accepted: room for a contact with dozens of short answers.
+pub const MIN_EVENT_BYTES: usize = 16 * 1024;
 
 fn default_slot() -> String {
     "trusst_cdc".into()
@@ -315,6 +360,14 @@ impl SourceConfig {
                 "batch_max_contacts and reemit_chunk must be at least 1",
             ));
         }
+        if let Some(n) = self.source.max_event_bytes
+            && n < MIN_EVENT_BYTES
+        {
+            return Err(Error::user(format!(
+                "[source] max_event_bytes = {n} is too small for an event with its answers: use at least {MIN_EVENT_BYTES}, \
+                 or leave it out to use what the broker accepts"
+            )));
+        }
         if self.kafka.partitions < 1 {
             return Err(Error::user("[kafka] partitions must be at least 1"));
         }
@@ -468,6 +521,24 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown variant")
         );
+    }
+
+    #[test]
+    fn durations_must_be_positive_and_sane() {
+        for (text, want) in [
+            ("heartbeat_interval = \"0s\"", "longer than zero"),
+            ("batch_max_wait = \"0ms\"", "longer than zero"),
+            ("heartbeat_interval = \"200y\"", "longer than a year"),
+            ("heartbeat_interval = \"soon\"", "heartbeat_interval"),
+        ] {
+            let e = parse::<SourceConfig>(&format!("[source]\n{text}\n")).unwrap_err();
+            assert!(e.contains(want) && e.contains("line 2"), "{text}: {e}");
+        }
+        let e = parse::<crate::sink::config::SinkConfig>(
+            "[sink]\nname = \"s\"\ntarget = \"salesforce\"\nmax_backoff = \"0s\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("longer than zero"), "{e}");
     }
 
     #[test]

@@ -39,7 +39,10 @@ pub struct SalesforceConfig {
     #[serde(default = "default_daily_limit")]
     pub daily_api_limit: u64,
     /// How long an access token stays valid.
-    #[serde(default = "two_hours", with = "humantime_serde")]
+    #[serde(
+        default = "two_hours",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub token_lifetime: Duration,
     /// The allowance starts over this long after the first call that counted; unset: only
     /// `POST /__admin/reset-limits` restores it.
@@ -126,7 +129,10 @@ pub struct DataverseConfig {
     /// Client secret value.
     pub client_secret: String,
     /// How long an access token stays valid.
-    #[serde(default = "one_hour", with = "humantime_serde")]
+    #[serde(
+        default = "one_hour",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub token_lifetime: Duration,
     /// Service protection limit (requests per window, each request inside a `$batch` counts).
     #[serde(default = "service_protection")]
@@ -143,7 +149,7 @@ pub struct RateLimit {
     /// Requests allowed per window.
     pub requests: u64,
     /// Window length.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "crate::config::duration::deserialize")]
     pub window: Duration,
 }
 
@@ -236,7 +242,10 @@ pub struct MulesoftConfig {
     #[serde(default = "default_mule_path")]
     pub path: String,
     /// How long an access token stays valid (OAuth mode).
-    #[serde(default = "one_hour", with = "humantime_serde")]
+    #[serde(
+        default = "one_hour",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub token_lifetime: Duration,
     /// Rate limiting policy; none by default.
     #[serde(default)]

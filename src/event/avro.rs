@@ -112,6 +112,7 @@ mod tests {
                 txid: Some(u32::MAX),
                 reason: "stream".into(),
             },
+            truncated: None,
         }
     }
 
@@ -164,7 +165,8 @@ mod tests {
     #[test]
     fn truncated_or_padded_bodies_are_refused() {
         let body = encode_body(&sample());
-        assert!(decode_body(&body[..body.len() - 1], schema()).is_err());
+        // (The last byte is the optional `truncated` field's null branch: cut into `source`.)
+        assert!(decode_body(&body[..body.len() - 2], schema()).is_err());
         let mut longer = body.clone();
         longer.push(0);
         assert!(

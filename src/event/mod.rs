@@ -7,6 +7,7 @@
 //! and `tail` read them, telling the formats apart by the first byte.
 
 pub mod avro;
+pub mod fit;
 pub mod registry;
 
 use serde::{Deserialize, Serialize};
@@ -59,7 +60,8 @@ pub struct QuestionResult {
     pub question_group: Option<String>,
     /// `inferences.result`, raw: typed conversion is a sink concern.
     pub result: Option<String>,
-    /// `inferences.updated_at` (ISO 8601, as stored: no time zone).
+    /// `inferences.updated_at` (ISO 8601: as stored for `timestamp`, UTC with `Z` for
+    /// `timestamptz`, `YYYY-MM-DD` for `date`).
     pub inference_updated_at: Option<String>,
 }
 
@@ -94,6 +96,22 @@ pub struct ContactEvent {
     pub universal_questions: Vec<QuestionResult>,
     /// Position in the source database.
     pub source: SourcePosition,
+    /// Texts shortened so the event fits the broker's size limit; absent when nothing was.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub truncated: Option<Vec<Truncated>>,
+}
+
+/// A text the source shortened so its event fits the broker's size limit (see [`fit`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncated {
+    /// The question whose text was shortened.
+    pub question_key: String,
+    /// `result` or `question_text`.
+    pub field: String,
+    /// UTF-8 bytes of the full text.
+    pub original_bytes: u32,
+    /// UTF-8 bytes kept (a prefix, cut at a character boundary).
+    pub kept_bytes: u32,
 }
 
 impl ContactEvent {
@@ -114,6 +132,7 @@ impl ContactEvent {
             conn_id: None,
             universal_questions: Vec::new(),
             source,
+            truncated: None,
         }
     }
 
@@ -269,6 +288,13 @@ pub fn iso(ts: &chrono::NaiveDateTime) -> String {
     s
 }
 
+/// Format a `timestamp with time zone` as its UTC time with [`iso`]'s rule and a `Z`.
+pub fn iso_utc(ts: &chrono::DateTime<chrono::Utc>) -> String {
+    let mut s = iso(&ts.naive_utc());
+    s.push('Z');
+    s
+}
+
 /// Format an LSN as PostgreSQL does (`X/Y`, hex).
 pub fn lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
@@ -287,6 +313,7 @@ mod tests {
         assert_eq!(iso(&t), "2025-01-15T14:23:10");
         let t = t + chrono::Duration::microseconds(1500);
         assert_eq!(iso(&t), "2025-01-15T14:23:10.001500");
+        assert_eq!(iso_utc(&t.and_utc()), "2025-01-15T14:23:10.001500Z");
     }
 
     #[test]

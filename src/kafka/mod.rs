@@ -47,6 +47,30 @@ pub fn producer(brokers: &str, properties: &BTreeMap<String, String>) -> Result<
     create(&c, "producer")
 }
 
+/// librdkafka's default `message.max.bytes`.
+pub const PRODUCER_MAX_MESSAGE_BYTES: usize = 1_000_000;
+
+/// Room left in a record for the key, headers and batch framing: what the source keeps between
+/// an event's encoded size and the broker's limit.
+pub const RECORD_OVERHEAD: usize = 1024;
+
+/// The largest event value the source may produce to a topic: below the smaller of the
+/// producer's `message.max.bytes` (from `properties`, else librdkafka's default) and the topic's
+/// `max.message.bytes`, less [`RECORD_OVERHEAD`]; and below `configured` when set.
+pub fn event_limit(
+    properties: &BTreeMap<String, String>,
+    topic_max: Option<usize>,
+    configured: Option<usize>,
+) -> (usize, usize) {
+    let producer_max = properties
+        .get("message.max.bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PRODUCER_MAX_MESSAGE_BYTES);
+    let record_max = topic_max.map_or(producer_max, |t| t.min(producer_max));
+    let limit = record_max.saturating_sub(RECORD_OVERHEAD);
+    (record_max, configured.map_or(limit, |c| c.min(limit)))
+}
+
 /// Fetch cluster metadata to prove the brokers answer; the error names the address.
 pub async fn ping(producer: &FutureProducer, brokers: &str, timeout: Duration) -> Result<()> {
     let p = producer.clone();
@@ -73,6 +97,8 @@ pub struct TopicInfo {
     pub partitions: usize,
     /// `cleanup.policy`.
     pub cleanup_policy: String,
+    /// `max.message.bytes`: the largest record batch the topic accepts.
+    pub max_message_bytes: Option<usize>,
 }
 
 /// Describe a topic; `Ok(None)` when it does not exist.
@@ -107,14 +133,20 @@ pub async fn describe_topic(
         .await
         .map_err(|e| error::kafka(format!("describing topic {topic}"), e))?;
     let mut cleanup_policy = String::from("delete");
-    if let Some(Ok(res)) = configs.into_iter().next()
-        && let Some(e) = res.get("cleanup.policy").and_then(|e| e.value.clone())
-    {
-        cleanup_policy = e;
+    let mut max_message_bytes = None;
+    if let Some(Ok(res)) = configs.into_iter().next() {
+        if let Some(e) = res.get("cleanup.policy").and_then(|e| e.value.clone()) {
+            cleanup_policy = e;
+        }
+        max_message_bytes = res
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse().ok());
     }
     Ok(Some(TopicInfo {
         partitions,
         cleanup_policy,
+        max_message_bytes,
     }))
 }
 

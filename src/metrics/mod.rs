@@ -82,6 +82,8 @@ pub struct Metrics {
     /// Every sample name the registry can expose (a family without samples exposes nothing yet).
     series: Vec<String>,
     events_published: Family<EventLabels, Counter>,
+    events_truncated: Family<TopicLabels, Counter>,
+    events_oversized: Family<TopicLabels, Counter>,
     commit_to_publish: Family<TopicLabels, Histogram>,
     replication_lag_bytes: Family<SlotLabels, Gauge>,
     replication_lag_seconds: Family<SlotLabels, FloatGauge>,
@@ -110,6 +112,8 @@ impl Metrics {
             registry: Registry::with_prefix(PREFIX),
             series: Vec::new(),
             events_published: Family::default(),
+            events_truncated: Family::default(),
+            events_oversized: Family::default(),
             commit_to_publish: Family::new_with_constructor(latency_histogram),
             replication_lag_bytes: Family::default(),
             replication_lag_seconds: Family::default(),
@@ -134,6 +138,18 @@ impl Metrics {
             "Events Kafka acknowledged on the event topic, by kind (upsert, delete, tombstone) and reason",
             None,
             m.events_published.clone(),
+        );
+        r.add(
+            "events_truncated",
+            "Events whose longest texts were shortened to fit the broker's size limit (listed in the event's `truncated`)",
+            None,
+            m.events_truncated.clone(),
+        );
+        r.add(
+            "events_oversized",
+            "Events that did not fit the broker's size limit even with every text emptied: not published, recorded on <topic>.control",
+            None,
+            m.events_oversized.clone(),
         );
         r.add(
             "commit_to_publish",
@@ -387,6 +403,26 @@ pub fn sink_dead_lettered(sink: &str, stage: &str) {
         .get_or_create(&DeadLetterLabels {
             sink: sink.to_owned(),
             stage: stage.to_owned(),
+        })
+        .inc();
+}
+
+/// An event was shortened to fit the broker's size limit.
+pub fn event_truncated(topic: &str) {
+    global()
+        .events_truncated
+        .get_or_create(&TopicLabels {
+            topic: topic.to_owned(),
+        })
+        .inc();
+}
+
+/// An event could not be made to fit the broker's size limit and was recorded instead.
+pub fn event_oversized(topic: &str) {
+    global()
+        .events_oversized
+        .get_or_create(&TopicLabels {
+            topic: topic.to_owned(),
         })
         .inc();
 }

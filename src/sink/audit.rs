@@ -23,7 +23,10 @@ pub struct AuditConfig {
     #[serde(default)]
     pub database_url: Option<String>,
     /// Longest time covered by one row while records flow.
-    #[serde(default = "default_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_interval",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub interval: Duration,
     /// Table name (created when missing, with the guide's columns).
     #[serde(default = "default_table")]

@@ -68,13 +68,19 @@ pub struct SinkSection {
     #[serde(default = "default_batch")]
     pub batch_max_records: usize,
     /// Longest an event waits for its batch to fill.
-    #[serde(default = "default_wait", with = "humantime_serde")]
+    #[serde(
+        default = "default_wait",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub batch_max_wait: Duration,
     /// What delete events do.
     #[serde(default = "default_on_delete")]
     pub on_delete: OnDelete,
     /// Longest single backoff between retries of a failing CRM request.
-    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    #[serde(
+        default = "default_max_backoff",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub max_backoff: Duration,
 }
 

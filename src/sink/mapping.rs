@@ -574,15 +574,11 @@ impl Mapping {
                     )
                 })
             }
-            Conversion::DateTime => {
-                let parsed = chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
-                    .map_err(|_| format!("timestamp {raw:?} is not ISO 8601"))?;
-                Ok(Value::String(
-                    parsed
-                        .and_utc()
-                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                ))
-            }
+            Conversion::DateTime => Ok(Value::String(
+                event_time(t)
+                    .ok_or_else(|| format!("timestamp {raw:?} is not ISO 8601"))?
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            )),
         }
     }
 
@@ -647,6 +643,22 @@ pub fn mulesoft_contact(e: &ContactEvent) -> Map<String, Value> {
     }
 }
 
+/// A time as the source writes it, in UTC: `timestamp` columns come without zone (taken as
+/// UTC, as the guide's script does), `timestamptz` with `Z` or an offset, `date` as a day
+/// (its midnight).
+pub fn event_time(t: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    if let Ok(z) = chrono::DateTime::parse_from_rfc3339(t) {
+        return Some(z.with_timezone(&chrono::Utc));
+    }
+    if let Ok(n) = chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f") {
+        return Some(n.and_utc());
+    }
+    chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|n| n.and_utc())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -684,7 +696,31 @@ mod tests {
                 txid: None,
                 reason: "stream".into(),
             },
+            truncated: None,
         }
+    }
+
+    #[test]
+    fn times_of_every_column_type_convert_to_utc() {
+        let at =
+            |t: &str| event_time(t).map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        assert_eq!(
+            at("2025-01-15T14:23:10").as_deref(),
+            Some("2025-01-15T14:23:10.000Z")
+        );
+        assert_eq!(
+            at("2025-01-15T14:23:10.5Z").as_deref(),
+            Some("2025-01-15T14:23:10.500Z")
+        );
+        assert_eq!(
+            at("2025-01-15T16:23:10+02:00").as_deref(),
+            Some("2025-01-15T14:23:10.000Z")
+        );
+        assert_eq!(
+            at("2025-01-15").as_deref(),
+            Some("2025-01-15T00:00:00.000Z")
+        );
+        assert_eq!(at("15/01/2025"), None);
     }
 
     #[test]

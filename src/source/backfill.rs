@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use super::publisher::{self, Job};
+use super::schema::Plan;
 use super::{Origin, enrich, setup};
 use crate::config::SourceConfig;
 use crate::error::{self, Error, Result};
@@ -70,18 +71,12 @@ pub struct Totals {
     pub published: u64,
 }
 
-/// The guide's time filter, on the call time: a contact is in a window when one of its
-/// conversations started in it.
-const IN_WINDOW: &str = "c.current_stage = 'COMPLETED' AND EXISTS (SELECT 1 FROM s3_conversations s3c \
-     WHERE s3c.contact_id = c.contact_id AND s3c.call_time >= $1 AND s3c.call_time < $2)";
-
-async fn count(client: &Client, from: NaiveDate, to: NaiveDate) -> Result<u64> {
+/// The guide's time filter, on the call time ([`Plan::in_window`]): a contact is in a window
+/// when one of its conversations started in it. Day bounds are UTC midnights for `timestamptz`.
+async fn count(client: &Client, plan: &Plan, from: NaiveDate, to: NaiveDate) -> Result<u64> {
     let (from, to) = (midnight(from), midnight(to));
     let n: i64 = client
-        .query_one(
-            &format!("SELECT count(*) FROM contacts c WHERE {IN_WINDOW}"),
-            &[&from, &to],
-        )
+        .query_one(&plan.window_count_sql(), &[&from, &to])
         .await
         .map_err(|e| error::pg("counting the contacts to backfill", e))?
         .get(0);
@@ -90,24 +85,26 @@ async fn count(client: &Client, from: NaiveDate, to: NaiveDate) -> Result<u64> {
 
 async fn page(
     client: &Client,
-    from: NaiveDate,
-    to: NaiveDate,
+    plan: &Plan,
+    (from, to): (NaiveDate, NaiveDate),
     after: &str,
     limit: usize,
 ) -> Result<Vec<String>> {
     let (from, to) = (midnight(from), midnight(to));
-    let rows = client
-        .query(
-            &format!("SELECT c.contact_id FROM contacts c WHERE {IN_WINDOW} AND c.contact_id > $3 ORDER BY c.contact_id LIMIT $4"),
-            &[&from, &to, &after, &(limit as i64)],
-        )
-        .await
-        .map_err(|e| error::pg("paging the contacts to backfill", e))?;
-    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    let limit = limit as i64;
+    let sql = plan.window_page_sql(!after.is_empty());
+    let rows = if after.is_empty() {
+        client.query(&sql, &[&from, &to, &limit]).await
+    } else {
+        client.query(&sql, &[&from, &to, &limit, &after]).await
+    }
+    .map_err(|e| error::pg("paging the contacts to backfill", e))?;
+    rows.iter().map(|r| enrich::text_at(r, 0)).collect()
 }
 
-fn midnight(d: NaiveDate) -> chrono::NaiveDateTime {
-    d.and_hms_opt(0, 0, 0).expect("midnight exists")
+/// A day's start as the text the window bounds are cast from.
+fn midnight(d: NaiveDate) -> String {
+    format!("{d} 00:00:00")
 }
 
 /// Progress: a redrawn line on a terminal, a log line every few seconds otherwise.
@@ -177,15 +174,16 @@ pub async fn run(
 ) -> Result<Totals> {
     let client = crate::pg::connect(cfg.database_url()).await?;
     enrich::prepare_session(&client).await?;
+    let plan = super::schema::read(&client).await?;
     let windows = range.windows();
     // One count for the whole range: the progress total. Only a dry run counts per window.
     let mut totals = Totals {
-        contacts: count(&client, range.start, range.end).await?,
+        contacts: count(&client, &plan, range.start, range.end).await?,
         published: 0,
     };
     if dry_run {
         for &(from, to) in &windows {
-            let n = count(&client, from, to).await?;
+            let n = count(&client, &plan, from, to).await?;
             tracing::info!(window = %format!("{from} .. {to}"), contacts = n, "backfill dry run: would publish");
         }
         tracing::info!(
@@ -219,13 +217,13 @@ pub async fn run(
                 );
                 return Ok(totals);
             }
-            let ids = page(&client, from, to, &after, limit).await?;
+            let ids = page(&client, &plan, (from, to), &after, limit).await?;
             let Some(last) = ids.last().cloned() else {
                 break;
             };
             let full = ids.len() == limit;
             let job = Job::at(ids, origin, "backfill");
-            let n = publisher::publish_and_wait(&client, &out, &job).await?;
+            let n = publisher::publish_and_wait(&client, &plan, &out, &job).await?;
             totals.published += n as u64;
             progress.add(job.ids.len() as u64, (from, to));
             if !full {

@@ -6,27 +6,12 @@
 
 use std::collections::HashMap;
 
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient, Row, Statement};
 
-use crate::error::{self, Result};
+use super::schema::Plan;
+use crate::error::{self, Error, Result};
 use crate::event::{ContactEvent, Op, QuestionResult, SCHEMA_VERSION, SourcePosition, iso};
-
-/// The seed's join restricted to the given contacts, COMPLETED ones, universal questions only.
-/// Inner joins as in the seed: a contact without any universal answer is not in the pivot.
-const ENRICH_SQL: &str = r#"
-SELECT c.contact_id, c.external_id, c.stream_id, s3c.call_time, c.start_time, c.direction,
-       c.agent_id AS contact_agent_id, s3c.agent_id AS s3_agent_id, s3c.conn_id,
-       q.question_id, q.key AS question_key, q.text AS question_text, q.result_type,
-       q."group" AS question_group, i.result, i.updated_at AS inference_updated_at
-FROM contacts c
-INNER JOIN inferences i ON c.contact_id = i.contact_id
-INNER JOIN questions q ON i.question_id = q.question_id
-LEFT JOIN s3_conversations s3c ON c.contact_id = s3c.contact_id
-WHERE c.contact_id = ANY($1)
-  AND q.is_universal = TRUE
-  AND c.current_stage = 'COMPLETED'
-ORDER BY c.contact_id, q."group", q."order", q.key, i.inference_id
-"#;
 
 /// How many of the given transactions (32-bit xids from the stream) a new snapshot would not
 /// see yet. The xid becomes 64-bit with the epoch of the snapshot's xmax (an xid that is already
@@ -81,6 +66,9 @@ pub async fn prepare_visibility(client: &Client) -> Result<Statement> {
 
 /// Session settings for a connection that runs the re-read and the snapshot's paging.
 ///
+/// UTC and ISO dates make every time the queries render or compare independent of the role's
+/// or server's settings (`timestamptz` values and the backfill's day bounds).
+///
 /// Every query here reads at most a batch of contacts by key, so index nested loops are the
 /// right plan at any table size. Left to itself the planner switches, once a batch is a few
 /// percent of the table, to hash joins over full scans of `inferences`: a cost that grows with
@@ -90,7 +78,8 @@ pub async fn prepare_session<C: GenericClient>(client: &C) -> Result<()> {
     client
         .batch_execute(
             "SET max_parallel_workers_per_gather = 0; SET enable_hashjoin = off; SET enable_mergejoin = off; \
-             SET enable_seqscan = off; SET application_name = 'trusst-cdc source'",
+             SET enable_seqscan = off; SET application_name = 'trusst-cdc source'; \
+             SET timezone = 'UTC'; SET datestyle = 'ISO, YMD'",
         )
         .await
         .map_err(|e| error::pg("configuring the re-read session", e))
@@ -98,16 +87,20 @@ pub async fn prepare_session<C: GenericClient>(client: &C) -> Result<()> {
 
 /// Read the current state of `ids`; contacts that are not COMPLETED (or have no universal
 /// answer) are absent from the result.
-pub async fn enrich(client: &Client, ids: &[String]) -> Result<HashMap<String, ContactEvent>> {
+pub async fn enrich(
+    client: &Client,
+    plan: &Plan,
+    ids: &[String],
+) -> Result<HashMap<String, ContactEvent>> {
     // Prepared and run: the same two round trips a query from text takes.
-    Ok(build(fetch(client, &prepare(client).await?, ids).await?))
+    build(fetch(client, &prepare(client, plan).await?, ids).await?)
 }
 
 /// The re-read as a prepared statement, for a connection that runs it batch after batch: the
 /// server then reuses one plan instead of planning every small batch again.
-pub async fn prepare(client: &Client) -> Result<Statement> {
+pub async fn prepare(client: &Client, plan: &Plan) -> Result<Statement> {
     client
-        .prepare(ENRICH_SQL)
+        .prepare(&plan.enrich_sql())
         .await
         .map_err(|e| error::pg("preparing the re-read query", e))
 }
@@ -121,84 +114,174 @@ pub async fn fetch(client: &Client, statement: &Statement, ids: &[String]) -> Re
         .map_err(|e| error::pg("re-reading touched contacts", e))
 }
 
-/// Group the re-read's rows into one event per contact (pure; split from [`fetch`] so the
-/// next query runs while these rows are turned into events).
-pub fn build(rows: Vec<Row>) -> HashMap<String, ContactEvent> {
-    let mut out: HashMap<String, ContactEvent> = HashMap::with_capacity(rows.len() / 8 + 1);
-    let ts = |v: Option<chrono::NaiveDateTime>| v.as_ref().map(iso);
-    for row in rows {
-        let contact_id: String = row.get(0);
-        let q = QuestionResult {
-            question_id: row.get(9),
-            question_key: row.get(10),
-            question_text: row.get(11),
-            result_type: row.get(12),
-            question_group: row.get(13),
-            result: row.get(14),
-            inference_updated_at: ts(row.get(15)),
-        };
-        out.entry(contact_id.clone())
-            .or_insert_with(|| ContactEvent {
-                schema_version: SCHEMA_VERSION,
-                event_id: String::new(),
-                op: Op::Upsert,
-                trusst_contact_id: contact_id,
-                external_id: row.get(1),
-                stream_id: row.get(2),
-                call_date: ts(row.get(3)),
-                call_start_time: ts(row.get(4)),
-                direction: row.get(5),
-                contact_agent_id: row.get(6),
-                s3_agent_id: row.get(7),
-                conn_id: row.get(8),
-                universal_questions: Vec::new(),
-                source: SourcePosition {
-                    lsn: String::new(),
-                    commit_ts: None,
-                    txid: None,
-                    reason: String::new(),
-                },
-            })
-            .universal_questions
-            .push(q);
+/// Where each field of the re-read comes from, for errors that name the column to fix.
+fn origin(field: &str) -> &'static str {
+    match field {
+        "contact_id" => "contacts.contact_id",
+        "external_id" => "contacts.external_id",
+        "stream_id" => "contacts.stream_id",
+        "call_date" => "s3_conversations.call_time",
+        "call_start_time" => "contacts.start_time",
+        "direction" => "contacts.direction",
+        "contact_agent_id" => "contacts.agent_id",
+        "s3_agent_id" => "s3_conversations.agent_id",
+        "conn_id" => "s3_conversations.conn_id",
+        "question_id" => "questions.question_id",
+        "question_key" => "questions.key",
+        "question_text" => "questions.text",
+        "result_type" => "questions.result_type",
+        "question_group" => "questions.group",
+        "result" => "inferences.result",
+        "inference_updated_at" => "inferences.updated_at",
+        _ => "an unknown column",
     }
-    out
 }
 
-/// One page of COMPLETED contact ids after `after`, in key order (never OFFSET: rows inserted
-/// or deleted meanwhile would shift the pages).
+fn unreadable(field: &str, cause: impl std::fmt::Display) -> Error {
+    Error::user(format!(
+        "cannot read column {} (event field {field}): {cause}; the column's type changed while the source ran: \
+         run `trusst-cdc check` for the types it accepts and restart the source",
+        origin(field)
+    ))
+}
+
+/// A text field of the re-read, by name.
+fn text(row: &Row, field: &str) -> Result<Option<String>> {
+    row.try_get(field).map_err(|e| unreadable(field, e))
+}
+
+/// A time field of the re-read, by name, as the event carries it: `timestamp` as stored (ISO
+/// 8601 without zone), `timestamptz` in UTC with `Z`, `date` as `YYYY-MM-DD`.
+fn time(row: &Row, field: &str) -> Result<Option<String>> {
+    let ty = row
+        .columns()
+        .iter()
+        .find(|c| c.name() == field)
+        .map(|c| c.type_().clone())
+        .ok_or_else(|| unreadable(field, "not in the result"))?;
+    let get = |e| unreadable(field, e);
+    Ok(match ty {
+        Type::TIMESTAMP => row
+            .try_get::<_, Option<chrono::NaiveDateTime>>(field)
+            .map_err(get)?
+            .map(|t| iso(&t)),
+        Type::TIMESTAMPTZ => row
+            .try_get::<_, Option<chrono::DateTime<chrono::Utc>>>(field)
+            .map_err(get)?
+            .map(|t| crate::event::iso_utc(&t)),
+        Type::DATE => row
+            .try_get::<_, Option<chrono::NaiveDate>>(field)
+            .map_err(get)?
+            .map(|d| d.format("%Y-%m-%d").to_string()),
+        other => return Err(unreadable(field, format!("type {other} is not a time"))),
+    })
+}
+
+/// Group the re-read's rows into one event per contact (split from [`fetch`] so the next query
+/// runs while these rows are turned into events). Columns are read by name; a value that
+/// cannot be read is an error naming its column, never a panic.
+pub fn build(rows: Vec<Row>) -> Result<HashMap<String, ContactEvent>> {
+    let mut out: HashMap<String, ContactEvent> = HashMap::with_capacity(rows.len() / 8 + 1);
+    for row in rows {
+        let contact_id: String = text(&row, "contact_id")?.unwrap_or_default();
+        let q = QuestionResult {
+            question_id: text(&row, "question_id")?.unwrap_or_default(),
+            question_key: text(&row, "question_key")?.unwrap_or_default(),
+            question_text: text(&row, "question_text")?,
+            result_type: text(&row, "result_type")?.unwrap_or_default(),
+            question_group: text(&row, "question_group")?,
+            result: text(&row, "result")?,
+            inference_updated_at: time(&row, "inference_updated_at")?,
+        };
+        let event = match out.entry(contact_id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let contact_id = e.key().clone();
+                e.insert(ContactEvent {
+                    schema_version: SCHEMA_VERSION,
+                    event_id: String::new(),
+                    op: Op::Upsert,
+                    trusst_contact_id: contact_id,
+                    external_id: text(&row, "external_id")?,
+                    stream_id: text(&row, "stream_id")?,
+                    call_date: time(&row, "call_date")?,
+                    call_start_time: time(&row, "call_start_time")?,
+                    direction: text(&row, "direction")?,
+                    contact_agent_id: text(&row, "contact_agent_id")?,
+                    s3_agent_id: text(&row, "s3_agent_id")?,
+                    conn_id: text(&row, "conn_id")?,
+                    universal_questions: Vec::new(),
+                    source: SourcePosition {
+                        lsn: String::new(),
+                        commit_ts: None,
+                        txid: None,
+                        reason: String::new(),
+                    },
+                    truncated: None,
+                })
+            }
+        };
+        event.universal_questions.push(q);
+    }
+    Ok(out)
+}
+
+/// One page of COMPLETED contact ids after `after` (none: from the first), in key order.
 pub async fn completed_page<C: GenericClient>(
     client: &C,
+    plan: &Plan,
     after: &str,
     limit: usize,
 ) -> Result<Vec<String>> {
-    let rows = client
-        .query(
-            "SELECT contact_id FROM contacts WHERE current_stage = 'COMPLETED' AND contact_id > $1 \
-             ORDER BY contact_id LIMIT $2",
-            &[&after, &(limit as i64)],
-        )
-        .await
-        .map_err(|e| error::pg("paging COMPLETED contacts", e))?;
-    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    let limit = limit as i64;
+    let sql = plan.completed_page_sql(!after.is_empty());
+    let rows = if after.is_empty() {
+        client.query(&sql, &[&limit]).await
+    } else {
+        client.query(&sql, &[&limit, &after]).await
+    }
+    .map_err(|e| error::pg("paging COMPLETED contacts", e))?;
+    rows.iter().map(|r| text_at(r, 0)).collect()
+}
+
+/// How many COMPLETED contacts come after `after` (none: all of them).
+pub async fn completed_count<C: GenericClient>(
+    client: &C,
+    plan: &Plan,
+    after: &str,
+) -> Result<i64> {
+    let sql = plan.completed_count_sql(!after.is_empty());
+    let row = if after.is_empty() {
+        client.query_one(&sql, &[]).await
+    } else {
+        client.query_one(&sql, &[&after]).await
+    }
+    .map_err(|e| error::pg("counting COMPLETED contacts", e))?;
+    row.try_get(0)
+        .map_err(|e| Error::internal(format!("reading a count: {e}")))
 }
 
 /// One page of COMPLETED contacts that have an inference for `question_id`, after `after`.
 pub async fn contacts_for_question<C: GenericClient>(
     client: &C,
+    plan: &Plan,
     question_id: &str,
     after: &str,
     limit: usize,
 ) -> Result<Vec<String>> {
-    let rows = client
-        .query(
-            "SELECT DISTINCT c.contact_id FROM contacts c \
-             JOIN inferences i ON i.contact_id = c.contact_id \
-             WHERE i.question_id = $1 AND c.current_stage = 'COMPLETED' AND c.contact_id > $2 \
-             ORDER BY c.contact_id LIMIT $3",
-            &[&question_id, &after, &(limit as i64)],
-        )
-        .await
-        .map_err(|e| error::pg("finding contacts affected by a question change", e))?;
-    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    let limit = limit as i64;
+    let sql = plan.question_page_sql(!after.is_empty());
+    let rows = if after.is_empty() {
+        client.query(&sql, &[&question_id, &limit]).await
+    } else {
+        client.query(&sql, &[&question_id, &limit, &after]).await
+    }
+    .map_err(|e| error::pg("finding contacts affected by a question change", e))?;
+    rows.iter().map(|r| text_at(r, 0)).collect()
+}
+
+/// A non-null text column of a paging query.
+pub fn text_at(row: &Row, i: usize) -> Result<String> {
+    row.try_get(i)
+        .map_err(|e| Error::internal(format!("reading a contact id from a paging query: {e}")))
 }

@@ -11,6 +11,7 @@ pub mod enrich;
 pub mod ledger;
 pub mod pgoutput;
 mod publisher;
+pub mod schema;
 pub mod setup;
 pub mod state;
 pub mod triggers;
@@ -26,6 +27,7 @@ use tokio_postgres::Client;
 
 use crate::config::{SnapshotMode, SourceConfig};
 use crate::error::{self, Error, Result};
+use crate::event::fit::Fit;
 use crate::event::{Encoder, lsn as fmt_lsn};
 use crate::kafka::{self, Pending};
 use ledger::{Hold, Ledger, Ticket};
@@ -122,37 +124,137 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Where events go: the producer, the event topic and the encoder of the configured format.
+/// Where events go: the producer, the event topic, the encoder of the configured format and
+/// the largest value the topic takes.
 #[derive(Clone)]
 struct EventOut {
     producer: FutureProducer,
     topic: String,
     encoder: Encoder,
+    /// Largest encoded event ([`kafka::event_limit`]); longer texts are shortened to fit.
+    max_bytes: usize,
+    brokers: String,
+    properties: std::collections::BTreeMap<String, String>,
+    replication_factor: i32,
 }
 
 impl EventOut {
-    /// Enqueue `event` for its contact in the configured format; `None` is the tombstone.
+    /// Enqueue `event` for its contact in the configured format; `None` is the tombstone. An
+    /// event over the size limit is shortened ([`crate::event::fit`]); one that cannot fit is
+    /// recorded on `<topic>.control` instead, so it never stalls the stream.
     async fn send(
         &self,
         pending: &mut Pending,
         id: &str,
         event: Option<&crate::event::ContactEvent>,
     ) -> Result<()> {
-        let value = event.map(|e| self.encoder.encode(e));
+        let value = match event {
+            None => None,
+            Some(e) => match self.encode_within_limit(id, e).await? {
+                Some(v) => Some(v),
+                None => return Ok(()),
+            },
+        };
         pending
             .send(&self.producer, &self.topic, id, value.as_deref())
             .await
+    }
+
+    /// The encoded event, shortened when over the limit; `None` when it cannot fit (recorded).
+    async fn encode_within_limit(
+        &self,
+        id: &str,
+        event: &crate::event::ContactEvent,
+    ) -> Result<Option<Vec<u8>>> {
+        let value = self.encoder.encode(event);
+        if value.len() <= self.max_bytes {
+            return Ok(Some(value));
+        }
+        let original = value.len();
+        let mut short = event.clone();
+        match crate::event::fit::fit(&mut short, self.max_bytes, |e| self.encoder.encode(e).len()) {
+            Fit::Fits | Fit::Truncated => {
+                let value = self.encoder.encode(&short);
+                let cut: Vec<String> = short
+                    .truncated
+                    .iter()
+                    .flatten()
+                    .map(|t| {
+                        format!(
+                            "{}.{} {} -> {} bytes",
+                            t.question_key, t.field, t.original_bytes, t.kept_bytes
+                        )
+                    })
+                    .collect();
+                tracing::warn!(
+                    contact_id = id, bytes = original, limit = self.max_bytes, published_bytes = value.len(),
+                    shortened = %cut.join(", "),
+                    "event over the broker's size limit: its longest texts were shortened (listed in the event's `truncated`)"
+                );
+                crate::metrics::event_truncated(&self.topic);
+                Ok(Some(value))
+            }
+            Fit::TooLarge { size } => {
+                tracing::error!(
+                    contact_id = id,
+                    bytes = size,
+                    limit = self.max_bytes,
+                    "event does not fit the broker's size limit even with every text emptied: not published, recorded on \
+                     the control topic; raise the topic's max.message.bytes (and [kafka.properties] message.max.bytes)"
+                );
+                crate::metrics::event_oversized(&self.topic);
+                self.control(serde_json::json!({
+                    "type": "oversized_event", "contact_id": id, "lsn": event.source.lsn,
+                    "bytes": size, "limit": self.max_bytes,
+                    "message": "the event does not fit the broker's size limit even with every text emptied; \
+                                raise max.message.bytes and re-publish the contact with a backfill",
+                }))
+                .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Record a stream anomaly on `<topic>.control`, so it is kept beside the events.
+    async fn control(&self, body: serde_json::Value) -> Result<()> {
+        let topic = format!("{}.control", self.topic);
+        kafka::ensure_compacted_topic(
+            &self.brokers,
+            &self.properties,
+            &topic,
+            1,
+            self.replication_factor,
+        )
+        .await?;
+        let mut p = Pending::default();
+        let key = format!(
+            "{}:{}:{}",
+            body["type"].as_str().unwrap_or("control"),
+            body["lsn"].as_str().unwrap_or(""),
+            body["contact_id"].as_str().unwrap_or("")
+        );
+        p.send(
+            &self.producer,
+            &topic,
+            &key,
+            Some(body.to_string().as_bytes()),
+        )
+        .await?;
+        p.wait().await.map(|_| ())
     }
 }
 
 /// The event producer, once Kafka answered and the event topic exists (created compacted), and
 /// the encoder (for Avro: once the schema is registered; `encoder` keeps it for later sessions).
+/// The size limit is read from the topic on every call, so a session started after an operator
+/// changed `max.message.bytes` uses the new one.
 async fn event_producer(
     cfg: &SourceConfig,
     encoder: &tokio::sync::OnceCell<Encoder>,
 ) -> Result<EventOut> {
-    let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
-    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10)).await?;
+    let probe = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
+    kafka::ping(&probe, cfg.brokers(), Duration::from_secs(10)).await?;
+    drop(probe);
     let encoder = encoder
         .get_or_try_init(|| async {
             Encoder::new(cfg.kafka.format, cfg.registry()?.as_ref(), &cfg.kafka.topic).await
@@ -167,10 +269,25 @@ async fn event_producer(
         cfg.kafka.replication_factor,
     )
     .await?;
+    let topic_max = kafka::describe_topic(cfg.brokers(), &cfg.kafka.properties, &cfg.kafka.topic)
+        .await?
+        .and_then(|t| t.max_message_bytes);
+    let (record_max, max_bytes) =
+        kafka::event_limit(&cfg.kafka.properties, topic_max, cfg.source.max_event_bytes);
+    // librdkafka builds record batches up to message.max.bytes; a batch above the topic's
+    // max.message.bytes would be refused whole, so the producer's limit follows the topic's.
+    let mut properties = cfg.kafka.properties.clone();
+    properties.insert("message.max.bytes".into(), record_max.to_string());
+    let producer = kafka::producer(cfg.brokers(), &properties)?;
+    tracing::debug!(topic = %cfg.kafka.topic, max_event_bytes = max_bytes, "event size limit");
     Ok(EventOut {
         producer,
         topic: cfg.kafka.topic.clone(),
         encoder,
+        max_bytes,
+        brokers: cfg.brokers().to_owned(),
+        properties: cfg.kafka.properties.clone(),
+        replication_factor: cfg.kafka.replication_factor,
     })
 }
 
@@ -224,6 +341,8 @@ struct Session<'a> {
     /// the cache already reflects, so they re-emit conservatively.
     questions_loaded_at: u64,
     batch: Batch,
+    /// The column types of this database and the queries built for them.
+    plan: schema::Plan,
     /// Contacts whose newest row image in the stream so far is not COMPLETED. Every change of a
     /// contact row passes through the stream, so that is their state at the stream's position:
     /// re-reading them cannot publish anything their next row change will not. Unknown contacts
@@ -266,6 +385,7 @@ impl<'a> Session<'a> {
             questions: HashMap::new(),
             questions_loaded_at: 0,
             batch: Batch::default(),
+            plan: schema::Plan::guide(),
             not_completed: HashSet::new(),
             jobs: VecDeque::new(),
             current: None,
@@ -289,8 +409,10 @@ impl<'a> Session<'a> {
         if s.create_publication {
             setup::ensure_publication(&client, &s.publication).await?;
         }
+        self.plan = schema::read(&client).await?;
         let out = event_producer(cfg, self.encoder).await?;
-        let producer = out.producer.clone();
+        // Anomalies (TRUNCATE, unattributable changes) go to the control topic beside the stream.
+        let control = out.clone();
         crate::metrics::ready(KAFKA_PRODUCER_UP, true);
         let (slot_lsn, created) = setup::ensure_slot(&client, &s.slot).await?;
         self.ledger = Ledger::new(slot_lsn);
@@ -317,7 +439,7 @@ impl<'a> Session<'a> {
         // re-emit lookups never wait behind an enrichment query.
         let enrich_client = crate::pg::connect(cfg.database_url()).await?;
         enrich::prepare_session(&enrich_client).await?;
-        self.publisher = Some(Publisher::start(enrich_client, out).await?);
+        self.publisher = Some(Publisher::start(enrich_client, out, &self.plan).await?);
         let repl_cfg = crate::pg::replication_config(cfg.database_url(), &s.slot, &s.publication)?
             .with_start_lsn(Lsn(slot_lsn))
             .with_ack_lsn(Lsn(slot_lsn));
@@ -330,7 +452,7 @@ impl<'a> Session<'a> {
         tracing::info!(slot = %s.slot, from = %fmt_lsn(slot_lsn), "streaming changes");
         crate::metrics::ready(REPLICATION_CONNECTED, true);
 
-        let result = self.stream(&client, &producer, &mut repl).await;
+        let result = self.stream(&client, &control, &mut repl).await;
         let _ = repl.shutdown().await;
         drop(repl);
         if result.is_ok() {
@@ -343,27 +465,29 @@ impl<'a> Session<'a> {
 
     async fn load_questions(&mut self, client: &Client) -> Result<()> {
         let rows = client
-            .query(
-                "SELECT question_id, key, text, result_type, \"group\", is_universal FROM questions",
-                &[],
-            )
+            .query(&self.plan.questions_sql(), &[])
             .await
             .map_err(|e| error::pg("loading questions", e))?;
+        let read = |e: tokio_postgres::Error| {
+            Error::user(format!(
+                "cannot read the questions table ({e}); run `trusst-cdc check` for the column types it accepts"
+            ))
+        };
         self.questions = rows
             .iter()
             .map(|r| {
-                (
-                    r.get::<_, String>(0),
+                Ok((
+                    r.try_get::<_, String>("question_id").map_err(read)?,
                     Question {
-                        key: r.get(1),
-                        text: r.get(2),
-                        result_type: r.get(3),
-                        group: r.get(4),
-                        is_universal: r.get(5),
+                        key: r.try_get("key").map_err(read)?,
+                        text: r.try_get("text").map_err(read)?,
+                        result_type: r.try_get("result_type").map_err(read)?,
+                        group: r.try_get("group").map_err(read)?,
+                        is_universal: r.try_get("is_universal").map_err(read)?,
                     },
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         // Read after the questions: a change committed in between then counts as a replay and
         // re-emits conservatively instead of being missed.
         self.questions_loaded_at = setup::current_wal_lsn(client).await?;
@@ -384,11 +508,7 @@ impl<'a> Session<'a> {
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(|e| error::pg("starting the snapshot transaction", e))?;
-        let total: i64 = client
-            .query_one("SELECT count(*) FROM contacts WHERE current_stage = 'COMPLETED' AND contact_id > $1", &[&st.last_key])
-            .await
-            .map_err(|e| error::pg("counting COMPLETED contacts", e))?
-            .get(0);
+        let total = enrich::completed_count(client, &self.plan, &st.last_key).await?;
         tracing::info!(remaining = total, resumed_after = %st.last_key, "initial snapshot started");
         let started = Instant::now();
         let origin = Origin {
@@ -401,14 +521,18 @@ impl<'a> Session<'a> {
                 let _ = client.batch_execute("ROLLBACK").await;
                 return Ok(());
             }
-            let ids =
-                enrich::completed_page(client, &st.last_key, self.cfg.source.batch_max_contacts)
-                    .await?;
+            let ids = enrich::completed_page(
+                client,
+                &self.plan,
+                &st.last_key,
+                self.cfg.source.batch_max_contacts,
+            )
+            .await?;
             let Some(last) = ids.last().cloned() else {
                 break;
             };
             let job = Job::at(ids, origin, "snapshot");
-            let n = publisher::publish_and_wait(client, out, &job).await?;
+            let n = publisher::publish_and_wait(client, &self.plan, out, &job).await?;
             self.published += n as u64;
             st.last_key = last;
             st.published += n as u64;
@@ -431,7 +555,7 @@ impl<'a> Session<'a> {
     async fn stream(
         &mut self,
         client: &Client,
-        producer: &FutureProducer,
+        out: &EventOut,
         repl: &mut ReplicationClient,
     ) -> Result<()> {
         let s = &self.cfg.source;
@@ -455,7 +579,7 @@ impl<'a> Session<'a> {
                     let Some(ev) = ev else {
                         return Err(Error::external("replication stream ended unexpectedly"));
                     };
-                    self.handle(ev, producer, repl).await?;
+                    self.handle(ev, out, repl).await?;
                 }
                 res = async { (&mut self.inflight.front_mut().expect("guarded").1).await }, if !self.inflight.is_empty() => {
                     let (ticket, _) = self.inflight.pop_front().expect("front exists");
@@ -490,7 +614,7 @@ impl<'a> Session<'a> {
     async fn handle(
         &mut self,
         ev: ReplicationEvent,
-        producer: &FutureProducer,
+        out: &EventOut,
         repl: &ReplicationClient,
     ) -> Result<()> {
         match ev {
@@ -522,7 +646,7 @@ impl<'a> Session<'a> {
                     xid: 0,
                 });
                 for effect in self.tracker.effects(msg) {
-                    self.apply(effect, origin, producer).await?;
+                    self.apply(effect, origin, out).await?;
                 }
                 if self.batch.touched.len() + self.batch.deleted.len()
                     >= self.cfg.source.batch_max_contacts
@@ -581,12 +705,7 @@ impl<'a> Session<'a> {
         self.batch.touched.insert(contact_id, origin);
     }
 
-    async fn apply(
-        &mut self,
-        effect: Effect,
-        origin: Origin,
-        producer: &FutureProducer,
-    ) -> Result<()> {
+    async fn apply(&mut self, effect: Effect, origin: Origin, out: &EventOut) -> Result<()> {
         match effect {
             Effect::Touch(id) => self.touch(id, origin),
             Effect::Contact { contact_id, stage } => {
@@ -630,7 +749,7 @@ impl<'a> Session<'a> {
                     "TRUNCATE replicated: the affected contacts cannot be listed, so no delete events were published; \
                      reconcile the targets (e.g. re-run a backfill) if this was not intended"
                 );
-                self.control(producer, serde_json::json!({
+                out.control(serde_json::json!({
                     "type": "truncate", "tables": tables, "lsn": lsn, "txid": origin.xid,
                     "message": "TRUNCATE replicated; no per-contact delete events could be derived",
                 }))
@@ -639,35 +758,13 @@ impl<'a> Session<'a> {
             Effect::Unattributable { table, reason } => {
                 let lsn = fmt_lsn(origin.lsn);
                 tracing::error!(table, lsn = %lsn, "{reason}");
-                self.control(producer, serde_json::json!({
+                out.control(serde_json::json!({
                     "type": "unattributable_change", "table": table, "lsn": lsn, "txid": origin.xid, "message": reason,
                 }))
                 .await?;
             }
         }
         Ok(())
-    }
-
-    /// Record a stream anomaly on `<topic>.control`, so it is kept beside the events.
-    async fn control(&self, producer: &FutureProducer, body: serde_json::Value) -> Result<()> {
-        let topic = format!("{}.control", self.cfg.kafka.topic);
-        kafka::ensure_compacted_topic(
-            self.cfg.brokers(),
-            &self.cfg.kafka.properties,
-            &topic,
-            1,
-            self.cfg.kafka.replication_factor,
-        )
-        .await?;
-        let mut p = Pending::default();
-        let key = format!(
-            "{}:{}",
-            body["type"].as_str().unwrap_or("control"),
-            body["lsn"].as_str().unwrap_or("")
-        );
-        p.send(producer, &topic, &key, Some(body.to_string().as_bytes()))
-            .await?;
-        p.wait().await.map(|_| ())
     }
 
     fn question_changed(&mut self, question_id: String, row: Option<QuestionRow>, origin: Origin) {
@@ -726,7 +823,8 @@ impl<'a> Session<'a> {
         };
         let chunk = self.cfg.source.reemit_chunk;
         let ids =
-            enrich::contacts_for_question(client, &job.question_id, &job.after, chunk).await?;
+            enrich::contacts_for_question(client, &self.plan, &job.question_id, &job.after, chunk)
+                .await?;
         let last = ids.last().cloned();
         let full = ids.len() == chunk;
         let origin = job.origin;

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Row};
 
+use super::schema::Plan;
 use super::{EventOut, Origin, enrich};
 use crate::error::{Error, Result};
 use crate::event::{ContactEvent, SourcePosition, lsn as fmt_lsn};
@@ -86,8 +87,8 @@ impl Drop for Publisher {
 
 impl Publisher {
     /// Start the stages: `client` is a connection of their own, used for nothing else.
-    pub async fn start(client: Client, out: EventOut) -> Result<Self> {
-        let statement = enrich::prepare(&client).await?;
+    pub async fn start(client: Client, out: EventOut, plan: &Plan) -> Result<Self> {
+        let statement = enrich::prepare(&client, plan).await?;
         let visibility = enrich::prepare_visibility(&client).await?;
         let (tx, mut jobs) = mpsc::channel::<(Job, oneshot::Sender<Result<usize>>)>(STAGE_QUEUE);
         let (etx, mut fetched) = mpsc::channel::<Fetched>(STAGE_QUEUE);
@@ -113,7 +114,13 @@ impl Publisher {
         });
         let writer = tokio::spawn(async move {
             while let Some((job, rows, done)) = fetched.recv().await {
-                let mut states = enrich::build(rows);
+                let mut states = match enrich::build(rows) {
+                    Ok(states) => states,
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                        continue;
+                    }
+                };
                 let mut pending = Pending::default();
                 match produce(&out, &mut pending, &job, &mut states).await {
                     // Acknowledgements are awaited off this stage, so the next job's records
@@ -154,8 +161,13 @@ impl Publisher {
 /// Re-read `job.ids` on `client`, produce their events and wait until Kafka acknowledged them
 /// (used where no pipeline runs: the snapshot reads inside its own transaction, the backfill
 /// page by page). Returns events published.
-pub(super) async fn publish_and_wait(client: &Client, out: &EventOut, job: &Job) -> Result<usize> {
-    let mut states = enrich::enrich(client, &job.ids).await?;
+pub(super) async fn publish_and_wait(
+    client: &Client,
+    plan: &Plan,
+    out: &EventOut,
+    job: &Job,
+) -> Result<usize> {
+    let mut states = enrich::enrich(client, plan, &job.ids).await?;
     let mut pending = Pending::default();
     let tally = produce(out, &mut pending, job, &mut states).await?;
     pending.wait().await?;

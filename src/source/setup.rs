@@ -5,59 +5,13 @@
 
 use tokio_postgres::Client;
 
+use super::schema;
 use super::triggers::TABLES;
 use crate::error::{self, Error, Result};
 
-/// Columns the connector reads, per table (the seed's join plus what triggers need).
-pub const REQUIRED_COLUMNS: [(&str, &[&str]); 4] = [
-    (
-        "contacts",
-        &[
-            "contact_id",
-            "stream_id",
-            "external_id",
-            "start_time",
-            "direction",
-            "current_stage",
-            "agent_id",
-        ],
-    ),
-    (
-        "inferences",
-        &[
-            "inference_id",
-            "contact_id",
-            "question_id",
-            "result",
-            "updated_at",
-        ],
-    ),
-    (
-        "questions",
-        &[
-            "question_id",
-            "key",
-            "text",
-            "result_type",
-            "is_universal",
-            "group",
-            "order",
-        ],
-    ),
-    (
-        "s3_conversations",
-        &[
-            "conversation_id",
-            "contact_id",
-            "conn_id",
-            "agent_id",
-            "call_time",
-        ],
-    ),
-];
-
-/// Tables whose deletes must carry `contact_id`, a column outside their primary key.
-pub const NEED_FULL_IDENTITY: [&str; 2] = ["inferences", "s3_conversations"];
+/// Tables whose deletes must name their contact: the replica identity (the old row image a
+/// delete logs) must contain `contact_id`.
+pub const IDENTITY_TABLES: [&str; 3] = ["contacts", "inferences", "s3_conversations"];
 
 /// One preflight result.
 #[derive(Debug, Clone)]
@@ -134,42 +88,20 @@ pub async fn preflight(
         )
     });
 
-    for (table, columns) in REQUIRED_COLUMNS {
-        let rows = client
-            .query(
-                "SELECT a.attname::text FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
-                 WHERE c.oid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&table],
-            )
-            .await
-            .map_err(|e| error::pg("reading table columns", e))?;
-        if rows.is_empty() {
+    let types = schema::column_types(client).await?;
+    let table_exists = |t: &str| types.keys().any(|(table, _)| table == t);
+    for (table, _) in schema::COLUMNS {
+        if !table_exists(table) {
             out.push(Finding::bad(
                 format!("table {table} is missing"),
                 format!("point DATABASE_URL at the Trusst database (the one holding {table}) or create it"),
             ));
             continue;
         }
-        let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        let missing: Vec<&str> = columns
-            .iter()
-            .copied()
-            .filter(|c| !have.iter().any(|h| h == c))
-            .collect();
-        if missing.is_empty() {
-            out.push(Finding::ok(format!(
-                "table {table} has every column the connector reads"
-            )));
-        } else {
-            out.push(Finding::bad(
-                format!("table {table} lacks column(s) {}", missing.join(", ")),
-                "the Trusst schema changed or this is not the Trusst database: check the platform release notes",
-            ));
-        }
         let can_select: bool = client
             .query_one(
                 "SELECT has_table_privilege(to_regclass($1), 'SELECT')",
-                &[&table],
+                &[table],
             )
             .await
             .map_err(|e| error::pg("checking table privileges", e))?
@@ -181,24 +113,25 @@ pub async fn preflight(
             ));
         }
     }
+    let lookup = |t: &str, c: &str| types.get(&(t.to_owned(), c.to_owned())).cloned();
+    match schema::Plan::new(lookup) {
+        Ok(plan) => out.push(Finding::ok(format!(
+            "every column the connector reads has a type it reads ({})",
+            plan.describe()
+        ))),
+        Err(problems) => {
+            for p in problems.into_iter().filter(|p| table_exists(p.table)) {
+                out.push(Finding::bad(
+                    format!("column {}.{}: {}", p.table, p.column, p.what),
+                    p.fix,
+                ));
+            }
+        }
+    }
 
-    for table in NEED_FULL_IDENTITY {
-        let ident: Option<i8> = client
-            .query_opt(
-                "SELECT relreplident FROM pg_class WHERE oid = to_regclass($1)",
-                &[&table],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.get(0));
-        match ident.map(|c| c as u8) {
-            None => {}
-            Some(b'f') => out.push(Finding::ok(format!("{table} has REPLICA IDENTITY FULL"))),
-            Some(_) => out.push(Finding::bad(
-                format!("{table} does not have REPLICA IDENTITY FULL: its deletes would not say which contact they belong to"),
-                format!("ALTER TABLE {table} REPLICA IDENTITY FULL"),
-            )),
+    for table in IDENTITY_TABLES {
+        if let Some(f) = identity_finding(client, table).await? {
+            out.push(f);
         }
     }
 
@@ -276,6 +209,76 @@ pub async fn preflight(
         }
     });
     Ok(out)
+}
+
+/// Whether deletes of `table` say which contact they belong to, and what each choice of replica
+/// identity costs in WAL; `None` when the table is missing (reported elsewhere).
+async fn identity_finding(client: &Client, table: &str) -> Result<Option<Finding>> {
+    let row = client
+        .query_opt(
+            "SELECT c.relreplident::text, \
+                    (SELECT i.indexrelid::regclass::text FROM pg_index i WHERE i.indrelid = c.oid \
+                       AND CASE c.relreplident WHEN 'i' THEN i.indisreplident WHEN 'd' THEN i.indisprimary ELSE false END \
+                     LIMIT 1), \
+                    (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_index i \
+                       JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) \
+                     WHERE i.indrelid = c.oid \
+                       AND CASE c.relreplident WHEN 'i' THEN i.indisreplident WHEN 'd' THEN i.indisprimary ELSE false END) \
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&table],
+        )
+        .await
+        .map_err(|e| error::pg("reading replica identities", e))?;
+    let Some(row) = row else { return Ok(None) };
+    let (kind, index, cols): (String, Option<String>, Option<Vec<String>>) =
+        (row.get(0), row.get(1), row.get(2));
+    let cols = cols.unwrap_or_default();
+    Ok(Some(identity_verdict(
+        table,
+        &kind,
+        index.as_deref(),
+        &cols,
+    )))
+}
+
+/// The verdict on a table's replica identity (pure, so every case is unit-tested).
+pub fn identity_verdict(table: &str, kind: &str, index: Option<&str>, cols: &[String]) -> Finding {
+    let fix = format!(
+        "either ALTER TABLE {table} REPLICA IDENTITY FULL (simplest; every UPDATE and DELETE then logs the whole old \
+         row, long results included), or an identity index that contains contact_id, which logs only its columns: \
+         CREATE UNIQUE INDEX {table}_cdc_identity ON {table} (<primary key columns>, contact_id); \
+         ALTER TABLE {table} REPLICA IDENTITY USING INDEX {table}_cdc_identity (its columns must be NOT NULL)"
+    );
+    let has_contact = cols.iter().any(|c| c == "contact_id");
+    let list = cols.join(", ");
+    match (kind, index) {
+        ("f", _) => Finding::ok(format!(
+            "{table} has REPLICA IDENTITY FULL: deletes name their contact; every UPDATE and DELETE also logs the whole \
+             old row in WAL (an identity index that contains contact_id would log only its columns)"
+        )),
+        ("i" | "d", Some(index)) if has_contact => Finding::ok(format!(
+            "{table}'s replica identity is {} {index} ({list}), which contains contact_id: deletes name their contact \
+             and log only those columns",
+            if kind == "i" {
+                "the index"
+            } else {
+                "the primary key"
+            }
+        )),
+        ("i" | "d", Some(index)) => Finding::bad(
+            format!(
+                "{table}'s replica identity ({index}: {list}) lacks contact_id: its deletes would not say which \
+                 contact they belong to"
+            ),
+            fix,
+        ),
+        _ => Finding::bad(
+            format!(
+                "{table} has no usable replica identity: its deletes would not say which contact they belong to"
+            ),
+            fix,
+        ),
+    }
 }
 
 /// Turn failed findings into one user error listing each problem with its fix.
@@ -377,4 +380,52 @@ pub fn parse_lsn(s: &str) -> Result<u64> {
     let hi = u64::from_str_radix(hi, 16).map_err(|_| Error::internal(format!("bad LSN {s:?}")))?;
     let lo = u64::from_str_radix(lo, 16).map_err(|_| Error::internal(format!("bad LSN {s:?}")))?;
     Ok((hi << 32) | lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols(c: &[&str]) -> Vec<String> {
+        c.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn identity_verdicts_name_the_cost_and_the_fix() {
+        let f = identity_verdict("inferences", "f", None, &[]);
+        assert!(f.fix.is_none() && f.what.contains("whole old row"), "{f:?}");
+        let f = identity_verdict(
+            "inferences",
+            "i",
+            Some("inf_ident"),
+            &cols(&["inference_id", "contact_id"]),
+        );
+        assert!(
+            f.fix.is_none() && f.what.contains("log only those columns"),
+            "{f:?}"
+        );
+        let f = identity_verdict(
+            "contacts",
+            "d",
+            Some("contacts_pkey"),
+            &cols(&["contact_id"]),
+        );
+        assert!(f.fix.is_none(), "{f:?}");
+        let f = identity_verdict(
+            "inferences",
+            "d",
+            Some("inferences_pkey"),
+            &cols(&["inference_id"]),
+        );
+        let fix = f.fix.expect("bad");
+        assert!(f.what.contains("lacks contact_id"), "{}", f.what);
+        assert!(
+            fix.contains("REPLICA IDENTITY FULL") && fix.contains("USING INDEX"),
+            "{fix}"
+        );
+        let f = identity_verdict("s3_conversations", "n", None, &[]);
+        assert!(f.fix.is_some() && f.what.contains("no usable replica identity"));
+        let f = identity_verdict("s3_conversations", "d", None, &[]);
+        assert!(f.fix.is_some());
+    }
 }

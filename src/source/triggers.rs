@@ -75,7 +75,7 @@ fn question_row(rel: &Relation, tuple: &[Value]) -> Option<QuestionRow> {
         text: text(rel, tuple, "text"),
         result_type: text(rel, tuple, "result_type"),
         group: text(rel, tuple, "group"),
-        is_universal: text(rel, tuple, "is_universal").map(|v| v == "t"),
+        is_universal: text(rel, tuple, "is_universal").map(|v| super::schema::flag_text(&v)),
     })
 }
 
@@ -164,7 +164,8 @@ impl Tracker {
                     return vec![Effect::Unattributable {
                         table: rel.name.clone(),
                         reason: format!(
-                            "a {} of {} carries no contact_id; fix: ALTER TABLE {} REPLICA IDENTITY FULL",
+                            "a {} of {} carries no contact_id; fix: ALTER TABLE {} REPLICA IDENTITY FULL, or a \
+                             replica identity index that contains contact_id (see `trusst-cdc check`)",
                             if delete { "delete" } else { "change" },
                             rel.name,
                             rel.name

@@ -93,25 +93,32 @@ impl TestDb {
     ) -> BTreeMap<String, Expected> {
         let c = self.client().await;
         let (from, to) = range.unwrap_or_default();
+        // Written for any of the schemas customers have: ids and values as text, times as
+        // microseconds since the epoch in UTC (a `timestamp` counts as UTC, a `date` as its
+        // midnight), the flag and the stage compared as text.
         let rows = c
             .query(
-                "SELECT c.contact_id, c.external_id, s3c.call_time, c.start_time, c.direction, \
-                        c.agent_id AS contact_agent_id, s3c.agent_id AS s3_agent_id, s3c.conn_id, \
-                        q.question_id, q.key AS question_key, q.text AS question_text, q.result_type, \
-                        q.group AS question_group, i.result \
+                "SELECT c.contact_id::text, c.external_id::text, \
+                        (extract(epoch from s3c.call_time) * 1000000)::bigint, \
+                        (extract(epoch from c.start_time) * 1000000)::bigint, c.direction::text, \
+                        c.agent_id::text AS contact_agent_id, s3c.agent_id::text AS s3_agent_id, s3c.conn_id::text, \
+                        q.question_id::text, q.key::text AS question_key, q.text::text AS question_text, \
+                        q.result_type::text, q.group::text AS question_group, i.result::text \
                  FROM contacts c \
                  INNER JOIN inferences i ON c.contact_id = i.contact_id \
                  INNER JOIN questions q ON i.question_id = q.question_id \
                  LEFT JOIN s3_conversations s3c ON c.contact_id = s3c.contact_id \
-                 WHERE q.is_universal = TRUE AND c.current_stage = 'COMPLETED' \
-                   AND (NOT $3 OR (s3c.call_time >= $1 AND s3c.call_time < $2)) \
+                 WHERE (lower(q.is_universal::text) IN ('true', 't', 'yes', 'y') \
+                        OR (q.is_universal::text ~ '^[+-]?[0-9]+$' AND q.is_universal::text::numeric <> 0)) \
+                   AND c.current_stage::text = 'COMPLETED' \
+                   AND (NOT $3 OR (s3c.call_time >= $1::text::timestamp AND s3c.call_time < $2::text::timestamp)) \
                  ORDER BY s3c.call_time DESC, c.contact_id, q.key",
-                &[&from, &to, &range.is_some()],
+                &[&from.to_string(), &to.to_string(), &range.is_some()],
             )
             .await
             .unwrap();
         let mut out: BTreeMap<String, Expected> = BTreeMap::new();
-        let ts = |v: Option<chrono::NaiveDateTime>| v.as_ref().map(trusst_cdc::event::iso);
+        let ts = |v: Option<i64>| v.map(instant_micros);
         for r in rows {
             let e = out.entry(r.get(0)).or_insert_with(|| Expected {
                 external_id: r.get(1),
@@ -168,7 +175,22 @@ pub async fn completed(db: &TestDb, seed: u64, n: usize) -> Vec<String> {
     contacts.into_iter().map(|c| c.contact_id).collect()
 }
 
-/// What the seed's query says about one contact.
+/// An instant as RFC 3339 in UTC with microseconds: the one form both sides of a comparison
+/// are brought to, whatever the column's type.
+pub fn instant_micros(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .expect("time in range")
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// An event's time field brought to [`instant_micros`]'s form.
+pub fn event_instant(t: &str) -> String {
+    let at = trusst_cdc::sink::mapping::event_time(t)
+        .unwrap_or_else(|| panic!("event time {t:?} is not a time the sinks read"));
+    instant_micros(at.timestamp_micros())
+}
+
+/// What the seed's query says about one contact (times as [`instant_micros`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected {
     pub external_id: Option<String>,
@@ -187,8 +209,8 @@ impl Expected {
     pub fn of(e: &ContactEvent) -> Self {
         Self {
             external_id: e.external_id.clone(),
-            call_date: e.call_date.clone(),
-            call_start_time: e.call_start_time.clone(),
+            call_date: e.call_date.as_deref().map(event_instant),
+            call_start_time: e.call_start_time.as_deref().map(event_instant),
             direction: e.direction.clone(),
             contact_agent_id: e.contact_agent_id.clone(),
             s3_agent_id: e.s3_agent_id.clone(),

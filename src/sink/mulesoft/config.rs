@@ -36,7 +36,10 @@ pub struct Config {
     #[serde(default = "default_batch")]
     pub batch_size: usize,
     /// HTTP request timeout.
-    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_timeout",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub request_timeout: Duration,
 }
 

@@ -50,18 +50,30 @@ pub struct Config {
     #[serde(default = "default_limit_share")]
     pub limit_share: f64,
     /// How long to pause when the allowance is (nearly) spent, before checking again.
-    #[serde(default = "default_limit_pause", with = "humantime_serde")]
+    #[serde(
+        default = "default_limit_pause",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub limit_pause: Duration,
     /// How often to poll a Bulk API job's state at first; later polls back off up to 10 s,
     /// since every poll counts against the daily allowance.
-    #[serde(default = "default_bulk_poll", with = "humantime_serde")]
+    #[serde(
+        default = "default_bulk_poll",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub bulk_poll_interval: Duration,
     /// Longest wait for one Bulk API job to finish; past it the job is aborted and the batch
     /// retried later.
-    #[serde(default = "default_bulk_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_bulk_timeout",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub bulk_timeout: Duration,
     /// HTTP request timeout.
-    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_timeout",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
     pub request_timeout: Duration,
 }
 

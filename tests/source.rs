@@ -491,3 +491,60 @@ async fn re_read_waits_until_streamed_transactions_are_visible() {
         .unwrap()
         .unwrap();
 }
+
+/// Snapshot progress lives in Kafka: a source that lost its state folder (a container
+/// rescheduled without its volume) mid-snapshot publishes again at most the page that was in
+/// flight, and one that lost it after the snapshot publishes nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_progress_survives_a_lost_state_folder() {
+    const PAGE: usize = 20;
+    let db = TestDb::new("t_state").await;
+    let ids = completed(&db, 51, 1200).await;
+    let mut src = SourceProc::start(
+        &db,
+        SourceOpts {
+            batch_max_contacts: PAGE,
+            // Every page waits for its acknowledgement: a slow snapshot, so the kill lands in it.
+            kafka_properties: vec![("linger.ms".into(), "150".into())],
+            ..Default::default()
+        },
+    );
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "part of the snapshot", |r| r.len() >= 200);
+    src.kill9();
+    reader.settle(Duration::from_secs(1));
+    let before_kill = reader.records.len();
+    assert!(before_kill < ids.len(), "the kill must land mid-snapshot");
+    let state = src.dir.path().join("state");
+    let _ = std::fs::remove_dir_all(&state);
+    src.respawn(&db);
+    reader.until(WAIT, "the whole snapshot", has_all(&ids));
+    src.wait_streaming();
+    let snapshot_records = |r: &TopicReader| {
+        r.records
+            .iter()
+            .filter(|r| r.event().is_some_and(|e| e.source.reason == "snapshot"))
+            .count()
+    };
+    let again = snapshot_records(&reader) - ids.len();
+    assert!(
+        again <= PAGE,
+        "{again} contacts were published again after the state folder was lost (at most the page in flight, {PAGE}, may be)"
+    );
+
+    // After the snapshot: the folder lost again, a restart, nothing published again.
+    let total = snapshot_records(&reader);
+    src.kill9();
+    let _ = std::fs::remove_dir_all(&state);
+    src.respawn(&db);
+    src.wait_streaming();
+    let marker = completed(&db, 52, 1).await;
+    reader.until(WAIT, "the marker", has_all(&marker));
+    reader.settle(Duration::from_secs(1));
+    assert_eq!(
+        snapshot_records(&reader),
+        total,
+        "no snapshot event after a restart"
+    );
+    assert_matches_seed(&reader.latest(), &db.expected().await);
+}

@@ -152,6 +152,17 @@ pub enum SnapshotMode {
     Never,
 }
 
+/// Where the source keeps its snapshot progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateStore {
+    /// A compacted topic `<topic>.state`, keyed by database and slot.
+    #[default]
+    Kafka,
+    /// A file in `state_dir` (lost with the host or volume).
+    File,
+}
+
 /// `[source]`: the replication slot and batching.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,7 +197,12 @@ pub struct SourceSection {
     /// Contacts re-emitted per step after a question change, between stream batches.
     #[serde(default = "default_page")]
     pub reemit_chunk: usize,
-    /// Folder for the snapshot progress file.
+    /// Where snapshot progress is kept: `kafka` (default; survives a move to another host) or
+    /// `file` (in `state_dir`).
+    #[serde(default)]
+    pub state_store: StateStore,
+    /// Folder for the snapshot progress file (`state_store = "file"`, and an earlier version's
+    /// file that the Kafka store takes over).
     #[serde(default = "default_state_dir")]
     pub state_dir: String,
     /// Largest encoded event; longer texts are shortened (and listed in the event's

@@ -271,190 +271,288 @@ mod tests {
         assert_eq!(l.confirmed(), 80);
     }
 
-    /// One step of a session as the source drives the ledger.
+    /// What the server's WAL holds, in order: what a (re)started session is sent again.
     #[derive(Debug, Clone)]
-    enum Step {
-        /// A transaction of `changes` relevant row changes (0: nothing to publish).
+    enum Rec {
+        /// A transaction with `changes` row changes to publish (0: none), optionally flushed
+        /// after its first change (a batch filled mid-transaction), optionally a question
+        /// change (re-emitted under a hold).
         Txn {
             changes: u8,
             flush_mid: bool,
+            question: bool,
+            commit_lsn: u64,
+            end: u64,
         },
+        /// A non-transactional heartbeat message.
+        Heartbeat { lsn: u64 },
+    }
+
+    /// One step: the server writes, the session reads, the publisher acknowledges, or the
+    /// session fails and reconnects.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write {
+            changes: u8,
+            flush_mid: bool,
+            question: bool,
+        },
+        WriteHeartbeat,
+        /// The session reads the next record of the WAL, if any.
+        Deliver,
+        /// A keepalive naming the end of what was sent.
         Keepalive,
-        Heartbeat,
         /// Hand over the open batch, split into `parts` tickets.
         Flush {
             parts: u8,
         },
-        /// Kafka acknowledges the outstanding ticket at this index (modulo).
+        /// Kafka acknowledges one outstanding ticket (not necessarily the oldest).
         Ack(u8),
-        /// A question change inside a transaction: hold, later released.
-        QuestionChange,
-        ReleaseHold(u8),
-        /// Re-emit work handed over with nothing open.
+        /// A re-emit job finishes: its hold is released.
+        Release(u8),
+        /// Re-emit work handed over with nothing to do with the open batch.
         Reemit,
         /// The open batch had nothing to publish after all.
         Discard,
+        /// A delivery failed (or the source was killed): a new session starts from the slot.
+        Reconnect,
     }
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
-            (0u8..4, any::<bool>())
-                .prop_map(|(changes, flush_mid)| Step::Txn { changes, flush_mid }),
-            Just(Step::Keepalive),
-            Just(Step::Heartbeat),
-            (1u8..4).prop_map(|parts| Step::Flush { parts }),
-            any::<u8>().prop_map(Step::Ack),
-            any::<u8>().prop_map(Step::Ack),
-            Just(Step::QuestionChange),
-            any::<u8>().prop_map(Step::ReleaseHold),
-            Just(Step::Reemit),
-            Just(Step::Discard),
+            3 => (0u8..4, any::<bool>(), proptest::bool::weighted(0.15))
+                .prop_map(|(changes, flush_mid, question)| Step::Write { changes, flush_mid, question }),
+            1 => Just(Step::WriteHeartbeat),
+            6 => Just(Step::Deliver),
+            2 => Just(Step::Keepalive),
+            2 => (1u8..4).prop_map(|parts| Step::Flush { parts }),
+            4 => any::<u8>().prop_map(Step::Ack),
+            1 => any::<u8>().prop_map(Step::Release),
+            1 => Just(Step::Reemit),
+            1 => Just(Step::Discard),
+            1 => Just(Step::Reconnect),
         ]
     }
 
-    /// What the model knows about a transaction with changes to publish.
-    #[derive(Debug)]
-    struct Txn {
-        /// Start of the commit record: PostgreSQL skips the transaction on restart when the
-        /// confirmed position is past it.
-        commit_lsn: u64,
-        /// Tickets carrying its changes; all must be acknowledged.
-        tickets: Vec<Ticket>,
-        /// Changes still in the open batch (not handed over).
-        open: bool,
-        /// Its changes turned out to have nothing to publish (discarded).
-        discarded: bool,
+    /// A session over the model WAL: the ledger plus what the model needs to judge it.
+    struct Session {
+        l: Ledger,
+        /// Next WAL record to send.
+        cursor: usize,
+        /// End of what was sent.
+        sent: u64,
+        /// Outstanding tickets and the transactions whose changes each carries.
+        tickets: Vec<(Ticket, Vec<usize>)>,
+        /// Transactions whose changes are in the open batch.
+        open: Vec<usize>,
+        /// Holds and the question transaction each belongs to.
+        holds: Vec<(Hold, usize)>,
+        /// Per transaction: tickets of this session still unacknowledged.
+        waiting: std::collections::HashMap<usize, usize>,
+    }
+
+    impl Session {
+        /// A session from the slot's confirmed position: PostgreSQL sends again every
+        /// transaction whose commit record starts at or after it.
+        fn start(confirmed: u64, wal: &[Rec]) -> Self {
+            let cursor = wal
+                .iter()
+                .position(|r| match r {
+                    Rec::Txn { commit_lsn, .. } => *commit_lsn >= confirmed,
+                    Rec::Heartbeat { lsn } => *lsn >= confirmed,
+                })
+                .unwrap_or(wal.len());
+            Self {
+                l: Ledger::new(confirmed),
+                cursor,
+                sent: confirmed,
+                tickets: vec![],
+                open: vec![],
+                holds: vec![],
+                waiting: Default::default(),
+            }
+        }
+
+        /// Whether transaction `t`, delivered in this session, is safely published: none of its
+        /// changes still open or in an unacknowledged ticket, and no re-emit holding it.
+        fn finished(&self, t: usize) -> bool {
+            !self.open.contains(&t)
+                && self.waiting.get(&t).copied().unwrap_or(0) == 0
+                && !self.holds.iter().any(|(_, h)| *h == t)
+        }
+
+        fn hand_over(&mut self, parts: u8) {
+            let mut ks = Vec::new();
+            for _ in 1..parts {
+                ks.push(self.l.submit_extra());
+            }
+            ks.push(self.l.submit());
+            let carried = std::mem::take(&mut self.open);
+            for t in &carried {
+                *self.waiting.entry(*t).or_default() += ks.len();
+            }
+            for k in ks {
+                self.tickets.push((k, carried.clone()));
+            }
+        }
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(3000))]
 
-        /// The confirmed position never passes the commit of a transaction whose events are not
-        /// all acknowledged, and never moves back; once everything is acknowledged and no hold
-        /// remains, a keepalive confirms the server's position (an idle slot advances).
+        /// Over random interleavings of writes, deliveries, keepalives, heartbeats, split and
+        /// out-of-order acknowledgements, question changes, discarded batches and reconnects:
+        /// the confirmed position never passes the commit of a transaction whose events were
+        /// not all acknowledged (nor a question change whose re-emit is unfinished), never moves
+        /// back, and once everything is acknowledged a keepalive confirms the server's position.
         #[test]
         fn never_confirms_unacknowledged_work(
             start in 0u64..1000,
-            steps in proptest::collection::vec(step(), 1..120),
+            steps in proptest::collection::vec(step(), 1..150),
         ) {
-            let mut l = Ledger::new(start);
-            let mut wal = start; // end of WAL the server has sent
-            let mut txns: Vec<Txn> = Vec::new();
-            let mut acked: std::collections::HashSet<Ticket> = Default::default();
-            let mut tickets: Vec<Ticket> = Vec::new(); // outstanding, in order handed over
-            let mut holds: Vec<(Hold, u64)> = Vec::new();
-            let mut last = l.confirmed();
-            for s in steps {
-                match s {
-                    Step::Txn { changes, flush_mid } => {
-                        wal += 10;
-                        l.begin();
-                        // A keepalive in the middle of the transaction names a later position.
-                        l.reached(wal + 1000);
-                        let mut t = Txn { commit_lsn: 0, tickets: vec![], open: false, discarded: false };
-                        for i in 0..changes {
-                            wal += 10;
-                            l.change();
-                            t.open = true;
-                            if flush_mid && i == 0 {
-                                let k = l.submit();
-                                tickets.push(k);
-                                t.tickets.push(k);
-                                t.open = false;
-                                // Earlier transactions' open changes went out with it.
-                                for o in txns.iter_mut().filter(|o| o.open) {
-                                    o.tickets.push(k);
-                                    o.open = false;
+            let mut wal: Vec<Rec> = Vec::new();
+            let mut end = start; // end of the server's WAL
+            let mut done = std::collections::HashSet::new(); // transactions safely published
+            let mut s = Session::start(start, &wal);
+            let mut last = start;
+            for st in steps {
+                match st {
+                    Step::Write { changes, flush_mid, question } => {
+                        let commit_lsn = end + 10 + 10 * u64::from(changes);
+                        end = commit_lsn + 10;
+                        wal.push(Rec::Txn { changes, flush_mid, question, commit_lsn, end });
+                        if changes == 0 && !question {
+                            done.insert(wal.len() - 1);
+                        }
+                    }
+                    Step::WriteHeartbeat => {
+                        end += 10;
+                        wal.push(Rec::Heartbeat { lsn: end });
+                    }
+                    Step::Deliver => {
+                        if let Some(rec) = wal.get(s.cursor).cloned() {
+                            let id = s.cursor;
+                            s.cursor += 1;
+                            match rec {
+                                Rec::Txn { changes, flush_mid, question, end: e, .. } => {
+                                    s.l.begin();
+                                    // A keepalive inside the transaction names a later position.
+                                    s.l.reached(e + 1000);
+                                    if question {
+                                        let h = s.l.hold();
+                                        s.holds.push((h, id));
+                                    }
+                                    for i in 0..changes {
+                                        s.l.change();
+                                        if !s.open.contains(&id) {
+                                            s.open.push(id);
+                                        }
+                                        if flush_mid && i == 0 {
+                                            s.hand_over(1);
+                                        }
+                                    }
+                                    s.l.commit(e);
+                                    s.sent = e;
+                                }
+                                Rec::Heartbeat { lsn } => {
+                                    s.l.reached(lsn);
+                                    s.sent = lsn;
                                 }
                             }
                         }
-                        wal += 10;
-                        t.commit_lsn = wal;
-                        wal += 10;
-                        l.commit(wal);
-                        if changes > 0 {
-                            txns.push(t);
-                        }
                     }
-                    Step::Keepalive => l.reached(wal),
-                    Step::Heartbeat => {
-                        wal += 10;
-                        l.reached(wal);
-                    }
+                    Step::Keepalive => s.l.reached(s.sent),
                     Step::Flush { parts } => {
-                        if l.has_open() {
-                            let mut ks = Vec::new();
-                            for _ in 1..parts {
-                                ks.push(l.submit_extra());
-                            }
-                            ks.push(l.submit());
-                            tickets.extend(&ks);
-                            for o in txns.iter_mut().filter(|o| o.open) {
-                                o.tickets.extend(&ks);
-                                o.open = false;
-                            }
+                        if s.l.has_open() {
+                            s.hand_over(parts);
                         }
                     }
                     Step::Ack(i) => {
-                        if !tickets.is_empty() {
-                            let k = tickets.remove(i as usize % tickets.len());
-                            acked.insert(k);
-                            l.acked(k);
-                        }
-                    }
-                    Step::QuestionChange => {
-                        wal += 10;
-                        l.begin();
-                        let h = l.hold();
-                        wal += 10;
-                        // Until released, the question change's transaction must be replayed.
-                        holds.push((h, wal));
-                        wal += 10;
-                        l.commit(wal);
-                    }
-                    Step::ReleaseHold(i) => {
-                        if !holds.is_empty() {
-                            let (h, _) = holds.remove(i as usize % holds.len());
-                            l.release(h);
-                        }
-                    }
-                    Step::Reemit => tickets.push(l.submit_extra()),
-                    Step::Discard => {
-                        if l.has_open() {
-                            l.discard_open();
-                            for o in txns.iter_mut().filter(|o| o.open) {
-                                o.open = false;
-                                o.discarded = true;
+                        if !s.tickets.is_empty() {
+                            let (k, carried) = s.tickets.remove(i as usize % s.tickets.len());
+                            s.l.acked(k);
+                            for t in carried {
+                                *s.waiting.get_mut(&t).expect("counted") -= 1;
+                                if s.finished(t) {
+                                    done.insert(t);
+                                }
                             }
                         }
                     }
+                    Step::Release(i) => {
+                        if !s.holds.is_empty() {
+                            let (h, t) = s.holds.remove(i as usize % s.holds.len());
+                            s.l.release(h);
+                            if s.finished(t) {
+                                done.insert(t);
+                            }
+                        }
+                    }
+                    Step::Reemit => {
+                        let k = s.l.submit_extra();
+                        s.tickets.push((k, vec![]));
+                    }
+                    Step::Discard => {
+                        if s.l.has_open() {
+                            s.l.discard_open();
+                            for t in std::mem::take(&mut s.open) {
+                                if s.finished(t) {
+                                    done.insert(t);
+                                }
+                            }
+                        }
+                    }
+                    Step::Reconnect => s = Session::start(s.l.confirmed(), &wal),
                 }
-                let c = l.confirmed();
+                let c = s.l.confirmed();
                 prop_assert!(c >= last, "confirmed moved back from {last} to {c}");
                 last = c;
-                for t in txns.iter().filter(|t| !t.discarded) {
-                    let done = !t.open && t.tickets.iter().all(|k| acked.contains(k));
-                    if !done {
-                        prop_assert!(c <= t.commit_lsn,
-                            "confirmed {c} passes unacknowledged commit at {}", t.commit_lsn);
+                for (i, r) in wal.iter().enumerate() {
+                    if let Rec::Txn { commit_lsn, .. } = r
+                        && !done.contains(&i)
+                    {
+                        prop_assert!(c <= *commit_lsn,
+                            "confirmed {c} passes the commit at {commit_lsn} of transaction {i}, not yet safely published");
                     }
                 }
-                for (_, commit_lsn) in &holds {
-                    prop_assert!(c <= *commit_lsn, "confirmed {c} passes a held question change at {commit_lsn}");
+            }
+            // Drain: read everything, hand it over, acknowledge it, finish every re-emit.
+            while s.cursor < wal.len() || s.l.has_open() || !s.tickets.is_empty() || !s.holds.is_empty() {
+                if s.cursor < wal.len() {
+                    let id = s.cursor;
+                    s.cursor += 1;
+                    match wal[id].clone() {
+                        Rec::Txn { changes, question, end: e, .. } => {
+                            s.l.begin();
+                            if question {
+                                let h = s.l.hold();
+                                s.holds.push((h, id));
+                            }
+                            for _ in 0..changes {
+                                s.l.change();
+                            }
+                            s.l.commit(e);
+                            s.sent = e;
+                        }
+                        Rec::Heartbeat { lsn } => {
+                            s.l.reached(lsn);
+                            s.sent = lsn;
+                        }
+                    }
+                    continue;
+                }
+                if s.l.has_open() {
+                    s.hand_over(1);
+                }
+                for (k, _) in std::mem::take(&mut s.tickets) {
+                    s.l.acked(k);
+                }
+                for (h, _) in std::mem::take(&mut s.holds) {
+                    s.l.release(h);
                 }
             }
-            // Drain: acknowledge everything, release every hold, flush, then a keepalive.
-            if l.has_open() {
-                tickets.push(l.submit());
-            }
-            for k in tickets.drain(..) {
-                l.acked(k);
-            }
-            for (h, _) in holds.drain(..) {
-                l.release(h);
-            }
-            l.reached(wal);
-            prop_assert_eq!(l.confirmed(), wal.max(start));
+            s.l.reached(s.sent);
+            prop_assert_eq!(s.l.confirmed(), end.max(last));
         }
 
         /// A hold keeps the confirmed position before the question change's transaction until

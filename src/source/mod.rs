@@ -291,6 +291,31 @@ async fn event_producer(
     })
 }
 
+/// Where this source keeps its snapshot progress (`[source] state_store`).
+async fn state_store(cfg: &SourceConfig, client: &Client) -> Result<state::Store> {
+    let s = &cfg.source;
+    let file = state::StateFile::new(Path::new(&s.state_dir), &s.slot);
+    Ok(match s.state_store {
+        crate::config::StateStore::File => state::Store::File(file),
+        crate::config::StateStore::Kafka => {
+            let database: String = client
+                .query_one("SELECT current_database()::text", &[])
+                .await
+                .map_err(|e| error::pg("reading the database name", e))?
+                .get(0);
+            state::Store::Kafka(state::KafkaState::new(
+                cfg.brokers(),
+                &cfg.kafka.properties,
+                &format!("{}.state", cfg.kafka.topic),
+                cfg.kafka.replication_factor,
+                &database,
+                &s.slot,
+                Some(file),
+            )?)
+        }
+    })
+}
+
 /// The transaction a touched contact was last seen in.
 #[derive(Debug, Clone, Copy)]
 struct Origin {
@@ -414,20 +439,31 @@ impl<'a> Session<'a> {
         // Anomalies (TRUNCATE, unattributable changes) go to the control topic beside the stream.
         let control = out.clone();
         crate::metrics::ready(KAFKA_PRODUCER_UP, true);
-        let (slot_lsn, created) = setup::ensure_slot(&client, &s.slot).await?;
+        let store = match s.snapshot {
+            SnapshotMode::Initial => Some(state_store(cfg, &client).await?),
+            SnapshotMode::Never => None,
+        };
+        let slot_lsn = match setup::slot_position(&client, &s.slot).await? {
+            Some(lsn) => lsn,
+            None => {
+                // A new slot needs a new snapshot. The progress is reset before the slot
+                // exists, so a crash between the two cannot leave an earlier slot's "done".
+                if let Some(store) = &store {
+                    store.save(&state::SnapshotState::default()).await?;
+                }
+                setup::create_slot(&client, &s.slot).await?
+            }
+        };
         self.ledger = Ledger::new(slot_lsn);
         self.reported = slot_lsn;
         // Everything is reachable and configured: from here on failures are retried.
         self.streaming = true;
 
-        if s.snapshot == SnapshotMode::Initial {
-            let file = state::StateFile::new(Path::new(&s.state_dir), &s.slot);
-            if created {
-                file.save(&state::SnapshotState::default())?;
-            }
-            let st = file.load()?;
+        if let Some(store) = &store {
+            let st = store.load().await?;
             if !st.done {
-                self.snapshot(&client, &out, &file, st, slot_lsn).await?;
+                tracing::info!(state = %store.describe(), resumed_after = %st.last_key, "snapshot progress");
+                self.snapshot(&client, &out, store, st, slot_lsn).await?;
             }
         }
         if *self.shutdown.borrow() {
@@ -498,7 +534,7 @@ impl<'a> Session<'a> {
         &mut self,
         client: &Client,
         out: &EventOut,
-        file: &state::StateFile,
+        store: &state::Store,
         mut st: state::SnapshotState,
         slot_lsn: u64,
     ) -> Result<()> {
@@ -536,7 +572,7 @@ impl<'a> Session<'a> {
             self.published += n as u64;
             st.last_key = last;
             st.published += n as u64;
-            file.save(&st)?;
+            store.save(&st).await?;
             let rate = st.published as f64 / started.elapsed().as_secs_f64().max(0.001);
             tracing::info!(
                 published = st.published,
@@ -547,7 +583,7 @@ impl<'a> Session<'a> {
         }
         let _ = client.batch_execute("COMMIT").await;
         st.done = true;
-        file.save(&st)?;
+        store.save(&st).await?;
         tracing::info!(published = st.published, "initial snapshot done");
         Ok(())
     }
@@ -634,8 +670,22 @@ impl<'a> Session<'a> {
                 data, wal_start, ..
             } => {
                 let msg = pgoutput::decode(&data).map_err(|e| {
+                    // Skipping the message could lose a change, so the source stops, naming
+                    // the table when the message is a row change.
+                    let table = match data.first() {
+                        Some(b'I' | b'U' | b'D') if data.len() >= 5 => {
+                            let id = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
+                            format!(
+                                " (a row change of table {})",
+                                self.tracker.table(id).unwrap_or("unknown")
+                            )
+                        }
+                        _ => String::new(),
+                    };
                     Error::internal(format!(
-                        "cannot decode the replication stream at {}",
+                        "cannot decode the replication message at {}{table}; the source stops rather than skip a \
+                         change: report it with this message, and upgrade trusst-cdc or PostgreSQL if a newer version \
+                         is known to fix it",
                         fmt_lsn(wal_start.0)
                     ))
                     .with_source(e)

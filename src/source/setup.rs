@@ -324,8 +324,8 @@ pub async fn ensure_publication(client: &Client, publication: &str) -> Result<()
     Ok(())
 }
 
-/// Create the slot when missing. Returns its confirmed position and whether it was created now.
-pub async fn ensure_slot(client: &Client, slot: &str) -> Result<(u64, bool)> {
+/// The slot's confirmed position, `None` when the slot does not exist.
+pub async fn slot_position(client: &Client, slot: &str) -> Result<Option<u64>> {
     let row = client
         .query_opt(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
@@ -333,10 +333,15 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<(u64, bool)> {
         )
         .await
         .map_err(|e| error::pg("reading replication slots", e))?;
-    if let Some(r) = row {
+    row.map(|r| {
         let lsn: Option<String> = r.get(0);
-        return Ok((parse_lsn(lsn.as_deref().unwrap_or("0/0"))?, false));
-    }
+        parse_lsn(lsn.as_deref().unwrap_or("0/0"))
+    })
+    .transpose()
+}
+
+/// Create the slot (pgoutput); its starting position.
+pub async fn create_slot(client: &Client, slot: &str) -> Result<u64> {
     let r = client
         .query_one(
             "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -346,7 +351,7 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<(u64, bool)> {
         .map_err(|e| error::pg(format!("creating replication slot {slot}"), e))?;
     let lsn: String = r.get(0);
     tracing::info!(slot, lsn, "created logical replication slot");
-    Ok((parse_lsn(&lsn)?, true))
+    parse_lsn(&lsn)
 }
 
 /// The server's current WAL write position.

@@ -1,13 +1,19 @@
 //! The source's small durable state: whether the initial snapshot finished, and how far it got.
 //!
-//! Everything else (the stream position) lives in the replication slot itself. The file is
-//! written atomically (write, fsync, rename) so a crash leaves the old or the new state.
+//! Everything else (the stream position) lives in the replication slot itself. By default the
+//! state lives in Kafka ([`KafkaState`]: a compacted topic beside the events), so a source
+//! rescheduled to another host, or a container that lost its volume, resumes the snapshot
+//! instead of publishing every contact again (and spending every CRM's API allowance again);
+//! the database credential may be read-only, so the database is no place for it. A local file
+//! ([`StateFile`], written atomically: write, fsync, rename) remains for single-host setups.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{self, Error, Result};
 
 /// Snapshot progress for one slot.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +77,187 @@ impl StateFile {
             f.sync_all().map_err(io)?;
         }
         std::fs::rename(&tmp, &self.path).map_err(io)
+    }
+}
+
+/// Where the snapshot progress of one slot lives.
+pub enum Store {
+    /// A compacted Kafka topic (the default).
+    Kafka(KafkaState),
+    /// A file in `state_dir`.
+    File(StateFile),
+}
+
+impl Store {
+    /// Read the state; none saved yet means no snapshot ran.
+    pub async fn load(&self) -> Result<SnapshotState> {
+        match self {
+            Store::File(f) => f.load(),
+            Store::Kafka(k) => k.load().await,
+        }
+    }
+
+    /// Replace the state (durably: fsync'd, or acknowledged by every in-sync replica).
+    pub async fn save(&self, state: &SnapshotState) -> Result<()> {
+        match self {
+            Store::File(f) => f.save(state),
+            Store::Kafka(k) => k.save(state).await,
+        }
+    }
+
+    /// Where the state lives, for log lines.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::File(f) => format!("file {}", f.path.display()),
+            Store::Kafka(k) => format!("topic {} key {}", k.topic, k.key),
+        }
+    }
+}
+
+/// Snapshot progress in a compacted topic, one key per database and slot.
+pub struct KafkaState {
+    brokers: String,
+    properties: BTreeMap<String, String>,
+    topic: String,
+    key: String,
+    replication_factor: i32,
+    producer: rdkafka::producer::FutureProducer,
+    /// Read when Kafka holds no state yet: the file an earlier version wrote.
+    legacy: Option<StateFile>,
+    /// Set once the topic is known to exist.
+    topic_ready: tokio::sync::OnceCell<()>,
+}
+
+/// Longest wait for the state topic to be read to its end.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl KafkaState {
+    /// The state of `slot` on `database` in `topic` (created compacted when missing);
+    /// `legacy` is a state file to take over when the topic has nothing yet.
+    pub fn new(
+        brokers: &str,
+        properties: &BTreeMap<String, String>,
+        topic: &str,
+        replication_factor: i32,
+        database: &str,
+        slot: &str,
+        legacy: Option<StateFile>,
+    ) -> Result<Self> {
+        Ok(Self {
+            brokers: brokers.to_owned(),
+            properties: properties.clone(),
+            topic: topic.to_owned(),
+            key: format!("snapshot/{database}/{slot}"),
+            replication_factor,
+            producer: crate::kafka::producer(brokers, properties)?,
+            legacy,
+            topic_ready: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    async fn ensure_topic(&self) -> Result<()> {
+        self.topic_ready
+            .get_or_try_init(|| {
+                crate::kafka::ensure_compacted_topic(
+                    &self.brokers,
+                    &self.properties,
+                    &self.topic,
+                    1,
+                    self.replication_factor,
+                )
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The newest value of the key, reading the topic to its end.
+    pub async fn load(&self) -> Result<SnapshotState> {
+        self.ensure_topic().await?;
+        let config = crate::kafka::client_config(&self.brokers, &self.properties);
+        let (topic, key) = (self.topic.clone(), self.key.clone());
+        let found = tokio::task::spawn_blocking(move || read_key(config, &topic, &key))
+            .await
+            .map_err(|e| Error::internal(format!("reading the state topic panicked: {e}")))??;
+        match found {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                Error::user(format!(
+                    "the snapshot state under key {} in topic {} is corrupt ({e}); delete the key (produce a null \
+                     value) to run the snapshot again",
+                    self.key, self.topic
+                ))
+            }),
+            None => match &self.legacy {
+                Some(f) => {
+                    let st = f.load()?;
+                    if st != SnapshotState::default() {
+                        tracing::info!(file = %f.path.display(), topic = %self.topic, "snapshot state taken over from the state file");
+                        self.save(&st).await?;
+                    }
+                    Ok(st)
+                }
+                None => Ok(SnapshotState::default()),
+            },
+        }
+    }
+
+    /// Write the state and wait until Kafka acknowledged it.
+    pub async fn save(&self, state: &SnapshotState) -> Result<()> {
+        self.ensure_topic().await?;
+        let value = serde_json::to_vec(state).expect("state serializes");
+        let mut p = crate::kafka::Pending::default();
+        p.send(&self.producer, &self.topic, &self.key, Some(&value))
+            .await?;
+        p.wait().await.map(|_| ())
+    }
+}
+
+/// Read partition 0 of `topic` from its start to its end and return the last value of `key`
+/// (`None` when absent or deleted by a tombstone). Blocking: run it off the async thread.
+fn read_key(mut config: rdkafka::ClientConfig, topic: &str, key: &str) -> Result<Option<Vec<u8>>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    config
+        .set(
+            "group.id",
+            format!("trusst-cdc-state-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = crate::kafka::create(&config, "state reader")?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .map_err(|e| error::kafka(format!("reading the offsets of state topic {topic}"), e))?;
+    if high <= low {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(|e| error::kafka("assigning the state topic", e))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| error::kafka(format!("reading state topic {topic}"), e))?;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut value = None;
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if m.key() == Some(key.as_bytes()) {
+                    value = m.payload().map(<[u8]>::to_vec);
+                }
+                if m.offset() + 1 >= high {
+                    return Ok(value);
+                }
+            }
+            Some(Err(e)) => {
+                return Err(error::kafka(format!("reading state topic {topic}"), e));
+            }
+            None => {}
+        }
+        if Instant::now() > deadline {
+            return Err(Error::external(format!(
+                "state topic {topic} was not read to its end (offset {high}) within {READ_TIMEOUT:?}"
+            )));
+        }
     }
 }
 

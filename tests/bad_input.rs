@@ -149,8 +149,20 @@ fn wal_level_replica_is_refused() {
 async fn unreachable_kafka_fails_with_the_address() {
     let db = TestDb::new("t_nokafka").await;
     for cmd in ["check", "source"] {
-        let (out, text) = run(&[cmd], &db.url, "127.0.0.1:1", "");
+        let (out, text) = run(
+            &[cmd],
+            &db.url,
+            "127.0.0.1:1",
+            "[source]\nstartup_timeout = \"2s\"\n",
+        );
         assert_fails(&out, &text, &["127.0.0.1:1", "KAFKA_BROKERS"]);
+        if cmd == "source" {
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "a service that cannot be reached:\n{text}"
+            );
+        }
     }
 }
 
@@ -160,9 +172,13 @@ fn unreachable_database_fails_with_the_address() {
         &["source"],
         "postgres://postgres:postgres@127.0.0.1:1/trusst",
         &brokers(),
-        "",
+        "[source]\nstartup_timeout = \"2s\"\n",
     );
-    assert_fails(&out, &text, &["127.0.0.1:1/trusst", "DATABASE_URL"]);
+    assert_fails(
+        &out,
+        &text,
+        &["127.0.0.1:1/trusst", "DATABASE_URL", "retrying"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -234,3 +234,34 @@ async fn random_kills_under_load_lose_nothing() {
     src.assert_running();
     assert_matches_seed(&reader.latest(), &db.expected().await);
 }
+
+/// A source (re)started while Kafka is still down waits for it (within `startup_timeout`) instead
+/// of exiting, then publishes what completed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_started_while_kafka_is_down_waits_for_it() {
+    let _serial = SERIAL.lock().await;
+    let broker = FaultBroker::up();
+    let db = TestDb::new("f_start").await;
+    let (mut src, mut reader) = running_source(&db, &broker, opts(&broker)).await;
+    broker.stop();
+    let lost = completed(&db, 24, 2).await;
+    src.kill9();
+    src.respawn(&db);
+    // Past the first attempt's 10 s wait for the broker's answer.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    src.assert_running();
+    assert!(
+        src.log().contains("cannot start yet"),
+        "the source says it waits:\n{}",
+        src.log()
+    );
+    broker.start();
+    reader.until(
+        WAIT,
+        "the contacts completed while Kafka was down",
+        has_all(&lost),
+    );
+    src.assert_running();
+    reader.settle(Duration::from_secs(1));
+    assert_matches_seed(&reader.latest(), &db.expected().await);
+}

@@ -194,6 +194,13 @@ pub struct SourceSection {
         deserialize_with = "crate::config::duration::deserialize"
     )]
     pub heartbeat_interval: Duration,
+    /// How long an unreachable service (Kafka, PostgreSQL, the registry) is retried at start
+    /// before the source exits (once it has streamed, it reconnects for ever).
+    #[serde(
+        default = "default_startup_timeout",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
+    pub startup_timeout: Duration,
     /// Contacts re-emitted per step after a question change, between stream batches.
     #[serde(default = "default_page")]
     pub reemit_chunk: usize,
@@ -234,6 +241,9 @@ fn default_page() -> usize {
 }
 fn default_wait() -> Duration {
     Duration::from_millis(20)
+}
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)

@@ -54,12 +54,15 @@ pub const READY_CONDITIONS: &[&str] = &[REPLICATION_CONNECTED, KAFKA_PRODUCER_UP
 /// How often the slot's lag is read for `trusst_cdc_replication_lag_bytes`.
 const LAG_POLL: Duration = Duration::from_secs(5);
 
-/// Run the source until `shutdown` turns true. A failure before the first stream started exits
-/// (a misconfiguration should be loud); once streaming, retryable failures reconnect with backoff.
+/// Run the source until `shutdown` turns true. A configuration problem exits at once (it
+/// should be loud). A service that cannot be reached at start (Kafka or PostgreSQL down, say
+/// after a restart during maintenance) is retried with backoff for `startup_timeout`, then the
+/// source exits; once it has streamed, retryable failures reconnect with backoff for ever.
 pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
     let new_backoff = || error::backoff(Duration::from_millis(500), Duration::from_secs(30));
     let mut backoff = new_backoff();
     let mut ever_streamed = false;
+    let give_up_at = Instant::now() + cfg.source.startup_timeout;
     // Across sessions: the lag keeps being read while the source reconnects.
     let _lag = watch_slot_lag(cfg.database_url().to_owned(), cfg.source.slot.clone());
     // The schema is registered by the first session only; reconnects reuse its id.
@@ -73,13 +76,18 @@ pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<(
         ever_streamed |= session.streaming;
         match result {
             Ok(()) => return Ok(()),
-            Err(e) if e.retryable && ever_streamed => {
+            Err(e) if e.retryable && (ever_streamed || Instant::now() < give_up_at) => {
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = new_backoff();
                 }
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                let lsn = fmt_lsn(session.ledger.confirmed());
-                tracing::warn!(error = %e, slot = %cfg.source.slot, lsn = %lsn, retry_in = ?delay, "source session failed; reconnecting from the slot's confirmed LSN");
+                if ever_streamed {
+                    let lsn = fmt_lsn(session.ledger.confirmed());
+                    tracing::warn!(error = %e, slot = %cfg.source.slot, lsn = %lsn, retry_in = ?delay, "source session failed; reconnecting from the slot's confirmed LSN");
+                } else {
+                    let left = give_up_at.saturating_duration_since(Instant::now());
+                    tracing::warn!(error = %e, retry_in = ?delay, gives_up_in = ?left, "source cannot start yet; retrying ([source] startup_timeout)");
+                }
                 let mut sd = shutdown.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

@@ -6,7 +6,8 @@
 # JSON and Avro event decoders, config loader).
 #
 # Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL),
-# FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and start), REGISTRY_PORT (18081).
+# SLOTS_PGPORT (55436), FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and
+# start), REGISTRY_PORT (18081).
 #
 #   scripts/test.sh                 everything
 #   FUZZ_SECONDS=0 scripts/test.sh  skip the fuzz run (it needs a nightly toolchain)
@@ -27,6 +28,9 @@ PG_INSTANCE=pg-replica PG_WAL_LEVEL=replica PGPORT=${REPLICA_PGPORT:-55433} scri
 scripts/services.sh tls-certs
 PG_INSTANCE=pg-tls PG_SSL_CERT=.run/tls/server.pem PG_SSL_KEY=.run/tls/server.key PGPORT=${TLS_PGPORT:-55435} \
     scripts/services.sh start-pg
+# A cluster of its own for the lost-slot test, which lowers max_slot_wal_keep_size (tests/slot_lost.rs).
+export SLOTS_PGPORT=${SLOTS_PGPORT:-55436}
+PG_INSTANCE=pg-slots PGPORT=$SLOTS_PGPORT scripts/services.sh start-pg
 # A broker of its own for tests that stop Kafka (tests/source_faults.rs), so the shared one stays up.
 export FAULT_KAFKA_PORT=${FAULT_KAFKA_PORT:-19192}
 KAFKA_INSTANCE=kafka-faults KAFKA_PORT=$FAULT_KAFKA_PORT KAFKA_HEAP_OPTS="-Xms256m -Xmx512m" \
@@ -53,6 +57,8 @@ scripts/services.sh drop-slots '^slot_'
 scripts/services.sh drop-dbs '^test_'
 PGPORT=${TLS_PGPORT:-55435} scripts/services.sh drop-slots '^slot_'
 PGPORT=${TLS_PGPORT:-55435} scripts/services.sh drop-dbs '^test_'
+PGPORT=$SLOTS_PGPORT scripts/services.sh drop-slots '^slot_'
+PGPORT=$SLOTS_PGPORT scripts/services.sh drop-dbs '^test_'
 
 echo "test: building" >&2
 cargo build --locked --all-targets

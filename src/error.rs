@@ -135,6 +135,10 @@ pub fn pg(context: impl Into<String>, e: tokio_postgres::Error) -> Error {
             SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             SqlState::UNDEFINED_OBJECT,
             SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            // A query that cannot run on this schema (an operator or a type that does not
+            // fit): retrying will not change the schema.
+            SqlState::UNDEFINED_FUNCTION,
+            SqlState::DATATYPE_MISMATCH,
         ]
         .contains(code);
         let msg = format!("{context}: {} (SQLSTATE {})", db.message(), code.code());

@@ -58,6 +58,22 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         overrides: SourceOverrides,
+        /// If the slot was invalidated or dropped: create a new one and re-publish what the gap
+        /// may have changed, then stream (`[source] on_slot_lost = "recover"` for every start).
+        #[arg(long)]
+        recover: bool,
+    },
+    /// Drop the replication slot and the publication (and forget the snapshot progress), so no
+    /// slot is left holding WAL on the database; says what it dropped.
+    Teardown {
+        /// Source config file.
+        #[arg(long, default_value = "connector-config/source.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        overrides: SourceOverrides,
+        /// Keep the publication (another consumer uses it).
+        #[arg(long)]
+        keep_publication: bool,
     },
     /// Check the database and Kafka for everything the source needs; non-zero exit on problems.
     Check {
@@ -219,8 +235,15 @@ async fn source_config(path: &Path, overrides: SourceOverrides) -> Result<Source
 async fn run(cli: Cli) -> Result<()> {
     let metrics_flag = cli.metrics_listen;
     match cli.command {
-        Command::Source { config, overrides } => {
-            let cfg = source_config(&config, overrides).await?;
+        Command::Source {
+            config,
+            overrides,
+            recover,
+        } => {
+            let mut cfg = source_config(&config, overrides).await?;
+            if recover {
+                cfg.source.on_slot_lost = config::SlotLost::Recover;
+            }
             let listen = Listen::resolve(
                 metrics_flag.as_deref(),
                 cfg.metrics.listen.as_deref(),
@@ -232,6 +255,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Check { config, overrides } => {
             let cfg = source_config(&config, overrides).await?;
             check::run(&cfg).await
+        }
+        Command::Teardown {
+            config,
+            overrides,
+            keep_publication,
+        } => {
+            let cfg = source_config(&config, overrides).await?;
+            for line in source::teardown(&cfg, keep_publication).await? {
+                println!("{line}");
+            }
+            Ok(())
         }
         Command::Backfill {
             config,

@@ -130,7 +130,8 @@ pub async fn gather(source: &SourceConfig, sinks: &[(PathBuf, SinkConfig)]) -> R
         Ok(Some(s)) => {
             if s.wal_status.as_deref() == Some("lost") {
                 problems.push(format!(
-                    "slot {} has lost WAL it needed: drop it and start the source again (it takes a new snapshot)",
+                    "slot {} has lost WAL it needed (wal_status = lost): run `trusst-cdc source --recover` (a new \
+                     slot and a bounded re-publish; see the README, \"When the replication slot is lost\")",
                     s.name
                 ));
             }
@@ -138,7 +139,8 @@ pub async fn gather(source: &SourceConfig, sinks: &[(PathBuf, SinkConfig)]) -> R
         }
         Ok(None) => {
             problems.push(format!(
-                "replication slot {} does not exist: start `trusst-cdc source` (it creates the slot)",
+                "replication slot {} does not exist: start `trusst-cdc source` (a first start creates it; a source \
+                 that streamed from it before stops and says to run `trusst-cdc source --recover`)",
                 source.source.slot
             ));
             None

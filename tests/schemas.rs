@@ -116,12 +116,19 @@ async fn aurora_schema_with_timestamptz_uuid_and_an_enum_stage() {
     reader.until(WAIT, "the snapshot", has_all(&before));
     let after = completed(&db, 42, 8).await;
     let c = db.client().await;
-    // An answer changes, one disappears (a delete under the identity index), a contact goes.
+    // An answer changes, one disappears (a delete under the identity index), a contact goes,
+    // a start time is 'infinity' (valid, but no ISO 8601 time), a contact gets a second, older
+    // conversation (its answers must not repeat), a conversation not linked to any contact yet
+    // arrives (nothing to publish, nothing to complain about).
     c.batch_execute(&format!(
         "UPDATE inferences SET result = 'false', updated_at = now() WHERE contact_id = '{0}' AND question_id = 'q-agent-identified';
          DELETE FROM inferences WHERE contact_id = '{0}' AND question_id = 'q-quality-score';
-         DELETE FROM contacts WHERE contact_id = '{1}';",
-        after[0], after[1]
+         DELETE FROM contacts WHERE contact_id = '{1}';
+         UPDATE contacts SET start_time = 'infinity' WHERE contact_id = '{2}';
+         INSERT INTO s3_conversations (conversation_id, contact_id, conn_id, agent_id, call_time)
+           VALUES ('second-{3}', '{3}', 'REC-old', 'user.old', timestamptz '2020-01-01 00:00:00+00');
+         INSERT INTO s3_conversations (conversation_id, contact_id, conn_id) VALUES ('unlinked-1', NULL, 'REC-x');",
+        after[0], after[1], after[2], after[3]
     ))
     .await
     .unwrap();
@@ -142,6 +149,22 @@ async fn aurora_schema_with_timestamptz_uuid_and_an_enum_stage() {
             .any(|q| q.question_key == "quality_score"),
         "the deleted answer is gone: {e:?}"
     );
+    assert_eq!(
+        latest[&after[2]].call_start_time, None,
+        "'infinity' is published as null"
+    );
+    let two = &latest[&after[3]];
+    assert_eq!(
+        two.universal_questions.len(),
+        8,
+        "answers once each: {two:?}"
+    );
+    assert_ne!(two.conn_id.as_deref(), Some("REC-old"), "the latest call");
+    assert!(
+        !src.log().contains("stream anomaly"),
+        "no anomaly recorded:\n{}",
+        src.log()
+    );
     // timestamptz values leave as UTC with a Z.
     let call = e.call_date.as_deref().unwrap();
     assert!(call.ends_with('Z'), "{call}");
@@ -154,7 +177,8 @@ async fn aurora_schema_with_timestamptz_uuid_and_an_enum_stage() {
     );
 }
 
-/// Integer ids, `date` call times, a `char(n)` external id, a smallint flag, and one result
+/// Integer ids, `date` call times, a `char(n)` external id and stage (the stream carries them
+/// padded), a smallint flag, and one result
 /// type per variant (numeric or boolean); s3_conversations' primary key holds contact_id, so
 /// the default replica identity already names the contact.
 fn integer_schema(result_type: &str) -> String {
@@ -165,7 +189,7 @@ CREATE TABLE questions (
     is_universal smallint NOT NULL DEFAULT 0, "group" varchar(40), "order" smallint);
 CREATE TABLE contacts (
     contact_id bigint PRIMARY KEY, stream_id varchar(40), external_id char(12), start_time timestamp(3),
-    direction varchar(10), current_stage varchar(20) NOT NULL, agent_id integer);
+    direction varchar(10), current_stage character(20) NOT NULL, agent_id integer);
 CREATE TABLE inferences (
     inference_id bigint PRIMARY KEY, contact_id bigint NOT NULL REFERENCES contacts ON DELETE CASCADE,
     question_id integer NOT NULL REFERENCES questions, result {result_type}, updated_at timestamptz);
@@ -287,4 +311,105 @@ async fn unreadable_types_are_named_with_their_fix() {
         }
         assert!(!text.contains("panicked"), "{cmd} panicked:\n{text}");
     }
+}
+
+/// A partitioned `inferences` (changes arrive under the partitions' names unless the
+/// publication publishes via the root) and a same-named `contacts` table in another schema that
+/// an operator's FOR ALL TABLES publication also carries: neither may cost or invent an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioned_tables_and_same_named_tables_elsewhere() {
+    let schema = trusst_cdc::generate::SCHEMA_SQL.replace(
+        "CREATE TABLE IF NOT EXISTS inferences (
+    inference_id VARCHAR PRIMARY KEY,",
+        "CREATE TABLE IF NOT EXISTS inferences (
+    inference_id VARCHAR,",
+    );
+    let schema = schema.replace(
+        "    updated_at   TIMESTAMP NOT NULL DEFAULT NOW()
+);
+CREATE INDEX IF NOT EXISTS inferences_contact_id",
+        "    updated_at   TIMESTAMP NOT NULL DEFAULT NOW(),
+    PRIMARY KEY (inference_id, contact_id)
+) PARTITION BY HASH (contact_id);
+CREATE TABLE inferences_p0 PARTITION OF inferences FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE inferences_p1 PARTITION OF inferences FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+CREATE INDEX IF NOT EXISTS inferences_contact_id",
+    );
+    assert!(
+        schema.contains("PARTITION BY HASH"),
+        "the fixture changed: {schema}"
+    );
+    let db = db_with(
+        "s_parts",
+        &format!(
+            "{schema}
+         ALTER TABLE s3_conversations REPLICA IDENTITY FULL;
+         CREATE SCHEMA archive;
+         CREATE TABLE archive.contacts (LIKE contacts INCLUDING ALL);"
+        ),
+    )
+    .await;
+    trusst_cdc::generate::ensure_questions(&db.client().await)
+        .await
+        .unwrap();
+    let before = completed(&db, 61, 10).await;
+    let slot = unique("slot");
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {slot} FOR ALL TABLES WITH (publish_via_partition_root = false)"
+        ))
+        .await
+        .unwrap();
+    // check names the publication's problem with the fix.
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("contacts").replace('_', "-");
+    let mut src = SourceProc::start_with(&db, slot.clone(), topic, dir, SourceOpts::default());
+    let (_, text) = src.run_once(&db, "check");
+    assert!(
+        text.contains(
+            "publishes the partitioned table(s) inferences under their partitions' names"
+        ) && text.contains(&format!(
+            "ALTER PUBLICATION {slot} SET (publish_via_partition_root = true)"
+        )),
+        "{text}"
+    );
+    let status = src.wait_exit(WAIT);
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "the source refuses it too:\n{}",
+        src.log()
+    );
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {slot} SET (publish_via_partition_root = true)"
+        ))
+        .await
+        .unwrap();
+    src.respawn(&db);
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "the snapshot", has_all(&before));
+    src.wait_streaming();
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "INSERT INTO archive.contacts SELECT * FROM contacts WHERE contact_id = '{0}';
+         DELETE FROM archive.contacts WHERE contact_id = '{0}';
+         UPDATE inferences SET result = 'false', updated_at = now() WHERE contact_id = '{1}' AND question_id = 'q-agent-identified';",
+        before[0], before[1]
+    ))
+    .await
+    .unwrap();
+    let after = completed(&db, 62, 5).await;
+    reader.until(WAIT, "streamed contacts and the changed answer", |r| {
+        has_all(&after)(r) && r.iter().filter(|r| r.key == before[1]).count() >= 2
+    });
+    reader.settle(Duration::from_secs(1));
+    src.assert_running();
+    assert!(
+        reader.records.iter().all(|r| r.value.is_some()),
+        "no delete for the archive table's row"
+    );
+    assert_matches_seed(&reader.latest(), &db.expected().await);
 }

@@ -548,3 +548,40 @@ async fn snapshot_progress_survives_a_lost_state_folder() {
     );
     assert_matches_seed(&reader.latest(), &db.expected().await);
 }
+
+/// A question stops being universal while the source is stopped: on restart the change is
+/// replayed, and although the question cache already shows the new state, every affected
+/// contact is published again without that answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_question_made_non_universal_while_stopped_is_re_emitted() {
+    let db = TestDb::new("t_qdown").await;
+    let ids = completed(&db, 53, 15).await;
+    let mut src = SourceProc::start(&db, SourceOpts::default());
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "the snapshot", has_all(&ids));
+    src.wait_streaming();
+    assert!(src.terminate().success(), "{}", src.log());
+    db.client()
+        .await
+        .batch_execute("UPDATE questions SET is_universal = false WHERE question_id = 'q-empathy'")
+        .await
+        .unwrap();
+    src.respawn(&db);
+    reader.until(WAIT, "every contact again", |r| {
+        ids.iter().all(|id| {
+            r.iter()
+                .filter_map(|r| (&r.key == id).then(|| r.event()).flatten())
+                .any(|e| e.source.reason == "question")
+        })
+    });
+    reader.settle(Duration::from_secs(1));
+    let latest = reader.latest();
+    assert!(
+        latest.values().all(|e| e
+            .universal_questions
+            .iter()
+            .all(|q| q.question_key != "empathy_rating")),
+        "the answer to a question that is no longer universal is gone"
+    );
+    assert_matches_seed(&latest, &db.expected().await);
+}

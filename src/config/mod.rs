@@ -163,6 +163,17 @@ pub enum StateStore {
     File,
 }
 
+/// What the source does when its replication slot was invalidated or dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotLost {
+    /// Stop with the cause and the fix (exit code 2).
+    #[default]
+    Stop,
+    /// Create a new slot and re-publish what the gap may have changed.
+    Recover,
+}
+
 /// `[source]`: the replication slot and batching.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,6 +223,17 @@ pub struct SourceSection {
     /// file that the Kafka store takes over).
     #[serde(default = "default_state_dir")]
     pub state_dir: String,
+    /// What to do when the slot is invalidated or gone: `stop` (default, with the cause and
+    /// the fix) or `recover` (a new slot and a bounded re-publish, as `source --recover`).
+    #[serde(default)]
+    pub on_slot_lost: SlotLost,
+    /// Safety margin a recovery subtracts from the newest commit on the topic (long
+    /// transactions commit after their rows' timestamps).
+    #[serde(
+        default = "default_recover_margin",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
+    pub recover_margin: Duration,
     /// Largest encoded event; longer texts are shortened (and listed in the event's
     /// `truncated`). Default and cap: what the producer and the topic accept.
     #[serde(default)]
@@ -241,6 +263,9 @@ fn default_page() -> usize {
 }
 fn default_wait() -> Duration {
     Duration::from_millis(20)
+}
+fn default_recover_margin() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_startup_timeout() -> Duration {
     Duration::from_secs(300)

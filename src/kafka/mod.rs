@@ -84,7 +84,7 @@ pub async fn ping(producer: &FutureProducer, brokers: &str, timeout: Duration) -
 }
 
 /// Run a blocking librdkafka call (metadata) off the async threads: the source has only one.
-async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+pub async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::internal(format!("a Kafka metadata request panicked: {e}")))

@@ -86,6 +86,8 @@ pub struct Metrics {
     events_oversized: Family<TopicLabels, Counter>,
     commit_to_publish: Family<TopicLabels, Histogram>,
     replication_lag_bytes: Family<SlotLabels, Gauge>,
+    slot_wal_status: Family<SlotLabels, Gauge>,
+    slot_safe_wal_size: Family<SlotLabels, Gauge>,
     replication_lag_seconds: Family<SlotLabels, FloatGauge>,
     consumed: Family<SinkLabels, Counter>,
     written: Family<SinkLabels, Counter>,
@@ -116,6 +118,8 @@ impl Metrics {
             events_oversized: Family::default(),
             commit_to_publish: Family::new_with_constructor(latency_histogram),
             replication_lag_bytes: Family::default(),
+            slot_wal_status: Family::default(),
+            slot_safe_wal_size: Family::default(),
             replication_lag_seconds: Family::default(),
             consumed: Family::default(),
             written: Family::default(),
@@ -162,6 +166,18 @@ impl Metrics {
             "WAL the slot has not confirmed yet: pg_current_wal_lsn() minus confirmed_flush_lsn",
             Some(Unit::Bytes),
             m.replication_lag_bytes.clone(),
+        );
+        r.add(
+            "replication_slot_wal_status",
+            "The slot's wal_status: 0 reserved, 1 extended, 2 unreserved (the next checkpoint may invalidate it), 3 lost, -1 unknown or missing",
+            None,
+            m.slot_wal_status.clone(),
+        );
+        r.add(
+            "replication_slot_safe_wal_size",
+            "WAL that can still be written before the slot may be invalidated (pg_replication_slots.safe_wal_size; absent without max_slot_wal_keep_size)",
+            Some(Unit::Bytes),
+            m.slot_safe_wal_size.clone(),
         );
         r.add(
             "replication_lag",
@@ -343,6 +359,24 @@ pub fn pg_micros_age(pg_micros: i64, now_unix_micros: i64) -> Duration {
     const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
     let age = now_unix_micros - (pg_micros + PG_EPOCH_MICROS);
     Duration::from_micros(age.max(0) as u64)
+}
+
+/// The slot's `wal_status` as [`crate::source::slot::status_code`] numbers it, and its
+/// `safe_wal_size` when PostgreSQL reports one.
+pub fn slot_health(slot: &str, status: i64, safe_wal_size: Option<i64>) {
+    let labels = SlotLabels {
+        slot: slot.to_owned(),
+    };
+    let m = global();
+    m.slot_wal_status.get_or_create(&labels).set(status);
+    match safe_wal_size {
+        Some(b) => {
+            m.slot_safe_wal_size.get_or_create(&labels).set(b);
+        }
+        None => {
+            m.slot_safe_wal_size.remove(&labels);
+        }
+    }
 }
 
 /// The slot's unconfirmed WAL in bytes.

@@ -11,8 +11,10 @@ pub mod enrich;
 pub mod ledger;
 pub mod pgoutput;
 mod publisher;
+pub mod recover;
 pub mod schema;
 pub mod setup;
+pub mod slot;
 pub mod state;
 pub mod triggers;
 
@@ -50,6 +52,9 @@ pub const REPLICATION_CONNECTED: &str = "replication stream connected";
 pub const KAFKA_PRODUCER_UP: &str = "kafka producer up";
 /// What `/ready` waits for in the source.
 pub const READY_CONDITIONS: &[&str] = &[REPLICATION_CONNECTED, KAFKA_PRODUCER_UP];
+
+/// While re-emits wait, the longest a busy stream goes without running one of their chunks.
+const REEMIT_EVERY: Duration = Duration::from_millis(200);
 
 /// How often the slot's lag is read for `trusst_cdc_replication_lag_bytes`.
 const LAG_POLL: Duration = Duration::from_secs(5);
@@ -104,6 +109,7 @@ pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<(
 fn watch_slot_lag(url: String, slot: String) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         let mut client = None;
+        let mut last_status = None;
         let mut tick = tokio::time::interval(LAG_POLL);
         loop {
             tick.tick().await;
@@ -117,6 +123,23 @@ fn watch_slot_lag(url: String, slot: String) -> AbortOnDrop {
                 Err(e) => {
                     tracing::debug!(slot = %slot, error = %e, "reading the slot lag failed; reconnecting");
                     client = None;
+                    continue;
+                }
+            }
+            if let Ok(h) = slot::read(c, &slot).await {
+                crate::metrics::slot_health(
+                    &slot,
+                    slot::status_code(h.wal_status.as_deref()),
+                    h.safe_wal_size,
+                );
+                // Say it once per change, not every poll.
+                let now = h.wal_status.clone();
+                if now != last_status {
+                    match slot::verdict(&slot, &h, true) {
+                        slot::Verdict::Warn(m) | slot::Verdict::Lost(m) => tracing::warn!("{m}"),
+                        _ => {}
+                    }
+                    last_status = now;
                 }
             }
         }
@@ -141,9 +164,8 @@ struct EventOut {
     encoder: Encoder,
     /// Largest encoded event ([`kafka::event_limit`]); longer texts are shortened to fit.
     max_bytes: usize,
-    brokers: String,
-    properties: std::collections::BTreeMap<String, String>,
-    replication_factor: i32,
+    /// `<topic>.control` exists (it is created at start; without it anomalies are only logged).
+    control_ready: bool,
 }
 
 impl EventOut {
@@ -223,32 +245,38 @@ impl EventOut {
         }
     }
 
-    /// Record a stream anomaly on `<topic>.control`, so it is kept beside the events.
+    /// Record a stream anomaly on `<topic>.control`, so it is kept beside the events. The
+    /// record is also logged at ERROR level with its whole body; if the control topic cannot
+    /// be written (it could not be created, or the principal may not write it), that log line
+    /// is the record and the stream goes on: a side channel must not stall the stream.
     async fn control(&self, body: serde_json::Value) -> Result<()> {
+        tracing::error!(record = %body, "stream anomaly recorded on the control topic");
+        if !self.control_ready {
+            return Ok(());
+        }
         let topic = format!("{}.control", self.topic);
-        kafka::ensure_compacted_topic(
-            &self.brokers,
-            &self.properties,
-            &topic,
-            1,
-            self.replication_factor,
-        )
-        .await?;
         let mut p = Pending::default();
         let key = format!(
-            "{}:{}:{}",
+            "{}:{}:{}:{}",
             body["type"].as_str().unwrap_or("control"),
             body["lsn"].as_str().unwrap_or(""),
-            body["contact_id"].as_str().unwrap_or("")
+            body["txid"].as_u64().unwrap_or(0),
+            body["contact_id"].as_str().unwrap_or(""),
         );
-        p.send(
-            &self.producer,
-            &topic,
-            &key,
-            Some(body.to_string().as_bytes()),
-        )
-        .await?;
-        p.wait().await.map(|_| ())
+        let sent = async {
+            p.send(
+                &self.producer,
+                &topic,
+                &key,
+                Some(body.to_string().as_bytes()),
+            )
+            .await?;
+            p.wait().await
+        };
+        if let Err(e) = sent.await {
+            tracing::error!(topic, error = %e, record = %body, "could not write the control topic; this log line is the record");
+        }
+        Ok(())
     }
 }
 
@@ -288,19 +316,106 @@ async fn event_producer(
     properties.insert("message.max.bytes".into(), record_max.to_string());
     let producer = kafka::producer(cfg.brokers(), &properties)?;
     tracing::debug!(topic = %cfg.kafka.topic, max_event_bytes = max_bytes, "event size limit");
+    let control = format!("{}.control", cfg.kafka.topic);
+    let control_ready = match kafka::ensure_compacted_topic(
+        cfg.brokers(),
+        &cfg.kafka.properties,
+        &control,
+        1,
+        cfg.kafka.replication_factor,
+    )
+    .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(topic = %control, error = %e, "the control topic cannot be created: stream anomalies (TRUNCATE, unattributable changes, oversized events) will only be logged; create it (compacted) or grant the principal CREATE on it");
+            false
+        }
+    };
     Ok(EventOut {
         producer,
         topic: cfg.kafka.topic.clone(),
         encoder,
         max_bytes,
-        brokers: cfg.brokers().to_owned(),
-        properties: cfg.kafka.properties.clone(),
-        replication_factor: cfg.kafka.replication_factor,
+        control_ready,
     })
 }
 
+/// The confirmed position of an existing slot.
+fn position(health: &slot::Health) -> Result<u64> {
+    setup::parse_lsn(health.confirmed.as_deref().unwrap_or("0/0"))
+}
+
+/// Drop the slot and the publication and forget the snapshot progress: what `teardown`
+/// does. Returns one line per thing done or kept.
+pub async fn teardown(cfg: &SourceConfig, keep_publication: bool) -> Result<Vec<String>> {
+    let s = &cfg.source;
+    let client = crate::pg::connect(cfg.database_url()).await?;
+    let mut done = Vec::new();
+    let health = slot::read(&client, &s.slot).await?;
+    if health.exists {
+        if let Some(pid) = health.active_pid {
+            return Err(Error::user(format!(
+                "replication slot {} is in use by the process with PID {pid} (a running source): stop it first, \
+                 then run teardown again",
+                s.slot
+            )));
+        }
+        let held = setup::slot_lag_bytes(&client, &s.slot).await?.unwrap_or(0);
+        setup::drop_slot(&client, &s.slot).await?;
+        done.push(format!(
+            "dropped replication slot {} (at {}, holding {} MiB of WAL)",
+            s.slot,
+            health.confirmed.as_deref().unwrap_or("?"),
+            held.max(0) >> 20
+        ));
+    } else {
+        done.push(format!("no replication slot {} to drop", s.slot));
+    }
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&s.publication],
+        )
+        .await
+        .map_err(|e| error::pg("reading publications", e))?
+        .get(0);
+    if !exists {
+        done.push(format!("no publication {} to drop", s.publication));
+    } else if keep_publication || !s.create_publication {
+        done.push(format!(
+            "kept publication {} ({})",
+            s.publication,
+            if keep_publication {
+                "--keep-publication"
+            } else {
+                "create_publication = false: an owner created it; DROP PUBLICATION it by hand if nothing else uses it"
+            }
+        ));
+    } else {
+        client
+            .batch_execute(&format!("DROP PUBLICATION {}", s.publication))
+            .await
+            .map_err(|e| error::pg(format!("dropping publication {}", s.publication), e))?;
+        done.push(format!("dropped publication {}", s.publication));
+    }
+    let store = state_store(cfg, &client).await?;
+    match &store {
+        state::Store::Kafka(k) => k.forget().await?,
+        state::Store::File(_) => {
+            let path = Path::new(&s.state_dir).join(format!("{}.snapshot.json", s.slot));
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    done.push(format!(
+        "forgot the snapshot progress ({})",
+        store.describe()
+    ));
+    Ok(done)
+}
+
 /// Where this source keeps its snapshot progress (`[source] state_store`).
-async fn state_store(cfg: &SourceConfig, client: &Client) -> Result<state::Store> {
+pub async fn state_store(cfg: &SourceConfig, client: &Client) -> Result<state::Store> {
     let s = &cfg.source;
     let file = state::StateFile::new(Path::new(&s.state_dir), &s.slot);
     Ok(match s.state_store {
@@ -358,6 +473,9 @@ struct ReemitJob {
 struct Batch {
     touched: HashMap<String, Origin>,
     deleted: HashSet<String>,
+    /// Every transaction whose changes are in this batch: the re-read waits until all are
+    /// visible (a contact's origin keeps only its newest).
+    xids: HashSet<u32>,
     /// Set once a committed transaction's changes are all in this batch.
     committed: bool,
     since: Option<Instant>,
@@ -395,6 +513,8 @@ struct Session<'a> {
     publisher: Option<Publisher>,
     /// Set once setup succeeded (database, Kafka, topic and slot all fine) in this session.
     streaming: bool,
+    /// When a re-emit chunk last ran.
+    last_reemit: Instant,
 }
 
 fn pg_epoch_micros_to_rfc3339(micros: i64) -> Option<String> {
@@ -428,6 +548,7 @@ impl<'a> Session<'a> {
             streaming: false,
             inflight: VecDeque::new(),
             publisher: None,
+            last_reemit: Instant::now(),
         }
     }
 
@@ -443,22 +564,51 @@ impl<'a> Session<'a> {
             setup::ensure_publication(&client, &s.publication).await?;
         }
         self.plan = schema::read(&client).await?;
+        self.tracker = Tracker::with_schemas(setup::table_schemas(&client).await?);
         let out = event_producer(cfg, self.encoder).await?;
         // Anomalies (TRUNCATE, unattributable changes) go to the control topic beside the stream.
         let control = out.clone();
         crate::metrics::ready(KAFKA_PRODUCER_UP, true);
-        let store = match s.snapshot {
-            SnapshotMode::Initial => Some(state_store(cfg, &client).await?),
-            SnapshotMode::Never => None,
-        };
-        let slot_lsn = match setup::slot_position(&client, &s.slot).await? {
-            Some(lsn) => lsn,
-            None => {
+        let store = state_store(cfg, &client).await?;
+        let saved = store.load_opt().await?;
+        let health = slot::read(&client, &s.slot).await?;
+        let mut state = saved.clone().unwrap_or_default();
+        // A summary of the topic read before a new slot replaced a lost one.
+        let mut summary = None;
+        let slot_lsn = match slot::verdict(&s.slot, &health, saved.is_some()) {
+            slot::Verdict::Create => {
                 // A new slot needs a new snapshot. The progress is reset before the slot
-                // exists, so a crash between the two cannot leave an earlier slot's "done".
-                if let Some(store) = &store {
-                    store.save(&state::SnapshotState::default()).await?;
+                // exists, so a crash between the two cannot leave an earlier slot's "done";
+                // the record also tells a later start that this slot existed.
+                state = state::SnapshotState {
+                    done: s.snapshot == SnapshotMode::Never,
+                    ..Default::default()
+                };
+                store.save(&state).await?;
+                setup::create_slot(&client, &s.slot).await?
+            }
+            slot::Verdict::Fine => position(&health)?,
+            slot::Verdict::Warn(m) => {
+                tracing::warn!("{m}");
+                position(&health)?
+            }
+            slot::Verdict::Lost(m) => {
+                if s.on_slot_lost == crate::config::SlotLost::Stop {
+                    crate::metrics::slot_health(&s.slot, slot::status_code(Some("lost")), None);
+                    return Err(Error::user(m));
                 }
+                tracing::warn!("{m}; recovering (--recover)");
+                // The gap start comes from the topic as it was before anything new is published.
+                let decoder = crate::event::Decoder::new(cfg.registry()?);
+                let read = recover::summarize(cfg, &decoder).await?;
+                let since = recover::gap_start(&read, s.recover_margin);
+                state.recovering = true;
+                state.recover_since = since.map(|t| t.to_rfc3339());
+                store.save(&state).await?;
+                if health.exists {
+                    setup::drop_slot(&client, &s.slot).await?;
+                }
+                summary = Some(read);
                 setup::create_slot(&client, &s.slot).await?
             }
         };
@@ -467,12 +617,44 @@ impl<'a> Session<'a> {
         // Everything is reachable and configured: from here on failures are retried.
         self.streaming = true;
 
-        if let Some(store) = &store {
-            let st = store.load().await?;
-            if !st.done {
-                tracing::info!(state = %store.describe(), resumed_after = %st.last_key, "snapshot progress");
-                self.snapshot(&client, &out, store, st, slot_lsn).await?;
+        if state.recovering {
+            // First run of the recovery, or a restart that finishes one a crash interrupted.
+            let summary = match summary {
+                Some(read) => read,
+                None => {
+                    let decoder = crate::event::Decoder::new(cfg.registry()?);
+                    recover::summarize(cfg, &decoder).await?
+                }
+            };
+            let since = state
+                .recover_since
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc));
+            if since.is_none() {
+                tracing::warn!(
+                    "recovery: no event on the topic carries a commit time, so nothing says when the gap began: every COMPLETED contact is re-published"
+                );
             }
+            let outcome = recover::republish(
+                &client,
+                &self.plan,
+                &out,
+                &summary,
+                since,
+                slot_lsn,
+                s.batch_max_contacts,
+            )
+            .await?;
+            self.published += outcome.changed + outcome.missing + outcome.deleted;
+            state.recovering = false;
+            state.recover_since = None;
+            store.save(&state).await?;
+        }
+        if s.snapshot == SnapshotMode::Initial && !state.done {
+            tracing::info!(state = %store.describe(), resumed_after = %state.last_key, "snapshot progress");
+            self.snapshot(&client, &out, &store, state, slot_lsn)
+                .await?;
         }
         if *self.shutdown.borrow() {
             return Ok(());
@@ -624,6 +806,14 @@ impl<'a> Session<'a> {
                         return Err(Error::external("replication stream ended unexpectedly"));
                     };
                     self.handle(ev, out, repl).await?;
+                    // A stream that never pauses (catching up) would starve the re-emit
+                    // branches below, and the hold would pin the slot and WAL until it does.
+                    if !self.jobs.is_empty()
+                        && self.current.is_none()
+                        && self.last_reemit.elapsed() >= REEMIT_EVERY
+                    {
+                        self.reemit_step(client, repl).await?;
+                    }
                 }
                 res = async { (&mut self.inflight.front_mut().expect("guarded").1).await }, if !self.inflight.is_empty() => {
                     let (ticket, _) = self.inflight.pop_front().expect("front exists");
@@ -760,6 +950,9 @@ impl<'a> Session<'a> {
     fn touch(&mut self, contact_id: String, origin: Origin) {
         self.ledger.change();
         self.batch.since.get_or_insert_with(Instant::now);
+        if origin.xid != 0 {
+            self.batch.xids.insert(origin.xid);
+        }
         self.batch.touched.insert(contact_id, origin);
     }
 
@@ -828,24 +1021,25 @@ impl<'a> Session<'a> {
     fn question_changed(&mut self, question_id: String, row: Option<QuestionRow>, origin: Origin) {
         let before = self.questions.get(&question_id).cloned();
         let after = row.map(|r| {
-            let b = before.clone();
-            // An unchanged TOASTed column comes as None: keep the cached value.
-            let keep = |new: Option<String>, old: Option<&Option<String>>| {
-                new.or_else(|| old.cloned().flatten())
-            };
+            let b = before.as_ref();
+            // An unchanged TOASTed column keeps the cached value; a NULL replaces it.
             Question {
-                key: keep(r.key, b.as_ref().map(|q| &q.key)),
-                text: keep(r.text, b.as_ref().map(|q| &q.text)),
-                result_type: keep(r.result_type, b.as_ref().map(|q| &q.result_type)),
-                group: r.group,
+                key: r.key.or(b.and_then(|q| q.key.as_ref())),
+                text: r.text.or(b.and_then(|q| q.text.as_ref())),
+                result_type: r.result_type.or(b.and_then(|q| q.result_type.as_ref())),
+                group: r.group.or(b.and_then(|q| q.group.as_ref())),
                 is_universal: r
                     .is_universal
-                    .unwrap_or(b.as_ref().is_some_and(|q| q.is_universal)),
+                    .or(b.map(|q| &q.is_universal))
+                    .unwrap_or(false),
             }
         });
         let universal = |q: &Option<Question>| q.as_ref().is_some_and(|q| q.is_universal);
+        // A replayed change (one the cache, loaded later, already reflects) cannot be judged:
+        // the cache holds its outcome, not what came before (a question that stopped being
+        // universal looks as if it never was). Replays re-emit, so nothing stays stale.
         let replay = origin.lsn <= self.questions_loaded_at;
-        let reemit = (universal(&before) || universal(&after)) && (replay || before != after);
+        let reemit = replay || ((universal(&before) || universal(&after)) && before != after);
         match &after {
             Some(q) => {
                 self.questions.insert(question_id.clone(), q.clone());
@@ -854,28 +1048,35 @@ impl<'a> Session<'a> {
                 self.questions.remove(&question_id);
             }
         }
-        if reemit
-            && !self
-                .jobs
-                .iter()
-                .any(|j| j.question_id == question_id && j.after.is_empty())
-        {
-            tracing::info!(
-                question_id,
-                "universal question changed: re-emitting its completed contacts"
-            );
-            let hold = self.ledger.hold();
-            self.jobs.push_back(ReemitJob {
-                question_id,
-                after: String::new(),
-                hold,
-                origin,
-            });
+        if !reemit {
+            return;
         }
+        if let Some(job) = self
+            .jobs
+            .iter_mut()
+            .find(|j| j.question_id == question_id && j.after.is_empty())
+        {
+            // A job that has not started covers this change too; its re-read must wait for
+            // this newer transaction.
+            job.origin = origin;
+            return;
+        }
+        tracing::info!(
+            question_id,
+            "universal question changed: re-emitting its completed contacts"
+        );
+        let hold = self.ledger.hold();
+        self.jobs.push_back(ReemitJob {
+            question_id,
+            after: String::new(),
+            hold,
+            origin,
+        });
     }
 
     /// One chunk of the oldest re-emit job, between stream batches so the stream never stalls.
     async fn reemit_step(&mut self, client: &Client, repl: &ReplicationClient) -> Result<()> {
+        self.last_reemit = Instant::now();
         let Some(job) = self.jobs.front() else {
             return Ok(());
         };
@@ -922,12 +1123,15 @@ impl<'a> Session<'a> {
         if batch.since.is_none() {
             return Ok(());
         }
+        // A deleted contact is always re-read: absent, it gets its delete event even when it
+        // was re-inserted in the same batch at an earlier stage.
         let ids: Vec<String> = batch
             .touched
             .keys()
-            .filter(|id| !self.not_completed.contains(*id))
+            .filter(|id| !self.not_completed.contains(*id) || batch.deleted.contains(*id))
             .cloned()
             .collect();
+        let xids: Vec<u32> = batch.xids.iter().copied().collect();
         if ids.is_empty() {
             // Nothing can be published: the positions the batch held back are free.
             self.ledger.discard_open();
@@ -958,6 +1162,7 @@ impl<'a> Session<'a> {
                     deleted,
                     origin: None,
                     reason: "stream",
+                    xids: xids.clone(),
                 },
                 ticket,
             )

@@ -33,8 +33,10 @@ pub(super) struct Job {
     pub deleted: HashSet<String>,
     /// Origin for contacts missing from `origins` (snapshot pages, re-emits).
     pub origin: Option<Origin>,
-    /// `stream`, `snapshot`, `question` or `backfill`: written to the event's `source.reason`.
+    /// `stream`, `snapshot`, `question`, `backfill` or `recover`: the event's `source.reason`.
     pub reason: &'static str,
+    /// Further transactions whose changes the job covers (beyond the origins').
+    pub xids: Vec<u32>,
 }
 
 impl Job {
@@ -46,6 +48,7 @@ impl Job {
             deleted: HashSet::new(),
             origin: Some(origin),
             reason,
+            xids: Vec::new(),
         }
     }
 }
@@ -57,8 +60,10 @@ impl Job {
             .origins
             .values()
             .chain(self.origin.as_ref())
-            .filter(|o| o.xid != 0)
-            .map(|o| i64::from(o.xid))
+            .map(|o| o.xid)
+            .chain(self.xids.iter().copied())
+            .filter(|xid| *xid != 0)
+            .map(i64::from)
             .collect();
         x.sort_unstable();
         x.dedup();

@@ -209,6 +209,28 @@ pub struct Plan {
     flag: FlagKind,
 }
 
+/// A column: (table, column).
+type Col = (&'static str, &'static str);
+
+/// Id columns that name the same thing in two tables.
+const SAME_IDS: [(Col, Col); 3] = [
+    (("contacts", "contact_id"), ("inferences", "contact_id")),
+    (
+        ("contacts", "contact_id"),
+        ("s3_conversations", "contact_id"),
+    ),
+    (("questions", "question_id"), ("inferences", "question_id")),
+];
+
+/// Types whose values have the same text form and compare with each other.
+fn id_form(base: &str) -> &str {
+    match base {
+        "varchar" | "text" | "name" => "string",
+        "int2" | "int4" | "int8" => "integer",
+        other => other,
+    }
+}
+
 /// Quote an identifier for SQL (`"group"`, `"order"`).
 fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -255,6 +277,31 @@ impl Plan {
                     }),
                 }
                 plan.types.insert((table, column), ty);
+            }
+        }
+        // The same id in two tables must have one text form: the stream carries each table's
+        // own (a char(n) pads, a varchar does not), and a join across unlike types fails.
+        for (a, b) in SAME_IDS {
+            if let (Some(x), Some(y)) = (plan.types.get(&a), plan.types.get(&b))
+                && id_form(&x.base) != id_form(&y.base)
+            {
+                problems.push(Problem {
+                    table: b.0,
+                    column: b.1,
+                    what: format!(
+                        "type {} differs from {}.{} ({}): the stream would carry one contact under two ids, or the \
+                         re-read's join would fail",
+                        y.name, a.0, a.1, x.name
+                    ),
+                    fix: format!(
+                        "ALTER TABLE {} ALTER COLUMN {} TYPE {} (the type of {}.{})",
+                        b.0,
+                        ident(b.1),
+                        x.name,
+                        a.0,
+                        a.1
+                    ),
+                });
             }
         }
         if problems.is_empty() {
@@ -342,7 +389,9 @@ impl Plan {
             TimeKind::TimestampTz => "timestamptz",
             TimeKind::Date => "date",
         };
-        format!("{alias}.{}::{ty}", ident(column))
+        // 'infinity' is a valid time but no ISO 8601 one: published as null, not a failure.
+        let col = format!("{alias}.{}", ident(column));
+        format!("CASE WHEN isfinite({col}) THEN {col}::{ty} END")
     }
 
     /// `questions.is_universal` of `alias` as a boolean, with [`flag_text`]'s rule.
@@ -365,7 +414,9 @@ impl Plan {
 
     /// The re-read: the guide's join for the contacts in `$1` (text ids as the stream carries
     /// them), COMPLETED ones, universal questions only. Each row's `contact_id` is the id asked
-    /// for, so rows match the request exactly whatever the column's type.
+    /// for, so rows match the request exactly whatever the column's type. A contact with several
+    /// conversations takes its latest call (the guide's join would repeat every answer once per
+    /// conversation).
     pub fn enrich_sql(&self) -> String {
         format!(
             "SELECT r.id AS contact_id, {external_id} AS external_id, {stream_id} AS stream_id, \
@@ -378,7 +429,9 @@ impl Plan {
              INNER JOIN contacts c ON c.contact_id = {cast_id} \
              INNER JOIN inferences i ON c.contact_id = i.contact_id \
              INNER JOIN questions q ON i.question_id = q.question_id \
-             LEFT JOIN s3_conversations s3c ON c.contact_id = s3c.contact_id \
+             LEFT JOIN LATERAL (SELECT s.call_time, s.agent_id, s.conn_id FROM s3_conversations s \
+                                WHERE s.contact_id = c.contact_id \
+                                ORDER BY s.call_time DESC NULLS LAST, s.conversation_id DESC LIMIT 1) s3c ON true \
              WHERE {universal} AND {completed} \
              ORDER BY c.contact_id, q.\"group\", q.\"order\", q.key, i.inference_id",
             external_id = Self::value("c", "external_id"),
@@ -621,6 +674,37 @@ mod tests {
             text[1].starts_with("column contacts.agent_id: missing"),
             "{text:?}"
         );
+    }
+
+    #[test]
+    fn an_id_must_have_one_form_across_tables() {
+        let with = |table: &'static str, t: PgType| {
+            move |tb: &str, c: &str| {
+                let mut ty = Plan::guide().types[&(tb, c)].clone();
+                if tb == table && c == "contact_id" {
+                    ty = t.clone();
+                }
+                Some(ty)
+            }
+        };
+        let e = Plan::new(with("inferences", ty("character(12)", "bpchar", 'S'))).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].to_string().contains(
+                "column inferences.contact_id: type character(12) differs from contacts.contact_id"
+            ),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].fix.contains("TYPE character varying"), "{}", e[0].fix);
+        let e = Plan::new(with("s3_conversations", ty("uuid", "uuid", 'U'))).unwrap_err();
+        assert!(
+            e[0].to_string().contains("s3_conversations.contact_id"),
+            "{}",
+            e[0]
+        );
+        // text and varchar share a form; so do the integer widths.
+        assert!(Plan::new(with("inferences", ty("text", "text", 'S'))).is_ok());
     }
 
     #[test]

@@ -18,21 +18,37 @@ pub const IDENTITY_TABLES: [&str; 3] = ["contacts", "inferences", "s3_conversati
 pub struct Finding {
     /// What was checked, with the value found.
     pub what: String,
-    /// `None` when fine; otherwise the fix.
+    /// `None` when fine; otherwise the fix (or, for a warning, the advice).
     pub fix: Option<String>,
+    /// A danger worth acting on that does not stop the source (`check` prints WARN).
+    pub warning: bool,
 }
 
 impl Finding {
-    fn ok(what: impl Into<String>) -> Self {
+    /// A check that passed.
+    pub fn ok(what: impl Into<String>) -> Self {
         Self {
             what: what.into(),
             fix: None,
+            warning: false,
         }
     }
-    fn bad(what: impl Into<String>, fix: impl Into<String>) -> Self {
+
+    /// A check that failed, with its fix.
+    pub fn bad(what: impl Into<String>, fix: impl Into<String>) -> Self {
         Self {
             what: what.into(),
             fix: Some(fix.into()),
+            warning: false,
+        }
+    }
+
+    /// A danger that does not stop the source, with advice.
+    pub fn warn(what: impl Into<String>, advice: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            fix: Some(advice.into()),
+            warning: true,
         }
     }
 }
@@ -74,6 +90,16 @@ pub async fn preflight(
             "set wal_level = logical in postgresql.conf (RDS/Aurora: rds.logical_replication = 1 in the parameter group) and restart PostgreSQL",
         )
     });
+
+    // A logical walsender named in synchronous_standby_names would make every commit wait
+    // for the source, which confirms only after the commit is visible: commits would stall.
+    let sync: String = q("SHOW synchronous_standby_names").await?.get(0);
+    if sync.contains('*') || sync.to_ascii_lowercase().contains("trusst-cdc") {
+        out.push(Finding::warn(
+            format!("synchronous_standby_names = '{sync}' can select the source's walsender (application_name trusst-cdc:<slot>) as a synchronous standby"),
+            "name the physical standbys explicitly in synchronous_standby_names instead of '*'",
+        ));
+    }
 
     let row = q("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").await?;
     let (user, repl): (String, bool) = (row.get(0), row.get(1));
@@ -152,11 +178,36 @@ pub async fn preflight(
             .await
             .map_err(|e| error::pg("reading publication tables", e))?;
         let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        // A partitioned table published without publish_via_partition_root is listed (and
+        // its changes are sent) under its partitions' names, which the stream would not know.
+        let by_partition: Vec<String> = client
+            .query(
+                "SELECT c.relname::text FROM unnest($2::text[]) AS n(name) \
+                 JOIN pg_class c ON c.oid = to_regclass(n.name) \
+                 JOIN pg_publication p ON p.pubname = $1 \
+                 WHERE c.relkind = 'p' AND NOT p.pubviaroot",
+                &[&publication, &TABLES.as_slice()],
+            )
+            .await
+            .map_err(|e| error::pg("reading partitioned tables", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         let missing: Vec<&str> = TABLES
             .iter()
             .copied()
-            .filter(|t| !have.iter().any(|h| h == t))
+            .filter(|t| !have.iter().any(|h| h == t) && !by_partition.iter().any(|p| p == t))
             .collect();
+        if !by_partition.is_empty() {
+            out.push(Finding::bad(
+                format!(
+                    "publication {publication} publishes the partitioned table(s) {} under their partitions' names, \
+                     which the source does not read",
+                    by_partition.join(", ")
+                ),
+                format!("ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"),
+            ));
+        }
         out.push(if missing.is_empty() {
             Finding::ok(format!(
                 "publication {publication} covers {}",
@@ -182,7 +233,7 @@ pub async fn preflight(
         out.push(Finding::bad(
             format!("publication {publication} does not exist"),
             format!(
-                "CREATE PUBLICATION {publication} FOR TABLE {}",
+                "CREATE PUBLICATION {publication} FOR TABLE {} WITH (publish_via_partition_root = true)",
                 TABLES.join(", ")
             ),
         ));
@@ -214,9 +265,13 @@ pub async fn preflight(
 /// Whether deletes of `table` say which contact they belong to, and what each choice of replica
 /// identity costs in WAL; `None` when the table is missing (reported elsewhere).
 async fn identity_finding(client: &Client, table: &str) -> Result<Option<Finding>> {
-    let row = client
-        .query_opt(
-            "SELECT c.relreplident::text, \
+    // A partitioned table decodes each change with its partition's identity: check the leaves.
+    let rows = client
+        .query(
+            "WITH t AS (SELECT to_regclass($1) AS oid), \
+                  r AS (SELECT coalesce((SELECT array_agg(p.relid) FROM t, pg_partition_tree(t.oid) p WHERE p.isleaf), \
+                                        ARRAY[(SELECT oid FROM t)]) AS leaves FROM t WHERE t.oid IS NOT NULL) \
+             SELECT c.relname::text, c.relreplident::text, \
                     (SELECT i.indexrelid::regclass::text FROM pg_index i WHERE i.indrelid = c.oid \
                        AND CASE c.relreplident WHEN 'i' THEN i.indisreplident WHEN 'd' THEN i.indisprimary ELSE false END \
                      LIMIT 1), \
@@ -224,21 +279,38 @@ async fn identity_finding(client: &Client, table: &str) -> Result<Option<Finding
                        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) \
                      WHERE i.indrelid = c.oid \
                        AND CASE c.relreplident WHEN 'i' THEN i.indisreplident WHEN 'd' THEN i.indisprimary ELSE false END) \
-             FROM pg_class c WHERE c.oid = to_regclass($1)",
+             FROM r, unnest(r.leaves) AS leaf JOIN pg_class c ON c.oid = leaf ORDER BY c.relname",
             &[&table],
         )
         .await
         .map_err(|e| error::pg("reading replica identities", e))?;
-    let Some(row) = row else { return Ok(None) };
-    let (kind, index, cols): (String, Option<String>, Option<Vec<String>>) =
-        (row.get(0), row.get(1), row.get(2));
-    let cols = cols.unwrap_or_default();
-    Ok(Some(identity_verdict(
-        table,
-        &kind,
-        index.as_deref(),
-        &cols,
-    )))
+    let mut verdicts = Vec::new();
+    for row in &rows {
+        let (name, kind, index, cols): (String, String, Option<String>, Option<Vec<String>>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        verdicts.push(identity_verdict(
+            &name,
+            &kind,
+            index.as_deref(),
+            &cols.unwrap_or_default(),
+        ));
+    }
+    // One line: the first problem among the partitions, or the (first) verdict when all pass.
+    Ok(verdicts
+        .iter()
+        .find(|f| f.fix.is_some())
+        .or(verdicts.first())
+        .cloned()
+        .map(|mut f| {
+            if rows.len() > 1 {
+                f.what = format!(
+                    "{table} (partitioned, {} partitions): {}",
+                    rows.len(),
+                    f.what
+                );
+            }
+            f
+        }))
 }
 
 /// The verdict on a table's replica identity (pure, so every case is unit-tested).
@@ -285,6 +357,7 @@ pub fn identity_verdict(table: &str, kind: &str, index: Option<&str>, cols: &[St
 pub fn failures(findings: &[Finding]) -> Result<()> {
     let bad: Vec<String> = findings
         .iter()
+        .filter(|f| !f.warning)
         .filter_map(|f| f.fix.as_ref().map(|fix| format!("{} (fix: {fix})", f.what)))
         .collect();
     if bad.is_empty() {
@@ -307,7 +380,12 @@ pub async fn ensure_publication(client: &Client, publication: &str) -> Result<()
     if !exists {
         // The name was validated as a plain identifier, so formatting it in is safe.
         client
-            .batch_execute(&format!("CREATE PUBLICATION {publication} FOR TABLE {}", TABLES.join(", ")))
+            // Via the root: changes of a partitioned table arrive under its own name, not a
+            // partition's (PostgreSQL 13+).
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                TABLES.join(", ")
+            ))
             .await
             .map_err(|e| {
                 error::pg(
@@ -340,6 +418,16 @@ pub async fn slot_position(client: &Client, slot: &str) -> Result<Option<u64>> {
     .transpose()
 }
 
+/// Drop the slot (it must not be in use).
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<()> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(|e| error::pg(format!("dropping replication slot {slot}"), e))?;
+    tracing::info!(slot, "dropped replication slot");
+    Ok(())
+}
+
 /// Create the slot (pgoutput); its starting position.
 pub async fn create_slot(client: &Client, slot: &str) -> Result<u64> {
     let r = client
@@ -352,6 +440,21 @@ pub async fn create_slot(client: &Client, slot: &str) -> Result<u64> {
     let lsn: String = r.get(0);
     tracing::info!(slot, lsn, "created logical replication slot");
     parse_lsn(&lsn)
+}
+
+/// The schema each of the connector's tables resolves to (the same unqualified names the
+/// queries use), so the stream ignores same-named tables in other schemas.
+pub async fn table_schemas(client: &Client) -> Result<std::collections::HashMap<String, String>> {
+    let rows = client
+        .query(
+            "SELECT n.name, s.nspname::text FROM unnest($1::text[]) AS n(name) \
+             JOIN pg_class c ON c.oid = to_regclass(n.name) \
+             JOIN pg_namespace s ON s.oid = c.relnamespace",
+            &[&TABLES.as_slice()],
+        )
+        .await
+        .map_err(|e| error::pg("reading the tables' schemas", e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// The server's current WAL write position.

@@ -24,6 +24,12 @@ pub struct SnapshotState {
     pub last_key: String,
     /// Contacts published so far.
     pub published: u64,
+    /// Set while a recovery after a lost slot re-publishes; a restart finishes it.
+    #[serde(default)]
+    pub recovering: bool,
+    /// The time a recovery re-publishes changes from (RFC 3339), while `recovering`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recover_since: Option<String>,
 }
 
 /// Where a slot's state lives.
@@ -42,14 +48,19 @@ impl StateFile {
 
     /// Read the state; a missing file means no snapshot ran yet.
     pub fn load(&self) -> Result<SnapshotState> {
+        Ok(self.load_opt()?.unwrap_or_default())
+    }
+
+    /// Read the state; `None` when no source saved one here.
+    pub fn load_opt(&self) -> Result<Option<SnapshotState>> {
         match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
                 Error::user(format!(
                     "state file {} is corrupt ({e}); delete it to run the snapshot again",
                     self.path.display()
                 ))
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SnapshotState::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::user(format!(
                 "cannot read state file {}: {e}",
                 self.path.display()
@@ -91,9 +102,15 @@ pub enum Store {
 impl Store {
     /// Read the state; none saved yet means no snapshot ran.
     pub async fn load(&self) -> Result<SnapshotState> {
+        Ok(self.load_opt().await?.unwrap_or_default())
+    }
+
+    /// Read the state; `None` when no source of this database and slot saved one (a first
+    /// start, as far as this store knows).
+    pub async fn load_opt(&self) -> Result<Option<SnapshotState>> {
         match self {
-            Store::File(f) => f.load(),
-            Store::Kafka(k) => k.load().await,
+            Store::File(f) => f.load_opt(),
+            Store::Kafka(k) => k.load_opt().await,
         }
     }
 
@@ -170,8 +187,9 @@ impl KafkaState {
             .map(|_| ())
     }
 
-    /// The newest value of the key, reading the topic to its end.
-    pub async fn load(&self) -> Result<SnapshotState> {
+    /// The newest value of the key, reading the topic to its end; `None` when absent (and no
+    /// earlier version's file holds one).
+    pub async fn load_opt(&self) -> Result<Option<SnapshotState>> {
         self.ensure_topic().await?;
         let config = crate::kafka::client_config(&self.brokers, &self.properties);
         let (topic, key) = (self.topic.clone(), self.key.clone());
@@ -179,7 +197,7 @@ impl KafkaState {
             .await
             .map_err(|e| Error::internal(format!("reading the state topic panicked: {e}")))??;
         match found {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
                 Error::user(format!(
                     "the snapshot state under key {} in topic {} is corrupt ({e}); delete the key (produce a null \
                      value) to run the snapshot again",
@@ -188,16 +206,24 @@ impl KafkaState {
             }),
             None => match &self.legacy {
                 Some(f) => {
-                    let st = f.load()?;
-                    if st != SnapshotState::default() {
+                    let st = f.load_opt()?;
+                    if let Some(st) = &st {
                         tracing::info!(file = %f.path.display(), topic = %self.topic, "snapshot state taken over from the state file");
-                        self.save(&st).await?;
+                        self.save(st).await?;
                     }
                     Ok(st)
                 }
-                None => Ok(SnapshotState::default()),
+                None => Ok(None),
             },
         }
+    }
+
+    /// Forget the state (a tombstone on the key), for `teardown`.
+    pub async fn forget(&self) -> Result<()> {
+        self.ensure_topic().await?;
+        let mut p = crate::kafka::Pending::default();
+        p.send(&self.producer, &self.topic, &self.key, None).await?;
+        p.wait().await.map(|_| ())
     }
 
     /// Write the state and wait until Kafka acknowledged it.
@@ -274,6 +300,7 @@ mod tests {
             done: true,
             last_key: "c9".into(),
             published: 3,
+            ..Default::default()
         };
         f.save(&s).unwrap();
         assert_eq!(f.load().unwrap(), s);

@@ -99,8 +99,9 @@ impl TestDb {
         let rows = c
             .query(
                 "SELECT c.contact_id::text, c.external_id::text, \
-                        (extract(epoch from s3c.call_time) * 1000000)::bigint, \
-                        (extract(epoch from c.start_time) * 1000000)::bigint, c.direction::text, \
+                        (CASE WHEN isfinite(s3c.call_time) THEN extract(epoch from s3c.call_time) * 1000000 END)::bigint, \
+                        (CASE WHEN isfinite(c.start_time) THEN extract(epoch from c.start_time) * 1000000 END)::bigint, \
+                        c.direction::text, \
                         c.agent_id::text AS contact_agent_id, s3c.agent_id::text AS s3_agent_id, s3c.conn_id::text, \
                         q.question_id::text, q.key::text AS question_key, q.text::text AS question_text, \
                         q.result_type::text, q.group::text AS question_group, i.result::text \
@@ -399,6 +400,57 @@ impl SourceProc {
             topic,
             dir,
             log,
+        }
+    }
+
+    /// Start the process again with the same config and state, and extra arguments.
+    pub fn respawn_with(&mut self, db: &TestDb, args: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log = self
+            .dir
+            .path()
+            .join(format!("source-{}.log", rand::random::<u32>()));
+        self.child = self
+            .opts
+            .command("source", &self.dir.path().join("source.toml"), &db.url)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&self.log).unwrap())
+            .spawn()
+            .expect("restart trusst-cdc source");
+    }
+
+    /// Run `trusst-cdc <command>` once with this source's config; its exit status and output.
+    pub fn run_once(&self, db: &TestDb, command: &str) -> (std::process::ExitStatus, String) {
+        let out = self
+            .opts
+            .command(command, &self.dir.path().join("source.toml"), &db.url)
+            .output()
+            .expect("run trusst-cdc");
+        (
+            out.status,
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// Wait for the process to exit (at most `timeout`); its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the source did not exit within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

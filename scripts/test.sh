@@ -59,6 +59,11 @@ PGPORT=${TLS_PGPORT:-55435} scripts/services.sh drop-slots '^slot_'
 PGPORT=${TLS_PGPORT:-55435} scripts/services.sh drop-dbs '^test_'
 PGPORT=$SLOTS_PGPORT scripts/services.sh drop-slots '^slot_'
 PGPORT=$SLOTS_PGPORT scripts/services.sh drop-dbs '^test_'
+# The version matrix's clusters (tests/pg_versions.rs starts them, PostgreSQL 13 to 18 from npm
+# on ports 555NN) and the replica and failover pairs, when an earlier run left them running.
+for port in 55513 55514 55516 55517 55518 55616 55617 55636; do
+    PGPORT=$port scripts/services.sh drop-dbs '^test_' 2>/dev/null || true
+done
 
 echo "test: building" >&2
 cargo build --locked --all-targets

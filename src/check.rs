@@ -14,7 +14,14 @@ pub async fn run(cfg: &SourceConfig) -> Result<()> {
         Ok(client) => {
             let s = &cfg.source;
             findings.extend(
-                setup::preflight(&client, &s.publication, &s.slot, s.create_publication).await?,
+                setup::preflight(
+                    &client,
+                    &s.publication,
+                    &s.slot,
+                    s.create_publication,
+                    cfg.primary_url().is_some(),
+                )
+                .await?,
             );
             findings.extend(slot_findings(cfg, &client).await);
         }
@@ -71,7 +78,34 @@ async fn slot_findings(cfg: &SourceConfig, client: &tokio_postgres::Client) -> V
     let safe = health.safe_wal_size.map_or_else(String::new, |b| {
         format!(", safe_wal_size {} MiB", b.max(0) >> 20)
     });
-    match slot::verdict(&s.slot, &health, ran_before) {
+    let mut out = Vec::new();
+    if let Ok(server) = crate::source::setup::server(client).await {
+        let sync = client
+            .query_one(
+                "SELECT coalesce(current_setting('synchronized_standby_slots', true), '')",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_default();
+        let (survives, what) = slot::failover_readiness(
+            &s.slot,
+            server.major,
+            server.standby,
+            &health,
+            &sync,
+            s.failover_slot,
+        );
+        out.push(if survives && !what.contains("is empty") {
+            Finding::ok(what)
+        } else {
+            Finding::warn(
+                what,
+                "see the README, \"PostgreSQL versions, replicas and failover\"",
+            )
+        });
+    }
+    out.extend(match slot::verdict(&s.slot, &health, ran_before) {
         slot::Verdict::Create => vec![],
         slot::Verdict::Fine => vec![Finding::ok(format!(
             "slot {} keeps the WAL the source needs (wal_status {}{safe})",
@@ -88,7 +122,8 @@ async fn slot_findings(cfg: &SourceConfig, client: &tokio_postgres::Client) -> V
                 .map_or((m.as_str(), ""), |(a, b)| (a, b));
             vec![Finding::bad(what.to_owned(), format!("run {fix}"))]
         }
-    }
+    });
+    out
 }
 
 async fn kafka_findings(cfg: &SourceConfig) -> Vec<Finding> {

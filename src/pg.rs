@@ -476,14 +476,105 @@ fn host_port(config: &Config) -> (String, u16) {
     (host, config.get_ports().first().copied().unwrap_or(5432))
 }
 
+/// The URL with its host list replaced by one `host:port` (both URL and key/value forms).
+pub fn with_single_host(url: &str, host: &str, port: u16) -> String {
+    if let Some(rest) = url
+        .strip_prefix("postgres://")
+        .map(|r| ("postgres://", r))
+        .or_else(|| {
+            url.strip_prefix("postgresql://")
+                .map(|r| ("postgresql://", r))
+        })
+    {
+        let (scheme, rest) = rest;
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let userinfo = authority.rfind('@').map_or("", |i| &authority[..=i]);
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        return format!("{scheme}{userinfo}{host}:{port}{tail}");
+    }
+    let mut kept: Vec<String> = url
+        .split_whitespace()
+        .filter(|t| {
+            !t.starts_with("host=") && !t.starts_with("port=") && !t.starts_with("hostaddr=")
+        })
+        .map(str::to_owned)
+        .collect();
+    kept.push(format!("host={host}"));
+    kept.push(format!("port={port}"));
+    kept.join(" ")
+}
+
+/// For a URL that lists several hosts (a primary and its standbys, the way a failover-aware
+/// client is configured), the URL of the one host this session should use: the first that
+/// answers and, with `target_session_attrs=read-write`, is not in recovery (the primary after a
+/// promotion). A URL with one host is returned as it is. The replication protocol connects to
+/// one host, so the query and replication connections of a session both use the result.
+pub async fn resolve_host(url: &str) -> Result<String> {
+    let Target { config, .. } = parse_url(url)?;
+    let hosts = config.get_hosts();
+    if hosts.len() <= 1 {
+        return Ok(url.to_owned());
+    }
+    let ports = config.get_ports();
+    let want_primary = matches!(
+        config.get_target_session_attrs(),
+        tokio_postgres::config::TargetSessionAttrs::ReadWrite
+    );
+    let mut tried = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let Host::Tcp(host) = h else { continue };
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let single = with_single_host(url, host, port);
+        let answer = async {
+            let c = connect(&single).await?;
+            let r = c
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(|e| crate::error::pg("asking whether the server is a standby", e))?;
+            Ok::<bool, Error>(r.get(0))
+        };
+        match tokio::time::timeout(Duration::from_secs(10), answer).await {
+            Ok(Ok(in_recovery)) if !(want_primary && in_recovery) => {
+                if i > 0 {
+                    tracing::info!(host = %host, port, "using this host of the database URL's list");
+                }
+                return Ok(single);
+            }
+            Ok(Ok(_)) => tried.push(format!("{host}:{port} is a standby")),
+            Ok(Err(e)) => tried.push(format!("{host}:{port}: {}", e.message())),
+            Err(_) => tried.push(format!("{host}:{port}: no answer within 10 s")),
+        }
+    }
+    Err(Error::external(format!(
+        "no host of the database URL is {} now ({}); during a failover this passes once a standby is promoted",
+        if want_primary {
+            "a writable primary"
+        } else {
+            "reachable"
+        },
+        tried.join("; ")
+    )))
+}
+
 /// `host:port/db` for messages (never the password).
 pub fn describe(config: &Config) -> String {
     let (host, port) = host_port(config);
     format!("{host}:{port}/{}", config.get_dbname().unwrap_or("?"))
 }
 
-/// The replication stream's config for `slot` and `publication`, from the same URL.
-pub fn replication_config(url: &str, slot: &str, publication: &str) -> Result<ReplicationConfig> {
+/// The replication stream's config for `slot` and `publication`, from the same URL. `messages`
+/// asks for logical decoding messages (the heartbeat), which pgoutput offers from PostgreSQL 14.
+pub fn replication_config(
+    url: &str,
+    slot: &str,
+    publication: &str,
+    messages: bool,
+) -> Result<ReplicationConfig> {
     let Target { config, tls } = parse_url(url)?;
     let (host, port) = host_port(&config);
     let user = config.get_user().unwrap_or("postgres").to_owned();
@@ -518,6 +609,7 @@ pub fn replication_config(url: &str, slot: &str, publication: &str) -> Result<Re
             .with_status_interval(Duration::from_secs(1))
             .with_wakeup_interval(Duration::from_secs(5))
             .with_buffer_size(8192)
+            .with_messages(messages)
             .with_options("-c datestyle=ISO,YMD -c timezone=UTC"),
     )
 }
@@ -614,6 +706,33 @@ mod tests {
             e.to_string().contains("sslrootcert /nonexistent/ca.pem"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn one_host_of_a_list() {
+        assert_eq!(
+            with_single_host(
+                "postgres://u:p@h1:5432,h2:5433/db?target_session_attrs=read-write",
+                "h2",
+                5433
+            ),
+            "postgres://u:p@h2:5433/db?target_session_attrs=read-write"
+        );
+        assert_eq!(
+            with_single_host("postgresql://h1,h2/db", "h1", 5432),
+            "postgresql://h1:5432/db"
+        );
+        assert_eq!(
+            with_single_host("host=a,b port=1,2 dbname=d", "b", 2),
+            "dbname=d host=b port=2"
+        );
+        let (rest, _) = split_tls(&with_single_host(
+            "postgres://u@a,b/d?sslmode=require",
+            "b",
+            7,
+        ))
+        .unwrap();
+        assert_eq!(rest, "postgres://u@b:7/d");
     }
 
     #[test]

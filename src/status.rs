@@ -49,6 +49,8 @@ pub struct SlotState {
     pub flush_lag_seconds: Option<f64>,
     /// `reserved`, `extended`, `unreserved` or `lost` (PostgreSQL 13+).
     pub wal_status: Option<String>,
+    /// Whether the slot would survive a failover to a standby, and why.
+    pub failover: Option<(bool, String)>,
 }
 
 /// A topic's offsets.
@@ -238,10 +240,33 @@ pub async fn gather(source: &SourceConfig, sinks: &[(PathBuf, SinkConfig)]) -> R
 
 async fn slot_state(source: &SourceConfig) -> Result<Option<SlotState>> {
     let client = crate::pg::connect(source.database_url()).await?;
+    let failover = match crate::source::setup::server(&client).await {
+        Ok(server) => {
+            let health = crate::source::slot::read(&client, &source.source.slot).await?;
+            let sync: String = client
+                .query_one(
+                    "SELECT coalesce(current_setting('synchronized_standby_slots', true), '')",
+                    &[],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or_default();
+            Some(crate::source::slot::failover_readiness(
+                &source.source.slot,
+                server.major,
+                server.standby,
+                &health,
+                &sync,
+                source.source.failover_slot,
+            ))
+        }
+        Err(_) => None,
+    };
     let row = client
         .query_opt(
             "SELECT s.slot_name::text, s.active, s.confirmed_flush_lsn::text, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, \
+                    pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+                                    s.confirmed_flush_lsn)::bigint, \
                     s.wal_status, \
                     extract(epoch FROM r.flush_lag)::float8 \
              FROM pg_replication_slots s \
@@ -258,6 +283,7 @@ async fn slot_state(source: &SourceConfig) -> Result<Option<SlotState>> {
         lag_bytes: r.get(3),
         wal_status: r.get(4),
         flush_lag_seconds: r.get(5),
+        failover,
     }))
 }
 
@@ -399,6 +425,9 @@ pub fn render(r: &Report) -> String {
                     .map(|l| format!(" ({l:.3} s behind)"))
                     .unwrap_or_default(),
             );
+            if let Some((_, why)) = &slot.failover {
+                let _ = writeln!(s, "    failover: {why}");
+            }
         }
         None => s.push_str("slot: -\n"),
     }
@@ -483,6 +512,7 @@ mod tests {
                 lag_bytes: Some(3 << 20),
                 flush_lag_seconds: Some(0.25),
                 wal_status: Some("reserved".into()),
+                failover: Some((false, "slot trusst_cdc would not survive a failover".into())),
             }),
             topic: TopicState {
                 name: "trusst.contacts".into(),

@@ -78,6 +78,11 @@ pub struct DatabaseConfig {
     /// PEM file of the CA the server's certificate must chain to; a `sslrootcert` in the URL wins.
     #[serde(default)]
     pub sslrootcert: Option<PathBuf>,
+    /// The primary, when `url` names a read replica (PostgreSQL 16+): the heartbeat, the
+    /// publication and a new slot's first snapshot need a server that can write.
+    /// `PRIMARY_DATABASE_URL` overrides.
+    #[serde(default)]
+    pub primary_url: Option<String>,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -95,6 +100,14 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("secret", &self.secret)
             .field("sslmode", &self.sslmode)
             .field("sslrootcert", &self.sslrootcert)
+            .field(
+                "primary_url",
+                &self.primary_url.as_deref().map(|u| {
+                    crate::pg::parse_url(u)
+                        .map(|t| crate::pg::describe(&t.config))
+                        .unwrap_or_else(|_| "(invalid)".into())
+                }),
+            )
             .finish()
     }
 }
@@ -223,6 +236,10 @@ pub struct SourceSection {
     /// file that the Kafka store takes over).
     #[serde(default = "default_state_dir")]
     pub state_dir: String,
+    /// Create the slot as a failover slot on PostgreSQL 17+ (`failover = true`), so standbys
+    /// with `sync_replication_slots` keep a copy that survives a promotion.
+    #[serde(default = "yes")]
+    pub failover_slot: bool,
     /// What to do when the slot is invalidated or gone: `stop` (default, with the cause and
     /// the fix) or `recover` (a new slot and a bounded re-publish, as `source --recover`).
     #[serde(default)]
@@ -301,6 +318,9 @@ pub struct SourceOverrides {
     /// PostgreSQL URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// The primary's URL when the database URL names a read replica (PostgreSQL 16+).
+    #[arg(long, env = "PRIMARY_DATABASE_URL", hide_env_values = true)]
+    pub primary_database_url: Option<String>,
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
@@ -329,6 +349,9 @@ impl SourceConfig {
         }
         if o.kafka_brokers.is_some() {
             self.kafka.brokers = o.kafka_brokers;
+        }
+        if o.primary_database_url.is_some() {
+            self.database.primary_url = o.primary_database_url;
         }
         if let Some(t) = o.topic {
             self.kafka.topic = t;
@@ -372,6 +395,22 @@ impl SourceConfig {
             (None, Some(secret)) => {
                 secret.secret_id()?;
             }
+        }
+        if let Some(p) = self
+            .database
+            .primary_url
+            .as_deref()
+            .filter(|u| !u.is_empty())
+        {
+            let p = crate::pg::with_tls_defaults(
+                p,
+                self.database.sslmode,
+                self.database.sslrootcert.as_deref(),
+            );
+            crate::pg::parse_url(&p)?;
+            self.database.primary_url = Some(p);
+        } else {
+            self.database.primary_url = None;
         }
         if self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
             return Err(Error::user(
@@ -455,6 +494,11 @@ impl SourceConfig {
     /// The database URL (present after [`SourceConfig::resolve`] and [`SourceConfig::fetch_secret`]).
     pub fn database_url(&self) -> &str {
         self.database.url.as_deref().unwrap_or_default()
+    }
+
+    /// The primary's URL, when the database URL names a read replica.
+    pub fn primary_url(&self) -> Option<&str> {
+        self.database.primary_url.as_deref()
     }
 
     /// The brokers (present after [`SourceConfig::resolve`]).

@@ -555,13 +555,29 @@ impl<'a> Session<'a> {
     async fn run(&mut self) -> Result<()> {
         let cfg = self.cfg;
         let s = &cfg.source;
-        let client = crate::pg::connect(cfg.database_url()).await?;
+        // With several hosts in the URL (a primary and its standbys), this session's one host:
+        // after a failover, the new primary.
+        let url = crate::pg::resolve_host(cfg.database_url()).await?;
+        let client = crate::pg::connect(&url).await?;
         enrich::prepare_session(&client).await?;
+        let server = setup::server(&client).await?;
+        // On a read replica, what needs a writable server goes to the primary.
+        let primary = match (server.standby, cfg.primary_url()) {
+            (true, Some(p)) => Some(crate::pg::connect(p).await?),
+            _ => None,
+        };
         setup::failures(
-            &setup::preflight(&client, &s.publication, &s.slot, s.create_publication).await?,
+            &setup::preflight(
+                &client,
+                &s.publication,
+                &s.slot,
+                s.create_publication,
+                cfg.primary_url().is_some(),
+            )
+            .await?,
         )?;
         if s.create_publication {
-            setup::ensure_publication(&client, &s.publication).await?;
+            setup::ensure_publication(primary.as_ref().unwrap_or(&client), &s.publication).await?;
         }
         self.plan = schema::read(&client).await?;
         self.tracker = Tracker::with_schemas(setup::table_schemas(&client).await?);
@@ -585,7 +601,7 @@ impl<'a> Session<'a> {
                     ..Default::default()
                 };
                 store.save(&state).await?;
-                setup::create_slot(&client, &s.slot).await?
+                self.create_slot(&client, server, primary.as_ref()).await?
             }
             slot::Verdict::Fine => position(&health)?,
             slot::Verdict::Warn(m) => {
@@ -609,7 +625,7 @@ impl<'a> Session<'a> {
                     setup::drop_slot(&client, &s.slot).await?;
                 }
                 summary = Some(read);
-                setup::create_slot(&client, &s.slot).await?
+                self.create_slot(&client, server, primary.as_ref()).await?
             }
         };
         self.ledger = Ledger::new(slot_lsn);
@@ -663,22 +679,29 @@ impl<'a> Session<'a> {
         self.load_questions(&client).await?;
         // The pipeline reads on a connection of its own so the reader's heartbeats and
         // re-emit lookups never wait behind an enrichment query.
-        let enrich_client = crate::pg::connect(cfg.database_url()).await?;
+        let enrich_client = crate::pg::connect(&url).await?;
         enrich::prepare_session(&enrich_client).await?;
         self.publisher = Some(Publisher::start(enrich_client, out, &self.plan).await?);
-        let repl_cfg = crate::pg::replication_config(cfg.database_url(), &s.slot, &s.publication)?
-            .with_start_lsn(Lsn(slot_lsn))
-            .with_ack_lsn(Lsn(slot_lsn));
+        let repl_cfg =
+            crate::pg::replication_config(&url, &s.slot, &s.publication, server.major >= 14)?
+                .with_start_lsn(Lsn(slot_lsn))
+                .with_ack_lsn(Lsn(slot_lsn));
         let mut repl = ReplicationClient::connect(repl_cfg)
             .await
-            .map_err(|e| crate::pg::replication_error(cfg.database_url(), e))?;
+            .map_err(|e| crate::pg::replication_error(&url, e))?;
         repl.wait_started()
             .await
-            .map_err(|e| crate::pg::replication_error(cfg.database_url(), e))?;
+            .map_err(|e| crate::pg::replication_error(&url, e))?;
         tracing::info!(slot = %s.slot, from = %fmt_lsn(slot_lsn), "streaming changes");
         crate::metrics::ready(REPLICATION_CONNECTED, true);
 
-        let result = self.stream(&client, &control, &mut repl).await;
+        // The heartbeat is written where writes are possible: here, or the replica's primary.
+        let writer = if server.standby {
+            primary.as_ref()
+        } else {
+            Some(&client)
+        };
+        let result = self.stream(&client, writer, &control, &mut repl).await;
         let _ = repl.shutdown().await;
         drop(repl);
         if result.is_ok() {
@@ -687,6 +710,24 @@ impl<'a> Session<'a> {
             self.advance_released_slot(&client).await;
         }
         result
+    }
+
+    /// Create the slot: a failover slot on a primary of PostgreSQL 17+ (unless
+    /// `failover_slot = false`); on a replica, with the primary hurried along when known.
+    async fn create_slot(
+        &self,
+        client: &Client,
+        server: setup::Server,
+        primary: Option<&Client>,
+    ) -> Result<u64> {
+        let s = &self.cfg.source;
+        let failover = s.failover_slot && server.major >= 17 && !server.standby;
+        if server.standby && primary.is_none() {
+            tracing::warn!(
+                "creating the slot on a replica without [database] primary_url: it waits for the primary's next running-transactions record"
+            );
+        }
+        setup::create_slot(client, &s.slot, failover, primary).await
     }
 
     async fn load_questions(&mut self, client: &Client) -> Result<()> {
@@ -781,6 +822,7 @@ impl<'a> Session<'a> {
     async fn stream(
         &mut self,
         client: &Client,
+        writer: Option<&Client>,
         out: &EventOut,
         repl: &mut ReplicationClient,
     ) -> Result<()> {
@@ -833,8 +875,9 @@ impl<'a> Session<'a> {
                 _ = std::future::ready(()), if job_ready && self.batch.since.is_none() => {
                     self.reemit_step(client, repl).await?;
                 }
-                _ = heartbeat.tick() => {
-                    if let Err(e) = client
+                _ = heartbeat.tick(), if writer.is_some() => {
+                    let writer = writer.expect("guarded");
+                    if let Err(e) = writer
                         .execute("SELECT pg_logical_emit_message(false, $1, 'heartbeat')", &[&HEARTBEAT_PREFIX])
                         .await
                     {

@@ -60,6 +60,7 @@ pub async fn preflight(
     publication: &str,
     slot: &str,
     create_publication: bool,
+    primary_url: bool,
 ) -> Result<Vec<Finding>> {
     let q = |sql: &'static str| async move {
         client
@@ -80,6 +81,34 @@ pub async fn preflight(
             "upgrade to PostgreSQL 13 or later (versions before 13 are out of support)",
         )
     });
+
+    // A read replica decodes logical changes from PostgreSQL 16 on.
+    let standby: bool = q("SELECT pg_is_in_recovery()").await?.get(0);
+    if standby {
+        out.push(if major >= 16 {
+            Finding::ok(format!("the database URL names a read replica (PostgreSQL {major} decodes on a standby)"))
+        } else {
+            Finding::bad(
+                format!("the database URL names a read replica of PostgreSQL {major}"),
+                "logical decoding on a standby needs PostgreSQL 16 or later: point DATABASE_URL at the primary",
+            )
+        });
+        let feedback: String = q("SHOW hot_standby_feedback").await?.get(0);
+        out.push(if feedback == "on" {
+            Finding::ok("hot_standby_feedback = on (the primary keeps the catalog rows the slot needs)")
+        } else {
+            Finding::bad(
+                format!("hot_standby_feedback = {feedback} on the replica: the primary could remove catalog rows the slot needs, which invalidates it"),
+                "ALTER SYSTEM SET hot_standby_feedback = on on the replica and reload (RDS/Aurora: the replica's parameter group)",
+            )
+        });
+        if !primary_url {
+            out.push(Finding::warn(
+                "no [database] primary_url: a replica cannot write the heartbeat (an idle slot then moves only with keepalives), create the publication, or hurry a new slot's first snapshot (it waits for the primary's next running-transactions record, up to minutes when the primary is idle)",
+                "set [database] primary_url (or PRIMARY_DATABASE_URL) to the primary",
+            ));
+        }
+    }
 
     let wal: String = q("SHOW wal_level").await?.get(0);
     out.push(if wal == "logical" {
@@ -225,9 +254,10 @@ pub async fn preflight(
                 ),
             )
         });
-    } else if create_publication {
+    } else if create_publication && (!standby || primary_url) {
         out.push(Finding::ok(format!(
-            "publication {publication} will be created at start"
+            "publication {publication} will be created at start{}",
+            if standby { " (on the primary)" } else { "" }
         )));
     } else {
         out.push(Finding::bad(
@@ -428,18 +458,67 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<()> {
     Ok(())
 }
 
-/// Create the slot (pgoutput); its starting position.
-pub async fn create_slot(client: &Client, slot: &str) -> Result<u64> {
+/// Create the slot (pgoutput); its starting position. With `failover` (PostgreSQL 17+) it is a
+/// failover slot that standbys with `sync_replication_slots` keep in step. On a read replica the
+/// creation waits for a running-transactions record from the primary; with `primary` given,
+/// the primary is asked to log one every second until the slot exists.
+pub async fn create_slot(
+    client: &Client,
+    slot: &str,
+    failover: bool,
+    primary: Option<&Client>,
+) -> Result<u64> {
+    let sql = if failover {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+    let create = client.query_one(sql, &params);
+    let r = match primary {
+        None => create.await,
+        Some(p) => {
+            tokio::pin!(create);
+            loop {
+                tokio::select! {
+                    r = &mut create => break r,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                        if let Err(e) = p.execute("SELECT pg_log_standby_snapshot()", &[]).await {
+                            tracing::debug!(error = %e, "asking the primary for a running-transactions record");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    .map_err(|e| error::pg(format!("creating replication slot {slot}"), e))?;
+    let lsn: String = r.get(0);
+    tracing::info!(slot, lsn, failover, "created logical replication slot");
+    parse_lsn(&lsn)
+}
+
+/// What kind of server a connection reached.
+#[derive(Debug, Clone, Copy)]
+pub struct Server {
+    /// Major version.
+    pub major: u32,
+    /// A standby (read replica) in recovery.
+    pub standby: bool,
+}
+
+/// The server's major version and whether it is a standby.
+pub async fn server(client: &Client) -> Result<Server> {
     let r = client
         .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
+            "SELECT current_setting('server_version_num')::int, pg_is_in_recovery()",
+            &[],
         )
         .await
-        .map_err(|e| error::pg(format!("creating replication slot {slot}"), e))?;
-    let lsn: String = r.get(0);
-    tracing::info!(slot, lsn, "created logical replication slot");
-    parse_lsn(&lsn)
+        .map_err(|e| error::pg("reading the server version", e))?;
+    Ok(Server {
+        major: (r.get::<_, i32>(0) / 10000) as u32,
+        standby: r.get(1),
+    })
 }
 
 /// The schema each of the connector's tables resolves to (the same unqualified names the
@@ -460,7 +539,11 @@ pub async fn table_schemas(client: &Client) -> Result<std::collections::HashMap<
 /// The server's current WAL write position.
 pub async fn current_wal_lsn(client: &Client) -> Result<u64> {
     let now: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one(
+            // (A standby has no WAL of its own to write: how far it replayed is its now.)
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
         .await
         .map_err(|e| error::pg("reading the WAL position", e))?
         .get(0);
@@ -472,7 +555,8 @@ pub async fn current_wal_lsn(client: &Client) -> Result<u64> {
 pub async fn slot_lag_bytes(client: &Client, slot: &str) -> Result<Option<i64>> {
     let row = client
         .query_opt(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+                    confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await

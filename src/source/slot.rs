@@ -31,6 +31,8 @@ pub struct Health {
     pub active_pid: Option<i32>,
     /// The server's `max_slot_wal_keep_size` setting, as text (`-1` is unlimited).
     pub max_slot_wal_keep_size: Option<String>,
+    /// `failover` (PostgreSQL 17+): standbys with `sync_replication_slots` keep a copy.
+    pub failover: Option<bool>,
 }
 
 /// Read the slot's health (`exists = false` when there is no such slot).
@@ -61,6 +63,7 @@ pub async fn read(client: &Client, slot: &str) -> Result<Health> {
             .and_then(serde_json::Value::as_i64)
             .map(|p| p as i32),
         max_slot_wal_keep_size: keep,
+        failover: v.get("failover").and_then(serde_json::Value::as_bool),
     })
 }
 
@@ -143,6 +146,72 @@ pub fn verdict(slot: &str, h: &Health, ran_before: bool) -> Verdict {
     }
 }
 
+/// Whether the slot would survive a failover to a standby, in words for `check` and `status`:
+/// `(survives, explanation)`.
+pub fn failover_readiness(
+    slot: &str,
+    major: u32,
+    standby: bool,
+    h: &Health,
+    synchronized_standby_slots: &str,
+    failover_slot: bool,
+) -> (bool, String) {
+    if standby {
+        return (
+            true,
+            format!(
+                "slot {slot} lives on this read replica: it survives the replica's promotion, not the replica's loss \
+                 (then run `trusst-cdc source --recover` against the next server)"
+            ),
+        );
+    }
+    if major < 17 {
+        return (
+            false,
+            format!(
+                "slot {slot} would not survive a failover: PostgreSQL {major} has no failover slots; after a promotion \
+                 point the source at the new primary and run `trusst-cdc source --recover` (a new slot and a bounded \
+                 re-publish); 17+ keeps the slot on standbys with sync_replication_slots"
+            ),
+        );
+    }
+    match (h.exists, h.failover) {
+        (true, Some(true)) if synchronized_standby_slots.is_empty() => (
+            true,
+            format!(
+                "slot {slot} is a failover slot, but synchronized_standby_slots is empty on the primary: the source may read \
+                 changes a standby has not received, which a promotion would then lose from the database but not from \
+                 the topic; set synchronized_standby_slots to the standbys' physical slots"
+            ),
+        ),
+        (true, Some(true)) => (
+            true,
+            format!(
+                "slot {slot} is a failover slot: standbys with sync_replication_slots = on keep it through a promotion \
+                 (synchronized_standby_slots = '{synchronized_standby_slots}')"
+            ),
+        ),
+        (true, _) => (
+            false,
+            format!(
+                "slot {slot} is not a failover slot and would not survive a failover: `trusst-cdc teardown` and a new start \
+                 creates it as one (failover_slot = true), or run ALTER_REPLICATION_SLOT {slot} (FAILOVER true) over a \
+                 replication connection"
+            ),
+        ),
+        (false, _) if failover_slot => (
+            true,
+            format!("slot {slot} will be created as a failover slot (PostgreSQL {major})"),
+        ),
+        (false, _) => (
+            false,
+            format!(
+                "slot {slot} will be created without failover (failover_slot = false): it would not survive a failover"
+            ),
+        ),
+    }
+}
+
 /// The numeric code of a `wal_status` for the metric (what alert rules compare against):
 /// 0 reserved, 1 extended, 2 unreserved, 3 lost, -1 unknown.
 pub fn status_code(wal_status: Option<&str>) -> i64 {
@@ -201,6 +270,29 @@ mod tests {
             panic!()
         };
         assert!(m.contains("hot_standby_feedback"), "{m}");
+    }
+
+    #[test]
+    fn failover_readiness_by_version() {
+        let h = slot("reserved");
+        assert!(!failover_readiness("s", 15, false, &h, "", true).0);
+        assert!(
+            failover_readiness("s", 15, false, &h, "", true)
+                .1
+                .contains("--recover")
+        );
+        let mut f = h.clone();
+        f.failover = Some(true);
+        let (ok, m) = failover_readiness("s", 17, false, &f, "", true);
+        assert!(
+            ok && m.contains("synchronized_standby_slots is empty"),
+            "{m}"
+        );
+        let (ok, m) = failover_readiness("s", 17, false, &f, "sb1", true);
+        assert!(ok && m.contains("is a failover slot"), "{m}");
+        let (ok, m) = failover_readiness("s", 17, false, &h, "sb1", true);
+        assert!(!ok && m.contains("ALTER_REPLICATION_SLOT"), "{m}");
+        assert!(failover_readiness("s", 16, true, &h, "", true).0);
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl KafkaState {
 
     async fn ensure_topic(&self) -> Result<()> {
         self.topic_ready
-            .get_or_try_init(|| {
+            .get_or_try_init(|| async {
                 crate::kafka::ensure_compacted_topic(
                     &self.brokers,
                     &self.properties,
@@ -182,6 +182,20 @@ impl KafkaState {
                     1,
                     self.replication_factor,
                 )
+                .await
+                .map_err(|e| {
+                    let fix = format!(
+                        "; the source keeps its snapshot progress there: create {} (cleanup.policy=compact, 1 partition) \
+                         or let the principal create it, or set [source] state_store = \"file\"",
+                        self.topic
+                    );
+                    let msg = format!("{}{fix}", e.message());
+                    if e.retryable {
+                        crate::error::Error::external(msg)
+                    } else {
+                        crate::error::Error::user(msg)
+                    }
+                })
             })
             .await
             .map(|_| ())

@@ -721,3 +721,45 @@ pub fn assert_matches_seed(
 
 pub mod crm;
 pub mod metrics;
+
+/// Start (if it is not running) a cluster of PostgreSQL `major` from the npm builds through
+/// `scripts/services.sh`, as instance `instance` on `port`; its base URL. `primary_port` makes it
+/// a streaming standby of the cluster on that port.
+pub fn cluster(major: u32, instance: &str, port: u16, primary_port: Option<u16>) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let mut cmd = std::process::Command::new(script);
+    cmd.arg(if primary_port.is_some() {
+        "start-standby"
+    } else {
+        "start-pg"
+    })
+    .env("PG_VERSION", major.to_string())
+    .env("PG_INSTANCE", instance)
+    .env("PGPORT", port.to_string());
+    if let Some(p) = primary_port {
+        cmd.env("PG_PRIMARY_PORT", p.to_string());
+    }
+    let out = cmd.output().expect("run scripts/services.sh");
+    assert!(
+        out.status.success(),
+        "services.sh for PostgreSQL {major} ({instance}) failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("postgres://postgres:postgres@127.0.0.1:{port}/trusst")
+}
+
+/// Run `scripts/services.sh <what>` for an instance (stop-pg, promote-pg, ...).
+pub fn services(what: &str, instance: &str, port: u16) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let out = std::process::Command::new(script)
+        .arg(what)
+        .env("PG_INSTANCE", instance)
+        .env("PGPORT", port.to_string())
+        .output()
+        .expect("run scripts/services.sh");
+    assert!(
+        out.status.success(),
+        "services.sh {what} ({instance}) failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -175,6 +175,58 @@ fn event(contact: &str) -> ContactEvent {
     }
 }
 
+/// A registry URL with a wrong base path answers 404 to every schema id, without the registry's
+/// "schema not found" error_code 40403: that is not a bad record but a wrong setting that would
+/// dead-letter every record alike, so the sink stops with the fix and dead-letters nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_registry_base_path_stops_the_sink_instead_of_dead_lettering() {
+    let emu = Emulator::start(&[]);
+    let topic = unique("contacts").replace('_', "-");
+    trusst_cdc::kafka::ensure_compacted_topic(&brokers(), &Default::default(), &topic, 1, 1)
+        .await
+        .unwrap();
+    let registry = trusst_cdc::event::Registry::new(&registry_url()).unwrap();
+    let id = registry
+        .register(&registry::value_subject(&topic), avro::SCHEMA_TEXT)
+        .await
+        .unwrap();
+    let producer = trusst_cdc::kafka::producer(&brokers(), &Default::default()).unwrap();
+    let mut pending = trusst_cdc::kafka::Pending::default();
+    pending
+        .send(
+            &producer,
+            &topic,
+            "c-1",
+            Some(&avro::encode(&event("c-1"), id)),
+        )
+        .await
+        .unwrap();
+    pending.wait().await.unwrap();
+    let wrong = registry_url().replace("/apis/ccompat/v7", "/apis/wrong/v7");
+    let (dir, cfg) = sink_config("mulesoft", &topic, |_| {});
+    let mut sink = SinkProc::start_with_env(
+        &emu,
+        dir,
+        cfg,
+        &[],
+        &[("SCHEMA_REGISTRY_URL", wrong.as_str())],
+    );
+    let status = sink.wait_exit(WAIT);
+    assert!(!status.success(), "{}", sink.log());
+    let log = sink.log();
+    assert!(
+        log.contains("no Confluent-compatible API") && log.contains("SCHEMA_REGISTRY_URL"),
+        "{log}"
+    );
+    let mut dead = TopicReader::new(&format!("{topic}.dlq.mulesoft"));
+    dead.settle(Duration::from_secs(3));
+    assert!(
+        dead.records.is_empty(),
+        "nothing dead-lettered: {:?}",
+        dead.records
+    );
+}
+
 /// A record framed with a schema id the registry does not know goes to the dead-letter topic
 /// with a reason that names the id and the fix; the Avro record after it lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -55,6 +55,21 @@ async fn api() -> Mock {
         if ids.iter().any(|i| i == "limit") {
             return Reply::json(429, json!({"error":"too many"})).with("X-Ratelimit-Reset", "1500").with("X-Ratelimit-Remaining", "0");
         }
+        // A proxy's login wall, or an API that answers nothing: 200 all the same.
+        if ids.iter().any(|i| i.contains("login-wall")) {
+            return Reply {
+                status: 200,
+                headers: vec![("content-type".into(), "text/html".into())],
+                body: "<html><body><form>Sign in to continue</form></body></html>".into(),
+            };
+        }
+        if ids.iter().any(|i| i.contains("empty")) {
+            return Reply {
+                status: 200,
+                headers: vec![],
+                body: String::new(),
+            };
+        }
         if let Some(bad) = ids.iter().find(|i| i.contains("reject")) {
             return Reply::json(400, json!({"message":"validation failed","errors":[{"trusst_contact_id": bad, "message":"call_date is not a date"}]}));
         }
@@ -77,6 +92,7 @@ fn config(mock: &Mock, auth: Auth, secret: &str) -> Config {
         token_url: Some(format!("{}/oauth/token", mock.url)),
         batch_size: 200,
         request_timeout: Duration::from_secs(10),
+        accept_empty_2xx: false,
     }
 }
 
@@ -199,6 +215,37 @@ async fn a_refused_payload_rejects_the_named_contact_and_resends_the_rest() {
     assert_eq!(posted, [vec!["c-1", "c-reject", "c-2"], vec!["c-1", "c-2"]]);
 }
 
+/// A 2xx that is not the API's documented answer (a login wall's HTML) is never "written": it
+/// is a retryable failure that says what came back. An empty 2xx counts as written only when the
+/// config says the API answers that way on purpose.
+#[tokio::test]
+async fn a_2xx_that_is_not_the_documented_answer_is_not_success() {
+    let mock = api().await;
+    let mapping = Mapping::new(TargetKind::Mulesoft, &MappingConfig::default());
+    let mut m = Mulesoft::new(&config(&mock, Auth::ClientId, "right")).unwrap();
+    let e = m
+        .upsert(&mapping, &[record("login-wall-1"), record("ok-1")])
+        .await
+        .unwrap_err();
+    assert!(e.retryable && e.fault == Fault::External, "{e}");
+    assert!(
+        e.to_string().contains("not its documented answer") && e.to_string().contains("Sign in"),
+        "{e}"
+    );
+    let e = m.upsert(&mapping, &[record("empty-1")]).await.unwrap_err();
+    assert!(e.to_string().contains("accept_empty_2xx"), "{e}");
+    let mut cfg = config(&mock, Auth::ClientId, "right");
+    cfg.accept_empty_2xx = true;
+    let mut lenient = Mulesoft::new(&cfg).unwrap();
+    assert_eq!(
+        lenient
+            .upsert(&mapping, &[record("empty-1")])
+            .await
+            .unwrap(),
+        [trusst_cdc::sink::Outcome::Written]
+    );
+}
+
 #[tokio::test]
 async fn rate_limits_wait_for_the_reset_in_milliseconds() {
     let mock = api().await;
@@ -251,6 +298,7 @@ fn emulator_config(emu: &crm_mock::Emulator, auth: Auth) -> Config {
         token_url: Some(format!("{}/mulesoft/oauth2/token", emu.url)),
         batch_size: 200,
         request_timeout: Duration::from_secs(10),
+        accept_empty_2xx: false,
     }
 }
 

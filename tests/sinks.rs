@@ -342,3 +342,84 @@ async fn mapping_to_a_missing_field_fails_at_start() {
         );
     }
 }
+
+/// A tombstone on its own deletes: once compaction has removed the delete event before it, it is
+/// all a sink that was behind (or replays from the start) sees of the deletion. Here the delete
+/// event never reaches the topic at all; the record must still leave the CRM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tombstone_alone_deletes_the_record() {
+    let (db, src, emu, ids) = pipeline("t_tomb", 6).await;
+    let (dir, cfg) = sink_config("salesforce", &src.topic, |_| {});
+    let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
+    let expected = db.expected().await;
+    eventually(WAIT, "the CRM to match the seed query", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::<str, [u8]>::to(&src.topic).key(ids[0].as_str()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, "the tombstoned contact to leave Salesforce", || {
+        let left: Vec<String> = emu
+            .records("salesforce", "Contact")
+            .iter()
+            .filter_map(|r| r["Trusst_Contact_ID__c"].as_str().map(str::to_owned))
+            .collect();
+        if left.contains(&ids[0]) || left.len() != ids.len() - 1 {
+            return Err(format!("Salesforce holds {left:?}"));
+        }
+        Ok(())
+    });
+    sink.assert_running();
+    db.drop_slot(&src.slot).await;
+}
+
+/// The dead-letter topic is created with the partitions and replication factor of the sink's
+/// config, and a dead-letter topic the sink cannot create stops it with the reason (before, a
+/// failure was ignored and the first dead letter had nowhere to go).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dead_letter_topic_follows_the_config() {
+    let (db, src, emu, ids) = pipeline("t_dlqcfg", 3).await;
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "snapshot", |r| r.len() >= ids.len());
+    // One broker: a replication factor of 3 cannot be met.
+    let (dir, cfg) = sink_config("salesforce", &src.topic, |t| {
+        set(t, "kafka", "dlq_replication_factor", 3)
+    });
+    let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
+    let status = sink.wait_exit(WAIT);
+    assert!(!status.success(), "{}", sink.log());
+    assert!(
+        sink.log().contains("creating the dead-letter topic")
+            && sink.log().contains("dlq_replication_factor"),
+        "{}",
+        sink.log()
+    );
+    let (dir, cfg) = sink_config("salesforce", &src.topic, |t| {
+        set(t, "kafka", "dlq_partitions", 2)
+    });
+    let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
+    let dlq = format!("{}.dlq.salesforce", src.topic);
+    eventually(WAIT, "the dead-letter topic with 2 partitions", || {
+        let described = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(trusst_cdc::kafka::describe_topic(
+                &brokers(),
+                &Default::default(),
+                &dlq,
+            ))
+        });
+        match described {
+            Ok(Some(t)) if t.partitions == 2 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    sink.assert_running();
+    db.drop_slot(&src.slot).await;
+}

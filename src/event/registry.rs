@@ -189,6 +189,15 @@ impl Registry {
         None
     }
 
+    /// The body of a "schema not found" answer: Confluent's and Apicurio's ccompat API say
+    /// `{"error_code": 40403, ...}`.
+    fn unknown_schema(body: &str) -> bool {
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error_code"].as_i64())
+            == Some(40403)
+    }
+
     /// The schema with this id. The outer error is the registry being unreachable or failing
     /// (retry later); the inner one is a record-level problem: the id is unknown or its schema is
     /// not Avro.
@@ -204,6 +213,17 @@ impl Registry {
             .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         let body = resp.text().await.map_err(|e| self.unreachable(e))?;
+        // A registry says "no such schema" with error_code 40403; any other 404 is no registry
+        // API at this URL (a wrong base path), which would fail every record alike: stop.
+        if status.as_u16() == 404 && !Self::unknown_schema(&body) {
+            return Err(Error::user(format!(
+                "no Confluent-compatible API at {} (HTTP 404 without the registry's error_code 40403 for schema id \
+                 {id}: {}); SCHEMA_REGISTRY_URL (or [kafka] schema_registry_url) must be the API base, e.g. \
+                 http://host:8080/apis/ccompat/v7 for Apicurio",
+                self.base,
+                error_message(&body)
+            )));
+        }
         if status.as_u16() == 404 {
             return Ok(Err(format!(
                 "schema id {id} is unknown to the schema registry at {} ({}); the record was written against \

@@ -150,6 +150,13 @@ pub async fn describe_topic(
     }))
 }
 
+/// `min.compaction.lag.ms` of the topics the source creates: 7 days during which no record,
+/// delete events included, is compacted away.
+pub const MIN_COMPACTION_LAG_MS: &str = "604800000";
+/// `delete.retention.ms` of the topics the source creates: 7 days a tombstone stays after
+/// compaction reached it.
+pub const DELETE_RETENTION_MS: &str = "604800000";
+
 /// Create `topic` as compacted when it is missing; an existing topic is left as it is.
 pub async fn ensure_compacted_topic(
     brokers: &str,
@@ -165,8 +172,11 @@ pub async fn ensure_compacted_topic(
         create(&client_config(brokers, properties), "admin client")?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))
         .set("cleanup.policy", "compact")
-        // Keep delete markers long enough for every sink to see them before compaction.
-        .set("delete.retention.ms", "604800000");
+        // A sink that is behind must still see deletes. A delete event stays at least
+        // min.compaction.lag.ms (compaction does not touch younger records), and its tombstone at
+        // least delete.retention.ms after compaction reached it; a sink applies either alone.
+        .set("min.compaction.lag.ms", MIN_COMPACTION_LAG_MS)
+        .set("delete.retention.ms", DELETE_RETENTION_MS);
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let res = admin
         .create_topics(&[new], &opts)

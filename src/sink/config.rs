@@ -25,6 +25,13 @@ pub struct SinkKafka {
     /// Dead-letter topic; default `<topic>.dlq.<sink name>`.
     #[serde(default)]
     pub dlq_topic: Option<String>,
+    /// Partitions when the sink creates its dead-letter topic.
+    #[serde(default = "one")]
+    pub dlq_partitions: i32,
+    /// Replication factor when the sink creates its dead-letter topic (use 3 on a production
+    /// cluster, as for the event topic).
+    #[serde(default = "one")]
+    pub dlq_replication_factor: i32,
     /// librdkafka properties passed through.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -42,6 +49,9 @@ impl Default for SinkKafka {
 
 fn default_topic() -> String {
     "trusst.contacts".into()
+}
+fn one() -> i32 {
+    1
 }
 
 /// What a delete event does in the CRM.
@@ -188,6 +198,11 @@ impl SinkConfig {
             return Err(Error::user(format!(
                 "[sink] name {name:?}: use letters, digits, '-' or '_'"
             )));
+        }
+        if self.kafka.dlq_partitions < 1 || self.kafka.dlq_replication_factor < 1 {
+            return Err(Error::user(
+                "[kafka] dlq_partitions and dlq_replication_factor must be at least 1",
+            ));
         }
         if self.sink.batch_max_records == 0 {
             return Err(Error::user("[sink] batch_max_records must be at least 1"));

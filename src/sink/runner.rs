@@ -234,9 +234,28 @@ async fn deliver(
     let mut uncommitted = Uncommitted::default();
     let dlq = cfg.dlq_topic();
     if !opts.dry_run && !opts.redrive {
-        kafka::ensure_compacted_topic(cfg.brokers(), &cfg.kafka.properties, &dlq, 1, 1)
-            .await
-            .ok();
+        // Without its dead-letter topic a sink could not set aside a record it cannot write,
+        // so a topic it cannot create stops it with the reason.
+        kafka::ensure_compacted_topic(
+            cfg.brokers(),
+            &cfg.kafka.properties,
+            &dlq,
+            cfg.kafka.dlq_partitions,
+            cfg.kafka.dlq_replication_factor,
+        )
+        .await
+        .map_err(|e| {
+            let msg = format!(
+                "creating the dead-letter topic {dlq}: {}; create it (or let the principal create topics), or set \
+                 [kafka] dlq_topic, dlq_partitions and dlq_replication_factor to what the cluster allows",
+                e.message()
+            );
+            if e.retryable {
+                Error::external(msg)
+            } else {
+                Error::user(msg)
+            }
+        })?;
     }
     loop {
         if let Some(end) = &end
@@ -679,20 +698,37 @@ impl BatchCtx<'_> {
         crate::metrics::sink_consumed(&self.cfg.sink.name, batch.len());
         for m in batch {
             self.totals.consumed += 1;
-            // A tombstone follows its delete event; the delete event did the work.
-            let Some(payload) = &m.payload else { continue };
-            let (event, raw) = match self.read(payload, redrive).await? {
-                Read::Event(e, raw) => (*e, raw),
-                Read::Bad(reason, raw) => {
-                    let bytes = if raw.is_none() {
-                        Some(payload.as_slice())
-                    } else {
-                        None
-                    };
-                    self.dead_letter(m, raw.as_ref(), "decode", &reason, bytes)
-                        .await?;
-                    continue;
+            let (event, raw) = match &m.payload {
+                // A tombstone deletes on its own: once compaction has removed the delete event
+                // before it, it is all a late or replaying sink sees of the deletion. When both are
+                // in the batch, the tombstone supersedes the event and the delete happens once.
+                None => {
+                    let e = ContactEvent::delete(
+                        &m.key,
+                        crate::event::SourcePosition {
+                            lsn: String::new(),
+                            commit_ts: None,
+                            txid: None,
+                            reason: "tombstone".into(),
+                        },
+                    );
+                    let raw = serde_json::to_value(&e)
+                        .map_err(|e| Error::internal("events serialize").with_source(e))?;
+                    (e, raw)
                 }
+                Some(payload) => match self.read(payload, redrive).await? {
+                    Read::Event(e, raw) => (*e, raw),
+                    Read::Bad(reason, raw) => {
+                        let bytes = if raw.is_none() {
+                            Some(payload.as_slice())
+                        } else {
+                            None
+                        };
+                        self.dead_letter(m, raw.as_ref(), "decode", &reason, bytes)
+                            .await?;
+                        continue;
+                    }
+                },
             };
             if let Some(i) = newest.insert(m.key.as_str(), items.len()) {
                 items[i] = None;
@@ -891,7 +927,19 @@ impl BatchCtx<'_> {
         let mut newest: BTreeMap<String, (ContactEvent, &Msg)> = BTreeMap::new();
         for m in batch {
             self.totals.consumed += 1;
-            let Some(p) = &m.payload else { continue };
+            let Some(p) = &m.payload else {
+                let e = ContactEvent::delete(
+                    &m.key,
+                    crate::event::SourcePosition {
+                        lsn: String::new(),
+                        commit_ts: None,
+                        txid: None,
+                        reason: "tombstone".into(),
+                    },
+                );
+                newest.insert(m.key.clone(), (e, m));
+                continue;
+            };
             match self.read(p, redrive).await? {
                 Read::Event(e, _) => {
                     newest.insert(m.key.clone(), (*e, m));

@@ -143,7 +143,18 @@ pub fn set(t: &mut toml::Table, section: &str, key: &str, value: impl Into<toml:
 impl SinkProc {
     /// Start a sink against the emulator with `args` after `sink --config <file>`.
     pub fn start(emu: &Emulator, dir: tempfile::TempDir, config: PathBuf, args: &[&str]) -> Self {
-        let env = vec![
+        Self::start_with_env(emu, dir, config, args, &[])
+    }
+
+    /// The same with `extra` environment variables (which win over the defaults).
+    pub fn start_with_env(
+        emu: &Emulator,
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let mut env = vec![
             ("KAFKA_BROKERS".to_owned(), brokers()),
             ("SALESFORCE_LOGIN_URL".to_owned(), emu.base.clone()),
             (
@@ -171,6 +182,11 @@ impl SinkProc {
             // Tests run side by side: each process takes a free port and logs it.
             ("TRUSST_METRICS_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         ];
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         let log = dir
             .path()
             .join(format!("sink-{}.log", rand::random::<u32>()));
@@ -194,6 +210,22 @@ impl SinkProc {
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("start trusst-cdc sink")
+    }
+
+    /// Wait for the process to exit (at most `timeout`); its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sink did not exit within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `kill -9` and start again with the same config (same consumer group).

@@ -309,6 +309,16 @@ pub fn outcomes(parts: &[PartResponse], n: usize, delete: bool) -> Result<Vec<Ou
             None => e,
         });
     }
+    // A permission problem is the application user's, not the record's: it would fail every
+    // record alike, so it stops the sink as a top-level 403 does instead of dead-lettering.
+    if let Some(p) = parts.iter().find(|p| p.status == 403) {
+        let count = parts.iter().filter(|p| p.status == 403).count();
+        return Err(Error::user(format!(
+            "Dataverse $batch: HTTP 403 in {count} of {n} requests ({}); give the application user a security role \
+             with the needed privileges on the table and its columns",
+            error_text(p.status, &p.body)
+        )));
+    }
     let missing = slots.iter().filter(|s| s.is_none()).count();
     if missing > 0 {
         return Err(Error::external(format!(
@@ -423,6 +433,28 @@ mod tests {
     }
 
     const CT: &str = "multipart/mixed; boundary=batchresponse_R";
+
+    #[test]
+    fn a_403_in_a_part_stops_the_sink() {
+        let denied = r#"{"error":{"code":"0x80040220","message":"Principal user is missing prvWriteContact privilege"}}"#;
+        let body = format!(
+            "{}{}--batchresponse_R--\r\n",
+            part("204 No Content", "", ""),
+            part(
+                "403 Forbidden",
+                "Content-Type: application/json\r\n",
+                denied
+            ),
+        );
+        let parts = parse(CT, &body).unwrap();
+        let e = outcomes(&parts, 2, false).unwrap_err();
+        assert_eq!(e.fault, crate::error::Fault::User, "{e}");
+        assert!(!e.retryable);
+        assert!(
+            e.message().contains("prvWriteContact") && e.message().contains("security role"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parses_mixed_parts_in_order() {

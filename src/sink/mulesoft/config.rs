@@ -41,6 +41,10 @@ pub struct Config {
         deserialize_with = "crate::config::duration::deserialize"
     )]
     pub request_timeout: Duration,
+    /// Take a 2xx with an empty body as "every contact written". Off by default: the guide's
+    /// API answers `{"records_processed",...}`, and an empty 2xx can come from a proxy.
+    #[serde(default)]
+    pub accept_empty_2xx: bool,
 }
 
 fn default_auth() -> Auth {

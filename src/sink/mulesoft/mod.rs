@@ -31,6 +31,8 @@ enum Credentials {
 /// A MuleSoft API endpoint taking the guide's payload.
 pub struct Mulesoft {
     url: String,
+    /// `[mulesoft] accept_empty_2xx`.
+    accept_empty_2xx: bool,
     batch_size: usize,
     http: reqwest::Client,
     creds: Credentials,
@@ -88,6 +90,7 @@ impl Mulesoft {
         };
         Ok(Self {
             url: cfg.url.clone(),
+            accept_empty_2xx: cfg.accept_empty_2xx,
             batch_size: cfg.batch_size,
             http: http::client(cfg.request_timeout)?,
             creds,
@@ -184,7 +187,23 @@ impl Mulesoft {
             tracing::debug!(contacts = ids.len(), "posting to the MuleSoft API");
             match self.post(&payload).await? {
                 Posted::Accepted(body) => {
-                    let answer = response::parse_answer(&body);
+                    let answer = match response::documented_answer(&body) {
+                        Some(a) => a,
+                        None if body.trim().is_empty() && self.accept_empty_2xx => {
+                            response::Answer::default()
+                        }
+                        None => {
+                            // Not the API's answer (a proxy's page, a login wall): nothing says
+                            // the contacts were written, so the request is tried again.
+                            let brief: String = body.chars().take(200).collect();
+                            return Err(Error::external(format!(
+                                "the MuleSoft API answered 2xx with a body that is not its documented answer \
+                                 ({{\"records_processed\", \"records_failed\", \"errors\"}}): {brief:?}; is a proxy \
+                                 or login page in front of [mulesoft] url? (an API that answers an empty 2xx on \
+                                 purpose needs accept_empty_2xx = true)"
+                            )));
+                        }
+                    };
                     for (&i, o) in pending.iter().zip(response::outcomes(&ids, &answer)) {
                         out[i] = Some(o);
                     }
@@ -309,6 +328,7 @@ mod tests {
             token_url: None,
             batch_size: 2,
             request_timeout: std::time::Duration::from_secs(5),
+            accept_empty_2xx: false,
         }
     }
 

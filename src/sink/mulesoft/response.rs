@@ -48,6 +48,19 @@ pub struct Answer {
     pub errors: Vec<Value>,
 }
 
+/// Read a 2xx body as the documented answer: a JSON object with `records_processed` (or at
+/// least `records_failed` or `errors`). `None` for anything else, such as an HTML page from a
+/// proxy or a login wall, which must never count as "written".
+pub fn documented_answer(body: &str) -> Option<Answer> {
+    let Ok(Value::Object(o)) = serde_json::from_str::<Value>(body) else {
+        return None;
+    };
+    ["records_processed", "records_failed", "errors"]
+        .iter()
+        .any(|k| o.contains_key(*k))
+        .then(|| parse_answer(body))
+}
+
 /// Read an answer body; anything that is not a JSON object reads as an empty answer.
 pub fn parse_answer(body: &str) -> Answer {
     let Ok(Value::Object(o)) = serde_json::from_str::<Value>(body) else {
@@ -231,11 +244,24 @@ mod tests {
     fn all_processed() {
         let a = parse_answer(r#"{"records_processed":3,"records_failed":0,"errors":[]}"#);
         assert_eq!(outcomes(&IDS, &a), vec![Outcome::Written; 3]);
-        // No counts, no errors, or no JSON at all: a 2xx is taken at its word.
-        assert_eq!(
-            outcomes(&IDS, &parse_answer("OK")),
-            vec![Outcome::Written; 3]
+    }
+
+    #[test]
+    fn only_the_documented_answer_is_an_answer() {
+        assert!(
+            documented_answer(r#"{"records_processed":3,"records_failed":0,"errors":[]}"#)
+                .is_some()
         );
+        assert!(documented_answer(r#"{"records_failed":1,"errors":["c-1: bad"]}"#).is_some());
+        for body in [
+            "OK",
+            "",
+            "<html><body>Sign in to continue</body></html>",
+            r#"{"status":"ok"}"#,
+            "[]",
+        ] {
+            assert!(documented_answer(body).is_none(), "{body:?}");
+        }
     }
 
     #[test]

@@ -423,3 +423,64 @@ async fn the_dead_letter_topic_follows_the_config() {
     sink.assert_running();
     db.drop_slot(&src.slot).await;
 }
+
+/// Re-driving the dead-letter topic never overwrites newer state: a contact whose poison event
+/// was dead-lettered and whose next event was written keeps the newer value when the dead
+/// letters are re-driven after the mapping fix (the older one is skipped and counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redrive_skips_dead_letters_older_than_the_topic() {
+    let (db, src, emu, ids) = pipeline("t_stale", 6).await;
+    let c = db.client().await;
+    c.execute("UPDATE inferences SET result = 'Superb' WHERE contact_id = $1 AND question_id = 'q-outcome'", &[&ids[2]]).await.unwrap();
+    let (dir, cfg) = sink_config("dynamics", &src.topic, |_| {});
+    let mut sink = SinkProc::start(&emu, dir, cfg.clone(), &[]);
+    let mut dead = TopicReader::new(&format!("{}.dlq.dynamics", src.topic));
+    dead.until(WAIT, "the poison record on the DLQ", |r| {
+        r.iter().any(|r| r.key == ids[2])
+    });
+    // The answer is corrected at the source: the newer event is written.
+    c.execute("UPDATE inferences SET result = 'Good', updated_at = now() WHERE contact_id = $1 AND question_id = 'q-outcome'", &[&ids[2]]).await.unwrap();
+    let outcome = |emu: &Emulator| {
+        emu.records("dataverse", "contact")
+            .into_iter()
+            .find(|r| r["trusst_contact_id"] == ids[2].as_str())
+            .map(|r| r["call_outcome"].clone())
+    };
+    eventually(
+        WAIT,
+        "the corrected answer in Dataverse",
+        || match outcome(&emu) {
+            Some(v) if v == 100000001 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    // The mapping learns the old label too, and the dead letters are re-driven.
+    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let labels = toml::toml! { Superb = 100000000 Excellent = 100000000 Good = 100000001 Fair = 100000002 Poor = 100000003 };
+    let mut outcome_spec = toml::Table::new();
+    outcome_spec.insert("labels".into(), toml::Value::Table(labels));
+    let mut questions = toml::Table::new();
+    questions.insert("call_outcome".into(), toml::Value::Table(outcome_spec));
+    t["mapping"]
+        .as_table_mut()
+        .unwrap()
+        .insert("questions".into(), toml::Value::Table(questions));
+    std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+    let (status, _, log) = sink.run_to_end(&["--redrive"]);
+    assert!(status.success(), "{log}");
+    assert!(log.contains("skipped a dead letter older than"), "{log}");
+    assert_eq!(
+        outcome(&emu),
+        Some(serde_json::json!(100000001)),
+        "the newer state stays"
+    );
+    assert_matches_crm(&db, &emu).await;
+    db.drop_slot(&src.slot).await;
+}
+
+async fn assert_matches_crm(db: &TestDb, emu: &Emulator) {
+    let expected = db.expected().await;
+    eventually(WAIT, "Dataverse to equal the seed query", || {
+        crm_matches(emu, "dataverse", &expected)
+    });
+}

@@ -197,6 +197,82 @@ pub async fn ensure_compacted_topic(
     Ok(())
 }
 
+/// Read every partition of `topic` from its start to its end as it is now, calling `visit`
+/// with each record's key, partition, offset and value (`None`: a tombstone). For bounded
+/// passes over a whole topic (a re-drive's look at the event topic); joins no consumer group.
+pub async fn scan(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    mut visit: impl FnMut(&str, i32, i64, Option<&[u8]>),
+) -> Result<u64> {
+    use futures::StreamExt;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let mut c = client_config(brokers, properties);
+    c.set(
+        "group.id",
+        format!("trusst-cdc-scan-{}", std::process::id()),
+    )
+    .set("enable.auto.commit", "false")
+    .set("enable.partition.eof", "false");
+    let consumer: StreamConsumer = create(&c, "consumer")?;
+    let name = topic.to_owned();
+    let (consumer, ends) = off_thread(move || -> Result<_> {
+        let md = consumer
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .map_err(|e| error::kafka(format!("reading the partitions of {name}"), e))?;
+        let partitions: Vec<i32> = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
+        let mut ends = std::collections::HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(&name, p, Duration::from_secs(10))
+                .map_err(|e| error::kafka(format!("reading the offsets of {name}"), e))?;
+            if high > low {
+                ends.insert(p, high);
+                tpl.add_partition_offset(&name, p, Offset::Beginning)
+                    .map_err(|e| error::kafka("assigning partitions", e))?;
+            }
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| error::kafka(format!("reading {name}"), e))?;
+        Ok((consumer, ends))
+    })
+    .await??;
+    let mut open = ends;
+    let mut n = 0;
+    let mut stream = consumer.stream();
+    while !open.is_empty() {
+        let m = match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(error::kafka(format!("reading {topic}"), e)),
+            Ok(None) | Err(_) => {
+                return Err(Error::external(format!(
+                    "reading {topic} to its end stalled (partitions left: {:?})",
+                    open.keys().collect::<Vec<_>>()
+                )));
+            }
+        };
+        n += 1;
+        let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
+        visit(&key, m.partition(), m.offset(), m.payload());
+        if open
+            .get(&m.partition())
+            .is_some_and(|end| m.offset() + 1 >= *end)
+        {
+            open.remove(&m.partition());
+        }
+    }
+    Ok(n)
+}
+
 /// Events sent but not yet acknowledged; [`Pending::wait`] is the commit boundary.
 #[derive(Default)]
 pub struct Pending {

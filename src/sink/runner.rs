@@ -118,6 +118,8 @@ pub struct Totals {
     pub superseded: u64,
     /// The newest dead-letter reason (for the sync audit).
     pub last_failure: Option<String>,
+    /// On a re-drive: dead letters skipped because their contact has a newer event.
+    pub redrive_skipped: u64,
 }
 
 /// Run a sink until `shutdown` (or, for dry runs and re-drives, until the end of the topic
@@ -230,6 +232,13 @@ async fn deliver(
     }
     tracing::info!(sink = %cfg.sink.name, topic = %source_topic, group, dry_run = opts.dry_run, "sink started");
 
+    // A dead letter older than its contact's newest event on the topic must not be written:
+    // that event is the CRM's state (or is on its way there), and the old one would overwrite it.
+    let newer = if opts.redrive && !opts.dry_run {
+        Some(newest_events(cfg, &source_topic).await?)
+    } else {
+        None
+    };
     let mut positions: HashMap<i32, i64> = HashMap::new();
     let mut uncommitted = Uncommitted::default();
     let dlq = cfg.dlq_topic();
@@ -304,6 +313,7 @@ async fn deliver(
         }
         let mut ctx = BatchCtx {
             cfg,
+            newer: newer.as_ref(),
             mapping: &mapping,
             decoder: &decoder,
             producer: &producer,
@@ -334,6 +344,37 @@ async fn deliver(
             a.tick(totals).await;
         }
     }
+}
+
+/// For every contact with a dead letter, where its newest record on the event topic is: two
+/// bounded passes, the dead-letter topic for the contacts, then the event topic.
+async fn newest_events(cfg: &SinkConfig, dlq: &str) -> Result<HashMap<String, (i32, i64)>> {
+    let mut wanted: std::collections::HashSet<String> = std::collections::HashSet::new();
+    kafka::scan(cfg.brokers(), &cfg.kafka.properties, dlq, |key, _, _, _| {
+        wanted.insert(key.to_owned());
+    })
+    .await?;
+    let mut newest: HashMap<String, (i32, i64)> = HashMap::new();
+    if wanted.is_empty() {
+        return Ok(newest);
+    }
+    kafka::scan(
+        cfg.brokers(),
+        &cfg.kafka.properties,
+        &cfg.kafka.topic,
+        |key, partition, offset, _| {
+            if wanted.contains(key) {
+                newest.insert(key.to_owned(), (partition, offset));
+            }
+        },
+    )
+    .await?;
+    tracing::info!(
+        contacts = wanted.len(),
+        on_topic = newest.len(),
+        "re-drive: read where each dead-lettered contact's newest event is"
+    );
+    Ok(newest)
 }
 
 /// Check the mapping against the CRM, waiting out an unavailable CRM (retryable errors) but
@@ -633,6 +674,8 @@ enum Call<'r> {
 /// What one batch needs while it is processed.
 struct BatchCtx<'a> {
     cfg: &'a SinkConfig,
+    /// On a re-drive: per contact, the offset of its newest record on the event topic.
+    newer: Option<&'a HashMap<String, (i32, i64)>>,
     mapping: &'a Mapping,
     decoder: &'a Decoder,
     producer: &'a FutureProducer,
@@ -660,6 +703,38 @@ enum Read {
 }
 
 impl BatchCtx<'_> {
+    /// On a re-drive: true when the contact has a newer record on the event topic than the
+    /// one this dead letter came from (logged; the newer one wins).
+    fn superseded_dead_letter(&self, m: &Msg, payload: &[u8]) -> bool {
+        let Some(newer) = self.newer else {
+            return false;
+        };
+        let Some(&(partition, newest)) = newer.get(&m.key) else {
+            return false;
+        };
+        let Ok(dead) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return false;
+        };
+        // Only a dead letter taken from the event topic can be placed against it.
+        if dead["source"]["topic"].as_str() != Some(self.cfg.kafka.topic.as_str()) {
+            return false;
+        }
+        let from = (
+            dead["source"]["partition"].as_i64(),
+            dead["source"]["offset"].as_i64(),
+        );
+        match from {
+            (Some(p), Some(o)) if p == i64::from(partition) && o < newest => {
+                tracing::info!(
+                    sink = %self.cfg.sink.name, contact_id = %m.key, dead_letter_offset = o, newest_offset = newest, partition,
+                    "re-drive: skipped a dead letter older than the contact's newest event on the topic"
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Decode one value; an `Err` (the registry unreachable, no registry configured for Avro)
     /// stops the batch uncommitted.
     async fn read(&self, payload: &[u8], redrive: bool) -> Result<Read> {
@@ -715,6 +790,12 @@ impl BatchCtx<'_> {
                     let raw = serde_json::to_value(&e)
                         .map_err(|e| Error::internal("events serialize").with_source(e))?;
                     (e, raw)
+                }
+                Some(payload) if self.superseded_dead_letter(m, payload) => {
+                    self.totals.superseded += 1;
+                    self.totals.redrive_skipped += 1;
+                    crate::metrics::sink_superseded(&self.cfg.sink.name);
+                    continue;
                 }
                 Some(payload) => match self.read(payload, redrive).await? {
                     Read::Event(e, raw) => (*e, raw),

@@ -433,7 +433,7 @@ async fn a_redrive_skips_dead_letters_older_than_the_topic() {
     let c = db.client().await;
     c.execute("UPDATE inferences SET result = 'Superb' WHERE contact_id = $1 AND question_id = 'q-outcome'", &[&ids[2]]).await.unwrap();
     let (dir, cfg) = sink_config("dynamics", &src.topic, |_| {});
-    let mut sink = SinkProc::start(&emu, dir, cfg.clone(), &[]);
+    let sink = SinkProc::start(&emu, dir, cfg.clone(), &[]);
     let mut dead = TopicReader::new(&format!("{}.dlq.dynamics", src.topic));
     dead.until(WAIT, "the poison record on the DLQ", |r| {
         r.iter().any(|r| r.key == ids[2])

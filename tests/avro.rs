@@ -172,6 +172,7 @@ fn event(contact: &str) -> ContactEvent {
             reason: "stream".into(),
         },
         truncated: None,
+        cleared_question_keys: None,
     }
 }
 

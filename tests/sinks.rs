@@ -21,7 +21,7 @@ async fn pipeline(prefix: &str, n: usize) -> (TestDb, SourceProc, Emulator, Vec<
 }
 
 async fn converge_and_update(system: &str, example: &str) {
-    let (db, src, emu, _) = pipeline(&format!("t_{example}"), 30).await;
+    let (db, src, emu, ids) = pipeline(&format!("t_{example}"), 30).await;
     let (dir, cfg) = sink_config(example, &src.topic, |_| {});
     let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
     let expected = db.expected().await;
@@ -43,6 +43,64 @@ async fn converge_and_update(system: &str, example: &str) {
     assert_eq!(more.len(), 5);
     let expected = db.expected().await;
     eventually(WAIT, "the CRM to follow the updates", || {
+        crm_matches(&emu, system, &expected)
+    });
+    sink.assert_running();
+
+    // Answers that disappear are cleared in the CRM, never left behind: one answer deleted,
+    // every answer of a contact deleted, a question that stops being universal.
+    c.execute(
+        "DELETE FROM inferences WHERE question_id = 'q-quality-score' AND contact_id = ANY($1::text[])",
+        &[&ids[1..4].to_vec()],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "DELETE FROM inferences i USING questions q \
+         WHERE q.question_id = i.question_id AND q.is_universal AND i.contact_id = $1",
+        &[&ids[0]],
+    )
+    .await
+    .unwrap();
+    c.batch_execute("UPDATE questions SET is_universal = false WHERE question_id = 'q-empathy'")
+        .await
+        .unwrap();
+    let keys: Vec<String> = c
+        .query("SELECT key FROM questions", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut expected = db.expected().await;
+    assert!(
+        !expected.contains_key(&ids[0]),
+        "the emptied contact has no row in the seed query"
+    );
+    let agent: Option<String> = c
+        .query_one(
+            "SELECT agent_id FROM contacts WHERE contact_id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Its record stays, with every answer field emptied.
+    expected.insert(
+        ids[0].clone(),
+        Expected {
+            external_id: None,
+            call_date: None,
+            call_start_time: None,
+            direction: None,
+            contact_agent_id: agent,
+            s3_agent_id: None,
+            conn_id: None,
+            results: Default::default(),
+        },
+    );
+    eventually(WAIT, "the CRM to drop the answers that are gone", || {
+        no_stale_answers(&emu, system, &expected, &keys)?;
         crm_matches(&emu, system, &expected)
     });
     sink.assert_running();

@@ -583,5 +583,138 @@ async fn a_question_made_non_universal_while_stopped_is_re_emitted() {
             .all(|q| q.question_key != "empathy_rating")),
         "the answer to a question that is no longer universal is gone"
     );
+    assert!(
+        latest.values().all(|e| e
+            .cleared_question_keys
+            .as_ref()
+            .is_some_and(|k| k.contains(&"empathy_rating".to_owned()))),
+        "and listed as cleared, so targets empty its field"
+    );
     assert_matches_seed(&latest, &db.expected().await);
+}
+
+/// An answer that disappears is named in the contact's next event, so targets clear it: one
+/// deleted answer, every answer of a contact (it gets an event without answers), a renamed
+/// question (its old key). A contact that leaves COMPLETED gets no such event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_that_disappear_are_listed_as_cleared() {
+    let db = TestDb::new("t_cleared").await;
+    let ids = completed(&db, 61, 12).await;
+    let src = SourceProc::start(&db, SourceOpts::default());
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "the snapshot", has_all(&ids));
+    let c = db.client().await;
+    let universal: Vec<String> = c
+        .query(
+            "SELECT key FROM questions WHERE is_universal ORDER BY key",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // A snapshot event lists the universal questions its contact has no answer to.
+    for (id, e) in reader.latest() {
+        let answered: Vec<&str> = e
+            .universal_questions
+            .iter()
+            .map(|q| q.question_key.as_str())
+            .collect();
+        let cleared = e.cleared_question_keys.clone().unwrap_or_default();
+        for k in &universal {
+            assert!(
+                answered.contains(&k.as_str()) != cleared.contains(k),
+                "contact {id}: {k} must be either answered or cleared: {e:?}"
+            );
+        }
+    }
+
+    c.execute(
+        "DELETE FROM inferences WHERE question_id = 'q-quality-score' AND contact_id = $1",
+        &[&ids[1]],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "DELETE FROM inferences i USING questions q \
+         WHERE q.question_id = i.question_id AND q.is_universal AND i.contact_id = $1",
+        &[&ids[0]],
+    )
+    .await
+    .unwrap();
+    // Leaves COMPLETED, then loses its answers: the targets keep what it had meanwhile.
+    c.batch_execute(&format!(
+        "UPDATE contacts SET current_stage = 'INFERENCE' WHERE contact_id = '{0}'; \
+         DELETE FROM inferences WHERE contact_id = '{0}'",
+        ids[5]
+    ))
+    .await
+    .unwrap();
+    let newest = |recs: &[Record], id: &str| {
+        recs.iter()
+            .filter(|r| r.key == id)
+            .filter_map(Record::event)
+            .next_back()
+    };
+    reader.until(WAIT, "the events of both changed contacts", |recs| {
+        newest(recs, &ids[1]).is_some_and(|e| e.source.reason == "stream")
+            && newest(recs, &ids[0]).is_some_and(|e| e.source.reason == "stream")
+    });
+    let one = newest(&reader.records, &ids[1]).unwrap();
+    assert!(
+        one.universal_questions
+            .iter()
+            .all(|q| q.question_key != "quality_score")
+            && one
+                .cleared_question_keys
+                .as_ref()
+                .is_some_and(|k| k.contains(&"quality_score".to_owned())),
+        "the deleted answer is listed as cleared: {one:?}"
+    );
+    let all = newest(&reader.records, &ids[0]).unwrap();
+    assert_eq!(all.op, Op::Upsert);
+    assert!(all.universal_questions.is_empty(), "{all:?}");
+    assert_eq!(
+        all.cleared_question_keys.as_deref(),
+        Some(universal.as_slice()),
+        "a contact without answers clears every universal question"
+    );
+
+    c.execute(
+        "UPDATE questions SET key = 'agent_named' WHERE question_id = 'q-agent-identified'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let answered: Vec<String> = c
+        .query(
+            "SELECT contact_id FROM inferences WHERE question_id = 'q-agent-identified'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!answered.is_empty());
+    reader.until(WAIT, "the renamed question's contacts again", |recs| {
+        answered.iter().all(|id| {
+            newest(recs, id).is_some_and(|e| {
+                e.source.reason == "question"
+                    && e.cleared_question_keys
+                        .as_ref()
+                        .is_some_and(|k| k.contains(&"agent_identified".to_owned()))
+            })
+        })
+    });
+    reader.settle(Duration::from_secs(2));
+    assert!(
+        newest(&reader.records, &ids[5]).is_some_and(|e| !e.universal_questions.is_empty()),
+        "a contact that left COMPLETED keeps its last event"
+    );
+    let mut latest = reader.latest();
+    latest.remove(&ids[5]);
+    assert_matches_seed(&latest, &db.expected().await);
+    db.drop_slot(&src.slot).await;
 }

@@ -113,6 +113,7 @@ mod tests {
                 reason: "stream".into(),
             },
             truncated: None,
+            cleared_question_keys: None,
         }
     }
 
@@ -165,8 +166,9 @@ mod tests {
     #[test]
     fn truncated_or_padded_bodies_are_refused() {
         let body = encode_body(&sample());
-        // (The last byte is the optional `truncated` field's null branch: cut into `source`.)
-        assert!(decode_body(&body[..body.len() - 2], schema()).is_err());
+        // (The last two bytes are the null branches of the optional `truncated` and
+        // `cleared_question_keys`: cut into `source`.)
+        assert!(decode_body(&body[..body.len() - 3], schema()).is_err());
         let mut longer = body.clone();
         longer.push(0);
         assert!(
@@ -284,6 +286,10 @@ mod tests {
                 Some("enum") => assert_eq!(
                     avro_type["symbols"], js["enum"],
                     "{here}: enum symbols differ"
+                ),
+                Some("array") if avro_type["items"] == "string" => assert_eq!(
+                    js["items"]["type"], "string",
+                    "{here}: array of strings in Avro, {js} in JSON Schema"
                 ),
                 Some("array") => compare_record(&avro_type["items"], &js["items"], &here),
                 Some("record") => compare_record(&avro_type, js, &here),

@@ -148,6 +148,7 @@ mod tests {
                 reason: "stream".into(),
             },
             truncated: None,
+            cleared_question_keys: None,
         }
     }
 

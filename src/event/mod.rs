@@ -10,6 +10,8 @@ pub mod avro;
 pub mod fit;
 pub mod registry;
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -99,6 +101,11 @@ pub struct ContactEvent {
     /// Texts shortened so the event fits the broker's size limit; absent when nothing was.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub truncated: Option<Vec<Truncated>>,
+    /// Keys of universal questions (or of questions that stopped being universal, or were
+    /// renamed) that this contact has no answer to: a target clears the fields it keeps for them,
+    /// so an answer that disappeared never stays behind. Absent when there is none.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cleared_question_keys: Option<Vec<String>>,
 }
 
 /// A text the source shortened so its event fits the broker's size limit (see [`fit`]).
@@ -133,7 +140,26 @@ impl ContactEvent {
             universal_questions: Vec::new(),
             source,
             truncated: None,
+            cleared_question_keys: None,
         }
+    }
+
+    /// Name the keys among `universal` and `retired` this contact has no answer to, so a
+    /// target clears them (none: the field stays absent). Every key given ends up either
+    /// answered or cleared, never both.
+    pub fn set_cleared(&mut self, universal: &[String], retired: &BTreeSet<String>) {
+        let answered: BTreeSet<&str> = self
+            .universal_questions
+            .iter()
+            .map(|q| q.question_key.as_str())
+            .collect();
+        let keys: BTreeSet<&String> = universal
+            .iter()
+            .chain(retired)
+            .filter(|k| !answered.contains(k.as_str()))
+            .collect();
+        self.cleared_question_keys =
+            (!keys.is_empty()).then(|| keys.into_iter().cloned().collect());
     }
 
     /// Serialize for the topic.
@@ -337,6 +363,40 @@ mod tests {
     fn lsn_format() {
         assert_eq!(lsn(0x16B3748), "0/16B3748");
         assert_eq!(lsn((3u64 << 32) | 0x10), "3/10");
+    }
+
+    proptest::proptest! {
+        /// Every universal or retired key is answered or cleared, never both; cleared keys are
+        /// sorted and unique.
+        #[test]
+        fn each_key_is_answered_or_cleared(
+            answered in proptest::collection::btree_set("[a-d]{1,2}", 0..6),
+            universal in proptest::collection::vec("[a-d]{1,2}", 0..8),
+            retired in proptest::collection::btree_set("[a-d]{1,2}", 0..4),
+        ) {
+            let mut e = ContactEvent::delete("c", SourcePosition {
+                lsn: "0/1".into(), commit_ts: None, txid: None, reason: "stream".into(),
+            });
+            e.universal_questions = answered.iter().map(|k| QuestionResult {
+                question_id: format!("q-{k}"),
+                question_key: k.clone(),
+                question_text: None,
+                result_type: "Boolean".into(),
+                question_group: None,
+                result: Some("true".into()),
+                inference_updated_at: None,
+            }).collect();
+            e.set_cleared(&universal, &retired);
+            let cleared = e.cleared_question_keys.clone().unwrap_or_default();
+            proptest::prop_assert!(cleared.windows(2).all(|w| w[0] < w[1]));
+            proptest::prop_assert_eq!(e.cleared_question_keys.is_none(), cleared.is_empty());
+            for k in universal.iter().chain(&retired) {
+                proptest::prop_assert!(answered.contains(k) != cleared.contains(k), "{}", k);
+            }
+            for k in &cleared {
+                proptest::prop_assert!(universal.contains(k) || retired.contains(k));
+            }
+        }
     }
 
     #[test]

@@ -188,6 +188,9 @@ pub struct Mapping {
     /// Choice column -> label -> value, read from the CRM's metadata at start: the values for
     /// option-set fields whose spec gives no labels (e.g. Label questions not listed in the config).
     pub option_sets: BTreeMap<String, BTreeMap<String, i64>>,
+    /// The target's columns when read at start: an answer an event says is gone is cleared
+    /// only where its column exists (a question the target never had a column for is no error).
+    pub known_fields: Option<std::collections::HashSet<String>>,
     field_prefix: String,
 }
 
@@ -363,6 +366,7 @@ impl Mapping {
                 _ => 131_072,
             }),
             option_sets: BTreeMap::new(),
+            known_fields: None,
             field_prefix: cfg.field_prefix.clone(),
         }
     }
@@ -479,6 +483,19 @@ impl Mapping {
             };
             fields.insert(field, v);
         }
+        // Answers the contact no longer has: their fields are emptied, never left stale.
+        for key in e.cleared_question_keys.iter().flatten() {
+            let Some(field) = self.question_field(key) else {
+                continue;
+            };
+            if self
+                .known_fields
+                .as_ref()
+                .is_none_or(|k| k.contains(&field))
+            {
+                fields.entry(field).or_insert(Value::Null);
+            }
+        }
         Ok(Record {
             contact_id: e.trusst_contact_id.clone(),
             fields,
@@ -498,7 +515,9 @@ impl Mapping {
             Value::String(contact_id.to_owned()),
         );
         for k in question_keys {
-            if let Some(f) = self.question_field(&k) {
+            if let Some(f) = self.question_field(&k)
+                && self.known_fields.as_ref().is_none_or(|k| k.contains(&f))
+            {
                 fields.insert(f, Value::Null);
             }
         }
@@ -631,12 +650,16 @@ pub fn mulesoft_contact(e: &ContactEvent) -> Map<String, Value> {
             })
         })
         .collect();
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "trusst_contact_id": e.trusst_contact_id, "external_id": e.external_id,
         "call_date": e.call_date, "call_start_time": e.call_start_time, "direction": e.direction,
         "contact_agent_id": e.contact_agent_id, "s3_agent_id": e.s3_agent_id, "conn_id": e.conn_id,
         "universal_questions": qs,
     });
+    // Only when there is something to clear, so the guide's payload is otherwise unchanged.
+    if let Some(keys) = e.cleared_question_keys.as_ref().filter(|k| !k.is_empty()) {
+        v["cleared_question_keys"] = serde_json::json!(keys);
+    }
     match v {
         Value::Object(m) => m,
         _ => unreachable!("json! object"),
@@ -697,6 +720,7 @@ mod tests {
                 reason: "stream".into(),
             },
             truncated: None,
+            cleared_question_keys: None,
         }
     }
 
@@ -789,6 +813,29 @@ mod tests {
             .map(&event(&[("call_outcome", "Label", "Superb")]))
             .unwrap_err();
         assert!(e.reason.contains("no option value"), "{e}");
+    }
+
+    #[test]
+    fn cleared_answers_become_nulls_where_the_target_has_the_field() {
+        let mut m = Mapping::new(TargetKind::Salesforce, &MappingConfig::default());
+        let mut e = event(&[("quality_score", "Rating", "7")]);
+        e.cleared_question_keys = Some(vec!["empathy_rating".into(), "gone_key".into()]);
+        let r = m.map(&e).unwrap();
+        assert_eq!(r.fields["Quality_Score__c"], 7.0);
+        assert_eq!(r.fields["Empathy_Rating__c"], Value::Null);
+        assert_eq!(r.fields["Gone_Key__c"], Value::Null);
+        // Where the target's columns are known, only those it has are cleared.
+        m.known_fields = Some(["Empathy_Rating__c".to_owned()].into());
+        let r = m.map(&e).unwrap();
+        assert_eq!(r.fields["Empathy_Rating__c"], Value::Null);
+        assert!(!r.fields.contains_key("Gone_Key__c"));
+        // MuleSoft gets the keys with the guide's payload.
+        let m = Mapping::new(TargetKind::Mulesoft, &MappingConfig::default());
+        let r = m.map(&e).unwrap();
+        assert_eq!(
+            r.fields["cleared_question_keys"],
+            serde_json::json!(["empathy_rating", "gone_key"])
+        );
     }
 
     #[test]

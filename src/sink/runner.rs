@@ -842,7 +842,13 @@ impl BatchCtx<'_> {
                 Op::Delete => match self.cfg.sink.on_delete {
                     OnDelete::Delete => deletes.push(it),
                     OnDelete::Clear => {
-                        let keys = self.mapping.questions.keys().cloned();
+                        // The configured questions and every universal one the event names.
+                        let keys = self
+                            .mapping
+                            .questions
+                            .keys()
+                            .chain(it.event.cleared_question_keys.iter().flatten())
+                            .cloned();
                         upserts.push((self.mapping.cleared(&it.event.trusst_contact_id, keys), it));
                     }
                     OnDelete::Ignore => {}

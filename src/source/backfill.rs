@@ -222,10 +222,12 @@ pub async fn run(
                 break;
             };
             let full = ids.len() == limit;
-            let job = Job::at(ids, origin, "backfill");
-            let n = publisher::publish_and_wait(&client, &plan, &out, &job).await?;
+            let read = ids.len() as u64;
+            let n =
+                publisher::publish_and_wait(&client, &plan, &out, Job::at(ids, origin, "backfill"))
+                    .await?;
             totals.published += n as u64;
-            progress.add(job.ids.len() as u64, (from, to));
+            progress.add(read, (from, to));
             if !full {
                 break;
             }

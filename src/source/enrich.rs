@@ -177,6 +177,34 @@ fn time(row: &Row, field: &str) -> Result<Option<String>> {
     })
 }
 
+/// The contact-level part of an event from a row of the re-read or of [`Plan::contacts_sql`]
+/// (its answers are filled in by the caller).
+fn contact_event(row: &Row, contact_id: String) -> Result<ContactEvent> {
+    Ok(ContactEvent {
+        schema_version: SCHEMA_VERSION,
+        event_id: String::new(),
+        op: Op::Upsert,
+        trusst_contact_id: contact_id,
+        external_id: text(row, "external_id")?,
+        stream_id: text(row, "stream_id")?,
+        call_date: time(row, "call_date")?,
+        call_start_time: time(row, "call_start_time")?,
+        direction: text(row, "direction")?,
+        contact_agent_id: text(row, "contact_agent_id")?,
+        s3_agent_id: text(row, "s3_agent_id")?,
+        conn_id: text(row, "conn_id")?,
+        universal_questions: Vec::new(),
+        source: SourcePosition {
+            lsn: String::new(),
+            commit_ts: None,
+            txid: None,
+            reason: String::new(),
+        },
+        truncated: None,
+        cleared_question_keys: None,
+    })
+}
+
 /// Group the re-read's rows into one event per contact (split from [`fetch`] so the next query
 /// runs while these rows are turned into events). Columns are read by name; a value that
 /// cannot be read is an error naming its column, never a panic.
@@ -197,33 +225,67 @@ pub fn build(rows: Vec<Row>) -> Result<HashMap<String, ContactEvent>> {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let contact_id = e.key().clone();
-                e.insert(ContactEvent {
-                    schema_version: SCHEMA_VERSION,
-                    event_id: String::new(),
-                    op: Op::Upsert,
-                    trusst_contact_id: contact_id,
-                    external_id: text(&row, "external_id")?,
-                    stream_id: text(&row, "stream_id")?,
-                    call_date: time(&row, "call_date")?,
-                    call_start_time: time(&row, "call_start_time")?,
-                    direction: text(&row, "direction")?,
-                    contact_agent_id: text(&row, "contact_agent_id")?,
-                    s3_agent_id: text(&row, "s3_agent_id")?,
-                    conn_id: text(&row, "conn_id")?,
-                    universal_questions: Vec::new(),
-                    source: SourcePosition {
-                        lsn: String::new(),
-                        commit_ts: None,
-                        txid: None,
-                        reason: String::new(),
-                    },
-                    truncated: None,
-                })
+                e.insert(contact_event(&row, contact_id)?)
             }
         };
         event.universal_questions.push(q);
     }
     Ok(out)
+}
+
+/// The contacts the re-read's rows are of.
+pub fn row_ids(rows: &[Row]) -> Result<std::collections::HashSet<String>> {
+    rows.iter()
+        .map(|r| Ok(text(r, "contact_id")?.unwrap_or_default()))
+        .collect()
+}
+
+/// Read the contact rows of `ids` ([`Plan::contacts_sql`]): per contact its event without
+/// answers, and whether it is COMPLETED. Contacts whose row is gone are absent.
+pub async fn contacts(
+    client: &Client,
+    plan: &Plan,
+    ids: &[String],
+) -> Result<HashMap<String, (ContactEvent, bool)>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = client
+        .query(&plan.contacts_sql(), &[&ids])
+        .await
+        .map_err(|e| error::pg("reading contacts that left the re-read", e))?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id = text(&row, "contact_id")?.unwrap_or_default();
+        let completed: bool = row
+            .try_get("completed")
+            .map_err(|e| unreadable("completed", e))?;
+        out.insert(id.clone(), (contact_event(&row, id)?, completed));
+    }
+    Ok(out)
+}
+
+/// The keys of every universal question now, for events to say which answers a contact lacks.
+pub async fn universal_keys(client: &Client, plan: &Plan) -> Result<Vec<String>> {
+    let rows = client
+        .query(&plan.questions_sql(), &[])
+        .await
+        .map_err(|e| error::pg("loading questions", e))?;
+    let mut keys = Vec::new();
+    for r in rows {
+        let universal: bool = r
+            .try_get("is_universal")
+            .map_err(|e| unreadable("question_id", e))?;
+        if let (true, Some(k)) = (
+            universal,
+            r.try_get::<_, Option<String>>("key").ok().flatten(),
+        ) {
+            keys.push(k);
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
 }
 
 /// One page of COMPLETED contact ids after `after` (none: from the first), in key order.

@@ -18,8 +18,9 @@ pub mod slot;
 pub mod state;
 pub mod triggers;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
@@ -473,6 +474,9 @@ struct ReemitJob {
 struct Batch {
     touched: HashMap<String, Origin>,
     deleted: HashSet<String>,
+    /// Contacts with a changed or deleted universal answer: if the re-read no longer returns
+    /// them, they may have lost their last one.
+    lost: HashSet<String>,
     /// Every transaction whose changes are in this batch: the re-read waits until all are
     /// visible (a contact's origin keeps only its newest).
     xids: HashSet<u32>,
@@ -488,6 +492,11 @@ struct Session<'a> {
     shutdown: watch::Receiver<bool>,
     tracker: Tracker,
     questions: HashMap<String, Question>,
+    /// The keys of the universal questions in `questions`, built when first needed after a change.
+    universal_keys: Option<Arc<[String]>>,
+    /// Keys of questions that stopped being universal (or were renamed or deleted) this
+    /// session: events list them as cleared when the contact has no answer under that key.
+    retired: Arc<BTreeSet<String>>,
     /// WAL position when the question cache was loaded: earlier question changes are replays
     /// the cache already reflects, so they re-emit conservatively.
     questions_loaded_at: u64,
@@ -536,6 +545,8 @@ impl<'a> Session<'a> {
             shutdown,
             tracker: Tracker::new(),
             questions: HashMap::new(),
+            universal_keys: None,
+            retired: Arc::default(),
             questions_loaded_at: 0,
             batch: Batch::default(),
             plan: schema::Plan::guide(),
@@ -755,6 +766,7 @@ impl<'a> Session<'a> {
                 ))
             })
             .collect::<Result<_>>()?;
+        self.universal_keys = None;
         // Read after the questions: a change committed in between then counts as a replay and
         // re-emits conservatively instead of being missed.
         self.questions_loaded_at = setup::current_wal_lsn(client).await?;
@@ -799,7 +811,7 @@ impl<'a> Session<'a> {
                 break;
             };
             let job = Job::at(ids, origin, "snapshot");
-            let n = publisher::publish_and_wait(client, &self.plan, out, &job).await?;
+            let n = publisher::publish_and_wait(client, &self.plan, out, job).await?;
             self.published += n as u64;
             st.last_key = last;
             st.published += n as u64;
@@ -1024,6 +1036,7 @@ impl<'a> Session<'a> {
                     None => true, // unknown question: re-read, enrichment decides
                 };
                 if relevant {
+                    self.batch.lost.insert(contact_id.clone());
                     self.touch(contact_id, origin);
                 }
             }
@@ -1078,6 +1091,24 @@ impl<'a> Session<'a> {
             }
         });
         let universal = |q: &Option<Question>| q.as_ref().is_some_and(|q| q.is_universal);
+        // An answer stored under a key that is no longer a universal question's must be
+        // cleared from the targets. A replay only knows the key now.
+        let universal_key = |q: &Option<Question>| {
+            q.as_ref()
+                .filter(|q| q.is_universal)
+                .and_then(|q| q.key.clone())
+        };
+        let retired = match (universal_key(&before), universal_key(&after)) {
+            (Some(old), new) if new.as_ref() != Some(&old) => Some(old),
+            (None, None) if origin.lsn <= self.questions_loaded_at => {
+                after.as_ref().and_then(|q| q.key.clone())
+            }
+            _ => None,
+        };
+        if let Some(key) = retired {
+            Arc::make_mut(&mut self.retired).insert(key);
+        }
+        self.universal_keys = None;
         // A replayed change (one the cache, loaded later, already reflects) cannot be judged:
         // the cache holds its outcome, not what came before (a question that stopped being
         // universal looks as if it never was). Replays re-emit, so nothing stays stale.
@@ -1130,10 +1161,14 @@ impl<'a> Session<'a> {
         let last = ids.last().cloned();
         let full = ids.len() == chunk;
         let origin = job.origin;
+        let mut job = Job::at(ids, origin, "question");
+        // They all had an answer to the question; it may have been their only universal one.
+        job.lost = job.ids.iter().cloned().collect();
+        job.universal = Some(self.universal_keys());
+        job.retired = self.retired.clone();
         // Through the pipeline, behind the batches already in it, so per-contact order holds.
         let ticket = self.ledger.submit_extra();
-        self.submit(Job::at(ids, origin, "question"), ticket)
-            .await?;
+        self.submit(job, ticket).await?;
         self.drain_inflight(repl).await?;
         let job = self.jobs.front_mut().expect("job present");
         match last {
@@ -1147,6 +1182,23 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The keys of the universal questions as of the stream's position.
+    fn universal_keys(&mut self) -> Arc<[String]> {
+        self.universal_keys
+            .get_or_insert_with(|| {
+                let mut keys: Vec<String> = self
+                    .questions
+                    .values()
+                    .filter(|q| q.is_universal)
+                    .filter_map(|q| q.key.clone())
+                    .collect();
+                keys.sort();
+                keys.dedup();
+                keys.into()
+            })
+            .clone()
     }
 
     /// Hand a job to the pipeline under the ledger's `ticket`.
@@ -1186,12 +1238,14 @@ impl<'a> Session<'a> {
             .map(<[String]>::to_vec)
             .collect();
         let last = chunks.len() - 1;
+        let universal = self.universal_keys();
         for (i, ids) in chunks.into_iter().enumerate() {
             let origins = ids
                 .iter()
                 .filter_map(|id| batch.touched.remove_entry(id))
                 .collect();
             let deleted = ids.iter().filter_map(|id| batch.deleted.take(id)).collect();
+            let lost = ids.iter().filter_map(|id| batch.lost.take(id)).collect();
             // Only the last chunk carries the positions: confirmation waits for all of them.
             let ticket = if i == last {
                 self.ledger.submit()
@@ -1206,6 +1260,9 @@ impl<'a> Session<'a> {
                     origin: None,
                     reason: "stream",
                     xids: xids.clone(),
+                    universal: Some(universal.clone()),
+                    retired: self.retired.clone(),
+                    lost,
                 },
                 ticket,
             )

@@ -7,7 +7,8 @@
 //! the later one after the earlier read, and its events reach Kafka in that order, so the newest
 //! event per key is always the freshest state.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -37,6 +38,14 @@ pub(super) struct Job {
     pub reason: &'static str,
     /// Further transactions whose changes the job covers (beyond the origins').
     pub xids: Vec<u32>,
+    /// Keys of the universal questions at the job's stream position: an event lists those its
+    /// contact has no answer to, so a target clears them. `None`: read them from the database.
+    pub universal: Option<Arc<[String]>>,
+    /// Keys of questions that stopped being universal (or were renamed or deleted): cleared too.
+    pub retired: Arc<BTreeSet<String>>,
+    /// Contacts that may have lost their last universal answer: when the re-read no longer
+    /// returns one that is still COMPLETED, it gets an event with every answer cleared.
+    pub lost: HashSet<String>,
 }
 
 impl Job {
@@ -49,11 +58,27 @@ impl Job {
             origin: Some(origin),
             reason,
             xids: Vec::new(),
+            universal: None,
+            retired: Arc::default(),
+            lost: HashSet::new(),
         }
     }
-}
 
-impl Job {
+    /// The contacts that may have lost their answers and are neither in `rows` (the re-read)
+    /// nor deleted: the ones whose contact row must be read to know.
+    fn lost_absent(&self, rows: &[Row]) -> Result<Vec<String>> {
+        if self.lost.is_empty() {
+            return Ok(Vec::new());
+        }
+        let present = enrich::row_ids(rows)?;
+        Ok(self
+            .lost
+            .iter()
+            .filter(|id| !present.contains(*id) && !self.deleted.contains(*id))
+            .cloned()
+            .collect())
+    }
+
     /// The streamed transactions behind the job (none for snapshot and backfill pages).
     fn xids(&self) -> Vec<i64> {
         let mut x: Vec<i64> = self
@@ -74,7 +99,11 @@ impl Job {
 /// Completes with the number of events once Kafka acknowledged every record of a job.
 pub(super) type Done = oneshot::Receiver<Result<usize>>;
 
-type Fetched = (Job, Vec<Row>, oneshot::Sender<Result<usize>>);
+/// A job with its re-read rows and the contact rows of those that lost their answers.
+type Fetched = (Job, Vec<Row>, Absent, oneshot::Sender<Result<usize>>);
+
+/// Contacts absent from the re-read: their answer-less event and whether they are COMPLETED.
+type Absent = HashMap<String, (ContactEvent, bool)>;
 
 /// The two stages (enrichment, production); dropping it stops both.
 pub(super) struct Publisher {
@@ -94,6 +123,7 @@ impl Publisher {
     /// Start the stages: `client` is a connection of their own, used for nothing else.
     pub async fn start(client: Client, out: EventOut, plan: &Plan) -> Result<Self> {
         let statement = enrich::prepare(&client, plan).await?;
+        let plan = plan.clone();
         let visibility = enrich::prepare_visibility(&client).await?;
         let (tx, mut jobs) = mpsc::channel::<(Job, oneshot::Sender<Result<usize>>)>(STAGE_QUEUE);
         let (etx, mut fetched) = mpsc::channel::<Fetched>(STAGE_QUEUE);
@@ -103,11 +133,13 @@ impl Publisher {
                 // database works on the next batch meanwhile.
                 let fetched = async {
                     enrich::await_visible(&client, &visibility, &job.xids()).await?;
-                    enrich::fetch(&client, &statement, &job.ids).await
+                    let rows = enrich::fetch(&client, &statement, &job.ids).await?;
+                    let absent = enrich::contacts(&client, &plan, &job.lost_absent(&rows)?).await?;
+                    Ok::<_, Error>((rows, absent))
                 };
                 match fetched.await {
-                    Ok(rows) => {
-                        if etx.send((job, rows, done)).await.is_err() {
+                    Ok((rows, absent)) => {
+                        if etx.send((job, rows, absent, done)).await.is_err() {
                             return;
                         }
                     }
@@ -118,7 +150,7 @@ impl Publisher {
             }
         });
         let writer = tokio::spawn(async move {
-            while let Some((job, rows, done)) = fetched.recv().await {
+            while let Some((job, rows, absent, done)) = fetched.recv().await {
                 let mut states = match enrich::build(rows) {
                     Ok(states) => states,
                     Err(e) => {
@@ -127,7 +159,7 @@ impl Publisher {
                     }
                 };
                 let mut pending = Pending::default();
-                match produce(&out, &mut pending, &job, &mut states).await {
+                match produce(&out, &mut pending, &job, &mut states, absent).await {
                     // Acknowledgements are awaited off this stage, so the next job's records
                     // are produced while the broker works on this one's.
                     Ok(tally) => {
@@ -170,11 +202,16 @@ pub(super) async fn publish_and_wait(
     client: &Client,
     plan: &Plan,
     out: &EventOut,
-    job: &Job,
+    mut job: Job,
 ) -> Result<usize> {
-    let mut states = enrich::enrich(client, plan, &job.ids).await?;
+    let rows = enrich::fetch(client, &enrich::prepare(client, plan).await?, &job.ids).await?;
+    let absent = enrich::contacts(client, plan, &job.lost_absent(&rows)?).await?;
+    let mut states = enrich::build(rows)?;
+    if job.universal.is_none() {
+        job.universal = Some(enrich::universal_keys(client, plan).await?.into());
+    }
     let mut pending = Pending::default();
-    let tally = produce(out, &mut pending, job, &mut states).await?;
+    let tally = produce(out, &mut pending, &job, &mut states, absent).await?;
     pending.wait().await?;
     tally.acknowledged(&out.topic, job.reason);
     Ok(events(&tally))
@@ -192,8 +229,10 @@ async fn produce(
     pending: &mut Pending,
     job: &Job,
     states: &mut HashMap<String, ContactEvent>,
+    mut absent: Absent,
 ) -> Result<Published> {
     let mut tally = Published::default();
+    let universal = job.universal.as_deref().unwrap_or_default();
     for id in &job.ids {
         let Some(o) = job.origins.get(id).copied().or(job.origin) else {
             continue;
@@ -206,7 +245,13 @@ async fn produce(
             txid: (o.xid != 0).then_some(o.xid),
             reason: job.reason.to_owned(),
         };
-        if let Some(mut ev) = states.remove(id) {
+        let state = states.remove(id).or_else(|| match absent.remove(id) {
+            // Still COMPLETED but without a universal answer: every field it had goes.
+            Some((ev, true)) => Some(ev),
+            _ => None,
+        });
+        if let Some(mut ev) = state {
+            ev.set_cleared(universal, &job.retired);
             ev.event_id = if job.reason == "stream" {
                 format!("{}:{id}", position.lsn)
             } else {
@@ -216,7 +261,9 @@ async fn produce(
             out.send(pending, id, Some(&ev)).await?;
             tally.upserts += 1;
         } else if job.deleted.contains(id) {
-            let ev = ContactEvent::delete(id, position);
+            let mut ev = ContactEvent::delete(id, position);
+            // What a target set to clear fields on delete empties.
+            ev.set_cleared(universal, &job.retired);
             out.send(pending, id, Some(&ev)).await?;
             // The tombstone lets compaction forget the contact once sinks saw the delete.
             out.send(pending, id, None).await?;

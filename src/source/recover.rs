@@ -266,8 +266,15 @@ pub(super) async fn republish(
             }
         }
         if !ids.is_empty() {
-            publisher::publish_and_wait(client, plan, out, &Job::at(ids, origin, "recover"))
-                .await?;
+            let mut job = Job::at(ids, origin, "recover");
+            // A contact the topic has may have lost its last answer during the gap.
+            job.lost = job
+                .ids
+                .iter()
+                .filter(|id| summary.live.contains(*id))
+                .cloned()
+                .collect();
+            publisher::publish_and_wait(client, plan, out, job).await?;
         }
         if !full {
             break;
@@ -302,7 +309,7 @@ pub(super) async fn republish(
             outcome.deleted += gone.len() as u64;
             let mut job = Job::at(gone.clone(), origin, "recover");
             job.deleted = gone.into_iter().collect();
-            publisher::publish_and_wait(client, plan, out, &job).await?;
+            publisher::publish_and_wait(client, plan, out, job).await?;
         }
     }
     tracing::info!(

@@ -455,6 +455,33 @@ impl Plan {
         )
     }
 
+    /// The contact-level fields of the contacts in `$1` (text ids as the stream carries them),
+    /// whatever their stage, and whether each is COMPLETED: for contacts the re-read no longer
+    /// returns (they lost their last universal answer, or left COMPLETED).
+    pub fn contacts_sql(&self) -> String {
+        format!(
+            "SELECT r.id AS contact_id, {external_id} AS external_id, {stream_id} AS stream_id, \
+                    {call_time} AS call_date, {start_time} AS call_start_time, {direction} AS direction, \
+                    {agent_id} AS contact_agent_id, {s3_agent_id} AS s3_agent_id, {conn_id} AS conn_id, \
+                    {completed} AS completed \
+             FROM unnest($1::text[]) AS r(id) \
+             INNER JOIN contacts c ON c.contact_id = {cast_id} \
+             LEFT JOIN LATERAL (SELECT s.call_time, s.agent_id, s.conn_id FROM s3_conversations s \
+                                WHERE s.contact_id = c.contact_id \
+                                ORDER BY s.call_time DESC NULLS LAST, s.conversation_id DESC LIMIT 1) s3c ON true",
+            external_id = Self::value("c", "external_id"),
+            stream_id = Self::value("c", "stream_id"),
+            call_time = self.time_expr("s3c", "s3_conversations", "call_time"),
+            start_time = self.time_expr("c", "contacts", "start_time"),
+            direction = Self::value("c", "direction"),
+            agent_id = Self::value("c", "agent_id"),
+            s3_agent_id = Self::value("s3c", "agent_id"),
+            conn_id = Self::value("s3c", "conn_id"),
+            completed = Self::completed("c"),
+            cast_id = self.cast("r.id", "contacts", "contact_id"),
+        )
+    }
+
     /// Every question with what the stream's question cache keeps (`question_id` in the
     /// stream's text form).
     pub fn questions_sql(&self) -> String {

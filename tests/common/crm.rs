@@ -414,3 +414,44 @@ pub fn crm_matches(
     }
     Ok(())
 }
+
+/// No record keeps an answer the database no longer has: for every record and every question
+/// key in `keys`, a contact whose seed-query row lacks that key holds null (or nothing) there.
+pub fn no_stale_answers(
+    emu: &Emulator,
+    system: &str,
+    expected: &BTreeMap<String, Expected>,
+    keys: &[String],
+) -> Result<(), String> {
+    let (object, key) = match system {
+        "salesforce" => ("Contact", "Trusst_Contact_ID__c"),
+        "dataverse" => ("contact", "trusst_contact_id"),
+        _ => ("contacts", "trusst_contact_id"),
+    };
+    for r in emu.records(system, object) {
+        let id = r[key].as_str().unwrap_or_default();
+        for qkey in keys {
+            if expected
+                .get(id)
+                .is_some_and(|e| e.results.contains_key(qkey))
+            {
+                continue;
+            }
+            let held = match system {
+                "salesforce" => r[sf_field(qkey)].clone(),
+                "dataverse" => r[qkey.as_str()].clone(),
+                _ => r["universal_questions"]
+                    .as_array()
+                    .and_then(|qs| qs.iter().find(|q| q["question_key"] == qkey.as_str()))
+                    .map(|q| q["result"].clone())
+                    .unwrap_or(Value::Null),
+            };
+            if !held.is_null() {
+                return Err(format!(
+                    "contact {id} {qkey}: the CRM still holds {held}, the database has no answer"
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -422,6 +422,7 @@ impl Target for Dynamics {
             .map(|a| (a.logical_name.clone(), a.clone()))
             .collect();
         self.entity = Some(entity.clone());
+        mapping.known_fields = Some(self.attributes.keys().cloned().collect());
         self.check_entity_set_and_key(mapping).await?;
 
         self.ensure_choice_questions(mapping);

@@ -1743,6 +1743,18 @@ async fn dataverse_discovery_definitions_and_create() {
     .await;
     assert_eq!(status, 200, "{body}");
     let t = body["access_token"].as_str().unwrap().to_owned();
+    // The document offers client_secret_basic too.
+    let (status, _, body) = send(
+        e.http
+            .post(&token_url)
+            .basic_auth("trusst-dv-client", Some("trusst-dv-secret"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", "https://trusst.crm.dynamics.com/.default"),
+            ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     let (status, _, body) = send(e.req(
         Method::GET,
         "/other-tenant/v2.0/.well-known/openid-configuration",

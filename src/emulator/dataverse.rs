@@ -190,6 +190,7 @@ async fn openid_configuration(State(app): State<Arc<App>>, Path(tenant): Path<St
 async fn token(
     State(app): State<Arc<App>>,
     Path(tenant): Path<String>,
+    headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     let dv = &app.cfg.dataverse;
@@ -200,6 +201,8 @@ async fn token(
         )
     };
     let field = |k: &str| form.get(k).map_or("", String::as_str);
+    let (client_id, secret) = super::client_credentials(&headers, &form);
+    let (client_id, secret) = (client_id.unwrap_or_default(), secret.unwrap_or_default());
     if tenant != dv.tenant {
         return fail(
             "invalid_request",
@@ -214,16 +217,15 @@ async fn token(
             "AADSTS70003: The app requested an unsupported grant type.".into(),
         );
     }
-    if field("client_id") != dv.client_id {
+    if client_id != dv.client_id {
         return fail(
             "unauthorized_client",
             format!(
-                "AADSTS700016: Application with identifier '{}' was not found in the directory '{tenant}'.",
-                field("client_id")
+                "AADSTS700016: Application with identifier '{client_id}' was not found in the directory '{tenant}'."
             ),
         );
     }
-    if field("client_secret") != dv.client_secret {
+    if secret != dv.client_secret {
         return fail(
             "invalid_client",
             format!(

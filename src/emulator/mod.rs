@@ -499,6 +499,36 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The client id and secret of a client-credentials token request: form fields, or HTTP Basic
+/// as RFC 6749 section 2.3.1 defines it (each form-encoded, then joined by `:`), which both
+/// Salesforce and Entra ID accept and simple-salesforce sends instead of form fields. A form
+/// field wins over Basic.
+fn client_credentials(
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) -> (Option<String>, Option<String>) {
+    use base64::Engine;
+    let basic = header_str(headers, "authorization")
+        .and_then(|v| {
+            let (scheme, value) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("basic")
+                .then(|| base64::engine::general_purpose::STANDARD.decode(value.trim()))
+        })
+        .and_then(Result::ok)
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| {
+            let (id, secret) = text.split_once(':')?;
+            let unform = |s: &str| decode(&s.replace('+', " "));
+            Some((unform(id), unform(secret)))
+        });
+    let (basic_id, basic_secret) = basic.unzip();
+    (
+        form.get("client_id").cloned().or(basic_id),
+        form.get("client_secret").cloned().or(basic_secret),
+    )
+}
+
 /// A query-string parameter, percent-decoded (`+` is a space, as in forms).
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {

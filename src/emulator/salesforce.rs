@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use super::config::{SObject, SfField, SfType};
 use super::store::{Record, Store};
-use super::{App, Inner, System, decode, header_str, json, query_param, tracked};
+use super::{App, Inner, System, client_credentials, json, query_param, tracked};
 
 const JWT_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// Clock skew allowed on both sides of a JWT assertion's `exp`.
@@ -192,34 +192,6 @@ async fn limit_info(State(app): State<Arc<App>>, mut res: Response) -> Response 
         .expect("digits are a valid header");
     res.headers_mut().insert("sforce-limit-info", value);
     res
-}
-
-/// The client id and secret of a token request: form fields, or HTTP Basic as RFC 6749
-/// section 2.3.1 defines it (each form-encoded, then joined by `:`), which simple-salesforce
-/// sends instead of form fields. A form field wins over Basic.
-fn client_credentials(
-    headers: &HeaderMap,
-    form: &HashMap<String, String>,
-) -> (Option<String>, Option<String>) {
-    let basic = header_str(headers, "authorization")
-        .and_then(|v| {
-            let (scheme, value) = v.split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("basic")
-                .then(|| base64::engine::general_purpose::STANDARD.decode(value.trim()))
-        })
-        .and_then(Result::ok)
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .and_then(|text| {
-            let (id, secret) = text.split_once(':')?;
-            let unform = |s: &str| decode(&s.replace('+', " "));
-            Some((unform(id), unform(secret)))
-        });
-    let (basic_id, basic_secret) = basic.unzip();
-    (
-        form.get("client_id").cloned().or(basic_id),
-        form.get("client_secret").cloned().or(basic_secret),
-    )
 }
 
 async fn token(

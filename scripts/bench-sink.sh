@@ -206,7 +206,7 @@ Each target runs {len(next(iter(runs.values())))} rounds (a fresh emulator and c
 |---|---|---|---|---|---|---|---|---|
 """ + "\n".join(lines) + """
 
-Write calls are the requests that carry records (sObject Collections, `$batch`, the MuleSoft POST); start-up reads
+Write calls are the requests that carry records (sObject Collections, Dataverse `UpsertMultiple` or `$batch`, the MuleSoft POST); start-up reads
 are the checks made once before the first write (Salesforce `describe`, Dataverse attribute metadata).
 Targets: Salesforce streaming at most ceil(n/200) write calls plus token calls; at least 5,000 contacts/s into the emulator.
 """

@@ -2,8 +2,9 @@
 # Runs every test against real services: unit tests, the integration tests (PostgreSQL with
 # wal_level=logical, an extra wal_level=replica cluster for the bad-input tests, an extra cluster
 # that accepts only TLS, Apache Kafka with its SSL listener, Apicurio Registry for the Avro tests,
-# moto's Secrets Manager server), and a short cargo-fuzz run of each fuzz target (pgoutput decoder,
-# JSON and Avro event decoders, config loader).
+# moto's Secrets Manager server), the vendors' own client libraries (Microsoft's Dataverse SDK,
+# simple-salesforce) against the CRM emulator over HTTPS (scripts/vendor-clients.sh), and a short
+# cargo-fuzz run of each fuzz target (pgoutput decoder, JSON and Avro event decoders, config loader).
 #
 # Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL),
 # SLOTS_PGPORT (55436), FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and
@@ -11,7 +12,8 @@
 #
 #   scripts/test.sh                 everything
 #   FUZZ_SECONDS=0 scripts/test.sh  skip the fuzz run (it needs a nightly toolchain)
-#   scripts/test.sh -- NAME         only tests whose name contains NAME
+#   scripts/test.sh -- NAME         only tests whose name contains NAME (pytest -k NAME for the
+#                                   vendor client suite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +72,17 @@ cargo build --locked --all-targets
 echo "test: unit and integration tests" >&2
 # Four at a time: each integration test runs its own source process, slot and topic.
 cargo test --locked -- --test-threads 4 "${filter[@]}"
+
+echo "test: vendor client libraries against the emulator over HTTPS" >&2
+vendor_args=()
+if ((${#filter[@]} > 0)); then
+    vendor_args=(-k "$(printf '%s or ' "${filter[@]}" | sed 's/ or $//')")
+fi
+# The binary cargo just built; exit status 5 is pytest's "no test matched the filter".
+status=0
+TRUSST_CDC_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/trusst-cdc \
+    scripts/vendor-clients.sh "${vendor_args[@]}" || status=$?
+((status == 0 || status == 5)) || exit "$status"
 
 if ((FUZZ_SECONDS > 0)) && ((${#filter[@]} == 0)); then
     if cargo +nightly --version >/dev/null 2>&1; then

@@ -1,5 +1,6 @@
 //! The Dataverse client against a scripted Web API: token handling, the metadata checks of
-//! `prepare`, the `$batch` upsert and delete, and the answers that must be retried.
+//! `prepare`, the `UpsertMultiple` upsert and its fallback to `$batch`, the `$batch` upsert and
+//! delete, and the answers that must be retried; then the same against the CRM emulator.
 
 mod crm_mock;
 
@@ -71,10 +72,45 @@ fn batch_reply(parts: &[(u16, &str, String)]) -> Reply {
     }
 }
 
+/// How the scripted Dataverse answers `UpsertMultiple`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bulk {
+    /// Not at all (404, as a service without the action).
+    Missing,
+    /// 204, or for a chunk with a record whose id contains `bad` the table's 400 (nothing
+    /// written), `throttle` 429, `forbidden` 403.
+    Supported,
+    /// The error of a table without the message.
+    Unsupported,
+}
+
+/// A scripted Dataverse without `UpsertMultiple`: see [`dataverse_with`].
+async fn dataverse() -> Mock {
+    dataverse_with(Bulk::Missing).await
+}
+
+/// The record ids named by the `@odata.id`s of an `UpsertMultiple` body, in order.
+fn targets(body: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["Targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let id = t["@odata.id"].as_str().unwrap();
+            id.split("='")
+                .nth(1)
+                .unwrap()
+                .trim_end_matches("')")
+                .to_owned()
+        })
+        .collect()
+}
+
 /// A scripted Dataverse: the first `$batch` is refused with 401 (an expired token); records
 /// whose id contains `bad` are rejected, `throttle` throttled, `gone` are missing on delete;
-/// a batch containing `whole429` is refused as a whole.
-async fn dataverse() -> Mock {
+/// a batch containing `whole429` is refused as a whole. `UpsertMultiple` answers as `bulk` says.
+async fn dataverse_with(bulk: Bulk) -> Mock {
     let tokens = Arc::new(AtomicUsize::new(0));
     let expire_once = Arc::new(AtomicBool::new(true));
     Mock::start(move |r: &Seen| {
@@ -87,6 +123,26 @@ async fn dataverse() -> Mock {
         }
         if !r.header("authorization").starts_with("Bearer tok-") {
             return Reply::json(401, json!({"error":{"code":"0x80072243","message":"no token"}}));
+        }
+        if t.ends_with("/contacts/Microsoft.Dynamics.CRM.UpsertMultiple") && bulk != Bulk::Missing {
+            if bulk == Bulk::Unsupported {
+                return Reply::json(400, json!({"error":{"code":"0x80040800","message":"The 'UpsertMultiple' method does not support entities of type 'contact'. MessageProcessorCache returned MessageProcessor.Empty."}}));
+            }
+            let ids = targets(&r.body);
+            if ids.iter().any(|id| id.contains("throttle")) {
+                return Reply::json(429, json!({"error":{"code":"0x80072322","message":"Number of requests exceeded the limit of 6000 over time window of 300 seconds."}})).with("Retry-After", "3");
+            }
+            if ids.iter().any(|id| id.contains("forbidden")) {
+                return Reply::json(403, json!({"error":{"code":"0x80040220","message":"Principal user is missing prvWriteContact privilege"}}));
+            }
+            if ids.iter().any(|id| id.contains("bad")) {
+                return Reply::json(400, json!({"error":{"code":"0x80040203","message":"Invalid value"}}));
+            }
+            return Reply {
+                status: 204,
+                headers: vec![("odata-version".into(), "4.0".into())],
+                body: String::new(),
+            };
         }
         if t.contains("/$batch") {
             if expire_once.swap(false, Ordering::SeqCst) {
@@ -147,6 +203,7 @@ fn config(mock: &Mock, secret: &str) -> Config {
         },
         scope: None,
         batch_size: 1000,
+        upsert_multiple: true,
         request_timeout: Duration::from_secs(10),
     }
 }
@@ -431,6 +488,153 @@ async fn large_inputs_are_split_into_batches_of_batch_size() {
     assert_eq!(sizes, [2, 2, 1]);
 }
 
+/// The requests whose URL ends with `suffix`, in order.
+fn requests_to(mock: &Mock, suffix: &str) -> Vec<Seen> {
+    mock.seen()
+        .into_iter()
+        .filter(|s| s.target.ends_with(suffix))
+        .collect()
+}
+
+const UPSERT_MULTIPLE: &str = "/contacts/Microsoft.Dynamics.CRM.UpsertMultiple";
+
+#[tokio::test]
+async fn upsert_multiple_sends_one_request_per_chunk() {
+    let mock = dataverse_with(Bulk::Supported).await;
+    let cfg: MappingConfig = trusst_cdc::config::parse("").unwrap();
+    let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
+    let mut c = config(&mock, "right");
+    c.batch_size = 2;
+    let mut d = Dynamics::new(&c).unwrap();
+    d.prepare(&mut mapping).await.unwrap();
+    let recs = [record("c-1"), record("O'Brien 2"), record("c-3")];
+    assert_eq!(
+        d.upsert(&mapping, &recs).await.unwrap(),
+        vec![Outcome::Written; 3]
+    );
+
+    let sent = requests_to(&mock, UPSERT_MULTIPLE);
+    assert_eq!(sent.len(), 2, "one request per chunk of batch_size");
+    assert!(requests_to(&mock, "/$batch").is_empty());
+    let first = &sent[0];
+    assert_eq!(first.method, "POST");
+    assert_eq!(first.header("content-type"), "application/json");
+    assert_eq!(first.header("odata-version"), "4.0");
+    assert!(first.header("authorization").starts_with("Bearer tok-"));
+    let body: serde_json::Value = serde_json::from_str(&first.body).unwrap();
+    assert_eq!(
+        body,
+        json!({"Targets": [
+            {"quality_score": 8, "@odata.type": "Microsoft.Dynamics.CRM.contact",
+             "@odata.id": "contacts(trusst_contact_id='c-1')"},
+            {"quality_score": 8, "@odata.type": "Microsoft.Dynamics.CRM.contact",
+             "@odata.id": "contacts(trusst_contact_id='O''Brien%202')"},
+        ]})
+    );
+    assert_eq!(targets(&sent[1].body), ["c-3"]);
+}
+
+#[tokio::test]
+async fn a_bad_record_sends_its_chunk_again_as_a_batch() {
+    let mock = dataverse_with(Bulk::Supported).await;
+    let (mut d, mapping) = prepared(&mock).await;
+    let out = d
+        .upsert(&mapping, &[record("c-1"), record("c-bad"), record("c-3")])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            Outcome::Written,
+            Outcome::Rejected("0x80040203: Invalid value".into()),
+            Outcome::Written
+        ]
+    );
+    assert_eq!(requests_to(&mock, UPSERT_MULTIPLE).len(), 1);
+    // The $batch that sorted it out (after the scripted 401 on the first one) held the whole
+    // chunk, with continue-on-error.
+    let batch = requests_to(&mock, "/$batch").pop().unwrap();
+    assert_eq!(batch.header("prefer"), "odata.continue-on-error");
+    let ids: Vec<String> = batch_requests(&batch.body)
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(ids, ["c-1", "c-bad", "c-3"]);
+
+    // The table still takes UpsertMultiple: the next chunk goes that way again.
+    let batches = requests_to(&mock, "/$batch").len();
+    assert_eq!(
+        d.upsert(&mapping, &[record("c-4")]).await.unwrap(),
+        [Outcome::Written]
+    );
+    assert_eq!(requests_to(&mock, UPSERT_MULTIPLE).len(), 2);
+    assert_eq!(requests_to(&mock, "/$batch").len(), batches);
+}
+
+#[tokio::test]
+async fn throttled_or_forbidden_upsert_multiple_is_not_resent_per_record() {
+    let mock = dataverse_with(Bulk::Supported).await;
+    let (mut d, mapping) = prepared(&mock).await;
+    let e = d
+        .upsert(&mapping, &[record("c-1"), record("c-throttle")])
+        .await
+        .unwrap_err();
+    assert!(e.retryable);
+    assert_eq!(e.retry_after, Some(Duration::from_secs(3)));
+    let e = d
+        .upsert(&mapping, &[record("c-1"), record("c-forbidden")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.fault, Fault::User, "{e}");
+    assert!(!e.retryable);
+    assert!(e.message().contains("security role"), "{e}");
+    assert!(
+        requests_to(&mock, "/$batch").is_empty(),
+        "no record was tried on its own"
+    );
+}
+
+#[tokio::test]
+async fn a_table_without_upsert_multiple_gets_batch_from_then_on() {
+    let mock = dataverse_with(Bulk::Unsupported).await;
+    let (mut d, mapping) = prepared(&mock).await;
+    for id in ["c-1", "c-2"] {
+        assert_eq!(
+            d.upsert(&mapping, &[record(id)]).await.unwrap(),
+            [Outcome::Written]
+        );
+    }
+    assert_eq!(
+        requests_to(&mock, UPSERT_MULTIPLE).len(),
+        1,
+        "asked once, then remembered"
+    );
+    let batched: Vec<String> = requests_to(&mock, "/$batch")
+        .iter()
+        .filter(|s| s.header("authorization") == "Bearer tok-2")
+        .flat_map(|s| batch_requests(&s.body))
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(batched, ["c-1", "c-2"]);
+}
+
+#[tokio::test]
+async fn upsert_multiple_can_be_switched_off() {
+    let mock = dataverse_with(Bulk::Supported).await;
+    let cfg: MappingConfig = trusst_cdc::config::parse("").unwrap();
+    let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
+    let mut c = config(&mock, "right");
+    c.upsert_multiple = false;
+    let mut d = Dynamics::new(&c).unwrap();
+    d.prepare(&mut mapping).await.unwrap();
+    assert_eq!(
+        d.upsert(&mapping, &[record("c-1")]).await.unwrap(),
+        [Outcome::Written]
+    );
+    assert!(requests_to(&mock, UPSERT_MULTIPLE).is_empty());
+    assert!(!requests_to(&mock, "/$batch").is_empty());
+}
+
 // Against the project's CRM emulator (the same Web API, validated against
 // connector-config/crm-emulator.toml).
 
@@ -446,6 +650,7 @@ fn emulator_config(emu: &crm_mock::Emulator) -> Config {
         },
         scope: None,
         batch_size: 1000,
+        upsert_multiple: true,
         request_timeout: Duration::from_secs(10),
     }
 }
@@ -569,4 +774,105 @@ async fn emulator_rejects_a_mapping_with_a_missing_column() {
             .contains("'call_outcome' is of type Picklist but is written as text"),
         "{e}"
     );
+}
+
+/// Calls the emulator counted for one Dataverse route, by status.
+async fn calls(emu: &crm_mock::Emulator, route: &str) -> serde_json::Value {
+    let stats = emu.admin("GET", "/stats", None).await;
+    stats["calls"]["dataverse"][route].clone()
+}
+
+const EMU_UPSERT_MULTIPLE: &str = "POST /api/data/v9.2/{seg}/Microsoft.Dynamics.CRM.UpsertMultiple";
+const EMU_BATCH: &str = "POST /api/data/v9.2/$batch";
+
+#[tokio::test]
+async fn emulator_upsert_multiple_and_batch_for_a_bad_record() {
+    let emu = crm_mock::Emulator::start("connector-config/crm-emulator.toml");
+    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.call_outcome]\n").unwrap();
+    let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
+    let mut d = Dynamics::new(&emulator_config(&emu)).unwrap();
+    d.prepare(&mut mapping).await.unwrap();
+
+    let good: Vec<Record> = (1..=3)
+        .map(|i| {
+            mapping
+                .map(&emulator_event(&format!("c-{i}"), "Good"))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        d.upsert(&mapping, &good).await.unwrap(),
+        vec![Outcome::Written; 3]
+    );
+    assert_eq!(calls(&emu, EMU_UPSERT_MULTIPLE).await, json!({"204": 1}));
+    assert!(calls(&emu, EMU_BATCH).await.is_null());
+    let rows = emu.admin("GET", "/records/dataverse/contact", None).await;
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows.iter()
+            .all(|r| r["call_outcome"] == 100000001 && r["quality_score"] == 9),
+        "{rows:#?}"
+    );
+
+    // One bad record: the table refuses the whole request and writes nothing, so the chunk
+    // goes again as a $batch, which writes the others and rejects only the bad one.
+    let newer = mapping.map(&emulator_event("c-1", "Poor")).unwrap();
+    let mut bad = mapping.map(&emulator_event("c-4", "Fair")).unwrap();
+    bad.fields.insert("no_such_column".into(), json!(1));
+    let fresh = mapping.map(&emulator_event("c-5", "Excellent")).unwrap();
+    let out = d.upsert(&mapping, &[newer, bad, fresh]).await.unwrap();
+    assert_eq!((&out[0], &out[2]), (&Outcome::Written, &Outcome::Written));
+    assert!(
+        matches!(&out[1], Outcome::Rejected(m) if m.starts_with("0x80060888: The property 'no_such_column' does not exist")),
+        "{out:?}"
+    );
+    assert_eq!(
+        calls(&emu, EMU_UPSERT_MULTIPLE).await,
+        json!({"204": 1, "400": 1})
+    );
+    assert_eq!(calls(&emu, EMU_BATCH).await, json!({"200": 1}));
+    let rows = emu.admin("GET", "/records/dataverse/contact", None).await;
+    let by_id = |id: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["trusst_contact_id"] == id)
+            .cloned()
+    };
+    assert_eq!(by_id("c-1").unwrap()["call_outcome"], 100000003);
+    assert_eq!(by_id("c-5").unwrap()["call_outcome"], 100000000);
+    assert!(by_id("c-4").is_none());
+    assert_eq!(rows.as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn emulator_table_without_bulk_messages_gets_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("connector-config/crm-emulator.toml"))
+        .unwrap()
+        .replace("bulk_messages = true", "bulk_messages = false")
+        .replace(
+            "../tests/fixtures/jwt/public.pem",
+            root.join("tests/fixtures/jwt/public.pem").to_str().unwrap(),
+        );
+    let path = dir.path().join("crm-emulator.toml");
+    std::fs::write(&path, text).unwrap();
+    let emu = crm_mock::Emulator::start(path.to_str().unwrap());
+    let cfg: MappingConfig = trusst_cdc::config::parse("[questions.call_outcome]\n").unwrap();
+    let mut mapping = Mapping::new(TargetKind::Dynamics, &cfg);
+    let mut d = Dynamics::new(&emulator_config(&emu)).unwrap();
+    d.prepare(&mut mapping).await.unwrap();
+    for id in ["c-1", "c-2"] {
+        let rec = mapping.map(&emulator_event(id, "Good")).unwrap();
+        assert_eq!(
+            d.upsert(&mapping, &[rec]).await.unwrap(),
+            [Outcome::Written]
+        );
+    }
+    assert_eq!(calls(&emu, EMU_UPSERT_MULTIPLE).await, json!({"400": 1}));
+    assert_eq!(calls(&emu, EMU_BATCH).await, json!({"200": 2}));
+    let rows = emu.admin("GET", "/records/dataverse/contact", None).await;
+    assert_eq!(rows.as_array().unwrap().len(), 2);
 }

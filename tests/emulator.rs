@@ -131,10 +131,16 @@ fn config_with(dir: &Path, replacements: &[(&str, &str)]) -> PathBuf {
 }
 
 fn assertion(sub: &str, exp_in: i64) -> String {
+    signed(sub, json!(chrono::Utc::now().timestamp() + exp_in))
+}
+
+/// A JWT bearer assertion with this `exp` claim as it is (a number, or a string as
+/// simple-salesforce writes it).
+fn signed(sub: &str, exp: Value) -> String {
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt/private.pem"))
         .unwrap();
     let claims = json!({"iss": "trusst-sf-client", "sub": sub, "aud": "https://login.salesforce.com",
-        "exp": chrono::Utc::now().timestamp() + exp_in});
+        "exp": exp});
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
         &claims,
@@ -172,6 +178,34 @@ async fn salesforce_tokens_client_credentials_and_jwt() {
         (400, Some("invalid_client"))
     );
 
+    // The client's credentials as HTTP Basic only (RFC 6749 section 2.3.1), as simple-salesforce
+    // sends them.
+    let grant = [("grant_type", "client_credentials")];
+    let (status, _, body) = send(
+        e.req(Method::POST, token_url)
+            .basic_auth("trusst-sf-client", Some("trusst-sf-secret"))
+            .form(&grant),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["instance_url"], e.base);
+    let (status, _, _) = send(
+        e.req(Method::GET, &format!("{SF}/limits/"))
+            .bearer_auth(body["access_token"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _, body) = send(
+        e.req(Method::POST, token_url)
+            .basic_auth("trusst-sf-client", Some("nope"))
+            .form(&grant),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (400, Some("invalid_client"))
+    );
+
     let jwt = |a: String| {
         [
             (
@@ -194,6 +228,16 @@ async fn salesforce_tokens_client_credentials_and_jwt() {
     .await;
     assert_eq!(status, 200);
 
+    // simple-salesforce writes exp as a JSON string of digits.
+    let in_two_minutes = (chrono::Utc::now().timestamp() + 120).to_string();
+    let (status, _, body) = send(e.req(Method::POST, token_url).form(&jwt(signed(
+        "integration@trusst.example",
+        json!(in_two_minutes),
+    ))))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let long_ago = (chrono::Utc::now().timestamp() - 600).to_string();
+
     let mut tampered = assertion("integration@trusst.example", 120);
     tampered.truncate(tampered.len() - 4);
     tampered.push_str("AAAA");
@@ -201,6 +245,14 @@ async fn salesforce_tokens_client_credentials_and_jwt() {
         (assertion("someone@else.example", 120), "unknown user"),
         (assertion("integration@trusst.example", 3600), "exp too far"),
         (assertion("integration@trusst.example", -600), "expired"),
+        (
+            signed("integration@trusst.example", json!(long_ago)),
+            "expired, exp a string",
+        ),
+        (
+            signed("integration@trusst.example", json!("soon")),
+            "exp not a time",
+        ),
         (tampered, "bad signature"),
     ] {
         let (status, _, body) = send(e.req(Method::POST, token_url).form(&jwt(a))).await;
@@ -296,6 +348,81 @@ async fn salesforce_single_upsert_read_delete() {
     )
     .await;
     assert_eq!(old.0, 404, "API versions before v46.0 are not served");
+}
+
+#[tokio::test]
+async fn salesforce_records_by_id() {
+    let e = Emulator::start(&[]).await;
+    let t = e.sf_token().await;
+    let (_, _, created) = send(
+        e.req(Method::PATCH, &format!("{SF}/sobjects/Contact/{EXT}/i-1"))
+            .bearer_auth(&t)
+            .json(&json!({"Agent_ID__c": "a1"})),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let by_id = format!("{SF}/sobjects/Contact/{id}");
+
+    let (status, _, record) = send(e.req(Method::GET, &by_id).bearer_auth(&t)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (record["Id"].as_str(), record[EXT].as_str()),
+        (Some(id.as_str()), Some("i-1"))
+    );
+    // The 15-character form names the same record.
+    let (status, _, record) = send(
+        e.req(Method::GET, &format!("{SF}/sobjects/Contact/{}", &id[..15]))
+            .bearer_auth(&t),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), record["Id"].as_str()),
+        (200, Some(id.as_str()))
+    );
+
+    let update = e
+        .req(Method::PATCH, &by_id)
+        .bearer_auth(&t)
+        .json(&json!({"Agent_ID__c": "a2", "Call_Direction__c": "inbound"}));
+    assert_eq!(send(update).await.0, 204);
+    let bad = e
+        .req(Method::PATCH, &by_id)
+        .bearer_auth(&t)
+        .json(&json!({"Call_Direction__c": "sideways"}));
+    let (status, _, err) = send(bad).await;
+    assert_eq!(
+        (status.as_u16(), err[0]["errorCode"].as_str()),
+        (400, Some("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"))
+    );
+    let rows = e
+        .admin(Method::GET, "records/salesforce/Contact", None)
+        .await;
+    assert_eq!(
+        (
+            rows[0]["Agent_ID__c"].as_str(),
+            rows[0]["Call_Direction__c"].as_str()
+        ),
+        (Some("a2"), Some("inbound"))
+    );
+
+    assert_eq!(
+        send(e.req(Method::DELETE, &by_id).bearer_auth(&t)).await.0,
+        204
+    );
+    let rows = e
+        .admin(Method::GET, "records/salesforce/Contact", None)
+        .await;
+    assert_eq!(rows, json!([]));
+    let (status, _, err) = send(e.req(Method::DELETE, &by_id).bearer_auth(&t)).await;
+    assert_eq!(
+        (status.as_u16(), err[0]["errorCode"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+    let other = format!("{SF}/sobjects/Contact/003000000000000AAA");
+    assert_eq!(
+        send(e.req(Method::GET, &other).bearer_auth(&t)).await.0,
+        404
+    );
 }
 
 #[tokio::test]
@@ -811,6 +938,11 @@ async fn salesforce_bulk_ingest_lifecycle() {
         .await,
         format!("\"{EXT}\"\n\"z-1\"\n")
     );
+    // Clients ask in other letter cases too (simple-salesforce: unprocessedRecords).
+    assert_eq!(
+        csv(&e, &t, &format!("{SF}/jobs/ingest/{id}/unprocessedRecords")).await,
+        format!("\"{EXT}\"\n\"z-1\"\n")
+    );
     let reopen = e
         .req(Method::PATCH, &format!("{SF}/jobs/ingest/{id}"))
         .bearer_auth(&t)
@@ -1208,14 +1340,35 @@ async fn dataverse_service_protection_429() {
         204
     );
 
-    // Three requests inside one $batch count three toward the window of four.
+    // A $batch counts as one request, whatever it holds (Microsoft: a batch "avoids the
+    // number of requests limit"), and so does a bulk message ("Each bulk operation message
+    // counts as single request").
     let parts: Vec<String> = (0..3)
         .map(|i| format!("contacts(trusst_contact_id='q-{i}') {{}}"))
         .collect();
+    let res = e
+        .req(Method::POST, &format!("{DV}/$batch"))
+        .bearer_auth(&t)
+        .header("Content-Type", "multipart/mixed; boundary=batch_t")
+        .body(batch_body(&parts, &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
     assert_eq!(
-        post_batch(&e, &t, batch_body(&parts, &[]), false).await.0,
-        200
+        header(res.headers(), "x-ms-ratelimit-burst-remaining-xrm-requests"),
+        "2"
     );
+    let targets: Vec<Value> = (0..3)
+        .map(|i| dv_target(&format!("q-{i}"), json!({"agentid": "b"})))
+        .collect();
+    let (status, headers, _) = upsert_multiple(&e, &t, json!(targets)).await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        header(&headers, "x-ms-ratelimit-burst-remaining-xrm-requests"),
+        "1"
+    );
+    assert_eq!(send(e.req(Method::GET, &url).bearer_auth(&t)).await.0, 200);
     let (status, headers, body) = send(e.req(Method::GET, &url).bearer_auth(&t)).await;
     assert_eq!(status, 429);
     let wait: u64 = header(&headers, "retry-after").parse().unwrap();
@@ -1226,6 +1379,619 @@ async fn dataverse_service_protection_429() {
     );
     e.admin(Method::POST, "reset-limits", None).await;
     assert_eq!(send(e.req(Method::GET, &url).bearer_auth(&t)).await.0, 200);
+}
+
+#[tokio::test]
+async fn dataverse_service_protection_window_slides() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(
+        dir.path(),
+        &[(
+            r#"rate_limit = { requests = 6000, window = "300s" }"#,
+            r#"rate_limit = { requests = 2, window = "3s" }"#,
+        )],
+    );
+    let e = Emulator::with_config(&config, &[]).await;
+    let t = e.dv_token().await;
+    let get = || {
+        let req = e
+            .req(
+                Method::GET,
+                &format!("{DV}/contacts(trusst_contact_id='w')"),
+            )
+            .bearer_auth(&t);
+        async move {
+            let (status, headers, _) = send(req).await;
+            (status.as_u16(), header(&headers, "retry-after"))
+        }
+    };
+    let start = Instant::now();
+    assert_eq!(get().await.0, 404);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(get().await.0, 404);
+    let (status, wait) = get().await;
+    assert_eq!(status, 429);
+    assert!(["1", "2"].contains(&wait.as_str()), "{wait}");
+    // Past the first request's 3 s, one more fits; a fixed window would have started afresh
+    // and let two through, a sliding one still holds the request of 1.5 s.
+    tokio::time::sleep(Duration::from_millis(3300).saturating_sub(start.elapsed())).await;
+    assert_eq!(get().await.0, 404);
+    let (status, wait) = get().await;
+    assert_eq!(status, 429, "the window slides");
+    assert!(["1", "2"].contains(&wait.as_str()), "{wait}");
+}
+
+/// One `Targets` item of a bulk message on contacts, named by its alternate key.
+fn dv_target(key: &str, mut fields: Value) -> Value {
+    fields["@odata.type"] = "Microsoft.Dynamics.CRM.contact".into();
+    fields["@odata.id"] = format!("contacts(trusst_contact_id='{key}')").into();
+    fields
+}
+
+/// `POST contacts/Microsoft.Dynamics.CRM.UpsertMultiple` with these targets.
+async fn upsert_multiple(e: &Emulator, t: &str, targets: Value) -> (StatusCode, HeaderMap, Value) {
+    send(
+        e.req(
+            Method::POST,
+            &format!("{DV}/contacts/Microsoft.Dynamics.CRM.UpsertMultiple"),
+        )
+        .bearer_auth(t)
+        .json(&json!({ "Targets": targets })),
+    )
+    .await
+}
+
+/// The stored Dataverse contacts by alternate key.
+async fn dv_rows(e: &Emulator) -> std::collections::BTreeMap<String, Value> {
+    let rows = e
+        .admin(Method::GET, "records/dataverse/contact", None)
+        .await;
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["trusst_contact_id"].as_str().unwrap().to_owned(),
+                r.clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn dataverse_upsert_multiple_is_all_or_nothing() {
+    let e = Emulator::start(&[]).await;
+    let t = e.dv_token().await;
+    let patch = e
+        .req(
+            Method::PATCH,
+            &format!("{DV}/contacts(trusst_contact_id='u-1')"),
+        )
+        .bearer_auth(&t)
+        .json(&json!({"agentid": "old"}));
+    assert_eq!(send(patch).await.0, 204);
+    let u1 = dv_rows(&e).await["u-1"]["contactid"].clone();
+
+    let mut absolute = dv_target("u-3", json!({}));
+    absolute["@odata.id"] = format!("{}{DV}/contacts(trusst_contact_id='u-3')", e.base).into();
+    let (status, headers, body) = upsert_multiple(
+        &e,
+        &t,
+        json!([
+            dv_target("u-1", json!({"agentid": "new"})),
+            dv_target(
+                "u-2",
+                json!({"quality_score": 7, "call_outcome": 100000001})
+            ),
+            absolute,
+        ]),
+    )
+    .await;
+    assert_eq!((status.as_u16(), &body), (204, &Value::Null));
+    assert_eq!(header(&headers, "odata-version"), "4.0");
+    let rows = dv_rows(&e).await;
+    assert_eq!(rows.keys().collect::<Vec<_>>(), ["u-1", "u-2", "u-3"]);
+    assert_eq!(
+        (rows["u-1"]["agentid"].as_str(), &rows["u-1"]["contactid"]),
+        (Some("new"), &u1),
+        "an existing record is updated in place"
+    );
+    assert_eq!(
+        (
+            rows["u-2"]["quality_score"].as_i64(),
+            rows["u-2"]["call_outcome"].as_i64()
+        ),
+        (Some(7), Some(100000001))
+    );
+
+    // One bad record fails the request with the usual error, and nothing is written: not the
+    // update of u-1, not the new u-4.
+    let before = dv_rows(&e).await;
+    let (status, _, body) = upsert_multiple(
+        &e,
+        &t,
+        json!([
+            dv_target("u-1", json!({"agentid": "newer"})),
+            dv_target("u-4", json!({"agentid": "four"})),
+            dv_target("u-5", json!({"call_outcome": "Good"})),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("0x80048d19")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100000001"),
+        "{body}"
+    );
+    let (status, _, body) = upsert_multiple(
+        &e,
+        &t,
+        json!([
+            dv_target("u-4", json!({})),
+            dv_target("u-6", json!({"favourite_colour": "blue"}))
+        ]),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("0x80060888"))
+    );
+    assert_eq!(dv_rows(&e).await, before);
+
+    // The same record twice is an error, by key or by key and GUID alike.
+    for twice in [
+        json!([
+            dv_target("u-7", json!({})),
+            dv_target("u-7", json!({"agentid": "x"}))
+        ]),
+        json!([
+            dv_target("u-1", json!({})),
+            {"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": u1, "agentid": "x"},
+        ]),
+    ] {
+        let (status, _, body) = upsert_multiple(&e, &t, twice).await;
+        assert_eq!(
+            (status.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("0x80040237")),
+            "{body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Targets[0] and Targets[1]"),
+            "{body}"
+        );
+    }
+    // Every target needs its @odata.type, and the right one; the key column may repeat the
+    // key, not contradict it.
+    let untyped = json!({"@odata.id": "contacts(trusst_contact_id='u-8')", "agentid": "x"});
+    let mut account = dv_target("u-8", json!({}));
+    account["@odata.type"] = "Microsoft.Dynamics.CRM.account".into();
+    let mut wrong_set = dv_target("u-8", json!({}));
+    wrong_set["@odata.id"] = "accounts(accountnumber='1')".into();
+    for (targets, needle) in [
+        (json!([dv_target("u-8", json!({})), untyped]), "@odata.type"),
+        (json!([account]), "Microsoft.Dynamics.CRM.account"),
+        (
+            json!([dv_target("u-8", json!({"trusst_contact_id": "u-9"}))]),
+            "differs from the key",
+        ),
+        (json!([wrong_set]), "names a record of 'accounts'"),
+    ] {
+        let (status, _, body) = upsert_multiple(&e, &t, targets).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(needle),
+            "{needle}: {body}"
+        );
+    }
+    let (status, _, _) = upsert_multiple(&e, &t, json!([])).await;
+    assert_eq!(status, 400);
+    assert_eq!(dv_rows(&e).await, before);
+
+    // A record named by its GUID; the key column may repeat the URL's key.
+    let (status, _, body) = upsert_multiple(
+        &e,
+        &t,
+        json!([
+            {"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": u1, "agentid": "by-guid"},
+            dv_target("u-2", json!({"trusst_contact_id": "u-2", "agentid": "two"})),
+        ]),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let rows = dv_rows(&e).await;
+    assert_eq!(
+        (
+            rows["u-1"]["agentid"].as_str(),
+            rows["u-2"]["agentid"].as_str()
+        ),
+        (Some("by-guid"), Some("two"))
+    );
+
+    // CreateMultiple answers the new GUIDs, and refuses a key that is taken.
+    let create = |targets: Value| {
+        e.req(
+            Method::POST,
+            &format!("{DV}/contacts/Microsoft.Dynamics.CRM.CreateMultiple"),
+        )
+        .bearer_auth(&t)
+        .json(&json!({ "Targets": targets }))
+    };
+    let typed = |key: &str| json!({"@odata.type": "Microsoft.Dynamics.CRM.contact", "trusst_contact_id": key});
+    let (status, _, body) = send(create(json!([typed("n-1"), typed("n-2")]))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["@odata.context"]
+            .as_str()
+            .unwrap()
+            .ends_with("$metadata#Microsoft.Dynamics.CRM.CreateMultipleResponse")
+    );
+    let rows = dv_rows(&e).await;
+    assert_eq!(
+        body["Ids"],
+        json!([rows["n-1"]["contactid"], rows["n-2"]["contactid"]])
+    );
+    let (status, _, body) = send(create(json!([typed("n-3"), typed("n-1")]))).await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (412, Some("0x80040237"))
+    );
+    assert!(!dv_rows(&e).await.contains_key("n-3"));
+    // The records a create made are found by their key afterwards.
+    let patch = e
+        .req(
+            Method::PATCH,
+            &format!("{DV}/contacts(trusst_contact_id='n-1')"),
+        )
+        .bearer_auth(&t)
+        .json(&json!({"agentid": "later"}));
+    assert_eq!(send(patch).await.0, 204);
+    assert_eq!(dv_rows(&e).await.len(), 5);
+
+    let stats = e.admin(Method::GET, "stats", None).await;
+    let calls = &stats["calls"]["dataverse"]["POST /api/data/v9.2/{seg}/Microsoft.Dynamics.CRM.UpsertMultiple"];
+    assert_eq!(
+        (calls["204"].as_u64(), calls["400"].as_u64()),
+        (Some(2), Some(9)),
+        "{calls}"
+    );
+}
+
+#[tokio::test]
+async fn dataverse_table_without_bulk_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(
+        dir.path(),
+        &[("bulk_messages = true", "bulk_messages = false")],
+    );
+    let e = Emulator::with_config(&config, &[]).await;
+    let t = e.dv_token().await;
+    let (status, _, body) = upsert_multiple(&e, &t, json!([dv_target("x-1", json!({}))])).await;
+    assert_eq!(
+        (
+            status.as_u16(),
+            body["error"]["code"].as_str(),
+            body["error"]["message"].as_str()
+        ),
+        (
+            400,
+            Some("0x80040800"),
+            Some(
+                "The 'UpsertMultiple' method does not support entities of type 'contact'. MessageProcessorCache returned MessageProcessor.Empty."
+            )
+        )
+    );
+    assert!(dv_rows(&e).await.is_empty());
+    // Single requests still work; other actions and tables answer as the service would.
+    let patch = e
+        .req(
+            Method::PATCH,
+            &format!("{DV}/contacts(trusst_contact_id='x-1')"),
+        )
+        .bearer_auth(&t)
+        .json(&json!({}));
+    assert_eq!(send(patch).await.0, 204);
+    let other = e
+        .req(
+            Method::POST,
+            &format!("{DV}/contacts/Microsoft.Dynamics.CRM.UpdateMultiple"),
+        )
+        .bearer_auth(&t)
+        .json(&json!({"Targets": []}));
+    assert_eq!(send(other).await.0, 501);
+    let unknown = e
+        .req(
+            Method::POST,
+            &format!("{DV}/accounts/Microsoft.Dynamics.CRM.UpsertMultiple"),
+        )
+        .bearer_auth(&t)
+        .json(&json!({"Targets": []}));
+    let (status, _, body) = send(unknown).await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (404, Some("0x8006088a"))
+    );
+}
+
+#[tokio::test]
+async fn dataverse_discovery_definitions_and_create() {
+    let e = Emulator::start(&[]).await;
+    let (status, _, doc) = send(e.req(
+        Method::GET,
+        "/trusst-tenant/v2.0/.well-known/openid-configuration",
+    ))
+    .await;
+    assert_eq!(status, 200);
+    let token_url = format!("{}/trusst-tenant/oauth2/v2.0/token", e.base);
+    assert_eq!(doc["token_endpoint"], token_url);
+    for k in ["authorization_endpoint", "issuer", "jwks_uri"] {
+        assert!(doc[k].as_str().unwrap().starts_with(&e.base), "{k}: {doc}");
+    }
+    let (status, _, body) = send(
+        e.http
+            .post(doc["token_endpoint"].as_str().unwrap())
+            .form(&dv_form("trusst-dv-secret")),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let t = body["access_token"].as_str().unwrap().to_owned();
+    // The document offers client_secret_basic too.
+    let (status, _, body) = send(
+        e.http
+            .post(&token_url)
+            .basic_auth("trusst-dv-client", Some("trusst-dv-secret"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", "https://trusst.crm.dynamics.com/.default"),
+            ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = send(e.req(
+        Method::GET,
+        "/other-tenant/v2.0/.well-known/openid-configuration",
+    ))
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (400, Some("invalid_tenant"))
+    );
+
+    let get = |path: String| {
+        let req = e.req(Method::GET, &path).bearer_auth(&t);
+        async move { send(req).await }
+    };
+    let (status, _, body) = get(format!(
+        "{DV}/EntityDefinitions?%24select=LogicalName%2CEntitySetName%2CPrimaryIdAttribute&%24filter=LogicalName+eq+%27contact%27"
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["value"],
+        json!([{"LogicalName": "contact", "EntitySetName": "contacts", "PrimaryIdAttribute": "contactid"}])
+    );
+    let (_, _, body) = get(format!(
+        "{DV}/EntityDefinitions?$select=LogicalName&$filter=LogicalName eq 'account'"
+    ))
+    .await;
+    assert_eq!(body["value"], json!([]));
+    let (_, _, body) = get(format!(
+        "{DV}/EntityDefinitions(LogicalName='contact')?$select=LogicalName,EntitySetName"
+    ))
+    .await;
+    assert_eq!(
+        (
+            body["EntitySetName"].as_str(),
+            body.get("PrimaryIdAttribute")
+        ),
+        (Some("contacts"), None)
+    );
+    let (_, _, body) = get(format!(
+        "{DV}/EntityDefinitions(LogicalName='contact')/Keys"
+    ))
+    .await;
+    assert_eq!(
+        (
+            body["value"][0]["KeyAttributes"].clone(),
+            body["value"][0]["EntityKeyIndexStatus"].as_str()
+        ),
+        (json!(["trusst_contact_id"]), Some("Active"))
+    );
+
+    // The collection cast lists the choice columns only, with their options when expanded.
+    let picklists = format!(
+        "{DV}/EntityDefinitions(LogicalName='contact')/Attributes/Microsoft.Dynamics.CRM.PicklistAttributeMetadata?$select=LogicalName"
+    );
+    let (status, _, body) = get(format!("{picklists}&$expand=OptionSet($select=Options)")).await;
+    assert_eq!(status, 200, "{body}");
+    let value = body["value"].as_array().unwrap();
+    let names: Vec<&str> = value
+        .iter()
+        .map(|a| a["LogicalName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["call_direction", "call_outcome", "customer_sentiment"]
+    );
+    let outcome = &value[1]["OptionSet"]["Options"];
+    let good = outcome
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["Label"]["LocalizedLabels"][0]["Label"] == "Good")
+        .unwrap();
+    assert_eq!(good["Value"], 100000001);
+    let (_, _, body) = get(picklists).await;
+    assert!(body["value"][0].get("OptionSet").is_none(), "{body}");
+
+    // Create: 204 with the new record's URL; the key is then taken.
+    let post = |body: Value| {
+        e.req(Method::POST, &format!("{DV}/contacts"))
+            .bearer_auth(&t)
+            .json(&body)
+    };
+    let (status, headers, _) =
+        send(post(json!({"trusst_contact_id": "p-1", "agentid": "x"}))).await;
+    assert_eq!(status, 204);
+    let entity = header(&headers, "odata-entityid");
+    let guid = entity
+        .strip_prefix(&format!("{}{DV}/contacts(", e.base))
+        .and_then(|g| g.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{entity}"));
+    assert_eq!(guid.len(), 36);
+    let (_, _, rec) = get(format!("{DV}/contacts({guid})")).await;
+    assert_eq!(
+        (rec["trusst_contact_id"].as_str(), rec["agentid"].as_str()),
+        (Some("p-1"), Some("x"))
+    );
+    let (status, _, body) = send(post(json!({"trusst_contact_id": "p-1"}))).await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (412, Some("0x80040237"))
+    );
+    let (status, headers, _) = send(
+        e.req(
+            Method::PATCH,
+            &format!("{DV}/contacts(trusst_contact_id='p-1')"),
+        )
+        .bearer_auth(&t)
+        .json(&json!({"agentid": "y"})),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), header(&headers, "odata-entityid")),
+        (204, entity)
+    );
+    let chosen = "00000000-0000-4000-8000-0000000000aa";
+    let (status, _, body) = send(
+        post(json!({"contactid": chosen, "quality_score": 3}))
+            .header("Prefer", "return=representation"),
+    )
+    .await;
+    assert_eq!(
+        (
+            status.as_u16(),
+            body["contactid"].as_str(),
+            body["quality_score"].as_i64()
+        ),
+        (201, Some(chosen), Some(3))
+    );
+    let rows = e
+        .admin(Method::GET, "records/dataverse/contact", None)
+        .await;
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+}
+
+/// A file of the test CA folder `.run/tls`, made by `scripts/services.sh tls-certs` when missing.
+fn tls_file(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join(".run/tls");
+    if !dir.join("server.pem").exists() {
+        let status = std::process::Command::new(root.join("scripts/services.sh"))
+            .arg("tls-certs")
+            .status()
+            .expect("run scripts/services.sh tls-certs");
+        assert!(status.success(), "scripts/services.sh tls-certs failed");
+    }
+    dir.join(name)
+}
+
+#[tokio::test]
+async fn the_emulator_serves_https() {
+    let (cert, key) = (tls_file("server.pem"), tls_file("server.key"));
+    let flags = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let mut e = Emulator::start(&flags).await;
+    assert!(e.base.starts_with("https://127.0.0.1:"), "{}", e.base);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(tls_file("ca.pem")).unwrap()).unwrap();
+    e.http = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    assert_eq!(send(e.req(Method::GET, "/health")).await.0, 200);
+
+    // Every URL handed out is https.
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", "trusst-sf-client"),
+        ("client_secret", "trusst-sf-secret"),
+    ];
+    let (_, _, body) = send(e.req(Method::POST, "/services/oauth2/token").form(&form)).await;
+    assert_eq!(body["instance_url"], e.base);
+    let t = e.dv_token().await;
+    let (status, headers, _) = send(
+        e.req(
+            Method::PATCH,
+            &format!("{DV}/contacts(trusst_contact_id='s-1')"),
+        )
+        .bearer_auth(&t)
+        .json(&json!({})),
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(header(&headers, "odata-entityid").starts_with("https://127.0.0.1:"));
+    let (_, _, doc) = send(e.req(
+        Method::GET,
+        "/trusst-tenant/v2.0/.well-known/openid-configuration",
+    ))
+    .await;
+    assert!(
+        doc["token_endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://")
+    );
+
+    // A client that does not trust the test CA, or speaks plain HTTP, gets nowhere.
+    assert!(reqwest::get(e.url("/health")).await.is_err());
+    assert!(
+        reqwest::get(e.url("/health").replacen("https://", "http://", 1))
+            .await
+            .is_err()
+    );
+}
+
+#[test]
+fn unusable_tls_files_stop_the_emulator() {
+    let ca = tls_file("ca.pem");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trusst-cdc"))
+        .args(["crm-emulator", "--listen", "127.0.0.1:0", "--config"])
+        .arg(shipped_config())
+        .args(["--tls-cert", "/nonexistent/cert.pem", "--tls-key"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-cert /nonexistent/cert.pem"), "{err}");
+    // The CA's certificate with the server's key is no pair.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trusst-cdc"))
+        .args(["crm-emulator", "--listen", "127.0.0.1:0", "--config"])
+        .arg(shipped_config())
+        .arg("--tls-cert")
+        .arg(&ca)
+        .arg("--tls-key")
+        .arg(tls_file("server.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("do not make a usable pair"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn mule_payload() -> Value {

@@ -51,6 +51,7 @@ async fn reset_limits(State(app): State<Arc<App>>) -> StatusCode {
     let mut inner = app.lock();
     inner.sf_usage = Default::default();
     inner.windows.clear();
+    inner.dv_requests = Default::default();
     StatusCode::NO_CONTENT
 }
 
@@ -94,6 +95,7 @@ async fn reset(State(app): State<Arc<App>>) -> StatusCode {
     inner.stats = Default::default();
     inner.sf_usage = Default::default();
     inner.windows.clear();
+    inner.dv_requests = Default::default();
     app.persist(&inner);
     StatusCode::NO_CONTENT
 }

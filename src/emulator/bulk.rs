@@ -302,9 +302,11 @@ async fn remove(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, Strin
 }
 
 async fn results(State(app): State<Arc<App>>, Path(p): Path<HashMap<String, String>>) -> Response {
-    let which = match p["results"].as_str() {
-        "successfulResults" => 0,
-        "failedResults" => 1,
+    // Matched in any letter case: Salesforce documents `unprocessedrecords/` while clients
+    // (simple-salesforce among them) ask for `unprocessedRecords`, and the service takes both.
+    let which = match p["results"].to_ascii_lowercase().as_str() {
+        "successfulresults" => 0,
+        "failedresults" => 1,
         "unprocessedrecords" => 2,
         _ => {
             return error(

@@ -134,7 +134,8 @@ pub struct DataverseConfig {
         deserialize_with = "crate::config::duration::deserialize"
     )]
     pub token_lifetime: Duration,
-    /// Service protection limit (requests per window, each request inside a `$batch` counts).
+    /// Service protection limit: requests per sliding window; a `$batch` and a bulk message
+    /// (`UpsertMultiple`, `CreateMultiple`) count as one request each.
     #[serde(default = "service_protection")]
     pub rate_limit: RateLimit,
     /// Entities by logical name.
@@ -142,7 +143,8 @@ pub struct DataverseConfig {
     pub entities: BTreeMap<String, Entity>,
 }
 
-/// A request allowance per fixed time window.
+/// A request allowance per time window (sliding for Dataverse, fixed for MuleSoft, as each
+/// vendor counts).
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
@@ -164,6 +166,10 @@ pub struct Entity {
     pub alternate_key: Vec<String>,
     /// Attributes by logical name (the primary id `<entity>id` is implicit).
     pub attributes: BTreeMap<String, DvAttribute>,
+    /// Whether the table supports the bulk operation messages (`CreateMultiple`,
+    /// `UpsertMultiple`): elastic and custom tables do, many standard tables do, some do not.
+    #[serde(default = "yes")]
+    pub bulk_messages: bool,
 }
 
 /// One Dataverse column.
@@ -356,6 +362,9 @@ fn default_key_prefix() -> String {
 }
 fn default_mule_path() -> String {
     "/api/trusst-crm-sync".into()
+}
+fn yes() -> bool {
+    true
 }
 fn one_hour() -> Duration {
     Duration::from_secs(3600)

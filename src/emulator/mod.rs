@@ -1,6 +1,7 @@
-//! `trusst-cdc crm-emulator`: one local HTTP server that plays Salesforce (REST, sObject
-//! Collections, Bulk API 2.0, OAuth), Microsoft Dataverse (Web API, `$batch`, Entra ID tokens) and
-//! a customer's MuleSoft API, as the vendors document them. Records are validated
+//! `trusst-cdc crm-emulator`: one local HTTP(S) server that plays Salesforce (REST, sObject
+//! Collections, Bulk API 2.0, OAuth), Microsoft Dataverse (Web API, `$batch`, bulk messages,
+//! Entra ID tokens) and a customer's MuleSoft API, as the vendors document them, so that the
+//! vendors' own client libraries work against it unchanged. Records are validated
 //! against the schema file and kept in memory (optionally in a state file); faults are injected on
 //! request; `/__admin/` exposes records, stats and the fault settings to tests.
 
@@ -13,8 +14,9 @@ pub mod faults;
 mod mulesoft;
 mod salesforce;
 mod store;
+mod tls;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -47,6 +49,12 @@ pub struct EmulatorArgs {
     /// Keep records in this JSON file: loaded at start, rewritten atomically after each write.
     #[arg(long)]
     pub state_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate (chain); every URL handed out is then `https://`.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Faults to inject from the start (change them later with `POST /__admin/faults`).
     #[command(flatten)]
     pub faults: Faults,
@@ -77,6 +85,11 @@ impl System {
 /// Serve until `shutdown` turns true.
 pub async fn run(args: EmulatorArgs, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let cfg = EmulatorConfig::load(&args.config)?;
+    // Read the certificate before binding, so a bad file fails before anything listens.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {
@@ -88,21 +101,35 @@ pub async fn run(args: EmulatorArgs, mut shutdown: watch::Receiver<bool>) -> Res
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal("reading the bound address").with_source(e))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base_url = format!("{scheme}://{addr}");
     let app = Arc::new(App::new(
         cfg,
-        format!("http://{addr}"),
+        base_url.clone(),
         args.state_file,
         args.faults,
     )?);
-    // Scripts and tests read the port from this line (stdout); the log line is for operators.
-    println!("listening on http://{addr}");
-    tracing::info!(%addr, "crm-emulator listening on http://{addr}");
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
-        .map_err(|e| Error::external("crm-emulator server failed").with_source(e))
+    // Scripts and tests read the base URL from this line (stdout); the log line is for operators.
+    println!("listening on {base_url}");
+    tracing::info!(%addr, "crm-emulator listening on {base_url}");
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    let served = match tls {
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config)
+                .map_err(|e| Error::internal("starting the TLS listener").with_source(e))?;
+            axum::serve(listener, router(app))
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        None => {
+            axum::serve(listener, router(app))
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    };
+    served.map_err(|e| Error::external("crm-emulator server failed").with_source(e))
 }
 
 /// The whole HTTP surface.
@@ -131,7 +158,7 @@ fn router(app: Arc<App>) -> Router {
 /// Shared state of the server.
 pub(crate) struct App {
     cfg: EmulatorConfig,
-    /// `http://host:port`, the `instance_url` and the base of every link handed out.
+    /// `http(s)://host:port`, the `instance_url` and the base of every link handed out.
     base_url: String,
     jwt_key: Option<jsonwebtoken::DecodingKey>,
     state_file: Option<PathBuf>,
@@ -146,8 +173,10 @@ pub(crate) struct Inner {
     stats: Stats,
     /// Salesforce daily API usage.
     sf_usage: Usage,
-    /// Rate-limit windows of Dataverse and MuleSoft.
+    /// MuleSoft's rate-limit window (fixed, as API Manager's Rate Limiting policy counts).
     windows: HashMap<System, Usage>,
+    /// Dataverse service protection: a sliding window, as Microsoft documents it.
+    dv_requests: Sliding,
     jobs: BTreeMap<String, bulk::Job>,
 }
 
@@ -168,6 +197,47 @@ impl Default for Usage {
             used: 0,
             since: Instant::now(),
         }
+    }
+}
+
+/// Requests of the last `window`, for a limit counted over a sliding window: a request is
+/// refused while `requests` others were accepted less than `window` ago, and the wait is until
+/// the oldest of them leaves the window (unlike a fixed window, a burst straddling a window
+/// boundary cannot get twice the limit through).
+#[derive(Default)]
+struct Sliding {
+    accepted: VecDeque<Instant>,
+}
+
+impl Sliding {
+    /// Forget requests older than the window.
+    fn expire(&mut self, now: Instant, limit: &RateLimit) {
+        while self
+            .accepted
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= limit.window)
+        {
+            self.accepted.pop_front();
+        }
+    }
+
+    /// Count one request at `now`, or say how long until one more fits.
+    fn charge(&mut self, now: Instant, limit: &RateLimit) -> Result<(), Duration> {
+        self.expire(now, limit);
+        if self.accepted.len() as u64 >= limit.requests {
+            let oldest = self.accepted.front().copied().unwrap_or(now);
+            return Err(limit
+                .window
+                .saturating_sub(now.saturating_duration_since(oldest)));
+        }
+        self.accepted.push_back(now);
+        Ok(())
+    }
+
+    /// Requests still allowed at `now`.
+    fn remaining(&mut self, now: Instant, limit: &RateLimit) -> u64 {
+        self.expire(now, limit);
+        limit.requests.saturating_sub(self.accepted.len() as u64)
     }
 }
 
@@ -225,6 +295,7 @@ impl App {
             stats: Stats::default(),
             sf_usage: Usage::default(),
             windows: HashMap::new(),
+            dv_requests: Sliding::default(),
             jobs: BTreeMap::new(),
         };
         Ok(Self {
@@ -334,15 +405,22 @@ impl App {
         }
     }
 
-    /// Requests left in a system's current rate-limit window.
-    fn remaining(&self, system: System, limit: &RateLimit) -> u64 {
-        match self.lock().windows.get(&system) {
-            Some(w) if w.since.elapsed() < limit.window => limit.requests.saturating_sub(w.used),
-            _ => limit.requests,
-        }
+    /// Dataverse requests still allowed in the sliding window.
+    fn dv_remaining(&self, limit: &RateLimit) -> u64 {
+        self.lock().dv_requests.remaining(Instant::now(), limit)
     }
 
-    /// Count `cost` requests against a system's rate-limit window.
+    /// Count one Dataverse request against service protection. A `$batch` and a bulk message
+    /// are one request each, as Microsoft documents: their inner operations only add to the
+    /// execution-time and entitlement limits, which the emulator does not model.
+    fn dv_charge(&self, limit: &RateLimit) -> Result<(), Refusal> {
+        self.lock()
+            .dv_requests
+            .charge(Instant::now(), limit)
+            .map_err(|retry_after| Refusal::TooMany { retry_after })
+    }
+
+    /// Count `cost` requests against a system's fixed rate-limit window (MuleSoft).
     fn charge(&self, system: System, cost: u64, limit: &RateLimit) -> Result<(), Refusal> {
         let mut inner = self.lock();
         let w = inner.windows.entry(system).or_default();
@@ -421,6 +499,36 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The client id and secret of a client-credentials token request: form fields, or HTTP Basic
+/// as RFC 6749 section 2.3.1 defines it (each form-encoded, then joined by `:`), which both
+/// Salesforce and Entra ID accept and simple-salesforce sends instead of form fields. A form
+/// field wins over Basic.
+fn client_credentials(
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) -> (Option<String>, Option<String>) {
+    use base64::Engine;
+    let basic = header_str(headers, "authorization")
+        .and_then(|v| {
+            let (scheme, value) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("basic")
+                .then(|| base64::engine::general_purpose::STANDARD.decode(value.trim()))
+        })
+        .and_then(Result::ok)
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| {
+            let (id, secret) = text.split_once(':')?;
+            let unform = |s: &str| decode(&s.replace('+', " "));
+            Some((unform(id), unform(secret)))
+        });
+    let (basic_id, basic_secret) = basic.unzip();
+    (
+        form.get("client_id").cloned().or(basic_id),
+        form.get("client_secret").cloned().or(basic_secret),
+    )
+}
+
 /// A query-string parameter, percent-decoded (`+` is a space, as in forms).
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
@@ -446,6 +554,27 @@ mod tests {
         assert_eq!(g.len(), 36);
         assert_eq!(&g[14..15], "4");
         assert!(matches!(&g[19..20], "8" | "9" | "a" | "b"), "{g}");
+    }
+
+    #[test]
+    fn the_service_protection_window_slides() {
+        let limit = RateLimit {
+            requests: 2,
+            window: Duration::from_secs(10),
+        };
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Sliding::default();
+        assert_eq!(w.charge(at(0), &limit), Ok(()));
+        assert_eq!(w.charge(at(6), &limit), Ok(()));
+        assert_eq!(w.remaining(at(7), &limit), 0);
+        // Full until the first request is 10 s old; the wait says exactly that.
+        assert_eq!(w.charge(at(7), &limit), Err(Duration::from_secs(3)));
+        assert_eq!(w.charge(at(10), &limit), Ok(()));
+        // A fixed window would have started afresh at 10 s; this one still holds the request
+        // of 6 s.
+        assert_eq!(w.charge(at(11), &limit), Err(Duration::from_secs(5)));
+        assert_eq!(w.remaining(at(16), &limit), 1);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Salesforce: OAuth 2.0 (client credentials and JWT bearer), the REST API's upsert by external
-//! id, read, delete, describe and limits, sObject Collections, and the daily API allowance that
+//! Salesforce: OAuth 2.0 (client credentials, with the client's credentials in the form or as
+//! HTTP Basic, and JWT bearer), the REST API's upsert by external id, read and delete by
+//! external id or record Id, update by Id, describe and limits, sObject Collections, and the daily API allowance that
 //! every data call counts against (403 `REQUEST_LIMIT_EXCEEDED` when spent, never 429). Bulk API
 //! 2.0 lives in [`super::bulk`].
 
@@ -11,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Form, Path, RawQuery, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
@@ -22,11 +23,13 @@ use serde_json::{Value, json};
 
 use super::config::{SObject, SfField, SfType};
 use super::store::{Record, Store};
-use super::{App, Inner, System, json, query_param, tracked};
+use super::{App, Inner, System, client_credentials, json, query_param, tracked};
 
 const JWT_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// Clock skew allowed on both sides of a JWT assertion's `exp`.
+const LEEWAY_SECS: i64 = 30;
 /// JWT assertions may expire at most this far ahead (3 minutes plus clock skew).
-const MAX_ASSERTION_SECS: i64 = 180 + 30;
+const MAX_ASSERTION_SECS: i64 = 180 + LEEWAY_SECS;
 /// sObject Collections take at most this many records.
 const COLLECTION_LIMIT: usize = 200;
 
@@ -39,6 +42,10 @@ pub(super) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route(
             &format!("{v}/sobjects/{{sobject}}/describe/"),
             get(describe),
+        )
+        .route(
+            &format!("{v}/sobjects/{{sobject}}/{{id}}"),
+            get(read_by_id).patch(update_by_id).delete(remove_by_id),
         )
         .route(
             &format!("{v}/sobjects/{{sobject}}/{{field}}/{{value}}"),
@@ -187,7 +194,11 @@ async fn limit_info(State(app): State<Arc<App>>, mut res: Response) -> Response 
     res
 }
 
-async fn token(State(app): State<Arc<App>>, Form(form): Form<HashMap<String, String>>) -> Response {
+async fn token(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
     let sf = &app.cfg.salesforce;
     let oauth_error = |code: &str, description: &str| {
         json(
@@ -197,9 +208,8 @@ async fn token(State(app): State<Arc<App>>, Form(form): Form<HashMap<String, Str
     };
     match form.get("grant_type").map(String::as_str) {
         Some("client_credentials") => {
-            if form.get("client_id") != Some(&sf.client_id)
-                || form.get("client_secret") != Some(&sf.client_secret)
-            {
+            let (id, secret) = client_credentials(&headers, &form);
+            if id.as_ref() != Some(&sf.client_id) || secret.as_ref() != Some(&sf.client_secret) {
                 return oauth_error("invalid_client", "invalid client credentials");
             }
         }
@@ -229,12 +239,15 @@ async fn token(State(app): State<Arc<App>>, Form(form): Form<HashMap<String, Str
 
 /// Check a JWT bearer assertion: RS256 signature, `iss` = the consumer key, `sub` an allowed
 /// user, `aud` present (any value: there is no login URL to match), `exp` within 3 minutes.
+/// `exp` may be a number or a string of digits: simple-salesforce sends a string, and the
+/// service accepts it.
 fn verify_assertion(app: &App, assertion: &str) -> Result<(), (&'static str, String)> {
     #[derive(Deserialize)]
     struct Claims {
         iss: String,
         sub: String,
-        exp: i64,
+        #[serde(default)]
+        exp: Value,
     }
     let sf = &app.cfg.salesforce;
     let key = app.jwt_key.as_ref().ok_or((
@@ -243,20 +256,29 @@ fn verify_assertion(app: &App, assertion: &str) -> Result<(), (&'static str, Str
     ))?;
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     validation.validate_aud = false;
-    validation.leeway = 30;
-    validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+    // The library reads `exp` only as a number; it is checked below, in either form.
+    validation.validate_exp = false;
+    validation.set_required_spec_claims(&["iss", "sub", "aud"]);
     let claims = jsonwebtoken::decode::<Claims>(assertion, key, &validation)
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                ("invalid_grant", "expired assertion".to_owned())
-            }
-            _ => ("invalid_grant", format!("invalid assertion: {e}")),
-        })?
+        .map_err(|e| ("invalid_grant", format!("invalid assertion: {e}")))?
         .claims;
     if claims.iss != sf.client_id {
         return Err(("invalid_client", "client identifier invalid".into()));
     }
-    if claims.exp > chrono::Utc::now().timestamp() + MAX_ASSERTION_SECS {
+    let exp = match &claims.exp {
+        Value::Number(n) => n.as_f64().map(|f| f as i64),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    }
+    .ok_or((
+        "invalid_grant",
+        "invalid assertion: no numeric exp".to_owned(),
+    ))?;
+    let now = chrono::Utc::now().timestamp();
+    if exp < now - LEEWAY_SECS {
+        return Err(("invalid_grant", "expired assertion".into()));
+    }
+    if exp > now + MAX_ASSERTION_SECS {
         return Err((
             "invalid_grant",
             "invalid assertion: exp must be at most 3 minutes ahead".into(),
@@ -558,6 +580,101 @@ async fn remove(
     resolve(&app, &p)?;
     let mut inner = app.lock();
     let id = find(&inner.store, &p.sobject, &p.field, &p.value).ok_or_else(not_found)?;
+    inner
+        .store
+        .table(System::Salesforce, &p.sobject)
+        .remove(&id);
+    app.persist(&inner);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Path parameters of record-Id URLs.
+#[derive(Deserialize)]
+struct IdPath {
+    version: String,
+    sobject: String,
+    id: String,
+}
+
+/// The stored key of record `id` of the object: 18-character ids as they are, 15-character
+/// ones with their case-safe suffix added (the REST API takes both).
+fn by_id(store: &Store, object: &str, id: &str) -> Option<String> {
+    let id = match id.len() {
+        15 => case_safe(id),
+        18 => id.to_owned(),
+        _ => return None,
+    };
+    store
+        .get(System::Salesforce, object)
+        .is_some_and(|t| t.contains_key(&id))
+        .then_some(id)
+}
+
+/// `GET sobjects/{object}/{id}`.
+async fn read_by_id(
+    State(app): State<Arc<App>>,
+    Path(p): Path<IdPath>,
+) -> Result<Response, Response> {
+    let obj = sobject(&app, &p.sobject)?;
+    let inner = app.lock();
+    let id = by_id(&inner.store, &p.sobject, &p.id).ok_or_else(not_found)?;
+    let record = &inner
+        .store
+        .get(System::Salesforce, &p.sobject)
+        .expect("found in it")[&id];
+    Ok(json(
+        StatusCode::OK,
+        render(&p.sobject, obj, &p.version, record),
+    ))
+}
+
+/// `PATCH sobjects/{object}/{id}`: update; 204 as the REST API answers an update.
+async fn update_by_id(
+    State(app): State<Arc<App>>,
+    Path(p): Path<IdPath>,
+    body: Bytes,
+) -> Result<Response, Response> {
+    let obj = sobject(&app, &p.sobject)?;
+    let mut fields = object_body(&body)?;
+    fields.remove("attributes");
+    validate(&p.sobject, obj, &fields).map_err(|errors| {
+        json(
+            StatusCode::BAD_REQUEST,
+            Value::Array(errors.iter().map(FieldError::rest).collect()),
+        )
+    })?;
+    let mut inner = app.lock();
+    let id = by_id(&inner.store, &p.sobject, &p.id).ok_or_else(not_found)?;
+    // A new external id value must be findable by the next upsert: tell the store's index.
+    let external: Vec<(String, String)> = fields
+        .iter()
+        .filter(|(f, _)| obj.fields.get(*f).is_some_and(|f| f.external_id))
+        .filter_map(|(f, v)| Some((f.clone(), v.as_str()?.to_owned())))
+        .collect();
+    let record = inner
+        .store
+        .table(System::Salesforce, &p.sobject)
+        .get_mut(&id)
+        .expect("found in it");
+    record.extend(fields);
+    record.insert("SystemModstamp".into(), modstamp().into());
+    for (field, value) in external {
+        inner
+            .store
+            .indexed(System::Salesforce, &p.sobject, &field, &value, &id);
+    }
+    app.persist(&inner);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `DELETE sobjects/{object}/{id}`.
+async fn remove_by_id(
+    State(app): State<Arc<App>>,
+    Path(p): Path<IdPath>,
+) -> Result<Response, Response> {
+    sobject(&app, &p.sobject)?;
+    let mut inner = app.lock();
+    let id = by_id(&inner.store, &p.sobject, &p.id).ok_or_else(not_found)?;
     inner
         .store
         .table(System::Salesforce, &p.sobject)

@@ -1,9 +1,14 @@
-//! Dynamics 365 / Dataverse target: upserts on an alternate key through the Web API's `$batch`.
+//! Dynamics 365 / Dataverse target: upserts on an alternate key with the bulk message
+//! `UpsertMultiple` where the table supports it, else through the Web API's `$batch`.
 //!
 //! - [`auth`](crate::sink::oauth): Microsoft Entra ID client credentials, refreshed before
 //!   expiry and after a 401.
 //! - [`metadata`]: checks the mapping against the table's columns and reads choice options, so
 //!   labels become the option numbers Dataverse requires.
+//! - [`bulk`]: the `UpsertMultiple` body and what its failure means. One request per chunk is
+//!   all or nothing on a standard table, so a chunk it refuses because of a bad record is sent
+//!   again as a `$batch`, which writes the others and names the bad ones; a table without the
+//!   message is remembered and gets `$batch` from then on.
 //! - [`batch`]: the multipart `$batch` request and response, without changesets so one bad
 //!   record does not roll back the others.
 //!
@@ -15,6 +20,7 @@
 //! knows it drives Dataverse read such a column later and fill the mapping.
 
 pub mod batch;
+pub mod bulk;
 pub mod config;
 pub mod metadata;
 
@@ -51,6 +57,16 @@ pub struct Dynamics {
     attributes: BTreeMap<String, Attribute>,
     /// Choice column -> label -> option value, as read from metadata.
     option_sets: BTreeMap<String, BTreeMap<String, i64>>,
+    /// Send `UpsertMultiple` first: configured, and not yet refused as unsupported by the table.
+    upsert_multiple: bool,
+}
+
+/// How one chunk's `UpsertMultiple` went.
+enum BulkResult {
+    /// Every record written.
+    Written,
+    /// Refused in a way `$batch` can sort out.
+    Fallback(bulk::Fallback),
 }
 
 impl std::fmt::Debug for Dynamics {
@@ -107,6 +123,7 @@ impl Dynamics {
             entity: None,
             attributes: BTreeMap::new(),
             option_sets: BTreeMap::new(),
+            upsert_multiple: cfg.upsert_multiple,
         })
     }
 
@@ -357,6 +374,56 @@ impl Dynamics {
         Ok(out)
     }
 
+    /// One `UpsertMultiple` for a chunk. A failure that is about the records or the table's
+    /// support comes back as the fallback to take; anything else is an error, handled as for
+    /// every other request (403 stops the sink, 429 waits, 5xx retries).
+    async fn upsert_multiple(
+        &mut self,
+        mapping: &Mapping,
+        chunk: &[crate::sink::mapping::Record],
+    ) -> Result<BulkResult> {
+        let (url, body) = self.upsert_multiple_request(mapping, chunk);
+        let what = "Dataverse UpsertMultiple";
+        tracing::debug!(
+            records = chunk.len(),
+            bytes = body.len(),
+            "sending UpsertMultiple"
+        );
+        let (status, headers, text) = self
+            .send(what, |c| {
+                c.post(&url)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.clone())
+            })
+            .await?;
+        if status.is_success() {
+            return Ok(BulkResult::Written);
+        }
+        match bulk::after_failure(status.as_u16(), &text) {
+            bulk::Fallback::Fail => Err(Self::status_error(what, status, &headers, &text)),
+            fallback => {
+                tracing::debug!(%status, error = %batch::error_text(status.as_u16(), &text), ?fallback, "UpsertMultiple refused");
+                Ok(BulkResult::Fallback(fallback))
+            }
+        }
+    }
+
+    /// URL and body of the `UpsertMultiple` for a chunk.
+    fn upsert_multiple_request(
+        &self,
+        mapping: &Mapping,
+        chunk: &[crate::sink::mapping::Record],
+    ) -> (String, String) {
+        let url = format!("{}/{}/{}", self.api, mapping.entity_set, bulk::ACTION);
+        let body = bulk::body(
+            &mapping.object,
+            &mapping.entity_set,
+            &mapping.external_id_field,
+            chunk.iter().map(|r| (r.contact_id.as_str(), &r.fields)),
+        );
+        (url, body)
+    }
+
     /// The PATCH of one record: its alternate key in the URL, every other field in the body.
     fn upsert_request(&self, mapping: &Mapping, r: &crate::sink::mapping::Record) -> Request {
         let mut fields = r.fields.clone();
@@ -484,8 +551,10 @@ impl Target for Dynamics {
         self.batch_size
     }
 
-    /// PATCH on the alternate key (upsert: created or updated, 204 either way), in `$batch`es
-    /// of `batch_size` without changesets.
+    /// Per chunk of `batch_size`: one `UpsertMultiple` while the table supports it; when it is
+    /// refused because of a record, or the table lacks it, the chunk goes as a `$batch` of
+    /// PATCHes on the alternate key (upsert: 204 for created and updated alike) without
+    /// changesets, so only the bad records are rejected.
     async fn upsert(
         &mut self,
         mapping: &Mapping,
@@ -493,6 +562,24 @@ impl Target for Dynamics {
     ) -> Result<Vec<Outcome>> {
         let mut out = Vec::with_capacity(records.len());
         for chunk in records.chunks(self.batch_size) {
+            if self.upsert_multiple {
+                match self.upsert_multiple(mapping, chunk).await? {
+                    BulkResult::Written => {
+                        out.extend(std::iter::repeat_n(Outcome::Written, chunk.len()));
+                        continue;
+                    }
+                    BulkResult::Fallback(bulk::Fallback::Unsupported) => {
+                        tracing::info!(table = %mapping.object, "Dataverse offers no UpsertMultiple for this table; using $batch from now on");
+                        self.upsert_multiple = false;
+                    }
+                    BulkResult::Fallback(_) => {
+                        tracing::info!(
+                            records = chunk.len(),
+                            "UpsertMultiple refused a record; sending the chunk as a $batch to find it"
+                        );
+                    }
+                }
+            }
             let requests: Vec<Request> = chunk
                 .iter()
                 .map(|r| self.upsert_request(mapping, r))
@@ -526,8 +613,18 @@ impl Target for Dynamics {
         Ok(out)
     }
 
-    /// `PATCH <url> <json>` per record, as each would be inside the `$batch`.
+    /// One `POST <url> <json>` per chunk with `UpsertMultiple`, else `PATCH <url> <json>` per
+    /// record, as each would be inside the `$batch`.
     fn dry_run(&self, mapping: &Mapping, records: &[crate::sink::mapping::Record]) -> Vec<String> {
+        if self.upsert_multiple {
+            return records
+                .chunks(self.batch_size)
+                .map(|chunk| {
+                    let (url, body) = self.upsert_multiple_request(mapping, chunk);
+                    format!("POST {url} {body}")
+                })
+                .collect();
+        }
         records
             .iter()
             .map(|r| {
@@ -561,8 +658,44 @@ mod tests {
             },
             scope: None,
             batch_size: 2,
+            upsert_multiple: false,
             request_timeout: std::time::Duration::from_secs(5),
         }
+    }
+
+    #[test]
+    fn dry_run_shows_one_upsert_multiple_per_chunk() {
+        let mut c = cfg();
+        c.upsert_multiple = true;
+        let d = Dynamics::new(&c).unwrap();
+        let m = Mapping::new(TargetKind::Dynamics, &MappingConfig::default());
+        let records: Vec<Record> = (1..=3)
+            .map(|i| {
+                let mut fields = serde_json::Map::new();
+                fields.insert("trusst_contact_id".into(), format!("c-{i}").into());
+                fields.insert("quality_score".into(), i.into());
+                Record {
+                    contact_id: format!("c-{i}"),
+                    fields,
+                }
+            })
+            .collect();
+        let lines = d.dry_run(&m, &records);
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        let (url, body) = lines[1]
+            .strip_prefix("POST ")
+            .unwrap()
+            .split_once(' ')
+            .unwrap();
+        assert_eq!(
+            url,
+            "https://org.crm.dynamics.com/api/data/v9.2/contacts/Microsoft.Dynamics.CRM.UpsertMultiple"
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(body).unwrap(),
+            serde_json::json!({"Targets": [{"@odata.id": "contacts(trusst_contact_id='c-3')",
+                "@odata.type": "Microsoft.Dynamics.CRM.contact", "quality_score": 3}]})
+        );
     }
 
     #[test]

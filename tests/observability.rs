@@ -137,10 +137,19 @@ async fn metrics_follow_an_end_to_end_run() {
             "trusst_cdc_sink_records_written_total",
             &sink_name,
         );
-        if written == ids.len() as f64 {
+        // Every record came from the stream, so each has a commit-to-CRM latency.
+        let latencies = delta(
+            &after,
+            &sink_before,
+            "trusst_cdc_sink_commit_to_crm_seconds_count",
+            &sink_name,
+        );
+        if written == ids.len() as f64 && latencies == written {
             Ok(())
         } else {
-            Err(format!("written {written}"))
+            Err(format!(
+                "written {written}, commit-to-CRM latencies {latencies}"
+            ))
         }
     });
     let after = Scrape::of(&sink_url);

@@ -112,6 +112,13 @@ async fn the_gap(db: &TestDb, old: &[String], late: &[String]) -> (Vec<String>, 
     c.execute("DELETE FROM contacts WHERE contact_id = ANY($1)", &[&gone])
         .await
         .unwrap();
+    // Re-evaluated during the gap: no longer COMPLETED.
+    c.execute(
+        "UPDATE contacts SET current_stage = 'INFERENCE' WHERE contact_id = ANY($1)",
+        &[&old[12..14].to_vec()],
+    )
+    .await
+    .unwrap();
     let mut changed = new;
     changed.extend(old[..4].iter().cloned());
     changed.extend(late.iter().cloned());
@@ -188,6 +195,20 @@ async fn recover_and_compare(
                 .all(|g| r.iter().any(|r| &r.key == g && r.value.is_none()))
     });
     src.wait_streaming();
+    // The contacts the gap took out of COMPLETED: re-published without answers.
+    let left: Vec<String> = db
+        .client()
+        .await
+        .query(
+            "SELECT contact_id FROM contacts WHERE current_stage = 'INFERENCE' \
+             AND contact_id IN (SELECT contact_id FROM inferences)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let marker = completed(db, 93, 1).await;
     reader.until(
         WAIT,
@@ -196,7 +217,20 @@ async fn recover_and_compare(
     );
     reader.settle(Duration::from_secs(1));
     src.assert_running();
-    assert_matches_seed(&reader.latest(), &db.expected().await);
+    let latest = reader.latest();
+    assert_eq!(left.len(), 2, "two contacts left COMPLETED during the gap");
+    for id in &left {
+        let e = &latest[id];
+        assert!(
+            e.source.reason == "recover"
+                && e.universal_questions.is_empty()
+                && e.cleared_question_keys
+                    .as_ref()
+                    .is_some_and(|k| !k.is_empty()),
+            "contact {id} left COMPLETED during the gap: {e:?}"
+        );
+    }
+    assert_matches_seed(&latest, &db.expected().await);
     let recovered = reader.records[before..]
         .iter()
         .filter(|r| r.event().is_some_and(|e| e.source.reason == "recover"))

@@ -97,6 +97,7 @@ pub struct Metrics {
     consumer_lag: Family<PartitionLabels, Gauge>,
     crm_requests: Family<CallLabels, Counter>,
     crm_duration: Family<TargetLabels, Histogram>,
+    commit_to_crm: Family<SinkLabels, Histogram>,
     crm_remaining: Family<TargetLabels, Gauge>,
     crm_limit: Family<TargetLabels, Gauge>,
     ready: Family<ConditionLabels, Gauge>,
@@ -129,6 +130,7 @@ impl Metrics {
             consumer_lag: Family::default(),
             crm_requests: Family::default(),
             crm_duration: Family::new_with_constructor(latency_histogram),
+            commit_to_crm: Family::new_with_constructor(latency_histogram),
             crm_remaining: Family::default(),
             crm_limit: Family::default(),
             ready: Family::default(),
@@ -232,6 +234,12 @@ impl Metrics {
             "Duration of CRM HTTP requests, answered or not",
             Some(Unit::Seconds),
             m.crm_duration.clone(),
+        );
+        r.add(
+            "sink_commit_to_crm",
+            "Time from a transaction's commit in PostgreSQL to the CRM accepting the record it changed (events with a commit time: streamed changes, also when replayed)",
+            Some(Unit::Seconds),
+            m.commit_to_crm.clone(),
         );
         r.add(
             "crm_api_remaining_requests",
@@ -418,6 +426,23 @@ pub fn sink_written(sink: &str, n: u64) {
             sink: sink.to_owned(),
         })
         .inc_by(n);
+}
+
+/// The CRM accepted a record whose change committed at `commit_ts` (the event's RFC 3339
+/// `source.commit_ts`).
+pub fn commit_to_crm(sink: &str, commit_ts: &str) {
+    let Ok(at) = chrono::DateTime::parse_from_rfc3339(commit_ts) else {
+        return;
+    };
+    let age = (chrono::Utc::now() - at.with_timezone(&chrono::Utc))
+        .to_std()
+        .unwrap_or_default();
+    global()
+        .commit_to_crm
+        .get_or_create(&SinkLabels {
+            sink: sink.to_owned(),
+        })
+        .observe(age.as_secs_f64());
 }
 
 /// A CRM request carrying `n` records failed and will be tried again.

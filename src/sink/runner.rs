@@ -945,7 +945,12 @@ impl BatchCtx<'_> {
                 let mut written = 0;
                 for (it, o) in items.zip(o) {
                     match o {
-                        Outcome::Written => written += 1,
+                        Outcome::Written => {
+                            written += 1;
+                            if let Some(ts) = &it.event.source.commit_ts {
+                                crate::metrics::commit_to_crm(&self.cfg.sink.name, ts);
+                            }
+                        }
                         Outcome::Rejected(reason) => {
                             self.dead_letter(it.msg, Some(&it.raw), "crm", &reason, None)
                                 .await?

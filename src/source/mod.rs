@@ -477,6 +477,9 @@ struct Batch {
     /// Contacts with a changed or deleted universal answer: if the re-read no longer returns
     /// them, they may have lost their last one.
     lost: HashSet<String>,
+    /// Contacts whose row left COMPLETED: they get an event without answers if still not
+    /// COMPLETED when read.
+    withdrawn: HashSet<String>,
     /// Every transaction whose changes are in this batch: the re-read waits until all are
     /// visible (a contact's origin keeps only its newest).
     xids: HashSet<u32>,
@@ -1014,9 +1017,17 @@ impl<'a> Session<'a> {
     async fn apply(&mut self, effect: Effect, origin: Origin, out: &EventOut) -> Result<()> {
         match effect {
             Effect::Touch(id) => self.touch(id, origin),
-            Effect::Contact { contact_id, stage } => {
+            Effect::Contact {
+                contact_id,
+                stage,
+                was_completed,
+            } => {
                 match stage.as_deref() {
                     Some(s) if s != "COMPLETED" => {
+                        if was_completed == Some(true) {
+                            // Its answers are no longer final: the targets empty them.
+                            self.batch.withdrawn.insert(contact_id.clone());
+                        }
                         if self.not_completed.len() >= NOT_COMPLETED_CAP {
                             // Forgetting is safe (those contacts are re-read); memory stays bounded.
                             self.not_completed.clear();
@@ -1219,11 +1230,15 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         // A deleted contact is always re-read: absent, it gets its delete event even when it
-        // was re-inserted in the same batch at an earlier stage.
+        // was re-inserted in the same batch at an earlier stage. So is one that left COMPLETED.
         let ids: Vec<String> = batch
             .touched
             .keys()
-            .filter(|id| !self.not_completed.contains(*id) || batch.deleted.contains(*id))
+            .filter(|id| {
+                !self.not_completed.contains(*id)
+                    || batch.deleted.contains(*id)
+                    || batch.withdrawn.contains(*id)
+            })
             .cloned()
             .collect();
         let xids: Vec<u32> = batch.xids.iter().copied().collect();
@@ -1246,6 +1261,10 @@ impl<'a> Session<'a> {
                 .collect();
             let deleted = ids.iter().filter_map(|id| batch.deleted.take(id)).collect();
             let lost = ids.iter().filter_map(|id| batch.lost.take(id)).collect();
+            let withdrawn = ids
+                .iter()
+                .filter_map(|id| batch.withdrawn.take(id))
+                .collect();
             // Only the last chunk carries the positions: confirmation waits for all of them.
             let ticket = if i == last {
                 self.ledger.submit()
@@ -1263,6 +1282,7 @@ impl<'a> Session<'a> {
                     universal: Some(universal.clone()),
                     retired: self.retired.clone(),
                     lost,
+                    withdrawn,
                 },
                 ticket,
             )

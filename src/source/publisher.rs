@@ -46,6 +46,9 @@ pub(super) struct Job {
     /// Contacts that may have lost their last universal answer: when the re-read no longer
     /// returns one that is still COMPLETED, it gets an event with every answer cleared.
     pub lost: HashSet<String>,
+    /// Contacts that left COMPLETED: when the re-read finds one still not COMPLETED, it gets an
+    /// event with every answer cleared (its answers are no longer final).
+    pub withdrawn: HashSet<String>,
 }
 
 impl Job {
@@ -61,22 +64,25 @@ impl Job {
             universal: None,
             retired: Arc::default(),
             lost: HashSet::new(),
+            withdrawn: HashSet::new(),
         }
     }
 
-    /// The contacts that may have lost their answers and are neither in `rows` (the re-read)
-    /// nor deleted: the ones whose contact row must be read to know.
+    /// The contacts that may have lost their answers or left COMPLETED and are neither in
+    /// `rows` (the re-read) nor deleted: the ones whose contact row must be read to know.
     fn lost_absent(&self, rows: &[Row]) -> Result<Vec<String>> {
-        if self.lost.is_empty() {
+        if self.lost.is_empty() && self.withdrawn.is_empty() {
             return Ok(Vec::new());
         }
         let present = enrich::row_ids(rows)?;
-        Ok(self
+        let mut ids: Vec<String> = self
             .lost
-            .iter()
+            .union(&self.withdrawn)
             .filter(|id| !present.contains(*id) && !self.deleted.contains(*id))
             .cloned()
-            .collect())
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// The streamed transactions behind the job (none for snapshot and backfill pages).
@@ -245,9 +251,11 @@ async fn produce(
             txid: (o.xid != 0).then_some(o.xid),
             reason: job.reason.to_owned(),
         };
+        // Absent from the re-read: still COMPLETED without a universal answer, or no longer
+        // COMPLETED. Either way every answer field it had is emptied.
         let state = states.remove(id).or_else(|| match absent.remove(id) {
-            // Still COMPLETED but without a universal answer: every field it had goes.
-            Some((ev, true)) => Some(ev),
+            Some((ev, true)) if job.lost.contains(id) => Some(ev),
+            Some((ev, false)) if job.withdrawn.contains(id) => Some(ev),
             _ => None,
         });
         if let Some(mut ev) = state {

@@ -295,6 +295,7 @@ pub(super) async fn republish(
             .await
             .map_err(|e| error::pg("looking up the contacts on the topic", e))?;
         let mut gone = Vec::new();
+        let mut left = Vec::new();
         for r in &rows {
             let k: String = enrich::text_at(r, 0)?;
             let exists: bool = r.try_get(1).unwrap_or(true);
@@ -303,7 +304,14 @@ pub(super) async fn republish(
                 gone.push(k);
             } else if !completed {
                 outcome.no_longer_completed += 1;
+                left.push(k);
             }
+        }
+        if !left.is_empty() {
+            // Left COMPLETED during the gap: their answers are emptied, as the stream does.
+            let mut job = Job::at(left.clone(), origin, "recover");
+            job.withdrawn = left.into_iter().collect();
+            publisher::publish_and_wait(client, plan, out, job).await?;
         }
         if !gone.is_empty() {
             outcome.deleted += gone.len() as u64;
@@ -321,9 +329,9 @@ pub(super) async fn republish(
         "recovery: re-published what the gap may have changed (a full snapshot would have published every COMPLETED contact)"
     );
     if outcome.no_longer_completed > 0 {
-        tracing::warn!(
+        tracing::info!(
             contacts = outcome.no_longer_completed,
-            "recovery: contacts on the topic are no longer COMPLETED in the database; their last event stays on the topic"
+            "recovery: contacts on the topic are no longer COMPLETED in the database; re-published without answers"
         );
     }
     Ok(outcome)

@@ -189,6 +189,9 @@ pub async fn preflight(
             out.push(f);
         }
     }
+    if let Some(f) = stage_identity_finding(client).await? {
+        out.push(f);
+    }
 
     let pub_exists: bool = client
         .query_one(
@@ -295,6 +298,48 @@ pub async fn preflight(
 /// Whether deletes of `table` say which contact they belong to, and what each choice of replica
 /// identity costs in WAL; `None` when the table is missing (reported elsewhere).
 async fn identity_finding(client: &Client, table: &str) -> Result<Option<Finding>> {
+    let rows = identities(client, table).await?;
+    let verdicts: Vec<Finding> = rows
+        .iter()
+        .map(|(name, kind, index, cols)| identity_verdict(name, kind, index.as_deref(), cols))
+        .collect();
+    Ok(one_line(table, verdicts))
+}
+
+/// Whether an update of `contacts` says which stage the row had, so a contact that leaves
+/// COMPLETED is seen (its answers are then emptied in the targets).
+async fn stage_identity_finding(client: &Client) -> Result<Option<Finding>> {
+    let rows = identities(client, "contacts").await?;
+    let verdicts: Vec<Finding> = rows
+        .iter()
+        .map(|(name, kind, index, cols)| stage_verdict(name, kind, index.as_deref(), cols))
+        .collect();
+    Ok(one_line("contacts", verdicts))
+}
+
+/// One line for a table: the first problem among its partitions, or the (first) verdict when
+/// all pass.
+fn one_line(table: &str, verdicts: Vec<Finding>) -> Option<Finding> {
+    let n = verdicts.len();
+    verdicts
+        .iter()
+        .find(|f| f.fix.is_some())
+        .or(verdicts.first())
+        .cloned()
+        .map(|mut f| {
+            if n > 1 {
+                f.what = format!("{table} (partitioned, {n} partitions): {}", f.what);
+            }
+            f
+        })
+}
+
+/// Each leaf of `table` (the table itself when not partitioned) with its replica identity
+/// kind, identity index and the index's columns.
+async fn identities(
+    client: &Client,
+    table: &str,
+) -> Result<Vec<(String, String, Option<String>, Vec<String>)>> {
     // A partitioned table decodes each change with its partition's identity: check the leaves.
     let rows = client
         .query(
@@ -314,33 +359,41 @@ async fn identity_finding(client: &Client, table: &str) -> Result<Option<Finding
         )
         .await
         .map_err(|e| error::pg("reading replica identities", e))?;
-    let mut verdicts = Vec::new();
-    for row in &rows {
-        let (name, kind, index, cols): (String, String, Option<String>, Option<Vec<String>>) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        verdicts.push(identity_verdict(
-            &name,
-            &kind,
-            index.as_deref(),
-            &cols.unwrap_or_default(),
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let cols: Option<Vec<String>> = row.get(3);
+            (row.get(0), row.get(1), row.get(2), cols.unwrap_or_default())
+        })
+        .collect())
+}
+
+/// The verdict on whether `contacts`' replica identity carries the old `current_stage`
+/// (pure, unit-tested). Missing it is a warning: everything else works.
+pub fn stage_verdict(table: &str, kind: &str, index: Option<&str>, cols: &[String]) -> Finding {
+    let carries =
+        kind == "f" || (matches!(kind, "i" | "d") && cols.iter().any(|c| c == "current_stage"));
+    if carries {
+        return Finding::ok(format!(
+            "{table}'s replica identity carries the old current_stage: a contact that leaves COMPLETED is seen"
         ));
     }
-    // One line: the first problem among the partitions, or the (first) verdict when all pass.
-    Ok(verdicts
-        .iter()
-        .find(|f| f.fix.is_some())
-        .or(verdicts.first())
-        .cloned()
-        .map(|mut f| {
-            if rows.len() > 1 {
-                f.what = format!(
-                    "{table} (partitioned, {} partitions): {}",
-                    rows.len(),
-                    f.what
-                );
-            }
-            f
-        }))
+    let now = match (kind, index) {
+        ("n", _) => "NOTHING".to_owned(),
+        (_, Some(i)) => format!("{i} ({})", cols.join(", ")),
+        _ => "the primary key".to_owned(),
+    };
+    Finding::warn(
+        format!(
+            "{table}'s replica identity ({now}) does not carry the old current_stage: a contact that leaves COMPLETED \
+             is not seen, and the targets keep its answers until it is COMPLETED again"
+        ),
+        format!(
+            "ALTER TABLE {table} REPLICA IDENTITY FULL; or CREATE UNIQUE INDEX {table}_cdc_identity ON {table} \
+             (contact_id, current_stage); ALTER TABLE {table} REPLICA IDENTITY USING INDEX {table}_cdc_identity \
+             (current_stage must be NOT NULL)"
+        ),
+    )
 }
 
 /// The verdict on a table's replica identity (pure, so every case is unit-tested).
@@ -580,6 +633,32 @@ mod tests {
 
     fn cols(c: &[&str]) -> Vec<String> {
         c.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn stage_verdicts_warn_without_the_old_stage() {
+        let cols = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(stage_verdict("contacts", "f", None, &[]).fix.is_none());
+        let ok = stage_verdict(
+            "contacts",
+            "i",
+            Some("ix"),
+            &cols(&["contact_id", "current_stage"]),
+        );
+        assert!(ok.fix.is_none());
+        let w = stage_verdict(
+            "contacts",
+            "d",
+            Some("contacts_pkey"),
+            &cols(&["contact_id"]),
+        );
+        assert!(
+            w.warning && w.what.contains("contacts_pkey (contact_id)"),
+            "{w:?}"
+        );
+        assert!(w.fix.unwrap().contains("REPLICA IDENTITY FULL"));
+        let w = stage_verdict("contacts", "n", None, &[]);
+        assert!(w.warning && w.what.contains("NOTHING"));
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum Effect {
     Contact {
         contact_id: String,
         stage: Option<String>,
+        /// Whether the row was COMPLETED before the change, when the WAL carries the old stage
+        /// (REPLICA IDENTITY FULL, or an identity index that contains `current_stage`).
+        was_completed: Option<bool>,
     },
     /// An inference changed: touch the contact if the question is (or was) universal;
     /// `question_id` is `None` when the old question cannot be known.
@@ -281,10 +284,16 @@ impl Tracker {
                     let stage = new
                         .and_then(|t| text(rel, t, "current_stage"))
                         .map(|s| s.trim_end().to_owned());
+                    let was_completed = old.and_then(|t| match column(rel, t, "current_stage") {
+                        Seen::Value(s) => Some(s.trim_end() == "COMPLETED"),
+                        Seen::Null => Some(false),
+                        Seen::Unknown => None,
+                    });
                     id.into_iter()
                         .map(|contact_id| Effect::Contact {
                             contact_id,
                             stage: stage.clone(),
+                            was_completed,
                         })
                         .collect()
                 }
@@ -412,7 +421,8 @@ mod tests {
             e,
             vec![Effect::Contact {
                 contact_id: "c1".into(),
-                stage: Some("COMPLETED".into())
+                stage: Some("COMPLETED".into()),
+                was_completed: None
             }]
         );
     }
@@ -545,6 +555,58 @@ mod tests {
     }
 
     #[test]
+    fn the_old_stage_tells_a_contact_that_leaves_completed() {
+        let mut tr = Tracker::new();
+        tr.effects(rel_ident(
+            1,
+            "contacts",
+            &["contact_id", "agent_id", "current_stage"],
+            b'i',
+            &["contact_id", "current_stage"],
+        ));
+        // Identity index with current_stage: a stage change sends the old key.
+        let e = tr.effects(Message::Update {
+            relation: 1,
+            old: Some((OldKind::Key, vec![t("c1"), Value::Null, t("COMPLETED ")])),
+            new: vec![t("c1"), t("a"), t("INFERENCE")],
+        });
+        assert_eq!(
+            e,
+            vec![Effect::Contact {
+                contact_id: "c1".into(),
+                stage: Some("INFERENCE".into()),
+                was_completed: Some(true),
+            }]
+        );
+        // Without an old image the old stage is unknown.
+        let e = tr.effects(Message::Update {
+            relation: 1,
+            old: None,
+            new: vec![t("c1"), t("a"), t("INFERENCE")],
+        });
+        assert!(matches!(
+            &e[0],
+            Effect::Contact {
+                was_completed: None,
+                ..
+            }
+        ));
+        // A full old image that was not COMPLETED.
+        let e = tr.effects(Message::Update {
+            relation: 1,
+            old: Some((OldKind::Full, vec![t("c1"), t("a"), t("TRANSCRIPTION")])),
+            new: vec![t("c1"), t("a"), t("INFERENCE")],
+        });
+        assert!(matches!(
+            &e[0],
+            Effect::Contact {
+                was_completed: Some(false),
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn contact_update_and_delete() {
         let mut tr = Tracker::new();
         tr.effects(rel(1, "contacts", &["contact_id", "current_stage"]));
@@ -557,7 +619,8 @@ mod tests {
             e,
             vec![Effect::Contact {
                 contact_id: "c1".into(),
-                stage: Some("COMPLETED".into())
+                stage: Some("COMPLETED".into()),
+                was_completed: None
             }]
         );
         let e = tr.effects(Message::Insert {
@@ -568,7 +631,8 @@ mod tests {
             e,
             vec![Effect::Contact {
                 contact_id: "c2".into(),
-                stage: Some("INFERENCE".into())
+                stage: Some("INFERENCE".into()),
+                was_completed: None
             }]
         );
         let e = tr.effects(Message::Update {
@@ -580,7 +644,8 @@ mod tests {
             e,
             vec![Effect::Contact {
                 contact_id: "c3".into(),
-                stage: None
+                stage: None,
+                was_completed: None
             }]
         );
         let e = tr.effects(Message::Delete {

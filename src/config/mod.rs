@@ -47,6 +47,11 @@ pub mod duration {
         check(v).map_err(D::Error::custom)
     }
 
+    /// The same for an optional key (absent stays `None`).
+    pub fn deserialize_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        deserialize(d).map(Some)
+    }
+
     /// The same checks on a value that did not come from a file.
     pub fn check(v: Duration) -> Result<Duration, String> {
         if v.is_zero() {
@@ -128,6 +133,11 @@ pub struct KafkaConfig {
     /// Replication factor when the source creates the topic.
     #[serde(default = "default_replication")]
     pub replication_factor: i32,
+    /// `min.insync.replicas` of the topics the source creates (events, `.state`, `.control`):
+    /// with `acks=all`, how many replicas must have an event before Kafka acknowledges it.
+    /// Unset: the broker's default. On a three-broker cluster use 2 with `replication_factor = 3`.
+    #[serde(default)]
+    pub min_insync_replicas: Option<i32>,
     /// Extra librdkafka properties (e.g. `security.protocol`), passed through unchanged.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -255,6 +265,12 @@ pub struct SourceSection {
     /// `truncated`). Default and cap: what the producer and the topic accept.
     #[serde(default)]
     pub max_event_bytes: Option<usize>,
+    /// How long this source may go without answering PostgreSQL before the server ends its
+    /// replication connection and frees the slot for a standby source: the walsender's
+    /// `wal_sender_timeout`, set for this source's replication connection only. Unset: the
+    /// server's setting (60 s by default). See the README, "Running a standby source".
+    #[serde(default, deserialize_with = "crate::config::duration::deserialize_opt")]
+    pub takeover_after: Option<Duration>,
 }
 
 impl Default for SourceSection {
@@ -265,6 +281,16 @@ impl Default for SourceSection {
 
 /// Smallest `max_event_bytes` accepted: room for a contact with dozens of short answers.
 pub const MIN_EVENT_BYTES: usize = 16 * 1024;
+
+/// Shortest `takeover_after` accepted: several of the replication client's status intervals (1 s).
+pub const MIN_TAKEOVER_AFTER: Duration = Duration::from_secs(4);
+
+/// How old a read of the database may be when its events are handed to the producer, and how
+/// long the producer may hold an event, for a source whose replication connection PostgreSQL
+/// ends after `lease` without an answer: half of it. See the README, "Running a standby source".
+pub fn publish_fence(lease: Duration) -> Duration {
+    lease / 2
+}
 
 fn default_slot() -> String {
     "trusst_cdc".into()
@@ -461,6 +487,43 @@ impl SourceConfig {
         if self.kafka.partitions < 1 {
             return Err(Error::user("[kafka] partitions must be at least 1"));
         }
+        if self.kafka.replication_factor < 1 {
+            return Err(Error::user("[kafka] replication_factor must be at least 1"));
+        }
+        if let Some(n) = self.kafka.min_insync_replicas
+            && (n < 1 || n > self.kafka.replication_factor)
+        {
+            return Err(Error::user(format!(
+                "[kafka] min_insync_replicas = {n} must be between 1 and replication_factor ({}): a topic \
+                 with fewer replicas than that could never acknowledge an event",
+                self.kafka.replication_factor
+            )));
+        }
+        if let Some(t) = self.source.takeover_after {
+            if t < MIN_TAKEOVER_AFTER {
+                return Err(Error::user(format!(
+                    "[source] takeover_after = {} is too short: the source answers PostgreSQL once a second, so use at \
+                     least {} (30s or more on a Kafka cluster, above its leader failover time)",
+                    humantime::format_duration(t),
+                    humantime::format_duration(MIN_TAKEOVER_AFTER)
+                )));
+            }
+            let timeout = ["message.timeout.ms", "delivery.timeout.ms"]
+                .iter()
+                .find_map(|k| self.kafka.properties.get(*k))
+                .and_then(|v| v.parse::<u64>().ok());
+            if let Some(ms) = timeout
+                && Duration::from_millis(ms) > publish_fence(t)
+            {
+                return Err(Error::user(format!(
+                    "[kafka.properties] message.timeout.ms = {ms} is longer than half of [source] takeover_after ({}): an \
+                     event could wait in the producer's queue of a source that stalled until a standby took over, \
+                     and land after the standby's newer events; lower it or leave it out (it then defaults to half \
+                     of takeover_after)",
+                    humantime::format_duration(t)
+                )));
+            }
+        }
         if self.kafka.format == Format::Avro && self.registry()?.is_none() {
             return Err(Error::user(
                 "[kafka] format = \"avro\" needs a schema registry: set [kafka] schema_registry_url, SCHEMA_REGISTRY_URL \
@@ -504,6 +567,15 @@ impl SourceConfig {
     /// The brokers (present after [`SourceConfig::resolve`]).
     pub fn brokers(&self) -> &str {
         self.kafka.brokers.as_deref().unwrap_or_default()
+    }
+
+    /// How the topics the source creates are replicated (`[kafka] replication_factor` and
+    /// `min_insync_replicas`).
+    pub fn replicas(&self) -> crate::kafka::Replicas {
+        crate::kafka::Replicas {
+            factor: self.kafka.replication_factor,
+            min_insync: self.kafka.min_insync_replicas,
+        }
     }
 }
 

@@ -157,20 +157,45 @@ pub const MIN_COMPACTION_LAG_MS: &str = "604800000";
 /// compaction reached it.
 pub const DELETE_RETENTION_MS: &str = "604800000";
 
+/// How a new topic is replicated: on how many brokers, and how many of them must have a record
+/// before an `acks=all` producer is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replicas {
+    /// The replication factor.
+    pub factor: i32,
+    /// `min.insync.replicas`; `None` leaves the broker's default.
+    pub min_insync: Option<i32>,
+}
+
+impl From<i32> for Replicas {
+    fn from(factor: i32) -> Self {
+        Self {
+            factor,
+            min_insync: None,
+        }
+    }
+}
+
 /// Create `topic` as compacted when it is missing; an existing topic is left as it is.
 pub async fn ensure_compacted_topic(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topic: &str,
     partitions: i32,
-    replication: i32,
+    replicas: impl Into<Replicas>,
 ) -> Result<()> {
     if describe_topic(brokers, properties, topic).await?.is_some() {
         return Ok(());
     }
+    let replicas = replicas.into();
     let admin: AdminClient<DefaultClientContext> =
         create(&client_config(brokers, properties), "admin client")?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))
+    let min_insync = replicas.min_insync.map(|n| n.to_string());
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas.factor));
+    if let Some(n) = &min_insync {
+        new = new.set("min.insync.replicas", n);
+    }
+    let new = new
         .set("cleanup.policy", "compact")
         // A sink that is behind must still see deletes. A delete event stays at least
         // min.compaction.lag.ms (compaction does not touch younger records), and its tombstone at
@@ -193,7 +218,13 @@ pub async fn ensure_compacted_topic(
             }
         }
     }
-    tracing::info!(topic, partitions, "created compacted topic");
+    tracing::info!(
+        topic,
+        partitions,
+        replication_factor = replicas.factor,
+        min_insync_replicas = replicas.min_insync,
+        "created compacted topic"
+    );
     Ok(())
 }
 

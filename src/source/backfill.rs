@@ -193,7 +193,7 @@ pub async fn run(
         return Ok(totals);
     }
 
-    let out = super::event_producer(cfg, &tokio::sync::OnceCell::new()).await?;
+    let out = super::event_producer(cfg, &tokio::sync::OnceCell::new(), None).await?;
     // Events carry the WAL position the backfill started at, to tell them apart when tracing.
     let origin = Origin {
         lsn: setup::current_wal_lsn(&client).await?,

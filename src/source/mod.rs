@@ -15,6 +15,7 @@ pub mod recover;
 pub mod schema;
 pub mod setup;
 pub mod slot;
+pub mod standby;
 pub mod state;
 pub mod triggers;
 
@@ -51,8 +52,10 @@ pub const HEARTBEAT_PREFIX: &str = "trusst-cdc.heartbeat";
 pub const REPLICATION_CONNECTED: &str = "replication stream connected";
 /// Readiness condition: Kafka answered and the event topic exists.
 pub const KAFKA_PRODUCER_UP: &str = "kafka producer up";
+/// Readiness condition: this source is not standing by while another one holds the slot.
+pub const NOT_STANDING_BY: &str = "not standing by for another source";
 /// What `/ready` waits for in the source.
-pub const READY_CONDITIONS: &[&str] = &[REPLICATION_CONNECTED, KAFKA_PRODUCER_UP];
+pub const READY_CONDITIONS: &[&str] = &[REPLICATION_CONNECTED, KAFKA_PRODUCER_UP, NOT_STANDING_BY];
 
 /// While re-emits wait, the longest a busy stream goes without running one of their chunks.
 const REEMIT_EVERY: Duration = Duration::from_millis(200);
@@ -68,7 +71,8 @@ pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<(
     let new_backoff = || error::backoff(Duration::from_millis(500), Duration::from_secs(30));
     let mut backoff = new_backoff();
     let mut ever_streamed = false;
-    let give_up_at = Instant::now() + cfg.source.startup_timeout;
+    let mut give_up_at = Instant::now() + cfg.source.startup_timeout;
+    crate::metrics::ready(NOT_STANDING_BY, true);
     // Across sessions: the lag keeps being read while the source reconnects.
     let _lag = watch_slot_lag(cfg.database_url().to_owned(), cfg.source.slot.clone());
     // The schema is registered by the first session only; reconnects reuse its id.
@@ -80,6 +84,17 @@ pub async fn run(cfg: SourceConfig, shutdown: watch::Receiver<bool>) -> Result<(
         crate::metrics::ready(REPLICATION_CONNECTED, false);
         crate::metrics::ready(KAFKA_PRODUCER_UP, false);
         ever_streamed |= session.streaming;
+        if let Some(holder) = session.standby.take() {
+            // Not a failure: another source has the slot. Wait (as long as it takes) until it
+            // is free, then start at once.
+            drop(session);
+            if !standby::wait(&cfg, holder, &shutdown).await? {
+                return Ok(());
+            }
+            backoff = new_backoff();
+            give_up_at = Instant::now() + cfg.source.startup_timeout;
+            continue;
+        }
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.retryable && (ever_streamed || Instant::now() < give_up_at) => {
@@ -288,6 +303,7 @@ impl EventOut {
 async fn event_producer(
     cfg: &SourceConfig,
     encoder: &tokio::sync::OnceCell<Encoder>,
+    lease: Option<Duration>,
 ) -> Result<EventOut> {
     let probe = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
     kafka::ping(&probe, cfg.brokers(), Duration::from_secs(10)).await?;
@@ -303,7 +319,7 @@ async fn event_producer(
         &cfg.kafka.properties,
         &cfg.kafka.topic,
         cfg.kafka.partitions,
-        cfg.kafka.replication_factor,
+        cfg.replicas(),
     )
     .await?;
     let topic_max = kafka::describe_topic(cfg.brokers(), &cfg.kafka.properties, &cfg.kafka.topic)
@@ -315,6 +331,32 @@ async fn event_producer(
     // max.message.bytes would be refused whole, so the producer's limit follows the topic's.
     let mut properties = cfg.kafka.properties.clone();
     properties.insert("message.max.bytes".into(), record_max.to_string());
+    if let Some(lease) = lease {
+        // An event must not wait in the producer's queue for longer than half of the slot's
+        // lease: a source frozen with events queued would otherwise send them when it wakes,
+        // after a standby that took over meanwhile sent newer ones.
+        let fence = crate::config::publish_fence(lease);
+        let set = ["message.timeout.ms", "delivery.timeout.ms"]
+            .iter()
+            .find_map(|k| properties.get(*k))
+            .and_then(|v| v.parse::<u64>().ok());
+        match set {
+            None => {
+                properties.insert(
+                    "message.timeout.ms".into(),
+                    fence.as_millis().max(1000).to_string(),
+                );
+            }
+            Some(ms) if Duration::from_millis(ms) > fence => tracing::warn!(
+                message_timeout_ms = ms,
+                wal_sender_timeout = ?lease,
+                "[kafka.properties] message.timeout.ms is longer than half of the slot's lease (the server's \
+                 wal_sender_timeout): a standby source could take over while this one, frozen, still holds events \
+                 in its producer's queue; set [source] takeover_after, or lower message.timeout.ms"
+            ),
+            Some(_) => {}
+        }
+    }
     let producer = kafka::producer(cfg.brokers(), &properties)?;
     tracing::debug!(topic = %cfg.kafka.topic, max_event_bytes = max_bytes, "event size limit");
     let control = format!("{}.control", cfg.kafka.topic);
@@ -323,7 +365,7 @@ async fn event_producer(
         &cfg.kafka.properties,
         &control,
         1,
-        cfg.kafka.replication_factor,
+        cfg.replicas(),
     )
     .await
     {
@@ -431,7 +473,7 @@ pub async fn state_store(cfg: &SourceConfig, client: &Client) -> Result<state::S
                 cfg.brokers(),
                 &cfg.kafka.properties,
                 &format!("{}.state", cfg.kafka.topic),
-                cfg.kafka.replication_factor,
+                cfg.replicas(),
                 &database,
                 &s.slot,
                 Some(file),
@@ -527,6 +569,8 @@ struct Session<'a> {
     streaming: bool,
     /// When a re-emit chunk last ran.
     last_reemit: Instant,
+    /// Set when another source holds the slot: this one stands by instead of retrying.
+    standby: Option<standby::Holder>,
 }
 
 fn pg_epoch_micros_to_rfc3339(micros: i64) -> Option<String> {
@@ -563,6 +607,7 @@ impl<'a> Session<'a> {
             inflight: VecDeque::new(),
             publisher: None,
             last_reemit: Instant::now(),
+            standby: None,
         }
     }
 
@@ -595,10 +640,16 @@ impl<'a> Session<'a> {
         }
         self.plan = schema::read(&client).await?;
         self.tracker = Tracker::with_schemas(setup::table_schemas(&client).await?);
-        let out = event_producer(cfg, self.encoder).await?;
+        let lease = standby::lease(cfg, &client).await?;
+        let out = event_producer(cfg, self.encoder, lease).await?;
         // Anomalies (TRUNCATE, unattributable changes) go to the control topic beside the stream.
         let control = out.clone();
         crate::metrics::ready(KAFKA_PRODUCER_UP, true);
+        // One source per slot: from here to streaming (slot creation, snapshot, recovery) this
+        // session holds the claim; another source streaming or setting up makes this one stand by.
+        if let Some(holder) = standby::try_claim(&client, &s.slot).await? {
+            return Err(self.stand_by(holder));
+        }
         let store = state_store(cfg, &client).await?;
         let saved = store.load_opt().await?;
         let health = slot::read(&client, &s.slot).await?;
@@ -695,17 +746,50 @@ impl<'a> Session<'a> {
         // re-emit lookups never wait behind an enrichment query.
         let enrich_client = crate::pg::connect(&url).await?;
         enrich::prepare_session(&enrich_client).await?;
-        self.publisher = Some(Publisher::start(enrich_client, out, &self.plan).await?);
-        let repl_cfg =
+        self.publisher = Some(
+            Publisher::start(
+                enrich_client,
+                out,
+                &self.plan,
+                lease.map(crate::config::publish_fence),
+            )
+            .await?,
+        );
+        let mut repl_cfg =
             crate::pg::replication_config(&url, &s.slot, &s.publication, server.major >= 14)?
                 .with_start_lsn(Lsn(slot_lsn))
                 .with_ack_lsn(Lsn(slot_lsn));
-        let mut repl = ReplicationClient::connect(repl_cfg)
-            .await
-            .map_err(|e| crate::pg::replication_error(&url, e))?;
-        repl.wait_started()
-            .await
-            .map_err(|e| crate::pg::replication_error(&url, e))?;
+        if let Some(t) = s.takeover_after {
+            // PostgreSQL ends this connection when the source has not answered for that long,
+            // which frees the slot for a standby (wal_sender_timeout is settable per connection).
+            repl_cfg.options = Some(format!(
+                "{} -c wal_sender_timeout={}",
+                repl_cfg.options.as_deref().unwrap_or_default(),
+                t.as_millis()
+            ));
+        }
+        let started = async {
+            let mut repl = ReplicationClient::connect(repl_cfg).await?;
+            repl.wait_started().await?;
+            Ok::<_, pgwire_replication::PgWireError>(repl)
+        };
+        let mut repl = match started.await {
+            Ok(repl) => repl,
+            // Another walsender streams from the slot (a source without the claim, or a
+            // pg_recvlogical): stand by as for a claimed slot.
+            Err(e) if standby::active_pid_in(&e.to_string()).is_some() => {
+                let pid = standby::active_pid_in(&e.to_string()).unwrap_or_default();
+                let holder = standby::holder(&client, &s.slot).await.ok().flatten();
+                return Err(self.stand_by(holder.unwrap_or(standby::Holder {
+                    pid,
+                    doing: "streaming",
+                    who: String::new(),
+                })));
+            }
+            Err(e) => return Err(crate::pg::replication_error(&url, e)),
+        };
+        // Our walsender holds the slot now: that is the claim from here on.
+        standby::release(&client, &s.slot).await;
         tracing::info!(slot = %s.slot, from = %fmt_lsn(slot_lsn), "streaming changes");
         crate::metrics::ready(REPLICATION_CONNECTED, true);
 
@@ -724,6 +808,17 @@ impl<'a> Session<'a> {
             self.advance_released_slot(&client).await;
         }
         result
+    }
+
+    /// Stand by for `holder`: the error that ends this session (the run loop waits instead of
+    /// retrying).
+    fn stand_by(&mut self, holder: standby::Holder) -> Error {
+        let e = Error::external(format!(
+            "replication slot {} is held by another source ({holder})",
+            self.cfg.source.slot
+        ));
+        self.standby = Some(holder);
+        e
     }
 
     /// Create the slot: a failover slot on a primary of PostgreSQL 17+ (unless

@@ -6,9 +6,17 @@
 //! both stages strictly in order over one database connection: a contact in two jobs is read for
 //! the later one after the earlier read, and its events reach Kafka in that order, so the newest
 //! event per key is always the freshest state.
+//!
+//! That order must also hold across sources: a standby that took the slot over re-reads and
+//! publishes the contacts again, and a read of this source's must not reach Kafka after those.
+//! A standby can take over only once this source has not answered PostgreSQL for the slot's
+//! lease (`wal_sender_timeout`), so no event is handed to the producer once half of the lease
+//! has passed since the read it comes from began (the `fence`); the producer itself holds an
+//! event at most that long (`message.timeout.ms`, see `event_producer`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -105,8 +113,15 @@ impl Job {
 /// Completes with the number of events once Kafka acknowledged every record of a job.
 pub(super) type Done = oneshot::Receiver<Result<usize>>;
 
-/// A job with its re-read rows and the contact rows of those that lost their answers.
-type Fetched = (Job, Vec<Row>, Absent, oneshot::Sender<Result<usize>>);
+/// A job with its re-read rows, the contact rows of those that lost their answers, and the
+/// latest moment its events may be handed to the producer.
+type Fetched = (
+    Job,
+    Vec<Row>,
+    Absent,
+    Option<Instant>,
+    oneshot::Sender<Result<usize>>,
+);
 
 /// Contacts absent from the re-read: their answer-less event and whether they are COMPLETED.
 type Absent = HashMap<String, (ContactEvent, bool)>;
@@ -126,8 +141,15 @@ impl Drop for Publisher {
 }
 
 impl Publisher {
-    /// Start the stages: `client` is a connection of their own, used for nothing else.
-    pub async fn start(client: Client, out: EventOut, plan: &Plan) -> Result<Self> {
+    /// Start the stages: `client` is a connection of their own, used for nothing else. With a
+    /// `fence`, a job whose events are not all handed to the producer within that time after its
+    /// read began fails instead (the session then replays it from the slot).
+    pub async fn start(
+        client: Client,
+        out: EventOut,
+        plan: &Plan,
+        fence: Option<Duration>,
+    ) -> Result<Self> {
         let statement = enrich::prepare(&client, plan).await?;
         let plan = plan.clone();
         let visibility = enrich::prepare_visibility(&client).await?;
@@ -139,13 +161,15 @@ impl Publisher {
                 // database works on the next batch meanwhile.
                 let fetched = async {
                     enrich::await_visible(&client, &visibility, &job.xids()).await?;
+                    // The server takes the read's snapshot after this, never before.
+                    let deadline = fence.map(|f| Instant::now() + f);
                     let rows = enrich::fetch(&client, &statement, &job.ids).await?;
                     let absent = enrich::contacts(&client, &plan, &job.lost_absent(&rows)?).await?;
-                    Ok::<_, Error>((rows, absent))
+                    Ok::<_, Error>((rows, absent, deadline))
                 };
                 match fetched.await {
-                    Ok((rows, absent)) => {
-                        if etx.send((job, rows, absent, done)).await.is_err() {
+                    Ok((rows, absent, deadline)) => {
+                        if etx.send((job, rows, absent, deadline, done)).await.is_err() {
                             return;
                         }
                     }
@@ -156,7 +180,7 @@ impl Publisher {
             }
         });
         let writer = tokio::spawn(async move {
-            while let Some((job, rows, absent, done)) = fetched.recv().await {
+            while let Some((job, rows, absent, deadline, done)) = fetched.recv().await {
                 let mut states = match enrich::build(rows) {
                     Ok(states) => states,
                     Err(e) => {
@@ -165,7 +189,7 @@ impl Publisher {
                     }
                 };
                 let mut pending = Pending::default();
-                match produce(&out, &mut pending, &job, &mut states, absent).await {
+                match produce(&out, &mut pending, &job, &mut states, absent, deadline).await {
                     // Acknowledgements are awaited off this stage, so the next job's records
                     // are produced while the broker works on this one's.
                     Ok(tally) => {
@@ -217,7 +241,7 @@ pub(super) async fn publish_and_wait(
         job.universal = Some(enrich::universal_keys(client, plan).await?.into());
     }
     let mut pending = Pending::default();
-    let tally = produce(out, &mut pending, &job, &mut states, absent).await?;
+    let tally = produce(out, &mut pending, &job, &mut states, absent, None).await?;
     pending.wait().await?;
     tally.acknowledged(&out.topic, job.reason);
     Ok(events(&tally))
@@ -229,15 +253,27 @@ fn events(tally: &Published) -> usize {
 }
 
 /// Produce one event per re-read contact, and a delete event plus tombstone per deleted one;
-/// what was produced, to be counted once Kafka acknowledged it.
+/// what was produced, to be counted once Kafka acknowledged it. Past `deadline` nothing more is
+/// produced and the job fails (see the module's note on the fence).
 async fn produce(
     out: &EventOut,
     pending: &mut Pending,
     job: &Job,
     states: &mut HashMap<String, ContactEvent>,
     mut absent: Absent,
+    deadline: Option<Instant>,
 ) -> Result<Published> {
     let mut tally = Published::default();
+    let fenced = || {
+        deadline.is_some_and(|d| Instant::now() > d).then(|| {
+            Error::external(
+                "the source was held up between reading contacts and publishing them for more than half of the \
+                 slot's lease (takeover_after or wal_sender_timeout): a standby may have taken the slot over and \
+                 published newer events meanwhile, so this read is not published; the session replays it from \
+                 the slot",
+            )
+        })
+    };
     let universal = job.universal.as_deref().unwrap_or_default();
     for id in &job.ids {
         let Some(o) = job.origins.get(id).copied().or(job.origin) else {
@@ -266,12 +302,18 @@ async fn produce(
                 format!("{}:{}:{id}", job.reason, position.lsn)
             };
             ev.source = position;
+            if let Some(e) = fenced() {
+                return Err(e);
+            }
             out.send(pending, id, Some(&ev)).await?;
             tally.upserts += 1;
         } else if job.deleted.contains(id) {
             let mut ev = ContactEvent::delete(id, position);
             // What a target set to clear fields on delete empties.
             ev.set_cleared(universal, &job.retired);
+            if let Some(e) = fenced() {
+                return Err(e);
+            }
             out.send(pending, id, Some(&ev)).await?;
             // The tombstone lets compaction forget the contact once sinks saw the delete.
             out.send(pending, id, None).await?;

@@ -137,7 +137,7 @@ pub struct KafkaState {
     properties: BTreeMap<String, String>,
     topic: String,
     key: String,
-    replication_factor: i32,
+    replication_factor: crate::kafka::Replicas,
     producer: rdkafka::producer::FutureProducer,
     /// Read when Kafka holds no state yet: the file an earlier version wrote.
     legacy: Option<StateFile>,
@@ -155,7 +155,7 @@ impl KafkaState {
         brokers: &str,
         properties: &BTreeMap<String, String>,
         topic: &str,
-        replication_factor: i32,
+        replication_factor: crate::kafka::Replicas,
         database: &str,
         slot: &str,
         legacy: Option<StateFile>,

@@ -261,6 +261,10 @@ pub struct SourceOpts {
     pub log_filter: &'static str,
     /// `[kafka] format`: `json` or `avro` (the registry comes from `SCHEMA_REGISTRY_URL`).
     pub format: &'static str,
+    /// More `[kafka]` lines (TOML), e.g. `replication_factor = 3`.
+    pub kafka_extra: String,
+    /// More `[source]` lines (TOML), e.g. `takeover_after = "6s"`.
+    pub source_extra: String,
 }
 
 impl Default for SourceOpts {
@@ -276,6 +280,8 @@ impl Default for SourceOpts {
             env: Vec::new(),
             log_filter: "info,trusst_cdc=debug",
             format: "json",
+            kafka_extra: String::new(),
+            source_extra: String::new(),
         }
     }
 }
@@ -371,14 +377,16 @@ impl SourceProc {
         std::fs::write(
             &config,
             format!(
-                "[kafka]\ntopic = \"{topic}\"\npartitions = 3\nformat = \"{}\"\n[source]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
-                 snapshot = \"{}\"\nheartbeat_interval = \"{}\"\nbatch_max_contacts = {}\nreemit_chunk = {}\nstate_dir = \"{}\"\n{}",
+                "[kafka]\ntopic = \"{topic}\"\npartitions = 3\nformat = \"{}\"\n{}\n[source]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
+                 snapshot = \"{}\"\nheartbeat_interval = \"{}\"\nbatch_max_contacts = {}\nreemit_chunk = {}\nstate_dir = \"{}\"\n{}\n{}",
                 opts.format,
+                opts.kafka_extra,
                 opts.snapshot,
                 opts.heartbeat,
                 opts.batch_max_contacts,
                 opts.reemit_chunk,
                 dir.path().join("state").display(),
+                opts.source_extra,
                 opts.sections()
             ),
         )
@@ -721,6 +729,7 @@ pub fn assert_matches_seed(
 }
 
 pub mod crm;
+pub mod load;
 pub mod metrics;
 
 /// Start (if it is not running) a cluster of PostgreSQL `major` from the npm builds through

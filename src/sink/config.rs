@@ -39,6 +39,15 @@ pub struct SinkKafka {
     /// overrides. JSON events need none.
     #[serde(default)]
     pub schema_registry_url: Option<String>,
+    /// The registry's HTTP Basic user; `SCHEMA_REGISTRY_USERNAME` overrides.
+    #[serde(default)]
+    pub schema_registry_username: Option<String>,
+    /// Its password; `SCHEMA_REGISTRY_PASSWORD` overrides.
+    #[serde(default)]
+    pub schema_registry_password: Option<super::http::Secret>,
+    /// A bearer token instead; `SCHEMA_REGISTRY_TOKEN` overrides.
+    #[serde(default)]
+    pub schema_registry_token: Option<super::http::Secret>,
 }
 
 impl Default for SinkKafka {
@@ -162,7 +171,8 @@ impl SinkConfig {
         if o.schema_registry_url.is_some() {
             self.kafka.schema_registry_url = o.schema_registry_url;
         }
-        crate::config::registry(self.kafka.schema_registry_url.as_deref())?;
+        crate::config::kafka_credentials_from_env(&mut self.kafka.properties);
+        self.registry()?;
         // Endpoints move between environments (a container network, the emulator), so they can
         // come from the environment like the brokers do.
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -231,9 +241,20 @@ impl SinkConfig {
 
     /// The decoder for the topic's records (with the registry client when one is configured).
     pub fn decoder(&self) -> Result<crate::event::Decoder> {
-        Ok(crate::event::Decoder::new(crate::config::registry(
-            self.kafka.schema_registry_url.as_deref(),
-        )?))
+        Ok(crate::event::Decoder::new(self.registry()?))
+    }
+
+    /// The schema registry client, when a registry URL is configured.
+    pub fn registry(&self) -> Result<Option<crate::event::Registry>> {
+        let k = &self.kafka;
+        crate::config::registry(
+            k.schema_registry_url.as_deref(),
+            crate::config::registry_auth(
+                k.schema_registry_username.as_deref(),
+                k.schema_registry_password.as_ref(),
+                k.schema_registry_token.as_ref(),
+            )?,
+        )
     }
 
     /// The consumer group.

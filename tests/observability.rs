@@ -226,6 +226,41 @@ async fn metrics_follow_an_end_to_end_run() {
             Err(format!("{lags:?}"))
         }
     });
+    // Every metric an alert rule or the dashboard names is exposed by the running source or
+    // sink: a family shows its `# TYPE` line even before its first sample.
+    let exposed = format!(
+        "{}\n{}",
+        Scrape::of(&src_url).text,
+        Scrape::of(&sink_url).text
+    );
+    let mut named = std::collections::BTreeSet::new();
+    for file in [
+        "deploy/alerts/trusst-cdc.rules.yml",
+        "dashboards/trusst-cdc.json",
+    ] {
+        let text =
+            std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("trusst_cdc_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            named.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+    assert!(named.len() >= 15, "{named:?}");
+    for name in &named {
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            exposed.contains(&format!("# TYPE {family} ")),
+            "{name} (named by the alert rules or the dashboard) is not in /metrics:\n{exposed}"
+        );
+    }
     sink.assert_running();
     src.assert_running();
     db.drop_slot(&src.slot).await;

@@ -548,3 +548,97 @@ async fn assert_matches_crm(db: &TestDb, emu: &Emulator) {
         crm_matches(emu, "dataverse", &expected)
     });
 }
+
+/// Two instances of one sink; the first holds a batch through a long allowance pause, longer than
+/// `max.poll.interval.ms`, while the second joins and writes newer state. The first must stay in
+/// the group (it keeps polling) and, its partitions having moved, never write its older batch
+/// after the pause: every record ends at the newest state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebalance_during_an_allowance_pause_never_writes_older_state() {
+    const PAUSE: Duration = Duration::from_secs(20);
+    let (db, src, emu, _) = pipeline("t_rebalance", 12).await;
+    let group = unique("group");
+    let config = |pause: Duration| {
+        let group = group.clone();
+        sink_config("salesforce", &src.topic, move |t| {
+            set(t, "kafka", "group_id", group);
+            set(
+                t,
+                "salesforce",
+                "limit_pause",
+                format!("{}s", pause.as_secs()),
+            );
+            let kafka = t.get_mut("kafka").unwrap().as_table_mut().unwrap();
+            let mut props = toml::Table::new();
+            // A short lease, so a member that stops polling is out of the group within seconds.
+            for (k, v) in [
+                ("session.timeout.ms", "6000"),
+                ("heartbeat.interval.ms", "1000"),
+                ("max.poll.interval.ms", "8000"),
+            ] {
+                props.insert(k.into(), v.into());
+            }
+            kafka.insert("properties".into(), props.into());
+        })
+    };
+    let (dir, cfg) = config(PAUSE);
+    let mut first = SinkProc::start(&emu, dir, cfg, &[]);
+    let expected = db.expected().await;
+    eventually(WAIT, "the CRM to match the seed query", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+
+    // The allowance is spent; a change arrives: the first sink pauses holding it.
+    let used = emu.stats()["salesforce_api_usage"]["used"]
+        .as_u64()
+        .unwrap();
+    emu.faults(json!({"sf_daily_limit": used}));
+    let c = db.client().await;
+    c.batch_execute(
+        "UPDATE inferences SET result = '2', updated_at = now() WHERE question_id = 'q-quality-score'",
+    )
+    .await
+    .unwrap();
+    eventually(WAIT, "the first sink to pause", || {
+        if first.log().contains("pausing writes") {
+            Ok(())
+        } else {
+            Err(first.log())
+        }
+    });
+    let paused_at = std::time::Instant::now();
+    // Longer than max.poll.interval.ms: a member that stopped polling has left the group.
+    std::thread::sleep(Duration::from_secs(10));
+    emu.faults(json!({"sf_daily_limit": 1_000_000}));
+    emu.admin("reset-limits");
+    let (dir, cfg) = config(Duration::from_secs(1));
+    let mut second = SinkProc::start(&emu, dir, cfg, &[]);
+    c.batch_execute(
+        "UPDATE inferences SET result = '9', updated_at = now() WHERE question_id = 'q-quality-score'",
+    )
+    .await
+    .unwrap();
+    let expected = db.expected().await;
+    eventually(WAIT, "the newest state in the CRM", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+    // Past the first sink's pause, and time for what it would write then: the newest state
+    // stays.
+    std::thread::sleep((PAUSE + Duration::from_secs(6)).saturating_sub(paused_at.elapsed()));
+    if let Err(stale) = crm_matches(&emu, "salesforce", &expected) {
+        panic!(
+            "older state written after the pause: {stale}
+first sink:
+{}",
+            first.log()
+        );
+    }
+    first.assert_running();
+    second.assert_running();
+    assert!(
+        first.log().contains("partitions revoked"),
+        "the first sink took part in the rebalance:\n{}",
+        first.log()
+    );
+    db.drop_slot(&src.slot).await;
+}

@@ -162,6 +162,64 @@ async fn salesforce_uses_collections_not_per_record_calls() {
     db.drop_slot(&src.slot).await;
 }
 
+/// A backlog (a replay, a new target) goes through Bulk API 2.0 jobs built from catch-up
+/// batches; live changes afterwards through sObject Collections. Thresholds are scaled down so a
+/// few hundred contacts show both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_goes_through_bulk_jobs_and_live_changes_through_collections() {
+    let (db, src, emu, ids) = pipeline("t_sfbulk", 600).await;
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "snapshot", |r| r.len() >= ids.len());
+    let (dir, cfg) = sink_config("salesforce", &src.topic, |t| {
+        set(t, "sink", "batch_max_records", 100);
+        set(t, "sink", "catch_up_lag", 200);
+        set(t, "sink", "catch_up_batch_max_records", 1000);
+        set(t, "salesforce", "bulk_threshold", 150);
+    });
+    let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
+    let expected = db.expected().await;
+    eventually(WAIT, "the backlog in the CRM", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+    let calls = |route: &str| -> u64 {
+        emu.stats()["calls"]["salesforce"][route]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0)
+    };
+    const JOBS: &str = "POST /services/data/{version}/jobs/ingest";
+    const COLLECTIONS: &str = "PATCH /services/data/{version}/composite/sobjects/{sobject}/{field}";
+    let (jobs, collections) = (calls(JOBS), calls(COLLECTIONS));
+    // The first batch (100 records, the backlog not measured yet) is one Collections call, and
+    // the tail under catch_up_lag (200) at most two more; the rest of the 600 goes in catch-up
+    // batches, each one Bulk job.
+    assert!(jobs >= 1, "the backlog used Bulk API: {}", emu.stats());
+    assert!(
+        collections <= 3,
+        "{collections} Collections calls for a 600-record backlog: {}",
+        emu.stats()
+    );
+
+    // Caught up: a live change goes through Collections, no new job.
+    db.client()
+        .await
+        .execute(
+            "UPDATE inferences SET result = '3', updated_at = now() \
+             WHERE question_id = 'q-quality-score' AND contact_id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    let expected = db.expected().await;
+    eventually(WAIT, "the live change in the CRM", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+    assert_eq!(calls(JOBS), jobs, "no Bulk job for a live change");
+    assert!(calls(COLLECTIONS) > collections);
+    sink.assert_running();
+    db.drop_slot(&src.slot).await;
+}
+
 /// Faults: 503 bursts, added latency, a token that expires mid-run, the daily allowance spent
 /// until a reset, and a kill -9 of the sink mid-batch. Afterwards the CRM equals the query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

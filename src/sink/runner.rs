@@ -269,6 +269,8 @@ async fn deliver(
     let mut positions: HashMap<i32, i64> = HashMap::new();
     // Records read while the previous batch was being written, for the next batch.
     let mut carried: Vec<Msg> = Vec::new();
+    // A full batch hints at a backlog; only then is the lag measured.
+    let mut full = false;
     let mut uncommitted = Uncommitted::default();
     let dlq = cfg.dlq_topic();
     if !opts.dry_run && !opts.redrive {
@@ -312,15 +314,28 @@ async fn deliver(
         } else {
             audit.as_ref().map(|_| cfg.audit.interval)
         };
-        let batch =
-            match next_batch(&consumer, &fence, cfg, &mut shutdown, wake, &mut carried).await? {
-                Some(b) => b,
-                None => {
-                    uncommitted.commit(&consumer, &source_topic)?;
-                    tracing::info!(?totals, "sink stopped");
-                    return Ok(());
-                }
-            };
+        let size = if full {
+            batch_size(cfg, backlog(&consumer, &source_topic).await)
+        } else {
+            cfg.sink.batch_max_records
+        };
+        let next = next_batch(
+            &consumer,
+            &fence,
+            cfg,
+            size,
+            &mut shutdown,
+            wake,
+            &mut carried,
+        );
+        let batch = match next.await? {
+            Some(b) => b,
+            None => {
+                uncommitted.commit(&consumer, &source_topic)?;
+                tracing::info!(?totals, "sink stopped");
+                return Ok(());
+            }
+        };
         if batch.is_empty() {
             uncommitted.commit(&consumer, &source_topic)?;
             if let Some(a) = audit.as_mut() {
@@ -337,6 +352,7 @@ async fn deliver(
             continue;
         }
         last_record = Instant::now();
+        full = batch.len() >= cfg.sink.batch_max_records;
         for m in &batch {
             let p = positions.entry(m.partition).or_insert(-1);
             *p = (*p).max(m.offset);
@@ -580,25 +596,82 @@ fn start_positions(
     Ok(concrete)
 }
 
-/// Collect up to `batch_max_records` or until `batch_max_wait` after the first record.
+/// Longest a catch-up batch waits to fill.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
+
+/// How many records behind the end of the topic the assigned partitions are; `None` when it
+/// cannot be told (no assignment yet, the broker not answering).
+async fn backlog(consumer: &Arc<SinkConsumer>, topic: &str) -> Option<i64> {
+    let (c, topic) = (consumer.clone(), topic.to_owned());
+    // Watermarks are a round trip to the broker each: off the async threads.
+    tokio::task::spawn_blocking(move || {
+        let positions = c.position().ok()?;
+        // A partition nothing was read from yet starts at its committed offset, or at the
+        // beginning without one.
+        let committed = c.committed(Duration::from_secs(5)).ok()?;
+        let mut total = 0;
+        for e in positions.elements_for_topic(&topic) {
+            let (low, high) = c
+                .fetch_watermarks(&topic, e.partition(), Duration::from_secs(5))
+                .ok()?;
+            let at = match e.offset() {
+                Offset::Offset(at) => at,
+                _ => match committed
+                    .find_partition(&topic, e.partition())
+                    .map(|c| c.offset())
+                {
+                    Some(Offset::Offset(at)) => at,
+                    _ => low,
+                },
+            };
+            total += (high - at).max(0);
+        }
+        Some(total)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The batch size for a backlog: catch-up batches (fewer, larger CRM calls, such as one
+/// Salesforce Bulk API job instead of fifty sObject Collections requests) from `catch_up_lag`
+/// records behind, the live size otherwise.
+fn batch_size(cfg: &SinkConfig, backlog: Option<i64>) -> usize {
+    match backlog {
+        Some(lag) if lag >= cfg.sink.catch_up_lag => {
+            tracing::debug!(lag, "catching up: large batches");
+            cfg.sink.catch_up_batch_max_records
+        }
+        _ => cfg.sink.batch_max_records,
+    }
+}
+
+/// Collect up to `size` records or until `batch_max_wait` after the first record.
 /// `None` on shutdown. With `wake`, an empty batch comes back after that long without a record,
 /// so the caller can check whether the end was reached or write its audit row.
 async fn next_batch(
     consumer: &SinkConsumer,
     fence: &Fence,
     cfg: &SinkConfig,
+    size: usize,
     shutdown: &mut watch::Receiver<bool>,
     wake: Option<Duration>,
     carried: &mut Vec<Msg>,
 ) -> Result<Option<Vec<Msg>>> {
     let mut batch = std::mem::take(carried);
-    let mut deadline: Option<Instant> =
-        (!batch.is_empty()).then(|| Instant::now() + cfg.sink.batch_max_wait);
+    // A catch-up batch has its records waiting on the broker: give the fetches time to fill it
+    // rather than send a small one.
+    let max_wait = if size > cfg.sink.batch_max_records {
+        cfg.sink.batch_max_wait.max(CATCH_UP_WAIT)
+    } else {
+        cfg.sink.batch_max_wait
+    };
+    let mut deadline: Option<Instant> = (!batch.is_empty()).then(|| Instant::now() + max_wait);
     loop {
         if *shutdown.borrow() {
             return Ok(None);
         }
-        if batch.len() >= cfg.sink.batch_max_records {
+        if batch.len() >= size {
             return Ok(Some(batch));
         }
         let wait = match deadline {
@@ -615,7 +688,7 @@ async fn next_batch(
                 }
                 Ok(Ok(m)) => {
                     batch.push(Msg::read(&m, fence));
-                    deadline.get_or_insert_with(|| Instant::now() + cfg.sink.batch_max_wait);
+                    deadline.get_or_insert_with(|| Instant::now() + max_wait);
                 }
             }
         }
@@ -1259,6 +1332,16 @@ mod tests {
                 .contains("offset:PARTITION:OFFSET")
         );
         assert!("yesterday".parse::<StartFrom>().is_err());
+    }
+
+    #[test]
+    fn catch_up_batches_from_the_configured_lag() {
+        let cfg: SinkConfig =
+            crate::config::parse(include_str!("../../connector-config/salesforce.toml")).unwrap();
+        assert_eq!(batch_size(&cfg, None), 1000, "lag unknown: live batches");
+        assert_eq!(batch_size(&cfg, Some(1999)), 1000);
+        assert_eq!(batch_size(&cfg, Some(2000)), 10_000);
+        assert_eq!(batch_size(&cfg, Some(1_000_000)), 10_000);
     }
 
     #[test]

@@ -101,10 +101,23 @@ pub struct SinkSection {
         deserialize_with = "crate::config::duration::deserialize"
     )]
     pub max_backoff: Duration,
+    /// Records behind the end of the topic from which the sink builds catch-up batches (a
+    /// replay, a new target, a long outage): fewer, larger CRM calls (Salesforce Bulk API).
+    #[serde(default = "default_catch_up_lag")]
+    pub catch_up_lag: i64,
+    /// Most events per batch while catching up.
+    #[serde(default = "default_catch_up_batch")]
+    pub catch_up_batch_max_records: usize,
 }
 
 fn default_batch() -> usize {
     1000
+}
+fn default_catch_up_lag() -> i64 {
+    2_000
+}
+fn default_catch_up_batch() -> usize {
+    10_000
 }
 fn default_wait() -> Duration {
     Duration::from_millis(200)
@@ -216,6 +229,12 @@ impl SinkConfig {
         }
         if self.sink.batch_max_records == 0 {
             return Err(Error::user("[sink] batch_max_records must be at least 1"));
+        }
+        if self.sink.catch_up_batch_max_records < self.sink.batch_max_records {
+            return Err(Error::user(format!(
+                "[sink] catch_up_batch_max_records ({}) is below batch_max_records ({}): raise it, or lower batch_max_records",
+                self.sink.catch_up_batch_max_records, self.sink.batch_max_records
+            )));
         }
         let missing = match self.sink.target {
             TargetKind::Salesforce => self.salesforce.is_none(),

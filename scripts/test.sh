@@ -3,8 +3,11 @@
 # wal_level=logical, an extra wal_level=replica cluster for the bad-input tests, an extra cluster
 # that accepts only TLS, Apache Kafka with its SSL listener, Apicurio Registry for the Avro tests,
 # moto's Secrets Manager server), the vendors' own client libraries (Microsoft's Dataverse SDK,
-# simple-salesforce) against the CRM emulator over HTTPS (scripts/vendor-clients.sh), and a short
-# cargo-fuzz run of each fuzz target (pgoutput decoder, JSON and Avro event decoders, config loader).
+# simple-salesforce) against the CRM emulator over HTTPS (scripts/vendor-clients.sh), the deployment
+# files (scripts/deploy-check.sh: the Helm chart linted, rendered and validated against the
+# Kubernetes schemas, the alert rules' promtool tests; tests/helm.rs then checks the rendered
+# chart), and a short cargo-fuzz run of each fuzz target (pgoutput decoder, JSON and Avro event
+# decoders, config loader).
 #
 # Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL),
 # SLOTS_PGPORT (55436), FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and
@@ -66,6 +69,9 @@ PGPORT=$SLOTS_PGPORT scripts/services.sh drop-dbs '^test_'
 for port in 55513 55514 55516 55517 55518 55616 55617 55636; do
     PGPORT=$port scripts/services.sh drop-dbs '^test_' 2>/dev/null || true
 done
+
+echo "test: deployment files (Helm chart, alert rules, Prometheus config)" >&2
+scripts/deploy-check.sh
 
 echo "test: building" >&2
 cargo build --locked --all-targets

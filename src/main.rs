@@ -376,6 +376,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let decoder = trusst_cdc::event::Decoder::new(trusst_cdc::config::registry(
                 schema_registry_url.as_deref(),
+                trusst_cdc::config::registry_auth(None, None, None)?,
             )?);
             let opts = trusst_cdc::tail::Options {
                 brokers: kafka_brokers,

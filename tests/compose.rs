@@ -2,7 +2,9 @@
 //! service is there, every address a connector is given points at a port its service listens
 //! on, every environment variable the connector reads is set, the versions and host ports match
 //! scripts/services.sh, and the image the connector services build is the repo's multi-stage
-//! Dockerfile with everything the build includes. No services needed.
+//! Dockerfile with everything the build includes. Prometheus scrapes every connector and loads the
+//! alert rules, Grafana has the dashboard provisioned, and the real-CRM override
+//! (docker-compose.crm.yml) takes its credentials from Docker secrets. No services needed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -155,6 +157,8 @@ fn every_service_is_there() {
         "sink-salesforce",
         "sink-dynamics",
         "sink-mulesoft",
+        "prometheus",
+        "grafana",
     ];
     assert_eq!(
         names,
@@ -453,4 +457,222 @@ fn metrics_endpoints_are_reachable_from_outside_their_containers() {
             "{name}: host port {published} is taken twice"
         );
     }
+}
+
+fn yaml_file(path: &str) -> Value {
+    serde_norway::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A `host:dir` bind mount of a service: the host path of the container path `dir`.
+fn mount_of(svc: &Value, container: &str) -> Option<String> {
+    strings(&svc["volumes"]).into_iter().find_map(|v| {
+        let mut parts = v.split(':');
+        let (host, inner) = (parts.next()?, parts.next()?);
+        (inner == container).then(|| host.trim_start_matches("./").to_owned())
+    })
+}
+
+/// The metrics address of each connector service inside the network (`service:port`).
+fn metrics_targets(c: &Value) -> BTreeSet<String> {
+    [
+        "source",
+        "sink-salesforce",
+        "sink-dynamics",
+        "sink-mulesoft",
+    ]
+    .iter()
+    .map(|name| {
+        let listen = env(service(c, name))["TRUSST_METRICS_LISTEN"].clone();
+        format!("{name}:{}", listen.rsplit(':').next().unwrap())
+    })
+    .collect()
+}
+
+/// Prometheus scrapes the source and every sink on their metrics ports, labels them with the
+/// `component` the alert rules select on, and loads deploy/alerts/trusst-cdc.rules.yml; its
+/// version is the one whose promtool tests the rules.
+#[test]
+fn prometheus_scrapes_every_connector_and_loads_the_alert_rules() {
+    let c = compose();
+    let prom = service(&c, "prometheus");
+    let cmd = strings(&prom["command"]);
+    let config_path = cmd
+        .iter()
+        .find_map(|a| a.strip_prefix("--config.file="))
+        .expect("--config.file");
+    // The config file, read from the host through the service's bind mount.
+    let (dir, file) = config_path.rsplit_once('/').unwrap();
+    let (mount_dir, host_dir) = strings(&prom["volumes"])
+        .iter()
+        .find_map(|v| {
+            let mut p = v.split(':');
+            let (host, inner) = (p.next()?, p.next()?);
+            dir.starts_with(inner)
+                .then(|| (inner.to_owned(), host.trim_start_matches("./").to_owned()))
+        })
+        .expect("the config file is mounted");
+    let host_config = format!("{host_dir}{}/{file}", &dir[mount_dir.len()..]);
+    let config = yaml_file(&host_config);
+    let mut targets = BTreeSet::new();
+    for job in config["scrape_configs"].as_array().unwrap() {
+        for sc in job["static_configs"].as_array().unwrap() {
+            let component = sc["labels"]["component"].as_str().unwrap_or_default();
+            for t in strings(&sc["targets"]) {
+                assert_eq!(
+                    component,
+                    if t.starts_with("source:") {
+                        "source"
+                    } else {
+                        "sink"
+                    },
+                    "{t}: the alert rules select on the component label"
+                );
+                targets.insert(t);
+            }
+        }
+    }
+    assert_eq!(
+        targets,
+        metrics_targets(&c),
+        "{host_config}: scrape targets"
+    );
+    // The rule file: relative to the config file, inside the same mount.
+    let rules: Vec<String> = strings(&config["rule_files"]);
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let host_rules = Path::new(&host_config).parent().unwrap().join(&rules[0]);
+    let host_rules = Path::new(ROOT)
+        .join(host_rules)
+        .canonicalize()
+        .expect("the rule file exists");
+    assert_eq!(
+        host_rules,
+        Path::new(ROOT)
+            .join("deploy/alerts/trusst-cdc.rules.yml")
+            .canonicalize()
+            .unwrap()
+    );
+    assert!(host_rules.starts_with(Path::new(ROOT).join(&host_dir).canonicalize().unwrap()));
+    // The image is the Prometheus release of the promtool that tests the rules:
+    // module version v0.MMP.P is Prometheus vM.MP.P (v0.316.0 -> v3.16.0).
+    let pin = read("scripts/deploy-check.sh")
+        .lines()
+        .find_map(|l| l.strip_prefix("PROMTOOL_VERSION=").map(str::to_owned))
+        .unwrap();
+    let module = pin
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_start_matches("v0.");
+    let (minor3, patch) = module.split_once('.').unwrap();
+    let release = format!(
+        "v{}.{}.{patch}",
+        &minor3[..1],
+        minor3[1..].parse::<u32>().unwrap()
+    );
+    assert_eq!(prom["image"], format!("prom/prometheus:{release}"));
+}
+
+/// Grafana provisions the Prometheus data source and the dashboard of dashboards/.
+#[test]
+fn grafana_has_the_dashboard_and_the_data_source() {
+    let c = compose();
+    let grafana = service(&c, "grafana");
+    let provisioning = mount_of(grafana, "/etc/grafana/provisioning").expect("provisioning");
+    let ds = yaml_file(&format!("{provisioning}/datasources/prometheus.yml"));
+    let ds = &ds["datasources"][0];
+    assert_eq!(ds["type"], "prometheus");
+    assert_eq!(ds["isDefault"], true);
+    let url = ds["url"].as_str().unwrap();
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(url.contains("//prometheus:"), "{url}");
+    assert!(listening(&c)["prometheus"].contains(&port), "{url}");
+    let provider = yaml_file(&format!("{provisioning}/dashboards/trusst-cdc.yml"));
+    let path = provider["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    let host = mount_of(grafana, path).expect("the dashboards folder is mounted");
+    let dashboard: Value =
+        serde_json::from_str(&read(&format!("{host}/trusst-cdc.json"))).expect("the dashboard");
+    // Its data source variable picks the provisioned (default) Prometheus.
+    let vars = dashboard["templating"]["list"].as_array().unwrap();
+    assert!(
+        vars.iter()
+            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus")
+    );
+}
+
+/// docker-compose.crm.yml points the sinks at real CRMs: each config reads its client secret
+/// from a Docker secret file, never from the environment or an inline value, and the endpoints
+/// come from the operator's shell.
+#[test]
+fn the_crm_override_takes_credentials_from_docker_secrets() {
+    let base = compose();
+    let over = yaml_file("docker-compose.crm.yml");
+    let declared = over["secrets"].as_object().expect("top-level secrets");
+    let ignored = read(".gitignore");
+    for (name, secret) in declared {
+        let file = secret["file"]
+            .as_str()
+            .unwrap_or_else(|| panic!("secret {name} comes from a file"));
+        let dir = file.trim_start_matches("./").split('/').next().unwrap();
+        assert!(
+            ignored.lines().any(|l| l.trim_matches('/') == dir),
+            "{file}: {dir}/ must be git-ignored"
+        );
+    }
+    let mut sinks = 0;
+    for (name, _) in SINKS {
+        let svc = &over["services"][name];
+        assert!(svc.is_object(), "docker-compose.crm.yml overrides {name}");
+        // Each override applies to a service of docker-compose.yml.
+        service(&base, name);
+        let cmd = strings(&svc["command"]);
+        let path = &cmd[cmd.iter().position(|a| a == "--config").unwrap() + 1];
+        let (dir, file) = path.rsplit_once('/').unwrap();
+        let host = mount_of(svc, dir).unwrap_or_else(|| panic!("{name}: {dir} is not mounted"));
+        let text = read(&format!("{host}/{file}"));
+        let config: trusst_cdc::sink::config::SinkConfig =
+            trusst_cdc::config::parse(&text).unwrap_or_else(|e| panic!("{host}/{file}: {e}"));
+        let target = config.sink.target.name();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let mut refs = BTreeSet::new();
+        env_refs(&toml::Value::Table(table.clone()), &mut refs);
+        assert!(
+            refs.is_empty(),
+            "{file} reads secrets from the environment: {refs:?}"
+        );
+        let secret = &table[target]["client_secret"];
+        assert!(secret.get("value").is_none(), "{file}: inline secret");
+        let secret_file = secret["file"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{file}: client_secret = {{ file = ... }}"));
+        let secret_name = secret_file
+            .strip_prefix("/run/secrets/")
+            .unwrap_or_else(|| panic!("{file}: {secret_file} is not a Docker secret"));
+        assert!(
+            strings(&svc["secrets"]).iter().any(|s| s == secret_name),
+            "{name} is not given the secret {secret_name}"
+        );
+        assert!(
+            declared.contains_key(secret_name),
+            "{secret_name} is not declared"
+        );
+        // Nothing in the environment carries a credential; endpoints come from the shell.
+        for (var, value) in env(svc) {
+            if ["SECRET", "PASSWORD", "TOKEN"]
+                .iter()
+                .any(|w| var.contains(w))
+            {
+                assert_eq!(value, "", "{name}: {var} holds a value");
+            }
+            if var.ends_with("_URL") && !value.is_empty() {
+                assert!(
+                    value.starts_with(&format!("${{{var}:?")),
+                    "{name}: {var}={value} must come from the shell"
+                );
+            }
+        }
+        sinks += 1;
+    }
+    assert_eq!(sinks, 3);
 }

@@ -226,6 +226,67 @@ async fn metrics_follow_an_end_to_end_run() {
             Err(format!("{lags:?}"))
         }
     });
+    // Every metric an alert rule or the dashboard names is served by the running source or
+    // sink. A family shows only once it has a sample, so those that need an event this run
+    // does not cause are checked against the registry's declared series instead.
+    let exposed = format!(
+        "{}\n{}",
+        Scrape::of(&src_url).text,
+        Scrape::of(&sink_url).text
+    );
+    let declared = trusst_cdc::metrics::Metrics::new().series().to_vec();
+    let needs_an_event = [
+        // a text shortened or an event refused for the broker's size limit
+        "trusst_cdc_events_truncated",
+        "trusst_cdc_events_oversized",
+        // a dead letter, a superseded event, a failed CRM write (this run has none)
+        "trusst_cdc_sink_records_dead_lettered",
+        "trusst_cdc_sink_records_superseded",
+        "trusst_cdc_sink_records_failed",
+        // only with max_slot_wal_keep_size set on the server
+        "trusst_cdc_replication_slot_safe_wal_size_bytes",
+    ];
+    let mut named = std::collections::BTreeSet::new();
+    for file in [
+        "deploy/alerts/trusst-cdc.rules.yml",
+        "dashboards/trusst-cdc.json",
+    ] {
+        let text =
+            std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("trusst_cdc_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            if end > "trusst_cdc_".len() {
+                named.insert(tail[..end].to_owned());
+            }
+            rest = &tail[end..];
+        }
+    }
+    assert!(named.len() >= 15, "{named:?}");
+    let mut served = 0;
+    for name in &named {
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        // (A description may name a family, e.g. a histogram without its `_bucket`.)
+        assert!(
+            declared.iter().any(|d| d.starts_with(name.as_str())),
+            "{name} is not a metric the code registers"
+        );
+        if needs_an_event.contains(&family) {
+            continue;
+        }
+        assert!(
+            exposed.contains(&format!("# TYPE {family} ")),
+            "{name} (named by the alert rules or the dashboard) is not in /metrics:\n{exposed}"
+        );
+        served += 1;
+    }
+    assert!(served >= 12, "{served} of {named:?}");
     sink.assert_running();
     src.assert_running();
     db.drop_slot(&src.slot).await;

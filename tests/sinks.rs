@@ -162,6 +162,64 @@ async fn salesforce_uses_collections_not_per_record_calls() {
     db.drop_slot(&src.slot).await;
 }
 
+/// A backlog (a replay, a new target) goes through Bulk API 2.0 jobs built from catch-up
+/// batches; live changes afterwards through sObject Collections. Thresholds are scaled down so a
+/// few hundred contacts show both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_goes_through_bulk_jobs_and_live_changes_through_collections() {
+    let (db, src, emu, ids) = pipeline("t_sfbulk", 600).await;
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "snapshot", |r| r.len() >= ids.len());
+    let (dir, cfg) = sink_config("salesforce", &src.topic, |t| {
+        set(t, "sink", "batch_max_records", 100);
+        set(t, "sink", "catch_up_lag", 200);
+        set(t, "sink", "catch_up_batch_max_records", 1000);
+        set(t, "salesforce", "bulk_threshold", 150);
+    });
+    let mut sink = SinkProc::start(&emu, dir, cfg, &[]);
+    let expected = db.expected().await;
+    eventually(WAIT, "the backlog in the CRM", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+    let calls = |route: &str| -> u64 {
+        emu.stats()["calls"]["salesforce"][route]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0)
+    };
+    const JOBS: &str = "POST /services/data/{version}/jobs/ingest";
+    const COLLECTIONS: &str = "PATCH /services/data/{version}/composite/sobjects/{sobject}/{field}";
+    let (jobs, collections) = (calls(JOBS), calls(COLLECTIONS));
+    // The first batch (100 records, the backlog not measured yet) is one Collections call, and
+    // the tail under catch_up_lag (200) at most two more; the rest of the 600 goes in catch-up
+    // batches, each one Bulk job.
+    assert!(jobs >= 1, "the backlog used Bulk API: {}", emu.stats());
+    assert!(
+        collections <= 3,
+        "{collections} Collections calls for a 600-record backlog: {}",
+        emu.stats()
+    );
+
+    // Caught up: a live change goes through Collections, no new job.
+    db.client()
+        .await
+        .execute(
+            "UPDATE inferences SET result = '3', updated_at = now() \
+             WHERE question_id = 'q-quality-score' AND contact_id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    let expected = db.expected().await;
+    eventually(WAIT, "the live change in the CRM", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+    assert_eq!(calls(JOBS), jobs, "no Bulk job for a live change");
+    assert!(calls(COLLECTIONS) > collections);
+    sink.assert_running();
+    db.drop_slot(&src.slot).await;
+}
+
 /// Faults: 503 bursts, added latency, a token that expires mid-run, the daily allowance spent
 /// until a reset, and a kill -9 of the sink mid-batch. Afterwards the CRM equals the query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -547,4 +605,98 @@ async fn assert_matches_crm(db: &TestDb, emu: &Emulator) {
     eventually(WAIT, "Dataverse to equal the seed query", || {
         crm_matches(emu, "dataverse", &expected)
     });
+}
+
+/// Two instances of one sink; the first holds a batch through a long allowance pause, longer than
+/// `max.poll.interval.ms`, while the second joins and writes newer state. The first must stay in
+/// the group (it keeps polling) and, its partitions having moved, never write its older batch
+/// after the pause: every record ends at the newest state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebalance_during_an_allowance_pause_never_writes_older_state() {
+    const PAUSE: Duration = Duration::from_secs(20);
+    let (db, src, emu, _) = pipeline("t_rebalance", 12).await;
+    let group = unique("group");
+    let config = |pause: Duration| {
+        let group = group.clone();
+        sink_config("salesforce", &src.topic, move |t| {
+            set(t, "kafka", "group_id", group);
+            set(
+                t,
+                "salesforce",
+                "limit_pause",
+                format!("{}s", pause.as_secs()),
+            );
+            let kafka = t.get_mut("kafka").unwrap().as_table_mut().unwrap();
+            let mut props = toml::Table::new();
+            // A short lease, so a member that stops polling is out of the group within seconds.
+            for (k, v) in [
+                ("session.timeout.ms", "6000"),
+                ("heartbeat.interval.ms", "1000"),
+                ("max.poll.interval.ms", "8000"),
+            ] {
+                props.insert(k.into(), v.into());
+            }
+            kafka.insert("properties".into(), props.into());
+        })
+    };
+    let (dir, cfg) = config(PAUSE);
+    let mut first = SinkProc::start(&emu, dir, cfg, &[]);
+    let expected = db.expected().await;
+    eventually(WAIT, "the CRM to match the seed query", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+
+    // The allowance is spent; a change arrives: the first sink pauses holding it.
+    let used = emu.stats()["salesforce_api_usage"]["used"]
+        .as_u64()
+        .unwrap();
+    emu.faults(json!({"sf_daily_limit": used}));
+    let c = db.client().await;
+    c.batch_execute(
+        "UPDATE inferences SET result = '2', updated_at = now() WHERE question_id = 'q-quality-score'",
+    )
+    .await
+    .unwrap();
+    eventually(WAIT, "the first sink to pause", || {
+        if first.log().contains("pausing writes") {
+            Ok(())
+        } else {
+            Err(first.log())
+        }
+    });
+    let paused_at = std::time::Instant::now();
+    // Longer than max.poll.interval.ms: a member that stopped polling has left the group.
+    std::thread::sleep(Duration::from_secs(10));
+    emu.faults(json!({"sf_daily_limit": 1_000_000}));
+    emu.admin("reset-limits");
+    let (dir, cfg) = config(Duration::from_secs(1));
+    let mut second = SinkProc::start(&emu, dir, cfg, &[]);
+    c.batch_execute(
+        "UPDATE inferences SET result = '9', updated_at = now() WHERE question_id = 'q-quality-score'",
+    )
+    .await
+    .unwrap();
+    let expected = db.expected().await;
+    eventually(WAIT, "the newest state in the CRM", || {
+        crm_matches(&emu, "salesforce", &expected)
+    });
+    // Past the first sink's pause, and time for what it would write then: the newest state
+    // stays.
+    std::thread::sleep((PAUSE + Duration::from_secs(6)).saturating_sub(paused_at.elapsed()));
+    if let Err(stale) = crm_matches(&emu, "salesforce", &expected) {
+        panic!(
+            "older state written after the pause: {stale}
+first sink:
+{}",
+            first.log()
+        );
+    }
+    first.assert_running();
+    second.assert_running();
+    assert!(
+        first.log().contains("partitions revoked"),
+        "the first sink took part in the rebalance:\n{}",
+        first.log()
+    );
+    db.drop_slot(&src.slot).await;
 }

@@ -9,9 +9,10 @@ use std::time::Duration;
 use serde::{Deserialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
-use crate::event::{Format, Registry};
+use crate::event::{Format, Registry, registry::Auth};
 use crate::pg::SslMode;
 use crate::secrets::SecretRef;
+use crate::sink::http::Secret;
 
 /// Read and parse a TOML file into `T`, with errors that name the file, the line and the fix.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T> {
@@ -147,6 +148,16 @@ pub struct KafkaConfig {
     /// Confluent-compatible schema registry API base; `SCHEMA_REGISTRY_URL` overrides.
     #[serde(default)]
     pub schema_registry_url: Option<String>,
+    /// The registry's HTTP Basic user (Confluent Cloud: the API key); `SCHEMA_REGISTRY_USERNAME`
+    /// overrides.
+    #[serde(default)]
+    pub schema_registry_username: Option<String>,
+    /// Its password (Confluent Cloud: the API secret); `SCHEMA_REGISTRY_PASSWORD` overrides.
+    #[serde(default)]
+    pub schema_registry_password: Option<Secret>,
+    /// A bearer token instead of a user and password; `SCHEMA_REGISTRY_TOKEN` overrides.
+    #[serde(default)]
+    pub schema_registry_token: Option<Secret>,
 }
 
 impl Default for KafkaConfig {
@@ -394,6 +405,7 @@ impl SourceConfig {
         if let Some(f) = o.format {
             self.kafka.format = f;
         }
+        kafka_credentials_from_env(&mut self.kafka.properties);
         self.validate()?;
         Ok(self)
     }
@@ -551,7 +563,15 @@ impl SourceConfig {
 
     /// The schema registry client, when a registry URL is configured.
     pub fn registry(&self) -> Result<Option<Registry>> {
-        registry(self.kafka.schema_registry_url.as_deref())
+        let k = &self.kafka;
+        registry(
+            k.schema_registry_url.as_deref(),
+            registry_auth(
+                k.schema_registry_username.as_deref(),
+                k.schema_registry_password.as_ref(),
+                k.schema_registry_token.as_ref(),
+            )?,
+        )
     }
 
     /// The database URL (present after [`SourceConfig::resolve`] and [`SourceConfig::fetch_secret`]).
@@ -580,8 +600,66 @@ impl SourceConfig {
 }
 
 /// A registry client for an optional URL (an empty URL counts as none).
-pub fn registry(url: Option<&str>) -> Result<Option<Registry>> {
-    url.filter(|u| !u.is_empty()).map(Registry::new).transpose()
+pub fn registry(url: Option<&str>, auth: Auth) -> Result<Option<Registry>> {
+    url.filter(|u| !u.is_empty())
+        .map(|u| Registry::with_auth(u, auth))
+        .transpose()
+}
+
+/// The schema registry's credentials from `[kafka] schema_registry_username`,
+/// `schema_registry_password` and `schema_registry_token`, each overridden by its environment
+/// variable (`SCHEMA_REGISTRY_USERNAME`, `SCHEMA_REGISTRY_PASSWORD`, `SCHEMA_REGISTRY_TOKEN`):
+/// a user with a password (HTTP Basic), a token (Bearer), or neither.
+pub fn registry_auth(
+    username: Option<&str>,
+    password: Option<&Secret>,
+    token: Option<&Secret>,
+) -> Result<Auth> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let username = env("SCHEMA_REGISTRY_USERNAME").or_else(|| username.map(str::to_owned));
+    let password = match env("SCHEMA_REGISTRY_PASSWORD") {
+        Some(p) => Some(p),
+        None => password
+            .map(|s| s.resolve("[kafka] schema_registry_password"))
+            .transpose()?,
+    };
+    let token = match env("SCHEMA_REGISTRY_TOKEN") {
+        Some(t) => Some(t),
+        None => token
+            .map(|s| s.resolve("[kafka] schema_registry_token"))
+            .transpose()?,
+    };
+    match (username, password, token) {
+        (None, None, None) => Ok(Auth::None),
+        (Some(username), Some(password), None) => Ok(Auth::Basic { username, password }),
+        (None, None, Some(token)) => Ok(Auth::Bearer(token)),
+        (Some(_), None, None) => Err(Error::user(
+            "a schema registry user without a password: set SCHEMA_REGISTRY_PASSWORD or [kafka] \
+             schema_registry_password",
+        )),
+        (None, Some(_), None) => Err(Error::user(
+            "a schema registry password without a user: set SCHEMA_REGISTRY_USERNAME or [kafka] \
+             schema_registry_username",
+        )),
+        (_, _, Some(_)) => Err(Error::user(
+            "both a schema registry token and a user or password are set: keep the token \
+             (SCHEMA_REGISTRY_TOKEN, [kafka] schema_registry_token) or the user and password",
+        )),
+    }
+}
+
+/// `KAFKA_SASL_USERNAME` and `KAFKA_SASL_PASSWORD`, when set, become the librdkafka properties
+/// `sasl.username` and `sasl.password` (over `[kafka.properties]`), so the broker's credentials
+/// can come from the environment (a Kubernetes Secret) instead of the config file.
+pub fn kafka_credentials_from_env(properties: &mut BTreeMap<String, String>) {
+    for (var, key) in [
+        ("KAFKA_SASL_USERNAME", "sasl.username"),
+        ("KAFKA_SASL_PASSWORD", "sasl.password"),
+    ] {
+        if let Some(v) = std::env::var(var).ok().filter(|v| !v.is_empty()) {
+            properties.insert(key.to_owned(), v);
+        }
+    }
 }
 
 #[cfg(test)]

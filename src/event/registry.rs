@@ -15,6 +15,94 @@ use crate::error::{Error, Result};
 /// The registry's media type for requests and answers.
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
+/// The credentials a registry asks for, sent as the `Authorization` header of every request.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum Auth {
+    /// No credentials.
+    #[default]
+    None,
+    /// HTTP Basic: Confluent Cloud's API key and secret, or a user of a secured Apicurio.
+    Basic {
+        /// User name (Confluent Cloud: the API key).
+        username: String,
+        /// Password (Confluent Cloud: the API secret).
+        password: String,
+    },
+    /// A bearer token (an OAuth 2.0 access token, e.g. from Apicurio's identity provider).
+    Bearer(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::Basic { username, .. } => write!(f, "Basic({username}:**)"),
+            Auth::Bearer(_) => f.write_str("Bearer(**)"),
+        }
+    }
+}
+
+impl Auth {
+    /// The `Authorization` header value, marked sensitive (kept out of reqwest's `Debug`).
+    fn header(&self) -> Result<Option<reqwest::header::HeaderValue>> {
+        use base64::Engine;
+        let text = match self {
+            Auth::None => return Ok(None),
+            Auth::Basic { username, password } => format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+            ),
+            Auth::Bearer(token) => format!("Bearer {token}"),
+        };
+        let mut value = reqwest::header::HeaderValue::from_str(&text).map_err(|_| {
+            Error::user(
+                "the schema registry credentials hold a character an HTTP header cannot carry (a line break?); \
+                 check SCHEMA_REGISTRY_USERNAME, SCHEMA_REGISTRY_PASSWORD or SCHEMA_REGISTRY_TOKEN",
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+}
+
+/// `url` without the user and password it may carry (`https://key:secret@host/x` becomes
+/// `https://***@host/x`), for log lines and error messages. Works on text that is no valid URL too.
+pub fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Split the credentials off a URL: the base to use (and show) and, when the URL carried
+/// `user:password@`, those as HTTP Basic credentials.
+fn split_credentials(url: &str) -> Option<(String, Option<Auth>)> {
+    let trimmed = url.trim_end_matches('/');
+    let mut parsed = reqwest::Url::parse(trimmed).ok()?;
+    if !["http", "https"].contains(&parsed.scheme()) || parsed.host().is_none() {
+        return None;
+    }
+    if parsed.username().is_empty() && parsed.password().is_none() {
+        return Some((trimmed.to_owned(), None));
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let auth = Auth::Basic {
+        username: decode(parsed.username()),
+        password: decode(parsed.password().unwrap_or_default()),
+    };
+    parsed.set_username("").ok()?;
+    parsed.set_password(None).ok()?;
+    Some((parsed.as_str().trim_end_matches('/').to_owned(), Some(auth)))
+}
+
 /// A registry at one base URL, with the schemas already fetched by id.
 #[derive(Clone)]
 pub struct Registry {
@@ -31,16 +119,39 @@ pub fn value_subject(topic: &str) -> String {
 impl Registry {
     /// A client for the registry at `url` (e.g. `http://127.0.0.1:18081/apis/ccompat/v7`).
     pub fn new(url: &str) -> Result<Self> {
-        let base = url.trim_end_matches('/').to_owned();
-        let parsed = reqwest::Url::parse(&base);
-        if !parsed.is_ok_and(|u| ["http", "https"].contains(&u.scheme()) && u.host().is_some()) {
+        Self::with_auth(url, Auth::None)
+    }
+
+    /// A client that sends `auth` with every request. A URL that carries `user:password@`
+    /// gives HTTP Basic credentials instead (not both); the URL is kept, logged and named in
+    /// errors without them.
+    pub fn with_auth(url: &str, auth: Auth) -> Result<Self> {
+        let Some((base, from_url)) = split_credentials(url) else {
             return Err(Error::user(format!(
-                "invalid schema registry URL {url:?}: set SCHEMA_REGISTRY_URL (or schema_registry_url) to e.g. \
-                 http://127.0.0.1:18081/apis/ccompat/v7"
+                "invalid schema registry URL {:?}: set SCHEMA_REGISTRY_URL (or schema_registry_url) to e.g. \
+                 http://127.0.0.1:18081/apis/ccompat/v7",
+                redact_url(url)
             )));
+        };
+        let auth = match (auth, from_url) {
+            (auth, None) => auth,
+            (Auth::None, Some(from_url)) => from_url,
+            (_, Some(_)) => {
+                return Err(Error::user(format!(
+                    "the schema registry URL {} carries a user and password, and registry credentials are set too \
+                     (SCHEMA_REGISTRY_USERNAME, SCHEMA_REGISTRY_PASSWORD, SCHEMA_REGISTRY_TOKEN or [kafka] \
+                     schema_registry_*): keep one",
+                    redact_url(url)
+                )));
+            }
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = auth.header()? {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
         }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .default_headers(headers)
             .build()
             .map_err(|e| Error::internal("building the schema registry client").with_source(e))?;
         Ok(Self {
@@ -50,7 +161,7 @@ impl Registry {
         })
     }
 
-    /// The base URL.
+    /// The base URL (without credentials).
     pub fn url(&self) -> &str {
         &self.base
     }
@@ -233,6 +344,14 @@ impl Registry {
                 error_message(&body)
             )));
         }
+        if matches!(status.as_u16(), 401 | 403) {
+            return Err(Error::user(format!(
+                "the schema registry at {} refused access ({status}) for schema id {id}: {}; check the registry \
+                 credentials (SCHEMA_REGISTRY_USERNAME and SCHEMA_REGISTRY_PASSWORD, or SCHEMA_REGISTRY_TOKEN)",
+                self.base,
+                error_message(&body)
+            )));
+        }
         if !status.is_success() {
             return Err(Error::external(format!(
                 "the schema registry at {} answered {status} for schema id {id}: {}",
@@ -300,6 +419,71 @@ mod tests {
         );
         let e = r.schema(7).await.unwrap_err();
         assert!(e.to_string().contains("SCHEMA_REGISTRY_URL"), "{e}");
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_never_shown() {
+        assert_eq!(
+            redact_url("https://KEY:s3cr%2Ft@psrc-1.example.cloud/apis/ccompat/v7"),
+            "https://***@psrc-1.example.cloud/apis/ccompat/v7"
+        );
+        assert_eq!(redact_url("user:pw@registry:8080/x"), "***@registry:8080/x");
+        assert_eq!(
+            redact_url("http://h:1/a@b"),
+            "http://h:1/a@b",
+            "an @ in the path is no user"
+        );
+        assert_eq!(redact_url("http://h:1"), "http://h:1");
+
+        // The client keeps the URL without them and sends them as HTTP Basic.
+        let r =
+            Registry::new("https://KEY:s3cr%2Ft@psrc-1.example.cloud/apis/ccompat/v7/").unwrap();
+        assert_eq!(r.url(), "https://psrc-1.example.cloud/apis/ccompat/v7");
+        assert_eq!(
+            split_credentials("https://KEY:s3cr%2Ft@h/x").unwrap().1,
+            Some(Auth::Basic {
+                username: "KEY".into(),
+                password: "s3cr/t".into()
+            })
+        );
+        assert_eq!(
+            split_credentials("http://h:1/x/").unwrap(),
+            ("http://h:1/x".into(), None)
+        );
+
+        // Errors name the URL without them, also for a URL that does not parse.
+        let e = Registry::new("KEY:s3cret@registry:8080").err().unwrap();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert!(e.to_string().contains("***@registry:8080"), "{e}");
+        let e = Registry::with_auth(
+            "http://KEY:s3cret@registry:8080",
+            Auth::Bearer("t0ken".into()),
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("keep one"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let shown = format!(
+            "{:?} {:?}",
+            Auth::Basic {
+                username: "KEY".into(),
+                password: "s3cret".into()
+            },
+            Auth::Bearer("t0ken".into())
+        );
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("t0ken"),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_registry_with_credentials_in_its_url_never_shows_them() {
+        let r = Registry::new("http://KEY:s3cret@127.0.0.1:1/apis/ccompat/v7").unwrap();
+        let e = r.schema(7).await.unwrap_err();
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("127.0.0.1:1"), "{text}");
     }
 
     #[test]

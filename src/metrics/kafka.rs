@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::{Partition, Statistics};
 
 /// Readiness condition: the consumer joined its group and got an assignment.
@@ -56,12 +55,11 @@ impl ClientContext for LagContext {
     }
 }
 
-impl ConsumerContext for LagContext {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        // An empty assignment still means the group accepted this member (more members than
-        // partitions); only a revocation or an error leaves it without one.
-        super::ready(CONSUMER_ASSIGNED, matches!(rebalance, Rebalance::Assign(_)));
-    }
+/// Readiness after a rebalance: `true` once an assignment arrived. An empty assignment still
+/// means the group accepted this member (more members than partitions); only a revocation or an
+/// error leaves it without one.
+pub fn assigned(ok: bool) {
+    super::ready(CONSUMER_ASSIGNED, ok);
 }
 
 #[cfg(test)]

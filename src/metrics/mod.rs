@@ -101,6 +101,7 @@ pub struct Metrics {
     crm_remaining: Family<TargetLabels, Gauge>,
     crm_limit: Family<TargetLabels, Gauge>,
     ready: Family<ConditionLabels, Gauge>,
+    process_start: FloatGauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -134,7 +135,16 @@ impl Metrics {
             crm_remaining: Family::default(),
             crm_limit: Family::default(),
             ready: Family::default(),
+            process_start: FloatGauge::default(),
         };
+        // Set once, when the process's registry is made: a restart shows as a new value (the
+        // alert rules count the changes).
+        m.process_start.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
         let r = &mut Reg {
             registry: &mut m.registry,
             series: &mut m.series,
@@ -258,6 +268,12 @@ impl Metrics {
             "1 when the readiness condition holds (see /ready)",
             None,
             m.ready.clone(),
+        );
+        r.add(
+            "process_start_time",
+            "When the process started, in seconds since the Unix epoch (changes on every restart)",
+            Some(Unit::Seconds),
+            m.process_start.clone(),
         );
         m
     }
@@ -648,6 +664,90 @@ mod tests {
             shown.is_empty(),
             "metrics missing from the dashboard: {shown:?}"
         );
+    }
+
+    /// The `trusst_cdc_*` names in a PromQL text.
+    fn names_in(expr: &str, out: &mut std::collections::BTreeSet<String>) {
+        let mut rest = expr;
+        while let Some(i) = rest.find("trusst_cdc_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            out.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+
+    /// Every series the alert rules (deploy/alerts/trusst-cdc.rules.yml) query is one the code
+    /// registers, and the rules watch what the operations guide promises: the slot's lag and
+    /// WAL safety, restarts, readiness, dead letters, consumer lag, commit-to-CRM latency and
+    /// the CRM's API allowance.
+    #[test]
+    fn alert_rules_query_only_registered_metrics() {
+        let names: std::collections::BTreeSet<String> =
+            Metrics::new().series().iter().cloned().collect();
+        let rules = include_str!("../../deploy/alerts/trusst-cdc.rules.yml");
+        let mut used = std::collections::BTreeSet::new();
+        let mut exprs = 0;
+        // `expr:` is one line or a folded block (`expr: >-` and the more-indented lines below).
+        let lines: Vec<&str> = rules.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(at) = line.find("expr:") else {
+                continue;
+            };
+            exprs += 1;
+            let indent = at;
+            names_in(&line[at..], &mut used);
+            for next in &lines[i + 1..] {
+                if next.trim().is_empty() || next.len() - next.trim_start().len() <= indent {
+                    break;
+                }
+                names_in(next, &mut used);
+            }
+        }
+        assert!(exprs >= 12, "only {exprs} rules found");
+        let unknown: Vec<_> = used.iter().filter(|n| !names.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "the alert rules query unregistered metrics: {unknown:?}"
+        );
+        for want in [
+            "trusst_cdc_replication_lag_bytes",
+            "trusst_cdc_replication_slot_wal_status",
+            "trusst_cdc_replication_slot_safe_wal_size_bytes",
+            "trusst_cdc_process_start_time_seconds",
+            "trusst_cdc_ready",
+            "trusst_cdc_sink_records_dead_lettered_total",
+            "trusst_cdc_sink_consumer_lag_records",
+            "trusst_cdc_sink_commit_to_crm_seconds_bucket",
+            "trusst_cdc_crm_api_remaining_requests",
+            "trusst_cdc_crm_api_limit_requests",
+        ] {
+            assert!(
+                used.contains(want),
+                "no alert rule watches {want}: {used:?}"
+            );
+        }
+        assert!(
+            rules.contains("up{component=\"source\"} == 0"),
+            "source down"
+        );
+    }
+
+    #[test]
+    fn the_start_time_is_now() {
+        let text = Metrics::new().encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("trusst_cdc_process_start_time_seconds "))
+            .unwrap_or_else(|| panic!("{text}"));
+        let at: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!((now - at).abs() < 60.0, "{line}");
     }
 
     fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {

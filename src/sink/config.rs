@@ -39,6 +39,15 @@ pub struct SinkKafka {
     /// overrides. JSON events need none.
     #[serde(default)]
     pub schema_registry_url: Option<String>,
+    /// The registry's HTTP Basic user; `SCHEMA_REGISTRY_USERNAME` overrides.
+    #[serde(default)]
+    pub schema_registry_username: Option<String>,
+    /// Its password; `SCHEMA_REGISTRY_PASSWORD` overrides.
+    #[serde(default)]
+    pub schema_registry_password: Option<super::http::Secret>,
+    /// A bearer token instead; `SCHEMA_REGISTRY_TOKEN` overrides.
+    #[serde(default)]
+    pub schema_registry_token: Option<super::http::Secret>,
 }
 
 impl Default for SinkKafka {
@@ -92,10 +101,23 @@ pub struct SinkSection {
         deserialize_with = "crate::config::duration::deserialize"
     )]
     pub max_backoff: Duration,
+    /// Records behind the end of the topic from which the sink builds catch-up batches (a
+    /// replay, a new target, a long outage): fewer, larger CRM calls (Salesforce Bulk API).
+    #[serde(default = "default_catch_up_lag")]
+    pub catch_up_lag: i64,
+    /// Most events per batch while catching up.
+    #[serde(default = "default_catch_up_batch")]
+    pub catch_up_batch_max_records: usize,
 }
 
 fn default_batch() -> usize {
     1000
+}
+fn default_catch_up_lag() -> i64 {
+    2_000
+}
+fn default_catch_up_batch() -> usize {
+    10_000
 }
 fn default_wait() -> Duration {
     Duration::from_millis(200)
@@ -162,7 +184,8 @@ impl SinkConfig {
         if o.schema_registry_url.is_some() {
             self.kafka.schema_registry_url = o.schema_registry_url;
         }
-        crate::config::registry(self.kafka.schema_registry_url.as_deref())?;
+        crate::config::kafka_credentials_from_env(&mut self.kafka.properties);
+        self.registry()?;
         // Endpoints move between environments (a container network, the emulator), so they can
         // come from the environment like the brokers do.
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -207,6 +230,12 @@ impl SinkConfig {
         if self.sink.batch_max_records == 0 {
             return Err(Error::user("[sink] batch_max_records must be at least 1"));
         }
+        if self.sink.catch_up_batch_max_records < self.sink.batch_max_records {
+            return Err(Error::user(format!(
+                "[sink] catch_up_batch_max_records ({}) is below batch_max_records ({}): raise it, or lower batch_max_records",
+                self.sink.catch_up_batch_max_records, self.sink.batch_max_records
+            )));
+        }
         let missing = match self.sink.target {
             TargetKind::Salesforce => self.salesforce.is_none(),
             TargetKind::Dynamics => self.dynamics.is_none(),
@@ -231,9 +260,20 @@ impl SinkConfig {
 
     /// The decoder for the topic's records (with the registry client when one is configured).
     pub fn decoder(&self) -> Result<crate::event::Decoder> {
-        Ok(crate::event::Decoder::new(crate::config::registry(
-            self.kafka.schema_registry_url.as_deref(),
-        )?))
+        Ok(crate::event::Decoder::new(self.registry()?))
+    }
+
+    /// The schema registry client, when a registry URL is configured.
+    pub fn registry(&self) -> Result<Option<crate::event::Registry>> {
+        let k = &self.kafka;
+        crate::config::registry(
+            k.schema_registry_url.as_deref(),
+            crate::config::registry_auth(
+                k.schema_registry_username.as_deref(),
+                k.schema_registry_password.as_ref(),
+                k.schema_registry_token.as_ref(),
+            )?,
+        )
     }
 
     /// The consumer group.

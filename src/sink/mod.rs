@@ -11,10 +11,12 @@
 pub mod audit;
 pub mod config;
 pub mod dynamics;
+pub mod fence;
 pub mod http;
 pub mod mapping;
 pub mod mulesoft;
 pub mod oauth;
+pub mod ownership;
 pub mod runner;
 pub mod salesforce;
 

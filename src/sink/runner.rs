@@ -2,6 +2,7 @@
 //! write in CRM-sized requests, dead-letter what cannot be written, then commit offsets.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -12,20 +13,22 @@ use tokio::sync::watch;
 
 use super::audit::Audit;
 use super::config::{OnDelete, SinkConfig};
+use super::fence::{Fence, SinkContext};
 use super::mapping::{Mapping, Record};
 use super::{Outcome, Target, contact_ids};
 use crate::error::{self, Error, Fault, Result};
 use crate::event::{ContactEvent, Decoder, Op};
 use crate::kafka::{self, Pending};
-use crate::metrics::kafka::{CONSUMER_ASSIGNED, LagContext};
+use crate::metrics::kafka::CONSUMER_ASSIGNED;
 
 /// Readiness condition: the CRM accepted the credentials and the mapping checks passed.
 pub const CRM_READY: &str = "crm authenticated";
 /// What `/ready` waits for in a sink.
 pub const READY_CONDITIONS: &[&str] = &[CONSUMER_ASSIGNED, CRM_READY];
 
-/// The sink's consumer, reporting consumer lag and assignment to the metrics.
-type SinkConsumer = StreamConsumer<LagContext>;
+/// The sink's consumer, reporting consumer lag and assignment to the metrics and ownership to
+/// the [`Fence`].
+type SinkConsumer = StreamConsumer<SinkContext>;
 
 /// Where a sink starts reading.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,8 +104,26 @@ pub struct RunOptions {
 struct Msg {
     partition: i32,
     offset: i64,
+    /// The partition's ownership epoch when the record was read (see [`Fence`]).
+    epoch: u64,
     key: String,
     payload: Option<Vec<u8>>,
+}
+
+impl Msg {
+    /// Detach a record from the consumer, stamped with its partition's ownership epoch.
+    fn read(m: &rdkafka::message::BorrowedMessage<'_>, fence: &Fence) -> Self {
+        Self {
+            partition: m.partition(),
+            offset: m.offset(),
+            epoch: fence.epoch(m.partition()),
+            key: m
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default(),
+            payload: m.payload().map(<[u8]>::to_vec),
+        }
+    }
 }
 
 /// Counters of one run, logged at the end and returned for tests and `status`.
@@ -167,7 +188,13 @@ async fn deliver(
     } else {
         cfg.group_id()
     };
-    let consumer = consumer(cfg, &group)?;
+    // A dry run assigns its partitions by hand: nothing is ever revoked from it.
+    let fence = if opts.dry_run {
+        Fence::fixed()
+    } else {
+        Fence::new()
+    };
+    let consumer = Arc::new(consumer(cfg, &group, fence.clone())?);
     let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
     kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10)).await?;
     let partitions = loop {
@@ -240,6 +267,10 @@ async fn deliver(
         None
     };
     let mut positions: HashMap<i32, i64> = HashMap::new();
+    // Records read while the previous batch was being written, for the next batch.
+    let mut carried: Vec<Msg> = Vec::new();
+    // A full batch hints at a backlog; only then is the lag measured.
+    let mut full = false;
     let mut uncommitted = Uncommitted::default();
     let dlq = cfg.dlq_topic();
     if !opts.dry_run && !opts.redrive {
@@ -283,7 +314,21 @@ async fn deliver(
         } else {
             audit.as_ref().map(|_| cfg.audit.interval)
         };
-        let batch = match next_batch(&consumer, cfg, &mut shutdown, wake).await? {
+        let size = if full {
+            batch_size(cfg, backlog(&consumer, &source_topic).await)
+        } else {
+            cfg.sink.batch_max_records
+        };
+        let next = next_batch(
+            &consumer,
+            &fence,
+            cfg,
+            size,
+            &mut shutdown,
+            wake,
+            &mut carried,
+        );
+        let batch = match next.await? {
             Some(b) => b,
             None => {
                 uncommitted.commit(&consumer, &source_topic)?;
@@ -307,6 +352,7 @@ async fn deliver(
             continue;
         }
         last_record = Instant::now();
+        full = batch.len() >= cfg.sink.batch_max_records;
         for m in &batch {
             let p = positions.entry(m.partition).or_insert(-1);
             *p = (*p).max(m.offset);
@@ -322,12 +368,25 @@ async fn deliver(
             pending: Pending::default(),
             totals,
             shutdown: &mut shutdown,
+            fence: &fence,
         };
         if opts.dry_run {
             ctx.dry_run(target.as_ref(), &batch, opts.redrive).await?;
             continue;
         }
-        if let Err(e) = ctx.process(target.as_mut(), &batch, opts.redrive).await {
+        // The consumer keeps polling while the batch is written (retries and allowance pauses
+        // can outlast max.poll.interval.ms), with its partitions paused so nothing piles up.
+        let keepalive = Keepalive::start(consumer.clone(), &fence)?;
+        let revocations = fence.revocations();
+        let processed = ctx.process(target.as_mut(), &batch, opts.redrive).await;
+        carried.extend(keepalive.stop().await?);
+        if fence.revocations() != revocations {
+            tracing::info!(
+                sink = %cfg.sink.name,
+                "the group rebalanced while a batch was written; records of partitions that moved were left to their new owner"
+            );
+        }
+        if let Err(e) = processed {
             if *shutdown.borrow() {
                 tracing::info!(
                     ?totals,
@@ -338,7 +397,9 @@ async fn deliver(
             return Err(e);
         }
         ctx.pending.wait().await?;
-        uncommitted.add(&batch);
+        // Only records of partitions owned throughout: a moved partition is read again by its
+        // owner from the committed offset.
+        uncommitted.add(batch.iter().filter(|m| fence.holds(m.partition, m.epoch)));
         uncommitted.commit(&consumer, &source_topic)?;
         if let Some(a) = audit.as_mut() {
             a.tick(totals).await;
@@ -403,14 +464,14 @@ async fn prepare(
     }
 }
 
-fn consumer(cfg: &SinkConfig, group: &str) -> Result<SinkConsumer> {
+fn consumer(cfg: &SinkConfig, group: &str, fence: Arc<Fence>) -> Result<SinkConsumer> {
     let mut c = kafka::client_config(cfg.brokers(), &std::collections::BTreeMap::new());
     c.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // A CRM pause (daily allowance spent) can be long; the loop keeps polling while it
-        // waits, this is the backstop.
+        // A CRM pause (daily allowance spent) can be long; the consumer keeps polling while
+        // a batch waits (see `Keepalive`), so this only catches a stuck process.
         .set("max.poll.interval.ms", "900000")
         .set("session.timeout.ms", "30000")
         .set(
@@ -420,7 +481,7 @@ fn consumer(cfg: &SinkConfig, group: &str) -> Result<SinkConsumer> {
     for (k, v) in &cfg.kafka.properties {
         c.set(k, v);
     }
-    c.create_with_context(LagContext::new(&cfg.sink.name))
+    c.create_with_context(SinkContext::new(&cfg.sink.name, fence))
         .map_err(|e| error::kafka("creating the Kafka consumer", e))
 }
 
@@ -535,22 +596,82 @@ fn start_positions(
     Ok(concrete)
 }
 
-/// Collect up to `batch_max_records` or until `batch_max_wait` after the first record.
+/// Longest a catch-up batch waits to fill.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
+
+/// How many records behind the end of the topic the assigned partitions are; `None` when it
+/// cannot be told (no assignment yet, the broker not answering).
+async fn backlog(consumer: &Arc<SinkConsumer>, topic: &str) -> Option<i64> {
+    let (c, topic) = (consumer.clone(), topic.to_owned());
+    // Watermarks are a round trip to the broker each: off the async threads.
+    tokio::task::spawn_blocking(move || {
+        let positions = c.position().ok()?;
+        // A partition nothing was read from yet starts at its committed offset, or at the
+        // beginning without one.
+        let committed = c.committed(Duration::from_secs(5)).ok()?;
+        let mut total = 0;
+        for e in positions.elements_for_topic(&topic) {
+            let (low, high) = c
+                .fetch_watermarks(&topic, e.partition(), Duration::from_secs(5))
+                .ok()?;
+            let at = match e.offset() {
+                Offset::Offset(at) => at,
+                _ => match committed
+                    .find_partition(&topic, e.partition())
+                    .map(|c| c.offset())
+                {
+                    Some(Offset::Offset(at)) => at,
+                    _ => low,
+                },
+            };
+            total += (high - at).max(0);
+        }
+        Some(total)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The batch size for a backlog: catch-up batches (fewer, larger CRM calls, such as one
+/// Salesforce Bulk API job instead of fifty sObject Collections requests) from `catch_up_lag`
+/// records behind, the live size otherwise.
+fn batch_size(cfg: &SinkConfig, backlog: Option<i64>) -> usize {
+    match backlog {
+        Some(lag) if lag >= cfg.sink.catch_up_lag => {
+            tracing::debug!(lag, "catching up: large batches");
+            cfg.sink.catch_up_batch_max_records
+        }
+        _ => cfg.sink.batch_max_records,
+    }
+}
+
+/// Collect up to `size` records or until `batch_max_wait` after the first record.
 /// `None` on shutdown. With `wake`, an empty batch comes back after that long without a record,
 /// so the caller can check whether the end was reached or write its audit row.
 async fn next_batch(
     consumer: &SinkConsumer,
+    fence: &Fence,
     cfg: &SinkConfig,
+    size: usize,
     shutdown: &mut watch::Receiver<bool>,
     wake: Option<Duration>,
+    carried: &mut Vec<Msg>,
 ) -> Result<Option<Vec<Msg>>> {
-    let mut batch = Vec::new();
-    let mut deadline: Option<Instant> = None;
+    let mut batch = std::mem::take(carried);
+    // A catch-up batch has its records waiting on the broker: give the fetches time to fill it
+    // rather than send a small one.
+    let max_wait = if size > cfg.sink.batch_max_records {
+        cfg.sink.batch_max_wait.max(CATCH_UP_WAIT)
+    } else {
+        cfg.sink.batch_max_wait
+    };
+    let mut deadline: Option<Instant> = (!batch.is_empty()).then(|| Instant::now() + max_wait);
     loop {
         if *shutdown.borrow() {
             return Ok(None);
         }
-        if batch.len() >= cfg.sink.batch_max_records {
+        if batch.len() >= size {
             return Ok(Some(batch));
         }
         let wait = match deadline {
@@ -566,16 +687,79 @@ async fn next_batch(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Ok(Ok(m)) => {
-                    batch.push(Msg {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
-                        payload: m.payload().map(<[u8]>::to_vec),
-                    });
-                    deadline.get_or_insert_with(|| Instant::now() + cfg.sink.batch_max_wait);
+                    batch.push(Msg::read(&m, fence));
+                    deadline.get_or_insert_with(|| Instant::now() + max_wait);
                 }
             }
         }
+    }
+}
+
+/// Polls the consumer while a batch is written, so the group keeps this member (and runs its
+/// rebalances, which the [`Fence`] follows) however long the CRM makes the batch wait. The
+/// assigned partitions are paused, so polling reads nothing new; a record that still arrives
+/// (already fetched, or from a partition assigned meanwhile) is kept for the next batch and its
+/// partition paused too.
+struct Keepalive {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<Msg>>,
+    consumer: Arc<SinkConsumer>,
+}
+
+impl Keepalive {
+    fn start(consumer: Arc<SinkConsumer>, fence: &Arc<Fence>) -> Result<Self> {
+        let assigned = consumer
+            .assignment()
+            .map_err(|e| error::kafka("reading the assignment", e))?;
+        consumer
+            .pause(&assigned)
+            .map_err(|e| error::kafka("pausing the partitions while a batch is written", e))?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let (c, fence) = (consumer.clone(), fence.clone());
+        let task = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return kept,
+                    r = c.recv() => match r {
+                        Ok(m) => {
+                            let mut tpl = TopicPartitionList::new();
+                            tpl.add_partition(m.topic(), m.partition());
+                            if let Err(e) = c.pause(&tpl) {
+                                tracing::warn!(error = %e, "could not pause a partition assigned while a batch was written");
+                            }
+                            kept.push(Msg::read(&m, &fence));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Kafka consumer error while a batch was written");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    },
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            task,
+            consumer,
+        })
+    }
+
+    /// Stop polling, resume every assigned partition, and hand over what was read meanwhile.
+    async fn stop(self) -> Result<Vec<Msg>> {
+        let _ = self.stop.send(());
+        let kept = self
+            .task
+            .await
+            .map_err(|e| Error::internal(format!("the consumer poller failed: {e}")))?;
+        let assigned = self
+            .consumer
+            .assignment()
+            .map_err(|e| error::kafka("reading the assignment", e))?;
+        self.consumer
+            .resume(&assigned)
+            .map_err(|e| error::kafka("resuming the partitions", e))?;
+        Ok(kept)
     }
 }
 
@@ -587,7 +771,7 @@ async fn next_batch(
 struct Uncommitted(BTreeMap<i32, i64>);
 
 impl Uncommitted {
-    fn add(&mut self, batch: &[Msg]) {
+    fn add<'m>(&mut self, batch: impl Iterator<Item = &'m Msg>) {
         for m in batch {
             let e = self.0.entry(m.partition).or_insert(0);
             // Committed offset = the next record to read.
@@ -684,6 +868,8 @@ struct BatchCtx<'a> {
     pending: Pending,
     totals: &'a mut Totals,
     shutdown: &'a mut watch::Receiver<bool>,
+    /// Which records may still be written (their partition not moved since they were read).
+    fence: &'a Fence,
 }
 
 /// A decoded batch entry: the newest event per contact, with the record it came from.
@@ -770,6 +956,12 @@ impl BatchCtx<'_> {
     async fn newest<'m>(&mut self, batch: &'m [Msg], redrive: bool) -> Result<Vec<Item<'m>>> {
         let mut newest: HashMap<&str, usize> = HashMap::new();
         let mut items: Vec<Option<Item<'m>>> = Vec::new();
+        // Records of a partition that moved since they were read are its new owner's: it reads
+        // them again from the committed offset.
+        let batch: Vec<&Msg> = batch
+            .iter()
+            .filter(|m| self.fence.holds(m.partition, m.epoch))
+            .collect();
         crate::metrics::sink_consumed(&self.cfg.sink.name, batch.len());
         for m in batch {
             self.totals.consumed += 1;
@@ -858,47 +1050,59 @@ impl BatchCtx<'_> {
         let max = target.max_batch().max(1);
         for chunk in upserts.chunks(max) {
             let records: Vec<Record> = chunk.iter().map(|(r, _)| r.clone()).collect();
+            let items: Vec<&Item> = chunk.iter().map(|(_, it)| *it).collect();
             let outcomes = self
-                .with_retries(
-                    target,
-                    Call::Upsert(&records),
-                    chunk.iter().map(|(_, it)| *it),
-                )
+                .with_retries(target, Call::Upsert(&records), &items)
                 .await;
-            self.settle(chunk.iter().map(|(_, it)| *it), outcomes)
-                .await?;
+            self.settle(&items, outcomes).await?;
         }
         for chunk in deletes.chunks(max) {
             let ids: Vec<String> = chunk
                 .iter()
                 .map(|it| it.event.trusst_contact_id.clone())
                 .collect();
-            let outcomes = self
-                .with_retries(target, Call::Delete(&ids), chunk.iter().copied())
-                .await;
-            self.settle(chunk.iter().copied(), outcomes).await?;
+            let outcomes = self.with_retries(target, Call::Delete(&ids), chunk).await;
+            self.settle(chunk, outcomes).await?;
         }
         Ok(())
     }
 
     /// Retry a CRM call while it fails with a retryable error (honouring Retry-After and
-    /// pauses); stop on shutdown so nothing is committed for the batch.
-    async fn with_retries<'i>(
+    /// pauses); stop on shutdown so nothing is committed for the batch. Each attempt sends only
+    /// the records whose partition this member still owns; the others come back as `None`.
+    async fn with_retries(
         &mut self,
         target: &mut dyn Target,
         call: Call<'_>,
-        items: impl Iterator<Item = &'i Item<'i>> + Clone,
-    ) -> Result<Vec<Outcome>> {
+        items: &[&Item<'_>],
+    ) -> Result<Vec<Option<Outcome>>> {
         let mut backoff = error::backoff(Duration::from_millis(200), self.cfg.sink.max_backoff);
         let what = match call {
             Call::Upsert(_) => "upsert",
             Call::Delete(_) => "delete",
         };
         loop {
+            let (owned, in_flight) = self
+                .fence
+                .begin(items.iter().map(|it| (it.msg.partition, it.msg.epoch)));
+            let keep: Vec<usize> = (0..items.len()).filter(|&i| owned[i]).collect();
+            if keep.is_empty() {
+                return Ok(vec![None; items.len()]);
+            }
+            let all = keep.len() == items.len();
             let result = match call {
-                Call::Upsert(r) => target.upsert(self.mapping, r).await,
-                Call::Delete(ids) => target.delete(self.mapping, ids).await,
+                Call::Upsert(r) if all => target.upsert(self.mapping, r).await,
+                Call::Upsert(r) => {
+                    let sub: Vec<Record> = keep.iter().map(|&i| r[i].clone()).collect();
+                    target.upsert(self.mapping, &sub).await
+                }
+                Call::Delete(ids) if all => target.delete(self.mapping, ids).await,
+                Call::Delete(ids) => {
+                    let sub: Vec<String> = keep.iter().map(|&i| ids[i].clone()).collect();
+                    target.delete(self.mapping, &sub).await
+                }
             };
+            drop(in_flight);
             // Readiness follows the CRM: refused credentials (a user error that pauses) make the
             // sink not ready until a call succeeds again.
             match &result {
@@ -907,16 +1111,29 @@ impl BatchCtx<'_> {
                 Err(_) => {}
             }
             match result {
-                Ok(o) => return Ok(o),
+                Ok(o) if o.len() == keep.len() => {
+                    let mut out = vec![None; items.len()];
+                    for (i, o) in keep.into_iter().zip(o) {
+                        out[i] = Some(o);
+                    }
+                    return Ok(out);
+                }
+                Ok(o) => {
+                    return Err(Error::internal(format!(
+                        "the CRM client returned {} outcomes for {} records",
+                        o.len(),
+                        keep.len()
+                    )));
+                }
                 Err(e) if e.retryable => {
                     let wait = e
                         .retry_after
                         .unwrap_or_else(|| backoff.next().unwrap_or(self.cfg.sink.max_backoff));
-                    let records = items.clone().count();
-                    crate::metrics::sink_failed(&self.cfg.sink.name, records);
+                    let sent = || keep.iter().map(|&i| items[i]);
+                    crate::metrics::sink_failed(&self.cfg.sink.name, keep.len());
                     tracing::warn!(
-                        sink = %self.cfg.sink.name, topic = %self.source_topic, offsets = %offsets(items.clone().map(|it| it.msg)),
-                        contact_ids = %contact_ids(items.clone().map(|it| it.event.trusst_contact_id.as_str())), records,
+                        sink = %self.cfg.sink.name, topic = %self.source_topic, offsets = %offsets(sent().map(|it| it.msg)),
+                        contact_ids = %contact_ids(sent().map(|it| it.event.trusst_contact_id.as_str())), records = keep.len(),
                         error = %e, retry_in = ?wait, "{what} failed; retrying"
                     );
                     tokio::select! {
@@ -933,28 +1150,30 @@ impl BatchCtx<'_> {
     }
 
     /// Count written records, dead-letter rejected ones; a non-retryable request error
-    /// dead-letters the whole chunk, a configuration error stops the sink.
-    async fn settle<'i>(
+    /// dead-letters the whole chunk, a configuration error stops the sink. Records left to a
+    /// partition's new owner (`None`) are neither.
+    async fn settle(
         &mut self,
-        items: impl Iterator<Item = &'i Item<'i>> + Clone,
-        outcomes: Result<Vec<Outcome>>,
+        items: &[&Item<'_>],
+        outcomes: Result<Vec<Option<Outcome>>>,
     ) -> Result<()> {
-        let n = items.clone().count();
+        let n = items.len();
         match outcomes {
             Ok(o) if o.len() == n => {
                 let mut written = 0;
-                for (it, o) in items.zip(o) {
+                for (it, o) in items.iter().zip(o) {
                     match o {
-                        Outcome::Written => {
+                        Some(Outcome::Written) => {
                             written += 1;
                             if let Some(ts) = &it.event.source.commit_ts {
                                 crate::metrics::commit_to_crm(&self.cfg.sink.name, ts);
                             }
                         }
-                        Outcome::Rejected(reason) => {
+                        Some(Outcome::Rejected(reason)) => {
                             self.dead_letter(it.msg, Some(&it.raw), "crm", &reason, None)
                                 .await?
                         }
+                        None => {}
                     }
                 }
                 self.totals.written += written;
@@ -970,8 +1189,10 @@ impl BatchCtx<'_> {
             Err(e) if e.fault == Fault::User || e.retryable => Err(e),
             Err(e) => {
                 for it in items {
-                    self.dead_letter(it.msg, Some(&it.raw), "crm", &e.to_string(), None)
-                        .await?;
+                    if self.fence.holds(it.msg.partition, it.msg.epoch) {
+                        self.dead_letter(it.msg, Some(&it.raw), "crm", &e.to_string(), None)
+                            .await?;
+                    }
                 }
                 Ok(())
             }
@@ -1114,10 +1335,21 @@ mod tests {
     }
 
     #[test]
+    fn catch_up_batches_from_the_configured_lag() {
+        let cfg: SinkConfig =
+            crate::config::parse(include_str!("../../connector-config/salesforce.toml")).unwrap();
+        assert_eq!(batch_size(&cfg, None), 1000, "lag unknown: live batches");
+        assert_eq!(batch_size(&cfg, Some(1999)), 1000);
+        assert_eq!(batch_size(&cfg, Some(2000)), 10_000);
+        assert_eq!(batch_size(&cfg, Some(1_000_000)), 10_000);
+    }
+
+    #[test]
     fn log_summaries() {
         let m = |partition, offset| Msg {
             partition,
             offset,
+            epoch: 1,
             key: String::new(),
             payload: None,
         };

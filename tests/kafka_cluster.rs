@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::crm::*;
-use common::load::{Load, Watcher, ids};
+use common::load::{Load, Watcher, ids, repeats};
 use common::*;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
@@ -320,6 +320,10 @@ async fn a_leader_kill_and_a_rolling_restart_lose_nothing() {
         );
     }
     let reader = watcher.finish();
+    let (events, again) = repeats(&reader);
+    eprintln!(
+        "kafka_cluster: {events} events on the topic, {again} of them published again (an event_id seen before)"
+    );
     assert_matches_seed(&reader.latest(), &expected);
     // Nothing went to the dead-letter topic: every record reached the CRM.
     let mut dead = TopicReader::on(&brokers, &format!("{topic}.dlq.salesforce"));

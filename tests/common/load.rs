@@ -144,3 +144,18 @@ impl Load {
 pub fn ids(of: &[(String, Instant)]) -> Vec<String> {
     of.iter().map(|(id, _)| id.clone()).collect()
 }
+
+/// Events on the topic and how many of them repeat an earlier event's `event_id` (published
+/// again after a fault: allowed, since sinks tolerate duplicates, but worth reporting).
+pub fn repeats(reader: &TopicReader) -> (usize, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut again = 0;
+    for ev in reader.records.iter().filter_map(|r| r.event()) {
+        total += 1;
+        if !seen.insert(ev.event_id.clone()) {
+            again += 1;
+        }
+    }
+    (total, again)
+}

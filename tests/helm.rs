@@ -436,10 +436,25 @@ fn one_source_per_slot_and_sink_replicas_within_the_partitions() {
             if label(d, "app.kubernetes.io/component") == "source" {
                 let slot = config["source"]["slot"].as_str().unwrap().to_owned();
                 per_slot.entry(slot).or_default().push(name(d));
+                // By default a second replica stands by for the slot, on another node where
+                // it can, and a frozen one gives the slot up after takeover_after.
                 assert_eq!(
                     d["spec"]["replicas"],
-                    1,
-                    "{}: the slot admits one reader",
+                    2,
+                    "{}: one reader and one standby",
+                    name(d)
+                );
+                assert_eq!(
+                    config["source"]["takeover_after"].as_str(),
+                    Some("30s"),
+                    "{}",
+                    name(d)
+                );
+                let anti = &d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"];
+                assert_eq!(
+                    anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"],
+                    "kubernetes.io/hostname",
+                    "{}: the standby on another node",
                     name(d)
                 );
                 assert_eq!(
@@ -487,13 +502,19 @@ fn one_source_per_slot_and_sink_replicas_within_the_partitions() {
         &["customers[1].source.slot=trusst_cdc_acme"],
     );
     assert!(e.contains("a slot admits one source"), "{e}");
-    // The standby switch: a second replica that waits for the slot.
-    let docs = render("one-customer", &["source.standby=true"]);
+    // Without the standby: the one reader the slot admits, and the server's wal_sender_timeout.
+    let docs = render("one-customer", &["source.standby=false"]);
     let source = of_kind(&docs, "Deployment")
         .into_iter()
         .find(|d| label(d, "app.kubernetes.io/component") == "source")
         .unwrap();
-    assert_eq!(source["spec"]["replicas"], 2);
+    assert_eq!(source["spec"]["replicas"], 1);
+    assert!(
+        config_of(&docs, source)["source"]
+            .get("takeover_after")
+            .is_none()
+    );
+    assert!(source["spec"]["template"]["spec"].get("affinity").is_none());
 }
 
 /// The stream position lives in the slot, the snapshot progress in Kafka (`<topic>.state`), the

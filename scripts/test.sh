@@ -6,8 +6,9 @@
 # simple-salesforce) against the CRM emulator over HTTPS (scripts/vendor-clients.sh), the deployment
 # files (scripts/deploy-check.sh: the Helm chart linted, rendered and validated against the
 # Kubernetes schemas, the alert rules' promtool tests; tests/helm.rs then checks the rendered
-# chart), and a short cargo-fuzz run of each fuzz target (pgoutput decoder, JSON and Avro event
-# decoders, config loader).
+# chart), a short seeded chaos run (scripts/chaos.sh on a three-broker Kafka cluster, every kind of
+# fault once, about five minutes), and a short cargo-fuzz run of each fuzz target (pgoutput decoder,
+# JSON and Avro event decoders, config loader).
 #
 # Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL),
 # SLOTS_PGPORT (55436), FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and
@@ -89,6 +90,16 @@ status=0
 TRUSST_CDC_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/trusst-cdc \
     scripts/vendor-clients.sh "${vendor_args[@]}" || status=$?
 ((status == 0 || status == 5)) || exit "$status"
+
+if ((${#filter[@]} == 0)); then
+    # Every kind of fault once, in an order and with pauses drawn from the seed (printed; a
+    # failing run says how to replay it). CHAOS_SEED fixes it; CHAOS_ROUNDS=0 skips the run.
+    if ((${CHAOS_ROUNDS:-10} > 0)); then
+        echo "test: a short seeded chaos run" >&2
+        SEED=${CHAOS_SEED:-$((RANDOM * 32768 + RANDOM))} ROUNDS=${CHAOS_ROUNDS:-10} FAULT_SECONDS=8 RATE=4 \
+            QUIET_TIMEOUT=300 BENCH_PROFILE=debug scripts/chaos.sh
+    fi
+fi
 
 if ((FUZZ_SECONDS > 0)) && ((${#filter[@]} == 0)); then
     if cargo +nightly --version >/dev/null 2>&1; then

@@ -2,8 +2,9 @@
 # bench-e2e.sh) share. Sourcing it from the repository root sets up the services and the release
 # build:
 #
-#   bench_init [--benches]     deps, services up, env (DATABASE_URL, KAFKA_BROKERS, PGBIN), release
-#                              build; sets $bin (and $latency_bin with --benches) and $work (a temp
+#   bench_init [--benches]     deps, services up (BENCH_SERVICES=pg: PostgreSQL only), env
+#                              (DATABASE_URL, KAFKA_BROKERS, PGBIN), release build (BENCH_PROFILE=debug:
+#                              the debug one); sets $bin (and $latency_bin with --benches) and $work (a temp
 #                              folder removed on exit, with every background job and bench_cleanup)
 #   psqlb ARGS                 psql as postgres on the local cluster
 #   bench_fresh_db DB          drop and create DB with the Trusst schema; sets $url
@@ -37,18 +38,27 @@
 
 bench_init() {
     scripts/deps.sh
-    scripts/services.sh up
+    # BENCH_SERVICES=pg: only PostgreSQL (for a caller that runs a Kafka of its own).
+    if [[ ${BENCH_SERVICES:-all} == pg ]]; then
+        scripts/services.sh start-pg
+    else
+        scripts/services.sh up
+    fi
     eval "$(scripts/services.sh env)"
+    # BENCH_PROFILE=debug uses the debug build (what scripts/test.sh already built) instead of
+    # building a release.
+    local profile=${BENCH_PROFILE:-release} flags=(--release) target
+    [[ $profile == debug ]] && flags=()
+    target=$(realpath -m "${CARGO_TARGET_DIR:-target}")/$profile
     if [[ ${1:-} == --benches ]]; then
         # Only the latency bench: `--benches` would also build the library as a bench harness.
-        cargo build --release --locked -q --bins --bench latency
-        latency_bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'latency-*' -printf '%T@ %p\n' |
+        cargo build "${flags[@]}" --locked -q --bins --bench latency
+        latency_bin=$(find "$target/deps" -maxdepth 1 -type f -executable -name 'latency-*' -printf '%T@ %p\n' |
             sort -rn | head -1 | cut -d' ' -f2)
-        latency_bin=$PWD/$latency_bin
     else
-        cargo build --release --locked -q --bins
+        cargo build "${flags[@]}" --locked -q --bins
     fi
-    bin=$PWD/target/release/trusst-cdc
+    bin=$target/trusst-cdc
     work=$(mktemp -d)
     # Slots left behind would hold WAL (gigabytes after a run) until dropped; bench_cleanup is the
     # caller's hook for that.

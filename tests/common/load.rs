@@ -22,6 +22,7 @@ pub struct Watcher {
 }
 
 impl Watcher {
+    /// Start reading `topic` from the earliest offset.
     pub fn new(brokers: &str, topic: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(HashMap::new()));
@@ -47,11 +48,13 @@ impl Watcher {
         }
     }
 
+    /// Whether every contact of `ids` has an event on the topic yet.
     pub fn has_all(&self, ids: &[String]) -> bool {
         let seen = self.seen.lock().unwrap();
         ids.iter().all(|id| seen.contains_key(id))
     }
 
+    /// Wait until every contact of `ids` has an event on the topic (panics after 90 s, naming some missing).
     pub fn wait_all(&self, ids: &[String]) {
         let deadline = Instant::now() + WAIT;
         while !self.has_all(ids) {
@@ -89,6 +92,7 @@ impl Watcher {
             .unwrap_or_default()
     }
 
+    /// Stop the thread and hand over everything read, settled for one more second.
     pub fn finish(mut self) -> TopicReader {
         self.stop.store(true, Ordering::Relaxed);
         let mut reader = self.thread.take().unwrap().join().unwrap();
@@ -105,6 +109,7 @@ pub struct Load {
 }
 
 impl Load {
+    /// Start writing into `db` (contacts from the generator's `seed`).
     pub fn start(db: &TestDb, seed: u64) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (url, st) = (db.url.clone(), stop.clone());
@@ -141,6 +146,7 @@ impl Load {
     }
 }
 
+/// The contact ids of `(id, committed)` pairs.
 pub fn ids(of: &[(String, Instant)]) -> Vec<String> {
     of.iter().map(|(id, _)| id.clone()).collect()
 }

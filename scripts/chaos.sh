@@ -13,7 +13,9 @@
 # completed contact deleted (deleted in every CRM), a contact written in a transaction that
 # commits 20 s later (older timestamps than what was committed meanwhile).
 #
-# Faults (the nemesis picks ROUNDS of them from the seed, and the pause before each):
+# Faults: first a restart of PostgreSQL during the initial snapshot (of PRELOAD contacts written
+# before the sources start); then the nemesis picks ROUNDS of these from the seed, and the pause
+# before each:
 #   source-kill       kill -9 of the streaming source (the standby takes over; the killed one
 #                     restarts as the new standby)
 #   source-freeze     SIGSTOP of the streaming source for 15 s (PostgreSQL ends its walsender
@@ -36,13 +38,13 @@
 # contacts not COMPLETED (or deleted), and dead letters. Exits 1 unless all are 0; a failing run
 # prints its seed, and the same SEED and ROUNDS replay the same schedule.
 #
-#   scripts/chaos.sh     SEED=random ROUNDS=20 RATE=8 FAULT_SECONDS=20 QUIET_TIMEOUT=600
+#   scripts/chaos.sh     SEED=random ROUNDS=20 RATE=8 FAULT_SECONDS=20 PRELOAD=20000 QUIET_TIMEOUT=600
 #                        CHAOS_KAFKA_PORT=19400 (brokers P..P+2, controllers P+10..P+12)
 #                        BENCH_PROFILE=release|debug
 #
 # Uses PostgreSQL of scripts/services.sh (PGPORT, PG_INSTANCE as there; left running) and a
 # cluster of its own in .run/kafka-chaos (stopped at the end). A full run (20 faults) takes about
-# 15 minutes; scripts/test.sh runs a short one (ROUNDS=4, FAULT_SECONDS=8).
+# 15 minutes; scripts/test.sh runs a short one (ROUNDS=10, FAULT_SECONDS=8, PRELOAD=5000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +54,7 @@ RATE=${RATE:-8}
 FAULT_SECONDS=${FAULT_SECONDS:-20}
 export QUIET_TIMEOUT=${QUIET_TIMEOUT:-600}
 CHAOS_KAFKA_PORT=${CHAOS_KAFKA_PORT:-19400}
+PRELOAD=${PRELOAD:-20000}
 DB=trusst_chaos
 SLOT=chaos
 FAULTS=(source-kill source-freeze sink-kill broker-kill kafka-outage kafka-outage-source-kill pg-restart
@@ -96,6 +99,9 @@ PY
 log "seed $SEED, $ROUNDS faults:"
 echo "$schedule" | nl -w2 -s'. ' | sed 's/^/chaos:   /' >&2
 
+# A fresh cluster each run: brokers start in seconds and nothing of an earlier run is in it.
+cluster stop-kafka-cluster
+rm -rf .run/kafka-chaos
 cluster start-kafka-cluster
 KAFKA_BROKERS=$(cluster cluster-brokers)
 export KAFKA_BROKERS
@@ -162,8 +168,27 @@ start_target() {
     sinks[$1]=$sink_pid
 }
 
+faults=0
+# Contacts written before the sources start, so their initial snapshot takes a while: PostgreSQL
+# is restarted in the middle of it.
+if ((PRELOAD > 0)); then
+    log "writing $PRELOAD completed contacts for the initial snapshot"
+    "$bin" generate --database-url "$url" --contacts "$PRELOAD" --chunk 500 --seed "$SEED" 2>>"$work/gen.log"
+fi
 source_up a
 source_up b
+if ((PRELOAD > 0)); then
+    deadline=$((SECONDS + 120))
+    until grep -qs "initial snapshot started" "$work"/source-[ab].log; do
+        ((SECONDS < deadline)) || fail "no source started the initial snapshot"
+        sleep 0.1
+    done
+    sleep 1
+    faults=1
+    grep -qs "initial snapshot done" "$work"/source-[ab].log && during="after it ended (too few contacts)" || during=during
+    log "fault $faults: restart of PostgreSQL $during the initial snapshot"
+    scripts/services.sh restart-pg
+fi
 active_source >/dev/null
 for t in "${targets[@]}"; do start_target "$t"; done
 
@@ -254,7 +279,6 @@ leader_of_p0() {
 log "generating $RATE contacts/s with changes; first fault soon"
 sleep 5
 alive
-faults=0
 while read -r kind wait victim; do
     sleep "$wait"
     alive

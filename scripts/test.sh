@@ -96,7 +96,7 @@ if ((${#filter[@]} == 0)); then
     # failing run says how to replay it). CHAOS_SEED fixes it; CHAOS_ROUNDS=0 skips the run.
     if ((${CHAOS_ROUNDS:-10} > 0)); then
         echo "test: a short seeded chaos run" >&2
-        SEED=${CHAOS_SEED:-$((RANDOM * 32768 + RANDOM))} ROUNDS=${CHAOS_ROUNDS:-10} FAULT_SECONDS=8 RATE=4 \
+        SEED=${CHAOS_SEED:-$((RANDOM * 32768 + RANDOM))} ROUNDS=${CHAOS_ROUNDS:-10} FAULT_SECONDS=8 RATE=4 PRELOAD=5000 \
             QUIET_TIMEOUT=300 BENCH_PROFILE=debug scripts/chaos.sh
     fi
 fi

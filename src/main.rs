@@ -126,13 +126,14 @@ enum Command {
     /// Print the pipeline's state: slot lag, topic end offsets, per-sink consumer lag, dead
     /// letters and the sync audit's last rows; non-zero exit when something is missing.
     Status {
-        /// Source config file (database, slot, Kafka, topic).
-        #[arg(long, default_value = "connector-config/source.toml")]
-        config: PathBuf,
+        /// Source config files (database, slot, Kafka, topic), repeatable: one per customer
+        /// database; the flags and environment below apply to each.
+        #[arg(long = "config", default_value = "connector-config/source.toml")]
+        configs: Vec<PathBuf>,
         #[command(flatten)]
         overrides: SourceOverrides,
-        /// Sink config files (repeatable); default: the shipped salesforce, dynamics and mulesoft
-        /// configs beside the source config.
+        /// Sink config files (repeatable); default: the salesforce, dynamics and mulesoft configs
+        /// beside each source config.
         #[arg(long = "sink")]
         sinks: Vec<PathBuf>,
         /// Print JSON instead of text.
@@ -330,24 +331,33 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status {
-            config,
+            configs,
             overrides,
             sinks,
             json,
         } => {
-            let cfg = source_config(&config, overrides).await?;
+            let mut sources = Vec::new();
+            for config in &configs {
+                let cfg = source_config(config, overrides.clone()).await?;
+                sources.push((config.clone(), cfg));
+            }
             let sinks = if sinks.is_empty() {
-                let dir = config.parent().map(PathBuf::from).unwrap_or_default();
-                ["salesforce", "dynamics", "mulesoft"]
-                    .iter()
-                    .map(|n| dir.join(format!("{n}.toml")))
-                    .filter(|p| p.exists())
-                    .collect()
+                let mut found: Vec<PathBuf> = Vec::new();
+                for config in &configs {
+                    let dir = config.parent().map(PathBuf::from).unwrap_or_default();
+                    for n in ["salesforce", "dynamics", "mulesoft"] {
+                        let p = dir.join(format!("{n}.toml"));
+                        if p.exists() && !found.contains(&p) {
+                            found.push(p);
+                        }
+                    }
+                }
+                found
             } else {
                 sinks
             };
             let sinks = trusst_cdc::status::load_sinks(&sinks)?;
-            let report = trusst_cdc::status::gather(&cfg, &sinks).await;
+            let report = trusst_cdc::status::gather(&sources, &sinks).await;
             if json {
                 println!(
                     "{}",

@@ -173,6 +173,7 @@ fn event(contact: &str) -> ContactEvent {
         },
         truncated: None,
         cleared_question_keys: None,
+        customer: None,
     }
 }
 

@@ -16,7 +16,8 @@ pub struct SinkKafka {
     /// Bootstrap servers; `KAFKA_BROKERS` overrides.
     #[serde(default)]
     pub brokers: Option<String>,
-    /// Event topic; `TRUSST_TOPIC` overrides.
+    /// Event topic; `TRUSST_TOPIC` overrides. `{customer}` in it is replaced by the one
+    /// customer of `[sink] customers` (the source's topic template).
     #[serde(default = "default_topic")]
     pub topic: String,
     /// Consumer group; default `trusst-cdc-<sink name>`.
@@ -108,6 +109,10 @@ pub struct SinkSection {
     /// Most events per batch while catching up.
     #[serde(default = "default_catch_up_batch")]
     pub catch_up_batch_max_records: usize,
+    /// Only the records of these customers (the events' `customer`) are written; the others
+    /// are skipped and counted (`trusst_cdc_sink_records_skipped_customer_total`). Empty: all.
+    #[serde(default)]
+    pub customers: Vec<String>,
 }
 
 fn default_batch() -> usize {
@@ -185,6 +190,35 @@ impl SinkConfig {
             self.kafka.schema_registry_url = o.schema_registry_url;
         }
         crate::config::kafka_credentials_from_env(&mut self.kafka.properties);
+        for c in &self.sink.customers {
+            crate::config::check_customer(c, "[sink] customers")?;
+        }
+        if self
+            .kafka
+            .topic
+            .contains(crate::config::CUSTOMER_PLACEHOLDER)
+        {
+            let [customer] = self.sink.customers.as_slice() else {
+                return Err(Error::user(format!(
+                    "the topic {:?} names {} but [sink] customers lists {} customers: list exactly one \
+                     (customers = [\"acme\"]), or name the topic without the placeholder",
+                    self.kafka.topic,
+                    crate::config::CUSTOMER_PLACEHOLDER,
+                    self.sink.customers.len()
+                )));
+            };
+            self.kafka.topic = self
+                .kafka
+                .topic
+                .replace(crate::config::CUSTOMER_PLACEHOLDER, customer);
+        }
+        if self.kafka.topic.contains(['{', '}']) {
+            return Err(Error::user(format!(
+                "invalid topic template {:?}: the only placeholder is {}",
+                self.kafka.topic,
+                crate::config::CUSTOMER_PLACEHOLDER
+            )));
+        }
         self.registry()?;
         // Endpoints move between environments (a container network, the emulator), so they can
         // come from the environment like the brokers do.
@@ -274,6 +308,13 @@ impl SinkConfig {
                 k.schema_registry_token.as_ref(),
             )?,
         )
+    }
+
+    /// Whether a record of `customer` (`None`: not attributed, e.g. an event published before
+    /// events carried one) is this sink's to write.
+    pub fn wants(&self, customer: Option<&str>) -> bool {
+        self.sink.customers.is_empty()
+            || customer.is_some_and(|c| self.sink.customers.iter().any(|w| w == c))
     }
 
     /// The consumer group.

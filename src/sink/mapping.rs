@@ -721,6 +721,7 @@ mod tests {
             },
             truncated: None,
             cleared_question_keys: None,
+            customer: None,
         }
     }
 

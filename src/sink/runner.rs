@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Headers;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
@@ -108,6 +109,8 @@ struct Msg {
     epoch: u64,
     key: String,
     payload: Option<Vec<u8>>,
+    /// The record's [`crate::kafka::CUSTOMER_HEADER`], which tombstones carry too.
+    customer: Option<String>,
 }
 
 impl Msg {
@@ -122,6 +125,12 @@ impl Msg {
                 .map(|k| String::from_utf8_lossy(k).into_owned())
                 .unwrap_or_default(),
             payload: m.payload().map(<[u8]>::to_vec),
+            customer: m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == crate::kafka::CUSTOMER_HEADER)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            }),
         }
     }
 }
@@ -141,6 +150,8 @@ pub struct Totals {
     pub last_failure: Option<String>,
     /// On a re-drive: dead letters skipped because their contact has a newer event.
     pub redrive_skipped: u64,
+    /// Records of customers not in `[sink] customers`, skipped (and counted in the metrics).
+    pub other_customer: u64,
 }
 
 /// Run a sink until `shutdown` (or, for dry runs and re-drives, until the end of the topic
@@ -889,6 +900,24 @@ enum Read {
 }
 
 impl BatchCtx<'_> {
+    /// Whether the record belongs to a customer this sink writes (its header, else the
+    /// event's field); a record that does not is counted and logged at debug level, never
+    /// dropped without a trace.
+    fn wanted(&mut self, m: &Msg, event: &ContactEvent) -> bool {
+        let customer = m.customer.as_deref().or(event.customer.as_deref());
+        if self.cfg.wants(customer) {
+            return true;
+        }
+        let label = customer.unwrap_or("none");
+        tracing::debug!(
+            sink = %self.cfg.sink.name, contact_id = %m.key, customer = label, partition = m.partition, offset = m.offset,
+            "skipped a record of a customer not in [sink] customers"
+        );
+        self.totals.other_customer += 1;
+        crate::metrics::sink_skipped_customer(&self.cfg.sink.name, label);
+        false
+    }
+
     /// On a re-drive: true when the contact has a newer record on the event topic than the
     /// one this dead letter came from (logged; the newer one wins).
     fn superseded_dead_letter(&self, m: &Msg, payload: &[u8]) -> bool {
@@ -1003,6 +1032,9 @@ impl BatchCtx<'_> {
                     }
                 },
             };
+            if !self.wanted(m, &event) {
+                continue;
+            }
             if let Some(i) = newest.insert(m.key.as_str(), items.len()) {
                 items[i] = None;
                 self.totals.superseded += 1;
@@ -1250,12 +1282,21 @@ impl BatchCtx<'_> {
                         reason: "tombstone".into(),
                     },
                 );
-                newest.insert(m.key.clone(), (e, m));
+                if self.wanted(m, &e) {
+                    newest.insert(m.key.clone(), (e, m));
+                }
                 continue;
             };
             match self.read(p, redrive).await? {
                 Read::Event(e, _) => {
-                    newest.insert(m.key.clone(), (*e, m));
+                    if self.wanted(m, &e) {
+                        newest.insert(m.key.clone(), (*e, m));
+                    } else {
+                        println!(
+                            "SKIP {} (p{} @{}): customer {:?} is not in [sink] customers",
+                            m.key, m.partition, m.offset, e.customer
+                        );
+                    }
                 }
                 Read::Bad(reason, _) => println!(
                     "WOULD DEAD-LETTER {} (p{} @{}): {reason}",
@@ -1352,6 +1393,7 @@ mod tests {
             epoch: 1,
             key: String::new(),
             payload: None,
+            customer: None,
         };
         let batch = [m(2, 7), m(0, 40), m(0, 12), m(0, 13)];
         assert_eq!(offsets(batch.iter()), "p0:12-40,p2:7");

@@ -266,12 +266,14 @@ async fn produce(
                 format!("{}:{}:{id}", job.reason, position.lsn)
             };
             ev.source = position;
+            ev.customer = Some(out.customer.clone());
             out.send(pending, id, Some(&ev)).await?;
             tally.upserts += 1;
         } else if job.deleted.contains(id) {
             let mut ev = ContactEvent::delete(id, position);
             // What a target set to clear fields on delete empties.
             ev.set_cleared(universal, &job.retired);
+            ev.customer = Some(out.customer.clone());
             out.send(pending, id, Some(&ev)).await?;
             // The tombstone lets compaction forget the contact once sinks saw the delete.
             out.send(pending, id, None).await?;

@@ -261,6 +261,8 @@ pub struct SourceOpts {
     pub log_filter: &'static str,
     /// `[kafka] format`: `json` or `avro` (the registry comes from `SCHEMA_REGISTRY_URL`).
     pub format: &'static str,
+    /// More `[source]` lines, e.g. `customer = "acme"`.
+    pub source_lines: String,
 }
 
 impl Default for SourceOpts {
@@ -276,6 +278,7 @@ impl Default for SourceOpts {
             env: Vec::new(),
             log_filter: "info,trusst_cdc=debug",
             format: "json",
+            source_lines: String::new(),
         }
     }
 }
@@ -372,13 +375,14 @@ impl SourceProc {
             &config,
             format!(
                 "[kafka]\ntopic = \"{topic}\"\npartitions = 3\nformat = \"{}\"\n[source]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
-                 snapshot = \"{}\"\nheartbeat_interval = \"{}\"\nbatch_max_contacts = {}\nreemit_chunk = {}\nstate_dir = \"{}\"\n{}",
+                 snapshot = \"{}\"\nheartbeat_interval = \"{}\"\nbatch_max_contacts = {}\nreemit_chunk = {}\nstate_dir = \"{}\"\n{}\n{}",
                 opts.format,
                 opts.snapshot,
                 opts.heartbeat,
                 opts.batch_max_contacts,
                 opts.reemit_chunk,
                 dir.path().join("state").display(),
+                opts.source_lines,
                 opts.sections()
             ),
         )
@@ -571,6 +575,8 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
     pub partition: i32,
     pub offset: i64,
+    /// The `trusst-customer` header, when the record has one.
+    pub customer: Option<String>,
 }
 
 impl Record {
@@ -624,6 +630,13 @@ impl TopicReader {
                     value: m.payload().map(<[u8]>::to_vec),
                     partition: m.partition(),
                     offset: m.offset(),
+                    customer: m.headers().and_then(|h| {
+                        use rdkafka::message::Headers;
+                        h.iter()
+                            .find(|h| h.key == trusst_cdc::kafka::CUSTOMER_HEADER)
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                    }),
                 });
             }
         }

@@ -18,6 +18,7 @@ pub mod generate;
 pub mod kafka;
 pub mod metrics;
 pub mod pg;
+pub mod questions;
 pub mod secrets;
 pub mod sink;
 pub mod source;

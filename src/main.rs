@@ -140,6 +140,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the customer's universal questions (the integration guide's step 1) and, for each
+    /// target, the field each answer goes to: a `[mapping.questions]` block to start a sink
+    /// config from, and the CRM field type to create.
+    Questions {
+        /// Source config file (the database; Kafka is not needed).
+        #[arg(long, default_value = "connector-config/source.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        overrides: SourceOverrides,
+        /// Sink configs whose mapping to use (repeatable); default: each target's defaults.
+        #[arg(long = "sink")]
+        sinks: Vec<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the events on a topic as they arrive.
     Tail {
         /// Kafka bootstrap servers.
@@ -373,6 +389,40 @@ async fn run(cli: Cli) -> Result<()> {
                     "{n} problem(s) found; see the lines above"
                 ))),
             }
+        }
+        Command::Questions {
+            config,
+            overrides,
+            sinks,
+            json,
+        } => {
+            let mut cfg =
+                config::load::<SourceConfig>(&config)?.resolve_database_only(overrides)?;
+            cfg.fetch_secret().await?;
+            let client = pg::connect(cfg.database_url()).await?;
+            let questions = trusst_cdc::questions::universal(&client).await?;
+            let targets = if sinks.is_empty() {
+                trusst_cdc::questions::Target::defaults()
+            } else {
+                sinks
+                    .iter()
+                    .map(|p| {
+                        let sink = config::load::<trusst_cdc::sink::config::SinkConfig>(p)?;
+                        Ok(trusst_cdc::questions::Target::of_sink(p.clone(), &sink))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let report = trusst_cdc::questions::plan(cfg.customer(), questions, &targets);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .map_err(|e| Error::internal(format!("questions as JSON: {e}")))?
+                );
+            } else {
+                print!("{}", trusst_cdc::questions::render(&report, &targets));
+            }
+            Ok(())
         }
         Command::Tail {
             kafka_brokers,

@@ -388,7 +388,17 @@ pub struct SourceOverrides {
 
 impl SourceConfig {
     /// Apply overrides, then check that everything required is present and sane.
-    pub fn resolve(mut self, o: SourceOverrides) -> Result<Self> {
+    pub fn resolve(self, o: SourceOverrides) -> Result<Self> {
+        self.resolve_with(o, true)
+    }
+
+    /// [`SourceConfig::resolve`] for commands that only read the database (`questions`): no
+    /// Kafka brokers needed.
+    pub fn resolve_database_only(self, o: SourceOverrides) -> Result<Self> {
+        self.resolve_with(o, false)
+    }
+
+    fn resolve_with(mut self, o: SourceOverrides, needs_kafka: bool) -> Result<Self> {
         if o.database_url.is_some() {
             self.database.url = o.database_url;
         }
@@ -417,11 +427,11 @@ impl SourceConfig {
             self.source.customer = Some(c);
         }
         kafka_credentials_from_env(&mut self.kafka.properties);
-        self.validate()?;
+        self.validate(needs_kafka)?;
         Ok(self)
     }
 
-    fn validate(&mut self) -> Result<()> {
+    fn validate(&mut self, needs_kafka: bool) -> Result<()> {
         let db = &mut self.database;
         match (db.url.as_deref().filter(|u| !u.is_empty()), &db.secret) {
             (None, None) => {
@@ -461,7 +471,7 @@ impl SourceConfig {
         } else {
             self.database.primary_url = None;
         }
-        if self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
+        if needs_kafka && self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
             return Err(Error::user(
                 "no Kafka brokers: set [kafka] brokers, KAFKA_BROKERS or --kafka-brokers",
             ));

@@ -412,16 +412,27 @@ impl Mapping {
             }
         }
         for (key, result_type) in question_keys {
-            if let Some(f) = self.question_field(key) {
-                let conv = self
-                    .questions
-                    .get(key)
-                    .and_then(|s| s.conversion)
-                    .or_else(|| default_conversion(result_type, self.target));
-                out.push((f, conv));
+            if let Some(planned) = self.question_plan(key, result_type) {
+                out.push(planned);
             }
         }
         out
+    }
+
+    /// The field and conversion a question's answers are written with (`None`: skipped): the
+    /// configured ones, else the naming rule and the result type's default.
+    pub fn question_plan(
+        &self,
+        key: &str,
+        result_type: &str,
+    ) -> Option<(String, Option<Conversion>)> {
+        let field = self.question_field(key)?;
+        let conv = self
+            .questions
+            .get(key)
+            .and_then(|s| s.conversion)
+            .or_else(|| default_conversion(result_type, self.target));
+        Some((field, conv))
     }
 
     /// Map one upsert event. MuleSoft gets the guide's contact object; the CRMs get typed fields.

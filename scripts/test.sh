@@ -6,8 +6,9 @@
 # simple-salesforce) against the CRM emulator over HTTPS (scripts/vendor-clients.sh), the deployment
 # files (scripts/deploy-check.sh: the Helm chart linted, rendered and validated against the
 # Kubernetes schemas, the alert rules' promtool tests; tests/helm.rs then checks the rendered
-# chart), and a short cargo-fuzz run of each fuzz target (pgoutput decoder, JSON and Avro event
-# decoders, config loader).
+# chart), the README's shell blocks run in order as a new user would (tests/readme.rs, on the
+# services already up), and a short cargo-fuzz run of each fuzz target (pgoutput decoder, JSON
+# and Avro event decoders, config loader).
 #
 # Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL),
 # SLOTS_PGPORT (55436), FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and

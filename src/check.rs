@@ -101,7 +101,7 @@ async fn slot_findings(cfg: &SourceConfig, client: &tokio_postgres::Client) -> V
         } else {
             Finding::warn(
                 what,
-                "see the README, \"PostgreSQL versions, replicas and failover\"",
+                "see docs/postgresql.md, \"PostgreSQL versions, replicas and failover\"",
             )
         });
     }

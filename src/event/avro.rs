@@ -200,7 +200,7 @@ mod tests {
     }
 
     /// An older writer without an optional field, and a newer one with an extra optional field,
-    /// both decode: the evolution rule the README documents.
+    /// both decode: the evolution rule docs/event.md documents.
     #[test]
     fn compatible_writer_schemas_resolve() {
         let mut doc: serde_json::Value = serde_json::from_str(SCHEMA_TEXT).unwrap();

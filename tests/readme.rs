@@ -104,6 +104,129 @@ fn toml_blocks_parse() {
     }
 }
 
+/// The keys a config section accepts, from the parser's own refusal of an unknown one
+/// (`deny_unknown_fields` lists every field it expected).
+fn keys_of<T: serde::de::DeserializeOwned + std::fmt::Debug>(section: &str) -> Vec<String> {
+    let err = trusst_cdc::config::parse::<T>(&format!("[{section}]\nreadme_probe = 1\n"))
+        .expect_err("an unknown key is refused");
+    let expected = err
+        .split_once("expected")
+        .unwrap_or_else(|| panic!("[{section}]: {err}"))
+        .1;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The README's part from `start` to the next `**`[` header (one sink section's table).
+fn part<'a>(readme: &'a str, start: &str) -> &'a str {
+    let i = readme
+        .find(start)
+        .unwrap_or_else(|| panic!("README has no {start}"));
+    let rest = &readme[i + start.len()..];
+    &rest[..rest.find("\n**`[").unwrap_or(rest.len())]
+}
+
+/// The configuration tables name every key the code accepts: the source's as
+/// `section.key`, each sink section's within its own table.
+#[test]
+fn configuration_tables_match_the_code() {
+    use trusst_cdc::config::SourceConfig;
+    use trusst_cdc::sink::config::SinkConfig;
+    let readme = readme();
+    let source = part(&readme, "### Source configuration");
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for section in ["database", "kafka", "source", "metrics"] {
+        for key in keys_of::<SourceConfig>(section) {
+            checked += 1;
+            if !source.contains(&format!("`{section}.{key}`")) {
+                missing.push(format!("source: {section}.{key}"));
+            }
+        }
+    }
+    for section in [
+        "kafka",
+        "sink",
+        "mapping",
+        "salesforce",
+        "dynamics",
+        "mulesoft",
+        "audit",
+        "metrics",
+    ] {
+        let table = part(&readme, &format!("**`[{section}]`**"));
+        for key in keys_of::<SinkConfig>(section) {
+            checked += 1;
+            if !table.contains(&format!("`{key}`")) && !table.contains(&format!("`{key}.")) {
+                missing.push(format!("sink: [{section}] {key}"));
+            }
+        }
+    }
+    // Every section's keys were read (about 90 in all).
+    assert!(
+        checked > 80,
+        "only {checked} keys read from the config types"
+    );
+    assert!(
+        missing.is_empty(),
+        "keys the code accepts that the README's configuration tables do not name:\n{}",
+        missing.join("\n")
+    );
+}
+
+/// Every environment variable the code reads (`env = "..."` of a flag, `env("...")`,
+/// `var("...")`, and the quoted names in `src/`) is named by the README.
+#[test]
+fn environment_variables_are_documented() {
+    let readme = readme();
+    let mut files = vec![Path::new(ROOT).join("src")];
+    let mut names = BTreeSet::new();
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            // The emulator and the generator's own settings are not the connector's.
+            if p.ends_with("emulator") {
+                continue;
+            }
+            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        // (`prefix` is part of the name: the SASL pair is listed as ("KAFKA_SASL_...", key).)
+        for (marker, prefix) in [
+            ("env = \"", ""),
+            ("env(\"", ""),
+            ("var(\"", ""),
+            ("(\"KAFKA_SASL_", "KAFKA_SASL_"),
+        ] {
+            let mut rest = text.as_str();
+            while let Some(i) = rest.find(marker) {
+                let tail = &rest[i + marker.len()..];
+                let name: String = tail
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if name.len() > 3 && tail[name.len()..].starts_with('"') {
+                    names.insert(format!("{prefix}{name}"));
+                }
+                rest = tail;
+            }
+        }
+    }
+    assert!(names.len() > 15, "only {names:?} found");
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !readme.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "environment variables the code reads that the README does not name: {missing:?}"
+    );
+}
+
 /// GitHub's anchor for a heading: lower case, punctuation dropped, spaces to '-'.
 fn slug(heading: &str) -> String {
     heading

@@ -191,6 +191,10 @@ async fn secret_credentials_drive_source_backfill_and_check() {
     let out = String::from_utf8_lossy(&check.stdout).into_owned();
     stderr.push_str(&String::from_utf8_lossy(&check.stderr));
     assert!(check.status.success(), "check failed:\n{out}\n{stderr}");
+    assert!(
+        out.contains(&format!("events carry customer \"{customer}\"")),
+        "{out}"
+    );
     let backfill = run(
         &opts,
         &config,

@@ -55,7 +55,8 @@ fn dataverse_ids(emu: &Emulator) -> BTreeSet<String> {
 /// customer; the Salesforce sink (topic template, `customers = ["acme"]`) writes exactly acme's
 /// contacts and counts every globex record it skipped, the Dynamics sink (`customers =
 /// ["globex"]`) exactly globex's; deletes reach only their own customer's CRM; `status` lists
-/// both sources with their customers and both sinks with theirs.
+/// both sources with their customers and both sinks with theirs. An unreadable value of
+/// globex is dead-lettered by globex's sink only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_customer_reaches_only_its_own_sinks() {
     let prefix = unique("tenants").replace('_', "-");
@@ -97,6 +98,28 @@ async fn each_customer_reaches_only_its_own_sinks() {
         }
     });
 
+    // A value no sink can read, attributed to globex: globex's sink dead-letters it, acme's
+    // skips it unread (and counts it), never dead-letters it.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::<str, [u8]>::to(&topic)
+                .key("not-a-contact")
+                .payload(b"not an event".as_slice())
+                .headers(
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                        key: trusst_cdc::kafka::CUSTOMER_HEADER,
+                        value: Some("globex"),
+                    }),
+                ),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
     // A delete in each database: a delete event and a tombstone, both attributed.
     let gone_acme = acme.iter().next().unwrap().clone();
     let gone_globex = globex.iter().next().unwrap().clone();
@@ -124,6 +147,10 @@ async fn each_customer_reaches_only_its_own_sinks() {
     // events) in the event.
     let mut globex_records = 0;
     for r in &reader.records {
+        if r.key == "not-a-contact" {
+            globex_records += 1;
+            continue;
+        }
         let want = if acme.contains(&r.key) {
             "acme"
         } else if globex.contains(&r.key) {
@@ -151,6 +178,12 @@ async fn each_customer_reaches_only_its_own_sinks() {
             (s, d) => Err(format!("salesforce {s:?}, dataverse {d:?}")),
         }
     });
+    let mut dead = TopicReader::new(&format!("{topic}.dlq.dynamics"));
+    dead.until(
+        WAIT,
+        "globex's sink to dead-letter the unreadable value",
+        |r| r.iter().any(|r| r.key == "not-a-contact"),
+    );
     let sf_url = sf.metrics_url();
     eventually(WAIT, "every globex record counted as skipped", || {
         let scrape = Scrape::of(&sf_url);
@@ -209,8 +242,9 @@ async fn each_customer_reaches_only_its_own_sinks() {
     assert_eq!(sinks[1]["customers"], serde_json::json!(["globex"]));
     for s in sinks {
         assert_eq!(s["lag_total"], 0, "{report}");
-        assert_eq!(s["dead_letters"], 0, "{report}");
     }
+    assert_eq!(sinks[0]["dead_letters"], 0, "{report}");
+    assert_eq!(sinks[1]["dead_letters"], 1, "{report}");
 
     assert!(sf.terminate().success(), "{}", sf.log());
     assert!(dv.terminate().success(), "{}", dv.log());

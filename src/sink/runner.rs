@@ -903,8 +903,11 @@ impl BatchCtx<'_> {
     /// Whether the record belongs to a customer this sink writes (its header, else the
     /// event's field); a record that does not is counted and logged at debug level, never
     /// dropped without a trace.
-    fn wanted(&mut self, m: &Msg, event: &ContactEvent) -> bool {
-        let customer = m.customer.as_deref().or(event.customer.as_deref());
+    fn wanted(&mut self, m: &Msg, event: Option<&ContactEvent>) -> bool {
+        let customer = m
+            .customer
+            .as_deref()
+            .or_else(|| event.and_then(|e| e.customer.as_deref()));
         if self.cfg.wants(customer) {
             return true;
         }
@@ -994,6 +997,11 @@ impl BatchCtx<'_> {
         crate::metrics::sink_consumed(&self.cfg.sink.name, batch.len());
         for m in batch {
             self.totals.consumed += 1;
+            // Another customer's record is skipped before it is decoded: a value this sink
+            // cannot read is then never dead-lettered here.
+            if m.customer.is_some() && !self.wanted(m, None) {
+                continue;
+            }
             let (event, raw) = match &m.payload {
                 // A tombstone deletes on its own: once compaction has removed the delete event
                 // before it, it is all a late or replaying sink sees of the deletion. When both are
@@ -1032,7 +1040,7 @@ impl BatchCtx<'_> {
                     }
                 },
             };
-            if !self.wanted(m, &event) {
+            if m.customer.is_none() && !self.wanted(m, Some(&event)) {
                 continue;
             }
             if let Some(i) = newest.insert(m.key.as_str(), items.len()) {
@@ -1282,14 +1290,14 @@ impl BatchCtx<'_> {
                         reason: "tombstone".into(),
                     },
                 );
-                if self.wanted(m, &e) {
+                if self.wanted(m, Some(&e)) {
                     newest.insert(m.key.clone(), (e, m));
                 }
                 continue;
             };
             match self.read(p, redrive).await? {
                 Read::Event(e, _) => {
-                    if self.wanted(m, &e) {
+                    if self.wanted(m, Some(&e)) {
                         newest.insert(m.key.clone(), (*e, m));
                     } else {
                         println!(

@@ -322,9 +322,14 @@ struct Group(u32);
 
 impl Drop for Group {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.0)])
-            .status();
+        // The `--` matters: procps-ng 4.0's kill reads `-KILL -12345` as the signal and then
+        // the group `-1`, i.e. every process on the machine.
+        if self.0 > 1 {
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{}", self.0)])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

@@ -338,9 +338,9 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = source_config(&config, overrides).await?;
             let sinks = if sinks.is_empty() {
                 let dir = config.parent().map(PathBuf::from).unwrap_or_default();
-                ["salesforce", "dynamics", "mulesoft"]
+                trusst_cdc::sink::targets::TargetKind::ALL
                     .iter()
-                    .map(|n| dir.join(format!("{n}.toml")))
+                    .map(|t| dir.join(format!("{}.toml", t.name())))
                     .filter(|p| p.exists())
                     .collect()
             } else {

@@ -361,8 +361,8 @@ async fn run(cli: Cli) -> Result<()> {
                 let mut found: Vec<PathBuf> = Vec::new();
                 for config in &configs {
                     let dir = config.parent().map(PathBuf::from).unwrap_or_default();
-                    for n in ["salesforce", "dynamics", "mulesoft"] {
-                        let p = dir.join(format!("{n}.toml"));
+                    for t in trusst_cdc::sink::targets::TargetKind::ALL {
+                        let p = dir.join(format!("{}.toml", t.name()));
                         if p.exists() && !found.contains(&p) {
                             found.push(p);
                         }

@@ -85,18 +85,14 @@ pub struct Target {
 impl Target {
     /// The default mapping of each target, as a sink config without `[mapping]` has it.
     pub fn defaults() -> Vec<Target> {
-        [
-            TargetKind::Salesforce,
-            TargetKind::Dynamics,
-            TargetKind::Mulesoft,
-        ]
-        .into_iter()
-        .map(|kind| Target {
-            name: kind.name().to_owned(),
-            config: None,
-            mapping: Mapping::new(kind, &MappingConfig::default()),
-        })
-        .collect()
+        TargetKind::ALL
+            .into_iter()
+            .map(|kind| Target {
+                name: kind.name().to_owned(),
+                config: None,
+                mapping: Mapping::new(kind, &MappingConfig::default()),
+            })
+            .collect()
     }
 
     /// The mapping of a sink config (its field prefix, names and skips apply).
@@ -144,31 +140,15 @@ pub struct Report {
     pub questions: Vec<Planned>,
 }
 
-/// The CRM field type to create for a conversion, in each CRM's own words (the guide's table).
+/// The CRM field type to create for a conversion, as the target's profile names it.
 fn crm_type(kind: TargetKind, conv: Option<Conversion>) -> String {
-    let t = match (kind, conv) {
-        (TargetKind::Mulesoft, _) => "string in universal_questions[].result",
-        (_, None) => "unknown result type: set type in [mapping.questions]",
-        (TargetKind::Salesforce, Some(c)) => match c {
-            Conversion::Boolean => "Checkbox",
-            Conversion::Number => "Number",
-            Conversion::Integer => "Number (0 decimal places)",
-            Conversion::Text => "Long Text Area",
-            Conversion::Picklist | Conversion::OptionSet => "Picklist",
-            Conversion::DateTime => "Date/Time",
-        },
-        (TargetKind::Dynamics, Some(c)) => match c {
-            Conversion::Boolean => "Two Options (Yes/No)",
-            Conversion::Number => "Decimal Number",
-            Conversion::Integer => "Whole Number",
-            Conversion::Text => "Multiple Lines of Text",
-            Conversion::Picklist | Conversion::OptionSet => {
-                "Choice (values read from the column at start)"
-            }
-            Conversion::DateTime => "Date and Time",
-        },
-    };
-    t.to_owned()
+    match conv {
+        Some(c) => (kind.profile().field_type)(c).to_owned(),
+        None if kind.profile().payload.is_some() => {
+            (kind.profile().field_type)(Conversion::Text).to_owned()
+        }
+        None => "unknown result type: set type in [mapping.questions]".to_owned(),
+    }
 }
 
 /// Place every question in every target.
@@ -247,27 +227,22 @@ pub fn render(r: &Report, targets: &[Target]) -> String {
             .map(|p| format!("the [mapping] of {}", p.display()))
             .unwrap_or_else(|| format!("connector-config/{}.toml", m.target.name()));
         s.push('\n');
-        match m.target {
-            TargetKind::Mulesoft => {
+        // A target that takes the event as one document has no fields to create: its keys
+        // are listed as comments.
+        match m.profile.payload {
+            Some(_) => {
                 let _ = writeln!(
                     s,
-                    "# {}: MuleSoft receives the guide's payload unchanged; each answer is the `result` of the\n\
+                    "# {}: the guide's payload, unchanged; each answer is the `result` of the\n\
                      # universal_questions entry with its question_key ({origin}):",
                     t.name
                 );
             }
-            TargetKind::Salesforce | TargetKind::Dynamics => {
+            None => {
                 let _ = writeln!(
                     s,
-                    "# {}: {} {}, upsert on {}. Create each field below; this block is the [mapping.questions] of {origin}.",
-                    t.name,
-                    if m.target == TargetKind::Salesforce {
-                        "sObject"
-                    } else {
-                        "table"
-                    },
-                    m.object,
-                    m.external_id_field
+                    "# {}: object {}, upsert on {}. Create each field below; this block is the [mapping.questions] of {origin}.",
+                    t.name, m.object, m.external_id_field
                 );
                 s.push_str("[mapping.questions]\n");
             }
@@ -275,11 +250,11 @@ pub fn render(r: &Report, targets: &[Target]) -> String {
         for p in &r.questions {
             let place = &p.targets[i];
             let key = &p.question.key;
-            let line = match (m.target, &place.field, place.conversion) {
+            let line = match (m.profile.payload.is_some(), &place.field, place.conversion) {
                 (_, None, _) => {
                     format!("# {key}: not written (skip, or unmapped_questions = \"ignore\")")
                 }
-                (TargetKind::Mulesoft, Some(f), _) => {
+                (true, Some(f), _) => {
                     format!("#   {f:<24} {} answer", p.question.result_type)
                 }
                 (_, Some(f), Some(c)) => format!(
@@ -353,7 +328,7 @@ mod tests {
         assert_eq!(blocks.len(), 3, "{text}");
         for (block, t) in blocks.iter().zip(&targets) {
             let cfg: toml::Table = toml::from_str(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
-            if t.mapping.target == TargetKind::Mulesoft {
+            if t.mapping.profile.payload.is_some() {
                 assert!(cfg.is_empty(), "{block}");
                 assert!(block.contains("#   agent_identified"), "{block}");
                 continue;

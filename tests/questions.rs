@@ -222,7 +222,7 @@ async fn the_printed_mapping_drives_a_sink() {
                 .iter()
                 .find(|r| r["Trusst_Contact_ID__c"] == id.as_str())
                 .ok_or(format!("no record for {id}"))?;
-            let field = trusst_cdc::sink::mapping::salesforce_field(key);
+            let field = trusst_cdc::sink::salesforce::profile::field_name(key);
             let want = match key.as_str() {
                 "agent_identified" | "compliance_check" => Value::from(result == "true"),
                 _ => Value::from(result.as_str()),

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::mapping::{MappingConfig, TargetKind};
+use super::mapping::MappingConfig;
+use super::targets::{TargetConfig, TargetKind};
 use super::{dynamics, mulesoft, salesforce};
 use crate::error::{Error, Result};
 
@@ -82,7 +83,7 @@ pub enum OnDelete {
 pub struct SinkSection {
     /// Name used in the group id, the dead-letter topic and logs.
     pub name: String,
-    /// Which CRM.
+    /// Which CRM; its `[<target>]` section must be present (and no other target's).
     pub target: TargetKind,
     /// Most events per batch (records are then split into CRM-sized requests).
     #[serde(default = "default_batch")]
@@ -136,31 +137,81 @@ fn default_max_backoff() -> Duration {
 
 /// The whole sink config.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawSinkConfig")]
 pub struct SinkConfig {
     /// `[kafka]`.
-    #[serde(default)]
     pub kafka: SinkKafka,
     /// `[sink]`.
     pub sink: SinkSection,
     /// `[mapping]`.
-    #[serde(default)]
     pub mapping: MappingConfig,
-    /// `[salesforce]`, required when target = "salesforce".
-    #[serde(default)]
-    pub salesforce: Option<salesforce::Config>,
-    /// `[dynamics]`, required when target = "dynamics".
-    #[serde(default)]
-    pub dynamics: Option<dynamics::Config>,
-    /// `[mulesoft]`, required when target = "mulesoft".
-    #[serde(default)]
-    pub mulesoft: Option<mulesoft::Config>,
+    /// The target's section (`[salesforce]`, `[dynamics]` or `[mulesoft]`), the one `target` names.
+    pub target: TargetConfig,
     /// `[audit]`: the optional sync audit table.
-    #[serde(default)]
     pub audit: super::audit::AuditConfig,
     /// `[metrics]`: the `/metrics`, `/health`, `/ready` endpoint.
-    #[serde(default)]
     pub metrics: crate::metrics::server::MetricsConfig,
+}
+
+/// A sink config file as written: every target's section optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSinkConfig {
+    #[serde(default)]
+    kafka: SinkKafka,
+    sink: SinkSection,
+    #[serde(default)]
+    mapping: MappingConfig,
+    #[serde(default)]
+    salesforce: Option<salesforce::Config>,
+    #[serde(default)]
+    dynamics: Option<dynamics::Config>,
+    #[serde(default)]
+    mulesoft: Option<mulesoft::Config>,
+    #[serde(default)]
+    audit: super::audit::AuditConfig,
+    #[serde(default)]
+    metrics: crate::metrics::server::MetricsConfig,
+}
+
+impl TryFrom<RawSinkConfig> for SinkConfig {
+    type Error = String;
+
+    fn try_from(raw: RawSinkConfig) -> std::result::Result<Self, String> {
+        let want = raw.sink.target;
+        let mut sections = [
+            raw.salesforce.map(TargetConfig::Salesforce),
+            raw.dynamics.map(TargetConfig::Dynamics),
+            raw.mulesoft.map(TargetConfig::Mulesoft),
+        ]
+        .into_iter()
+        .flatten();
+        let (mut target, mut others) = (None, Vec::new());
+        for t in sections.by_ref() {
+            if t.kind() == want {
+                target = Some(t);
+            } else {
+                others.push(t.kind().name());
+            }
+        }
+        let t = want.name();
+        if let Some(other) = others.first() {
+            return Err(format!(
+                "[sink] target = \"{t}\" but the file has a [{other}] section: remove it, or set target = \"{other}\""
+            ));
+        }
+        let target = target.ok_or_else(|| {
+            format!("target = \"{t}\" needs a [{t}] section (see connector-config/{t}.toml)")
+        })?;
+        Ok(SinkConfig {
+            kafka: raw.kafka,
+            sink: raw.sink,
+            mapping: raw.mapping,
+            target,
+            audit: raw.audit,
+            metrics: raw.metrics,
+        })
+    }
 }
 
 /// Flag / environment overrides of a sink config.
@@ -220,23 +271,8 @@ impl SinkConfig {
             )));
         }
         self.registry()?;
-        // Endpoints move between environments (a container network, the emulator), so they can
-        // come from the environment like the brokers do.
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        if let (Some(sf), Some(v)) = (self.salesforce.as_mut(), env("SALESFORCE_LOGIN_URL")) {
-            sf.login_url = v;
-        }
-        if let Some(d) = self.dynamics.as_mut() {
-            if let Some(v) = env("DYNAMICS_URL") {
-                d.url = v;
-            }
-            if let Some(v) = env("DYNAMICS_TOKEN_URL") {
-                d.token_url = Some(v);
-            }
-        }
-        if let (Some(m), Some(v)) = (self.mulesoft.as_mut(), env("MULESOFT_URL")) {
-            m.url = v;
-        }
+        self.target.endpoints_from_env(env);
         if let Some(v) = env("TRUSST_AUDIT_DATABASE_URL") {
             self.audit.database_url = Some(v);
         }
@@ -268,17 +304,6 @@ impl SinkConfig {
             return Err(Error::user(format!(
                 "[sink] catch_up_batch_max_records ({}) is below batch_max_records ({}): raise it, or lower batch_max_records",
                 self.sink.catch_up_batch_max_records, self.sink.batch_max_records
-            )));
-        }
-        let missing = match self.sink.target {
-            TargetKind::Salesforce => self.salesforce.is_none(),
-            TargetKind::Dynamics => self.dynamics.is_none(),
-            TargetKind::Mulesoft => self.mulesoft.is_none(),
-        };
-        if missing {
-            let t = self.sink.target.name();
-            return Err(Error::user(format!(
-                "target = \"{t}\" needs a [{t}] section (see connector-config/{t}.toml)"
             )));
         }
         super::mapping::Mapping::new(self.sink.target, &self.mapping)
@@ -331,5 +356,48 @@ impl SinkConfig {
             .dlq_topic
             .clone()
             .unwrap_or_else(|| format!("{}.dlq.{}", self.kafka.topic, self.sink.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MULESOFT: &str = "[mulesoft]\nurl = \"http://x\"\nclient_id = \"i\"\nclient_secret = { env = \"FAKE_SECRET\" }\n";
+
+    fn parse(text: &str) -> std::result::Result<SinkConfig, String> {
+        crate::config::parse::<SinkConfig>(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_target_and_its_section_cannot_disagree() {
+        let sf = "[sink]\nname = \"s\"\ntarget = \"salesforce\"\n";
+        let err = parse(sf).unwrap_err();
+        assert!(err.contains("needs a [salesforce] section"), "{err}");
+        let err = parse(&format!("{sf}{MULESOFT}")).unwrap_err();
+        assert!(
+            err.contains("has a [mulesoft] section") && err.contains("set target = \"mulesoft\""),
+            "{err}"
+        );
+        let cfg = parse(&format!(
+            "[sink]\nname = \"m\"\ntarget = \"mulesoft\"\n{MULESOFT}"
+        ))
+        .unwrap();
+        assert_eq!(cfg.target.kind(), TargetKind::Mulesoft);
+    }
+
+    #[test]
+    fn every_shipped_config_names_its_own_target() {
+        for t in TargetKind::ALL {
+            let path = format!(
+                "{}/connector-config/{}.toml",
+                env!("CARGO_MANIFEST_DIR"),
+                t.name()
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cfg = parse(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(cfg.sink.target, t);
+            assert_eq!(cfg.target.kind(), t);
+        }
     }
 }

@@ -6,9 +6,10 @@
 # simple-salesforce) against the CRM emulator over HTTPS (scripts/vendor-clients.sh), the deployment
 # files (scripts/deploy-check.sh: the Helm chart linted, rendered and validated against the
 # Kubernetes schemas, the alert rules' promtool tests; tests/helm.rs then checks the rendered
-# chart), a short seeded chaos run (scripts/chaos.sh on a three-broker Kafka cluster, every kind of
-# fault once, about five minutes), and a short cargo-fuzz run of each fuzz target (pgoutput decoder,
-# JSON and Avro event decoders, config loader).
+# chart), the README's shell blocks run in order as a new user would (tests/readme.rs, on the
+# services already up), a short seeded chaos run (scripts/chaos.sh on a three-broker Kafka cluster,
+# every kind of fault once, about five minutes), and a short cargo-fuzz run of each fuzz target
+# (pgoutput decoder, JSON and Avro event decoders, config loader).
 #
 # Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL),
 # SLOTS_PGPORT (55436), FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and

@@ -9,7 +9,16 @@ use crate::source::setup::{self, Finding};
 
 /// Run every check, print one line each, and fail when any check failed.
 pub async fn run(cfg: &SourceConfig) -> Result<()> {
-    let mut findings = Vec::new();
+    let mut findings = vec![Finding::ok(
+        if cfg.customer() == crate::config::DEFAULT_CUSTOMER {
+            format!(
+                "events carry customer {:?} (one customer; name it with [source] customer or TRUSST_CUSTOMER)",
+                cfg.customer()
+            )
+        } else {
+            format!("events carry customer {:?}", cfg.customer())
+        },
+    )];
     match crate::pg::connect(cfg.database_url()).await {
         Ok(client) => {
             let s = &cfg.source;
@@ -101,7 +110,7 @@ async fn slot_findings(cfg: &SourceConfig, client: &tokio_postgres::Client) -> V
         } else {
             Finding::warn(
                 what,
-                "see the README, \"PostgreSQL versions, replicas and failover\"",
+                "see docs/postgresql.md, \"PostgreSQL versions, replicas and failover\"",
             )
         });
     }

@@ -5,6 +5,7 @@
 //! - [`kafka`]: producer, topics.
 //! - [`check`]: the preflight.
 //! - [`status`]: the pipeline's state (slot lag, consumer lag, dead letters, sync audit).
+//! - [`questions`]: a customer's universal questions and the fields each target writes them to.
 //! - [`generate`]: realistic demo and test data.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/health`, `/ready` endpoint.
 //! - [`emulator`]: a local Salesforce / Dataverse / MuleSoft emulator for tests and demos.
@@ -18,6 +19,7 @@ pub mod generate;
 pub mod kafka;
 pub mod metrics;
 pub mod pg;
+pub mod questions;
 pub mod secrets;
 pub mod sink;
 pub mod source;

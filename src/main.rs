@@ -126,13 +126,30 @@ enum Command {
     /// Print the pipeline's state: slot lag, topic end offsets, per-sink consumer lag, dead
     /// letters and the sync audit's last rows; non-zero exit when something is missing.
     Status {
-        /// Source config file (database, slot, Kafka, topic).
+        /// Source config files (database, slot, Kafka, topic), repeatable: one per customer
+        /// database; the flags and environment below apply to each.
+        #[arg(long = "config", default_value = "connector-config/source.toml")]
+        configs: Vec<PathBuf>,
+        #[command(flatten)]
+        overrides: SourceOverrides,
+        /// Sink config files (repeatable); default: the salesforce, dynamics and mulesoft configs
+        /// beside each source config.
+        #[arg(long = "sink")]
+        sinks: Vec<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the customer's universal questions (the integration guide's step 1) and, for each
+    /// target, the field each answer goes to: a `[mapping.questions]` block to start a sink
+    /// config from, and the CRM field type to create.
+    Questions {
+        /// Source config file (the database; Kafka is not needed).
         #[arg(long, default_value = "connector-config/source.toml")]
         config: PathBuf,
         #[command(flatten)]
         overrides: SourceOverrides,
-        /// Sink config files (repeatable); default: the shipped salesforce, dynamics and mulesoft
-        /// configs beside the source config.
+        /// Sink configs whose mapping to use (repeatable); default: each target's defaults.
         #[arg(long = "sink")]
         sinks: Vec<PathBuf>,
         /// Print JSON instead of text.
@@ -330,24 +347,33 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status {
-            config,
+            configs,
             overrides,
             sinks,
             json,
         } => {
-            let cfg = source_config(&config, overrides).await?;
+            let mut sources = Vec::new();
+            for config in &configs {
+                let cfg = source_config(config, overrides.clone()).await?;
+                sources.push((config.clone(), cfg));
+            }
             let sinks = if sinks.is_empty() {
-                let dir = config.parent().map(PathBuf::from).unwrap_or_default();
-                ["salesforce", "dynamics", "mulesoft"]
-                    .iter()
-                    .map(|n| dir.join(format!("{n}.toml")))
-                    .filter(|p| p.exists())
-                    .collect()
+                let mut found: Vec<PathBuf> = Vec::new();
+                for config in &configs {
+                    let dir = config.parent().map(PathBuf::from).unwrap_or_default();
+                    for t in trusst_cdc::sink::targets::TargetKind::ALL {
+                        let p = dir.join(format!("{}.toml", t.name()));
+                        if p.exists() && !found.contains(&p) {
+                            found.push(p);
+                        }
+                    }
+                }
+                found
             } else {
                 sinks
             };
             let sinks = trusst_cdc::status::load_sinks(&sinks)?;
-            let report = trusst_cdc::status::gather(&cfg, &sinks).await;
+            let report = trusst_cdc::status::gather(&sources, &sinks).await;
             if json {
                 println!(
                     "{}",
@@ -363,6 +389,40 @@ async fn run(cli: Cli) -> Result<()> {
                     "{n} problem(s) found; see the lines above"
                 ))),
             }
+        }
+        Command::Questions {
+            config,
+            overrides,
+            sinks,
+            json,
+        } => {
+            let mut cfg =
+                config::load::<SourceConfig>(&config)?.resolve_database_only(overrides)?;
+            cfg.fetch_secret().await?;
+            let client = pg::connect(cfg.database_url()).await?;
+            let questions = trusst_cdc::questions::universal(&client).await?;
+            let targets = if sinks.is_empty() {
+                trusst_cdc::questions::Target::defaults()
+            } else {
+                sinks
+                    .iter()
+                    .map(|p| {
+                        let sink = config::load::<trusst_cdc::sink::config::SinkConfig>(p)?;
+                        Ok(trusst_cdc::questions::Target::of_sink(p.clone(), &sink))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let report = trusst_cdc::questions::plan(cfg.customer(), questions, &targets);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .map_err(|e| Error::internal(format!("questions as JSON: {e}")))?
+                );
+            } else {
+                print!("{}", trusst_cdc::questions::render(&report, &targets));
+            }
+            Ok(())
         }
         Command::Tail {
             kafka_brokers,

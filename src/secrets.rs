@@ -27,6 +27,20 @@ pub struct SecretRef {
 }
 
 impl SecretRef {
+    /// The customer the secret belongs to: `customer`, or the `<customer>` of an `id` of the
+    /// guide's form `trusst/<customer>/db-readonly-user` (a name or an ARN, whose name ends in
+    /// six random characters after a `-`).
+    pub fn customer_name(&self) -> Option<String> {
+        if let Some(c) = &self.customer {
+            return Some(c.clone());
+        }
+        let id = self.id.as_deref()?;
+        let name = id.rsplit_once(":secret:").map_or(id, |(_, n)| n);
+        let rest = name.strip_prefix("trusst/")?;
+        let (customer, tail) = rest.split_once('/')?;
+        (!customer.is_empty() && tail.starts_with("db-readonly-user")).then(|| customer.to_owned())
+    }
+
     /// The secret name or ARN to read.
     pub fn secret_id(&self) -> Result<String> {
         match (&self.customer, &self.id) {

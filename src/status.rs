@@ -1,5 +1,6 @@
-//! `trusst-cdc status`: the pipeline's state in one place — the slot's lag, the event topic's end
-//! offsets, each sink's consumer lag and dead-letter count, and the sync audit's last rows.
+//! `trusst-cdc status`: the pipeline's state in one place — for every source given (one per
+//! customer database) its customer, the slot's lag and the event topic's end offsets; for every
+//! sink its topic, customers, consumer lag, dead-letter count and the sync audit's last rows.
 //!
 //! It only reads: no consumer group is joined (committed offsets are looked up, not consumed),
 //! so it is safe beside running sinks.
@@ -24,14 +25,25 @@ const AUDIT_ROWS: i64 = 5;
 /// Everything `status` reports; printed as text or JSON.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// The source's replication slot.
-    pub slot: Option<SlotState>,
-    /// The event topic.
-    pub topic: TopicState,
+    /// One entry per source config.
+    pub sources: Vec<SourceState>,
     /// One entry per sink config.
     pub sinks: Vec<SinkState>,
     /// What could not be read or looks wrong, each with the fix.
     pub problems: Vec<String>,
+}
+
+/// One source: its customer, replication slot and event topic.
+#[derive(Debug, Serialize)]
+pub struct SourceState {
+    /// Config file it came from.
+    pub config: PathBuf,
+    /// `[source] customer` (as resolved: explicit, from the secret, or the default).
+    pub customer: String,
+    /// The replication slot; `None` when it does not exist or could not be read.
+    pub slot: Option<SlotState>,
+    /// The event topic.
+    pub topic: TopicState,
 }
 
 /// The replication slot as PostgreSQL reports it.
@@ -71,6 +83,10 @@ pub struct SinkState {
     pub name: String,
     /// Config file it came from.
     pub config: PathBuf,
+    /// The event topic it reads.
+    pub topic: String,
+    /// `[sink] customers`: the customers it writes (empty: all).
+    pub customers: Vec<String>,
     /// Consumer group.
     pub group: String,
     /// Per partition: records after the group's committed offset (all of them when it has none).
@@ -126,88 +142,48 @@ pub fn load_sinks(paths: &[PathBuf]) -> Result<Vec<(PathBuf, SinkConfig)>> {
 
 /// Gather the report. Unreachable parts become entries in `problems` rather than errors, so
 /// one down service does not hide the rest.
-pub async fn gather(source: &SourceConfig, sinks: &[(PathBuf, SinkConfig)]) -> Report {
+pub async fn gather(
+    sources: &[(PathBuf, SourceConfig)],
+    sinks: &[(PathBuf, SinkConfig)],
+) -> Report {
     let mut problems = Vec::new();
-    let slot = match slot_state(source).await {
-        Ok(Some(s)) => {
-            if s.wal_status.as_deref() == Some("lost") {
-                problems.push(format!(
-                    "slot {} has lost WAL it needed (wal_status = lost): run `trusst-cdc source --recover` (a new \
-                     slot and a bounded re-publish; see the README, \"When the replication slot is lost\")",
-                    s.name
-                ));
-            }
-            Some(s)
-        }
-        Ok(None) => {
-            problems.push(format!(
-                "replication slot {} does not exist: start `trusst-cdc source` (a first start creates it; a source \
-                 that streamed from it before stops and says to run `trusst-cdc source --recover`)",
-                source.source.slot
-            ));
-            None
-        }
-        Err(e) => {
-            problems.push(format!("slot: {e}"));
-            None
-        }
-    };
-
-    let brokers = source.brokers().to_owned();
-    let properties = source.kafka.properties.clone();
-    let topic_name = source.kafka.topic.clone();
-    let groups: Vec<(String, String, String, BTreeMap<String, String>)> = sinks
-        .iter()
-        .map(|(_, c)| {
-            (
-                c.kafka.topic.clone(),
-                c.group_id(),
-                c.dlq_topic(),
-                c.kafka.properties.clone(),
-            )
-        })
-        .collect();
-    // rdkafka's metadata and offset calls block: keep them off the async workers.
-    let kafka = tokio::task::spawn_blocking(move || {
-        kafka_state(&brokers, &properties, &topic_name, &groups)
-    })
-    .await;
-    let (topic, kafka_sinks) = match kafka {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            problems.push(format!("Kafka: {e}"));
-            (
-                TopicState {
-                    name: source.kafka.topic.clone(),
-                    partitions: BTreeMap::new(),
-                    end_offsets_total: 0,
-                },
-                vec![],
-            )
-        }
-        Err(e) => {
-            problems.push(format!("Kafka: {e}"));
-            (
-                TopicState {
-                    name: source.kafka.topic.clone(),
-                    partitions: BTreeMap::new(),
-                    end_offsets_total: 0,
-                },
-                vec![],
-            )
-        }
-    };
-
+    let mut source_states = Vec::new();
+    for (path, source) in sources {
+        source_states.push(gather_source(path, source, &mut problems).await);
+    }
     let mut states = Vec::new();
-    for (i, (path, cfg)) in sinks.iter().enumerate() {
-        let (lag, has_committed, dead_letters) = match kafka_sinks.get(i) {
-            Some(Ok(v)) => v.clone(),
-            Some(Err(e)) => {
-                problems.push(format!("sink {}: {e}", cfg.sink.name));
-                (BTreeMap::new(), false, 0)
-            }
-            None => (BTreeMap::new(), false, 0),
-        };
+    for (path, cfg) in sinks {
+        let brokers = cfg.brokers().to_owned();
+        let (props, topic, group, dlq) = (
+            cfg.kafka.properties.clone(),
+            cfg.kafka.topic.clone(),
+            cfg.group_id(),
+            cfg.dlq_topic(),
+        );
+        // rdkafka's metadata and offset calls block: keep them off the async workers.
+        let offsets = tokio::task::spawn_blocking(move || {
+            sink_offsets(&brokers, &props, &topic, &group, &dlq)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("reading the sink's offsets: {e}")))
+        .and_then(|r| r);
+        let (lag, has_committed, dead_letters) = offsets.unwrap_or_else(|e| {
+            problems.push(format!("sink {}: {e}", cfg.sink.name));
+            (BTreeMap::new(), false, 0)
+        });
+        if !sources.is_empty()
+            && !sources
+                .iter()
+                .any(|(_, s)| s.kafka.topic == cfg.kafka.topic)
+        {
+            problems.push(format!(
+                "sink {} reads topic {}, which none of the sources given publishes: pass its source with another \
+                 --config, or correct [kafka] topic in {}",
+                cfg.sink.name,
+                cfg.kafka.topic,
+                path.display()
+            ));
+        }
         let audit = match cfg.audit.database_url.as_deref().filter(|u| !u.is_empty()) {
             None => None,
             Some(url) => match audit_rows(url, &cfg.audit.table, &cfg.sink.name).await {
@@ -221,6 +197,8 @@ pub async fn gather(source: &SourceConfig, sinks: &[(PathBuf, SinkConfig)]) -> R
         states.push(SinkState {
             name: cfg.sink.name.clone(),
             config: path.clone(),
+            topic: cfg.kafka.topic.clone(),
+            customers: cfg.sink.customers.clone(),
             group: cfg.group_id(),
             lag_total: lag.values().sum(),
             lag,
@@ -231,10 +209,65 @@ pub async fn gather(source: &SourceConfig, sinks: &[(PathBuf, SinkConfig)]) -> R
         });
     }
     Report {
-        slot,
-        topic,
+        sources: source_states,
         sinks: states,
         problems,
+    }
+}
+
+/// One source's slot and topic; what cannot be read goes to `problems`, prefixed with the
+/// customer when several sources are reported.
+async fn gather_source(
+    path: &std::path::Path,
+    source: &SourceConfig,
+    problems: &mut Vec<String>,
+) -> SourceState {
+    let who = format!("customer {} ({})", source.customer(), path.display());
+    let slot = match slot_state(source).await {
+        Ok(Some(s)) => {
+            if s.wal_status.as_deref() == Some("lost") {
+                problems.push(format!(
+                    "{who}: slot {} has lost WAL it needed (wal_status = lost): run `trusst-cdc source --recover` (a new \
+                     slot and a bounded re-publish; see the README, \"When the replication slot is lost\")",
+                    s.name
+                ));
+            }
+            Some(s)
+        }
+        Ok(None) => {
+            problems.push(format!(
+                "{who}: replication slot {} does not exist: start `trusst-cdc source` (a first start creates it; a source \
+                 that streamed from it before stops and says to run `trusst-cdc source --recover`)",
+                source.source.slot
+            ));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("{who}: slot: {e}"));
+            None
+        }
+    };
+    let brokers = source.brokers().to_owned();
+    let properties = source.kafka.properties.clone();
+    let topic_name = source.kafka.topic.clone();
+    let kafka =
+        tokio::task::spawn_blocking(move || topic_state(&brokers, &properties, &topic_name))
+            .await
+            .map_err(|e| Error::internal(format!("reading the topic: {e}")))
+            .and_then(|r| r);
+    let topic = kafka.unwrap_or_else(|e| {
+        problems.push(format!("{who}: Kafka: {e}"));
+        TopicState {
+            name: source.kafka.topic.clone(),
+            partitions: BTreeMap::new(),
+            end_offsets_total: 0,
+        }
+    });
+    SourceState {
+        config: path.to_owned(),
+        customer: source.customer().to_owned(),
+        slot,
+        topic,
     }
 }
 
@@ -287,14 +320,11 @@ async fn slot_state(source: &SourceConfig) -> Result<Option<SlotState>> {
     }))
 }
 
-type SinkOffsets = std::result::Result<(BTreeMap<i32, i64>, bool, i64), String>;
-
-fn kafka_state(
+fn topic_state(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topic: &str,
-    groups: &[(String, String, String, BTreeMap<String, String>)],
-) -> Result<(TopicState, Vec<SinkOffsets>)> {
+) -> Result<TopicState> {
     let consumer: BaseConsumer = crate::kafka::create(
         &crate::kafka::client_config(brokers, properties),
         "consumer",
@@ -304,18 +334,11 @@ fn kafka_state(
             "topic {topic} does not exist: start `trusst-cdc source` (it creates the topic)"
         ))
     })?;
-    let state = TopicState {
+    Ok(TopicState {
         name: topic.to_owned(),
         end_offsets_total: watermarks.values().map(|(_, h)| h).sum(),
         partitions: watermarks,
-    };
-    let sinks = groups
-        .iter()
-        .map(|(sink_topic, group, dlq, props)| {
-            sink_offsets(brokers, props, sink_topic, group, dlq).map_err(|e| e.to_string())
-        })
-        .collect();
-    Ok((state, sinks))
+    })
 }
 
 /// Low and high watermarks per partition; `None` when the topic does not exist.
@@ -412,11 +435,30 @@ async fn audit_rows(url: &str, table: &str, sink: &str) -> Result<Vec<AuditRow>>
 pub fn render(r: &Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
+    for src in &r.sources {
+        let _ = writeln!(
+            s,
+            "source {} (customer {}):",
+            src.config.display(),
+            src.customer
+        );
+        render_source(&mut s, src);
+    }
+    render_sinks(&mut s, r);
+    for p in &r.problems {
+        let _ = writeln!(s, "problem: {p}");
+    }
+    s
+}
+
+/// A source's slot and topic lines, indented under its heading.
+fn render_source(s: &mut String, r: &SourceState) {
+    use std::fmt::Write;
     match &r.slot {
         Some(slot) => {
             let _ = writeln!(
                 s,
-                "slot {}: {}, confirmed {}, lag {}{}",
+                "  slot {}: {}, confirmed {}, lag {}{}",
                 slot.name,
                 if slot.active { "active" } else { "inactive" },
                 slot.confirmed_flush_lsn.as_deref().unwrap_or("-"),
@@ -426,10 +468,10 @@ pub fn render(r: &Report) -> String {
                     .unwrap_or_default(),
             );
             if let Some((_, why)) = &slot.failover {
-                let _ = writeln!(s, "    failover: {why}");
+                let _ = writeln!(s, "      failover: {why}");
             }
         }
-        None => s.push_str("slot: -\n"),
+        None => s.push_str("  slot: -\n"),
     }
     let parts: Vec<String> = r
         .topic
@@ -439,18 +481,29 @@ pub fn render(r: &Report) -> String {
         .collect();
     let _ = writeln!(
         s,
-        "topic {}: {} records written ({})",
+        "  topic {}: {} records written ({})",
         r.topic.name,
         r.topic.end_offsets_total,
         parts.join(" ")
     );
+}
+
+/// One line per sink (and its audit rows).
+fn render_sinks(s: &mut String, r: &Report) {
+    use std::fmt::Write;
     for k in &r.sinks {
         let lag: Vec<String> = k.lag.iter().map(|(p, l)| format!("p{p}={l}")).collect();
         let _ = writeln!(
             s,
-            "sink {} (group {}): lag {}{} ({}), dead letters {} on {}",
+            "sink {} (group {}, topic {}, customers {}): lag {}{} ({}), dead letters {} on {}",
             k.name,
             k.group,
+            k.topic,
+            if k.customers.is_empty() {
+                "all".to_owned()
+            } else {
+                k.customers.join(",")
+            },
             k.lag_total,
             if k.has_committed {
                 ""
@@ -483,10 +536,6 @@ pub fn render(r: &Report) -> String {
             }
         }
     }
-    for p in &r.problems {
-        let _ = writeln!(s, "problem: {p}");
-    }
-    s
 }
 
 fn bytes(n: i64) -> String {
@@ -505,23 +554,29 @@ mod tests {
     #[test]
     fn renders_every_part() {
         let r = Report {
-            slot: Some(SlotState {
-                name: "trusst_cdc".into(),
-                active: true,
-                confirmed_flush_lsn: Some("0/16B3748".into()),
-                lag_bytes: Some(3 << 20),
-                flush_lag_seconds: Some(0.25),
-                wal_status: Some("reserved".into()),
-                failover: Some((false, "slot trusst_cdc would not survive a failover".into())),
-            }),
-            topic: TopicState {
-                name: "trusst.contacts".into(),
-                partitions: BTreeMap::from([(0, (0, 40)), (1, (0, 2))]),
-                end_offsets_total: 42,
-            },
+            sources: vec![SourceState {
+                config: "source.toml".into(),
+                customer: "acme".into(),
+                slot: Some(SlotState {
+                    name: "trusst_cdc".into(),
+                    active: true,
+                    confirmed_flush_lsn: Some("0/16B3748".into()),
+                    lag_bytes: Some(3 << 20),
+                    flush_lag_seconds: Some(0.25),
+                    wal_status: Some("reserved".into()),
+                    failover: Some((false, "slot trusst_cdc would not survive a failover".into())),
+                }),
+                topic: TopicState {
+                    name: "trusst.contacts".into(),
+                    partitions: BTreeMap::from([(0, (0, 40)), (1, (0, 2))]),
+                    end_offsets_total: 42,
+                },
+            }],
             sinks: vec![SinkState {
                 name: "salesforce".into(),
                 config: "sf.toml".into(),
+                topic: "trusst.contacts".into(),
+                customers: vec!["acme".into()],
                 group: "trusst-cdc-salesforce".into(),
                 lag: BTreeMap::from([(0, 5), (1, 0)]),
                 lag_total: 5,
@@ -542,6 +597,10 @@ mod tests {
         };
         let text = render(&r);
         assert!(
+            text.contains("source source.toml (customer acme):"),
+            "{text}"
+        );
+        assert!(
             text.contains(
                 "slot trusst_cdc: active, confirmed 0/16B3748, lag 3.0 MiB (0.250 s behind)"
             ),
@@ -553,7 +612,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "sink salesforce (group trusst-cdc-salesforce): lag 5 (p0=5 p1=0), dead letters 1"
+                "sink salesforce (group trusst-cdc-salesforce, topic trusst.contacts, customers acme): lag 5 (p0=5 p1=0), dead letters 1"
             ),
             "{text}"
         );

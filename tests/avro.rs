@@ -173,6 +173,7 @@ fn event(contact: &str) -> ContactEvent {
         },
         truncated: None,
         cleared_question_keys: None,
+        customer: None,
     }
 }
 
@@ -376,4 +377,40 @@ async fn an_incompatible_subject_is_refused_with_the_fix() {
         .await
         .unwrap();
     assert!(matches!(fresh, None | Some(true)), "{fresh:?}");
+}
+
+/// The `customer` field is a backward-compatible change: under a subject that holds the schema
+/// as it was before it (and enforces BACKWARD), the registry accepts the current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_customer_field_is_backward_compatible_in_the_registry() {
+    let subject = registry::value_subject(&unique("contacts").replace('_', "-"));
+    let mut before: Value = serde_json::from_str(avro::SCHEMA_TEXT).unwrap();
+    let fields = before["fields"].as_array_mut().unwrap();
+    assert_eq!(fields.last().unwrap()["name"], "customer");
+    fields.pop();
+    let registry = trusst_cdc::event::Registry::new(&registry_url()).unwrap();
+    let old_id = registry
+        .register(&subject, &before.to_string())
+        .await
+        .unwrap();
+    let r = reqwest::Client::new()
+        .put(format!("{}/config/{subject}", registry_url()))
+        .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        .body(serde_json::json!({"compatibility": "BACKWARD"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+    assert_eq!(
+        registry
+            .compatible(&subject, avro::SCHEMA_TEXT)
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    let new_id = registry
+        .register(&subject, avro::SCHEMA_TEXT)
+        .await
+        .unwrap();
+    assert_ne!(new_id, old_id);
 }

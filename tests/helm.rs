@@ -410,6 +410,8 @@ fn rendered_configs_load_in_the_connector() {
                         trusst_cdc::config::StateStore::Kafka
                     );
                     assert_eq!(cfg.source.slot, label(d, "trusst-cdc/slot"));
+                    // Every event names the customer whose database it came from.
+                    assert_eq!(cfg.customer(), label(d, "trusst-cdc/customer"));
                 }
                 "sink" => {
                     let cfg: SinkConfig = trusst_cdc::config::parse(&text)
@@ -418,6 +420,8 @@ fn rendered_configs_load_in_the_connector() {
                         .resolve(SinkOverrides::default())
                         .unwrap_or_else(|e| panic!("{}: {e}\n{text}", name(d)));
                     assert_eq!(cfg.sink.name, label(d, "trusst-cdc/sink"));
+                    // A sink writes only its own customer's records.
+                    assert_eq!(cfg.sink.customers, [label(d, "trusst-cdc/customer")]);
                 }
                 other => panic!("{}: component {other:?}", name(d)),
             }

@@ -169,6 +169,12 @@ async fn secret_credentials_drive_source_backfill_and_check() {
     assert_eq!(expected.len(), 8);
     reader.until_contacts(Duration::from_secs(60), 8);
     assert_matches_seed(&reader.latest(), &expected);
+    // No [source] customer: every record names the secret's customer.
+    for r in &reader.records {
+        assert_eq!(r.customer.as_deref(), Some(customer.as_str()), "{r:?}");
+        let e = r.event().unwrap();
+        assert_eq!(e.customer.as_deref(), Some(customer.as_str()), "{e:?}");
+    }
     assert!(
         src.terminate().success(),
         "source did not stop cleanly:\n{}",
@@ -185,6 +191,10 @@ async fn secret_credentials_drive_source_backfill_and_check() {
     let out = String::from_utf8_lossy(&check.stdout).into_owned();
     stderr.push_str(&String::from_utf8_lossy(&check.stderr));
     assert!(check.status.success(), "check failed:\n{out}\n{stderr}");
+    assert!(
+        out.contains(&format!("events carry customer \"{customer}\"")),
+        "{out}"
+    );
     let backfill = run(
         &opts,
         &config,

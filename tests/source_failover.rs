@@ -20,11 +20,11 @@ use common::*;
 const WAIT: Duration = Duration::from_secs(90);
 
 /// Two sources with the same slot, topic and config (each with its own state folder).
-fn pair(db: &TestDb, source_extra: &str) -> (SourceProc, SourceProc) {
+fn pair(db: &TestDb, source_lines: &str) -> (SourceProc, SourceProc) {
     let slot = unique("slot");
     let topic = unique("contacts").replace('_', "-");
     let opts = SourceOpts {
-        source_extra: source_extra.to_owned(),
+        source_lines: source_lines.to_owned(),
         ..Default::default()
     };
     let start = || {
@@ -422,7 +422,7 @@ async fn a_partitioned_source_does_not_publish_a_read_older_than_the_takeover() 
     let slot = unique("slot");
     let topic = unique("contacts").replace('_', "-");
     let opts = SourceOpts {
-        source_extra: "takeover_after = \"5s\"".into(),
+        source_lines: "takeover_after = \"5s\"".into(),
         ..Default::default()
     };
     let mut active = SourceProc::start_with(

@@ -127,16 +127,18 @@ async fn audit_rows_and_status_match_what_reached_the_crm() {
     // status: everything consumed, the dead letter counted, the audit rows shown.
     let (ok, report, stderr) = status(&src, &db, &cfg, &[]);
     assert!(ok, "status failed: {report}\n{stderr}");
-    assert_eq!(report["slot"]["name"], src.slot.as_str());
-    assert_eq!(report["slot"]["active"], true);
+    assert_eq!(report["sources"][0]["slot"]["name"], src.slot.as_str());
+    assert_eq!(report["sources"][0]["slot"]["active"], true);
     assert!(
-        report["slot"]["lag_bytes"].as_i64().is_some_and(|l| l >= 0),
+        report["sources"][0]["slot"]["lag_bytes"]
+            .as_i64()
+            .is_some_and(|l| l >= 0),
         "{report}"
     );
     let mut topic = TopicReader::new(&src.topic);
     topic.settle(Duration::from_secs(2));
     assert_eq!(
-        report["topic"]["end_offsets_total"].as_i64(),
+        report["sources"][0]["topic"]["end_offsets_total"].as_i64(),
         Some(topic.records.len() as i64),
         "{report}"
     );
@@ -197,7 +199,7 @@ async fn audit_refuses_the_trusst_database_and_status_names_what_is_missing() {
 
     let (ok, report, _) = status(&src, &db, &cfg, &[("TRUSST_SLOT", "no_such_slot")]);
     assert!(!ok, "status must fail when the slot is missing: {report}");
-    assert!(report["slot"].is_null());
+    assert!(report["sources"][0]["slot"].is_null());
     let problems = report["problems"].to_string();
     assert!(
         problems.contains("no_such_slot") && problems.contains("trusst-cdc source"),

@@ -125,7 +125,8 @@ pub struct KafkaConfig {
     /// Bootstrap servers, comma-separated; `KAFKA_BROKERS` overrides.
     #[serde(default)]
     pub brokers: Option<String>,
-    /// Event topic; `TRUSST_TOPIC` overrides.
+    /// Event topic; `TRUSST_TOPIC` overrides. `{customer}` in it is replaced by
+    /// `[source] customer`, e.g. `trusst.{customer}.contacts`, one topic per customer.
     #[serde(default = "default_topic")]
     pub topic: String,
     /// Partitions when the source creates the topic.
@@ -272,6 +273,12 @@ pub struct SourceSection {
         deserialize_with = "crate::config::duration::deserialize"
     )]
     pub recover_margin: Duration,
+    /// The Trusst customer (tenant) this database belongs to, carried by every event (and
+    /// every record's `trusst-customer` header); `TRUSST_CUSTOMER` overrides. Default: the
+    /// customer of `[database] secret` (`trusst/<customer>/db-readonly-user`), else
+    /// [`DEFAULT_CUSTOMER`].
+    #[serde(default)]
+    pub customer: Option<String>,
     /// Largest encoded event; longer texts are shortened (and listed in the event's
     /// `truncated`). Default and cap: what the producer and the topic accept.
     #[serde(default)]
@@ -288,6 +295,30 @@ impl Default for SourceSection {
     fn default() -> Self {
         parse("").expect("defaults parse")
     }
+}
+
+/// The customer of a source that names none and reads no `trusst/<customer>/…` secret: one
+/// database, one tenant. A topic template (`{customer}`) needs a real name instead.
+pub const DEFAULT_CUSTOMER: &str = "default";
+
+/// Placeholder of a topic template, replaced by the source's customer.
+pub const CUSTOMER_PLACEHOLDER: &str = "{customer}";
+
+/// Check a customer name: it goes into topic names and metric labels, so Kafka's topic
+/// characters only.
+pub fn check_customer(name: &str, origin: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 100
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(Error::user(format!(
+            "invalid customer {name:?} (from {origin}): use 1-100 letters, digits, '.', '_' or '-' \
+             (set [source] customer or TRUSST_CUSTOMER to the customer's name)"
+        )));
+    }
+    Ok(())
 }
 
 /// Smallest `max_event_bytes` accepted: room for a contact with dozens of short answers.
@@ -376,11 +407,24 @@ pub struct SourceOverrides {
     /// Schema registry (Confluent-compatible API base), used when the format is avro.
     #[arg(long, env = "SCHEMA_REGISTRY_URL")]
     pub schema_registry_url: Option<String>,
+    /// The customer (tenant) every event carries (`[source] customer`).
+    #[arg(long, env = "TRUSST_CUSTOMER")]
+    pub customer: Option<String>,
 }
 
 impl SourceConfig {
     /// Apply overrides, then check that everything required is present and sane.
-    pub fn resolve(mut self, o: SourceOverrides) -> Result<Self> {
+    pub fn resolve(self, o: SourceOverrides) -> Result<Self> {
+        self.resolve_with(o, true)
+    }
+
+    /// [`SourceConfig::resolve`] for commands that only read the database (`questions`): no
+    /// Kafka brokers needed.
+    pub fn resolve_database_only(self, o: SourceOverrides) -> Result<Self> {
+        self.resolve_with(o, false)
+    }
+
+    fn resolve_with(mut self, o: SourceOverrides, needs_kafka: bool) -> Result<Self> {
         if o.database_url.is_some() {
             self.database.url = o.database_url;
         }
@@ -405,12 +449,15 @@ impl SourceConfig {
         if let Some(f) = o.format {
             self.kafka.format = f;
         }
+        if let Some(c) = o.customer.filter(|c| !c.is_empty()) {
+            self.source.customer = Some(c);
+        }
         kafka_credentials_from_env(&mut self.kafka.properties);
-        self.validate()?;
+        self.validate(needs_kafka)?;
         Ok(self)
     }
 
-    fn validate(&mut self) -> Result<()> {
+    fn validate(&mut self, needs_kafka: bool) -> Result<()> {
         let db = &mut self.database;
         match (db.url.as_deref().filter(|u| !u.is_empty()), &db.secret) {
             (None, None) => {
@@ -450,7 +497,7 @@ impl SourceConfig {
         } else {
             self.database.primary_url = None;
         }
-        if self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
+        if needs_kafka && self.kafka.brokers.as_deref().unwrap_or("").is_empty() {
             return Err(Error::user(
                 "no Kafka brokers: set [kafka] brokers, KAFKA_BROKERS or --kafka-brokers",
             ));
@@ -471,6 +518,7 @@ impl SourceConfig {
                 )));
             }
         }
+        self.resolve_customer()?;
         if self.kafka.topic.is_empty()
             || !self
                 .kafka
@@ -543,6 +591,48 @@ impl SourceConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Settle the customer (explicit, else the secret's, else [`DEFAULT_CUSTOMER`]) and expand
+    /// a `{customer}` topic template with it.
+    fn resolve_customer(&mut self) -> Result<()> {
+        let from_secret = self
+            .database
+            .secret
+            .as_ref()
+            .and_then(crate::secrets::SecretRef::customer_name);
+        let (customer, origin) = match (self.source.customer.clone(), from_secret) {
+            (Some(c), _) => (c, "[source] customer or TRUSST_CUSTOMER"),
+            (None, Some(c)) => (
+                c,
+                "the [database] secret's name trusst/<customer>/db-readonly-user",
+            ),
+            (None, None) => {
+                if self.kafka.topic.contains(CUSTOMER_PLACEHOLDER) {
+                    return Err(Error::user(format!(
+                        "the topic {:?} names {CUSTOMER_PLACEHOLDER} but no customer is set: set [source] customer, \
+                         TRUSST_CUSTOMER or --customer, or read the credentials from [database] secret = {{ customer = \"...\" }}",
+                        self.kafka.topic
+                    )));
+                }
+                (DEFAULT_CUSTOMER.to_owned(), "the default")
+            }
+        };
+        check_customer(&customer, origin)?;
+        self.kafka.topic = self.kafka.topic.replace(CUSTOMER_PLACEHOLDER, &customer);
+        if self.kafka.topic.contains(['{', '}']) {
+            return Err(Error::user(format!(
+                "invalid topic template {:?}: the only placeholder is {CUSTOMER_PLACEHOLDER}, e.g. \"trusst.{{customer}}.contacts\"",
+                self.kafka.topic
+            )));
+        }
+        self.source.customer = Some(customer);
+        Ok(())
+    }
+
+    /// The customer every event carries (settled by [`SourceConfig::resolve`]).
+    pub fn customer(&self) -> &str {
+        self.source.customer.as_deref().unwrap_or(DEFAULT_CUSTOMER)
     }
 
     /// With `[database] secret`: read the credentials from AWS Secrets Manager into the URL that
@@ -784,6 +874,71 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("longer than zero"), "{e}");
+    }
+
+    #[test]
+    fn customer_comes_from_the_config_the_secret_or_the_default() {
+        let o = || SourceOverrides {
+            database_url: Some("postgres://h/d".into()),
+            kafka_brokers: Some("b".into()),
+            ..Default::default()
+        };
+        let c = SourceConfig::default().resolve(o()).unwrap();
+        assert_eq!(
+            (c.customer(), c.kafka.topic.as_str()),
+            ("default", "trusst.contacts")
+        );
+        let c: SourceConfig = parse(
+            "[database]\nsecret = { customer = \"acme\" }\n[kafka]\nbrokers = \"b\"\ntopic = \"trusst.{customer}.contacts\"\n",
+        )
+        .unwrap();
+        let c = c.resolve(SourceOverrides::default()).unwrap();
+        assert_eq!(
+            (c.customer(), c.kafka.topic.as_str()),
+            ("acme", "trusst.acme.contacts")
+        );
+        let c: SourceConfig = parse(
+            "[database]\nsecret = { id = \"arn:aws:secretsmanager:ap-southeast-2:1:secret:trusst/globex/db-readonly-user-AbCdEf\" }\n\
+             [kafka]\nbrokers = \"b\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.resolve(SourceOverrides::default()).unwrap().customer(),
+            "globex"
+        );
+        let c = SourceConfig::default()
+            .resolve(SourceOverrides {
+                customer: Some("initech".into()),
+                topic: Some("t.{customer}".into()),
+                ..o()
+            })
+            .unwrap();
+        assert_eq!(
+            (c.customer(), c.kafka.topic.as_str()),
+            ("initech", "t.initech")
+        );
+        let e = SourceConfig::default()
+            .resolve(SourceOverrides {
+                topic: Some("t.{customer}".into()),
+                ..o()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("no customer is set"), "{e}");
+        let e = SourceConfig::default()
+            .resolve(SourceOverrides {
+                customer: Some("a/b".into()),
+                ..o()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid customer \"a/b\""), "{e}");
+        let e = SourceConfig::default()
+            .resolve(SourceOverrides {
+                customer: Some("a".into()),
+                topic: Some("t.{tenant}".into()),
+                ..o()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("only placeholder"), "{e}");
     }
 
     #[test]

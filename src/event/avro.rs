@@ -114,6 +114,7 @@ mod tests {
             },
             truncated: None,
             cleared_question_keys: None,
+            customer: None,
         }
     }
 
@@ -166,9 +167,9 @@ mod tests {
     #[test]
     fn truncated_or_padded_bodies_are_refused() {
         let body = encode_body(&sample());
-        // (The last two bytes are the null branches of the optional `truncated` and
-        // `cleared_question_keys`: cut into `source`.)
-        assert!(decode_body(&body[..body.len() - 3], schema()).is_err());
+        // (The last three bytes are the null branches of the optional `truncated`,
+        // `cleared_question_keys` and `customer`: cut into `source`.)
+        assert!(decode_body(&body[..body.len() - 4], schema()).is_err());
         let mut longer = body.clone();
         longer.push(0);
         assert!(
@@ -178,8 +179,28 @@ mod tests {
         );
     }
 
+    /// Events written before `customer` existed (the schema without it) still decode, without
+    /// a customer; events with one carry it through.
+    #[test]
+    fn events_from_before_the_customer_field_decode() {
+        let mut doc: serde_json::Value = serde_json::from_str(SCHEMA_TEXT).unwrap();
+        let fields = doc["fields"].as_array_mut().unwrap();
+        assert_eq!(fields.last().unwrap()["name"], "customer");
+        fields.pop();
+        let older = Schema::parse_str(&doc.to_string()).unwrap();
+        let body = encode_body(&sample());
+        // The field is last: the older body is the same without its null branch.
+        assert_eq!(body.last(), Some(&0));
+        let ev = decode_body(&body[..body.len() - 1], &older).unwrap();
+        assert_eq!((ev.customer.as_deref(), &ev), (None, &sample()));
+        let mut with = sample();
+        with.customer = Some("acme".into());
+        let ev = decode_body(&encode_body(&with), schema()).unwrap();
+        assert_eq!(ev.customer.as_deref(), Some("acme"));
+    }
+
     /// An older writer without an optional field, and a newer one with an extra optional field,
-    /// both decode: the evolution rule the README documents.
+    /// both decode: the evolution rule docs/event.md documents.
     #[test]
     fn compatible_writer_schemas_resolve() {
         let mut doc: serde_json::Value = serde_json::from_str(SCHEMA_TEXT).unwrap();

@@ -149,6 +149,7 @@ mod tests {
             },
             truncated: None,
             cleared_question_keys: None,
+            customer: None,
         }
     }
 

@@ -106,6 +106,10 @@ pub struct ContactEvent {
     /// so an answer that disappeared never stays behind. Absent when there is none.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cleared_question_keys: Option<Vec<String>>,
+    /// The Trusst customer (tenant) whose database the event came from (`[source] customer`);
+    /// absent only in events published before the field existed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub customer: Option<String>,
 }
 
 /// A text the source shortened so its event fits the broker's size limit (see [`fit`]).
@@ -141,6 +145,7 @@ impl ContactEvent {
             source,
             truncated: None,
             cleared_question_keys: None,
+            customer: None,
         }
     }
 

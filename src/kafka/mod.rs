@@ -9,6 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::FromClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -304,6 +305,10 @@ pub async fn scan(
     Ok(n)
 }
 
+/// Record header naming the customer (tenant) of every record the source produces, tombstones
+/// included; sinks with `[sink] customers` filter on it.
+pub const CUSTOMER_HEADER: &str = "trusst-customer";
+
 /// Events sent but not yet acknowledged; [`Pending::wait`] is the commit boundary.
 #[derive(Default)]
 pub struct Pending {
@@ -319,10 +324,34 @@ impl Pending {
         key: &str,
         value: Option<&[u8]>,
     ) -> Result<()> {
+        self.send_with_headers(producer, topic, key, value, &[])
+            .await
+    }
+
+    /// [`Pending::send`] with record headers (name, value), e.g. the [`CUSTOMER_HEADER`] that
+    /// lets a sink attribute a tombstone, which has no value to carry it.
+    pub async fn send_with_headers(
+        &mut self,
+        producer: &FutureProducer,
+        topic: &str,
+        key: &str,
+        value: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<()> {
         loop {
             let mut record = FutureRecord::<str, [u8]>::to(topic).key(key);
             if let Some(v) = value {
                 record = record.payload(v);
+            }
+            if !headers.is_empty() {
+                let mut h = OwnedHeaders::new_with_capacity(headers.len());
+                for (name, value) in headers {
+                    h = h.insert(Header {
+                        key: name,
+                        value: Some(*value),
+                    });
+                }
+                record = record.headers(h);
             }
             match producer.send_result(record) {
                 Ok(f) => {

@@ -70,6 +70,12 @@ struct PartitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CustomerLabels {
+    sink: String,
+    customer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConditionLabels {
     condition: &'static str,
 }
@@ -94,6 +100,7 @@ pub struct Metrics {
     failed: Family<SinkLabels, Counter>,
     dead_lettered: Family<DeadLetterLabels, Counter>,
     superseded: Family<SinkLabels, Counter>,
+    skipped_customer: Family<CustomerLabels, Counter>,
     consumer_lag: Family<PartitionLabels, Gauge>,
     crm_requests: Family<CallLabels, Counter>,
     crm_duration: Family<TargetLabels, Histogram>,
@@ -128,6 +135,7 @@ impl Metrics {
             failed: Family::default(),
             dead_lettered: Family::default(),
             superseded: Family::default(),
+            skipped_customer: Family::default(),
             consumer_lag: Family::default(),
             crm_requests: Family::default(),
             crm_duration: Family::new_with_constructor(latency_histogram),
@@ -226,6 +234,12 @@ impl Metrics {
             "Events skipped because a newer event for the same contact was in the batch",
             None,
             m.superseded.clone(),
+        );
+        r.add(
+            "sink_records_skipped_customer",
+            "Records skipped because their customer is not in the sink's [sink] customers (none: not attributed)",
+            None,
+            m.skipped_customer.clone(),
         );
         r.add(
             "sink_consumer_lag_records",
@@ -508,6 +522,18 @@ pub fn sink_superseded(sink: &str) {
         .superseded
         .get_or_create(&SinkLabels {
             sink: sink.to_owned(),
+        })
+        .inc();
+}
+
+/// A record of another customer than the sink's was skipped (`customer` is `none` when the
+/// record names none).
+pub fn sink_skipped_customer(sink: &str, customer: &str) {
+    global()
+        .skipped_customer
+        .get_or_create(&CustomerLabels {
+            sink: sink.to_owned(),
+            customer: customer.to_owned(),
         })
         .inc();
 }

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::mapping::{MappingConfig, TargetKind};
+use super::mapping::MappingConfig;
+use super::targets::{TargetConfig, TargetKind};
 use super::{dynamics, mulesoft, salesforce};
 use crate::error::{Error, Result};
 
@@ -16,7 +17,8 @@ pub struct SinkKafka {
     /// Bootstrap servers; `KAFKA_BROKERS` overrides.
     #[serde(default)]
     pub brokers: Option<String>,
-    /// Event topic; `TRUSST_TOPIC` overrides.
+    /// Event topic; `TRUSST_TOPIC` overrides. `{customer}` in it is replaced by the one
+    /// customer of `[sink] customers` (the source's topic template).
     #[serde(default = "default_topic")]
     pub topic: String,
     /// Consumer group; default `trusst-cdc-<sink name>`.
@@ -81,7 +83,7 @@ pub enum OnDelete {
 pub struct SinkSection {
     /// Name used in the group id, the dead-letter topic and logs.
     pub name: String,
-    /// Which CRM.
+    /// Which CRM; its `[<target>]` section must be present (and no other target's).
     pub target: TargetKind,
     /// Most events per batch (records are then split into CRM-sized requests).
     #[serde(default = "default_batch")]
@@ -108,6 +110,10 @@ pub struct SinkSection {
     /// Most events per batch while catching up.
     #[serde(default = "default_catch_up_batch")]
     pub catch_up_batch_max_records: usize,
+    /// Only the records of these customers (the events' `customer`) are written; the others
+    /// are skipped and counted (`trusst_cdc_sink_records_skipped_customer_total`). Empty: all.
+    #[serde(default)]
+    pub customers: Vec<String>,
 }
 
 fn default_batch() -> usize {
@@ -131,31 +137,81 @@ fn default_max_backoff() -> Duration {
 
 /// The whole sink config.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawSinkConfig")]
 pub struct SinkConfig {
     /// `[kafka]`.
-    #[serde(default)]
     pub kafka: SinkKafka,
     /// `[sink]`.
     pub sink: SinkSection,
     /// `[mapping]`.
-    #[serde(default)]
     pub mapping: MappingConfig,
-    /// `[salesforce]`, required when target = "salesforce".
-    #[serde(default)]
-    pub salesforce: Option<salesforce::Config>,
-    /// `[dynamics]`, required when target = "dynamics".
-    #[serde(default)]
-    pub dynamics: Option<dynamics::Config>,
-    /// `[mulesoft]`, required when target = "mulesoft".
-    #[serde(default)]
-    pub mulesoft: Option<mulesoft::Config>,
+    /// The target's section (`[salesforce]`, `[dynamics]` or `[mulesoft]`), the one `target` names.
+    pub target: TargetConfig,
     /// `[audit]`: the optional sync audit table.
-    #[serde(default)]
     pub audit: super::audit::AuditConfig,
     /// `[metrics]`: the `/metrics`, `/health`, `/ready` endpoint.
-    #[serde(default)]
     pub metrics: crate::metrics::server::MetricsConfig,
+}
+
+/// A sink config file as written: every target's section optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSinkConfig {
+    #[serde(default)]
+    kafka: SinkKafka,
+    sink: SinkSection,
+    #[serde(default)]
+    mapping: MappingConfig,
+    #[serde(default)]
+    salesforce: Option<salesforce::Config>,
+    #[serde(default)]
+    dynamics: Option<dynamics::Config>,
+    #[serde(default)]
+    mulesoft: Option<mulesoft::Config>,
+    #[serde(default)]
+    audit: super::audit::AuditConfig,
+    #[serde(default)]
+    metrics: crate::metrics::server::MetricsConfig,
+}
+
+impl TryFrom<RawSinkConfig> for SinkConfig {
+    type Error = String;
+
+    fn try_from(raw: RawSinkConfig) -> std::result::Result<Self, String> {
+        let want = raw.sink.target;
+        let mut sections = [
+            raw.salesforce.map(TargetConfig::Salesforce),
+            raw.dynamics.map(TargetConfig::Dynamics),
+            raw.mulesoft.map(TargetConfig::Mulesoft),
+        ]
+        .into_iter()
+        .flatten();
+        let (mut target, mut others) = (None, Vec::new());
+        for t in sections.by_ref() {
+            if t.kind() == want {
+                target = Some(t);
+            } else {
+                others.push(t.kind().name());
+            }
+        }
+        let t = want.name();
+        if let Some(other) = others.first() {
+            return Err(format!(
+                "[sink] target = \"{t}\" but the file has a [{other}] section: remove it, or set target = \"{other}\""
+            ));
+        }
+        let target = target.ok_or_else(|| {
+            format!("target = \"{t}\" needs a [{t}] section (see connector-config/{t}.toml)")
+        })?;
+        Ok(SinkConfig {
+            kafka: raw.kafka,
+            sink: raw.sink,
+            mapping: raw.mapping,
+            target,
+            audit: raw.audit,
+            metrics: raw.metrics,
+        })
+    }
 }
 
 /// Flag / environment overrides of a sink config.
@@ -185,24 +241,38 @@ impl SinkConfig {
             self.kafka.schema_registry_url = o.schema_registry_url;
         }
         crate::config::kafka_credentials_from_env(&mut self.kafka.properties);
+        for c in &self.sink.customers {
+            crate::config::check_customer(c, "[sink] customers")?;
+        }
+        if self
+            .kafka
+            .topic
+            .contains(crate::config::CUSTOMER_PLACEHOLDER)
+        {
+            let [customer] = self.sink.customers.as_slice() else {
+                return Err(Error::user(format!(
+                    "the topic {:?} names {} but [sink] customers lists {} customers: list exactly one \
+                     (customers = [\"acme\"]), or name the topic without the placeholder",
+                    self.kafka.topic,
+                    crate::config::CUSTOMER_PLACEHOLDER,
+                    self.sink.customers.len()
+                )));
+            };
+            self.kafka.topic = self
+                .kafka
+                .topic
+                .replace(crate::config::CUSTOMER_PLACEHOLDER, customer);
+        }
+        if self.kafka.topic.contains(['{', '}']) {
+            return Err(Error::user(format!(
+                "invalid topic template {:?}: the only placeholder is {}",
+                self.kafka.topic,
+                crate::config::CUSTOMER_PLACEHOLDER
+            )));
+        }
         self.registry()?;
-        // Endpoints move between environments (a container network, the emulator), so they can
-        // come from the environment like the brokers do.
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        if let (Some(sf), Some(v)) = (self.salesforce.as_mut(), env("SALESFORCE_LOGIN_URL")) {
-            sf.login_url = v;
-        }
-        if let Some(d) = self.dynamics.as_mut() {
-            if let Some(v) = env("DYNAMICS_URL") {
-                d.url = v;
-            }
-            if let Some(v) = env("DYNAMICS_TOKEN_URL") {
-                d.token_url = Some(v);
-            }
-        }
-        if let (Some(m), Some(v)) = (self.mulesoft.as_mut(), env("MULESOFT_URL")) {
-            m.url = v;
-        }
+        self.target.endpoints_from_env(env);
         if let Some(v) = env("TRUSST_AUDIT_DATABASE_URL") {
             self.audit.database_url = Some(v);
         }
@@ -236,17 +306,6 @@ impl SinkConfig {
                 self.sink.catch_up_batch_max_records, self.sink.batch_max_records
             )));
         }
-        let missing = match self.sink.target {
-            TargetKind::Salesforce => self.salesforce.is_none(),
-            TargetKind::Dynamics => self.dynamics.is_none(),
-            TargetKind::Mulesoft => self.mulesoft.is_none(),
-        };
-        if missing {
-            let t = self.sink.target.name();
-            return Err(Error::user(format!(
-                "target = \"{t}\" needs a [{t}] section (see connector-config/{t}.toml)"
-            )));
-        }
         super::mapping::Mapping::new(self.sink.target, &self.mapping)
             .validate()
             .map_err(Error::user)?;
@@ -276,6 +335,13 @@ impl SinkConfig {
         )
     }
 
+    /// Whether a record of `customer` (`None`: not attributed, e.g. an event published before
+    /// events carried one) is this sink's to write.
+    pub fn wants(&self, customer: Option<&str>) -> bool {
+        self.sink.customers.is_empty()
+            || customer.is_some_and(|c| self.sink.customers.iter().any(|w| w == c))
+    }
+
     /// The consumer group.
     pub fn group_id(&self) -> String {
         self.kafka
@@ -290,5 +356,48 @@ impl SinkConfig {
             .dlq_topic
             .clone()
             .unwrap_or_else(|| format!("{}.dlq.{}", self.kafka.topic, self.sink.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MULESOFT: &str = "[mulesoft]\nurl = \"http://x\"\nclient_id = \"i\"\nclient_secret = { env = \"FAKE_SECRET\" }\n";
+
+    fn parse(text: &str) -> std::result::Result<SinkConfig, String> {
+        crate::config::parse::<SinkConfig>(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_target_and_its_section_cannot_disagree() {
+        let sf = "[sink]\nname = \"s\"\ntarget = \"salesforce\"\n";
+        let err = parse(sf).unwrap_err();
+        assert!(err.contains("needs a [salesforce] section"), "{err}");
+        let err = parse(&format!("{sf}{MULESOFT}")).unwrap_err();
+        assert!(
+            err.contains("has a [mulesoft] section") && err.contains("set target = \"mulesoft\""),
+            "{err}"
+        );
+        let cfg = parse(&format!(
+            "[sink]\nname = \"m\"\ntarget = \"mulesoft\"\n{MULESOFT}"
+        ))
+        .unwrap();
+        assert_eq!(cfg.target.kind(), TargetKind::Mulesoft);
+    }
+
+    #[test]
+    fn every_shipped_config_names_its_own_target() {
+        for t in TargetKind::ALL {
+            let path = format!(
+                "{}/connector-config/{}.toml",
+                env!("CARGO_MANIFEST_DIR"),
+                t.name()
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cfg = parse(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(cfg.sink.target, t);
+            assert_eq!(cfg.target.kind(), t);
+        }
     }
 }

@@ -103,7 +103,7 @@ impl Fence {
         (owned, InFlight { fence: self })
     }
 
-    fn revoke(&self, partitions: Vec<i32>) {
+    pub(crate) fn revoke(&self, partitions: Vec<i32>) {
         let mut s = self.lock();
         s.ownership.revoked(partitions);
         s.revocations += 1;
@@ -123,7 +123,7 @@ impl Fence {
         }
     }
 
-    fn assign(&self, partitions: Vec<i32>) {
+    pub(crate) fn assign(&self, partitions: Vec<i32>) {
         self.lock().ownership.assigned(partitions);
     }
 }

@@ -109,8 +109,8 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(|s| Duration::from_secs_f64(s.min(3600.0)))
 }
 
-/// A non-success status: 429 and 5xx are retryable (429 with its Retry-After), 408 too;
-/// other 4xx are the request's fault and not retryable.
+/// The error for a non-success status, with the verdict HTTP gives it
+/// ([`super::verdict::of_status`]; 429 with its Retry-After).
 pub fn status_error(
     what: &str,
     status: reqwest::StatusCode,
@@ -118,13 +118,6 @@ pub fn status_error(
     body: &str,
 ) -> Error {
     let body: String = body.chars().take(500).collect();
-    let msg = format!("{what}: HTTP {status}: {body}");
-    if status.as_u16() == 429 {
-        let wait = retry_after(headers).unwrap_or(Duration::from_secs(1));
-        Error::external(msg).after(wait)
-    } else if status.is_server_error() || status.as_u16() == 408 {
-        Error::external(msg)
-    } else {
-        Error::external(msg).retry(false)
-    }
+    super::verdict::of_status(status.as_u16(), retry_after(headers))
+        .error(format!("{what}: HTTP {status}: {body}"))
 }

@@ -1,8 +1,7 @@
 //! Event -> CRM record: field names and type conversion (pure, unit-tested).
 //!
-//! Defaults follow the integration guide: Salesforce custom fields such as `Agent_ID__c` and the
-//! question rule `agent_identified` -> `Agent_Identified__c`; Dynamics columns such as
-//! `trusst_contact_id`, `calldate`; MuleSoft gets the guide's grouped contact object unchanged.
+//! The defaults (field names, naming rule, text limit, payload shape) are the target's own
+//! [`Profile`], in its folder; this module applies them and the `[mapping]` overrides.
 //! A value that cannot be converted is a [`MapError`]: the sink dead-letters that contact with
 //! the reason and carries on with the rest of the batch.
 
@@ -14,28 +13,8 @@ use serde_json::{Map, Value};
 
 use crate::event::ContactEvent;
 
-/// Which CRM a mapping is for; decides the defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TargetKind {
-    /// Salesforce sObjects.
-    Salesforce,
-    /// Dynamics 365 / Dataverse tables.
-    Dynamics,
-    /// A MuleSoft API taking the guide's payload.
-    Mulesoft,
-}
-
-impl TargetKind {
-    /// The name used in configs and the sync audit's `crm_system` column.
-    pub fn name(self) -> &'static str {
-        match self {
-            TargetKind::Salesforce => "salesforce",
-            TargetKind::Dynamics => "dynamics",
-            TargetKind::Mulesoft => "mulesoft",
-        }
-    }
-}
+use super::targets::Profile;
+pub use super::targets::TargetKind;
 
 /// How a raw value becomes a CRM value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -171,6 +150,8 @@ impl Default for MappingConfig {
 pub struct Mapping {
     /// The target kind.
     pub target: TargetKind,
+    /// The target's defaults and naming rule.
+    pub profile: &'static Profile,
     /// sObject / entity logical name.
     pub object: String,
     /// Dataverse entity set.
@@ -220,35 +201,6 @@ fn contact_value<'a>(e: &'a ContactEvent, field: &str) -> Option<&'a Option<Stri
     })
 }
 
-/// The guide's Salesforce naming rule: `agent_identified` -> `Agent_Identified__c`.
-pub fn salesforce_field(key: &str) -> String {
-    let words: Vec<String> = key
-        .split('_')
-        .filter(|w| !w.is_empty())
-        .map(|w| {
-            let mut c = w.chars();
-            match c.next() {
-                Some(f) => f.to_uppercase().collect::<String>() + &c.as_str().to_lowercase(),
-                None => String::new(),
-            }
-        })
-        .collect();
-    format!("{}__c", words.join("_"))
-}
-
-/// The conversion a result type gets by default on a target; `None` for an unknown type.
-pub fn default_conversion(result_type: &str, target: TargetKind) -> Option<Conversion> {
-    Some(match (result_type, target) {
-        ("Boolean", _) => Conversion::Boolean,
-        ("Rating", TargetKind::Dynamics) => Conversion::Integer,
-        ("Rating", _) => Conversion::Number,
-        ("Paragraph" | "Summary", _) => Conversion::Text,
-        ("Label", TargetKind::Dynamics) => Conversion::OptionSet,
-        ("Label", _) => Conversion::Picklist,
-        _ => return None,
-    })
-}
-
 /// Why one contact could not be mapped; it goes to the dead-letter topic with this text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapError {
@@ -275,57 +227,22 @@ pub struct Record {
     pub fields: Map<String, Value>,
 }
 
-/// A contact-level field the guide maps by default: (event field, CRM field, conversion).
-type DefaultField = (&'static str, &'static str, Option<Conversion>);
-
 impl Mapping {
     /// Resolve a config for a target, filling the guide's defaults.
     pub fn new(target: TargetKind, cfg: &MappingConfig) -> Self {
-        let (object, ext, defaults): (&str, &str, &[DefaultField]) = match target {
-            TargetKind::Salesforce => (
-                "Contact",
-                "Trusst_Contact_ID__c",
-                &[
-                    ("external_id", "External_ID__c", None),
-                    ("call_date", "Call_Date__c", Some(Conversion::DateTime)),
-                    (
-                        "call_start_time",
-                        "Call_Start_Time__c",
-                        Some(Conversion::DateTime),
-                    ),
-                    ("direction", "Call_Direction__c", Some(Conversion::Picklist)),
-                    ("contact_agent_id", "Agent_ID__c", None),
-                    ("s3_agent_id", "S3_Agent_ID__c", None),
-                    ("conn_id", "Connection_ID__c", None),
-                ],
-            ),
-            TargetKind::Dynamics => (
-                "contact",
-                "trusst_contact_id",
-                &[
-                    ("external_id", "external_id", None),
-                    ("call_date", "calldate", Some(Conversion::DateTime)),
-                    (
-                        "call_start_time",
-                        "call_start_time",
-                        Some(Conversion::DateTime),
-                    ),
-                    ("direction", "call_direction", Some(Conversion::OptionSet)),
-                    ("contact_agent_id", "agentid", None),
-                    ("s3_agent_id", "s3_agent_id", None),
-                    ("conn_id", "connection_id", None),
-                ],
-            ),
-            TargetKind::Mulesoft => ("contacts", "trusst_contact_id", &[]),
+        let profile = target.profile();
+        let prefixed = |name: &str| {
+            if profile.prefixed {
+                format!("{}{name}", cfg.field_prefix)
+            } else {
+                name.to_owned()
+            }
         };
-        let mut fields: BTreeMap<String, FieldSpec> = defaults
+        let mut fields: BTreeMap<String, FieldSpec> = profile
+            .contact_fields
             .iter()
             .map(|(ev, crm, conv)| {
-                let name = if target == TargetKind::Dynamics {
-                    format!("{}{crm}", cfg.field_prefix)
-                } else {
-                    (*crm).to_owned()
-                };
+                let name = prefixed(crm);
                 (
                     (*ev).to_owned(),
                     FieldSpec {
@@ -344,27 +261,23 @@ impl Mapping {
             }
             fields.insert(ev.clone(), spec);
         }
+        let object = profile.object;
         Self {
             target,
+            profile,
             object: cfg.object.clone().unwrap_or_else(|| object.to_owned()),
             entity_set: cfg
                 .entity_set
                 .clone()
                 .unwrap_or_else(|| format!("{}s", cfg.object.as_deref().unwrap_or(object))),
-            external_id_field: cfg.external_id_field.clone().unwrap_or_else(|| {
-                if target == TargetKind::Dynamics {
-                    format!("{}{ext}", cfg.field_prefix)
-                } else {
-                    ext.to_owned()
-                }
-            }),
+            external_id_field: cfg
+                .external_id_field
+                .clone()
+                .unwrap_or_else(|| prefixed(profile.external_id_field)),
             fields,
             questions: cfg.questions.clone(),
             unmapped: cfg.unmapped_questions,
-            text_max_length: cfg.text_max_length.unwrap_or(match target {
-                TargetKind::Dynamics => 1_048_576,
-                _ => 131_072,
-            }),
+            text_max_length: cfg.text_max_length.unwrap_or(profile.text_max_length),
             option_sets: BTreeMap::new(),
             known_fields: None,
             field_prefix: cfg.field_prefix.clone(),
@@ -390,11 +303,14 @@ impl Mapping {
             Some(s) if s.skip => None,
             Some(FieldSpec { field: Some(f), .. }) => Some(f.clone()),
             None if self.unmapped == Unmapped::Ignore => None,
-            _ => Some(match self.target {
-                TargetKind::Salesforce => salesforce_field(key),
-                TargetKind::Dynamics => format!("{}{key}", self.field_prefix),
-                TargetKind::Mulesoft => key.to_owned(),
-            }),
+            _ => {
+                let name = (self.profile.question_field)(key);
+                Some(if self.profile.prefixed {
+                    format!("{}{name}", self.field_prefix)
+                } else {
+                    name
+                })
+            }
         }
     }
 
@@ -412,24 +328,35 @@ impl Mapping {
             }
         }
         for (key, result_type) in question_keys {
-            if let Some(f) = self.question_field(key) {
-                let conv = self
-                    .questions
-                    .get(key)
-                    .and_then(|s| s.conversion)
-                    .or_else(|| default_conversion(result_type, self.target));
-                out.push((f, conv));
+            if let Some(planned) = self.question_plan(key, result_type) {
+                out.push(planned);
             }
         }
         out
     }
 
-    /// Map one upsert event. MuleSoft gets the guide's contact object; the CRMs get typed fields.
+    /// The field and conversion a question's answers are written with (`None`: skipped): the
+    /// configured ones, else the naming rule and the result type's default.
+    pub fn question_plan(
+        &self,
+        key: &str,
+        result_type: &str,
+    ) -> Option<(String, Option<Conversion>)> {
+        let field = self.question_field(key)?;
+        let conv = self
+            .questions
+            .get(key)
+            .and_then(|s| s.conversion)
+            .or_else(|| (self.profile.conversion)(result_type));
+        Some((field, conv))
+    }
+
+    /// Map one upsert event: typed fields, or the target's own document (MuleSoft).
     pub fn map(&self, e: &ContactEvent) -> Result<Record, MapError> {
-        if self.target == TargetKind::Mulesoft {
+        if let Some(payload) = self.profile.payload {
             return Ok(Record {
                 contact_id: e.trusst_contact_id.clone(),
-                fields: mulesoft_contact(e),
+                fields: payload(e),
             });
         }
         let mut fields = Map::new();
@@ -464,7 +391,7 @@ impl Mapping {
                 .get(&q.question_key)
                 .cloned()
                 .unwrap_or_default();
-            let conv = spec.conversion.or_else(|| default_conversion(&q.result_type, self.target)).ok_or_else(|| MapError {
+            let conv = spec.conversion.or_else(|| (self.profile.conversion)(&q.result_type)).ok_or_else(|| MapError {
                 field: q.question_key.clone(),
                 reason: format!(
                     "unknown result type {:?}; set [mapping.questions.{}] type = \"text\" (or another conversion), or skip = true",
@@ -627,7 +554,7 @@ impl Mapping {
             return;
         }
         let field = self.question_field(key);
-        let conv = default_conversion(result_type, self.target);
+        let conv = (self.profile.conversion)(result_type);
         let s = self.questions.entry(key.to_owned()).or_default();
         if s.field.is_none() {
             s.field = field;
@@ -635,34 +562,6 @@ impl Mapping {
         if s.conversion.is_none() {
             s.conversion = conv;
         }
-    }
-}
-
-/// The guide's MuleSoft contact object.
-pub fn mulesoft_contact(e: &ContactEvent) -> Map<String, Value> {
-    let qs: Vec<Value> = e
-        .universal_questions
-        .iter()
-        .map(|q| {
-            serde_json::json!({
-                "question_key": q.question_key, "question_text": q.question_text,
-                "result_type": q.result_type, "result": q.result,
-            })
-        })
-        .collect();
-    let mut v = serde_json::json!({
-        "trusst_contact_id": e.trusst_contact_id, "external_id": e.external_id,
-        "call_date": e.call_date, "call_start_time": e.call_start_time, "direction": e.direction,
-        "contact_agent_id": e.contact_agent_id, "s3_agent_id": e.s3_agent_id, "conn_id": e.conn_id,
-        "universal_questions": qs,
-    });
-    // Only when there is something to clear, so the guide's payload is otherwise unchanged.
-    if let Some(keys) = e.cleared_question_keys.as_ref().filter(|k| !k.is_empty()) {
-        v["cleared_question_keys"] = serde_json::json!(keys);
-    }
-    match v {
-        Value::Object(m) => m,
-        _ => unreachable!("json! object"),
     }
 }
 
@@ -721,6 +620,7 @@ mod tests {
             },
             truncated: None,
             cleared_question_keys: None,
+            customer: None,
         }
     }
 
@@ -745,13 +645,6 @@ mod tests {
             Some("2025-01-15T00:00:00.000Z")
         );
         assert_eq!(at("15/01/2025"), None);
-    }
-
-    #[test]
-    fn naming_rule_of_the_guide() {
-        assert_eq!(salesforce_field("agent_identified"), "Agent_Identified__c");
-        assert_eq!(salesforce_field("quality_score"), "Quality_Score__c");
-        assert_eq!(salesforce_field("NPS"), "Nps__c");
     }
 
     #[test]

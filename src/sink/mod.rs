@@ -2,7 +2,8 @@
 //!
 //! One consumer group per sink config, so several sinks read the same topic independently
 //! (fan-out). The [`runner`] owns delivery: batching, newest-event-per-contact, dead-lettering,
-//! retries and offset commits. Each CRM is a [`Target`] in a folder of its own.
+//! retries and offset commits. Each CRM is a [`Target`] in a folder of its own, registered in
+//! [`targets`].
 //!
 //! Delivery contract: at least once. Offsets are committed only after the CRM accepted each
 //! record or the record is on the dead-letter topic, so a crash re-sends (upserts are idempotent
@@ -11,6 +12,8 @@
 pub mod audit;
 pub mod config;
 pub mod dynamics;
+#[cfg(test)]
+pub mod fake;
 pub mod fence;
 pub mod http;
 pub mod mapping;
@@ -19,6 +22,8 @@ pub mod oauth;
 pub mod ownership;
 pub mod runner;
 pub mod salesforce;
+pub mod targets;
+pub mod verdict;
 
 use async_trait::async_trait;
 
@@ -75,21 +80,7 @@ pub fn contact_ids<'a>(ids: impl Iterator<Item = &'a str>) -> String {
 
 /// Build the configured target's client.
 pub fn build_target(cfg: &config::SinkConfig) -> Result<Box<dyn Target>> {
-    let missing =
-        |t: &str| crate::error::Error::user(format!("target = \"{t}\" needs a [{t}] section"));
-    Ok(match cfg.sink.target {
-        mapping::TargetKind::Salesforce => Box::new(salesforce::Salesforce::new(
-            cfg.salesforce
-                .as_ref()
-                .ok_or_else(|| missing("salesforce"))?,
-        )?),
-        mapping::TargetKind::Dynamics => Box::new(dynamics::Dynamics::new(
-            cfg.dynamics.as_ref().ok_or_else(|| missing("dynamics"))?,
-        )?),
-        mapping::TargetKind::Mulesoft => Box::new(mulesoft::Mulesoft::new(
-            cfg.mulesoft.as_ref().ok_or_else(|| missing("mulesoft"))?,
-        )?),
-    })
+    cfg.target.build()
 }
 
 #[cfg(test)]

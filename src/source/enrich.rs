@@ -202,6 +202,7 @@ fn contact_event(row: &Row, contact_id: String) -> Result<ContactEvent> {
         },
         truncated: None,
         cleared_question_keys: None,
+        customer: None,
     })
 }
 

@@ -182,6 +182,8 @@ struct EventOut {
     max_bytes: usize,
     /// `<topic>.control` exists (it is created at start; without it anomalies are only logged).
     control_ready: bool,
+    /// `[source] customer`, stamped on every event and in every record's header.
+    customer: String,
 }
 
 impl EventOut {
@@ -202,7 +204,13 @@ impl EventOut {
             },
         };
         pending
-            .send(&self.producer, &self.topic, id, value.as_deref())
+            .send_with_headers(
+                &self.producer,
+                &self.topic,
+                id,
+                value.as_deref(),
+                &[(kafka::CUSTOMER_HEADER, &self.customer)],
+            )
             .await
     }
 
@@ -381,6 +389,7 @@ async fn event_producer(
         encoder,
         max_bytes,
         control_ready,
+        customer: cfg.customer().to_owned(),
     })
 }
 

@@ -302,6 +302,7 @@ async fn produce(
                 format!("{}:{}:{id}", job.reason, position.lsn)
             };
             ev.source = position;
+            ev.customer = Some(out.customer.clone());
             if let Some(e) = fenced() {
                 return Err(e);
             }
@@ -311,6 +312,7 @@ async fn produce(
             let mut ev = ContactEvent::delete(id, position);
             // What a target set to clear fields on delete empties.
             ev.set_cleared(universal, &job.retired);
+            ev.customer = Some(out.customer.clone());
             if let Some(e) = fenced() {
                 return Err(e);
             }

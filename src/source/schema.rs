@@ -497,6 +497,23 @@ impl Plan {
         )
     }
 
+    /// The integration guide's step 1: the universal questions in their group's order (the
+    /// guide's `group` unquoted is a syntax error; here it is quoted, and every column is read
+    /// as text whatever its type).
+    pub fn universal_questions_sql(&self) -> String {
+        format!(
+            "SELECT concat(q.question_id) AS question_id, {key} AS key, {text} AS text, \
+                    {result_type} AS result_type, {group} AS \"group\" \
+             FROM questions q WHERE {universal} \
+             ORDER BY q.\"group\", q.\"order\", q.key",
+            key = Self::value("q", "key"),
+            text = Self::value("q", "text"),
+            result_type = Self::value("q", "result_type"),
+            group = Self::value("q", "group"),
+            universal = self.flag("q"),
+        )
+    }
+
     /// A page of COMPLETED contact ids in key order: `$1` limit, and with `after`, `$2` the
     /// last id of the previous page (text). Never OFFSET: rows inserted or deleted meanwhile
     /// would shift the pages.

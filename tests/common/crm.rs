@@ -50,7 +50,12 @@ impl Emulator {
             env!("CARGO_MANIFEST_DIR"),
             "/connector-config/crm-emulator.toml"
         );
-        let (child, base) = spawn_emulator(std::path::Path::new(config), flags);
+        Self::start_with_config(std::path::Path::new(config), flags)
+    }
+
+    /// Start on a free port with another emulator config (e.g. more fields).
+    pub fn start_with_config(config: &std::path::Path, flags: &[&str]) -> Self {
+        let (child, base) = spawn_emulator(config, flags);
         Self { child, base }
     }
 

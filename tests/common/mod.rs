@@ -263,8 +263,8 @@ pub struct SourceOpts {
     pub format: &'static str,
     /// More `[kafka]` lines (TOML), e.g. `replication_factor = 3`.
     pub kafka_extra: String,
-    /// More `[source]` lines (TOML), e.g. `takeover_after = "6s"`.
-    pub source_extra: String,
+    /// More `[source]` lines, e.g. `customer = "acme"` or `takeover_after = "6s"`.
+    pub source_lines: String,
 }
 
 impl Default for SourceOpts {
@@ -281,7 +281,7 @@ impl Default for SourceOpts {
             log_filter: "info,trusst_cdc=debug",
             format: "json",
             kafka_extra: String::new(),
-            source_extra: String::new(),
+            source_lines: String::new(),
         }
     }
 }
@@ -386,7 +386,7 @@ impl SourceProc {
                 opts.batch_max_contacts,
                 opts.reemit_chunk,
                 dir.path().join("state").display(),
-                opts.source_extra,
+                opts.source_lines,
                 opts.sections()
             ),
         )
@@ -579,6 +579,8 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
     pub partition: i32,
     pub offset: i64,
+    /// The `trusst-customer` header, when the record has one.
+    pub customer: Option<String>,
 }
 
 impl Record {
@@ -632,6 +634,13 @@ impl TopicReader {
                     value: m.payload().map(<[u8]>::to_vec),
                     partition: m.partition(),
                     offset: m.offset(),
+                    customer: m.headers().and_then(|h| {
+                        use rdkafka::message::Headers;
+                        h.iter()
+                            .find(|h| h.key == trusst_cdc::kafka::CUSTOMER_HEADER)
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                    }),
                 });
             }
         }

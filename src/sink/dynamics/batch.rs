@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::sink::Outcome;
+use crate::sink::verdict::{Verdict, of_status};
 
 /// One request inside a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,10 +255,11 @@ fn part_retry_after(p: &PartResponse) -> Option<Duration> {
 
 /// One [`Outcome`] per request from the parts of a response to `n` requests.
 ///
-/// 2xx is written (for a DELETE, 404 too: already gone). Another 4xx is that record's fault:
-/// rejected with the service's code and message. A 429, 5xx or 401 in any part, or fewer parts
-/// than requests (the service stopped early), makes the whole call a retryable error: the
-/// runner resends everything, which is safe because upserts and deletes are idempotent.
+/// 2xx is written (for a DELETE, 404 too: already gone). Otherwise each part's status gives its
+/// [`Verdict`]: a dead-letter is that record's fault (rejected with the service's code and
+/// message); a retry in any part, or fewer parts than requests (the service stopped early),
+/// makes the whole call retried (safe: upserts and deletes are idempotent); a stop in any part
+/// stops the sink.
 pub fn outcomes(parts: &[PartResponse], n: usize, delete: bool) -> Result<Vec<Outcome>> {
     // Parts come in request order; when every part echoes a usable Content-ID, trust that.
     let by_id = parts.len() <= n
@@ -282,46 +284,49 @@ pub fn outcomes(parts: &[PartResponse], n: usize, delete: bool) -> Result<Vec<Ou
         }
     }
 
-    let mut wait: Option<Duration> = None;
-    let mut transient: Vec<String> = Vec::new();
-    for p in parts
+    // Each part gets the verdict its status gives; the worst one decides for the call.
+    let verdict = |p: &PartResponse| {
+        if (200..300).contains(&p.status) || (delete && p.status == 404) {
+            None
+        } else {
+            Some(of_status(p.status, part_retry_after(p)))
+        }
+    };
+    let transient: Vec<&PartResponse> = parts
         .iter()
-        .filter(|p| p.status == 429 || p.status == 401 || p.status == 408 || p.status >= 500)
-    {
-        if let Some(w) = part_retry_after(p) {
-            wait = Some(wait.map_or(w, |x| x.max(w)));
-        }
-        if transient.len() < 3 {
-            transient.push(error_text(p.status, &p.body));
-        }
-    }
+        .filter(|p| matches!(verdict(p), Some(Verdict::Retry(_))))
+        .collect();
     if !transient.is_empty() {
-        let count = parts
+        let wait = transient.iter().filter_map(|p| part_retry_after(p)).max();
+        let shown: Vec<String> = transient
             .iter()
-            .filter(|p| p.status == 429 || p.status == 401 || p.status == 408 || p.status >= 500)
-            .count();
-        let e = Error::external(format!(
-            "Dataverse $batch: {count} of {n} requests failed transiently (resending the batch): {}",
-            transient.join("; ")
-        ));
-        return Err(match wait {
-            Some(w) => e.after(w),
-            None => e,
-        });
+            .take(3)
+            .map(|p| error_text(p.status, &p.body))
+            .collect();
+        return Err(Verdict::Retry(wait).error(format!(
+            "Dataverse $batch: {} of {n} requests failed transiently (resending the batch): {}",
+            transient.len(),
+            shown.join("; ")
+        )));
     }
     // A permission problem is the application user's, not the record's: it would fail every
     // record alike, so it stops the sink as a top-level 403 does instead of dead-lettering.
-    if let Some(p) = parts.iter().find(|p| p.status == 403) {
-        let count = parts.iter().filter(|p| p.status == 403).count();
-        return Err(Error::user(format!(
-            "Dataverse $batch: HTTP 403 in {count} of {n} requests ({}); give the application user a security role \
+    let stopped: Vec<&PartResponse> = parts
+        .iter()
+        .filter(|p| verdict(p) == Some(Verdict::Stop))
+        .collect();
+    if let Some(p) = stopped.first() {
+        return Err(Verdict::Stop.error(format!(
+            "Dataverse $batch: HTTP {} in {} of {n} requests ({}); give the application user a security role \
              with the needed privileges on the table and its columns",
+            p.status,
+            stopped.len(),
             error_text(p.status, &p.body)
         )));
     }
     let missing = slots.iter().filter(|s| s.is_none()).count();
     if missing > 0 {
-        return Err(Error::external(format!(
+        return Err(Verdict::Retry(None).error(format!(
             "Dataverse $batch answered {} of {n} requests; the service stopped early (resending the batch)",
             n - missing
         )));
@@ -330,10 +335,9 @@ pub fn outcomes(parts: &[PartResponse], n: usize, delete: bool) -> Result<Vec<Ou
         .into_iter()
         .map(|p| {
             let p = p.expect("no missing parts");
-            if (200..300).contains(&p.status) || (delete && p.status == 404) {
-                Outcome::Written
-            } else {
-                Outcome::Rejected(error_text(p.status, &p.body))
+            match verdict(p) {
+                None => Outcome::Written,
+                Some(_) => Outcome::Rejected(error_text(p.status, &p.body)),
             }
         })
         .collect())

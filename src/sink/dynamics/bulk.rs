@@ -9,6 +9,7 @@
 use serde_json::{Map, Value};
 
 use super::batch::key_literal;
+use crate::sink::verdict::{Verdict, of_status};
 
 /// The bound action's name, after the entity set in the URL.
 pub const ACTION: &str = "Microsoft.Dynamics.CRM.UpsertMultiple";
@@ -33,12 +34,10 @@ pub enum Fallback {
 /// (`0x80040800`) is [`Fallback::Unsupported`]; any other 4xx is taken as a refused record.
 pub fn after_failure(status: u16, body: &str) -> Fallback {
     match status {
-        401 | 403 | 407 | 408 | 429 => Fallback::Fail,
         404 | 405 | 501 => Fallback::Unsupported,
-        500.. => Fallback::Fail,
         400..=499 if not_supported(body) => Fallback::Unsupported,
-        400..=499 => Fallback::PerRecord,
-        // Not a failure status at all: nothing tells what happened, so fail (retryable).
+        // What HTTP says is a record's fault is worth finding record by record.
+        _ if of_status(status, None) == Verdict::DeadLetter => Fallback::PerRecord,
         _ => Fallback::Fail,
     }
 }

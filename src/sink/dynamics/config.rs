@@ -49,3 +49,15 @@ fn default_batch() -> usize {
 fn default_timeout() -> Duration {
     Duration::from_secs(60)
 }
+
+impl Config {
+    /// `DYNAMICS_URL` and `DYNAMICS_TOKEN_URL` override `url` and `token_url`.
+    pub fn endpoints_from_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = env("DYNAMICS_URL") {
+            self.url = v;
+        }
+        if let Some(v) = env("DYNAMICS_TOKEN_URL") {
+            self.token_url = Some(v);
+        }
+    }
+}

@@ -23,6 +23,7 @@ pub mod batch;
 pub mod bulk;
 pub mod config;
 pub mod metadata;
+pub mod profile;
 
 use std::collections::BTreeMap;
 
@@ -31,10 +32,12 @@ use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 
 pub use config::Config;
+pub use profile::PROFILE;
 
 use crate::error::{Error, Result};
 use crate::sink::mapping::{Conversion, Mapping};
 use crate::sink::oauth::ClientCredentials;
+use crate::sink::verdict::Verdict;
 use crate::sink::{Outcome, Target, http};
 use batch::Request;
 use metadata::Attribute;
@@ -170,11 +173,12 @@ impl Dynamics {
     /// the operator's to fix; 429 waits for Retry-After; 5xx retries; other 4xx do not.
     fn status_error(what: &str, status: StatusCode, headers: &HeaderMap, body: &str) -> Error {
         match status.as_u16() {
-            403 => Error::user(format!(
+            403 => Verdict::Stop.error(format!(
                 "{what}: HTTP 403 {}; give the application user a security role with the needed privileges",
                 batch::error_text(403, body)
             )),
-            404 => Error::user(format!(
+            // Only a wrong URL makes a single-record request 404 (an upsert creates).
+            404 => Verdict::Stop.error(format!(
                 "{what}: HTTP 404 {}; check [dynamics] url",
                 batch::error_text(404, body)
             )),

@@ -56,3 +56,12 @@ fn default_batch() -> usize {
 fn default_timeout() -> Duration {
     Duration::from_secs(30)
 }
+
+impl Config {
+    /// `MULESOFT_URL` overrides `url`.
+    pub fn endpoints_from_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = env("MULESOFT_URL") {
+            self.url = v;
+        }
+    }
+}

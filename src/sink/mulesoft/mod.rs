@@ -6,6 +6,7 @@
 //! which contacts failed without ever taking a failed one for written. The API has no delete.
 
 pub mod config;
+pub mod profile;
 pub mod response;
 
 use async_trait::async_trait;
@@ -14,10 +15,12 @@ use reqwest::header::ACCEPT;
 use serde_json::Value;
 
 pub use config::{Auth, Config};
+pub use profile::PROFILE;
 
 use crate::error::{Error, Result};
 use crate::sink::mapping::{Mapping, Record};
 use crate::sink::oauth::ClientCredentials;
+use crate::sink::verdict::{Verdict, of_status};
 use crate::sink::{Outcome, Target, http};
 
 /// Why a delete event cannot be carried out, given per record.
@@ -132,39 +135,34 @@ impl Mulesoft {
                     }
                     Credentials::Oauth(cc) => {
                         cc.invalidate();
-                        return Err(Error::user(format!(
+                        return Err(Verdict::Stop.error(format!(
                             "{what} refused a fresh OAuth token (HTTP {status}: {brief}); check [mulesoft] client_id, \
                              client_secret and token_url, and that the client is granted access to the API"
                         )));
                     }
                     Credentials::ClientId { .. } => {
-                        return Err(Error::user(format!(
+                        return Err(Verdict::Stop.error(format!(
                             "{what} refused the client credentials (HTTP {status}: {brief}); check [mulesoft] client_id and \
                              client_secret, or set auth = \"oauth\" if the API's policy wants a token"
                         )));
                     }
                 },
-                429 => {
-                    let e = Error::external(format!("{what}: rate limited (HTTP 429)"));
-                    return Err(match response::rate_limit_wait(&headers) {
-                        Some(w) => e.after(w),
-                        // No header: the runner's exponential backoff with jitter applies.
-                        None => e,
-                    });
-                }
                 404 | 405 => {
-                    return Err(Error::user(format!(
+                    return Err(Verdict::Stop.error(format!(
                         "{what}: HTTP {status} at {}: {brief}; check [mulesoft] url",
                         self.url
                     )));
                 }
                 413 => {
-                    return Err(Error::user(format!(
+                    return Err(Verdict::Stop.error(format!(
                         "{what}: payload too large (HTTP 413); lower [mulesoft] batch_size"
                     )));
                 }
-                400..=499 if status.as_u16() != 408 => return Ok(Posted::Refused(status, body)),
-                _ => return Err(http::status_error(what, status, &headers, &body)),
+                // No rate-limit header: the runner's exponential backoff with jitter applies.
+                code => match of_status(code, response::rate_limit_wait(&headers)) {
+                    Verdict::DeadLetter => return Ok(Posted::Refused(status, body)),
+                    v => return Err(v.error(format!("{what}: HTTP {status}: {brief}"))),
+                },
             }
         }
     }

@@ -101,3 +101,12 @@ fn default_bulk_timeout() -> Duration {
 fn default_timeout() -> Duration {
     Duration::from_secs(30)
 }
+
+impl Config {
+    /// `SALESFORCE_LOGIN_URL` overrides `login_url`.
+    pub fn endpoints_from_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = env("SALESFORCE_LOGIN_URL") {
+            self.login_url = v;
+        }
+    }
+}

@@ -26,8 +26,10 @@ pub mod collections;
 pub mod config;
 pub mod describe;
 pub mod limits;
+pub mod profile;
 
 pub use config::Config;
+pub use profile::PROFILE;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -44,8 +46,9 @@ use self::collections::RecordResult;
 use self::describe::ObjectFields;
 use self::limits::Usage;
 use super::mapping::{Mapping, Record};
+use super::verdict::{Verdict, of_error};
 use super::{Outcome, Target, http};
-use crate::error::{Error, Fault, Result};
+use crate::error::{Error, Result};
 
 /// How often a record locked by another transaction is sent again within one call.
 const LOCK_RETRIES: u32 = 3;
@@ -225,7 +228,8 @@ impl Salesforce {
                     // Credentials refused mid-run (a rotated secret, a revoked app) are the
                     // operator's to fix, but the records are fine: pause instead of dead-lettering.
                     let t = self.auth.fetch(&self.client).await.map_err(|e| {
-                        if e.fault == Fault::User {
+                        // A stop becomes a pause: the same user error, retried after it.
+                        if of_error(&e) == Verdict::Stop {
                             e.after(self.cfg.limit_pause)
                         } else {
                             e
@@ -284,15 +288,14 @@ impl Salesforce {
         }
     }
 
-    /// The error for an unexpected status: 403 is a permission the operator must grant (the
-    /// records are kept), 429/5xx are retryable, other 4xx are final.
+    /// The error for an unexpected status: what HTTP says, except that Salesforce's 403 also
+    /// reports a spent allowance, so it pauses (records kept) instead of stopping the sink.
     fn status_error(&self, what: &str, resp: &Resp) -> Error {
         let msg = collections::request_error(&resp.body);
         if resp.status == StatusCode::FORBIDDEN {
-            return Error::user(format!(
+            return Verdict::Pause(Some(self.cfg.limit_pause)).error(format!(
                 "{what}: HTTP 403: {msg}; grant the integration user API access and permission on the object and its fields"
-            ))
-            .after(self.cfg.limit_pause);
+            ));
         }
         http::status_error(what, resp.status, &resp.headers, &msg)
     }

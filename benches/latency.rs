@@ -33,6 +33,13 @@
 //! its Commit message arrived minus its commit time, as {"commits", "p50_ms", "p99_ms", "max_ms"}.
 //! Commits in the first `warm-up seconds` are not counted.
 //!
+//!   cargo bench --bench latency -- null <database url> <slot> <publication> <end lsn>
+//!
+//! The null streaming reader: the walsender's limit for any reader. Streams the slot with the
+//! source's own replication client and options (pgoutput, protocol 1), acknowledges every
+//! commit, and does nothing else, until a commit (or a keepalive) reaches `end lsn`; prints
+//! {"seconds", "messages", "bytes"}: the time from connecting to the last commit, and what came.
+//!
 //!   cargo bench --bench latency -- lag <brokers> <topic> <group>
 //!
 //! Prints the group's lag on the topic (records not yet committed, summed over partitions; a
@@ -64,6 +71,7 @@ fn main() {
             )
         }
         Some("lag") => lag(&args[1], &args[2], &args[3]),
+        Some("null") => null_reader(&args[1], &args[2], &args[3], &args[4]),
         Some("slot") => slot(
             &args[1],
             &args[2],
@@ -226,6 +234,47 @@ fn slot(url: &str, slot: &str, publication: &str, run: Duration, warmup: Duratio
         pct(0.99),
         lat_ms.last().copied().unwrap_or(f64::NAN)
     );
+}
+
+fn null_reader(url: &str, slot: &str, publication: &str, end: &str) {
+    use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+    let end = Lsn::parse(end).expect("end lsn, e.g. 0/1A2B3C4");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (seconds, messages, bytes) = rt.block_on(async {
+        let started = Instant::now();
+        let cfg = trusst_cdc::pg::replication_config(url, slot, publication, true).expect("config");
+        let mut repl = ReplicationClient::connect(cfg)
+            .await
+            .expect("replication connection");
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        loop {
+            match repl.recv().await.expect("replication stream") {
+                Some(ReplicationEvent::XLogData { data, .. }) => {
+                    messages += 1;
+                    bytes += data.len() as u64;
+                }
+                Some(ReplicationEvent::Commit { end_lsn, .. }) => {
+                    messages += 1;
+                    repl.update_applied_lsn(end_lsn);
+                    if end_lsn >= end {
+                        break;
+                    }
+                }
+                // The server has sent everything up to `end`: the WAL past the last commit holds
+                // nothing decodable (pg_recvlogical's --endpos stops the same way).
+                Some(ReplicationEvent::KeepAlive { wal_end, .. }) if wal_end >= end => break,
+                Some(_) => messages += 1,
+                None => break,
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let _ = repl.shutdown().await;
+        (seconds, messages, bytes)
+    });
+    println!("{{\"seconds\":{seconds:.3},\"messages\":{messages},\"bytes\":{bytes}}}");
 }
 
 /// The `p` quantile (0..=1) of sorted samples, NaN when there are none.

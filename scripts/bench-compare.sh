@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Side-by-side source benchmark: one run, one machine, one PostgreSQL, one WAL, three contenders:
-#   (a) the ceiling: pg_recvlogical draining the workload with pgoutput to /dev/null;
+# Side-by-side source benchmark: one run, one machine, one PostgreSQL, one WAL, three contenders
+# and three limits:
+#   (d) decoding alone: pg_logical_slot_peek_binary_changes with pgoutput (the source's options)
+#       counting the messages in SQL, nothing sent over a replication connection;
+#   (n) the null streaming reader: the source's replication client reading the slot and
+#       acknowledging every commit, doing nothing else (the walsender's limit for any reader);
+#   (a) pg_recvlogical draining the workload with pgoutput to /dev/null;
 #   (b) Debezium's PostgreSQL connector (Maven Central) in Kafka Connect standalone: pgoutput,
 #       JSON converter, the same broker, one topic per table;
 #   (c) trusst-cdc's source: enriched per-contact events, acknowledged by Kafka.
@@ -42,7 +47,7 @@ TABLES=(contacts inferences questions s3_conversations)
 source scripts/lib/bench.sh
 # shellcheck source=scripts/lib/maven.sh
 source scripts/lib/maven.sh
-SLOTS='^cmp_(recv|cdc|dbz)_[0-9a-z]+$'
+SLOTS='^cmp_(recv|cdc|dbz|null|dec)_[0-9a-z]+$'
 bench_cleanup() { scripts/services.sh drop-slots "$SLOTS"; }
 bench_init --benches
 
@@ -63,10 +68,13 @@ scripts/services.sh drop-slots "$SLOTS"
 bench_fresh_db $DB
 psqlb -d $DB -c "CREATE PUBLICATION bench_pub FOR TABLE contacts, inferences, questions, s3_conversations" >/dev/null
 for r in $(seq 1 "$ROUNDS"); do
-    for who in recv cdc dbz; do
+    for who in recv cdc dbz null; do
         psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_${who}_$r', 'pgoutput')" >/dev/null
     done
 done
+
+# Peeking does not consume: one slot serves every round of (d).
+psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_dec_0', 'pgoutput')" >/dev/null
 
 bench_workload $DB "$N"
 echo "bench: $rows row changes up to $end; $ROUNDS rounds of (a), (b), (c)" >&2
@@ -130,10 +138,37 @@ stop() {
     wait "$1" || true
 }
 
+# Decoding alone, up to the workload's end: seconds (wall clock of the query) and messages.
+decode_only() {
+    local t0 t1 count
+    t0=$(date +%s%3N)
+    count=$(psqlb -d $DB -tAc "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('cmp_dec_0', '$end', NULL,
+        'proto_version', '1', 'publication_names', 'bench_pub')")
+    t1=$(date +%s%3N)
+    echo "$(seconds_between "$t0" "$t1") $count"
+}
+
+# The null reader on its own slot: seconds (its own clock, connect to the last commit), peak
+# RSS (KB), CPU seconds, messages.
+null_drain() {
+    local s kb u sys
+    /usr/bin/time -f "%e %M %U %S" -o "$work/null.time" "$latency_bin" null "$url" "$1" bench_pub "$end" \
+        >"$work/null.json"
+    read -r _ kb u sys <"$work/null.time"
+    read -r s messages < <(json_fields "$work/null.json" seconds messages)
+    echo "$s $kb $(python3 -c "print(f'{$u + $sys:.2f}')") $messages"
+}
+
+dec_runs=()
+null_runs=()
 recv_runs=()
 dbz_runs=()
 cdc_runs=()
 for r in $(seq 1 "$ROUNDS"); do
+    echo "bench: round $r: (d) decoding alone" >&2
+    dec_runs+=("$(decode_only)")
+    echo "bench: round $r: (n) null streaming reader" >&2
+    null_runs+=("$(null_drain "cmp_null_$r")")
     echo "bench: round $r: (a) pg_recvlogical" >&2
     recv_runs+=("$(recvlogical_drain $DB "cmp_recv_$r" bench_pub "$end")")
 
@@ -204,7 +239,8 @@ stop $source_pid
 cmd="N=$N ROUNDS=$ROUNDS LATENCY_RATE=$LATENCY_RATE LATENCY_SECONDS=$LATENCY_SECONDS WARMUP_SECONDS=$WARMUP_SECONDS scripts/bench-compare.sh"
 python3 - "$N" "$rows" "$(bench_machine)" "$cmd" "$DEBEZIUM_VERSION" "$KAFKA_VERSION" "$DEBEZIUM_HEAP" \
     "$(printf '%s;' "${recv_runs[@]}")" "$(printf '%s;' "${dbz_runs[@]}")" "$(printf '%s;' "${cdc_runs[@]}")" \
-    "$dbz_lat" "$cdc_lat" "$LATENCY_RATE" "$WARMUP_SECONDS" <<'PY' | tee /dev/stderr | bench_write_section "Side by side (scripts/bench-compare.sh)"
+    "$dbz_lat" "$cdc_lat" "$LATENCY_RATE" "$WARMUP_SECONDS" \
+    "$(printf '%s;' "${dec_runs[@]}")" "$(printf '%s;' "${null_runs[@]}")" <<'PY' | tee /dev/stderr | bench_write_section "Side by side (scripts/bench-compare.sh)"
 import json, sys, datetime
 n, rows, machine, cmd, dbz_version, kafka_version, heap = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:8]
 parse = lambda arg: [tuple(float(x) for x in run.split()) for run in arg.split(';') if run.strip()]
@@ -215,17 +251,22 @@ def lat(arg):
     return json.loads(head + '}'), int(kb)
 (dbz_lat, dbz_steady_kb), (cdc_lat, cdc_steady_kb) = lat(sys.argv[11]), lat(sys.argv[12])
 rate, warmup = int(sys.argv[13]), int(sys.argv[14])
+dec_runs, null_runs = parse(sys.argv[15]), parse(sys.argv[16])
 # The median round by time, reported whole (its RSS and CPU belong to that run).
 median = lambda runs: sorted(runs)[len(runs) // 2]
 recv_s, recv_kb, recv_cpu = median(recv_runs)
 dbz_s, dbz_kb, dbz_cpu, dbz_start = median(dbz_runs)
 cdc_s, cdc_kb, cdc_cpu, cdc_start = median(cdc_runs)
+dec_s, dec_messages = median(dec_runs)
+null_s, null_kb, null_cpu, null_messages = median(null_runs)
 all_runs = lambda runs: ", ".join(f"{r[0]:.2f}" for r in runs)
 mb = lambda kb: f"{kb / 1024:,.0f} MB"
 def row(name, s, kb, cpu, start, runs):
     streaming = f"{rows / (s - start):,.0f}" if start is not None else "-"
     start = f"{start:.2f} s" if start is not None else "-"
-    return f"| {name} | {s:.2f} s | {start} | {rows / s:,.0f} | {streaming} | {n / s:,.0f} | {cpu:.2f} | {mb(kb)} | {all_runs(runs)} |"
+    cpu = f"{cpu:.2f}" if cpu is not None else "-"
+    kb = mb(kb) if kb is not None else "-"
+    return f"| {name} | {s:.2f} s | {start} | {rows / s:,.0f} | {streaming} | {n / s:,.0f} | {cpu} | {kb} | {all_runs(runs)} |"
 table = f"""## Side by side (scripts/bench-compare.sh)
 
 Run {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine}; PostgreSQL, Kafka and every
@@ -234,9 +275,17 @@ contender on the same machine. Command: `{cmd}`.
 Workload: {n} contacts, each TRANSCRIPTION -> INFERENCE -> COMPLETED with about 12 inferences,
 {rows} row changes, then `VACUUM (ANALYZE)` as autovacuum would. Every slot was created on one
 publication before the workload, so each contender decoded the same WAL from the same start;
-{len(cdc_runs)} rounds ran (a), (b), (c) in turn and the table shows each one's median round.
+{len(cdc_runs)} rounds ran (d), (n), (a), (b), (c) in turn and the table shows each one's median round.
 
-- (a) `pg_recvlogical`, pgoutput, to `/dev/null`: the ceiling, PostgreSQL's own walsender.
+- (d) Decoding alone: `SELECT count(*) FROM pg_logical_slot_peek_binary_changes(...)` with
+  pgoutput and the source's options (protocol 1, the publication), up to the workload's end:
+  {dec_messages:,.0f} messages decoded in a backend and counted, nothing sent to a client.
+- (n) The null streaming reader (`latency null`): the source's own replication client reads the
+  slot over a replication connection and acknowledges every commit, and does nothing else: the
+  ceiling for a reader built on that client, which the source is held to. `pg_recvlogical` (a)
+  is faster than it, so part of (n)'s time is the client's own cost per message (it parses each
+  one into an event), not the walsender's.
+- (a) `pg_recvlogical`, pgoutput, to `/dev/null`: PostgreSQL's own streaming client.
 - (b) Debezium {dbz_version} PostgreSQL connector in Kafka Connect {kafka_version} standalone (`{heap}`, G1),
   pgoutput, `snapshot.mode=no_data` on its own slot, JSON converter without schemas, one topic per
   table (6 partitions), connector defaults otherwise: one change event per row. Drained = its topics'
@@ -250,6 +299,8 @@ is its `VmHWM`.
 
 | | time to drain | start-up | row changes/s | streaming row changes/s | contacts/s | CPU s | peak RSS | all rounds (s) |
 |---|---|---|---|---|---|---|---|---|
+{row("(d) decoding alone (peek, in SQL)", dec_s, None, None, None, dec_runs)}
+{row("(n) null streaming reader", null_s, null_kb, null_cpu, None, null_runs)}
 {row("(a) pg_recvlogical -> /dev/null", recv_s, recv_kb, recv_cpu, None, recv_runs)}
 {row(f"(b) Debezium -> Kafka (row events)", dbz_s, dbz_kb, dbz_cpu, dbz_start, dbz_runs)}
 {row("(c) trusst-cdc -> Kafka (enriched contact events)", cdc_s, cdc_kb, cdc_cpu, cdc_start, cdc_runs)}
@@ -267,14 +318,20 @@ contact's event. "At the broker" uses the record's append time instead (the topi
 | (b) Debezium | {dbz_lat['events']} | {dbz_lat['p50_ms']} ms | {dbz_lat['p99_ms']} ms | {dbz_lat['max_ms']} ms | {dbz_lat.get('record_p50_ms')} ms | {dbz_lat.get('record_p99_ms')} ms | {mb(dbz_steady_kb)} |
 | (c) trusst-cdc | {cdc_lat['events']} | {cdc_lat['p50_ms']} ms | {cdc_lat['p99_ms']} ms | {cdc_lat['max_ms']} ms | {cdc_lat.get('record_p50_ms')} ms | {cdc_lat.get('record_p99_ms')} ms | {mb(cdc_steady_kb)} |
 
-| ratio | trusst-cdc / ceiling | trusst-cdc / Debezium | target |
-|---|---|---|---|
-| row changes/s (time to drain) | {recv_s / cdc_s:.2f} | {dbz_s / cdc_s:.2f} | >= 0.8 x ceiling; >= 2 x Debezium |
-| row changes/s, start-up left out | - | {(dbz_s - dbz_start) / (cdc_s - cdc_start):.2f} | |
-| CPU seconds | {cdc_cpu / recv_cpu:.2f} | {cdc_cpu / dbz_cpu:.2f} | |
-| peak RSS (drain) | {cdc_kb / recv_kb:.2f} | {cdc_kb / dbz_kb:.2f} | <= 0.1 x Debezium |
-| peak RSS (steady run) | - | {cdc_steady_kb / dbz_steady_kb:.2f} | |
-| latency p99 | - | {cdc_lat['p99_ms'] / dbz_lat['p99_ms']:.2f} | |
+| ratio | trusst-cdc / null reader | trusst-cdc / pg_recvlogical | trusst-cdc / Debezium | target |
+|---|---|---|---|---|
+| row changes/s (time to drain) | {null_s / cdc_s:.2f} | {recv_s / cdc_s:.2f} | {dbz_s / cdc_s:.2f} | >= 0.9 x null reader; >= 2 x Debezium |
+| row changes/s, start-up left out | {null_s / (cdc_s - cdc_start):.2f} | - | {(dbz_s - dbz_start) / (cdc_s - cdc_start):.2f} | |
+| CPU seconds | {cdc_cpu / null_cpu:.2f} | {cdc_cpu / recv_cpu:.2f} | {cdc_cpu / dbz_cpu:.2f} | |
+| peak RSS (drain) | {cdc_kb / null_kb:.2f} | {cdc_kb / recv_kb:.2f} | {cdc_kb / dbz_kb:.2f} | <= 0.1 x Debezium |
+| peak RSS (steady run) | - | - | {cdc_steady_kb / dbz_steady_kb:.2f} | |
+| latency p99 | - | - | {cdc_lat['p99_ms'] / dbz_lat['p99_ms']:.2f} | |
+
+The null reader against decoding alone ({null_s / dec_s:.1f} x its time) is the cost of streaming
+itself: the walsender writes every message into the replication protocol's CopyData frames and
+waits for the socket, and the client reads and parses them; decoding alone runs the same
+pgoutput plugin in one backend and only counts its output. Everything a streaming reader adds on
+top of the walsender's limit shows as the gap between (c) or (a) and (n).
 
 Debezium emits one event per row change and leaves joining them into a contact to the consumer;
 trusst-cdc's figures include that work (the re-read) and publish one event per contact.

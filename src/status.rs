@@ -343,15 +343,7 @@ fn topic_state(
 
 /// Low and high watermarks per partition; `None` when the topic does not exist.
 fn watermarks(consumer: &BaseConsumer, topic: &str) -> Result<Option<BTreeMap<i32, (i64, i64)>>> {
-    let md = consumer
-        .fetch_metadata(Some(topic), TIMEOUT)
-        .map_err(|e| error::kafka(format!("reading metadata of {topic}"), e))?;
-    let parts: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let parts = crate::kafka::partitions(consumer, topic, TIMEOUT)?;
     if parts.is_empty() {
         return Ok(None);
     }

@@ -1,7 +1,7 @@
 //! Kafka plumbing shared by the source and the sinks: client configs, the event topic, and a
 //! producer that keeps delivery futures so callers await them at their commit boundary.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -229,6 +229,49 @@ pub async fn ensure_compacted_topic(
     Ok(())
 }
 
+/// A topic's partition ids from the cluster's metadata; empty while the topic does not exist.
+pub fn partitions<X, C>(consumer: &C, topic: &str, timeout: Duration) -> Result<Vec<i32>>
+where
+    X: rdkafka::consumer::ConsumerContext,
+    C: rdkafka::consumer::Consumer<X>,
+{
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| error::kafka(format!("reading the partitions of {topic}"), e))?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
+/// Assign every partition of `topic` that holds records, from its beginning, to `consumer`
+/// (no group); returns each one's end offset as it is now, where a bounded read stops.
+/// Blocking: call it off the async threads.
+pub fn assign_to_ends<X, C>(consumer: &C, topic: &str) -> Result<HashMap<i32, i64>>
+where
+    X: rdkafka::consumer::ConsumerContext,
+    C: rdkafka::consumer::Consumer<X>,
+{
+    let mut ends = HashMap::new();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in partitions(consumer, topic, Duration::from_secs(10))? {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(|e| error::kafka(format!("reading the offsets of {topic}"), e))?;
+        if high > low {
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+                .map_err(|e| error::kafka("assigning partitions", e))?;
+        }
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| error::kafka(format!("reading {topic}"), e))?;
+    Ok(ends)
+}
+
 /// Read every partition of `topic` from its start to its end as it is now, calling `visit`
 /// with each record's key, partition, offset and value (`None`: a tombstone). For bounded
 /// passes over a whole topic (a re-drive's look at the event topic); joins no consumer group.
@@ -239,8 +282,8 @@ pub async fn scan(
     mut visit: impl FnMut(&str, i32, i64, Option<&[u8]>),
 ) -> Result<u64> {
     use futures::StreamExt;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::{Message, Offset, TopicPartitionList};
+    use rdkafka::Message;
+    use rdkafka::consumer::StreamConsumer;
     let mut c = client_config(brokers, properties);
     c.set(
         "group.id",
@@ -250,35 +293,11 @@ pub async fn scan(
     .set("enable.partition.eof", "false");
     let consumer: StreamConsumer = create(&c, "consumer")?;
     let name = topic.to_owned();
-    let (consumer, ends) = off_thread(move || -> Result<_> {
-        let md = consumer
-            .fetch_metadata(Some(&name), Duration::from_secs(10))
-            .map_err(|e| error::kafka(format!("reading the partitions of {name}"), e))?;
-        let partitions: Vec<i32> = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == name)
-            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-            .unwrap_or_default();
-        let mut ends = std::collections::HashMap::new();
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&name, p, Duration::from_secs(10))
-                .map_err(|e| error::kafka(format!("reading the offsets of {name}"), e))?;
-            if high > low {
-                ends.insert(p, high);
-                tpl.add_partition_offset(&name, p, Offset::Beginning)
-                    .map_err(|e| error::kafka("assigning partitions", e))?;
-            }
-        }
-        consumer
-            .assign(&tpl)
-            .map_err(|e| error::kafka(format!("reading {name}"), e))?;
+    let (consumer, mut open) = off_thread(move || -> Result<_> {
+        let ends = assign_to_ends(&consumer, &name)?;
         Ok((consumer, ends))
     })
     .await??;
-    let mut open = ends;
     let mut n = 0;
     let mut stream = consumer.stream();
     while !open.is_empty() {

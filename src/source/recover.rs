@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
+use rdkafka::consumer::StreamConsumer;
 use tokio_postgres::Client;
 
 use super::publisher::{self, Job};
@@ -58,36 +58,12 @@ pub async fn summarize(cfg: &SourceConfig, decoder: &Decoder) -> Result<TopicSum
     .set("enable.partition.eof", "false");
     let consumer: StreamConsumer = kafka::create(&c, "consumer")?;
     let probe = topic.clone();
-    let (consumer, ends) = kafka::off_thread(move || -> Result<_> {
-        let md = consumer
-            .fetch_metadata(Some(&probe), Duration::from_secs(10))
-            .map_err(|e| error::kafka(format!("reading the partitions of {probe}"), e))?;
-        let partitions: Vec<i32> = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == probe)
-            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-            .unwrap_or_default();
-        let mut ends = Vec::new();
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&probe, p, Duration::from_secs(10))
-                .map_err(|e| error::kafka(format!("reading the offsets of {probe}"), e))?;
-            if high > low {
-                ends.push((p, high));
-                tpl.add_partition_offset(&probe, p, Offset::Beginning)
-                    .map_err(|e| error::kafka("assigning partitions", e))?;
-            }
-        }
-        consumer
-            .assign(&tpl)
-            .map_err(|e| error::kafka(format!("reading {probe}"), e))?;
+    let (consumer, mut open) = kafka::off_thread(move || -> Result<_> {
+        let ends = kafka::assign_to_ends(&consumer, &probe)?;
         Ok((consumer, ends))
     })
     .await??;
     let mut summary = TopicSummary::default();
-    let mut open: std::collections::HashMap<i32, i64> = ends.into_iter().collect();
     let started = Instant::now();
     let mut stream = consumer.stream();
     while !open.is_empty() {

@@ -257,15 +257,7 @@ impl BatchCtx<'_> {
                 // before it, it is all a late or replaying sink sees of the deletion. When both are
                 // in the batch, the tombstone supersedes the event and the delete happens once.
                 None => {
-                    let e = ContactEvent::delete(
-                        &m.key,
-                        crate::event::SourcePosition {
-                            lsn: String::new(),
-                            commit_ts: None,
-                            txid: None,
-                            reason: "tombstone".into(),
-                        },
-                    );
+                    let e = tombstone(&m.key);
                     let raw = serde_json::to_value(&e)
                         .map_err(|e| Error::internal("events serialize").with_source(e))?;
                     (e, raw)
@@ -534,15 +526,7 @@ impl BatchCtx<'_> {
         for m in batch {
             self.totals.consumed += 1;
             let Some(p) = &m.payload else {
-                let e = ContactEvent::delete(
-                    &m.key,
-                    crate::event::SourcePosition {
-                        lsn: String::new(),
-                        commit_ts: None,
-                        txid: None,
-                        reason: "tombstone".into(),
-                    },
-                );
+                let e = tombstone(&m.key);
                 if self.wanted(m, Some(&e)) {
                     newest.insert(m.key.clone(), (e, m));
                 }
@@ -588,6 +572,19 @@ impl BatchCtx<'_> {
         }
         Ok(())
     }
+}
+
+/// The delete event a tombstone stands for.
+fn tombstone(contact_id: &str) -> ContactEvent {
+    ContactEvent::delete(
+        contact_id,
+        crate::event::SourcePosition {
+            lsn: String::new(),
+            commit_ts: None,
+            txid: None,
+            reason: "tombstone".into(),
+        },
+    )
 }
 
 /// An undecodable value for the dead-letter record: text as it is, binary (an Avro frame) as

@@ -70,15 +70,7 @@ impl std::str::FromStr for StartFrom {
 
 /// The topic's partitions, `None` while it does not exist.
 pub(super) fn partitions(consumer: &SinkConsumer, topic: &str) -> Result<Option<Vec<i32>>> {
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| error::kafka(format!("reading metadata of {topic}"), e))?;
-    let parts: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let parts = crate::kafka::partitions(consumer, topic, Duration::from_secs(10))?;
     Ok((!parts.is_empty()).then_some(parts))
 }
 

@@ -229,7 +229,7 @@ pub fn render(r: &Report, targets: &[Target]) -> String {
         s.push('\n');
         // A target that takes the event as one document has no fields to create: its keys
         // are listed as comments.
-        match m.profile.payload {
+        match m.profile().payload {
             Some(_) => {
                 let _ = writeln!(
                     s,
@@ -250,7 +250,11 @@ pub fn render(r: &Report, targets: &[Target]) -> String {
         for p in &r.questions {
             let place = &p.targets[i];
             let key = &p.question.key;
-            let line = match (m.profile.payload.is_some(), &place.field, place.conversion) {
+            let line = match (
+                m.profile().payload.is_some(),
+                &place.field,
+                place.conversion,
+            ) {
                 (_, None, _) => {
                     format!("# {key}: not written (skip, or unmapped_questions = \"ignore\")")
                 }
@@ -328,7 +332,7 @@ mod tests {
         assert_eq!(blocks.len(), 3, "{text}");
         for (block, t) in blocks.iter().zip(&targets) {
             let cfg: toml::Table = toml::from_str(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
-            if t.mapping.profile.payload.is_some() {
+            if t.mapping.profile().payload.is_some() {
                 assert!(cfg.is_empty(), "{block}");
                 assert!(block.contains("#   agent_identified"), "{block}");
                 continue;

@@ -150,8 +150,6 @@ impl Default for MappingConfig {
 pub struct Mapping {
     /// The target kind.
     pub target: TargetKind,
-    /// The target's defaults and naming rule.
-    pub profile: &'static Profile,
     /// sObject / entity logical name.
     pub object: String,
     /// Dataverse entity set.
@@ -228,6 +226,11 @@ pub struct Record {
 }
 
 impl Mapping {
+    /// The target's defaults and naming rule.
+    pub fn profile(&self) -> &'static Profile {
+        self.target.profile()
+    }
+
     /// Resolve a config for a target, filling the guide's defaults.
     pub fn new(target: TargetKind, cfg: &MappingConfig) -> Self {
         let profile = target.profile();
@@ -264,7 +267,6 @@ impl Mapping {
         let object = profile.object;
         Self {
             target,
-            profile,
             object: cfg.object.clone().unwrap_or_else(|| object.to_owned()),
             entity_set: cfg
                 .entity_set
@@ -304,8 +306,8 @@ impl Mapping {
             Some(FieldSpec { field: Some(f), .. }) => Some(f.clone()),
             None if self.unmapped == Unmapped::Ignore => None,
             _ => {
-                let name = (self.profile.question_field)(key);
-                Some(if self.profile.prefixed {
+                let name = (self.profile().question_field)(key);
+                Some(if self.profile().prefixed {
                     format!("{}{name}", self.field_prefix)
                 } else {
                     name
@@ -347,13 +349,13 @@ impl Mapping {
             .questions
             .get(key)
             .and_then(|s| s.conversion)
-            .or_else(|| (self.profile.conversion)(result_type));
+            .or_else(|| (self.profile().conversion)(result_type));
         Some((field, conv))
     }
 
     /// Map one upsert event: typed fields, or the target's own document (MuleSoft).
     pub fn map(&self, e: &ContactEvent) -> Result<Record, MapError> {
-        if let Some(payload) = self.profile.payload {
+        if let Some(payload) = self.profile().payload {
             return Ok(Record {
                 contact_id: e.trusst_contact_id.clone(),
                 fields: payload(e),
@@ -391,7 +393,7 @@ impl Mapping {
                 .get(&q.question_key)
                 .cloned()
                 .unwrap_or_default();
-            let conv = spec.conversion.or_else(|| (self.profile.conversion)(&q.result_type)).ok_or_else(|| MapError {
+            let conv = spec.conversion.or_else(|| (self.profile().conversion)(&q.result_type)).ok_or_else(|| MapError {
                 field: q.question_key.clone(),
                 reason: format!(
                     "unknown result type {:?}; set [mapping.questions.{}] type = \"text\" (or another conversion), or skip = true",
@@ -554,7 +556,7 @@ impl Mapping {
             return;
         }
         let field = self.question_field(key);
-        let conv = (self.profile.conversion)(result_type);
+        let conv = (self.profile().conversion)(result_type);
         let s = self.questions.entry(key.to_owned()).or_default();
         if s.field.is_none() {
             s.field = field;

@@ -593,6 +593,55 @@ async fn a_question_made_non_universal_while_stopped_is_re_emitted() {
     assert_matches_seed(&latest, &db.expected().await);
 }
 
+/// A question renamed while the source is stopped: the replayed rename still names the old key
+/// as cleared (the old row image of `questions`, REPLICA IDENTITY FULL), so no target keeps the
+/// answer under the old field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_question_renamed_while_stopped_clears_its_old_key() {
+    let db = TestDb::new("t_qrename").await;
+    let ids = completed(&db, 59, 15).await;
+    let mut src = SourceProc::start(&db, SourceOpts::default());
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until(WAIT, "the snapshot", has_all(&ids));
+    src.wait_streaming();
+    assert!(src.terminate().success(), "{}", src.log());
+    db.client()
+        .await
+        .batch_execute("UPDATE questions SET key = 'empathy_score' WHERE question_id = 'q-empathy'")
+        .await
+        .unwrap();
+    src.respawn(&db);
+    reader.until(WAIT, "every contact again", |r| {
+        ids.iter().all(|id| {
+            r.iter()
+                .filter_map(|r| (&r.key == id).then(|| r.event()).flatten())
+                .any(|e| e.source.reason == "question")
+        })
+    });
+    reader.settle(Duration::from_secs(1));
+    let latest = reader.latest();
+    for id in &ids {
+        let e = &latest[id];
+        assert!(
+            e.universal_questions
+                .iter()
+                .any(|q| q.question_key == "empathy_score")
+                && e.universal_questions
+                    .iter()
+                    .all(|q| q.question_key != "empathy_rating"),
+            "the answer is under its new key only: {e:?}"
+        );
+        assert!(
+            e.cleared_question_keys
+                .as_ref()
+                .is_some_and(|k| k.contains(&"empathy_rating".to_owned())),
+            "the old key is listed as cleared, so targets empty its field: {:?}",
+            e.cleared_question_keys
+        );
+    }
+    assert_matches_seed(&latest, &db.expected().await);
+}
+
 /// An answer that disappears is named in the contact's next event, so targets clear it: one
 /// deleted answer, every answer of a contact (it gets an event without answers), a contact that
 /// leaves COMPLETED (the same, until it is COMPLETED again), a renamed question (its old key).

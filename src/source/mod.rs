@@ -509,6 +509,23 @@ struct Question {
     is_universal: bool,
 }
 
+impl Question {
+    /// The question a WAL row describes; a column the row does not carry (an unchanged
+    /// TOASTed value) keeps its value in `base`.
+    fn from_row(r: QuestionRow, base: Option<&Question>) -> Self {
+        Question {
+            key: r.key.or(base.and_then(|q| q.key.as_ref())),
+            text: r.text.or(base.and_then(|q| q.text.as_ref())),
+            result_type: r.result_type.or(base.and_then(|q| q.result_type.as_ref())),
+            group: r.group.or(base.and_then(|q| q.group.as_ref())),
+            is_universal: r
+                .is_universal
+                .or(base.map(|q| &q.is_universal))
+                .unwrap_or(false),
+        }
+    }
+}
+
 /// Re-emitting the completed contacts of a changed question, one chunk at a time.
 #[derive(Debug)]
 struct ReemitJob {
@@ -1160,9 +1177,11 @@ impl<'a> Session<'a> {
                 self.batch.deleted.insert(id.clone());
                 self.touch(id, origin);
             }
-            Effect::Question { question_id, row } => {
-                self.question_changed(question_id, row, origin)
-            }
+            Effect::Question {
+                question_id,
+                row,
+                old,
+            } => self.question_changed(question_id, row, old, origin),
             Effect::Truncated(tables) => {
                 self.not_completed.clear();
                 let lsn = fmt_lsn(origin.lsn);
@@ -1189,25 +1208,25 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    fn question_changed(&mut self, question_id: String, row: Option<QuestionRow>, origin: Origin) {
-        let before = self.questions.get(&question_id).cloned();
-        let after = row.map(|r| {
-            let b = before.as_ref();
-            // An unchanged TOASTed column keeps the cached value; a NULL replaces it.
-            Question {
-                key: r.key.or(b.and_then(|q| q.key.as_ref())),
-                text: r.text.or(b.and_then(|q| q.text.as_ref())),
-                result_type: r.result_type.or(b.and_then(|q| q.result_type.as_ref())),
-                group: r.group.or(b.and_then(|q| q.group.as_ref())),
-                is_universal: r
-                    .is_universal
-                    .or(b.map(|q| &q.is_universal))
-                    .unwrap_or(false),
-            }
-        });
+    fn question_changed(
+        &mut self,
+        question_id: String,
+        row: Option<Box<QuestionRow>>,
+        old: Option<Box<QuestionRow>>,
+        origin: Origin,
+    ) {
+        let cached = self.questions.get(&question_id).cloned();
+        // The WAL's old row (REPLICA IDENTITY FULL) is what this change replaced, even when it
+        // is replayed after a restart and the cache already holds its outcome.
+        let whole_old = old.is_some();
+        let before = old
+            .map(|o| Question::from_row(*o, cached.as_ref()))
+            .or(cached);
+        // An unchanged TOASTed column keeps the value before; a NULL replaces it.
+        let after = row.map(|r| Question::from_row(*r, before.as_ref()));
         let universal = |q: &Option<Question>| q.as_ref().is_some_and(|q| q.is_universal);
         // An answer stored under a key that is no longer a universal question's must be
-        // cleared from the targets. A replay only knows the key now.
+        // cleared from the targets. Without the old row, a replay only knows the key now.
         let universal_key = |q: &Option<Question>| {
             q.as_ref()
                 .filter(|q| q.is_universal)
@@ -1215,7 +1234,7 @@ impl<'a> Session<'a> {
         };
         let retired = match (universal_key(&before), universal_key(&after)) {
             (Some(old), new) if new.as_ref() != Some(&old) => Some(old),
-            (None, None) if origin.lsn <= self.questions_loaded_at => {
+            (None, None) if !whole_old && origin.lsn <= self.questions_loaded_at => {
                 after.as_ref().and_then(|q| q.key.clone())
             }
             _ => None,

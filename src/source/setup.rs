@@ -192,6 +192,9 @@ pub async fn preflight(
     if let Some(f) = stage_identity_finding(client).await? {
         out.push(f);
     }
+    if let Some(f) = question_identity_finding(client).await? {
+        out.push(f);
+    }
 
     let pub_exists: bool = client
         .query_one(
@@ -315,6 +318,37 @@ async fn stage_identity_finding(client: &Client) -> Result<Option<Finding>> {
         .map(|(name, kind, index, cols)| stage_verdict(name, kind, index.as_deref(), cols))
         .collect();
     Ok(one_line("contacts", verdicts))
+}
+
+/// Whether an update or delete of `questions` logs the old row, so a rename or a question that
+/// stops being universal, replayed after a restart, still names the key to clear.
+async fn question_identity_finding(client: &Client) -> Result<Option<Finding>> {
+    let rows = identities(client, "questions").await?;
+    let verdicts: Vec<Finding> = rows
+        .iter()
+        .map(|(name, kind, _, _)| question_verdict(name, kind))
+        .collect();
+    Ok(one_line("questions", verdicts))
+}
+
+/// The verdict on `questions`' replica identity (pure, unit-tested). Without the old row a
+/// rename made while the source was stopped leaves the old field filled in the targets.
+pub fn question_verdict(table: &str, kind: &str) -> Finding {
+    if kind == "f" {
+        return Finding::ok(format!(
+            "{table} has REPLICA IDENTITY FULL: a renamed question's old key is cleared in the targets even when the \
+             rename is replayed after a restart"
+        ));
+    }
+    Finding::warn(
+        format!(
+            "{table}'s replica identity does not log the old row: a question renamed (or deleted) while the source \
+             is stopped leaves its old field filled in the targets"
+        ),
+        format!(
+            "ALTER TABLE {table} REPLICA IDENTITY FULL (the table is small; its updates are rare)"
+        ),
+    )
 }
 
 /// One line for a table: the first problem among its partitions, or the (first) verdict when
@@ -633,6 +667,15 @@ mod tests {
 
     fn cols(c: &[&str]) -> Vec<String> {
         c.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn question_verdict_warns_without_the_old_row() {
+        assert!(question_verdict("questions", "f").fix.is_none());
+        for kind in ["d", "i", "n"] {
+            let w = question_verdict("questions", kind);
+            assert!(w.fix.unwrap().contains("REPLICA IDENTITY FULL"), "{kind}");
+        }
     }
 
     #[test]

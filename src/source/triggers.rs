@@ -74,7 +74,10 @@ pub enum Effect {
     /// A question was inserted or updated (`Some`) or deleted (`None` row, id only).
     Question {
         question_id: String,
-        row: Option<QuestionRow>,
+        row: Option<Box<QuestionRow>>,
+        /// The row before an update or delete, when the WAL carries the whole old row
+        /// (REPLICA IDENTITY FULL): a replayed rename still names its old key.
+        old: Option<Box<QuestionRow>>,
     },
     /// These tables were truncated.
     Truncated(Vec<String>),
@@ -345,6 +348,10 @@ impl Tracker {
                 out
             }
             "questions" => {
+                let before = old
+                    .filter(|t| !t.key_only)
+                    .and_then(|t| question_row(rel, t))
+                    .map(Box::new);
                 if delete {
                     ids("question_id")
                         .0
@@ -352,13 +359,15 @@ impl Tracker {
                         .map(|question_id| Effect::Question {
                             question_id,
                             row: None,
+                            old: before.clone(),
                         })
                         .collect()
                 } else {
                     new.and_then(|t| question_row(rel, t))
                         .map(|row| Effect::Question {
                             question_id: row.question_id.clone(),
-                            row: Some(row),
+                            row: Some(Box::new(row)),
+                            old: before,
                         })
                         .into_iter()
                         .collect()
@@ -513,6 +522,42 @@ mod tests {
                 question_id: Some("q1".into())
             }]
         );
+    }
+
+    #[test]
+    fn a_question_update_or_delete_carries_the_old_row_only_when_whole() {
+        let mut tr = Tracker::new();
+        tr.effects(rel(3, "questions", &["question_id", "key", "is_universal"]));
+        let e = tr.effects(Message::Update {
+            relation: 3,
+            old: Some((OldKind::Full, vec![t("q1"), t("old_key"), t("t")])),
+            new: vec![t("q1"), t("new_key"), t("t")],
+        });
+        let Effect::Question {
+            row: Some(row),
+            old: Some(old),
+            ..
+        } = &e[0]
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(old.key, Field::Set(Some("old_key".into())));
+        assert_eq!(old.is_universal, Field::Set(Some(true)));
+        assert_eq!(row.key, Field::Set(Some("new_key".into())));
+        let e = tr.effects(Message::Delete {
+            relation: 3,
+            old: (OldKind::Full, vec![t("q1"), t("new_key"), t("t")]),
+        });
+        assert!(
+            matches!(&e[0], Effect::Question { row: None, old: Some(o), .. } if o.key == Field::Set(Some("new_key".into()))),
+            "{e:?}"
+        );
+        // A key-only image says nothing of the other columns.
+        let e = tr.effects(Message::Delete {
+            relation: 3,
+            old: (OldKind::Key, vec![t("q1"), Value::Null, Value::Null]),
+        });
+        assert!(matches!(&e[0], Effect::Question { old: None, .. }), "{e:?}");
     }
 
     #[test]

@@ -212,10 +212,7 @@ fn record(id: &str) -> Record {
     let mut fields = serde_json::Map::new();
     fields.insert("trusst_contact_id".into(), id.into());
     fields.insert("quality_score".into(), 8.into());
-    Record {
-        contact_id: id.into(),
-        fields,
-    }
+    Record::new(id, fields)
 }
 
 fn event() -> ContactEvent {

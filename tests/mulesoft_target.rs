@@ -103,10 +103,7 @@ fn record(id: &str) -> Record {
         "universal_questions".into(),
         json!([{"question_key":"agent_identified","result":"true"}]),
     );
-    Record {
-        contact_id: id.into(),
-        fields,
-    }
+    Record::new(id, fields)
 }
 
 fn mapping() -> Mapping {
@@ -309,10 +306,7 @@ fn contact(id: &str, result_type: &str) -> Record {
         "universal_questions".into(),
         json!([{"question_key":"agent_identified","question_text":null,"result_type":result_type,"result":"true"}]),
     );
-    Record {
-        contact_id: id.into(),
-        fields,
-    }
+    Record::new(id, fields)
 }
 
 #[tokio::test]

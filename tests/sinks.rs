@@ -700,3 +700,80 @@ first sink:
     );
     db.drop_slot(&src.slot).await;
 }
+
+/// An answer over 1 MB: the source shortens it to fit the broker, and each sink writes the
+/// record with the text cut to its CRM field (Salesforce's 131,072 characters, Dataverse's
+/// 1,048,576), counted and logged, never dead-lettered or left stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_over_a_megabyte_is_written_shortened_to_each_field() {
+    let (db, src, emu, ids) = pipeline("t_longtext", 6).await;
+    let long: String = (0..1_250_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    db.client()
+        .await
+        .execute(
+            "UPDATE inferences SET result = $1 WHERE contact_id = $2 AND question_id = 'q-summary'",
+            &[&long, &ids[2]],
+        )
+        .await
+        .unwrap();
+    let mut sinks = Vec::new();
+    for example in ["salesforce", "dynamics"] {
+        let (dir, cfg) = sink_config(example, &src.topic, |_| {});
+        sinks.push(SinkProc::start(&emu, dir, cfg, &[]));
+    }
+    let expected = db.expected().await;
+    let mut dv_kept = 0;
+    eventually(WAIT, "the long answer, shortened", || {
+        let held = |system: &str, object: &str, key: &str, field: &str| {
+            emu.records(system, object)
+                .into_iter()
+                .find(|r| r[key] == ids[2].as_str())
+                .and_then(|r| r[field].as_str().map(str::to_owned))
+                .unwrap_or_default()
+        };
+        let sf = held(
+            "salesforce",
+            "Contact",
+            "Trusst_Contact_ID__c",
+            "Call_Summary__c",
+        );
+        let dv = held("dataverse", "contact", "trusst_contact_id", "call_summary");
+        if sf != long[..131_072] {
+            return Err(format!("Salesforce holds {} characters", sf.len()));
+        }
+        // The event itself was shortened to fit the broker's 1 MB: what is left goes whole.
+        if !(long.starts_with(&dv) && dv.len() > 900_000) {
+            return Err(format!("Dataverse holds {} characters", dv.len()));
+        }
+        dv_kept = dv.len();
+        Ok(())
+    });
+    // Every other field of that contact, and every other contact, as the seed query says.
+    for (system, kept) in [("salesforce", 131_072), ("dataverse", dv_kept)] {
+        let mut want = expected.clone();
+        let e = want.get_mut(&ids[2]).unwrap();
+        e.results.get_mut("call_summary").unwrap().1 = Some(long[..kept].to_owned());
+        eventually(WAIT, "the CRM to match the seed query", || {
+            crm_matches(&emu, system, &want)
+        });
+    }
+    let scrapes: Vec<_> = sinks
+        .iter_mut()
+        .map(|s| metrics::Scrape::of(&s.metrics_url()))
+        .collect();
+    assert!(
+        scrapes[0].sum("trusst_cdc_sink_texts_shortened_total", &[]) >= 1.0,
+        "Salesforce counts the shortened text"
+    );
+    assert!(sinks[0].log().contains("written shortened"), "and logs it");
+    for m in &scrapes {
+        assert_eq!(
+            m.sum("trusst_cdc_sink_records_dead_lettered_total", &[]),
+            0.0,
+            "nothing dead-lettered"
+        );
+    }
+    db.drop_slot(&src.slot).await;
+}

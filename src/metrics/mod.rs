@@ -100,6 +100,7 @@ pub struct Metrics {
     failed: Family<SinkLabels, Counter>,
     dead_lettered: Family<DeadLetterLabels, Counter>,
     superseded: Family<SinkLabels, Counter>,
+    texts_shortened: Family<SinkLabels, Counter>,
     skipped_customer: Family<CustomerLabels, Counter>,
     consumer_lag: Family<PartitionLabels, Gauge>,
     crm_requests: Family<CallLabels, Counter>,
@@ -135,6 +136,7 @@ impl Metrics {
             failed: Family::default(),
             dead_lettered: Family::default(),
             superseded: Family::default(),
+            texts_shortened: Family::default(),
             skipped_customer: Family::default(),
             consumer_lag: Family::default(),
             crm_requests: Family::default(),
@@ -234,6 +236,12 @@ impl Metrics {
             "Events skipped because a newer event for the same contact was in the batch",
             None,
             m.superseded.clone(),
+        );
+        r.add(
+            "sink_texts_shortened",
+            "Texts longer than their CRM field, written shortened to it ([mapping] text_overflow = \"shorten\")",
+            None,
+            m.texts_shortened.clone(),
         );
         r.add(
             "sink_records_skipped_customer",
@@ -524,6 +532,16 @@ pub fn sink_superseded(sink: &str) {
             sink: sink.to_owned(),
         })
         .inc();
+}
+
+/// Texts of a record were shortened to their CRM fields.
+pub fn sink_texts_shortened(sink: &str, n: usize) {
+    global()
+        .texts_shortened
+        .get_or_create(&SinkLabels {
+            sink: sink.to_owned(),
+        })
+        .inc_by(n as u64);
 }
 
 /// A record of another customer than the sink's was skipped (`customer` is `none` when the

@@ -133,6 +133,9 @@ pub struct MappingConfig {
     /// Longest text written (Salesforce Long Text Area: 131,072).
     #[serde(default)]
     pub text_max_length: Option<usize>,
+    /// A text longer than its field: `shorten` (default) or `dead_letter`.
+    #[serde(default)]
+    pub text_overflow: TextOverflow,
 }
 
 fn default_unmapped() -> Unmapped {
@@ -164,6 +167,8 @@ pub struct Mapping {
     pub unmapped: Unmapped,
     /// Default text limit.
     pub text_max_length: usize,
+    /// A text longer than its field.
+    pub text_overflow: TextOverflow,
     /// Choice column -> label -> value, read from the CRM's metadata at start: the values for
     /// option-set fields whose spec gives no labels (e.g. Label questions not listed in the config).
     pub option_sets: BTreeMap<String, BTreeMap<String, i64>>,
@@ -223,6 +228,42 @@ pub struct Record {
     pub contact_id: String,
     /// Field name -> JSON value.
     pub fields: Map<String, Value>,
+    /// Texts cut to their field's length (`text_overflow = "shorten"`), to be reported.
+    pub shortened: Vec<Shortened>,
+}
+
+impl Record {
+    /// A record of these fields, nothing shortened.
+    pub fn new(contact_id: impl Into<String>, fields: Map<String, Value>) -> Self {
+        Record {
+            contact_id: contact_id.into(),
+            fields,
+            shortened: Vec::new(),
+        }
+    }
+}
+
+/// A text longer than its CRM field, written shortened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortened {
+    /// The CRM field.
+    pub field: String,
+    /// The text's length in characters.
+    pub chars: usize,
+    /// The characters kept (the field's length).
+    pub kept: usize,
+}
+
+/// What to do with a text longer than its CRM field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TextOverflow {
+    /// Write its first characters, as many as the field holds, and report it (as the source
+    /// does for an event over the broker's limit): the other fields are not left stale.
+    #[default]
+    Shorten,
+    /// Dead-letter the whole record.
+    DeadLetter,
 }
 
 impl Mapping {
@@ -280,6 +321,7 @@ impl Mapping {
             questions: cfg.questions.clone(),
             unmapped: cfg.unmapped_questions,
             text_max_length: cfg.text_max_length.unwrap_or(profile.text_max_length),
+            text_overflow: cfg.text_overflow,
             option_sets: BTreeMap::new(),
             known_fields: None,
             field_prefix: cfg.field_prefix.clone(),
@@ -356,11 +398,9 @@ impl Mapping {
     /// Map one upsert event: typed fields, or the target's own document (MuleSoft).
     pub fn map(&self, e: &ContactEvent) -> Result<Record, MapError> {
         if let Some(payload) = self.profile().payload {
-            return Ok(Record {
-                contact_id: e.trusst_contact_id.clone(),
-                fields: payload(e),
-            });
+            return Ok(Record::new(e.trusst_contact_id.clone(), payload(e)));
         }
+        let mut shortened = Vec::new();
         let mut fields = Map::new();
         fields.insert(
             self.external_id_field.clone(),
@@ -376,7 +416,13 @@ impl Mapping {
             let v = match raw {
                 None => Value::Null,
                 Some(r) => self
-                    .convert(spec.conversion.unwrap_or(Conversion::Text), r, spec, field)
+                    .convert(
+                        spec.conversion.unwrap_or(Conversion::Text),
+                        r,
+                        spec,
+                        field,
+                        &mut shortened,
+                    )
                     .map_err(|reason| MapError {
                         field: ev.clone(),
                         reason,
@@ -404,7 +450,7 @@ impl Mapping {
                 None => Value::Null,
                 Some(r) if r.trim().is_empty() && conv != Conversion::Text => Value::Null,
                 Some(r) => self
-                    .convert(conv, r, &spec, &field)
+                    .convert(conv, r, &spec, &field, &mut shortened)
                     .map_err(|reason| MapError {
                         field: q.question_key.clone(),
                         reason,
@@ -428,6 +474,7 @@ impl Mapping {
         Ok(Record {
             contact_id: e.trusst_contact_id.clone(),
             fields,
+            shortened,
         })
     }
 
@@ -450,10 +497,7 @@ impl Mapping {
                 fields.insert(f, Value::Null);
             }
         }
-        Record {
-            contact_id: contact_id.to_owned(),
-            fields,
-        }
+        Record::new(contact_id, fields)
     }
 
     fn convert(
@@ -462,6 +506,7 @@ impl Mapping {
         raw: &str,
         spec: &FieldSpec,
         field: &str,
+        shortened: &mut Vec<Shortened>,
     ) -> Result<Value, String> {
         let t = raw.trim();
         match conv {
@@ -493,12 +538,20 @@ impl Mapping {
             Conversion::Text => {
                 let max = spec.max_length.unwrap_or(self.text_max_length);
                 let n = raw.chars().count();
-                if n > max {
-                    Err(format!(
-                        "text of {n} characters exceeds the field's {max}; raise max_length if the CRM field is larger"
-                    ))
-                } else {
+                if n <= max {
                     Ok(Value::String(raw.to_owned()))
+                } else if self.text_overflow == TextOverflow::Shorten {
+                    shortened.push(Shortened {
+                        field: field.to_owned(),
+                        chars: n,
+                        kept: max,
+                    });
+                    Ok(Value::String(raw.chars().take(max).collect()))
+                } else {
+                    Err(format!(
+                        "text of {n} characters exceeds the field's {max} (text_overflow = \"dead_letter\"); raise \
+                         max_length if the CRM field is larger, or set text_overflow = \"shorten\""
+                    ))
                 }
             }
             Conversion::Picklist => {
@@ -787,10 +840,40 @@ mod tests {
         assert!(
             !r.fields.contains_key("Agent_Identified__c") && !r.fields.contains_key("Other__c")
         );
+        // Longer than the field: shortened to it by default, and the record says so.
+        let r = m
+            .map(&event(&[("quality_score", "Rating", "1234")]))
+            .unwrap();
+        assert_eq!(r.fields["QS__c"], "123");
+        assert_eq!(
+            r.shortened,
+            vec![Shortened {
+                field: "QS__c".into(),
+                chars: 4,
+                kept: 3
+            }]
+        );
+        let cfg: MappingConfig = crate::config::parse(
+            "text_overflow = \"dead_letter\"\n[questions.quality_score]\nfield = \"QS__c\"\ntype = \"text\"\nmax_length = 3\n",
+        )
+        .unwrap();
+        let m = Mapping::new(TargetKind::Salesforce, &cfg);
         let e = m
             .map(&event(&[("quality_score", "Rating", "1234")]))
             .unwrap_err();
-        assert!(e.reason.contains("exceeds the field's 3"));
+        assert!(e.reason.contains("exceeds the field's 3"), "{e}");
+        assert!(e.reason.contains("text_overflow"), "{e}");
+    }
+
+    #[test]
+    fn a_shortened_text_keeps_whole_characters() {
+        let m = Mapping::new(
+            TargetKind::Salesforce,
+            &crate::config::parse("[questions.s]\ntype = \"text\"\nmax_length = 2\n").unwrap(),
+        );
+        let r = m.map(&event(&[("s", "Text", "é🙂ab")])).unwrap();
+        assert_eq!(r.fields["S__c"], "é🙂");
+        assert_eq!(r.shortened[0].chars, 4);
     }
 
     #[test]

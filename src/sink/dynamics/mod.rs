@@ -678,10 +678,7 @@ mod tests {
                 let mut fields = serde_json::Map::new();
                 fields.insert("trusst_contact_id".into(), format!("c-{i}").into());
                 fields.insert("quality_score".into(), i.into());
-                Record {
-                    contact_id: format!("c-{i}"),
-                    fields,
-                }
+                Record::new(format!("c-{i}"), fields)
             })
             .collect();
         let lines = d.dry_run(&m, &records);
@@ -709,13 +706,7 @@ mod tests {
         let mut fields = serde_json::Map::new();
         fields.insert("trusst_contact_id".into(), "c-1".into());
         fields.insert("calldate".into(), "2025-01-15T14:23:10.000Z".into());
-        let lines = d.dry_run(
-            &m,
-            &[Record {
-                contact_id: "c-1".into(),
-                fields,
-            }],
-        );
+        let lines = d.dry_run(&m, &[Record::new("c-1", fields)]);
         assert_eq!(
             lines,
             [

@@ -333,10 +333,7 @@ mod tests {
     fn record(id: &str) -> Record {
         let mut fields = serde_json::Map::new();
         fields.insert("trusst_contact_id".into(), id.into());
-        Record {
-            contact_id: id.into(),
-            fields,
-        }
+        Record::new(id, fields)
     }
 
     #[test]

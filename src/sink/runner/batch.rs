@@ -309,7 +309,28 @@ impl BatchCtx<'_> {
         for it in &items {
             match it.event.op {
                 Op::Upsert => match self.mapping.map(&it.event) {
-                    Ok(r) => upserts.push((r, it)),
+                    Ok(r) => {
+                        if !r.shortened.is_empty() {
+                            let cut: Vec<String> = r
+                                .shortened
+                                .iter()
+                                .map(|s| {
+                                    format!("{} {} -> {} characters", s.field, s.chars, s.kept)
+                                })
+                                .collect();
+                            tracing::warn!(
+                                sink = %self.cfg.sink.name, contact_id = %r.contact_id, partition = it.msg.partition,
+                                offset = it.msg.offset, shortened = %cut.join(", "),
+                                "texts longer than their CRM fields written shortened to them; raise the fields' length \
+                                 (and [mapping] max_length), or set text_overflow = \"dead_letter\" to hold such records back"
+                            );
+                            crate::metrics::sink_texts_shortened(
+                                &self.cfg.sink.name,
+                                r.shortened.len(),
+                            );
+                        }
+                        upserts.push((r, it))
+                    }
                     Err(e) => {
                         self.dead_letter(it.msg, Some(&it.raw), "mapping", &e.to_string(), None)
                             .await?

@@ -165,10 +165,7 @@ mod tests {
         for (k, v) in extra {
             fields.insert((*k).into(), v.clone());
         }
-        Record {
-            contact_id: id.into(),
-            fields,
-        }
+        Record::new(id, fields)
     }
 
     #[test]

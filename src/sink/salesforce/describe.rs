@@ -451,10 +451,8 @@ pub(crate) mod tests {
     #[test]
     fn screening_records() {
         let d = ObjectFields::parse("Contact", &contact_describe()).unwrap();
-        let rec = |pairs: Value| Record {
-            contact_id: "c-1".into(),
-            fields: pairs.as_object().cloned().unwrap_or_else(Map::new),
-        };
+        let rec =
+            |pairs: Value| Record::new("c-1", pairs.as_object().cloned().unwrap_or_else(Map::new));
         let r = d.screen(&rec(json!({"Trusst_Contact_ID__c": "c-1", "Nps__c": null, "Call_Day__c": "2025-01-15T14:23:10.000Z", "call_outcome__c": "good"}))).unwrap();
         assert!(!r.fields.contains_key("Nps__c"));
         assert_eq!(r.fields["Call_Day__c"], "2025-01-15");

@@ -241,10 +241,7 @@ fn rec(id: &str, notes: &str) -> Record {
     fields.insert(EXT.into(), id.into());
     fields.insert("Notes__c".into(), notes.into());
     fields.insert("Agent_Identified__c".into(), true.into());
-    Record {
-        contact_id: id.into(),
-        fields,
-    }
+    Record::new(id, fields)
 }
 
 async fn ready(org: &Shared, extra: &str) -> (Salesforce, Mapping) {

@@ -703,7 +703,8 @@ first sink:
 
 /// An answer over 1 MB: the source shortens it to fit the broker, and each sink writes the
 /// record with the text cut to its CRM field (Salesforce's 131,072 characters, Dataverse's
-/// 1,048,576), counted and logged, never dead-lettered or left stale.
+/// 1,048,576; MuleSoft's API takes the event's document as it is), counted and logged, never
+/// dead-lettered or left stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_answer_over_a_megabyte_is_written_shortened_to_each_field() {
     let (db, src, emu, ids) = pipeline("t_longtext", 6).await;
@@ -719,7 +720,7 @@ async fn an_answer_over_a_megabyte_is_written_shortened_to_each_field() {
         .await
         .unwrap();
     let mut sinks = Vec::new();
-    for example in ["salesforce", "dynamics"] {
+    for example in ["salesforce", "dynamics", "mulesoft"] {
         let (dir, cfg) = sink_config(example, &src.topic, |_| {});
         sinks.push(SinkProc::start(&emu, dir, cfg, &[]));
     }
@@ -740,6 +741,25 @@ async fn an_answer_over_a_megabyte_is_written_shortened_to_each_field() {
             "Call_Summary__c",
         );
         let dv = held("dataverse", "contact", "trusst_contact_id", "call_summary");
+        let ms = emu
+            .records("mulesoft", "contacts")
+            .into_iter()
+            .find(|r| r["trusst_contact_id"] == ids[2].as_str())
+            .and_then(|r| {
+                r["universal_questions"].as_array().and_then(|qs| {
+                    qs.iter()
+                        .find(|q| q["question_key"] == "call_summary")
+                        .and_then(|q| q["result"].as_str().map(str::to_owned))
+                })
+            })
+            .unwrap_or_default();
+        if ms != dv {
+            return Err(format!(
+                "MuleSoft holds {} characters, Dataverse {}",
+                ms.len(),
+                dv.len()
+            ));
+        }
         if sf != long[..131_072] {
             return Err(format!("Salesforce holds {} characters", sf.len()));
         }
@@ -751,7 +771,11 @@ async fn an_answer_over_a_megabyte_is_written_shortened_to_each_field() {
         Ok(())
     });
     // Every other field of that contact, and every other contact, as the seed query says.
-    for (system, kept) in [("salesforce", 131_072), ("dataverse", dv_kept)] {
+    for (system, kept) in [
+        ("salesforce", 131_072),
+        ("dataverse", dv_kept),
+        ("mulesoft", dv_kept),
+    ] {
         let mut want = expected.clone();
         let e = want.get_mut(&ids[2]).unwrap();
         e.results.get_mut("call_summary").unwrap().1 = Some(long[..kept].to_owned());

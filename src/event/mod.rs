@@ -126,6 +126,31 @@ pub struct Truncated {
 }
 
 impl ContactEvent {
+    /// Take over what an older event of the same contact said to clear, when this newer one
+    /// replaces it unwritten (a sink writes only the newest event per contact in a batch): a
+    /// key stays cleared unless this event answers it. Without this, a clear sent once (a
+    /// question renamed or no longer universal) would be lost behind a later event that does
+    /// not repeat it.
+    pub fn inherit_cleared(&mut self, older: &ContactEvent) {
+        if self.op != Op::Upsert || older.op != Op::Upsert {
+            return;
+        }
+        let Some(old) = older.cleared_question_keys.as_ref() else {
+            return;
+        };
+        let answered = |k: &String| {
+            self.universal_questions
+                .iter()
+                .any(|q| &q.question_key == k)
+        };
+        let keys = self.cleared_question_keys.get_or_insert_with(Vec::new);
+        for k in old {
+            if !answered(k) && !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+
     /// A delete event for a contact whose row is gone.
     pub fn delete(contact_id: &str, source: SourcePosition) -> Self {
         Self {
@@ -334,6 +359,53 @@ pub fn lsn(v: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn position() -> SourcePosition {
+        SourcePosition {
+            lsn: "0/1".into(),
+            commit_ts: None,
+            txid: None,
+            reason: "stream".into(),
+        }
+    }
+
+    fn answered(keys: &[&str], cleared: Option<&[&str]>) -> ContactEvent {
+        let mut e = ContactEvent::delete("c-1", position());
+        e.op = Op::Upsert;
+        e.universal_questions = keys
+            .iter()
+            .map(|k| QuestionResult {
+                question_id: format!("q-{k}"),
+                question_key: (*k).into(),
+                question_text: None,
+                result_type: "Rating".into(),
+                question_group: None,
+                result: Some("5".into()),
+                inference_updated_at: None,
+            })
+            .collect();
+        e.cleared_question_keys = cleared.map(|c| c.iter().map(|k| (*k).to_owned()).collect());
+        e
+    }
+
+    #[test]
+    fn a_newer_event_keeps_the_older_ones_clears_unless_it_answers_them() {
+        let older = answered(&["empathy_rating"], Some(&["empathy_score", "upsell"]));
+        let mut newer = answered(&["empathy_rating", "upsell"], None);
+        newer.inherit_cleared(&older);
+        assert_eq!(
+            newer.cleared_question_keys,
+            Some(vec!["empathy_score".to_owned()])
+        );
+        // Nothing to inherit: unchanged.
+        let mut again = answered(&["a"], None);
+        again.inherit_cleared(&answered(&["a"], None));
+        assert_eq!(again.cleared_question_keys, None);
+        // A delete neither gives nor takes.
+        let mut delete = ContactEvent::delete("c-1", position());
+        delete.inherit_cleared(&older);
+        assert_eq!(delete.cleared_question_keys, None);
+    }
 
     #[test]
     fn iso_matches_python_isoformat() {

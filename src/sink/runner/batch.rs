@@ -285,8 +285,11 @@ impl BatchCtx<'_> {
             if m.customer.is_none() && !self.wanted(m, Some(&event)) {
                 continue;
             }
+            let mut event = event;
             if let Some(i) = newest.insert(m.key.as_str(), items.len()) {
-                items[i] = None;
+                if let Some(older) = items[i].take() {
+                    event.inherit_cleared(&older.event);
+                }
                 self.totals.superseded += 1;
                 crate::metrics::sink_superseded(&self.cfg.sink.name);
             }
@@ -819,6 +822,39 @@ mod tests {
             (5, 2, 3)
         );
         assert!(h.dead.0.is_empty());
+    }
+
+    /// A question renamed: the re-emitted event clears the old key, and a later event of the
+    /// same contact in the same batch (another question's re-emit, from a source session that
+    /// never saw the rename) does not repeat it. Only the newest event is written, and it must
+    /// still clear the old field.
+    #[tokio::test]
+    async fn a_superseded_events_clear_is_written_with_the_newest_one() {
+        let mut h = Harness::new("delete");
+        h.cfg = crate::config::parse(
+            "[sink]\nname = \"fake\"\ntarget = \"salesforce\"\n\
+             [salesforce]\nlogin_url = \"http://127.0.0.1:9\"\nclient_id = \"i\"\nclient_secret = { env = \"FAKE_SECRET\" }\n",
+        )
+        .unwrap();
+        h.mapping = Mapping::new(h.cfg.sink.target, &h.cfg.mapping);
+        let mut target = FakeTarget::new(10, []);
+        let mut renamed = event("a", "1");
+        renamed.cleared_question_keys = Some(vec!["old_key".into()]);
+        let later = event("a", "2");
+        let batch = [
+            h.msg(0, "a", Some(serde_json::to_vec(&renamed).unwrap())),
+            h.msg(0, "a", Some(serde_json::to_vec(&later).unwrap())),
+        ];
+        h.process(&mut target, &batch).await.unwrap();
+        let s = target.state.lock().unwrap();
+        let rec = &s.records["a"];
+        assert_eq!(rec.get("Resolved__c"), Some(&Value::from("2")), "{rec:?}");
+        assert_eq!(
+            rec.get("Old_Key__c"),
+            Some(&Value::Null),
+            "the old field is cleared: {rec:?}"
+        );
+        assert_eq!(h.totals.superseded, 1);
     }
 
     #[tokio::test(start_paused = true)]

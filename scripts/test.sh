@@ -95,10 +95,10 @@ TRUSST_CDC_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/trusst-cdc \
 if ((${#filter[@]} == 0)); then
     # Every kind of fault once, in an order and with pauses drawn from the seed (printed; a
     # failing run says how to replay it). CHAOS_SEED fixes it; CHAOS_ROUNDS=0 skips the run.
-    if ((${CHAOS_ROUNDS:-10} > 0)); then
+    if ((${CHAOS_ROUNDS:-11} > 0)); then
         echo "test: a short seeded chaos run" >&2
-        SEED=${CHAOS_SEED:-$((RANDOM * 32768 + RANDOM))} ROUNDS=${CHAOS_ROUNDS:-10} FAULT_SECONDS=8 RATE=4 PRELOAD=5000 \
-            QUIET_TIMEOUT=300 BENCH_PROFILE=debug scripts/chaos.sh
+        SEED=${CHAOS_SEED:-$((RANDOM * 32768 + RANDOM))} ROUNDS=${CHAOS_ROUNDS:-11} FAULT_SECONDS=8 RATE=4 PRELOAD=5000 \
+            QUESTION_EVERY=40 QUIET_TIMEOUT=400 BENCH_PROFILE=debug scripts/chaos.sh
     fi
 fi
 

@@ -69,27 +69,7 @@ fn has_all(ids: &[String]) -> impl FnMut(&[Record]) -> bool + '_ {
 
 /// Aurora-style: uuid ids, timestamptz everywhere, the stage an enum, and an identity index
 /// (inference_id, contact_id) instead of REPLICA IDENTITY FULL on inferences.
-const AURORA: &str = r#"
-CREATE TYPE contact_stage AS ENUM ('TRANSCRIPTION', 'INFERENCE', 'COMPLETED', 'FAILED');
-CREATE TABLE questions (
-    question_id text PRIMARY KEY, key text NOT NULL, text text, result_type text NOT NULL,
-    is_universal boolean NOT NULL DEFAULT false, "group" text, "order" integer);
-CREATE TABLE contacts (
-    contact_id uuid PRIMARY KEY, stream_id text, external_id text, start_time timestamptz,
-    direction text, current_stage contact_stage NOT NULL, agent_id text,
-    created_at timestamptz NOT NULL DEFAULT now());
-CREATE TABLE inferences (
-    inference_id uuid PRIMARY KEY, contact_id uuid NOT NULL REFERENCES contacts ON DELETE CASCADE,
-    question_id text NOT NULL REFERENCES questions, result text,
-    updated_at timestamptz NOT NULL DEFAULT now());
-CREATE UNIQUE INDEX inferences_cdc_identity ON inferences (inference_id, contact_id);
-ALTER TABLE inferences REPLICA IDENTITY USING INDEX inferences_cdc_identity;
-CREATE TABLE s3_conversations (
-    conversation_id text PRIMARY KEY, contact_id uuid REFERENCES contacts ON DELETE CASCADE,
-    stream_id text, conn_id text, agent_id text, call_time timestamptz,
-    audio_s3_key text, metadata_s3_key text);
-ALTER TABLE s3_conversations REPLICA IDENTITY FULL;
-"#;
+const AURORA: &str = include_str!("fixtures/trusst_schema_variant.sql");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn aurora_schema_with_timestamptz_uuid_and_an_enum_stage() {

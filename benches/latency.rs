@@ -102,7 +102,10 @@ fn latency(args: &[String]) {
             "debezium" => debezium_commit,
             other => panic!("unknown format {other}: trusst or debezium"),
         };
-    let consumer: BaseConsumer = consumer_config(&brokers, "latency", "latest")
+    // LATENCY_FROM=earliest reads the topic from its start (a fresh topic whose first events came
+    // before the reader could subscribe), instead of from the end.
+    let from = std::env::var("LATENCY_FROM").unwrap_or_else(|_| "latest".into());
+    let consumer: BaseConsumer = consumer_config(&brokers, "latency", &from)
         .create()
         .expect("consumer");
     consumer.subscribe(&[&topic]).expect("subscribe");

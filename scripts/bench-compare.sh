@@ -101,6 +101,27 @@ stop() {
     wait "$1" || true
 }
 
+# Decoding alone, up to the workload's end: seconds (wall clock of the query) and messages.
+decode_only() {
+    local t0 t1 count
+    t0=$(date +%s%3N)
+    count=$(psqlb -d $DB -tAc "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('cmp_dec_0', '$end', NULL,
+        'proto_version', '1', 'publication_names', 'bench_pub')")
+    t1=$(date +%s%3N)
+    echo "$(seconds_between "$t0" "$t1") $count"
+}
+
+# The null reader on its own slot: seconds (its own clock, connect to the last commit), peak
+# RSS (KB), CPU seconds, messages.
+null_drain() {
+    local s kb u sys
+    /usr/bin/time -f "%e %M %U %S" -o "$work/null.time" "$latency_bin" null "$url" "$1" bench_pub "$end" \
+        >"$work/null.json"
+    read -r _ kb u sys <"$work/null.time"
+    read -r s messages < <(json_fields "$work/null.json" seconds messages)
+    echo "$s $kb $(python3 -c "print(f'{$u + $sys:.2f}')") $messages"
+}
+
 # Debezium (JVM flags HEAP, connector properties PROPS) draining SLOT until its topics hold every
 # row change, then stopped; sets $dbz_drained to "SECONDS PEAK_RSS_KB CPU_SECONDS START_UP_SECONDS".
 dbz_drain() {

@@ -153,6 +153,12 @@ CPU: user + system seconds of the readers (`/usr/bin/time`) and of PostgreSQL's 
 | (2) two slots at once, by table | {t[0]:.2f} s | {rows / t[0]:,.0f} | {t[1]:.2f} | {t[2]:.2f} | {t[3]:.2f}, {t[4]:.2f} | {rounds(two)} |
 | (3) two slots at once, split evenly | {e[0]:.2f} s | {rows / e[0]:,.0f} | {e[1]:.2f} | {e[2]:.2f} | {e[3]:.2f}, {e[4]:.2f} | {rounds(even)} |
 
+One walsender used {o[2] / o[0]:.2f} of a core over its drain (on an idle machine close to 1: the
+slot's limit is that process). The pairs' two walsenders used {t[2] / t[0]:.2f} and {e[2] / e[0]:.2f} of a core together, and
+{t[2]:.2f} and {e[2]:.2f} CPU seconds against one's {o[2]:.2f}: each decodes the whole WAL (the
+publication only filters what it sends), so the second repeats most of the first one's work, and
+the slot with the larger share still takes nearly as long as the single slot did.
+
 Decision: {verdict}
 
 What a two-slot source would cost. A contact's rows are split across the slots (its answers on

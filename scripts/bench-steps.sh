@@ -67,6 +67,7 @@ stop() {
     kill -TERM "$1"
     wait "$1" || true
 }
+seed=20
 
 # Events of SAMPLES (commit us, latency ms, ...) committed between A and B (ms since the epoch).
 delivered() { awk -F, -v a="$1" -v b="$2" '$1 >= a * 1000 && $1 <= b * 1000 { n++ } END { print n + 0 }' "$3"; }
@@ -76,7 +77,7 @@ delivered() { awk -F, -v a="$1" -v b="$2" '$1 >= a * 1000 && $1 <= b * 1000 { n+
 # warm-up is step 0). WAIT_MORE, if set, is a command that must also succeed before a step counts
 # as drained (the CRM pass waits for the sink).
 step_pass() {
-    local name=$1 topic=$2 format=$3 pid=$4 samples=$work/samples-$1.csv lat_pid rate contacts t0 t1 n seed=20
+    local name=$1 topic=$2 format=$3 pid=$4 samples=$work/samples-$1.csv lat_pid rate contacts t0 t1 n
     local out=$work/steps-$name.txt deadline
     : >"$out"
     bench_checkpoint
@@ -88,40 +89,43 @@ step_pass() {
             contacts=$((STEP_SECONDS * rate))
             echo "bench: $name: $rate contacts/s for ${STEP_SECONDS}s" >&2
         fi
+        # A seed of its own per step (the generator's contact ids follow from it).
         seed=$((seed + 1))
         t0=$(date +%s%3N)
         if ((rate == 0)); then
-            LATENCY_RATE=$WARMUP_RATE steady_load "$contacts" $seed &
+            # Its end time from the generator's side: the waits below may outlast it.
+            {
+                LATENCY_RATE=$WARMUP_RATE steady_load "$contacts" $seed
+                date +%s%3N >"$work/gen.end"
+            } &
             local gen=$!
             # Once the topic has its first event: append-time stamps, and the reader subscribes.
-            "$latency_bin" watermarks "$KAFKA_BROKERS" "$topic" 1 >/dev/null
+            timeout 120 "$latency_bin" watermarks "$KAFKA_BROKERS" "$topic" 1 >/dev/null ||
+                { echo "bench: $name: nothing on $topic after 120 s; end of $work/gen.log:" >&2; tail -5 "$work/gen.log" >&2; exit 1; }
             scripts/services.sh kafka-configs --alter --entity-type topics --entity-name "$topic" \
                 --add-config message.timestamp.type=LogAppendTime >/dev/null
-            LATENCY_SAMPLES=$samples "$latency_bin" "$KAFKA_BROKERS" "$topic" 100000000 3600 0 "$format" \
+            # From the topic's start: the warm-up's first events may come before the reader is there.
+            LATENCY_FROM=earliest LATENCY_SAMPLES=$samples "$latency_bin" "$KAFKA_BROKERS" "$topic" 100000000 3600 0 "$format" \
                 >"$work/latency-$name.json" &
             lat_pid=$!
             wait $gen
+            t1=$(cat "$work/gen.end")
         else
             LATENCY_RATE=$rate steady_load "$contacts" $seed
+            t1=$(date +%s%3N)
         fi
-        t1=$(date +%s%3N)
-        deadline=$((SECONDS + DRAIN_SECONDS))
-        if ((rate == 0)); then
-            # The reader joined during the warm-up: wait for its last second to be delivered.
-            until (($(delivered $((t1 - 1000)) "$t1" "$samples") > 0)) && { [[ -z ${WAIT_MORE:-} ]] || $WAIT_MORE; }; do
-                kill -0 "$pid" 2>/dev/null || { echo "bench: $name ended during the warm-up" >&2; exit 1; }
-                ((SECONDS < deadline)) || { echo "bench: $name: the warm-up was not delivered within ${DRAIN_SECONDS}s" >&2; exit 1; }
-                sleep 1
-            done
-            echo "0 $contacts $t0 $t1 0" >>"$out"
-            continue
-        fi
-        until n=$(delivered "$t0" "$t1" "$samples") && ((n >= contacts)) && { [[ -z ${WAIT_MORE:-} ]] || $WAIT_MORE; }; do
+        # A JVM starting meanwhile may take longer over the warm-up.
+        deadline=$((SECONDS + (rate == 0 && DRAIN_SECONDS < 60 ? 60 : DRAIN_SECONDS)))
+        until n=$(delivered "$t0" "$t1" "$samples" 2>/dev/null) && ((n >= contacts)) && { [[ -z ${WAIT_MORE:-} ]] || $WAIT_MORE; }; do
             kill -0 "$pid" 2>/dev/null || { echo "bench: $name ended during the steps" >&2; exit 1; }
             ((SECONDS < deadline)) || break
             sleep 1
         done
         echo "$rate $contacts $t0 $t1 $n" >>"$out"
+        if ((rate == 0)); then
+            ((n >= contacts)) || { echo "bench: $name: $n of the warm-up's $contacts contacts delivered within ${DRAIN_SECONDS}s" >&2; exit 1; }
+            continue
+        fi
         echo "bench: $name: $rate/s offered, $(awk -v c="$contacts" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", c / ((b - a) / 1000) }')/s achieved, $n of $contacts delivered" >&2
         if ((n < contacts)); then
             echo "bench: $name: not drained within ${DRAIN_SECONDS}s: saturated, no higher step" >&2
@@ -275,7 +279,7 @@ def best(steps, key, target):
             break
     return good
 
-fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
 colors = {"trusst-cdc": "tab:blue", "Debezium tuned": "tab:red", "trusst-cdc, sink running": "tab:green"}
 for label, steps in contenders:
     if label == "trusst-cdc, sink running":
@@ -297,7 +301,7 @@ ax.set_xlabel("offered rate (contacts/s)")
 ax.set_ylabel("latency (ms)")
 ax.set_title("Latency against offered load (a step missing: not drained in time)")
 ax.grid(True, which="both", alpha=0.3)
-ax.legend(fontsize=8)
+ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
 fig.tight_layout()
 fig.savefig(plot)
 

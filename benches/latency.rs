@@ -102,7 +102,10 @@ fn latency(args: &[String]) {
             "debezium" => debezium_commit,
             other => panic!("unknown format {other}: trusst or debezium"),
         };
-    let consumer: BaseConsumer = consumer_config(&brokers, "latency", "latest")
+    // LATENCY_FROM=earliest reads the topic from its start (a fresh topic whose first events came
+    // before the reader could subscribe), instead of from the end.
+    let from = std::env::var("LATENCY_FROM").unwrap_or_else(|_| "latest".into());
+    let consumer: BaseConsumer = consumer_config(&brokers, "latency", &from)
         .create()
         .expect("consumer");
     consumer.subscribe(&[&topic]).expect("subscribe");
@@ -119,14 +122,23 @@ fn latency(args: &[String]) {
     // The record's own timestamp: the broker's append time on a LogAppendTime topic.
     let mut kafka_ms: Vec<f64> = Vec::with_capacity(expected);
     let mut ts_kind = "none";
-    // LATENCY_SAMPLES=FILE keeps every counted event as `commit time (us), latency (ms)`, to find
-    // when a slow stretch happened.
+    // LATENCY_SAMPLES=FILE keeps every counted event as `commit time (us), latency (ms), latency
+    // at the record's timestamp (ms)`, to find when a slow stretch happened; the file is flushed at
+    // least every 200 ms, so a script can follow it while the run goes on (scripts/bench-steps.sh).
     let mut samples = std::env::var_os("LATENCY_SAMPLES")
         .map(|p| std::io::BufWriter::new(std::fs::File::create(p).expect("LATENCY_SAMPLES file")));
+    let mut flushed = Instant::now();
     let mut last = Instant::now();
     let mut first: Option<Instant> = None;
     let mut counted_from: Option<DateTime<Utc>> = None;
     while lat_ms.len() < expected && last.elapsed() < idle {
+        if flushed.elapsed() >= Duration::from_millis(200) {
+            if let Some(w) = samples.as_mut() {
+                use std::io::Write;
+                let _ = w.flush();
+            }
+            flushed = Instant::now();
+        }
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
@@ -140,23 +152,25 @@ fn latency(args: &[String]) {
         }
         first.get_or_insert(last);
         lat_ms.push((now - ts).num_microseconds().unwrap_or(0) as f64 / 1000.0);
-        if let Some(w) = samples.as_mut() {
-            use std::io::Write;
-            let _ = writeln!(
-                w,
-                "{},{:.1}",
-                ts.timestamp_micros(),
-                lat_ms[lat_ms.len() - 1]
-            );
-        }
         let (kind, record_ms) = match m.timestamp() {
             rdkafka::Timestamp::LogAppendTime(ms) => ("log_append", Some(ms)),
             rdkafka::Timestamp::CreateTime(ms) => ("create", Some(ms)),
             rdkafka::Timestamp::NotAvailable => ("none", None),
         };
         ts_kind = kind;
-        if let Some(ms) = record_ms {
-            kafka_ms.push((ms * 1000 - ts.timestamp_micros()) as f64 / 1000.0);
+        let record_lat = record_ms.map(|ms| (ms * 1000 - ts.timestamp_micros()) as f64 / 1000.0);
+        if let Some(l) = record_lat {
+            kafka_ms.push(l);
+        }
+        if let Some(w) = samples.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(
+                w,
+                "{},{:.1},{:.1}",
+                ts.timestamp_micros(),
+                lat_ms[lat_ms.len() - 1],
+                record_lat.unwrap_or(f64::NAN)
+            );
         }
     }
     if let Some(mut w) = samples {

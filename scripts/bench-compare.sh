@@ -7,13 +7,19 @@
 #       acknowledging every commit, doing nothing else (the walsender's limit for any reader);
 #   (a) pg_recvlogical draining the workload with pgoutput to /dev/null;
 #   (b) Debezium's PostgreSQL connector (Maven Central) in Kafka Connect standalone: pgoutput,
-#       JSON converter, the same broker, one topic per table;
+#       JSON converter, the same broker, one topic per table, connector defaults;
+#   (b2) the same connector tuned for throughput as its users tune it (DEBEZIUM_TUNED_PROPS,
+#       DEBEZIUM_TUNED_HEAP: bigger batches and queue, a shorter poll interval, and the Connect
+#       producer's batching and compression through producer.override.*);
 #   (c) trusst-cdc's source: enriched per-contact events, acknowledged by Kafka.
 # For each: time to drain N completed contacts, row changes/s, contacts/s, CPU seconds and peak RSS;
-# then commit-to-Kafka latency p50/p99 at a steady LATENCY_RATE contacts/s for (b) and (c). The
-# ratios are printed and the section "Side by side" of BENCHMARKS.md is rewritten.
+# then commit-to-Kafka latency p50/p99 at a steady LATENCY_RATE contacts/s for (b), (b2) and (c).
+# The ratios are printed and the section "Side by side" of BENCHMARKS.md is rewritten.
 #
 #   scripts/bench-compare.sh       N=50000 ROUNDS=3 LATENCY_RATE=1000 LATENCY_SECONDS=30 WARMUP_SECONDS=10
+#   scripts/bench-compare.sh tune  N=20000 ROUNDS=2: only Debezium, once per candidate setting in
+#                                  TUNE_CANDIDATES below, on the same WAL; rewrites the section
+#                                  "Debezium tuning" (how DEBEZIUM_TUNED_PROPS was chosen)
 #
 # Fairness: every slot is created on the same publication before the workload is written, so each
 # run decodes exactly the same WAL from the same start; Debezium runs with snapshot.mode=no_data on
@@ -25,113 +31,70 @@
 # are compiled.
 #
 # Environment: DEBEZIUM_VERSION (3.6.1.Final), DEBEZIUM_HEAP (-Xmx1g), DEBEZIUM_PROPS (extra
-# connector properties, one per line), CONNECT_PORT (18083, the Connect worker's REST listener),
-# plus PGPORT and KAFKA_PORT as for scripts/services.sh.
+# connector properties for (b), one per line), DEBEZIUM_TUNED_PROPS and DEBEZIUM_TUNED_HEAP (b2's,
+# defaults in scripts/lib/debezium.sh), CONNECT_PORT (18083, the Connect worker's REST listener), plus PGPORT and
+# KAFKA_PORT as for scripts/services.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+MODE=${1:-compare}
+case $MODE in compare | tune) ;; *) echo "usage: scripts/bench-compare.sh [compare|tune]" >&2; exit 2 ;; esac
+if [[ $MODE == tune ]]; then
+    N=${N:-20000}
+    ROUNDS=${ROUNDS:-2}
+fi
 N=${N:-50000}
 ROUNDS=${ROUNDS:-3}
 LATENCY_RATE=${LATENCY_RATE:-1000}
 LATENCY_SECONDS=${LATENCY_SECONDS:-30}
 WARMUP_SECONDS=${WARMUP_SECONDS:-10}
-DEBEZIUM_VERSION=${DEBEZIUM_VERSION:-3.6.1.Final}
-DEBEZIUM_HEAP=${DEBEZIUM_HEAP:--Xmx1g}
-DEBEZIUM_PROPS=${DEBEZIUM_PROPS:-}
-CONNECT_PORT=${CONNECT_PORT:-18083}
-KAFKA_VERSION=${KAFKA_VERSION:-4.1.2}
 DB=trusst_compare
-TABLES=(contacts inferences questions s3_conversations)
 
 # shellcheck source=scripts/lib/bench.sh
 source scripts/lib/bench.sh
-# shellcheck source=scripts/lib/maven.sh
-source scripts/lib/maven.sh
-SLOTS='^cmp_(recv|cdc|dbz|null|dec)_[0-9a-z]+$'
+# shellcheck source=scripts/lib/debezium.sh
+source scripts/lib/debezium.sh
+SLOTS='^cmp_(recv|cdc|dbz|dbzt|null|dec|tune)_[0-9a-z_]+$'
 bench_cleanup() { scripts/services.sh drop-slots "$SLOTS"; }
 bench_init --benches
 
-# Kafka Connect matching the broker, and Debezium's connector plugin unpacked into a plugin.path.
-CACHE=$PWD/.cache
-connect=$CACHE/kafka-connect
-maven_fetch "kafka-connect $KAFKA_VERSION debezium $DEBEZIUM_VERSION" scripts/kafka-connect/pom.xml "$connect/lib" \
-    -Dkafka.version="$KAFKA_VERSION" -Ddebezium.version="$DEBEZIUM_VERSION"
-plugins=$connect/plugins-$DEBEZIUM_VERSION
-if [[ ! -d $plugins ]]; then
-    rm -rf "$plugins.tmp"
-    mkdir -p "$plugins.tmp"
-    tar -xzf "$connect/lib/debezium-connector-postgres-$DEBEZIUM_VERSION-plugin.tar.gz" -C "$plugins.tmp"
-    mv "$plugins.tmp" "$plugins"
-fi
+debezium_fetch
+
+# Candidates for `tune`: "label|heap|properties" (space-separated; producer.* means
+# producer.override.*). Each drains the same WAL on a slot of its own.
+TUNE_CANDIDATES=(
+    "connector defaults|-Xmx1g|"
+    "first try: batches 20480, queue 81920, poll 50 ms; linger 20 ms, batch 1 MiB, lz4, 5 in flight|-Xmx1g|max.batch.size=20480 max.queue.size=81920 poll.interval.ms=50 producer.linger.ms=20 producer.batch.size=1048576 producer.compression.type=lz4 producer.max.in.flight.requests.per.connection=5"
+    "the same, compression none|-Xmx1g|max.batch.size=20480 max.queue.size=81920 poll.interval.ms=50 producer.linger.ms=20 producer.batch.size=1048576 producer.compression.type=none producer.max.in.flight.requests.per.connection=5"
+    "the first try with -Xmx2g|-Xmx2g|max.batch.size=20480 max.queue.size=81920 poll.interval.ms=50 producer.linger.ms=20 producer.batch.size=1048576 producer.compression.type=lz4 producer.max.in.flight.requests.per.connection=5"
+    "larger: batches 65536, queue 262144, poll 10 ms; linger 50 ms, batch 4 MiB, 256 MiB buffer, lz4|-Xmx2g|max.batch.size=65536 max.queue.size=262144 poll.interval.ms=10 producer.linger.ms=50 producer.batch.size=4194304 producer.buffer.memory=268435456 producer.compression.type=lz4 producer.max.in.flight.requests.per.connection=5"
+    # Uncompressed, a producer batch must fit the broker's message.max.bytes (1 MiB by default): 4 MiB
+    # ones are refused and split and retried without end.
+    "larger, compression none, batch 1000000 bytes|-Xmx2g|max.batch.size=65536 max.queue.size=262144 poll.interval.ms=10 producer.linger.ms=50 producer.batch.size=1000000 producer.buffer.memory=268435456 producer.compression.type=none producer.max.in.flight.requests.per.connection=5"
+)
+# A candidate's properties, one per line, producer.* spelled out.
+candidate_props() { tr ' ' '\n' <<<"$1" | sed 's/^producer\./producer.override./'; }
 
 scripts/services.sh drop-slots "$SLOTS"
 bench_fresh_db $DB
 psqlb -d $DB -c "CREATE PUBLICATION bench_pub FOR TABLE contacts, inferences, questions, s3_conversations" >/dev/null
 for r in $(seq 1 "$ROUNDS"); do
-    for who in recv cdc dbz null; do
+    if [[ $MODE == tune ]]; then
+        for i in "${!TUNE_CANDIDATES[@]}"; do
+            psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_tune_${i}_$r', 'pgoutput')" >/dev/null
+        done
+        continue
+    fi
+    for who in recv cdc dbz dbzt null; do
         psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_${who}_$r', 'pgoutput')" >/dev/null
     done
 done
 
 # Peeking does not consume: one slot serves every round of (d).
-psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_dec_0', 'pgoutput')" >/dev/null
+[[ $MODE == tune ]] || psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_dec_0', 'pgoutput')" >/dev/null
 
 bench_workload $DB "$N"
-echo "bench: $rows row changes up to $end; $ROUNDS rounds of (a), (b), (c)" >&2
-
-# Starts Debezium in Kafka Connect standalone on SLOT with topic prefix PREFIX; sets $dbz_pid.
-debezium_start() {
-    local slot=$1 prefix=$2 dir=$work/connect-$2
-    mkdir -p "$dir"
-    cat >"$dir/worker.properties" <<EOF
-bootstrap.servers=$KAFKA_BROKERS
-# The JSON converter without the schema envelope: the lighter of its two settings.
-key.converter=org.apache.kafka.connect.json.JsonConverter
-value.converter=org.apache.kafka.connect.json.JsonConverter
-key.converter.schemas.enable=false
-value.converter.schemas.enable=false
-offset.storage.file.filename=$dir/offsets
-offset.flush.interval.ms=10000
-plugin.path=$plugins
-listeners=http://127.0.0.1:$CONNECT_PORT
-# The broker does not create topics on first use; Connect creates the connector's.
-topic.creation.enable=true
-EOF
-    cat >"$dir/debezium.properties" <<EOF
-name=$prefix
-connector.class=io.debezium.connector.postgresql.PostgresConnector
-tasks.max=1
-plugin.name=pgoutput
-database.hostname=127.0.0.1
-database.port=${PGPORT:-55432}
-database.user=postgres
-database.password=postgres
-database.dbname=$DB
-topic.prefix=$prefix
-slot.name=$slot
-publication.name=bench_pub
-publication.autocreate.mode=disabled
-snapshot.mode=no_data
-table.include.list=public.contacts,public.inferences,public.questions,public.s3_conversations
-topic.creation.default.partitions=6
-topic.creation.default.replication.factor=1
-$DEBEZIUM_PROPS
-EOF
-    # shellcheck disable=SC2086 # DEBEZIUM_HEAP is a list of JVM flags
-    java $DEBEZIUM_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
-        -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
-        -Dlog4j2.configurationFile="$PWD/scripts/kafka-connect/log4j2.properties" \
-        -cp "$connect/lib/*" org.apache.kafka.connect.cli.ConnectStandalone \
-        "$dir/worker.properties" "$dir/debezium.properties" 2>"$work/debezium.log" &
-    dbz_pid=$!
-}
-
-# Debezium's topics for PREFIX: one per table, comma-separated.
-debezium_topics() {
-    local t out=
-    for t in "${TABLES[@]}"; do out+="$1.public.$t,"; done
-    echo "${out%,}"
-}
+echo "bench: $rows row changes up to $end; $ROUNDS rounds" >&2
 
 stop() {
     kill -TERM "$1"
@@ -159,25 +122,15 @@ null_drain() {
     echo "$s $kb $(python3 -c "print(f'{$u + $sys:.2f}')") $messages"
 }
 
-dec_runs=()
-null_runs=()
-recv_runs=()
-dbz_runs=()
-cdc_runs=()
-for r in $(seq 1 "$ROUNDS"); do
-    echo "bench: round $r: (d) decoding alone" >&2
-    dec_runs+=("$(decode_only)")
-    echo "bench: round $r: (n) null streaming reader" >&2
-    null_runs+=("$(null_drain "cmp_null_$r")")
-    echo "bench: round $r: (a) pg_recvlogical" >&2
-    recv_runs+=("$(recvlogical_drain $DB "cmp_recv_$r" bench_pub "$end")")
-
-    echo "bench: round $r: (b) Debezium $DEBEZIUM_VERSION in Kafka Connect $KAFKA_VERSION" >&2
-    prefix=cmp_dbz_${r}_$(date +%s)
+# Debezium (JVM flags HEAP, connector properties PROPS) draining SLOT until its topics hold every
+# row change, then stopped; sets $dbz_drained to "SECONDS PEAK_RSS_KB CPU_SECONDS START_UP_SECONDS".
+dbz_drain() {
+    local slot=$1 heap=$2 props=$3 prefix marks_pid t0 first_ms done_ms records
+    prefix=${slot}_$(date +%s)
     "$latency_bin" watermarks "$KAFKA_BROKERS" "$(debezium_topics "$prefix")" "$rows" 60 >"$work/dbz-drain.json" &
     marks_pid=$!
     t0=$(date +%s%3N)
-    debezium_start "cmp_dbz_$r" "$prefix"
+    debezium_start "$slot" "$prefix" "$heap" "$props"
     while kill -0 $marks_pid 2>/dev/null; do
         kill -0 $dbz_pid 2>/dev/null || {
             tail -40 "$work/debezium.log" >&2
@@ -191,14 +144,77 @@ for r in $(seq 1 "$ROUNDS"); do
         echo "bench: Debezium's topics hold $records records, $rows row changes were written" >&2
         exit 1
     }
-    dbz_runs+=("$(seconds_between "$t0" "$done_ms") $(proc_figures $dbz_pid) $(seconds_between "$t0" "$first_ms")")
+    dbz_drained="$(seconds_between "$t0" "$done_ms") $(proc_figures $dbz_pid) $(seconds_between "$t0" "$first_ms")"
     stop $dbz_pid
+}
+
+if [[ $MODE == tune ]]; then
+    declare -A tune_runs
+    for r in $(seq 1 "$ROUNDS"); do
+        for i in "${!TUNE_CANDIDATES[@]}"; do
+            IFS='|' read -r label heap props <<<"${TUNE_CANDIDATES[$i]}"
+            echo "bench: round $r: Debezium, $label" >&2
+            dbz_drain "cmp_tune_${i}_$r" "$heap" "$(candidate_props "$props")"
+            tune_runs[$i]+="$dbz_drained;"
+            echo "bench: round $r: $label: ${dbz_drained%% *} s" >&2
+        done
+    done
+    cmd="N=$N ROUNDS=$ROUNDS scripts/bench-compare.sh tune"
+    for i in "${!TUNE_CANDIDATES[@]}"; do
+        echo "${TUNE_CANDIDATES[$i]}|${tune_runs[$i]}"
+    done >"$work/tune.txt"
+    python3 - "$N" "$rows" "$(bench_machine)" "$cmd" "$DEBEZIUM_VERSION" "$work/tune.txt" <<'PY' | tee /dev/stderr | bench_write_section "Debezium tuning (scripts/bench-compare.sh tune)"
+import sys, datetime
+n, rows, machine, cmd, version = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
+lines = []
+for line in open(sys.argv[6]):
+    label, heap, props, runs = line.rstrip("\n").split("|")
+    runs = [tuple(float(x) for x in r.split()) for r in runs.split(";") if r.strip()]
+    s, kb, cpu, start = sorted(runs)[len(runs) // 2]
+    settings = ", ".join(f"`{p}`" for p in props.split()) or "-"
+    lines.append(f"| {label} | `{heap}` | {settings} | {s:.2f} s | {start:.2f} s | {rows / s:,.0f} | {rows / (s - start):,.0f} | {cpu:.2f} | {kb / 1024:,.0f} MB | {', '.join(f'{r[0]:.2f}' for r in runs)} |")
+print(f"""## Debezium tuning (scripts/bench-compare.sh tune)
+
+Run {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine}. Command: `{cmd}`.
+How the tuned Debezium of the side-by-side run ((b2), `DEBEZIUM_TUNED_PROPS`) was chosen: Debezium
+{version} drained the same WAL ({n} contacts, {rows} row changes) once per candidate per round, each
+on its own slot, as in the side-by-side run; the table shows each candidate's median round.
+`producer.*` stands for `producer.override.*` (the worker runs with
+`connector.client.config.override.policy=All`).
+
+| candidate | heap | settings | time to drain | start-up | row changes/s | streaming row changes/s | CPU s | peak RSS | all rounds (s) |
+|---|---|---|---|---|---|---|---|---|---|
+""" + "\n".join(lines))
+PY
+    echo "bench: reproduce with: $cmd" >&2
+    exit
+fi
+dec_runs=()
+null_runs=()
+recv_runs=()
+dbz_runs=()
+dbzt_runs=()
+cdc_runs=()
+for r in $(seq 1 "$ROUNDS"); do
+    echo "bench: round $r: (d) decoding alone" >&2
+    dec_runs+=("$(decode_only)")
+    echo "bench: round $r: (n) null streaming reader" >&2
+    null_runs+=("$(null_drain "cmp_null_$r")")
+    echo "bench: round $r: (a) pg_recvlogical" >&2
+    recv_runs+=("$(recvlogical_drain $DB "cmp_recv_$r" bench_pub "$end")")
+
+    echo "bench: round $r: (b) Debezium $DEBEZIUM_VERSION in Kafka Connect $KAFKA_VERSION" >&2
+    dbz_drain "cmp_dbz_$r" "$DEBEZIUM_HEAP" "$DEBEZIUM_PROPS"
+    dbz_runs+=("$dbz_drained")
+    echo "bench: round $r: (b2) Debezium tuned" >&2
+    dbz_drain "cmp_dbzt_$r" "$DEBEZIUM_TUNED_HEAP" "$DEBEZIUM_TUNED_PROPS"
+    dbzt_runs+=("$dbz_drained")
 
     echo "bench: round $r: (c) trusst-cdc source" >&2
     cdc_drain "cmp_cdc_$r" bench_pub "$N" "trusst.cmp.$(date +%s).$r"
     cdc_runs+=("$drained")
     stop $source_pid
-    echo "bench: round $r: (a) ${recv_runs[-1]%% *} s, (b) ${dbz_runs[-1]%% *} s, (c) ${drained%% *} s" >&2
+    echo "bench: round $r: (a) ${recv_runs[-1]%% *} s, (b) ${dbz_runs[-1]%% *} s, (b2) ${dbzt_runs[-1]%% *} s, (c) ${drained%% *} s" >&2
 done
 
 # Latency at a steady rate, each contender alone and fresh on a new slot: the generator runs for
@@ -226,8 +242,14 @@ latency_run() {
 
 psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_dbz_lat', 'pgoutput')" >/dev/null
 prefix=cmp_dbz_lat_$(date +%s)
-debezium_start cmp_dbz_lat "$prefix"
+debezium_start cmp_dbz_lat "$prefix" "$DEBEZIUM_HEAP" "$DEBEZIUM_PROPS"
 dbz_lat=$(latency_run debezium "$prefix.public.contacts" debezium $dbz_pid 7)
+stop $dbz_pid
+
+psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_dbzt_lat', 'pgoutput')" >/dev/null
+prefix=cmp_dbzt_lat_$(date +%s)
+debezium_start cmp_dbzt_lat "$prefix" "$DEBEZIUM_TUNED_HEAP" "$DEBEZIUM_TUNED_PROPS"
+dbzt_lat=$(latency_run debezium-tuned "$prefix.public.contacts" debezium $dbz_pid 9)
 stop $dbz_pid
 
 psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('cmp_cdc_lat', 'pgoutput')" >/dev/null
@@ -240,7 +262,8 @@ cmd="N=$N ROUNDS=$ROUNDS LATENCY_RATE=$LATENCY_RATE LATENCY_SECONDS=$LATENCY_SEC
 python3 - "$N" "$rows" "$(bench_machine)" "$cmd" "$DEBEZIUM_VERSION" "$KAFKA_VERSION" "$DEBEZIUM_HEAP" \
     "$(printf '%s;' "${recv_runs[@]}")" "$(printf '%s;' "${dbz_runs[@]}")" "$(printf '%s;' "${cdc_runs[@]}")" \
     "$dbz_lat" "$cdc_lat" "$LATENCY_RATE" "$WARMUP_SECONDS" \
-    "$(printf '%s;' "${dec_runs[@]}")" "$(printf '%s;' "${null_runs[@]}")" <<'PY' | tee /dev/stderr | bench_write_section "Side by side (scripts/bench-compare.sh)"
+    "$(printf '%s;' "${dec_runs[@]}")" "$(printf '%s;' "${null_runs[@]}")" \
+    "$(printf '%s;' "${dbzt_runs[@]}")" "$dbzt_lat" "$DEBEZIUM_TUNED_HEAP" "$(tr '\n' ' ' <<<"$DEBEZIUM_TUNED_PROPS")" <<'PY' | tee /dev/stderr | bench_write_section "Side by side (scripts/bench-compare.sh)"
 import json, sys, datetime
 n, rows, machine, cmd, dbz_version, kafka_version, heap = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:8]
 parse = lambda arg: [tuple(float(x) for x in run.split()) for run in arg.split(';') if run.strip()]
@@ -252,10 +275,14 @@ def lat(arg):
 (dbz_lat, dbz_steady_kb), (cdc_lat, cdc_steady_kb) = lat(sys.argv[11]), lat(sys.argv[12])
 rate, warmup = int(sys.argv[13]), int(sys.argv[14])
 dec_runs, null_runs = parse(sys.argv[15]), parse(sys.argv[16])
+dbzt_runs = parse(sys.argv[17])
+dbzt_lat, dbzt_steady_kb = lat(sys.argv[18])
+tuned_heap, tuned_props = sys.argv[19], sys.argv[20].split()
 # The median round by time, reported whole (its RSS and CPU belong to that run).
 median = lambda runs: sorted(runs)[len(runs) // 2]
 recv_s, recv_kb, recv_cpu = median(recv_runs)
 dbz_s, dbz_kb, dbz_cpu, dbz_start = median(dbz_runs)
+dbzt_s, dbzt_kb, dbzt_cpu, dbzt_start = median(dbzt_runs)
 cdc_s, cdc_kb, cdc_cpu, cdc_start = median(cdc_runs)
 dec_s, dec_messages = median(dec_runs)
 null_s, null_kb, null_cpu, null_messages = median(null_runs)
@@ -275,7 +302,7 @@ contender on the same machine. Command: `{cmd}`.
 Workload: {n} contacts, each TRANSCRIPTION -> INFERENCE -> COMPLETED with about 12 inferences,
 {rows} row changes, then `VACUUM (ANALYZE)` as autovacuum would. Every slot was created on one
 publication before the workload, so each contender decoded the same WAL from the same start;
-{len(cdc_runs)} rounds ran (d), (n), (a), (b), (c) in turn and the table shows each one's median round.
+{len(cdc_runs)} rounds ran (d), (n), (a), (b), (b2), (c) in turn and the table shows each one's median round.
 
 - (d) Decoding alone: `SELECT count(*) FROM pg_logical_slot_peek_binary_changes(...)` with
   pgoutput and the source's options (protocol 1, the publication), up to the workload's end:
@@ -291,6 +318,10 @@ publication before the workload, so each contender decoded the same WAL from the
   table (6 partitions), connector defaults otherwise: one change event per row. Drained = its topics'
   high watermarks add up to the row changes. Start-up (JVM, worker, connector) counts in the time
   to drain, and is also shown on its own; "streaming" is row changes/s after it.
+- (b2) The same Debezium tuned for throughput as its users tune it (`{tuned_heap}`;
+  chosen among the candidates of the section "Debezium tuning"): {", ".join(f"`{p}`" for p in tuned_props)}.
+  The `producer.override.*` settings reach the Connect producer because the worker runs with
+  `connector.client.config.override.policy=All`.
 - (c) trusst-cdc source: one enriched event per completed contact (re-read with the seed's join),
   produced idempotently with `acks=all`. Drained = a consumer has read every contact's event.
 
@@ -303,6 +334,7 @@ is its `VmHWM`.
 {row("(n) null streaming reader", null_s, null_kb, null_cpu, None, null_runs)}
 {row("(a) pg_recvlogical -> /dev/null", recv_s, recv_kb, recv_cpu, None, recv_runs)}
 {row(f"(b) Debezium -> Kafka (row events)", dbz_s, dbz_kb, dbz_cpu, dbz_start, dbz_runs)}
+{row(f"(b2) Debezium tuned -> Kafka (row events)", dbzt_s, dbzt_kb, dbzt_cpu, dbzt_start, dbzt_runs)}
 {row("(c) trusst-cdc -> Kafka (enriched contact events)", cdc_s, cdc_kb, cdc_cpu, cdc_start, cdc_runs)}
 
 Commit-to-Kafka latency at a steady {rate} contacts/s (generator on the same machine, two
@@ -316,16 +348,17 @@ contact's event. "At the broker" uses the record's append time instead (the topi
 | | events | p50 | p99 | max | p50 at the broker | p99 at the broker | peak RSS after the steady run |
 |---|---|---|---|---|---|---|---|
 | (b) Debezium | {dbz_lat['events']} | {dbz_lat['p50_ms']} ms | {dbz_lat['p99_ms']} ms | {dbz_lat['max_ms']} ms | {dbz_lat.get('record_p50_ms')} ms | {dbz_lat.get('record_p99_ms')} ms | {mb(dbz_steady_kb)} |
+| (b2) Debezium tuned | {dbzt_lat['events']} | {dbzt_lat['p50_ms']} ms | {dbzt_lat['p99_ms']} ms | {dbzt_lat['max_ms']} ms | {dbzt_lat.get('record_p50_ms')} ms | {dbzt_lat.get('record_p99_ms')} ms | {mb(dbzt_steady_kb)} |
 | (c) trusst-cdc | {cdc_lat['events']} | {cdc_lat['p50_ms']} ms | {cdc_lat['p99_ms']} ms | {cdc_lat['max_ms']} ms | {cdc_lat.get('record_p50_ms')} ms | {cdc_lat.get('record_p99_ms')} ms | {mb(cdc_steady_kb)} |
 
-| ratio | trusst-cdc / null reader | trusst-cdc / pg_recvlogical | trusst-cdc / Debezium | target |
-|---|---|---|---|---|
-| row changes/s (time to drain) | {null_s / cdc_s:.2f} | {recv_s / cdc_s:.2f} | {dbz_s / cdc_s:.2f} | >= 0.9 x null reader; >= 2 x Debezium |
-| row changes/s, start-up left out | {null_s / (cdc_s - cdc_start):.2f} | - | {(dbz_s - dbz_start) / (cdc_s - cdc_start):.2f} | |
-| CPU seconds | {cdc_cpu / null_cpu:.2f} | {cdc_cpu / recv_cpu:.2f} | {cdc_cpu / dbz_cpu:.2f} | |
-| peak RSS (drain) | {cdc_kb / null_kb:.2f} | {cdc_kb / recv_kb:.2f} | {cdc_kb / dbz_kb:.2f} | <= 0.1 x Debezium |
-| peak RSS (steady run) | - | - | {cdc_steady_kb / dbz_steady_kb:.2f} | |
-| latency p99 | - | - | {cdc_lat['p99_ms'] / dbz_lat['p99_ms']:.2f} | |
+| ratio | trusst-cdc / null reader | trusst-cdc / pg_recvlogical | trusst-cdc / Debezium | trusst-cdc / Debezium tuned | target |
+|---|---|---|---|---|---|
+| row changes/s (time to drain) | {null_s / cdc_s:.2f} | {recv_s / cdc_s:.2f} | {dbz_s / cdc_s:.2f} | {dbzt_s / cdc_s:.2f} | >= 0.9 x null reader; >= 2 x Debezium |
+| row changes/s, start-up left out | {null_s / (cdc_s - cdc_start):.2f} | - | {(dbz_s - dbz_start) / (cdc_s - cdc_start):.2f} | {(dbzt_s - dbzt_start) / (cdc_s - cdc_start):.2f} | |
+| CPU seconds | {cdc_cpu / null_cpu:.2f} | {cdc_cpu / recv_cpu:.2f} | {cdc_cpu / dbz_cpu:.2f} | {cdc_cpu / dbzt_cpu:.2f} | |
+| peak RSS (drain) | {cdc_kb / null_kb:.2f} | {cdc_kb / recv_kb:.2f} | {cdc_kb / dbz_kb:.2f} | {cdc_kb / dbzt_kb:.2f} | <= 0.1 x Debezium |
+| peak RSS (steady run) | - | - | {cdc_steady_kb / dbz_steady_kb:.2f} | {cdc_steady_kb / dbzt_steady_kb:.2f} | |
+| latency p99 | - | - | {cdc_lat['p99_ms'] / dbz_lat['p99_ms']:.2f} | {cdc_lat['p99_ms'] / dbzt_lat['p99_ms']:.2f} | |
 
 The null reader against decoding alone ({null_s / dec_s:.1f} x its time) is the cost of streaming
 itself: the walsender writes every message into the replication protocol's CopyData frames and

@@ -1,5 +1,5 @@
 # Sourced, not run: what the benchmark scripts (bench-source.sh, bench-sink.sh, bench-compare.sh,
-# bench-e2e.sh) share. Sourcing it from the repository root sets up the services and the release
+# bench-slots.sh, bench-steps.sh) share. Sourcing it from the repository root sets up the services and the release
 # build:
 #
 #   bench_init [--benches]     deps, services up (BENCH_SERVICES=pg: PostgreSQL only), env

@@ -148,19 +148,11 @@ fn wait<'a>(
     }
 }
 
-/// The sink consumer's context: lag metrics and readiness (from [`LagContext`]), the fence,
-/// and the answers to asynchronous offset commits.
+/// The sink consumer's context: lag metrics and readiness (from [`LagContext`]) plus the fence.
 pub struct SinkContext {
     lag: LagContext,
     fence: Arc<Fence>,
-    commits: Mutex<Vec<CommitOutcome>>,
 }
-
-/// The answer to an offset commit: its offsets (partition -> offset) and the result.
-pub type CommitOutcome = (
-    std::collections::BTreeMap<i32, i64>,
-    rdkafka::error::KafkaResult<()>,
-);
 
 impl SinkContext {
     /// A context for the sink named `sink`, recording ownership in `fence`.
@@ -168,13 +160,7 @@ impl SinkContext {
         Self {
             lag: LagContext::new(sink),
             fence,
-            commits: Mutex::new(Vec::new()),
         }
-    }
-
-    /// The commit answers received since the last call.
-    pub fn take_commits(&self) -> Vec<CommitOutcome> {
-        std::mem::take(&mut *self.commits.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -189,34 +175,6 @@ fn partitions(tpl: &rdkafka::TopicPartitionList) -> Vec<i32> {
 }
 
 impl ConsumerContext for SinkContext {
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        offsets: &rdkafka::TopicPartitionList,
-    ) {
-        // A partition's own error fails the commit as much as the request's.
-        let result = result.and_then(|()| {
-            offsets
-                .elements()
-                .iter()
-                .map(|e| e.error())
-                .find(|r| r.is_err())
-                .unwrap_or(Ok(()))
-        });
-        let offsets = offsets
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
-                _ => None,
-            })
-            .collect();
-        self.commits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((offsets, result));
-    }
-
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // The list holds every partition under the eager protocol (and when the member lost
         // its assignment), only those moving under the cooperative one.

@@ -6,7 +6,6 @@
 //! run it against an in-memory target).
 
 mod batch;
-mod commits;
 mod offsets;
 
 use std::collections::HashMap;
@@ -238,7 +237,6 @@ async fn deliver(
                 .iter()
                 .all(|(p, h)| positions.get(p).copied().unwrap_or(-1) + 1 >= *h)
         {
-            uncommitted.finish(&consumer, &source_topic)?;
             tracing::info!(?totals, "reached the end of the topic as it was at start");
             return Ok(());
         }
@@ -267,7 +265,7 @@ async fn deliver(
         let batch = match next.await? {
             Some(b) => b,
             None => {
-                uncommitted.finish(&consumer, &source_topic)?;
+                uncommitted.commit(&consumer, &source_topic)?;
                 tracing::info!(?totals, "sink stopped");
                 return Ok(());
             }
@@ -278,7 +276,6 @@ async fn deliver(
                 a.tick(totals).await;
             }
             if opts.until_idle.is_some_and(|d| last_record.elapsed() >= d) {
-                uncommitted.finish(&consumer, &source_topic)?;
                 tracing::info!(
                     ?totals,
                     "no record for {:?}; stopping",
@@ -322,10 +319,7 @@ async fn deliver(
             );
         }
         if let Err(e) = processed {
-            // What earlier batches wrote is committed even so; this batch is read again.
-            let finished = uncommitted.finish(&consumer, &source_topic);
             if *shutdown.borrow() {
-                finished?;
                 tracing::info!(
                     ?totals,
                     "sink stopped; the unfinished batch will be read again"
@@ -339,7 +333,6 @@ async fn deliver(
         // owner from the committed offset.
         uncommitted.add(batch.iter().filter(|m| fence.holds(m.partition, m.epoch)));
         uncommitted.commit(&consumer, &source_topic)?;
-        tracing::debug!(records = batch.len(), "batch done");
         if let Some(a) = audit.as_mut() {
             a.tick(totals).await;
         }

@@ -1,5 +1,6 @@
 //! Where a sink starts reading, how far behind it is, and which offsets it commits.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,6 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::SinkConsumer;
 use super::batch::Msg;
-use super::commits::{CommitBook, Offsets};
 use crate::error::{self, Result};
 use crate::sink::config::SinkConfig;
 
@@ -222,120 +222,68 @@ pub(super) fn batch_size(cfg: &SinkConfig, backlog: Option<i64>) -> usize {
 }
 
 /// Offsets of records the CRM accepted (or the dead-letter topic holds) that are not committed
-/// yet. Commits are asynchronous (one at a time, see [`CommitBook`]): a group coordinator that
-/// is gone never blocks the writing. A commit that fails because the broker restarts or the
-/// coordinator moves is tried again on a later turn, while the consumer keeps polling so it can
-/// rejoin its group; stopping the sink there would only re-send what was already written.
+/// yet. A commit that fails because the broker restarts or the group coordinator moves is tried
+/// again on the next loop turn, while the consumer keeps polling so it can rejoin its group;
+/// stopping the sink there would only re-send what was already written.
 #[derive(Default)]
-pub(super) struct Uncommitted(CommitBook, Option<std::time::Instant>);
-
-/// A commit unanswered this long is taken as failed and sent again (librdkafka answers every
-/// commit, but a sink must never stop committing on a lost answer).
-const COMMIT_ANSWER_WAIT: Duration = Duration::from_secs(60);
+pub(super) struct Uncommitted(BTreeMap<i32, i64>);
 
 impl Uncommitted {
     pub(super) fn add<'m>(&mut self, batch: impl Iterator<Item = &'m Msg>) {
         for m in batch {
-            self.0.add(m.partition, m.offset);
+            let e = self.0.entry(m.partition).or_insert(0);
+            // Committed offset = the next record to read.
+            *e = (*e).max(m.offset + 1);
         }
     }
 
-    /// Nothing pending and no commit waiting for its answer.
     pub(super) fn is_empty(&self) -> bool {
-        self.0.is_idle()
+        self.0.is_empty()
     }
 
-    /// Take the answer to the commit in flight, if it came, then send what is pending (when no
-    /// commit is in flight). Never waits.
+    /// Commit what is pending; a retryable failure keeps it for the next try.
     pub(super) fn commit(&mut self, consumer: &SinkConsumer, topic: &str) -> Result<()> {
-        for (offsets, result) in consumer.context().take_commits() {
-            // While the loop runs, the one commit in flight is the only one: an answer that
-            // comes while none is waiting belongs to the start-up commit of a replay.
-            if !self.0.waiting() {
-                continue;
-            }
-            match result {
-                Ok(()) => self.0.settled(true),
-                Err(e) => {
-                    self.0.settled(false);
-                    retry_later(topic, &offsets, e)?;
-                }
-            }
-        }
-        if self.0.waiting()
-            && self
-                .1
-                .is_some_and(|sent| sent.elapsed() >= COMMIT_ANSWER_WAIT)
-        {
-            tracing::warn!(
-                topic,
-                "no answer to an offset commit after {COMMIT_ANSWER_WAIT:?}; sending the offsets again"
-            );
-            self.0.settled(false);
-        }
-        self.retain_owned(consumer, topic);
-        let Some(offsets) = self.0.send() else {
-            return Ok(());
-        };
-        self.1 = Some(std::time::Instant::now());
-        if let Err(e) = consumer.commit(&tpl(topic, &offsets)?, CommitMode::Async) {
-            self.0.settled(false);
-            retry_later(topic, &offsets, e)?;
-        }
-        Ok(())
-    }
-
-    /// A last synchronous commit of everything not known to be committed, when the sink stops.
-    pub(super) fn finish(&mut self, consumer: &SinkConsumer, topic: &str) -> Result<()> {
-        self.retain_owned(consumer, topic);
-        let all = self.0.all();
-        if all.is_empty() {
+        if self.0.is_empty() {
             return Ok(());
         }
-        let result = consumer.commit(&tpl(topic, &all)?, CommitMode::Sync);
-        self.0.clear();
-        match result {
-            Ok(()) => Ok(()),
-            // Read again at the next start; the upserts are idempotent.
-            Err(e) => retry_later(topic, &all, e),
-        }
-    }
-
-    /// A partition taken away in a rebalance is its new owner's to commit: that member reads
-    /// those records again, and the upserts are idempotent.
-    fn retain_owned(&mut self, consumer: &SinkConsumer, topic: &str) {
+        // A partition taken away in a rebalance is its new owner's to commit: that member reads
+        // those records again, and the upserts are idempotent.
         if let Ok(assigned) = consumer.assignment() {
             let owned: std::collections::HashSet<i32> = assigned
                 .elements_for_topic(topic)
                 .iter()
                 .map(|e| e.partition())
                 .collect();
-            self.0.retain(|p| owned.contains(&p));
+            self.0.retain(|p, _| owned.contains(p));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &self.0 {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+                .map_err(|e| error::kafka("building offsets", e))?;
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                self.0.clear();
+                Ok(())
+            }
+            Err(e) => {
+                let pending: Vec<String> =
+                    self.0.iter().map(|(p, o)| format!("p{p}:{o}")).collect();
+                let err = error::kafka(
+                    format!("committing offsets of {topic} ({})", pending.join(",")),
+                    e,
+                );
+                if !err.retryable {
+                    return Err(err);
+                }
+                tracing::warn!(topic, offsets = %pending.join(","), error = %err, "offset commit failed; retrying on the next turn");
+                Ok(())
+            }
         }
     }
-}
-
-fn tpl(topic: &str, offsets: &Offsets) -> Result<TopicPartitionList> {
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in offsets {
-        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
-            .map_err(|e| error::kafka("building offsets", e))?;
-    }
-    Ok(tpl)
-}
-
-/// A failed commit: logged when it can be retried (the offsets stay pending), else the error.
-fn retry_later(topic: &str, offsets: &Offsets, e: rdkafka::error::KafkaError) -> Result<()> {
-    let pending: Vec<String> = offsets.iter().map(|(p, o)| format!("p{p}:{o}")).collect();
-    let err = error::kafka(
-        format!("committing offsets of {topic} ({})", pending.join(",")),
-        e,
-    );
-    if !err.retryable {
-        return Err(err);
-    }
-    tracing::warn!(topic, offsets = %pending.join(","), error = %err, "offset commit failed; retrying on a later turn");
-    Ok(())
 }
 
 #[cfg(test)]

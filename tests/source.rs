@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use trusst_cdc::event::Op;
+use trusst_cdc::event::{ContactEvent, Op};
 use trusst_cdc::generate::{Generator, Options, write_contacts};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -549,23 +549,21 @@ async fn snapshot_progress_survives_a_lost_state_folder() {
     assert_matches_seed(&reader.latest(), &db.expected().await);
 }
 
-/// A question stops being universal while the source is stopped: on restart the change is
-/// replayed, and although the question cache already shows the new state, every affected
-/// contact is published again without that answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_question_made_non_universal_while_stopped_is_re_emitted() {
-    let db = TestDb::new("t_qdown").await;
-    let ids = completed(&db, 53, 15).await;
+/// Completed contacts streamed, the source stopped, `change` made to the questions, the source
+/// started again: the newest event of each contact once every one was re-emitted.
+async fn question_changed_while_stopped(
+    prefix: &str,
+    seed: u64,
+    change: &str,
+) -> (TestDb, std::collections::BTreeMap<String, ContactEvent>) {
+    let db = TestDb::new(prefix).await;
+    let ids = completed(&db, seed, 15).await;
     let mut src = SourceProc::start(&db, SourceOpts::default());
     let mut reader = TopicReader::new(&src.topic);
     reader.until(WAIT, "the snapshot", has_all(&ids));
     src.wait_streaming();
     assert!(src.terminate().success(), "{}", src.log());
-    db.client()
-        .await
-        .batch_execute("UPDATE questions SET is_universal = false WHERE question_id = 'q-empathy'")
-        .await
-        .unwrap();
+    db.client().await.batch_execute(change).await.unwrap();
     src.respawn(&db);
     reader.until(WAIT, "every contact again", |r| {
         ids.iter().all(|id| {
@@ -576,6 +574,21 @@ async fn a_question_made_non_universal_while_stopped_is_re_emitted() {
     });
     reader.settle(Duration::from_secs(1));
     let latest = reader.latest();
+    assert_eq!(latest.len(), ids.len(), "every contact has an event");
+    (db, latest)
+}
+
+/// A question stops being universal while the source is stopped: on restart the change is
+/// replayed, and although the question cache already shows the new state, every affected
+/// contact is published again without that answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_question_made_non_universal_while_stopped_is_re_emitted() {
+    let (db, latest) = question_changed_while_stopped(
+        "t_qdown",
+        53,
+        "UPDATE questions SET is_universal = false WHERE question_id = 'q-empathy'",
+    )
+    .await;
     assert!(
         latest.values().all(|e| e
             .universal_questions
@@ -598,30 +611,13 @@ async fn a_question_made_non_universal_while_stopped_is_re_emitted() {
 /// answer under the old field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_question_renamed_while_stopped_clears_its_old_key() {
-    let db = TestDb::new("t_qrename").await;
-    let ids = completed(&db, 59, 15).await;
-    let mut src = SourceProc::start(&db, SourceOpts::default());
-    let mut reader = TopicReader::new(&src.topic);
-    reader.until(WAIT, "the snapshot", has_all(&ids));
-    src.wait_streaming();
-    assert!(src.terminate().success(), "{}", src.log());
-    db.client()
-        .await
-        .batch_execute("UPDATE questions SET key = 'empathy_score' WHERE question_id = 'q-empathy'")
-        .await
-        .unwrap();
-    src.respawn(&db);
-    reader.until(WAIT, "every contact again", |r| {
-        ids.iter().all(|id| {
-            r.iter()
-                .filter_map(|r| (&r.key == id).then(|| r.event()).flatten())
-                .any(|e| e.source.reason == "question")
-        })
-    });
-    reader.settle(Duration::from_secs(1));
-    let latest = reader.latest();
-    for id in &ids {
-        let e = &latest[id];
+    let (db, latest) = question_changed_while_stopped(
+        "t_qrename",
+        59,
+        "UPDATE questions SET key = 'empathy_score' WHERE question_id = 'q-empathy'",
+    )
+    .await;
+    for e in latest.values() {
         assert!(
             e.universal_questions
                 .iter()

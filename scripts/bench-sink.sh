@@ -66,24 +66,14 @@ e2e_latency() {
         FROM contacts WHERE current_stage = 'COMPLETED'" >"$work/commits.txt"
     local cmd="LATENCY_RATE=$LATENCY_RATE LATENCY_SECONDS=$LATENCY_SECONDS WARMUP_SECONDS=$WARMUP_SECONDS scripts/bench-sink.sh e2e"
     python3 - "$work/commits.txt" "$base" "$LATENCY_RATE" "$WARMUP_SECONDS" "$(bench_machine)" "$cmd" <<'PY' >"$work/e2e.md" || {
-import datetime, json, sys, urllib.parse, urllib.request
+import datetime, json, sys
+sys.path.insert(0, "scripts/lib")
+import sf_modstamp
 from concurrent.futures import ThreadPoolExecutor
 commits_file, base, rate, warmup, machine, cmd = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:]
 commits = {c: int(ms) for c, ms in (l.split() for l in open(commits_file) if l.strip())}
 cut = min(commits.values()) + warmup * 1000
-token = json.load(urllib.request.urlopen(base + "/services/oauth2/token", data=urllib.parse.urlencode(
-    {"grant_type": "client_credentials", "client_id": "trusst-sf-client", "client_secret": "trusst-sf-secret"}).encode()))["access_token"]
-def modstamp(contact):
-    # The record as any client reads it: GET by external id.
-    req = urllib.request.Request(f"{base}/services/data/v62.0/sobjects/Contact/Trusst_Contact_ID__c/{contact}",
-                                 headers={"Authorization": f"Bearer {token}"})
-    try:
-        stamp = json.load(urllib.request.urlopen(req))["SystemModstamp"]
-    except urllib.error.HTTPError as e:
-        if e.code != 404:
-            raise SystemExit(f"bench: GET of {contact} answered HTTP {e.code}: {e.read()[:300]!r}")
-        return contact, None
-    return contact, datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp() * 1000
+modstamp = sf_modstamp.reader(base)
 measured = [c for c, ms in commits.items() if ms >= cut]
 with ThreadPoolExecutor(8) as pool:
     stamps = dict(pool.map(modstamp, measured))

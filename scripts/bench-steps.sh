@@ -170,22 +170,13 @@ if [[ $PASSES == *crm* ]]; then
         FROM contacts WHERE current_stage = 'COMPLETED' AND pg_xact_commit_timestamp(xmin) IS NOT NULL" >"$work/commits.txt"
     # Per step: up to CRM_SAMPLE contacts committed in it, commit to SystemModstamp.
     python3 - "$work/commits.txt" "$work/steps-crm.txt" "$base" "$CRM_SAMPLE" >"$work/crm.txt" <<'PY'
-import datetime, json, random, sys, urllib.error, urllib.parse, urllib.request
+import datetime, json, random, sys
+sys.path.insert(0, "scripts/lib")
+import sf_modstamp
 from concurrent.futures import ThreadPoolExecutor
 commits_file, steps_file, base, sample = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 commits = [(c, int(ms)) for c, ms in (l.split() for l in open(commits_file) if l.strip())]
-token = json.load(urllib.request.urlopen(base + "/services/oauth2/token", data=urllib.parse.urlencode(
-    {"grant_type": "client_credentials", "client_id": "trusst-sf-client", "client_secret": "trusst-sf-secret"}).encode()))["access_token"]
-def modstamp(contact):
-    req = urllib.request.Request(f"{base}/services/data/v62.0/sobjects/Contact/Trusst_Contact_ID__c/{contact}",
-                                 headers={"Authorization": f"Bearer {token}"})
-    try:
-        stamp = json.load(urllib.request.urlopen(req))["SystemModstamp"]
-    except urllib.error.HTTPError as e:
-        if e.code != 404:
-            raise SystemExit(f"bench: GET of {contact} answered HTTP {e.code}: {e.read()[:300]!r}")
-        return contact, None
-    return contact, datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp() * 1000
+modstamp = sf_modstamp.reader(base)
 random.seed(1)
 with ThreadPoolExecutor(8) as pool:
     for line in open(steps_file):

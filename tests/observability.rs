@@ -110,6 +110,19 @@ async fn metrics_follow_an_end_to_end_run() {
             ))
         }
     });
+    // Every stage of the source's path was timed for the batches that carried them.
+    let after = Scrape::of(&src_url);
+    for stage in [
+        "delivery", "gather", "queue", "reread", "handoff", "produce", "ack",
+    ] {
+        let n = delta(
+            &after,
+            &src_before,
+            "trusst_cdc_source_stage_seconds_count",
+            &[("stage", stage)],
+        );
+        assert!(n >= 1.0, "stage {stage} timed {n} times");
+    }
     assert_eq!(
         src_before.sum("trusst_cdc_events_published_total", &[]),
         0.0,

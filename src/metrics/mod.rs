@@ -76,6 +76,11 @@ struct CustomerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConditionLabels {
     condition: &'static str,
 }
@@ -91,6 +96,7 @@ pub struct Metrics {
     events_truncated: Family<TopicLabels, Counter>,
     events_oversized: Family<TopicLabels, Counter>,
     commit_to_publish: Family<TopicLabels, Histogram>,
+    source_stage: Family<StageLabels, Histogram>,
     replication_lag_bytes: Family<SlotLabels, Gauge>,
     slot_wal_status: Family<SlotLabels, Gauge>,
     slot_safe_wal_size: Family<SlotLabels, Gauge>,
@@ -117,6 +123,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 15))
 }
 
+fn stage_histogram() -> Histogram {
+    // 0.5 ms to about 65 s: a re-read or an acknowledgement takes a few milliseconds.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
 impl Metrics {
     /// A fresh registry with every metric registered (empty until recorded).
     pub fn new() -> Self {
@@ -127,6 +138,7 @@ impl Metrics {
             events_truncated: Family::default(),
             events_oversized: Family::default(),
             commit_to_publish: Family::new_with_constructor(latency_histogram),
+            source_stage: Family::new_with_constructor(stage_histogram),
             replication_lag_bytes: Family::default(),
             slot_wal_status: Family::default(),
             slot_safe_wal_size: Family::default(),
@@ -182,6 +194,12 @@ impl Metrics {
             "Time from a transaction's commit in PostgreSQL to Kafka's acknowledgement of its events (stream only)",
             Some(Unit::Seconds),
             m.commit_to_publish.clone(),
+        );
+        r.add(
+            "source_stage",
+            "Time each part of the source's path took, by stage (delivery, gather, queue, reread, handoff, produce, ack; see docs/monitoring.md)",
+            Some(Unit::Seconds),
+            m.source_stage.clone(),
         );
         r.add(
             "replication_lag",
@@ -438,6 +456,7 @@ pub fn replication_lag_bytes(slot: &str, bytes: i64) {
 /// A commit was read from the slot: its age is the replication lag in time.
 pub fn commit_read(slot: &str, commit_time_pg_micros: i64) {
     let age = pg_micros_age(commit_time_pg_micros, chrono::Utc::now().timestamp_micros());
+    source_stage("delivery", age);
     global()
         .replication_lag_seconds
         .get_or_create(&SlotLabels {
@@ -502,6 +521,16 @@ pub fn sink_dead_lettered(sink: &str, stage: &str) {
             stage: stage.to_owned(),
         })
         .inc();
+}
+
+/// One part of the source's path took `took`: `delivery` (commit to its commit message read
+/// from the slot), `gather` (a batch's first change read to the batch handed over), `queue`,
+/// `reread`, `handoff`, `produce` and `ack` (a job's way through the publishing pipeline).
+pub fn source_stage(stage: &'static str, took: Duration) {
+    global()
+        .source_stage
+        .get_or_create(&StageLabels { stage })
+        .observe(took.as_secs_f64());
 }
 
 /// An event was shortened to fit the broker's size limit.

@@ -165,6 +165,23 @@ impl Progress {
     }
 }
 
+/// A page whose events are enqueued: its contacts read and its window, for the progress.
+type InFlight = (publisher::Paged, u64, (NaiveDate, NaiveDate));
+
+/// Wait for a page's acknowledgement and count it.
+async fn settle(
+    page: Option<InFlight>,
+    out: &super::EventOut,
+    totals: &mut Totals,
+    progress: &mut Progress,
+) -> Result<()> {
+    if let Some((paged, read, window)) = page {
+        totals.published += paged.wait(&out.topic).await? as u64;
+        progress.add(read, window);
+    }
+    Ok(())
+}
+
 /// Run the backfill (or, with `dry_run`, only count per window).
 pub async fn run(
     cfg: &SourceConfig,
@@ -206,10 +223,14 @@ pub async fn run(
     );
     let mut progress = Progress::new(totals.contacts);
     let limit = cfg.source.batch_max_contacts;
+    let statement = enrich::prepare(&client, &plan).await?;
+    // One page in flight: the next is read and produced while Kafka acknowledges this one.
+    let mut inflight: Option<InFlight> = None;
     for &(from, to) in &windows {
         let mut after = String::new();
         loop {
             if *shutdown.borrow() {
+                settle(inflight.take(), &out, &mut totals, &mut progress).await?;
                 progress.finish();
                 tracing::warn!(
                     window = %format!("{from} .. {to}"), contact_id = %after, published = totals.published,
@@ -223,17 +244,23 @@ pub async fn run(
             };
             let full = ids.len() == limit;
             let read = ids.len() as u64;
-            let n =
-                publisher::publish_and_wait(&client, &plan, &out, Job::at(ids, origin, "backfill"))
-                    .await?;
-            totals.published += n as u64;
-            progress.add(read, (from, to));
+            let paged = publisher::publish(
+                &client,
+                &statement,
+                &plan,
+                &out,
+                Job::at(ids, origin, "backfill"),
+            )
+            .await?;
+            let prev = inflight.replace((paged, read, (from, to)));
+            settle(prev, &out, &mut totals, &mut progress).await?;
             if !full {
                 break;
             }
             after = last;
         }
     }
+    settle(inflight.take(), &out, &mut totals, &mut progress).await?;
     progress.finish();
     tracing::info!(
         published = totals.published,

@@ -919,6 +919,14 @@ impl<'a> Session<'a> {
             commit_ts: 0,
             xid: 0,
         };
+        // Inside one REPEATABLE READ transaction the statement and the universal questions
+        // hold for every page.
+        let statement = enrich::prepare(client, &self.plan).await?;
+        let universal: Arc<[String]> = enrich::universal_keys(client, &self.plan).await?.into();
+        // One page in flight: the next is read and produced while Kafka acknowledges this one.
+        // Progress is saved only for acknowledged pages, so a restart resumes after the last.
+        let mut inflight: Option<(publisher::Paged, String)> = None;
+        let mut read_after = st.last_key.clone();
         loop {
             if *self.shutdown.borrow() {
                 let _ = client.batch_execute("ROLLBACK").await;
@@ -927,31 +935,55 @@ impl<'a> Session<'a> {
             let ids = enrich::completed_page(
                 client,
                 &self.plan,
-                &st.last_key,
+                &read_after,
                 self.cfg.source.batch_max_contacts,
             )
             .await?;
             let Some(last) = ids.last().cloned() else {
                 break;
             };
-            let job = Job::at(ids, origin, "snapshot");
-            let n = publisher::publish_and_wait(client, &self.plan, out, job).await?;
-            self.published += n as u64;
-            st.last_key = last;
-            st.published += n as u64;
-            store.save(&st).await?;
-            let rate = st.published as f64 / started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(
-                published = st.published,
-                of = total,
-                rate = format!("{rate:.0}/s"),
-                "snapshot progress"
-            );
+            read_after = last.clone();
+            let mut job = Job::at(ids, origin, "snapshot");
+            job.universal = Some(universal.clone());
+            let page = publisher::publish(client, &statement, &self.plan, out, job).await?;
+            if let Some(done) = inflight.replace((page, last)) {
+                self.snapshot_page_done(done, out, store, &mut st, total, started)
+                    .await?;
+            }
+        }
+        if let Some(done) = inflight.take() {
+            self.snapshot_page_done(done, out, store, &mut st, total, started)
+                .await?;
         }
         let _ = client.batch_execute("COMMIT").await;
         st.done = true;
         store.save(&st).await?;
         tracing::info!(published = st.published, "initial snapshot done");
+        Ok(())
+    }
+
+    /// Wait for a snapshot page's acknowledgement, then save the progress it made.
+    async fn snapshot_page_done(
+        &mut self,
+        (page, last): (publisher::Paged, String),
+        out: &EventOut,
+        store: &state::Store,
+        st: &mut state::SnapshotState,
+        total: i64,
+        started: Instant,
+    ) -> Result<()> {
+        let n = page.wait(&out.topic).await?;
+        self.published += n as u64;
+        st.last_key = last;
+        st.published += n as u64;
+        store.save(st).await?;
+        let rate = st.published as f64 / started.elapsed().as_secs_f64().max(0.001);
+        tracing::info!(
+            published = st.published,
+            of = total,
+            rate = format!("{rate:.0}/s"),
+            "snapshot progress"
+        );
         Ok(())
     }
 
@@ -1349,9 +1381,10 @@ impl<'a> Session<'a> {
     /// Hand the batch to the pipeline; its last commit is confirmed once Kafka acknowledged it.
     async fn flush(&mut self, repl: &ReplicationClient) -> Result<()> {
         let mut batch = std::mem::take(&mut self.batch);
-        if batch.since.is_none() {
+        let Some(since) = batch.since else {
             return Ok(());
-        }
+        };
+        crate::metrics::source_stage("gather", since.elapsed());
         // A deleted contact is always re-read: absent, it gets its delete event even when it
         // was re-inserted in the same batch at an earlier stage. So is one that left COMPLETED.
         let ids: Vec<String> = batch

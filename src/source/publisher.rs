@@ -27,10 +27,13 @@ use super::{EventOut, Origin, enrich};
 use crate::error::{Error, Result};
 use crate::event::{ContactEvent, SourcePosition, lsn as fmt_lsn};
 use crate::kafka::Pending;
-use crate::metrics::Published;
+use crate::metrics::{Published, source_stage as stage};
 
 /// Jobs queued per stage before the reader waits: enough to keep both stages busy.
 const STAGE_QUEUE: usize = 2;
+
+/// A job as queued, with the moment it was handed over (for the `queue` stage's time).
+type Queued = (Job, Instant, oneshot::Sender<Result<usize>>);
 
 /// Contacts to re-read and publish, with where each change came from.
 pub(super) struct Job {
@@ -120,6 +123,7 @@ type Fetched = (
     Vec<Row>,
     Absent,
     Option<Instant>,
+    Instant,
     oneshot::Sender<Result<usize>>,
 );
 
@@ -128,7 +132,7 @@ type Absent = HashMap<String, (ContactEvent, bool)>;
 
 /// The two stages (enrichment, production); dropping it stops both.
 pub(super) struct Publisher {
-    tx: mpsc::Sender<(Job, oneshot::Sender<Result<usize>>)>,
+    tx: mpsc::Sender<Queued>,
     tasks: [JoinHandle<()>; 2],
 }
 
@@ -153,10 +157,12 @@ impl Publisher {
         let statement = enrich::prepare(&client, plan).await?;
         let plan = plan.clone();
         let visibility = enrich::prepare_visibility(&client).await?;
-        let (tx, mut jobs) = mpsc::channel::<(Job, oneshot::Sender<Result<usize>>)>(STAGE_QUEUE);
+        let (tx, mut jobs) = mpsc::channel::<Queued>(STAGE_QUEUE);
         let (etx, mut fetched) = mpsc::channel::<Fetched>(STAGE_QUEUE);
         let reader = tokio::spawn(async move {
-            while let Some((job, done)) = jobs.recv().await {
+            while let Some((job, queued, done)) = jobs.recv().await {
+                let started = Instant::now();
+                stage("queue", started - queued);
                 // Only the query runs here: the rows become events in the next stage, so the
                 // database works on the next batch meanwhile.
                 let fetched = async {
@@ -169,7 +175,13 @@ impl Publisher {
                 };
                 match fetched.await {
                     Ok((rows, absent, deadline)) => {
-                        if etx.send((job, rows, absent, deadline, done)).await.is_err() {
+                        stage("reread", started.elapsed());
+                        let read = Instant::now();
+                        if etx
+                            .send((job, rows, absent, deadline, read, done))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -180,7 +192,9 @@ impl Publisher {
             }
         });
         let writer = tokio::spawn(async move {
-            while let Some((job, rows, absent, deadline, done)) = fetched.recv().await {
+            while let Some((job, rows, absent, deadline, read, done)) = fetched.recv().await {
+                let started = Instant::now();
+                stage("handoff", started - read);
                 let mut states = match enrich::build(rows) {
                     Ok(states) => states,
                     Err(e) => {
@@ -193,9 +207,12 @@ impl Publisher {
                     // Acknowledgements are awaited off this stage, so the next job's records
                     // are produced while the broker works on this one's.
                     Ok(tally) => {
+                        let produced = Instant::now();
+                        stage("produce", produced - started);
                         let topic = out.topic.clone();
                         tokio::spawn(async move {
                             let res = pending.wait().await.map(|_| {
+                                stage("ack", produced.elapsed());
                                 tally.acknowledged(&topic, job.reason);
                                 events(&tally)
                             });
@@ -218,23 +235,25 @@ impl Publisher {
     pub async fn submit(&self, job: Job) -> Result<Done> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send((job, done))
+            .send((job, Instant::now(), done))
             .await
             .map_err(|_| Error::internal("the publishing pipeline stopped"))?;
         Ok(rx)
     }
 }
 
-/// Re-read `job.ids` on `client`, produce their events and wait until Kafka acknowledged them
-/// (used where no pipeline runs: the snapshot reads inside its own transaction, the backfill
-/// page by page). Returns events published.
-pub(super) async fn publish_and_wait(
+/// Re-read `job.ids` on `client` with the prepared re-read `statement` and enqueue their events
+/// without waiting for Kafka (used where no pipeline runs: the snapshot reads inside its own
+/// transaction, the backfill page by page). The caller waits on the returned [`Paged`], so the
+/// next page is read while the broker acknowledges this one.
+pub(super) async fn publish(
     client: &Client,
+    statement: &tokio_postgres::Statement,
     plan: &Plan,
     out: &EventOut,
     mut job: Job,
-) -> Result<usize> {
-    let rows = enrich::fetch(client, &enrich::prepare(client, plan).await?, &job.ids).await?;
+) -> Result<Paged> {
+    let rows = enrich::fetch(client, statement, &job.ids).await?;
     let absent = enrich::contacts(client, plan, &job.lost_absent(&rows)?).await?;
     let mut states = enrich::build(rows)?;
     if job.universal.is_none() {
@@ -242,9 +261,41 @@ pub(super) async fn publish_and_wait(
     }
     let mut pending = Pending::default();
     let tally = produce(out, &mut pending, &job, &mut states, absent, None).await?;
-    pending.wait().await?;
-    tally.acknowledged(&out.topic, job.reason);
-    Ok(events(&tally))
+    Ok(Paged {
+        pending,
+        tally,
+        reason: job.reason,
+    })
+}
+
+/// [`publish`] and wait for Kafka's acknowledgement (one-off jobs, e.g. recovery's).
+pub(super) async fn publish_and_wait(
+    client: &Client,
+    plan: &Plan,
+    out: &EventOut,
+    job: Job,
+) -> Result<usize> {
+    let statement = enrich::prepare(client, plan).await?;
+    publish(client, &statement, plan, out, job)
+        .await?
+        .wait(&out.topic)
+        .await
+}
+
+/// A page's events, enqueued; [`Paged::wait`] returns once Kafka acknowledged all of them.
+pub(super) struct Paged {
+    pending: Pending,
+    tally: Published,
+    reason: &'static str,
+}
+
+impl Paged {
+    /// Wait for Kafka's acknowledgement of every event of the page; returns events published.
+    pub async fn wait(mut self, topic: &str) -> Result<usize> {
+        self.pending.wait().await?;
+        self.tally.acknowledged(topic, self.reason);
+        Ok(events(&self.tally))
+    }
 }
 
 /// Events of a job as the source counts them: one per contact (a delete's tombstone is part of it).

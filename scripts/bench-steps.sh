@@ -32,6 +32,7 @@ DRAIN_SECONDS=${DRAIN_SECONDS:-30}
 CRM_SAMPLE=${CRM_SAMPLE:-2000}
 PASSES=${PASSES:-cdc dbz crm}
 PLOT=${PLOT:-docs/img/steps.png}
+STAGE_PORT=${STAGE_PORT:-9479}
 DB=trusst_steps
 
 # shellcheck source=scripts/lib/bench.sh
@@ -67,6 +68,9 @@ stop() {
     kill -TERM "$1"
     wait "$1" || true
 }
+# CPU time of PID in clock ticks (user + system).
+proc_cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+ticks=$(getconf CLK_TCK)
 seed=20
 
 # Events of SAMPLES (commit us, latency ms, ...) committed between A and B (ms since the epoch).
@@ -77,7 +81,7 @@ delivered() { awk -F, -v a="$1" -v b="$2" '$1 >= a * 1000 && $1 <= b * 1000 { n+
 # warm-up is step 0). WAIT_MORE, if set, is a command that must also succeed before a step counts
 # as drained (the CRM pass waits for the sink).
 step_pass() {
-    local name=$1 topic=$2 format=$3 pid=$4 samples=$work/samples-$1.csv lat_pid rate contacts t0 t1 n
+    local name=$1 topic=$2 format=$3 pid=$4 samples=$work/samples-$1.csv lat_pid rate contacts t0 t1 n cpu0
     local out=$work/steps-$name.txt deadline
     : >"$out"
     bench_checkpoint
@@ -111,8 +115,13 @@ step_pass() {
             wait $gen
             t1=$(cat "$work/gen.end")
         else
-            LATENCY_RATE=$rate steady_load "$contacts" $seed
+            # A step lasts STEP_SECONDS even when the machine cannot write at its rate: the
+            # generator stops then, and the step is the contacts it wrote.
+            [[ -n ${METRICS:-} ]] && curl -sf "$METRICS" >"$work/metrics-$name-$rate-before.txt"
+            cpu0=$(proc_cpu "$pid")
+            LATENCY_RATE=$rate GEN_DURATION=${STEP_SECONDS}s steady_load "$contacts" $seed
             t1=$(date +%s%3N)
+            contacts=$(steady_load_written)
         fi
         # A JVM starting meanwhile may take longer over the warm-up.
         deadline=$((SECONDS + (rate == 0 && DRAIN_SECONDS < 60 ? 60 : DRAIN_SECONDS)))
@@ -121,6 +130,10 @@ step_pass() {
             ((SECONDS < deadline)) || break
             sleep 1
         done
+        if ((rate > 0)); then
+            echo "$rate $(($(proc_cpu "$pid") - cpu0)) $(($(date +%s%3N) - t0))" >>"$work/cpu-$name.txt"
+            [[ -n ${METRICS:-} ]] && curl -sf "$METRICS" >"$work/metrics-$name-$rate-after.txt"
+        fi
         echo "$rate $contacts $t0 $t1 $n" >>"$out"
         if ((rate == 0)); then
             ((n >= contacts)) || { echo "bench: $name: $n of the warm-up's $contacts contacts delivered within ${DRAIN_SECONDS}s" >&2; exit 1; }
@@ -138,8 +151,9 @@ step_pass() {
 if [[ $PASSES == *cdc* ]]; then
     psqlb -d $DB -c "SELECT pg_create_logical_replication_slot('steps_cdc', 'pgoutput')" >/dev/null
     topic=trusst.steps.cdc.$(date +%s)
-    start_source steps_cdc bench_pub "$topic"
-    step_pass trusst-cdc "$topic" trusst $source_pid
+    # Its metrics endpoint: each step's stage times come from there.
+    start_source steps_cdc bench_pub "$topic" never "$(printf '[metrics]\nlisten = "127.0.0.1:%s"' "$STAGE_PORT")"
+    METRICS=http://127.0.0.1:$STAGE_PORT/metrics step_pass trusst-cdc "$topic" trusst $source_pid
     stop $source_pid
 fi
 
@@ -199,7 +213,7 @@ cmd="STEPS=\"$STEPS\" STEP_SECONDS=$STEP_SECONDS WARMUP_SECONDS=$WARMUP_SECONDS 
 [[ $PASSES == "cdc dbz crm" ]] || cmd="PASSES=\"$PASSES\" $cmd"
 mkdir -p "$(dirname "$PLOT")"
 "$venv/bin/python" - "$work" "$PLOT" "$cmd" "$(bench_machine)" "$STEP_SECONDS" "$WARMUP_SECONDS" "$WARMUP_RATE" \
-    "$DRAIN_SECONDS" "$DEBEZIUM_TUNED_HEAP" "$(tr '\n' ' ' <<<"$DEBEZIUM_TUNED_PROPS")" <<'PY' |
+    "$DRAIN_SECONDS" "$DEBEZIUM_TUNED_HEAP" "$(tr '\n' ' ' <<<"$DEBEZIUM_TUNED_PROPS")" "$ticks" <<'PY' |
 import datetime, math, os, sys
 import matplotlib
 matplotlib.use("Agg")
@@ -207,6 +221,52 @@ import matplotlib.pyplot as plt
 work, plot, cmd, machine = sys.argv[1:5]
 step_s, warmup_s, warmup_rate, drain_s = (int(x) for x in sys.argv[5:9])
 heap, props = sys.argv[9], sys.argv[10].split()
+ticks = int(sys.argv[11])
+STAGES = ["delivery", "gather", "queue", "reread", "handoff", "produce", "ack"]
+
+def cpu(name):
+    """Per step: cores the contender's process used from the step's start until it was drained."""
+    path = f"{work}/cpu-{name}.txt"
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    for line in open(path):
+        rate, t, wall_ms = (int(x) for x in line.split())
+        out[rate] = t / ticks / (wall_ms / 1000) if wall_ms else float("nan")
+    return out
+
+def scrape(path):
+    """(sum, count) per stage and for commit_to_publish from a /metrics text."""
+    out = {}
+    for line in open(path):
+        if line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        for suffix, i in (("_sum", 0), ("_count", 1)):
+            if name.startswith("trusst_cdc_source_stage_seconds" + suffix + "{"):
+                stage = name.split('stage="', 1)[1].split('"', 1)[0]
+            elif name.startswith("trusst_cdc_commit_to_publish_seconds" + suffix):
+                stage = "total"
+            else:
+                continue
+            out.setdefault(stage, [0.0, 0.0])[i] += float(value)
+    return out
+
+def stages(name, rates):
+    """Per step: mean ms and count per stage, from the metrics before and after it."""
+    out = {}
+    for rate in rates:
+        a, b = f"{work}/metrics-{name}-{rate}-before.txt", f"{work}/metrics-{name}-{rate}-after.txt"
+        if not (os.path.exists(a) and os.path.exists(b)):
+            continue
+        before, after = scrape(a), scrape(b)
+        row = {}
+        for stage, (s1, c1) in after.items():
+            s0, c0 = before.get(stage, (0.0, 0.0))
+            if c1 > c0:
+                row[stage] = ((s1 - s0) / (c1 - c0) * 1000, c1 - c0)
+        out[rate] = row
+    return out
 KAFKA_TARGET, CRM_TARGET = 200.0, 1000.0
 
 def pct(values, p):
@@ -248,8 +308,8 @@ def load_crm():
             out[int(rate)] = dict(n=int(n), missing=int(missing), p50=float(p50), p99=float(p99))
     return out
 
-contenders = [(label, load(name)) for label, name in
-              (("trusst-cdc", "trusst-cdc"), ("Debezium tuned", "debezium-tuned"), ("trusst-cdc, sink running", "crm"))]
+NAMES = {"trusst-cdc": "trusst-cdc", "Debezium tuned": "debezium-tuned", "trusst-cdc, sink running": "crm"}
+contenders = [(label, load(name)) for label, name in NAMES.items()]
 contenders = [(label, steps) for label, steps in contenders if steps]
 crm = load_crm()
 crm_steps = next((steps for label, steps in contenders if label == "trusst-cdc, sink running"), [])
@@ -322,15 +382,16 @@ for label, steps in contenders:
     lines.append(f"\n**{label}**" + (" (the Salesforce sink and the CRM emulator running; commit to the record "
                  "readable in the emulated Salesforce: `pg_xact_commit_timestamp` of the COMPLETED row to the "
                  "record's `SystemModstamp`, for a sample of the step's contacts read back by GET)" if label == "trusst-cdc, sink running" else "") + "\n")
-    head = "| offered contacts/s | achieved | delivered | p50 | p99 | read p50 | read p99 |"
-    rule = "|---|---|---|---|---|---|---|"
+    head = "| offered contacts/s | achieved | delivered | p50 | p99 | read p50 | read p99 | cores used |"
+    rule = "|---|---|---|---|---|---|---|---|"
+    cores = cpu(NAMES[label])
     if label == "trusst-cdc, sink running":
         head += " CRM contacts sampled | CRM p50 | CRM p99 |"
         rule += "---|---|---|"
     lines += [head, rule]
     for s in steps:
         row = (f"| {s['rate']:,} | {s['achieved']:,.0f} | {s['delivered']:,} of {s['contacts']:,} | {ms(s['p50'])} | {ms(s['p99'])} "
-               f"| {ms(s['read_p50'])} | {ms(s['read_p99'])} |")
+               f"| {ms(s['read_p50'])} | {ms(s['read_p99'])} | {cores.get(s['rate'], float('nan')):.2f} |")
         if label == "trusst-cdc, sink running":
             c = crm.get(s["rate"])
             if c:
@@ -348,6 +409,27 @@ if crm:
     for s in crm_steps:
         s["crm_p99"] = crm.get(s["rate"], {}).get("p99", math.inf)
     lines.append(sustained("trusst-cdc, commit to CRM", *best(crm_steps, "crm_p99", CRM_TARGET), "crm_p99", "p99 < 1 s"))
+cdc = next((steps for label, steps in contenders if label == "trusst-cdc"), [])
+by_stage = stages("trusst-cdc", [s["rate"] for s in cdc])
+if by_stage:
+    lines.append("\n**Where trusst-cdc's time goes** (mean per stage in ms, from the source's "
+                 "`trusst_cdc_source_stage_seconds` over each step; the last column is its mean commit to "
+                 "Kafka's acknowledgement, `trusst_cdc_commit_to_publish_seconds`)\n")
+    lines.append("| offered contacts/s | " + " | ".join(STAGES) + " | batches | commit to ack |")
+    lines.append("|---|" + "---|" * (len(STAGES) + 2))
+    for rate, row in by_stage.items():
+        cells = [f"{row[st][0]:.1f}" if st in row else "-" for st in STAGES]
+        batches = f"{row['reread'][1]:,.0f}" if "reread" in row else "-"
+        total = f"{row['total'][0]:.1f}" if "total" in row else "-"
+        lines.append(f"| {rate:,} | " + " | ".join(cells) + f" | {batches} | {total} |")
+    lines.append("\nStages: delivery, a commit to its commit message read from the slot (PostgreSQL's "
+                 "decoding and sending: the floor under any reader); gather, a batch's first change read to "
+                 "the batch handed to the pipeline (batching while the previous batch is in flight); queue, "
+                 "waiting for the re-read stage; reread, the visibility wait and the one batched query; "
+                 "handoff, waiting for the produce stage; produce, building, encoding and enqueuing the events; "
+                 "ack, enqueued to Kafka's acknowledgement (acks=all). Stages of successive batches overlap, "
+                 "so they need not add up to the last column. Cores used: the contender's process CPU over "
+                 "the step and its drain.")
 lines.append("\nSustained: the highest step delivered in full with p99 under the target; a lower step that "
              "missed (a pause, a JVM still compiling) is listed beside it.")
 print("\n".join(lines))

@@ -202,6 +202,10 @@ enum Command {
         /// commits wait for the disk).
         #[arg(long, default_value_t = 1)]
         connections: usize,
+        /// Stop handing out chunks after this long (e.g. `30s`), even short of --contacts: a
+        /// load step of fixed length when the machine cannot keep up with --rate.
+        #[arg(long, value_parser = cli_duration)]
+        duration: Option<Duration>,
         /// Random seed, for reproducible data.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -455,6 +459,7 @@ async fn run(cli: Cli) -> Result<()> {
             chunk,
             rate,
             connections,
+            duration,
             seed,
             schema_only,
         } => {
@@ -495,8 +500,12 @@ async fn run(cli: Cli) -> Result<()> {
             while done < contacts {
                 let n = chunk.min(contacts - done);
                 let batch: Vec<_> = (0..n).map(|_| g.contact()).collect();
-                if rate > 0.0 {
-                    let due = started + Duration::from_secs_f64(done as f64 / rate);
+                let due =
+                    (rate > 0.0).then(|| started + Duration::from_secs_f64(done as f64 / rate));
+                if duration.is_some_and(|d| due.unwrap_or_else(Instant::now) >= started + d) {
+                    break;
+                }
+                if let Some(due) = due {
                     tokio::time::sleep_until(due.into()).await;
                 }
                 if tx.send(batch).await.is_err() {

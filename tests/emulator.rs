@@ -1663,6 +1663,12 @@ async fn dataverse_upsert_multiple_is_all_or_nothing() {
         (Some(2), Some(9)),
         "{calls}"
     );
+    // The stats count what the store holds.
+    assert_eq!(
+        stats["records"]["dataverse/contact"], 5,
+        "{}",
+        stats["records"]
+    );
 }
 
 #[tokio::test]

@@ -110,9 +110,17 @@ TOML
     source_pid=$!
 }
 
+# COUNT contacts at LATENCY_RATE with SEED; with GEN_DURATION (e.g. 30s) it stops after that long
+# even short of COUNT. A generator that fails stops the run with the end of its log.
 steady_load() {
     "$bin" generate --database-url "$url" --contacts "$1" --chunk 50 --connections 2 \
-        --rate "$LATENCY_RATE" --seed "$2" 2>"$work/gen.log"
+        --rate "$LATENCY_RATE" --seed "$2" ${GEN_DURATION:+--duration "$GEN_DURATION"} 2>"$work/gen.log" ||
+        { echo "bench: the generator failed; end of $work/gen.log:" >&2; tail -5 "$work/gen.log" >&2; return 1; }
+}
+
+# The contacts the last steady_load wrote, from its closing log line.
+steady_load_written() {
+    sed 's/\x1b\[[0-9;]*m//g' "$work/gen.log" | grep -o 'contacts=[0-9]*' | tail -1 | cut -d= -f2
 }
 
 bench_workload() {

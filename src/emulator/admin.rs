@@ -84,6 +84,7 @@ async fn stats(State(app): State<Arc<App>>) -> Response {
     let mut body = json!(inner.stats);
     body["salesforce_api_usage"] = json!({"used": used, "max": max});
     body["bulk_jobs"] = inner.jobs.len().into();
+    body["records"] = json!(inner.store.counts());
     json(StatusCode::OK, body)
 }
 

@@ -73,7 +73,8 @@ pub enum System {
 }
 
 impl System {
-    fn name(self) -> &'static str {
+    /// The system's name in stats, records routes and logs.
+    pub(crate) fn name(self) -> &'static str {
         match self {
             System::Salesforce => "salesforce",
             System::Dataverse => "dataverse",

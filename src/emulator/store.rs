@@ -78,6 +78,18 @@ impl Store {
         self.tables.get(&system)?.get(object)
     }
 
+    /// Records held per `system/object`, as the stats endpoint reports them.
+    pub fn counts(&self) -> BTreeMap<String, usize> {
+        self.tables
+            .iter()
+            .flat_map(|(system, objects)| {
+                objects.iter().map(move |(object, table)| {
+                    (format!("{}/{object}", system.name()), table.len())
+                })
+            })
+            .collect()
+    }
+
     /// The next sequence number.
     pub fn next_seq(&mut self) -> u64 {
         self.seq += 1;

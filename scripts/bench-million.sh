@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 N=${N:-1000000}
 STREAM_N=${STREAM_N:-20000}
 STREAM_RATE=${STREAM_RATE:-500}
-REPLAY=${REPLAY:-salesforce dynamics mulesoft}
+REPLAY=${REPLAY-salesforce dynamics mulesoft}
 # The guide's sync: windows of a day for the history, a run every 15 minutes after.
 GUIDE_RUN_MINUTES=15
 DB=trusst_million
@@ -81,13 +81,18 @@ snap_topic=trusst.million.snap.$(date +%s)
 "$latency_bin" drain "$KAFKA_BROKERS" "$snap_topic" "$contacts" >"$work/snap.json" &
 drain_pid=$!
 t0=$(ms)
-start_source million_snap million_pub "$snap_topic" initial
+# Its metrics endpoint: the time per page in each stage of the pipeline, read at the end.
+start_source million_snap million_pub "$snap_topic" initial "$(printf '[metrics]\nlisten = "127.0.0.1:%s"' "${STAGE_PORT:-9479}")"
 while kill -0 $drain_pid 2>/dev/null; do
     kill -0 $source_pid 2>/dev/null || { tail -20 "$work/source.log" >&2; exit 1; }
     sleep 0.2
 done
 read -r first_ms done_ms < <(json_fields "$work/snap.json" first_ms done_ms)
 read -r snap_rss snap_cpu < <(proc_figures $source_pid)
+# Mean ms per page in each stage: "reread=.. produce=.. ack=.. queue=..".
+stages=$(curl -sf "http://127.0.0.1:${STAGE_PORT:-9479}/metrics" | awk '/^trusst_cdc_source_stage_seconds_(sum|count)/ {
+    split($1, a, "\""); if ($1 ~ /_sum/) s[a[2]] = $2; else c[a[2]] = $2 }
+    END { for (k in s) if (c[k] > 0) printf "%s=%.1f ", k, s[k] / c[k] * 1000 }')
 snap="$(seconds_between "$t0" "$done_ms") $(seconds_between "$t0" "$first_ms") $snap_rss $snap_cpu"
 kill -TERM $source_pid
 wait $source_pid || true
@@ -188,7 +193,7 @@ cmd="N=$N STREAM_N=$STREAM_N STREAM_RATE=$STREAM_RATE scripts/bench-million.sh"
 [[ $REPLAY == "salesforce dynamics mulesoft" ]] || cmd="REPLAY=\"$REPLAY\" $cmd"
 python3 - "$cmd" "$(bench_machine)" "$contacts" "$answers" "$db_size" "$gen_s" "$pivot_rows" "${pivot_runs[*]}" \
     "$snap" "$back" "$STREAM_N" "$STREAM_RATE" "$days" "$GUIDE_RUN_MINUTES" "$(psqlb -d $DB -tAc "SELECT count(*) FROM questions WHERE is_universal")" \
-    "${#stream[@]}" "${stream[@]}" "${replay[@]}" <<'PY' | tee /dev/stderr | bench_write_section "A million contacts (scripts/bench-million.sh)"
+    "$stages" "${#stream[@]}" "${stream[@]}" "${replay[@]}" <<'PY' | tee /dev/stderr | bench_write_section "A million contacts (scripts/bench-million.sh)"
 import datetime, math, sys
 a = sys.argv[1:]
 cmd, machine = a[0], a[1]
@@ -197,9 +202,10 @@ pivot_runs = [float(x) for x in a[7].split()]
 snap_s, snap_first, snap_rss, snap_cpu = (float(x) for x in a[8].split())
 back_s, back_first, back_rss, back_cpu = (float(x) for x in a[9].split())
 stream_n, stream_rate, days, run_min, universal = int(a[10]), int(a[11]), int(a[12]), int(a[13]), int(a[14])
-n_stream = int(a[15])
-stream = [x.split() for x in a[16:16 + n_stream]]
-replay = [x.split() for x in a[16 + n_stream:]]
+stages = dict(kv.split("=") for kv in a[15].split())
+n_stream = int(a[16])
+stream = [x.split() for x in a[17:17 + n_stream]]
+replay = [x.split() for x in a[17 + n_stream:]]
 ceiling = pivot_runs[-1]
 
 def rate(n, s):
@@ -228,6 +234,13 @@ page ({1000:,} contacts per page, `batch_max_contacts`). Peak RSS is `VmHWM` (th
 `/usr/bin/time`'s maximum resident size (backfill): bounded by the page, not by the {contacts:,} contacts
 behind it.
 """]
+if stages:
+    order = ["queue", "reread", "handoff", "produce", "ack"]
+    out.append("Where the snapshot's time goes, mean per page of 1,000 contacts (the source's "
+               "`trusst_cdc_source_stage_seconds`): " + ", ".join(f"{k} {float(stages[k]):.1f} ms" for k in order if k in stages)
+               + ". The pages pass the stream's pipeline: ids paged on one connection, re-read on another, "
+               "produced, acknowledged, four pages in flight; the stage that takes longest sets the pace, and "
+               "`queue` is the time a page waited for it.\n")
 
 # The guide's script (simple-salesforce's Bulk API 1.0 handler, as pinned in
 # tests/vendor_clients/requirements.txt): per sync run one job (create, close) and per batch of

@@ -2,7 +2,7 @@
 # Local PostgreSQL, Apache Kafka and Apicurio Registry for development, tests and demos, without Docker.
 #
 #   scripts/services.sh up            start all three (idempotent: already running services are left alone)
-#   scripts/services.sh down          stop them
+#   scripts/services.sh down          stop them (and every extra instance the tests started)
 #   scripts/services.sh status        one line per service; exits 3 if any is down
 #   scripts/services.sh env           eval "$(scripts/services.sh env)" -> DATABASE_URL, KAFKA_BROKERS,
 #                                     SCHEMA_REGISTRY_URL, PGBIN
@@ -733,6 +733,21 @@ wait_gone() {
     done
 }
 
+# Every other instance under .run the tests and benchmarks started (PostgreSQL 13 to 18, standbys,
+# the TLS cluster, fault and cluster brokers), so `down` leaves nothing of the project running.
+extras_stop() {
+    local f pid
+    for f in "$RUN"/*/data/postmaster.pid "$RUN"/*/kafka.pid "$RUN"/*/*/kafka.pid "$RUN"/*/registry.pid; do
+        [[ -f $f ]] && pid=$(head -1 "$f") && [[ $pid =~ ^[0-9]+$ ]] && is_alive "$pid" || continue
+        # A stale pid file may name a pid since reused by something else.
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -e postgres -e java || continue
+        log "stopping ${f#"$RUN"/} (pid $pid)"
+        # SIGINT is PostgreSQL's fast shutdown; the JVMs take SIGTERM as a controlled one.
+        if [[ $f == */postmaster.pid ]]; then kill -INT "$pid"; else kill -TERM "$pid"; fi
+        wait_gone "$pid" "$TIMEOUT" || { log "pid $pid still running after ${TIMEOUT}s, killing it"; kill -KILL "$pid" 2>/dev/null || true; }
+    done
+}
+
 kafka_stop() {
     local pid
     if ! pid=$(kafka_pid); then
@@ -1146,6 +1161,7 @@ down)
     registry_stop
     kafka_stop
     pg_stop
+    extras_stop
     ;;
 status) status ;;
 env) print_env ;;

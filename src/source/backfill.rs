@@ -5,6 +5,7 @@
 //! (never OFFSET), each page re-read with the stream's query and published before the next, so
 //! a stopped backfill can be re-run for the windows it had not finished.
 
+use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use chrono::NaiveDate;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use super::publisher::{self, Job};
+use super::publisher::{Done, Job, Publisher};
 use super::schema::Plan;
 use super::{Origin, enrich, setup};
 use crate::config::SourceConfig;
@@ -165,20 +166,23 @@ impl Progress {
     }
 }
 
-/// A page whose events are enqueued: its contacts read and its window, for the progress.
-type InFlight = (publisher::Paged, u64, (NaiveDate, NaiveDate));
+/// A page handed to the pipeline: its acknowledgement, the contacts read and its window.
+type InFlight = (Done, u64, (NaiveDate, NaiveDate));
 
 /// Wait for a page's acknowledgement and count it.
 async fn settle(
-    page: Option<InFlight>,
-    out: &super::EventOut,
+    (done, read, window): InFlight,
+    topic: &str,
     totals: &mut Totals,
     progress: &mut Progress,
 ) -> Result<()> {
-    if let Some((paged, read, window)) = page {
-        totals.published += paged.wait(&out.topic).await? as u64;
-        progress.add(read, window);
-    }
+    let n = done.await.map_err(|_| {
+        Error::internal(format!(
+            "the publishing pipeline stopped before Kafka acknowledged a page of {topic}"
+        ))
+    })??;
+    totals.published += n as u64;
+    progress.add(read, window);
     Ok(())
 }
 
@@ -223,14 +227,20 @@ pub async fn run(
     );
     let mut progress = Progress::new(totals.contacts);
     let limit = cfg.source.batch_max_contacts;
-    let statement = enrich::prepare(&client, &plan).await?;
-    // One page in flight: the next is read and produced while Kafka acknowledges this one.
-    let mut inflight: Option<InFlight> = None;
+    // Pages go through the source's publishing pipeline, on a connection of its own: the next
+    // page's ids are read while earlier pages are re-read, produced and acknowledged.
+    let reader = crate::pg::connect(cfg.database_url()).await?;
+    enrich::prepare_session(&reader).await?;
+    let topic = out.topic.clone();
+    let publisher = Publisher::start(reader, out, &plan, None).await?;
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
     for &(from, to) in &windows {
         let mut after = String::new();
         loop {
             if *shutdown.borrow() {
-                settle(inflight.take(), &out, &mut totals, &mut progress).await?;
+                while let Some(page) = inflight.pop_front() {
+                    settle(page, &topic, &mut totals, &mut progress).await?;
+                }
                 progress.finish();
                 tracing::warn!(
                     window = %format!("{from} .. {to}"), contact_id = %after, published = totals.published,
@@ -244,23 +254,23 @@ pub async fn run(
             };
             let full = ids.len() == limit;
             let read = ids.len() as u64;
-            let paged = publisher::publish(
-                &client,
-                &statement,
-                &plan,
-                &out,
-                Job::at(ids, origin, "backfill"),
-            )
-            .await?;
-            let prev = inflight.replace((paged, read, (from, to)));
-            settle(prev, &out, &mut totals, &mut progress).await?;
+            let mut job = Job::at(ids, origin, "backfill");
+            // Read per page: a long backfill follows the questions as they change.
+            job.universal = Some(enrich::universal_keys(&client, &plan).await?.into());
+            inflight.push_back((publisher.submit(job).await?, read, (from, to)));
+            while inflight.len() > super::PAGES_INFLIGHT {
+                let page = inflight.pop_front().expect("non-empty");
+                settle(page, &topic, &mut totals, &mut progress).await?;
+            }
             if !full {
                 break;
             }
             after = last;
         }
     }
-    settle(inflight.take(), &out, &mut totals, &mut progress).await?;
+    while let Some(page) = inflight.pop_front() {
+        settle(page, &topic, &mut totals, &mut progress).await?;
+    }
     progress.finish();
     tracing::info!(
         published = totals.published,

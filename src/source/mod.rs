@@ -42,6 +42,10 @@ use triggers::{Effect, QuestionRow, Tracker};
 /// oldest: bounds memory and how far reading runs ahead of Kafka.
 const MAX_INFLIGHT: usize = 8;
 
+/// Snapshot and backfill pages handed to the publisher and not yet acknowledged before the next
+/// page waits: enough to keep every stage busy; a crash repeats at most one more page than this.
+pub(crate) const PAGES_INFLIGHT: usize = 4;
+
 /// Most contacts remembered as not COMPLETED (about 100 bytes each) before the memory is reset.
 const NOT_COMPLETED_CAP: usize = 200_000;
 
@@ -758,16 +762,6 @@ impl<'a> Session<'a> {
             state.recover_since = None;
             store.save(&state).await?;
         }
-        if s.snapshot == SnapshotMode::Initial && !state.done {
-            tracing::info!(state = %store.describe(), resumed_after = %state.last_key, "snapshot progress");
-            self.snapshot(&client, &out, &store, state, slot_lsn)
-                .await?;
-        }
-        if *self.shutdown.borrow() {
-            return Ok(());
-        }
-
-        self.load_questions(&client).await?;
         // The pipeline reads on a connection of its own so the reader's heartbeats and
         // re-emit lookups never wait behind an enrichment query.
         let enrich_client = crate::pg::connect(&url).await?;
@@ -781,6 +775,15 @@ impl<'a> Session<'a> {
             )
             .await?,
         );
+        if s.snapshot == SnapshotMode::Initial && !state.done {
+            tracing::info!(state = %store.describe(), resumed_after = %state.last_key, "snapshot progress");
+            self.snapshot(&client, &store, state, slot_lsn).await?;
+        }
+        if *self.shutdown.borrow() {
+            return Ok(());
+        }
+
+        self.load_questions(&client).await?;
         let mut repl_cfg =
             crate::pg::replication_config(&url, &s.slot, &s.publication, server.major >= 14)?
                 .with_start_lsn(Lsn(slot_lsn))
@@ -900,7 +903,6 @@ impl<'a> Session<'a> {
     async fn snapshot(
         &mut self,
         client: &Client,
-        out: &EventOut,
         store: &state::Store,
         mut st: state::SnapshotState,
         slot_lsn: u64,
@@ -919,13 +921,13 @@ impl<'a> Session<'a> {
             commit_ts: 0,
             xid: 0,
         };
-        // Inside one REPEATABLE READ transaction the statement and the universal questions
-        // hold for every page.
-        let statement = enrich::prepare(client, &self.plan).await?;
+        // Read inside the REPEATABLE READ transaction, as the pages are.
         let universal: Arc<[String]> = enrich::universal_keys(client, &self.plan).await?.into();
-        // One page in flight: the next is read and produced while Kafka acknowledges this one.
-        // Progress is saved only for acknowledged pages, so a restart resumes after the last.
-        let mut inflight: Option<(publisher::Paged, String)> = None;
+        // Pages go through the stream's publishing pipeline: the next page's ids are read while
+        // earlier pages are re-read (on the pipeline's connection: any commit after the slot's
+        // creation is streamed afterwards anyway), produced and acknowledged. Progress is saved
+        // in page order and only for acknowledged pages, so a restart resumes after the last.
+        let mut inflight: VecDeque<(Done, String)> = VecDeque::new();
         let mut read_after = st.last_key.clone();
         loop {
             if *self.shutdown.borrow() {
@@ -942,17 +944,21 @@ impl<'a> Session<'a> {
             let Some(last) = ids.last().cloned() else {
                 break;
             };
-            read_after = last.clone();
+            read_after.clone_from(&last);
             let mut job = Job::at(ids, origin, "snapshot");
             job.universal = Some(universal.clone());
-            let page = publisher::publish(client, &statement, &self.plan, out, job).await?;
-            if let Some(done) = inflight.replace((page, last)) {
-                self.snapshot_page_done(done, out, store, &mut st, total, started)
+            let publisher = self.publisher.as_ref().ok_or_else(|| {
+                Error::internal("snapshot before the publishing pipeline started")
+            })?;
+            inflight.push_back((publisher.submit(job).await?, last));
+            while inflight.len() > PAGES_INFLIGHT {
+                let page = inflight.pop_front().expect("non-empty");
+                self.snapshot_page_done(page, store, &mut st, total, started)
                     .await?;
             }
         }
-        if let Some(done) = inflight.take() {
-            self.snapshot_page_done(done, out, store, &mut st, total, started)
+        while let Some(page) = inflight.pop_front() {
+            self.snapshot_page_done(page, store, &mut st, total, started)
                 .await?;
         }
         let _ = client.batch_execute("COMMIT").await;
@@ -965,14 +971,15 @@ impl<'a> Session<'a> {
     /// Wait for a snapshot page's acknowledgement, then save the progress it made.
     async fn snapshot_page_done(
         &mut self,
-        (page, last): (publisher::Paged, String),
-        out: &EventOut,
+        (done, last): (Done, String),
         store: &state::Store,
         st: &mut state::SnapshotState,
         total: i64,
         started: Instant,
     ) -> Result<()> {
-        let n = page.wait(&out.topic).await?;
+        let n = done.await.map_err(|_| {
+            Error::internal("the publishing pipeline stopped before acknowledging a snapshot page")
+        })??;
         self.published += n as u64;
         st.last_key = last;
         st.published += n as u64;

@@ -242,18 +242,15 @@ impl Publisher {
     }
 }
 
-/// Re-read `job.ids` on `client` with the prepared re-read `statement` and enqueue their events
-/// without waiting for Kafka (used where no pipeline runs: the snapshot reads inside its own
-/// transaction, the backfill page by page). The caller waits on the returned [`Paged`], so the
-/// next page is read while the broker acknowledges this one.
-pub(super) async fn publish(
+/// Re-read `job.ids` on `client`, produce their events and wait until Kafka acknowledged them
+/// (one-off jobs where no pipeline runs, e.g. recovery's). Returns events published.
+pub(super) async fn publish_and_wait(
     client: &Client,
-    statement: &tokio_postgres::Statement,
     plan: &Plan,
     out: &EventOut,
     mut job: Job,
-) -> Result<Paged> {
-    let rows = enrich::fetch(client, statement, &job.ids).await?;
+) -> Result<usize> {
+    let rows = enrich::fetch(client, &enrich::prepare(client, plan).await?, &job.ids).await?;
     let absent = enrich::contacts(client, plan, &job.lost_absent(&rows)?).await?;
     let mut states = enrich::build(rows)?;
     if job.universal.is_none() {
@@ -261,41 +258,9 @@ pub(super) async fn publish(
     }
     let mut pending = Pending::default();
     let tally = produce(out, &mut pending, &job, &mut states, absent, None).await?;
-    Ok(Paged {
-        pending,
-        tally,
-        reason: job.reason,
-    })
-}
-
-/// [`publish`] and wait for Kafka's acknowledgement (one-off jobs, e.g. recovery's).
-pub(super) async fn publish_and_wait(
-    client: &Client,
-    plan: &Plan,
-    out: &EventOut,
-    job: Job,
-) -> Result<usize> {
-    let statement = enrich::prepare(client, plan).await?;
-    publish(client, &statement, plan, out, job)
-        .await?
-        .wait(&out.topic)
-        .await
-}
-
-/// A page's events, enqueued; [`Paged::wait`] returns once Kafka acknowledged all of them.
-pub(super) struct Paged {
-    pending: Pending,
-    tally: Published,
-    reason: &'static str,
-}
-
-impl Paged {
-    /// Wait for Kafka's acknowledgement of every event of the page; returns events published.
-    pub async fn wait(mut self, topic: &str) -> Result<usize> {
-        self.pending.wait().await?;
-        self.tally.acknowledged(topic, self.reason);
-        Ok(events(&self.tally))
-    }
+    pending.wait().await?;
+    tally.acknowledged(&out.topic, job.reason);
+    Ok(events(&tally))
 }
 
 /// Events of a job as the source counts them: one per contact (a delete's tombstone is part of it).

@@ -42,6 +42,7 @@ source scripts/lib/debezium.sh
 SLOTS='^steps_(cdc|dbz|crm)$'
 bench_cleanup() {
     scripts/services.sh drop-slots "$SLOTS"
+    [[ -n ${BENCH_KEEP:-} ]] || psqlb -d postgres -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
     rm -f connector-config/.bench-emulator.toml
 }
 bench_init --benches
@@ -155,6 +156,8 @@ if [[ $PASSES == *cdc* ]]; then
     start_source steps_cdc bench_pub "$topic" never "$(printf '[metrics]\nlisten = "127.0.0.1:%s"' "$STAGE_PORT")"
     METRICS=http://127.0.0.1:$STAGE_PORT/metrics step_pass trusst-cdc "$topic" trusst $source_pid
     stop $source_pid
+    # A slot left behind holds every later pass's WAL (tens of GB at the top steps).
+    scripts/services.sh drop-slots '^steps_cdc$'
 fi
 
 if [[ $PASSES == *dbz* ]]; then
@@ -163,6 +166,7 @@ if [[ $PASSES == *dbz* ]]; then
     debezium_start steps_dbz "$prefix" "$DEBEZIUM_TUNED_HEAP" "$DEBEZIUM_TUNED_PROPS"
     step_pass debezium-tuned "$prefix.public.contacts" debezium $dbz_pid
     stop $dbz_pid
+    scripts/services.sh drop-slots '^steps_dbz$'
 fi
 
 if [[ $PASSES == *crm* ]]; then

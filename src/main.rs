@@ -221,8 +221,12 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSST_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
     });
+    // Colours only on a terminal: a log file or a collector would keep the escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -502,7 +506,10 @@ async fn run(cli: Cli) -> Result<()> {
                 let batch: Vec<_> = (0..n).map(|_| g.contact()).collect();
                 let due =
                     (rate > 0.0).then(|| started + Duration::from_secs_f64(done as f64 / rate));
-                if duration.is_some_and(|d| due.unwrap_or_else(Instant::now) >= started + d) {
+                // Behind schedule, the clock decides: a step of fixed length even when the
+                // database cannot keep up with --rate.
+                let at = due.map_or_else(Instant::now, |due| due.max(Instant::now()));
+                if duration.is_some_and(|d| at >= started + d) {
                     break;
                 }
                 if let Some(due) = due {

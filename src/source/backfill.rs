@@ -5,7 +5,6 @@
 //! (never OFFSET), each page re-read with the stream's query and published before the next, so
 //! a stopped backfill can be re-run for the windows it had not finished.
 
-use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use chrono::NaiveDate;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use super::publisher::{Done, Job, Publisher};
+use super::publisher::{Job, Pages, Publisher};
 use super::schema::Plan;
 use super::{Origin, enrich, setup};
 use crate::config::SourceConfig;
@@ -166,24 +165,14 @@ impl Progress {
     }
 }
 
-/// A page handed to the pipeline: its acknowledgement, the contacts read and its window.
-type InFlight = (Done, u64, (NaiveDate, NaiveDate));
-
-/// Wait for a page's acknowledgement and count it.
-async fn settle(
-    (done, read, window): InFlight,
-    topic: &str,
+/// Count an acknowledged page: its events and the contacts it read, in its window.
+fn settled(
+    (n, (read, window)): (usize, (u64, (NaiveDate, NaiveDate))),
     totals: &mut Totals,
     progress: &mut Progress,
-) -> Result<()> {
-    let n = done.await.map_err(|_| {
-        Error::internal(format!(
-            "the publishing pipeline stopped before Kafka acknowledged a page of {topic}"
-        ))
-    })??;
+) {
     totals.published += n as u64;
     progress.add(read, window);
-    Ok(())
 }
 
 /// Run the backfill (or, with `dry_run`, only count per window).
@@ -231,15 +220,14 @@ pub async fn run(
     // page's ids are read while earlier pages are re-read, produced and acknowledged.
     let reader = crate::pg::connect(cfg.database_url()).await?;
     enrich::prepare_session(&reader).await?;
-    let topic = out.topic.clone();
     let publisher = Publisher::start(reader, out, &plan, None).await?;
-    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut pages = Pages::new(super::PAGES_INFLIGHT);
     for &(from, to) in &windows {
         let mut after = String::new();
         loop {
             if *shutdown.borrow() {
-                while let Some(page) = inflight.pop_front() {
-                    settle(page, &topic, &mut totals, &mut progress).await?;
+                while let Some(page) = pages.next().await? {
+                    settled(page, &mut totals, &mut progress);
                 }
                 progress.finish();
                 tracing::warn!(
@@ -257,10 +245,9 @@ pub async fn run(
             let mut job = Job::at(ids, origin, "backfill");
             // Read per page: a long backfill follows the questions as they change.
             job.universal = Some(enrich::universal_keys(&client, &plan).await?.into());
-            inflight.push_back((publisher.submit(job).await?, read, (from, to)));
-            while inflight.len() > super::PAGES_INFLIGHT {
-                let page = inflight.pop_front().expect("non-empty");
-                settle(page, &topic, &mut totals, &mut progress).await?;
+            let done = publisher.submit(job).await?;
+            if let Some(page) = pages.push(done, (read, (from, to))).await? {
+                settled(page, &mut totals, &mut progress);
             }
             if !full {
                 break;
@@ -268,8 +255,8 @@ pub async fn run(
             after = last;
         }
     }
-    while let Some(page) = inflight.pop_front() {
-        settle(page, &topic, &mut totals, &mut progress).await?;
+    while let Some(page) = pages.next().await? {
+        settled(page, &mut totals, &mut progress);
     }
     progress.finish();
     tracing::info!(

@@ -927,7 +927,7 @@ impl<'a> Session<'a> {
         // earlier pages are re-read (on the pipeline's connection: any commit after the slot's
         // creation is streamed afterwards anyway), produced and acknowledged. Progress is saved
         // in page order and only for acknowledged pages, so a restart resumes after the last.
-        let mut inflight: VecDeque<(Done, String)> = VecDeque::new();
+        let mut pages = publisher::Pages::new(PAGES_INFLIGHT);
         let mut read_after = st.last_key.clone();
         loop {
             if *self.shutdown.borrow() {
@@ -950,14 +950,13 @@ impl<'a> Session<'a> {
             let publisher = self.publisher.as_ref().ok_or_else(|| {
                 Error::internal("snapshot before the publishing pipeline started")
             })?;
-            inflight.push_back((publisher.submit(job).await?, last));
-            while inflight.len() > PAGES_INFLIGHT {
-                let page = inflight.pop_front().expect("non-empty");
+            let done = publisher.submit(job).await?;
+            if let Some(page) = pages.push(done, last).await? {
                 self.snapshot_page_done(page, store, &mut st, total, started)
                     .await?;
             }
         }
-        while let Some(page) = inflight.pop_front() {
+        while let Some(page) = pages.next().await? {
             self.snapshot_page_done(page, store, &mut st, total, started)
                 .await?;
         }
@@ -968,18 +967,15 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Wait for a snapshot page's acknowledgement, then save the progress it made.
+    /// A snapshot page was acknowledged: save the progress it made.
     async fn snapshot_page_done(
         &mut self,
-        (done, last): (Done, String),
+        (n, last): (usize, String),
         store: &state::Store,
         st: &mut state::SnapshotState,
         total: i64,
         started: Instant,
     ) -> Result<()> {
-        let n = done.await.map_err(|_| {
-            Error::internal("the publishing pipeline stopped before acknowledging a snapshot page")
-        })??;
         self.published += n as u64;
         st.last_key = last;
         st.published += n as u64;

@@ -242,6 +242,47 @@ impl Publisher {
     }
 }
 
+/// Wait for Kafka's acknowledgement of a job: its events published.
+pub(super) async fn acknowledged(done: Done) -> Result<usize> {
+    done.await.map_err(|_| {
+        Error::internal("the publishing pipeline stopped before Kafka acknowledged a batch")
+    })?
+}
+
+/// Snapshot or backfill pages handed to the pipeline, oldest first, each with what its caller
+/// records once it is acknowledged; at most `bound` wait before the next page does.
+pub(super) struct Pages<T> {
+    queue: std::collections::VecDeque<(Done, T)>,
+    bound: usize,
+}
+
+impl<T> Pages<T> {
+    /// An empty queue holding at most `bound` unacknowledged pages.
+    pub fn new(bound: usize) -> Self {
+        Self {
+            queue: std::collections::VecDeque::new(),
+            bound,
+        }
+    }
+
+    /// Add a page; past the bound, wait for the oldest and return it with its events published.
+    pub async fn push(&mut self, done: Done, page: T) -> Result<Option<(usize, T)>> {
+        self.queue.push_back((done, page));
+        if self.queue.len() > self.bound {
+            return self.next().await;
+        }
+        Ok(None)
+    }
+
+    /// Wait for the oldest page, if any.
+    pub async fn next(&mut self) -> Result<Option<(usize, T)>> {
+        match self.queue.pop_front() {
+            Some((done, page)) => Ok(Some((acknowledged(done).await?, page))),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Re-read `job.ids` on `client`, produce their events and wait until Kafka acknowledged them
 /// (one-off jobs where no pipeline runs, e.g. recovery's). Returns events published.
 pub(super) async fn publish_and_wait(

@@ -177,6 +177,21 @@ async fn metrics_follow_an_end_to_end_run() {
         "{}",
         after.text
     );
+    // librdkafka reports what the consumer received every few seconds: at least what the sink
+    // consumed.
+    eventually(WAIT, "the records fetched to be counted", || {
+        let fetched = delta(
+            &Scrape::of(&sink_url),
+            &sink_before,
+            "trusst_cdc_sink_records_fetched_total",
+            &sink_name,
+        );
+        if fetched >= on_topic {
+            Ok(())
+        } else {
+            Err(format!("fetched {fetched} of {on_topic} consumed"))
+        }
+    });
     assert_eq!(
         after.sum("trusst_cdc_sink_records_dead_lettered_total", &[]),
         0.0,

@@ -1,8 +1,9 @@
-//! The sinks' Kafka consumer context: consumer lag per partition from librdkafka's statistics,
-//! and readiness from the group's partition assignment.
+//! The sinks' Kafka consumer context: consumer lag per partition and records fetched from
+//! librdkafka's statistics, and readiness from the group's partition assignment.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use rdkafka::ClientContext;
 use rdkafka::statistics::{Partition, Statistics};
@@ -18,6 +19,8 @@ pub struct LagContext {
     sink: String,
     /// Partitions with a lag series, to drop those no longer assigned here.
     reported: Mutex<BTreeSet<(String, i32)>>,
+    /// librdkafka's running count of records received, as last reported.
+    fetched: AtomicI64,
 }
 
 impl LagContext {
@@ -26,6 +29,7 @@ impl LagContext {
         Self {
             sink: sink.to_owned(),
             reported: Mutex::new(BTreeSet::new()),
+            fetched: AtomicI64::new(0),
         }
     }
 }
@@ -38,6 +42,11 @@ pub fn partition_lag(p: &Partition) -> Option<i64> {
 
 impl ClientContext for LagContext {
     fn stats(&self, statistics: Statistics) {
+        let before = self.fetched.swap(statistics.rxmsgs, Ordering::Relaxed);
+        super::sink_fetched(
+            &self.sink,
+            statistics.rxmsgs.saturating_sub(before).max(0) as u64,
+        );
         let mut now = BTreeSet::new();
         for (topic, t) in &statistics.topics {
             for p in t.partitions.values() {

@@ -102,6 +102,7 @@ pub struct Metrics {
     slot_safe_wal_size: Family<SlotLabels, Gauge>,
     replication_lag_seconds: Family<SlotLabels, FloatGauge>,
     consumed: Family<SinkLabels, Counter>,
+    fetched: Family<SinkLabels, Counter>,
     written: Family<SinkLabels, Counter>,
     failed: Family<SinkLabels, Counter>,
     dead_lettered: Family<DeadLetterLabels, Counter>,
@@ -144,6 +145,7 @@ impl Metrics {
             slot_safe_wal_size: Family::default(),
             replication_lag_seconds: Family::default(),
             consumed: Family::default(),
+            fetched: Family::default(),
             written: Family::default(),
             failed: Family::default(),
             dead_lettered: Family::default(),
@@ -230,6 +232,12 @@ impl Metrics {
             "Records a sink read from its topic",
             None,
             m.consumed.clone(),
+        );
+        r.add(
+            "sink_records_fetched",
+            "Records a sink's consumer received from the brokers, counting any fetched again (librdkafka's rxmsgs)",
+            None,
+            m.fetched.clone(),
         );
         r.add(
             "sink_records_written",
@@ -473,6 +481,16 @@ pub fn sink_consumed(sink: &str, n: usize) {
             sink: sink.to_owned(),
         })
         .inc_by(n as u64);
+}
+
+/// A sink's consumer received `n` more records from the brokers.
+pub fn sink_fetched(sink: &str, n: u64) {
+    global()
+        .fetched
+        .get_or_create(&SinkLabels {
+            sink: sink.to_owned(),
+        })
+        .inc_by(n);
 }
 
 /// The CRM accepted `n` records.

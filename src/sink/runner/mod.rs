@@ -307,8 +307,8 @@ async fn deliver(
             continue;
         }
         // The consumer keeps polling while the batch is written (retries and allowance pauses
-        // can outlast max.poll.interval.ms), with its partitions paused so nothing piles up.
-        let keepalive = Keepalive::start(consumer.clone(), &fence)?;
+        // can outlast max.poll.interval.ms), reading ahead at most one batch.
+        let keepalive = Keepalive::start(consumer.clone(), &fence, size);
         let revocations = fence.revocations();
         let processed = ctx.process(target.as_mut(), &batch, opts.redrive).await;
         carried.extend(keepalive.stop().await?);
@@ -467,39 +467,44 @@ async fn next_batch(
 }
 
 /// Polls the consumer while a batch is written, so the group keeps this member (and runs its
-/// rebalances, which the [`Fence`] follows) however long the CRM makes the batch wait. The
-/// assigned partitions are paused, so polling reads nothing new; a record that still arrives
-/// (already fetched, or from a partition assigned meanwhile) is kept for the next batch and its
-/// partition paused too.
+/// rebalances, which the [`Fence`] follows) however long the CRM makes the batch wait. What it
+/// reads is kept for the next batch; once `hold` records are kept, the assigned partitions are
+/// paused, so a long wait (an allowance pause) does not pile records up, and a record that
+/// still arrives (already fetched, or from a partition assigned meanwhile) is kept and its
+/// partition paused too. Pausing only then matters: librdkafka drops a paused partition's
+/// prefetched records and fetches again on resume, which cost every short batch most of a
+/// second of latency when each one paused.
 struct Keepalive {
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Vec<Msg>>,
+    task: tokio::task::JoinHandle<(Vec<Msg>, bool)>,
     consumer: Arc<SinkConsumer>,
 }
 
 impl Keepalive {
-    fn start(consumer: Arc<SinkConsumer>, fence: &Arc<Fence>) -> Result<Self> {
-        let assigned = consumer
-            .assignment()
-            .map_err(|e| error::kafka("reading the assignment", e))?;
-        consumer
-            .pause(&assigned)
-            .map_err(|e| error::kafka("pausing the partitions while a batch is written", e))?;
+    fn start(consumer: Arc<SinkConsumer>, fence: &Arc<Fence>, hold: usize) -> Self {
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let (c, fence) = (consumer.clone(), fence.clone());
         let task = tokio::spawn(async move {
             let mut kept = Vec::new();
+            let mut paused = false;
             loop {
                 tokio::select! {
-                    _ = &mut stopped => return kept,
+                    _ = &mut stopped => return (kept, paused),
                     r = c.recv() => match r {
                         Ok(m) => {
-                            let mut tpl = TopicPartitionList::new();
-                            tpl.add_partition(m.topic(), m.partition());
-                            if let Err(e) = c.pause(&tpl) {
-                                tracing::warn!(error = %e, "could not pause a partition assigned while a batch was written");
-                            }
                             kept.push(Msg::read(&m, &fence));
+                            if paused {
+                                let mut tpl = TopicPartitionList::new();
+                                tpl.add_partition(m.topic(), m.partition());
+                                if let Err(e) = c.pause(&tpl) {
+                                    tracing::warn!(error = %e, "could not pause a partition assigned while a batch was written");
+                                }
+                            } else if kept.len() >= hold {
+                                match c.assignment().and_then(|a| c.pause(&a)) {
+                                    Ok(()) => paused = true,
+                                    Err(e) => tracing::warn!(error = %e, "could not pause the partitions while a batch was written"),
+                                }
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "Kafka consumer error while a batch was written");
@@ -509,20 +514,24 @@ impl Keepalive {
                 }
             }
         });
-        Ok(Self {
+        Self {
             stop,
             task,
             consumer,
-        })
+        }
     }
 
-    /// Stop polling, resume every assigned partition, and hand over what was read meanwhile.
+    /// Stop polling, resume the partitions if they were paused, and hand over what was read
+    /// meanwhile.
     async fn stop(self) -> Result<Vec<Msg>> {
         let _ = self.stop.send(());
-        let kept = self
+        let (kept, paused) = self
             .task
             .await
             .map_err(|e| Error::internal(format!("the consumer poller failed: {e}")))?;
+        if !paused {
+            return Ok(kept);
+        }
         let assigned = self
             .consumer
             .assignment()

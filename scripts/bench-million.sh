@@ -114,18 +114,7 @@ read -r back_rss back_user back_sys <"$work/back.time"
 back="$(seconds_between "$t0" "$done_ms") $(seconds_between "$t0" "$first_ms") $back_rss $(awk -v u="$back_user" -v s="$back_sys" 'BEGIN { printf "%.2f", u + s }')"
 
 # Per-target API calls from the emulator's counters: "WRITES READS TOKENS JOBS".
-calls() {
-    python3 - "$1" "$2" <<'PY'
-import json, sys
-s, system = json.load(open(sys.argv[1])), {"salesforce": "salesforce", "dynamics": "dataverse", "mulesoft": "mulesoft"}[sys.argv[2]]
-calls = {route: sum(by_status.values()) for route, by_status in s.get("calls", {}).get(system, {}).items()}
-tokens = sum(v for k, v in calls.items() if "token" in k)
-reads = sum(v for k, v in calls.items() if "token" not in k and k.startswith("GET "))
-writes = sum(v for k, v in calls.items() if "token" not in k and not k.startswith("GET "))
-jobs = sum(v for k, v in calls.items() if k.startswith("POST ") and k.endswith("/jobs/ingest"))
-print(writes, reads, tokens, jobs)
-PY
-}
+calls() { python3 scripts/lib/emu_calls.py "$1" "$2"; }
 # Records the emulator holds in SYSTEM/OBJECT (its stats count them).
 records() { curl -sf "$base/__admin/stats" | python3 -c 'import json, sys; print(json.load(sys.stdin).get("records", {}).get(sys.argv[1], 0))' "$1"; }
 declare -A store=([salesforce]=salesforce/Contact [dynamics]=dataverse/contact [mulesoft]=mulesoft/contacts)

@@ -166,6 +166,8 @@ done
 
 python3 - "$N" "$(bench_machine)" "${rows[@]}" <<'PY' | tee /dev/stderr | bench_write_section "Sinks (scripts/bench-sink.sh)"
 import json, sys, datetime
+sys.path.insert(0, "scripts/lib")
+import emu_calls
 n, machine = int(sys.argv[1]), sys.argv[2]
 lines = []
 runs = {}
@@ -176,15 +178,7 @@ for target, rounds in runs.items():
     # The median round by time, reported whole (its call counts belong to that run).
     secs, stats = sorted(rounds)[len(rounds) // 2]
     all_rounds = ", ".join(f"{t:,.0f}" for t in (n / r[0] for r in rounds))
-    s = json.load(open(stats))
-    sysname = {'salesforce': 'salesforce', 'dynamics': 'dataverse', 'mulesoft': 'mulesoft'}[target]
-    calls = {route: sum(by_status.values()) for route, by_status in s.get('calls', {}).get(sysname, {}).items()}
-    tokens = sum(v for k, v in calls.items() if 'token' in k)
-    # GETs are the start-up checks (describe, attribute metadata) and, for a Bulk job, its status
-    # polls and result files; everything else writes (Collections, a job's create, upload, close).
-    reads = sum(v for k, v in calls.items() if 'token' not in k and k.startswith('GET '))
-    writes = sum(v for k, v in calls.items() if 'token' not in k and not k.startswith('GET '))
-    jobs = sum(v for k, v in calls.items() if k.startswith('POST ') and k.endswith('/jobs/ingest'))
+    writes, reads, tokens, jobs = emu_calls.sort(json.load(open(stats)), target)
     bound = f"{-(-n // 200)}" if target == 'salesforce' else "-"
     lines.append(f"| {target} | {secs:.2f} s | {n/secs:,.0f} | {all_rounds} | {writes} | {reads} | {jobs if target == 'salesforce' else '-'} | {(writes+reads)*1000/n:.1f} | {bound} | {tokens} |")
 table = f"""## Sinks (scripts/bench-sink.sh)

@@ -69,9 +69,6 @@ stop() {
     kill -TERM "$1"
     wait "$1" || true
 }
-# CPU time of PID in clock ticks (user + system).
-proc_cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-ticks=$(getconf CLK_TCK)
 seed=20
 
 # Events of SAMPLES (commit us, latency ms, ...) committed between A and B (ms since the epoch).
@@ -132,7 +129,7 @@ step_pass() {
             sleep 1
         done
         if ((rate > 0)); then
-            echo "$rate $(($(proc_cpu "$pid") - cpu0)) $(($(date +%s%3N) - t0))" >>"$work/cpu-$name.txt"
+            echo "$rate $(awk -v a="$cpu0" -v b="$(proc_cpu "$pid")" 'BEGIN { printf "%.2f", b - a }') $(($(date +%s%3N) - t0))" >>"$work/cpu-$name.txt"
             [[ -n ${METRICS:-} ]] && curl -sf "$METRICS" >"$work/metrics-$name-$rate-after.txt"
         fi
         echo "$rate $contacts $t0 $t1 $n" >>"$out"
@@ -217,7 +214,7 @@ cmd="STEPS=\"$STEPS\" STEP_SECONDS=$STEP_SECONDS WARMUP_SECONDS=$WARMUP_SECONDS 
 [[ $PASSES == "cdc dbz crm" ]] || cmd="PASSES=\"$PASSES\" $cmd"
 mkdir -p "$(dirname "$PLOT")"
 "$venv/bin/python" - "$work" "$PLOT" "$cmd" "$(bench_machine)" "$STEP_SECONDS" "$WARMUP_SECONDS" "$WARMUP_RATE" \
-    "$DRAIN_SECONDS" "$DEBEZIUM_TUNED_HEAP" "$(tr '\n' ' ' <<<"$DEBEZIUM_TUNED_PROPS")" "$ticks" <<'PY' |
+    "$DRAIN_SECONDS" "$DEBEZIUM_TUNED_HEAP" "$(tr '\n' ' ' <<<"$DEBEZIUM_TUNED_PROPS")" <<'PY' |
 import datetime, math, os, sys
 import matplotlib
 matplotlib.use("Agg")
@@ -225,7 +222,6 @@ import matplotlib.pyplot as plt
 work, plot, cmd, machine = sys.argv[1:5]
 step_s, warmup_s, warmup_rate, drain_s = (int(x) for x in sys.argv[5:9])
 heap, props = sys.argv[9], sys.argv[10].split()
-ticks = int(sys.argv[11])
 STAGES = ["delivery", "gather", "queue", "reread", "handoff", "produce", "ack"]
 
 def cpu(name):
@@ -235,8 +231,8 @@ def cpu(name):
         return {}
     out = {}
     for line in open(path):
-        rate, t, wall_ms = (int(x) for x in line.split())
-        out[rate] = t / ticks / (wall_ms / 1000) if wall_ms else float("nan")
+        rate, secs, wall_ms = line.split()
+        out[int(rate)] = float(secs) / (int(wall_ms) / 1000) if int(wall_ms) else float("nan")
     return out
 
 def scrape(path):

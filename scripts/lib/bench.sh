@@ -9,6 +9,7 @@
 #   psqlb ARGS                 psql as postgres on the local cluster
 #   bench_fresh_db DB          drop and create DB with the Trusst schema; sets $url
 #   proc_figures PID           "PEAK_RSS_KB CPU_SECONDS" of a running process (VmHWM, utime+stime)
+#   proc_cpu PID               CPU_SECONDS of a process (0 once it is gone)
 #   recvlogical_drain DB SLOT PUBLICATION END_LSN
 #                              pg_recvlogical (pgoutput) from SLOT to END_LSN into /dev/null;
 #                              prints "SECONDS PEAK_RSS_KB CPU_SECONDS"
@@ -16,7 +17,8 @@
 #                              trusst-cdc's source on $url (snapshot "never" unless given; MORE KEYS
 #                              are [source] lines); sets $source_pid, logs to $work/source.log
 #   bench_workload DB N        N completed contacts, then VACUUM (ANALYZE); sets $end (the WAL
-#                              position after them) and $rows (the row changes written)
+#                              position after them), $rows (the row changes written) and
+#                              $workload_seconds (the writing alone)
 #   steady_load N SEED         N contacts completed at a steady $LATENCY_RATE/s (two connections,
 #                              50 contacts per transaction: the load every latency run measures)
 #   cdc_drain SLOT PUBLICATION N TOPIC
@@ -80,9 +82,12 @@ bench_fresh_db() {
 }
 
 proc_figures() {
-    local tick
-    tick=$(getconf CLK_TCK)
-    echo "$(awk '/VmHWM/ {print $2}' "/proc/$1/status") $(awk -v t="$tick" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat")"
+    echo "$(awk '/VmHWM/ {print $2}' "/proc/$1/status") $(proc_cpu "$1")"
+}
+
+# CPU seconds (user + system) PID used so far; 0 once it is gone.
+proc_cpu() {
+    awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 
 recvlogical_drain() {
@@ -125,7 +130,10 @@ steady_load_written() {
 
 bench_workload() {
     echo "bench: writing $2 completed contacts" >&2
+    local w0
+    w0=$(date +%s%3N)
     "$bin" generate --database-url "$url" --contacts "$2" --chunk 500 --seed 42 2>/dev/null
+    workload_seconds=$(seconds_between "$w0" "$(date +%s%3N)")
     end=$(psqlb -d "$1" -tAc "SELECT pg_current_wal_lsn()")
     rows=$(psqlb -d "$1" -tAc "SELECT (SELECT count(*) FROM contacts) * 3 + (SELECT count(*) FROM s3_conversations) + (SELECT count(*) FROM inferences)")
     # What autovacuum would do soon after such a load: hint bits set and statistics fresh, so no

@@ -228,6 +228,10 @@ pub struct SourceSection {
     /// Contacts per snapshot page and per enrichment query.
     #[serde(default = "default_page")]
     pub batch_max_contacts: usize,
+    /// Connections the publishing pipeline re-reads on: reads of batches that share no contact
+    /// run at once (snapshot and backfill pages always do).
+    #[serde(default = "default_reread_connections")]
+    pub reread_connections: usize,
     /// Longest a touched contact waits before its batch is published.
     #[serde(
         default = "default_wait",
@@ -346,6 +350,11 @@ fn default_snapshot() -> SnapshotMode {
 fn default_page() -> usize {
     1000
 }
+fn default_reread_connections() -> usize {
+    2
+}
+/// Most re-read connections a source may open: past the database's cores they only queue.
+pub const MAX_REREAD_CONNECTIONS: usize = 16;
 fn default_wait() -> Duration {
     Duration::from_millis(20)
 }
@@ -529,6 +538,12 @@ impl SourceConfig {
             return Err(Error::user(format!(
                 "invalid topic name {:?}: use letters, digits, '.', '_' or '-'",
                 self.kafka.topic
+            )));
+        }
+        if !(1..=MAX_REREAD_CONNECTIONS).contains(&self.source.reread_connections) {
+            return Err(Error::user(format!(
+                "[source] reread_connections = {}: use 1 to {MAX_REREAD_CONNECTIONS} (each is a database connection; 2 is the default)",
+                self.source.reread_connections
             )));
         }
         if self.source.batch_max_contacts == 0 || self.source.reemit_chunk == 0 {

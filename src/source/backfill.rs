@@ -109,7 +109,8 @@ fn midnight(d: NaiveDate) -> String {
 
 /// Progress: a redrawn line on a terminal, a log line every few seconds otherwise.
 struct Progress {
-    total: u64,
+    /// Contacts in the range, once counted (the count runs beside the first pages).
+    total: Option<u64>,
     done: u64,
     started: Instant,
     last_log: Instant,
@@ -117,10 +118,10 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: u64) -> Self {
+    fn new() -> Self {
         let now = Instant::now();
         Self {
-            total,
+            total: None,
             done: 0,
             started: now,
             last_log: now,
@@ -132,7 +133,22 @@ impl Progress {
         self.done += n;
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = self.done as f64 / secs;
-        let left = self.total.saturating_sub(self.done);
+        let Some(total) = self.total else {
+            if self.tty {
+                eprint!(
+                    "\r\x1b[2Kbackfill {} .. {}: {} contacts (still counting the range), {rate:.0}/s",
+                    window.0, window.1, self.done
+                );
+            } else if self.last_log.elapsed() >= Duration::from_secs(5) {
+                self.last_log = Instant::now();
+                tracing::info!(
+                    window = %format!("{} .. {}", window.0, window.1), done = self.done,
+                    rate = format!("{rate:.0}/s"), "backfill progress (the range is still being counted)"
+                );
+            }
+            return;
+        };
+        let left = total.saturating_sub(self.done);
         let eta = if rate > 0.0 {
             Duration::from_secs_f64(left as f64 / rate)
         } else {
@@ -140,19 +156,19 @@ impl Progress {
         };
         let eta = humantime::format_duration(Duration::from_secs(eta.as_secs()));
         if self.tty {
-            let pct = if self.total == 0 {
+            let pct = if total == 0 {
                 100.0
             } else {
-                self.done as f64 * 100.0 / self.total as f64
+                self.done as f64 * 100.0 / total as f64
             };
             eprint!(
                 "\r\x1b[2Kbackfill {} .. {}: {}/{} contacts ({pct:.0}%), {rate:.0}/s, ETA {eta}",
-                window.0, window.1, self.done, self.total
+                window.0, window.1, self.done, total
             );
-        } else if self.last_log.elapsed() >= Duration::from_secs(5) || self.done >= self.total {
+        } else if self.last_log.elapsed() >= Duration::from_secs(5) || self.done >= total {
             self.last_log = Instant::now();
             tracing::info!(
-                window = %format!("{} .. {}", window.0, window.1), done = self.done, of = self.total,
+                window = %format!("{} .. {}", window.0, window.1), done = self.done, of = total,
                 rate = format!("{rate:.0}/s"), eta = %eta, "backfill progress"
             );
         }
@@ -175,6 +191,38 @@ fn settled(
     progress.add(read, window);
 }
 
+/// The count of the range's contacts, running on a connection of its own.
+struct RangeCount(Option<tokio::task::JoinHandle<Result<u64>>>);
+
+impl RangeCount {
+    fn start(url: &str, plan: &Plan, range: &Range) -> Self {
+        let (url, plan, (from, to)) = (url.to_owned(), plan.clone(), (range.start, range.end));
+        Self(Some(tokio::spawn(async move {
+            let client = crate::pg::connect(&url).await?;
+            enrich::prepare_session(&client).await?;
+            count(&client, &plan, from, to).await
+        })))
+    }
+
+    /// Hand the count to `progress` once it is done (without waiting for it).
+    async fn poll(&mut self, progress: &mut Progress) -> Result<()> {
+        if self.0.as_ref().is_some_and(|h| h.is_finished()) {
+            progress.total = Some(self.wait().await?);
+        }
+        Ok(())
+    }
+
+    /// Wait for the count.
+    async fn wait(&mut self) -> Result<u64> {
+        match self.0.take() {
+            Some(h) => h
+                .await
+                .map_err(|e| Error::internal(format!("counting the backfill range failed: {e}")))?,
+            None => Err(Error::internal("the backfill range was counted already")),
+        }
+    }
+}
+
 /// Run the backfill (or, with `dry_run`, only count per window).
 pub async fn run(
     cfg: &SourceConfig,
@@ -186,12 +234,12 @@ pub async fn run(
     enrich::prepare_session(&client).await?;
     let plan = super::schema::read(&client).await?;
     let windows = range.windows();
-    // One count for the whole range: the progress total. Only a dry run counts per window.
-    let mut totals = Totals {
-        contacts: count(&client, &plan, range.start, range.end).await?,
-        published: 0,
-    };
     if dry_run {
+        // Only a dry run counts per window.
+        let totals = Totals {
+            contacts: count(&client, &plan, range.start, range.end).await?,
+            published: 0,
+        };
         for &(from, to) in &windows {
             let n = count(&client, &plan, from, to).await?;
             tracing::info!(window = %format!("{from} .. {to}"), contacts = n, "backfill dry run: would publish");
@@ -211,16 +259,20 @@ pub async fn run(
         xid: 0,
     };
     tracing::info!(
-        contacts = totals.contacts, windows = windows.len(), topic = %cfg.kafka.topic, at = %fmt_lsn(origin.lsn),
+        windows = windows.len(), topic = %cfg.kafka.topic, at = %fmt_lsn(origin.lsn),
         "backfill started"
     );
-    let mut progress = Progress::new(totals.contacts);
+    // One count for the whole range, the progress total, on a connection of its own beside the
+    // first pages: over a large history it takes seconds the first events need not wait for.
+    let mut total = RangeCount::start(cfg.database_url(), &plan, range);
+    let mut totals = Totals::default();
+    let mut progress = Progress::new();
     let limit = cfg.source.batch_max_contacts;
-    // Pages go through the source's publishing pipeline, on a connection of its own: the next
+    // Pages go through the source's publishing pipeline, on connections of its own: the next
     // page's ids are read while earlier pages are re-read, produced and acknowledged.
-    let reader = crate::pg::connect(cfg.database_url()).await?;
-    enrich::prepare_session(&reader).await?;
-    let publisher = Publisher::start(reader, out, &plan, None).await?;
+    let readers =
+        super::reread_connections(cfg.database_url(), cfg.source.reread_connections).await?;
+    let publisher = Publisher::start(readers, out, &plan, None).await?;
     let mut pages = Pages::new(super::PAGES_INFLIGHT);
     for &(from, to) in &windows {
         let mut after = String::new();
@@ -229,6 +281,11 @@ pub async fn run(
                 while let Some(page) = pages.next().await? {
                     settled(page, &mut totals, &mut progress);
                 }
+                // The count is quick next to the pages: the summary still names the range's size.
+                totals.contacts = match progress.total {
+                    Some(n) => n,
+                    None => total.wait().await?,
+                };
                 progress.finish();
                 tracing::warn!(
                     window = %format!("{from} .. {to}"), contact_id = %after, published = totals.published,
@@ -247,6 +304,7 @@ pub async fn run(
             job.universal = Some(enrich::universal_keys(&client, &plan).await?.into());
             let done = publisher.submit(job).await?;
             if let Some(page) = pages.push(done, (read, (from, to))).await? {
+                total.poll(&mut progress).await?;
                 settled(page, &mut totals, &mut progress);
             }
             if !full {
@@ -255,6 +313,10 @@ pub async fn run(
             after = last;
         }
     }
+    if progress.total.is_none() {
+        progress.total = Some(total.wait().await?);
+    }
+    totals.contacts = progress.total.unwrap_or_default();
     while let Some(page) = pages.next().await? {
         settled(page, &mut totals, &mut progress);
     }

@@ -11,6 +11,7 @@ pub mod enrich;
 pub mod ledger;
 pub mod pgoutput;
 mod publisher;
+mod readgate;
 pub mod recover;
 pub mod schema;
 pub mod setup;
@@ -402,6 +403,18 @@ fn position(health: &slot::Health) -> Result<u64> {
     setup::parse_lsn(health.confirmed.as_deref().unwrap_or("0/0"))
 }
 
+/// The publishing pipeline's re-read connections (`[source] reread_connections`), each
+/// prepared for the enrichment query.
+pub(crate) async fn reread_connections(url: &str, n: usize) -> Result<Vec<tokio_postgres::Client>> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let c = crate::pg::connect(url).await?;
+        enrich::prepare_session(&c).await?;
+        clients.push(c);
+    }
+    Ok(clients)
+}
+
 /// Drop the slot and the publication and forget the snapshot progress: what `teardown`
 /// does. Returns one line per thing done or kept.
 pub async fn teardown(cfg: &SourceConfig, keep_publication: bool) -> Result<Vec<String>> {
@@ -762,13 +775,12 @@ impl<'a> Session<'a> {
             state.recover_since = None;
             store.save(&state).await?;
         }
-        // The pipeline reads on a connection of its own so the reader's heartbeats and
+        // The pipeline reads on connections of its own so the reader's heartbeats and
         // re-emit lookups never wait behind an enrichment query.
-        let enrich_client = crate::pg::connect(&url).await?;
-        enrich::prepare_session(&enrich_client).await?;
+        let readers = reread_connections(&url, s.reread_connections).await?;
         self.publisher = Some(
             Publisher::start(
-                enrich_client,
+                readers,
                 out,
                 &self.plan,
                 lease.map(crate::config::publish_fence),
@@ -1486,9 +1498,7 @@ impl<'a> Session<'a> {
         ticket: Ticket,
         repl: &ReplicationClient,
     ) -> Result<()> {
-        let n = res.map_err(|()| {
-            Error::internal("the publishing pipeline stopped before acknowledging a batch")
-        })??;
+        let n = res.map_err(|()| publisher::dropped())??;
         self.published += n as u64;
         self.ledger.acked(ticket);
         self.report(repl);

@@ -2,10 +2,12 @@
 //! that run beside the replication reader.
 //!
 //! The reader hands over a [`Job`] per batch and goes back to the stream at once, so decoding the
-//! WAL, the enrichment query and the Kafka round trip overlap instead of taking turns. Jobs pass
-//! both stages strictly in order over one database connection: a contact in two jobs is read for
-//! the later one after the earlier read, and its events reach Kafka in that order, so the newest
-//! event per key is always the freshest state.
+//! WAL, the enrichment query and the Kafka round trip overlap instead of taking turns. Re-reads
+//! run on one or more connections of the pipeline's own; jobs enter the re-read in order, and
+//! a job that names a contact still being read for an earlier job waits for that read
+//! ([`ReadGate`]), so a contact in two jobs is read for the later one after the earlier read.
+//! Events are produced strictly in job order, so the newest event per key is always the
+//! freshest state.
 //!
 //! That order must also hold across sources: a standby that took the slot over re-reads and
 //! publishes the contacts again, and a read of this source's must not reach Kafka after those.
@@ -20,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, Statement};
 
+use super::readgate::ReadGate;
 use super::schema::Plan;
 use super::{EventOut, Origin, enrich};
 use crate::error::{Error, Result};
@@ -96,6 +99,21 @@ impl Job {
         Ok(ids)
     }
 
+    /// Every contact the job reads or publishes: what orders its read against other jobs'.
+    fn contacts(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .ids
+            .iter()
+            .chain(&self.lost)
+            .chain(&self.withdrawn)
+            .chain(&self.deleted)
+            .cloned()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
     /// The streamed transactions behind the job (none for snapshot and backfill pages).
     fn xids(&self) -> Vec<i64> {
         let mut x: Vec<i64> = self
@@ -110,6 +128,39 @@ impl Job {
         x.sort_unstable();
         x.dedup();
         x
+    }
+}
+
+/// A re-read connection with its prepared statements.
+struct Reader {
+    client: Client,
+    statement: Statement,
+    visibility: Statement,
+}
+
+impl Reader {
+    async fn new(client: Client, plan: &Plan) -> Result<Self> {
+        Ok(Self {
+            statement: enrich::prepare(&client, plan).await?,
+            visibility: enrich::prepare_visibility(&client).await?,
+            client,
+        })
+    }
+
+    /// Wait until the job's transactions are visible, then read its contacts: the rows, the
+    /// contact rows of those absent, and the latest moment the events may be produced.
+    async fn read(
+        &self,
+        job: &Job,
+        plan: &Plan,
+        fence: Option<Duration>,
+    ) -> Result<(Vec<Row>, Absent, Option<Instant>)> {
+        enrich::await_visible(&self.client, &self.visibility, &job.xids()).await?;
+        // The server takes the read's snapshot after this, never before.
+        let deadline = fence.map(|f| Instant::now() + f);
+        let rows = enrich::fetch(&self.client, &self.statement, &job.ids).await?;
+        let absent = enrich::contacts(&self.client, plan, &job.lost_absent(&rows)?).await?;
+        Ok((rows, absent, deadline))
     }
 }
 
@@ -145,54 +196,106 @@ impl Drop for Publisher {
 }
 
 impl Publisher {
-    /// Start the stages: `client` is a connection of their own, used for nothing else. With a
-    /// `fence`, a job whose events are not all handed to the producer within that time after its
-    /// read began fails instead (the session then replays it from the slot).
+    /// Start the stages: `clients` are connections of their own (at least one), used for
+    /// nothing else; reads of jobs that share no contact run on them at once. With a `fence`,
+    /// a job whose events are not all handed to the producer within that time after its read
+    /// began fails instead (the session then replays it from the slot).
     pub async fn start(
-        client: Client,
+        clients: Vec<Client>,
         out: EventOut,
         plan: &Plan,
         fence: Option<Duration>,
     ) -> Result<Self> {
-        let statement = enrich::prepare(&client, plan).await?;
+        if clients.is_empty() {
+            return Err(Error::internal(
+                "the publishing pipeline needs a connection",
+            ));
+        }
+        let mut readers = Vec::with_capacity(clients.len());
+        for client in clients {
+            readers.push(Reader::new(client, plan).await?);
+        }
         let plan = plan.clone();
-        let visibility = enrich::prepare_visibility(&client).await?;
         let (tx, mut jobs) = mpsc::channel::<Queued>(STAGE_QUEUE);
-        let (etx, mut fetched) = mpsc::channel::<Fetched>(STAGE_QUEUE);
+        // Reads are handed on in job order, each as the promise of its result, so the writer
+        // produces in job order however the reads overlap.
+        let (etx, mut fetched) =
+            mpsc::channel::<oneshot::Receiver<Fetched>>(STAGE_QUEUE + readers.len());
         let reader = tokio::spawn(async move {
+            let mut free = readers;
+            let (back, mut returned) = mpsc::unbounded_channel::<(u64, Reader)>();
+            let mut gate = ReadGate::new();
+            let mut running = tokio::task::JoinSet::new();
             while let Some((job, queued, done)) = jobs.recv().await {
-                let started = Instant::now();
-                stage("queue", started - queued);
-                // Only the query runs here: the rows become events in the next stage, so the
-                // database works on the next batch meanwhile.
-                let fetched = async {
-                    enrich::await_visible(&client, &visibility, &job.xids()).await?;
-                    // The server takes the read's snapshot after this, never before.
-                    let deadline = fence.map(|f| Instant::now() + f);
-                    let rows = enrich::fetch(&client, &statement, &job.ids).await?;
-                    let absent = enrich::contacts(&client, &plan, &job.lost_absent(&rows)?).await?;
-                    Ok::<_, Error>((rows, absent, deadline))
-                };
-                match fetched.await {
-                    Ok((rows, absent, deadline)) => {
-                        stage("reread", started.elapsed());
-                        let read = Instant::now();
-                        if etx
-                            .send((job, rows, absent, deadline, read, done))
-                            .await
-                            .is_err()
-                        {
+                let contacts = job.contacts();
+                // A free connection, and no read in flight of a contact this job names.
+                loop {
+                    // Ended reads are collected here too, so the set stays small when no job
+                    // ever waits.
+                    while let Some(ended) = running.try_join_next() {
+                        if ended.is_err() {
+                            let _ = done.send(Err(read_lost()));
                             return;
                         }
                     }
-                    Err(e) => {
-                        let _ = done.send(Err(e));
+                    while let Ok((seq, r)) = returned.try_recv() {
+                        gate.finish(seq);
+                        free.push(r);
+                    }
+                    if !free.is_empty() && gate.can_start(contacts.iter()) {
+                        break;
+                    }
+                    tokio::select! {
+                        Some((seq, r)) = returned.recv() => {
+                            gate.finish(seq);
+                            free.push(r);
+                        }
+                        ended = running.join_next() => match ended {
+                            Some(Ok(())) => {}
+                            // A read that panicked took its connection (and its contacts'
+                            // place in the gate) with it.
+                            Some(Err(_)) | None => {
+                                let _ = done.send(Err(read_lost()));
+                                return;
+                            }
+                        },
                     }
                 }
+                let Some(r) = free.pop() else { return };
+                let seq = gate.start(contacts);
+                let started = Instant::now();
+                stage("queue", started - queued);
+                let (ftx, frx) = oneshot::channel();
+                if etx.send(frx).await.is_err() {
+                    return;
+                }
+                let (plan, back) = (plan.clone(), back.clone());
+                running.spawn(async move {
+                    let read = r.read(&job, &plan, fence).await;
+                    // The connection is free, and the job's contacts with it, once the query
+                    // ended; the rows become events in the next stage meanwhile.
+                    let _ = back.send((seq, r));
+                    match read {
+                        Ok((rows, absent, deadline)) => {
+                            stage("reread", started.elapsed());
+                            let _ = ftx.send((job, rows, absent, deadline, Instant::now(), done));
+                        }
+                        Err(e) => {
+                            let _ = done.send(Err(e));
+                        }
+                    }
+                });
             }
+            // Reads still running finish before the stage ends (dropping `running` would
+            // abort them).
+            while running.join_next().await.is_some() {}
         });
         let writer = tokio::spawn(async move {
-            while let Some((job, rows, absent, deadline, read, done)) = fetched.recv().await {
+            while let Some(next) = fetched.recv().await {
+                // A failed read already answered its job.
+                let Ok((job, rows, absent, deadline, read, done)) = next.await else {
+                    continue;
+                };
                 let started = Instant::now();
                 stage("handoff", started - read);
                 let mut states = match enrich::build(rows) {
@@ -242,11 +345,19 @@ impl Publisher {
     }
 }
 
+/// A re-read task ended without handing its connection back (it panicked).
+fn read_lost() -> Error {
+    Error::internal("a re-read of the publishing pipeline failed; the session restarts")
+}
+
 /// Wait for Kafka's acknowledgement of a job: its events published.
 pub(super) async fn acknowledged(done: Done) -> Result<usize> {
-    done.await.map_err(|_| {
-        Error::internal("the publishing pipeline stopped before Kafka acknowledged a batch")
-    })?
+    done.await.map_err(|_| dropped())?
+}
+
+/// The pipeline ended without answering a job.
+pub(super) fn dropped() -> Error {
+    Error::internal("the publishing pipeline stopped before Kafka acknowledged a batch")
 }
 
 /// Snapshot or backfill pages handed to the pipeline, oldest first, each with what its caller

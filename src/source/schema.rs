@@ -91,6 +91,9 @@ pub struct PgType {
     /// `pg_type.typcategory` of that type (`S` string, `N` numeric, `B` boolean, `E` enum,
     /// `D` date/time, `U` user-defined such as uuid and json, ...).
     pub category: char,
+    /// The column's collation (`pg_collation.collname`), empty for a type without one: two
+    /// columns of one type sort alike only when this matches too.
+    pub collation: String,
 }
 
 /// How a time column is read.
@@ -331,6 +334,11 @@ impl Plan {
                 name: name.into(),
                 base: base.into(),
                 category,
+                collation: if category == 'S' {
+                    "default".into()
+                } else {
+                    String::new()
+                },
             })
         })
         .expect("the guide's schema is readable")
@@ -541,23 +549,35 @@ impl Plan {
         format!(
             "SELECT concat(k) FROM (SELECT DISTINCT c.contact_id AS k FROM contacts c \
              JOIN inferences i ON i.contact_id = c.contact_id \
-             WHERE i.question_id = {question} AND {completed}{bound} \
+             WHERE i.question_id = {question} AND {completed}{bound}{joined} \
              ORDER BY c.contact_id LIMIT $2) s ORDER BY k",
             question = self.cast("$1", "inferences", "question_id"),
             completed = Self::completed("c"),
             bound = self.after_bound(after, "$3"),
+            joined = self.joined_bound(after, "$3", "i", "inferences"),
         )
     }
 
     /// The backfill's filter: COMPLETED, with a conversation whose call time is in
     /// `[$1, $2)` (text timestamps, read in UTC for `timestamptz`).
     pub fn in_window(&self) -> String {
+        self.in_window_after(None)
+    }
+
+    /// [`Plan::in_window`], for contacts after the id in parameter `after` (if any).
+    fn in_window_after(&self, after: Option<&str>) -> String {
         format!(
             "{completed} AND EXISTS (SELECT 1 FROM s3_conversations s3c WHERE s3c.contact_id = c.contact_id \
-             AND s3c.call_time >= {from} AND s3c.call_time < {to})",
+             AND s3c.call_time >= {from} AND s3c.call_time < {to}{joined})",
             completed = Self::completed("c"),
             from = self.cast("$1", "s3_conversations", "call_time"),
             to = self.cast("$2", "s3_conversations", "call_time"),
+            joined = after.map_or(String::new(), |p| self.joined_bound(
+                true,
+                p,
+                "s3c",
+                "s3_conversations"
+            )),
         )
     }
 
@@ -570,8 +590,32 @@ impl Plan {
     pub fn window_page_sql(&self, after: bool) -> String {
         format!(
             "SELECT concat(c.contact_id) FROM contacts c WHERE {}{} ORDER BY c.contact_id LIMIT $3",
-            self.in_window(),
+            self.in_window_after(after.then_some("$4")),
             self.after_bound(after, "$4"),
+        )
+    }
+
+    /// The page's lower bound repeated on a joined table's contact id (`alias.contact_id`), so
+    /// PostgreSQL starts that table's index scan at the page instead of at the first contact:
+    /// without it a merge join reads every earlier contact's rows again for each page, and
+    /// paging a million contacts takes hours. Implied by the join, so added only where the two
+    /// columns sort alike (same type and collation); elsewhere the page is still right, slower.
+    fn joined_bound(&self, after: bool, param: &str, alias: &str, table: &str) -> String {
+        let (Some(a), Some(b)) = (
+            self.types.get(&("contacts", "contact_id")),
+            self.types
+                .iter()
+                .find(|((t, c), _)| *t == table && *c == "contact_id")
+                .map(|(_, ty)| ty),
+        ) else {
+            return String::new();
+        };
+        if !after || a.name != b.name || a.collation != b.collation {
+            return String::new();
+        }
+        format!(
+            " AND {alias}.contact_id > {}",
+            self.cast(param, table, "contact_id")
         )
     }
 
@@ -595,12 +639,13 @@ pub async fn column_types<C: GenericClient>(
     let rows = client
         .query(
             "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), \
-                    bt.typname::text, bt.typcategory::text \
+                    bt.typname::text, bt.typcategory::text, coalesce(co.collname::text, '') \
              FROM unnest($1::text[]) AS n(name) \
              JOIN pg_class c ON c.oid = to_regclass(n.name) \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
              JOIN pg_type t ON t.oid = a.atttypid \
-             JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END",
+             JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
+             LEFT JOIN pg_collation co ON co.oid = a.attcollation",
             &[&tables],
         )
         .await
@@ -615,6 +660,7 @@ pub async fn column_types<C: GenericClient>(
                     name: r.get(2),
                     base: r.get(3),
                     category: category.chars().next().unwrap_or('X'),
+                    collation: r.get(5),
                 },
             )
         })
@@ -645,6 +691,7 @@ mod tests {
             name: name.into(),
             base: base.into(),
             category,
+            collation: String::new(),
         }
     }
 
@@ -771,6 +818,30 @@ mod tests {
     }
 
     #[test]
+    fn pages_bound_the_joined_table_only_where_it_sorts_alike() {
+        let guide = Plan::guide();
+        let q = guide.question_page_sql(true);
+        assert!(q.contains("AND i.contact_id > $3::text::"), "{q}");
+        assert!(!guide.question_page_sql(false).contains("i.contact_id >"));
+        let w = guide.window_page_sql(true);
+        assert!(w.contains("AND s3c.contact_id > $4::text::"), "{w}");
+        assert!(!guide.window_page_sql(false).contains("s3c.contact_id >"));
+        assert!(!guide.window_count_sql().contains("s3c.contact_id >"));
+        // Another collation on one side sorts differently: the bound could skip contacts.
+        let plan = Plan::new(|t, c| {
+            let mut ty = Plan::guide().types[&(t, c)].clone();
+            if (t, c) == ("inferences", "contact_id") {
+                ty.collation = "C".into();
+            }
+            Some(ty)
+        })
+        .unwrap();
+        let q = plan.question_page_sql(true);
+        assert!(!q.contains("i.contact_id >"), "{q}");
+        assert!(plan.window_page_sql(true).contains("s3c.contact_id >"));
+    }
+
+    #[test]
     fn ids_are_cast_to_the_column_type() {
         let plan = Plan::new(|t, c| {
             let mut ty = Plan::guide().types[&(t, c)].clone();
@@ -779,6 +850,7 @@ mod tests {
                     name: "uuid".into(),
                     base: "uuid".into(),
                     category: 'U',
+                    collation: String::new(),
                 };
             }
             Some(ty)

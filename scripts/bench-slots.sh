@@ -130,26 +130,25 @@ pair_cpu = min((t, e), key=lambda r: r[0])[2]
 # How much faster one slot drains than the database wrote: below 1.5 x, one walsender can fall
 # behind a sustained load and a second one raises the ceiling that matters.
 headroom = write_s / o[0]
+rates = (f"({n / o[0]:,.0f} contacts/s drained against {n / write_s:,.0f} written, the generator alone on a "
+         "fresh database)")
 # Adopted only if the pair clearly beats one slot (a quarter faster or more) and one slot can
 # fall behind the writes.
 if ratio < 1.25:
     verdict = (f"The faster pair drained the workload at {ratio:.2f} x the rate of one slot, under the 1.25 x bar set for taking on "
                f"two slots' ordering: not adopted. One slot also drains {headroom:.1f} x as fast as the database wrote the workload "
-               f"({n / o[0]:,.0f} contacts/s drained against {n / write_s:,.0f} written, the generator alone on a fresh database), "
-               "so one walsender does not hold back a load this server sustains. The source stays on one slot.")
+               f"{rates}, so one walsender does not hold back a load this server sustains. The source stays on one slot.")
 elif headroom < 1.5:
     verdict = (f"The faster pair drained the workload {ratio:.2f} x as fast as one slot, and one slot drains only {headroom:.2f} x as "
                "fast as the database wrote: one walsender can fall behind the writes, so a two-slot source is worth building "
                "(see the cost below).")
 else:
     verdict = (f"The faster pair drained the workload {ratio:.2f} x as fast as one slot, past the 1.25 x bar, but one slot already "
-               f"drains {headroom:.1f} x as fast as the database wrote the workload ({n / write_s:,.0f} contacts/s, the generator "
-               f"alone on a fresh database, against {n / o[0]:,.0f} contacts/s drained): one walsender cannot fall behind a load "
-               "this server sustains, so a second slot would only shorten the catch-up after an outage by a quarter, and "
+               f"drains {headroom:.1f} x as fast as the database wrote the workload {rates}: one walsender cannot fall behind "
+               "a load this server sustains, so a second slot would only shorten the catch-up after an outage, and "
                f"every second slot decodes the whole WAL again on the primary ({pair_cpu:.2f} walsender CPU seconds against "
-               f"{o[2]:.2f}). Not adopted: the source stays on one slot, and the stepped load (section \"Highest sustainable "
-               "rate\") shows the single-slot source keeping commit-to-Kafka p99 under 80 ms at the highest rate the machine "
-               "could write. On a server whose writers outpace one walsender the script's own run decides again.")
+               f"{o[2]:.2f}). Not adopted: the source stays on one slot (the stepped load, section \"Highest sustainable "
+               "rate\", shows its latency at the highest rate the machine could write). On a server whose writers outpace one walsender the script's own run decides again.")
 print(f"""## Past one walsender (scripts/bench-slots.sh)
 
 Run {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine}. Command: `{cmd}`.

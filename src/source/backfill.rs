@@ -212,6 +212,14 @@ impl RangeCount {
         Ok(())
     }
 
+    /// The count, waited for if `progress` does not have it yet.
+    async fn settle(&mut self, progress: &mut Progress) -> Result<u64> {
+        if progress.total.is_none() {
+            progress.total = Some(self.wait().await?);
+        }
+        Ok(progress.total.unwrap_or_default())
+    }
+
     /// Wait for the count.
     async fn wait(&mut self) -> Result<u64> {
         match self.0.take() {
@@ -282,10 +290,7 @@ pub async fn run(
                     settled(page, &mut totals, &mut progress);
                 }
                 // The count is quick next to the pages: the summary still names the range's size.
-                totals.contacts = match progress.total {
-                    Some(n) => n,
-                    None => total.wait().await?,
-                };
+                totals.contacts = total.settle(&mut progress).await?;
                 progress.finish();
                 tracing::warn!(
                     window = %format!("{from} .. {to}"), contact_id = %after, published = totals.published,
@@ -313,10 +318,7 @@ pub async fn run(
             after = last;
         }
     }
-    if progress.total.is_none() {
-        progress.total = Some(total.wait().await?);
-    }
-    totals.contacts = progress.total.unwrap_or_default();
+    totals.contacts = total.settle(&mut progress).await?;
     while let Some(page) = pages.next().await? {
         settled(page, &mut totals, &mut progress);
     }

@@ -223,42 +223,35 @@ impl Publisher {
             mpsc::channel::<oneshot::Receiver<Fetched>>(STAGE_QUEUE + readers.len());
         let reader = tokio::spawn(async move {
             let mut free = readers;
-            let (back, mut returned) = mpsc::unbounded_channel::<(u64, Reader)>();
             let mut gate = ReadGate::new();
-            let mut running = tokio::task::JoinSet::new();
+            // Each read hands its connection back when it ends, with its job's sequence number.
+            let mut running = tokio::task::JoinSet::<(u64, Reader)>::new();
             while let Some((job, queued, done)) = jobs.recv().await {
                 let contacts = job.contacts();
                 // A free connection, and no read in flight of a contact this job names.
                 loop {
-                    // Ended reads are collected here too, so the set stays small when no job
-                    // ever waits.
                     while let Some(ended) = running.try_join_next() {
-                        if ended.is_err() {
+                        let Ok((seq, r)) = ended else {
                             let _ = done.send(Err(read_lost()));
                             return;
-                        }
-                    }
-                    while let Ok((seq, r)) = returned.try_recv() {
+                        };
                         gate.finish(seq);
                         free.push(r);
                     }
                     if !free.is_empty() && gate.can_start(contacts.iter()) {
                         break;
                     }
-                    tokio::select! {
-                        Some((seq, r)) = returned.recv() => {
+                    match running.join_next().await {
+                        Some(Ok((seq, r))) => {
                             gate.finish(seq);
                             free.push(r);
                         }
-                        ended = running.join_next() => match ended {
-                            Some(Ok(())) => {}
-                            // A read that panicked took its connection (and its contacts'
-                            // place in the gate) with it.
-                            Some(Err(_)) | None => {
-                                let _ = done.send(Err(read_lost()));
-                                return;
-                            }
-                        },
+                        // A read that panicked took its connection (and its contacts' place
+                        // in the gate) with it.
+                        Some(Err(_)) | None => {
+                            let _ = done.send(Err(read_lost()));
+                            return;
+                        }
                     }
                 }
                 let Some(r) = free.pop() else { return };
@@ -269,13 +262,11 @@ impl Publisher {
                 if etx.send(frx).await.is_err() {
                     return;
                 }
-                let (plan, back) = (plan.clone(), back.clone());
+                let plan = plan.clone();
                 running.spawn(async move {
-                    let read = r.read(&job, &plan, fence).await;
-                    // The connection is free, and the job's contacts with it, once the query
-                    // ended; the rows become events in the next stage meanwhile.
-                    let _ = back.send((seq, r));
-                    match read {
+                    // The rows become events in the next stage while this connection, and the
+                    // job's contacts with it, are free again.
+                    match r.read(&job, &plan, fence).await {
                         Ok((rows, absent, deadline)) => {
                             stage("reread", started.elapsed());
                             let _ = ftx.send((job, rows, absent, deadline, Instant::now(), done));
@@ -284,6 +275,7 @@ impl Publisher {
                             let _ = done.send(Err(e));
                         }
                     }
+                    (seq, r)
                 });
             }
             // Reads still running finish before the stage ends (dropping `running` would

@@ -11,9 +11,11 @@
 # every kind of fault once, about five minutes), and a short cargo-fuzz run of each fuzz target
 # (pgoutput decoder, JSON and Avro event decoders, config loader).
 #
-# Ports: PGPORT, REPLICA_PGPORT (55433), TLS_PGPORT (55435), KAFKA_PORT (+1 controller, +2 SSL),
-# SLOTS_PGPORT (55436), FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and
-# start), REGISTRY_PORT (18081).
+# Ports: PGPORT, REPLICA_PGPORT (25433), TLS_PGPORT (25435), KAFKA_PORT (+1 controller, +2 SSL),
+# SLOTS_PGPORT (25436), FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and
+# start), REGISTRY_PORT (18081). The clusters the tests start sit below Linux's ephemeral range
+# (32768-60999): there an outgoing connection can hold the port first, and start-up fails with
+# "Address already in use".
 #
 #   scripts/test.sh                 everything
 #   FUZZ_SECONDS=0 scripts/test.sh  skip the fuzz run (it needs a nightly toolchain)
@@ -31,20 +33,20 @@ fi
 
 scripts/deps.sh
 scripts/services.sh up
-PG_INSTANCE=pg-replica PG_WAL_LEVEL=replica PGPORT=${REPLICA_PGPORT:-55433} scripts/services.sh start-pg
+PG_INSTANCE=pg-replica PG_WAL_LEVEL=replica PGPORT=${REPLICA_PGPORT:-25433} scripts/services.sh start-pg
 scripts/services.sh tls-certs
-PG_INSTANCE=pg-tls PG_SSL_CERT=.run/tls/server.pem PG_SSL_KEY=.run/tls/server.key PGPORT=${TLS_PGPORT:-55435} \
+PG_INSTANCE=pg-tls PG_SSL_CERT=.run/tls/server.pem PG_SSL_KEY=.run/tls/server.key PGPORT=${TLS_PGPORT:-25435} \
     scripts/services.sh start-pg
 # A cluster of its own for the lost-slot test, which lowers max_slot_wal_keep_size (tests/slot_lost.rs).
-export SLOTS_PGPORT=${SLOTS_PGPORT:-55436}
+export SLOTS_PGPORT=${SLOTS_PGPORT:-25436}
 PG_INSTANCE=pg-slots PGPORT=$SLOTS_PGPORT scripts/services.sh start-pg
 # A broker of its own for tests that stop Kafka (tests/source_faults.rs), so the shared one stays up.
 export FAULT_KAFKA_PORT=${FAULT_KAFKA_PORT:-19192}
 KAFKA_INSTANCE=kafka-faults KAFKA_PORT=$FAULT_KAFKA_PORT KAFKA_HEAP_OPTS="-Xms256m -Xmx512m" \
     scripts/services.sh start-kafka
 eval "$(scripts/services.sh env)"
-export REPLICA_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${REPLICA_PGPORT:-55433}/trusst"
-export TLS_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${TLS_PGPORT:-55435}/trusst"
+export REPLICA_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${REPLICA_PGPORT:-25433}/trusst"
+export TLS_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${TLS_PGPORT:-25435}/trusst"
 
 # moto's server mode stands in for AWS Secrets Manager (tests/secrets.rs starts it per test).
 MOTO_VERSION=5.2.5
@@ -62,13 +64,13 @@ export MOTO_SERVER=$PWD/.cache/moto-venv/bin/moto_server
 scripts/services.sh drop-slots '^slot_'
 # Each test makes a database of its own; those of earlier runs only take disk.
 scripts/services.sh drop-dbs '^test_'
-PGPORT=${TLS_PGPORT:-55435} scripts/services.sh drop-slots '^slot_'
-PGPORT=${TLS_PGPORT:-55435} scripts/services.sh drop-dbs '^test_'
+PGPORT=${TLS_PGPORT:-25435} scripts/services.sh drop-slots '^slot_'
+PGPORT=${TLS_PGPORT:-25435} scripts/services.sh drop-dbs '^test_'
 PGPORT=$SLOTS_PGPORT scripts/services.sh drop-slots '^slot_'
 PGPORT=$SLOTS_PGPORT scripts/services.sh drop-dbs '^test_'
 # The version matrix's clusters (tests/pg_versions.rs starts them, PostgreSQL 13 to 18 from npm
-# on ports 555NN) and the replica and failover pairs, when an earlier run left them running.
-for port in 55513 55514 55516 55517 55518 55616 55617 55636; do
+# on ports 255NN) and the replica and failover pairs, when an earlier run left them running.
+for port in 25513 25514 25516 25517 25518 25616 25617 25636 25638; do
     PGPORT=$port scripts/services.sh drop-dbs '^test_' 2>/dev/null || true
 done
 

@@ -21,7 +21,7 @@ fn has_all(ids: &[String]) -> impl FnMut(&[Record]) -> bool + '_ {
 }
 
 async fn end_to_end_on(major: u32) {
-    let base = cluster(major, &format!("pg{major}"), 55500 + major as u16, None);
+    let base = cluster(major, &format!("pg{major}"), 25500 + major as u16, None);
     let db = TestDb::new_on(&base, &format!("v{major}")).await;
     let before = completed(&db, 100 + u64::from(major), 12).await;
     let mut src = SourceProc::start(&db, SourceOpts::default());

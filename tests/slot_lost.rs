@@ -6,7 +6,7 @@
 //!
 //! Invalidating a slot takes a small `max_slot_wal_keep_size`, which would endanger the slots of
 //! every other test on the shared cluster, so that test runs on a cluster of its own
-//! (`PG_INSTANCE=pg-slots`, port `SLOTS_PGPORT`, 55436), started through scripts/services.sh.
+//! (`PG_INSTANCE=pg-slots`, port `SLOTS_PGPORT`, 25436), started through scripts/services.sh.
 
 mod common;
 
@@ -50,7 +50,7 @@ async fn invalidate(db: &TestDb, slot: &str) {
 /// The URL of the cluster of its own (started when missing), where slots may keep at most
 /// 16 MB of WAL.
 async fn slots_cluster() -> String {
-    let port = std::env::var("SLOTS_PGPORT").unwrap_or_else(|_| "55436".into());
+    let port = std::env::var("SLOTS_PGPORT").unwrap_or_else(|_| "25436".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
     let out = Command::new(script)
         .arg("start-pg")

@@ -216,6 +216,8 @@ mkdir -p "$(dirname "$PLOT")"
 "$venv/bin/python" - "$work" "$PLOT" "$cmd" "$(bench_machine)" "$STEP_SECONDS" "$WARMUP_SECONDS" "$WARMUP_RATE" \
     "$DRAIN_SECONDS" "$DEBEZIUM_TUNED_HEAP" "$(tr '\n' ' ' <<<"$DEBEZIUM_TUNED_PROPS")" <<'PY' |
 import datetime, math, os, sys
+sys.path.insert(0, "scripts/lib")
+import stage_metrics
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -235,23 +237,6 @@ def cpu(name):
         out[int(rate)] = float(secs) / (int(wall_ms) / 1000) if int(wall_ms) else float("nan")
     return out
 
-def scrape(path):
-    """(sum, count) per stage and for commit_to_publish from a /metrics text."""
-    out = {}
-    for line in open(path):
-        if line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        for suffix, i in (("_sum", 0), ("_count", 1)):
-            if name.startswith("trusst_cdc_source_stage_seconds" + suffix + "{"):
-                stage = name.split('stage="', 1)[1].split('"', 1)[0]
-            elif name.startswith("trusst_cdc_commit_to_publish_seconds" + suffix):
-                stage = "total"
-            else:
-                continue
-            out.setdefault(stage, [0.0, 0.0])[i] += float(value)
-    return out
-
 def stages(name, rates):
     """Per step: mean ms and count per stage, from the metrics before and after it."""
     out = {}
@@ -259,7 +244,7 @@ def stages(name, rates):
         a, b = f"{work}/metrics-{name}-{rate}-before.txt", f"{work}/metrics-{name}-{rate}-after.txt"
         if not (os.path.exists(a) and os.path.exists(b)):
             continue
-        before, after = scrape(a), scrape(b)
+        before, after = stage_metrics.scrape(open(a)), stage_metrics.scrape(open(b))
         row = {}
         for stage, (s1, c1) in after.items():
             s0, c0 = before.get(stage, (0.0, 0.0))

@@ -51,8 +51,8 @@ async fn drop_slot_on(url: &str, slot: &str) {
 /// the new slot's first snapshot go to the primary (`[database] primary_url`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_replica_is_the_source() {
-    let primary = cluster(16, "pg16p", 55616, None);
-    let standby = cluster(16, "pg16s", 55626, Some(55616));
+    let primary = cluster(16, "pg16p", 25616, None);
+    let standby = cluster(16, "pg16s", 25626, Some(25616));
     let db = TestDb::new_on(&primary, "r16").await;
     let replica_url = with_db(&standby, &db.name);
     until_true(
@@ -123,10 +123,10 @@ async fn a_read_replica_is_the_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_primary_failover_loses_nothing() {
     // A fresh pair: an earlier run left a promoted standby and a dead primary.
-    fresh("pg17s", 55627);
-    fresh("pg17p", 55617);
-    let primary = cluster(17, "pg17p", 55617, None);
-    let standby = cluster(17, "pg17s", 55627, Some(55617));
+    fresh("pg17s", 25627);
+    fresh("pg17p", 25617);
+    let primary = cluster(17, "pg17p", 25617, None);
+    let standby = cluster(17, "pg17s", 25627, Some(25617));
     // Logical readers never get ahead of the standby: what the source read survives a promotion.
     for sql in [
         "ALTER SYSTEM SET synchronized_standby_slots = 'pg17s_slot'",
@@ -141,7 +141,7 @@ async fn a_primary_failover_loses_nothing() {
     }
     let db = TestDb::new_on(&primary, "f17").await;
     let both = format!(
-        "postgres://postgres:postgres@127.0.0.1:55617,127.0.0.1:55627/{}?target_session_attrs=read-write",
+        "postgres://postgres:postgres@127.0.0.1:25617,127.0.0.1:25627/{}?target_session_attrs=read-write",
         db.name
     );
     let after_failover = TestDb {
@@ -180,10 +180,10 @@ async fn a_primary_failover_loses_nothing() {
         std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh"));
     stop.arg("stop-pg")
         .env("PG_INSTANCE", "pg17p")
-        .env("PGPORT", "55617")
+        .env("PGPORT", "25617")
         .env("PG_STOP_MODE", "immediate");
     assert!(stop.output().unwrap().status.success());
-    services("promote-pg", "pg17s", 55627);
+    services("promote-pg", "pg17s", 25627);
     // On the new primary: the slot to stand in for the lost standby is not needed any more.
     for sql in [
         "ALTER SYSTEM SET synchronized_standby_slots = ''",
@@ -218,8 +218,8 @@ async fn a_primary_failover_loses_nothing() {
     assert!(src.log().contains("using this host"), "{}", src.log());
     assert!(src.terminate().success(), "{}", src.log());
     drop_slot_on(&after_failover.url, &src.slot).await;
-    fresh("pg17s", 55627);
-    fresh("pg17p", 55617);
+    fresh("pg17s", 25627);
+    fresh("pg17p", 25617);
 }
 
 /// Stop an instance and remove it, so the next start makes it anew.
@@ -233,13 +233,13 @@ fn fresh(instance: &str, port: u16) {
 /// new one, and `--recover` catches up with a bounded re-publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_failover_slots_a_promotion_is_reported_and_recovered() {
-    fresh("pg16fs", 55646);
-    fresh("pg16fp", 55636);
-    let primary = cluster(16, "pg16fp", 55636, None);
-    let standby = cluster(16, "pg16fs", 55646, Some(55636));
+    fresh("pg16fs", 25646);
+    fresh("pg16fp", 25636);
+    let primary = cluster(16, "pg16fp", 25636, None);
+    let standby = cluster(16, "pg16fs", 25646, Some(25636));
     let db = TestDb::new_on(&primary, "n16").await;
     let both = format!(
-        "postgres://postgres:postgres@127.0.0.1:55636,127.0.0.1:55646/{}?target_session_attrs=read-write",
+        "postgres://postgres:postgres@127.0.0.1:25636,127.0.0.1:25646/{}?target_session_attrs=read-write",
         db.name
     );
     let after_failover = TestDb {
@@ -267,8 +267,8 @@ async fn without_failover_slots_a_promotion_is_reported_and_recovered() {
         "the standby caught up",
     )
     .await;
-    services("stop-pg", "pg16fp", 55636);
-    services("promote-pg", "pg16fs", 55646);
+    services("stop-pg", "pg16fp", 25636);
+    services("promote-pg", "pg16fs", 25646);
     let after = completed(&after_failover, 503, 10).await;
     let status = src.wait_exit(WAIT);
     assert_eq!(status.code(), Some(2), "{}", src.log());
@@ -288,6 +288,95 @@ async fn without_failover_slots_a_promotion_is_reported_and_recovered() {
     assert_matches_seed(&reader.latest(), &after_failover.expected().await);
     assert!(src.terminate().success(), "{}", src.log());
     drop_slot_on(&after_failover.url, &src.slot).await;
-    fresh("pg16fs", 55646);
-    fresh("pg16fp", 55636);
+    fresh("pg16fs", 25646);
+    fresh("pg16fp", 25636);
+}
+
+/// A backfill reads each window as one scan and holds its snapshot while the window is published.
+/// On a standby without `hot_standby_feedback`, replay cancels that read (a conflict with
+/// recovery) whenever the primary vacuums rows the snapshot could still see, and ends the session
+/// when it sits idle between pages. The backfill reads the window again after the last contact
+/// it read: it finishes, and the topic holds exactly the range's contacts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backfill_on_a_standby_outlives_recovery_conflicts() {
+    fresh("pg16bs", 25648);
+    fresh("pg16bp", 25638);
+    let primary = cluster(16, "pg16bp", 25638, None);
+    // Queries shorter than a second (the re-reads) finish; a window's read does not.
+    let standby = cluster_with(
+        16,
+        "pg16bs",
+        25648,
+        Some(25638),
+        "hot_standby_feedback = off; max_standby_streaming_delay = 1s",
+    );
+    let db = TestDb::new_on(&primary, "b16").await;
+    let n = 3000;
+    completed(&db, 601, n).await;
+    let replica_url = with_db(&standby, &db.name);
+    until_true(
+        &replica_url,
+        &format!("SELECT count(*) = {n} FROM contacts WHERE current_stage = 'COMPLETED'"),
+        "the contacts on the standby",
+    )
+    .await;
+    // Rows made dead and vacuumed away on the primary, over and over, while the backfill reads.
+    let churning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let churn = {
+        let (url, churning) = (db.url.clone(), churning.clone());
+        tokio::spawn(async move {
+            let c = trusst_cdc::pg::connect(&url).await.unwrap();
+            c.batch_execute("CREATE TABLE churn (n int); INSERT INTO churn VALUES (0)")
+                .await
+                .unwrap();
+            let mut rounds = 0u32;
+            while churning.load(std::sync::atomic::Ordering::Relaxed) {
+                c.batch_execute("UPDATE churn SET n = n + 1").await.unwrap();
+                c.batch_execute("VACUUM churn").await.unwrap();
+                rounds += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            rounds
+        })
+    };
+    let topic = unique("bstandby").replace('_', "-");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("source.toml");
+    // Pages of one contact, and the whole week one window: the read outlives the delay.
+    std::fs::write(
+        &config,
+        format!("[kafka]\ntopic = \"{topic}\"\n[source]\nbatch_max_contacts = 1\n"),
+    )
+    .unwrap();
+    let run = {
+        let replica_url = replica_url.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin())
+                .args(["backfill", "--config"])
+                .arg(&config)
+                .args(["--start-date", "2025-01-15", "--end-date", "2025-01-22"])
+                .args(["--batch-days", "7"])
+                .env("DATABASE_URL", &replica_url)
+                .env("KAFKA_BROKERS", brokers())
+                .output()
+                .expect("run trusst-cdc backfill")
+        })
+    };
+    let out = run.await.unwrap();
+    churning.store(false, std::sync::atomic::Ordering::Relaxed);
+    let rounds = churn.await.unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "backfill failed: {log}");
+    assert!(
+        log.contains("was cut off"),
+        "the standby never cut the read off ({rounds} vacuum rounds); the test proved nothing:\n{log}"
+    );
+    let mut reader = TopicReader::new(&topic);
+    let want = db.expected().await;
+    reader.until(WAIT, "every contact of the range", |recs| {
+        want.keys().all(|k| recs.iter().any(|r| &r.key == k))
+    });
+    assert_matches_seed(&reader.latest(), &want);
+    fresh("pg16bs", 25648);
+    fresh("pg16bp", 25638);
 }

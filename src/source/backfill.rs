@@ -1,16 +1,17 @@
 //! `trusst-cdc backfill`: re-publish the COMPLETED contacts whose call falls in a date range,
 //! the integration guide's `--start-date/--end-date/--batch-days` sync done through the topic.
 //!
-//! Windows of `batch_days` days are read in order; inside a window contacts are paged by key
-//! (never OFFSET), each page re-read with the stream's query and published before the next, so
-//! a stopped backfill can be re-run for the windows it had not finished.
+//! Windows of `batch_days` days are read in order, each as one scan in contact id order read a
+//! page at a time through a portal (never OFFSET, nor a query per page); each page is re-read
+//! with the stream's query and published through the source's pipeline, so a stopped backfill
+//! can be re-run for the windows it had not finished.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use tokio::sync::watch;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Portal, Transaction};
 
 use super::publisher::{Job, Pages, Publisher};
 use super::schema::Plan;
@@ -83,23 +84,61 @@ async fn count(client: &Client, plan: &Plan, from: NaiveDate, to: NaiveDate) -> 
     Ok(n as u64)
 }
 
-async fn page(
-    client: &Client,
+/// A window's contacts in id order (after `after`, if not empty), as a portal of
+/// [`Plan::window_ids_sql`] in `tx`.
+async fn window(
+    tx: &Transaction<'_>,
     plan: &Plan,
     (from, to): (NaiveDate, NaiveDate),
     after: &str,
-    limit: usize,
-) -> Result<Vec<String>> {
+) -> std::result::Result<Portal, tokio_postgres::Error> {
     let (from, to) = (midnight(from), midnight(to));
-    let limit = limit as i64;
-    let sql = plan.window_page_sql(!after.is_empty());
-    let rows = if after.is_empty() {
-        client.query(&sql, &[&from, &to, &limit]).await
+    let sql = plan.window_ids_sql(!after.is_empty());
+    if after.is_empty() {
+        tx.bind(&sql, &[&from, &to]).await
     } else {
-        client.query(&sql, &[&from, &to, &limit, &after]).await
+        tx.bind(&sql, &[&from, &to, &after]).await
     }
-    .map_err(|e| error::pg("paging the contacts to backfill", e))?;
-    rows.iter().map(|r| enrich::text_at(r, 0)).collect()
+}
+
+/// The next page of a window's contacts: at most `limit`, none once the window is read;
+/// `Ok(None)` when the read was cut off in a way that reading the window again after the last
+/// contact mends (see [`cut_off`]).
+async fn page(tx: &Transaction<'_>, portal: &Portal, limit: usize) -> Result<Option<Vec<String>>> {
+    match tx
+        .query_portal(portal, i32::try_from(limit).unwrap_or(i32::MAX))
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| enrich::text_at(r, 0))
+            .collect::<Result<_>>()
+            .map(Some),
+        Err(e) if cut_off(&e) || tx.client().is_closed() => {
+            tracing::warn!(error = %e, "the backfill's read of a window was cut off; reading it again after the last contact read");
+            Ok(None)
+        }
+        Err(e) => Err(error::pg("paging the contacts to backfill", e)),
+    }
+}
+
+/// A window's read cut off by the server rather than failed: a standby cancels a query whose
+/// snapshot needs rows that replay removes (SQLSTATE 40001), and ends the session when that
+/// query's transaction sits idle between pages, unless `hot_standby_feedback` is on or
+/// `max_standby_streaming_delay` lets it finish.
+fn cut_off(e: &tokio_postgres::Error) -> bool {
+    e.is_closed() || e.code() == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
+/// Times in a row a window's read may be cut off without a page read in between.
+const CUTS_IN_A_ROW: u32 = 3;
+
+/// The connection that reads the windows. They filter on call time, which need not be indexed:
+/// the planner is left free to scan (the re-read's session holds it to lookups by key).
+async fn pager(url: &str) -> Result<Client> {
+    let client = crate::pg::connect(url).await?;
+    enrich::prepare_scan_session(&client).await?;
+    Ok(client)
 }
 
 /// A day's start as the text the window bounds are cast from.
@@ -199,7 +238,7 @@ impl RangeCount {
         let (url, plan, (from, to)) = (url.to_owned(), plan.clone(), (range.start, range.end));
         Self(Some(tokio::spawn(async move {
             let client = crate::pg::connect(&url).await?;
-            enrich::prepare_session(&client).await?;
+            enrich::prepare_scan_session(&client).await?;
             count(&client, &plan, from, to).await
         })))
     }
@@ -238,8 +277,7 @@ pub async fn run(
     dry_run: bool,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Totals> {
-    let client = crate::pg::connect(cfg.database_url()).await?;
-    enrich::prepare_session(&client).await?;
+    let mut client = pager(cfg.database_url()).await?;
     let plan = super::schema::read(&client).await?;
     let windows = range.windows();
     if dry_run {
@@ -284,38 +322,82 @@ pub async fn run(
     let mut pages = Pages::new(super::PAGES_INFLIGHT);
     for &(from, to) in &windows {
         let mut after = String::new();
-        loop {
-            if *shutdown.borrow() {
-                while let Some(page) = pages.next().await? {
+        let mut cuts = 0;
+        // A window is one ordered scan, read a page at a time. Its snapshot is held until the
+        // window's last page is read, as long as publishing a day of contacts takes; a read cut
+        // off (a standby's conflict with recovery) is read again after the last contact.
+        'window: loop {
+            if cuts >= CUTS_IN_A_ROW {
+                return Err(Error::external(format!(
+                    "the backfill's read of {from} .. {to} was cut off {cuts} times in a row without a page read \
+                     (on a standby: a conflict with recovery): turn hot_standby_feedback on, raise \
+                     max_standby_streaming_delay, or backfill from the primary"
+                )));
+            }
+            if client.is_closed() {
+                client = pager(cfg.database_url()).await?;
+            }
+            let tx = match client.transaction().await {
+                Ok(tx) => tx,
+                Err(e) if cut_off(&e) => {
+                    cuts += 1;
+                    continue 'window;
+                }
+                Err(e) => return Err(error::pg("starting a backfill window", e)),
+            };
+            let portal = match window(&tx, &plan, (from, to), &after).await {
+                Ok(portal) => portal,
+                Err(e) if cut_off(&e) || tx.client().is_closed() => {
+                    cuts += 1;
+                    continue 'window;
+                }
+                Err(e) => return Err(error::pg("reading the contacts to backfill", e)),
+            };
+            loop {
+                if *shutdown.borrow() {
+                    while let Some(page) = pages.next().await? {
+                        settled(page, &mut totals, &mut progress);
+                    }
+                    // The count is quick next to the pages: the summary still names the range's size.
+                    totals.contacts = total.settle(&mut progress).await?;
+                    progress.finish();
+                    tracing::warn!(
+                        window = %format!("{from} .. {to}"), contact_id = %after, published = totals.published,
+                        "backfill interrupted after this contact; re-run it from this window"
+                    );
+                    return Ok(totals);
+                }
+                let Some(ids) = page(&tx, &portal, limit).await? else {
+                    cuts += 1;
+                    continue 'window;
+                };
+                let Some(last) = ids.last().cloned() else {
+                    break 'window;
+                };
+                // Read per page: a long backfill follows the questions as they change.
+                let universal = match tx.query(&plan.questions_sql(), &[]).await {
+                    Ok(rows) => enrich::keys_of(&rows)?,
+                    Err(e) if cut_off(&e) || tx.client().is_closed() => {
+                        cuts += 1;
+                        continue 'window;
+                    }
+                    Err(e) => return Err(error::pg("loading questions", e)),
+                };
+                cuts = 0;
+                let full = ids.len() == limit;
+                let read = ids.len() as u64;
+                let mut job = Job::at(ids, origin, "backfill");
+                job.universal = Some(universal.into());
+                let done = publisher.submit(job).await?;
+                if let Some(page) = pages.push(done, (read, (from, to))).await? {
+                    total.poll(&mut progress).await?;
                     settled(page, &mut totals, &mut progress);
                 }
-                // The count is quick next to the pages: the summary still names the range's size.
-                totals.contacts = total.settle(&mut progress).await?;
-                progress.finish();
-                tracing::warn!(
-                    window = %format!("{from} .. {to}"), contact_id = %after, published = totals.published,
-                    "backfill interrupted after this contact; re-run it from this window"
-                );
-                return Ok(totals);
+                after = last;
+                if !full {
+                    break 'window;
+                }
             }
-            let ids = page(&client, &plan, (from, to), &after, limit).await?;
-            let Some(last) = ids.last().cloned() else {
-                break;
-            };
-            let full = ids.len() == limit;
-            let read = ids.len() as u64;
-            let mut job = Job::at(ids, origin, "backfill");
-            // Read per page: a long backfill follows the questions as they change.
-            job.universal = Some(enrich::universal_keys(&client, &plan).await?.into());
-            let done = publisher.submit(job).await?;
-            if let Some(page) = pages.push(done, (read, (from, to))).await? {
-                total.poll(&mut progress).await?;
-                settled(page, &mut totals, &mut progress);
-            }
-            if !full {
-                break;
-            }
-            after = last;
         }
     }
     totals.contacts = total.settle(&mut progress).await?;

@@ -64,10 +64,8 @@ pub async fn prepare_visibility(client: &Client) -> Result<Statement> {
         .map_err(|e| error::pg("preparing the visibility check (PostgreSQL 13 or later)", e))
 }
 
-/// Session settings for a connection that runs the re-read and the snapshot's paging.
-///
-/// UTC and ISO dates make every time the queries render or compare independent of the role's
-/// or server's settings (`timestamptz` values and the backfill's day bounds).
+/// Session settings for a connection that runs the re-read and the snapshot's paging: those of
+/// [`prepare_scan_session`], and the planner held to index nested loops.
 ///
 /// Every query here reads at most a batch of contacts by key, so index nested loops are the
 /// right plan at any table size. Left to itself the planner switches, once a batch is a few
@@ -75,14 +73,28 @@ pub async fn prepare_visibility(client: &Client) -> Result<Statement> {
 /// the table, not the batch (measured: twice the time per batch at 20,000 contacts). It also
 /// sometimes starts parallel workers, whose start-up cost more than the query.
 pub async fn prepare_session<C: GenericClient>(client: &C) -> Result<()> {
+    prepare_scan_session(client).await?;
     client
         .batch_execute(
             "SET max_parallel_workers_per_gather = 0; SET enable_hashjoin = off; SET enable_mergejoin = off; \
-             SET enable_seqscan = off; SET application_name = 'trusst-cdc source'; \
-             SET timezone = 'UTC'; SET datestyle = 'ISO, YMD'",
+             SET enable_seqscan = off",
         )
         .await
         .map_err(|e| error::pg("configuring the re-read session", e))
+}
+
+/// Session settings for a connection whose queries filter by something other than a key (the
+/// backfill's windows on call time, which need not be indexed): the planner left free.
+///
+/// UTC and ISO dates make every time the queries render or compare independent of the role's
+/// or server's settings (`timestamptz` values and the backfill's day bounds).
+pub async fn prepare_scan_session<C: GenericClient>(client: &C) -> Result<()> {
+    client
+        .batch_execute(
+            "SET application_name = 'trusst-cdc source'; SET timezone = 'UTC'; SET datestyle = 'ISO, YMD'",
+        )
+        .await
+        .map_err(|e| error::pg("configuring the source's session", e))
 }
 
 /// Read the current state of `ids`; contacts that are not COMPLETED (or have no universal
@@ -272,6 +284,11 @@ pub async fn universal_keys(client: &Client, plan: &Plan) -> Result<Vec<String>>
         .query(&plan.questions_sql(), &[])
         .await
         .map_err(|e| error::pg("loading questions", e))?;
+    keys_of(&rows)
+}
+
+/// The universal questions' keys in rows of [`Plan::questions_sql`], sorted and distinct.
+pub fn keys_of(rows: &[tokio_postgres::Row]) -> Result<Vec<String>> {
     let mut keys = Vec::new();
     for r in rows {
         let universal: bool = r

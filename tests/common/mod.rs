@@ -745,6 +745,17 @@ pub mod metrics;
 /// `scripts/services.sh`, as instance `instance` on `port`; its base URL. `primary_port` makes it
 /// a streaming standby of the cluster on that port.
 pub fn cluster(major: u32, instance: &str, port: u16, primary_port: Option<u16>) -> String {
+    cluster_with(major, instance, port, primary_port, "")
+}
+
+/// [`cluster`] with more settings (`PG_EXTRA_CONF`: `k = v; k2 = v2`), after the script's own.
+pub fn cluster_with(
+    major: u32,
+    instance: &str,
+    port: u16,
+    primary_port: Option<u16>,
+    extra_conf: &str,
+) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
     let mut cmd = std::process::Command::new(script);
     cmd.arg(if primary_port.is_some() {
@@ -754,7 +765,8 @@ pub fn cluster(major: u32, instance: &str, port: u16, primary_port: Option<u16>)
     })
     .env("PG_VERSION", major.to_string())
     .env("PG_INSTANCE", instance)
-    .env("PGPORT", port.to_string());
+    .env("PGPORT", port.to_string())
+    .env("PG_EXTRA_CONF", extra_conf);
     if let Some(p) = primary_port {
         cmd.env("PG_PRIMARY_PORT", p.to_string());
     }

@@ -368,22 +368,63 @@ async fn emulator_client_id_per_contact_errors_and_rate_limit() {
     assert_eq!(e.fault, Fault::User);
 }
 
-#[tokio::test]
-async fn emulator_oauth_token_and_renewal() {
-    // The same emulator config with OAuth token enforcement.
+/// The emulator on the shipped config as `edit` changes it (the config's folder, kept while it runs).
+fn emulator_with(edit: impl Fn(String) -> String) -> (crm_mock::Emulator, tempfile::TempDir) {
     let root = env!("CARGO_MANIFEST_DIR");
     let text =
         std::fs::read_to_string(format!("{root}/connector-config/crm-emulator.toml")).unwrap();
-    let text = text
-        .replace("auth = \"client_id\"", "auth = \"oauth\"")
-        .replace(
-            "\"../tests/fixtures/jwt/public.pem\"",
-            &format!("\"{root}/tests/fixtures/jwt/public.pem\""),
-        );
+    let text = edit(text).replace(
+        "\"../tests/fixtures/jwt/public.pem\"",
+        &format!("\"{root}/tests/fixtures/jwt/public.pem\""),
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crm-emulator.toml");
     std::fs::write(&path, text).unwrap();
-    let emu = crm_mock::Emulator::start(path.to_str().unwrap());
+    (crm_mock::Emulator::start(path.to_str().unwrap()), dir)
+}
+
+/// A gateway's size limit the config does not know: a payload refused with 413 goes again in
+/// halves until each part fits, and a contact too large on its own is rejected with the reason
+/// (to the dead-letter topic), instead of the sink stopping on it.
+#[tokio::test]
+async fn a_payload_too_large_is_split_and_an_oversized_contact_rejected() {
+    let (emu, _dir) =
+        emulator_with(|t| t.replace("[mulesoft]\n", "[mulesoft]\nmax_request_bytes = 2000\n"));
+    let mut m = Mulesoft::new(&emulator_config(&emu, Auth::ClientId)).unwrap();
+    let mut recs: Vec<Record> = (0..12)
+        .map(|i| contact(&format!("c-{i:02}"), "Boolean"))
+        .collect();
+    let mut big = contact("c-big", "Summary");
+    big.fields["universal_questions"][0]["result"] = "x".repeat(5000).into();
+    recs.insert(5, big);
+    let out = m.upsert(&mapping(), &recs).await.unwrap();
+    assert_eq!(out.len(), recs.len());
+    for (r, o) in recs.iter().zip(&out) {
+        if r.contact_id == "c-big" {
+            assert!(
+                matches!(o, Outcome::Rejected(msg) if msg.contains("HTTP 413") && msg.contains("request size limit")),
+                "{o:?}"
+            );
+        } else {
+            assert_eq!(o, &Outcome::Written, "{}", r.contact_id);
+        }
+    }
+    let rows = emu.admin("GET", "/records/mulesoft/contacts", None).await;
+    let mut stored: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["trusst_contact_id"].as_str().unwrap())
+        .collect();
+    stored.sort();
+    let want: Vec<String> = (0..12).map(|i| format!("c-{i:02}")).collect();
+    assert_eq!(stored, want);
+}
+
+#[tokio::test]
+async fn emulator_oauth_token_and_renewal() {
+    // The same emulator config with OAuth token enforcement.
+    let (emu, _dir) = emulator_with(|t| t.replace("auth = \"client_id\"", "auth = \"oauth\""));
 
     let mut m = Mulesoft::new(&emulator_config(&emu, Auth::Oauth)).unwrap();
     m.prepare(&mut mapping()).await.unwrap();

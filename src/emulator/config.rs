@@ -256,6 +256,10 @@ pub struct MulesoftConfig {
     /// Rate limiting policy; none by default.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// Largest request body the API takes, in bytes, as a gateway in front of it might set;
+    /// larger ones get HTTP 413. None by default.
+    #[serde(default)]
+    pub max_request_bytes: Option<usize>,
 }
 
 /// MuleSoft API Manager authentication policies.

@@ -169,6 +169,14 @@ fn check_contact(contact: &Value) -> Result<String, String> {
 
 /// `POST {path}`: upsert every valid contact by `trusst_contact_id`; the others are reported.
 async fn sync(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    if let Some(max) = app.cfg.mulesoft.max_request_bytes
+        && body.len() > max
+    {
+        return json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": "Payload Too Large", "message": format!("the request body is {} bytes; at most {max} are accepted", body.len())}),
+        );
+    }
     let payload: Value = serde_json::from_slice(&body).unwrap_or_default();
     let Some(contacts) = payload.get("contacts").and_then(Value::as_array) else {
         return json(

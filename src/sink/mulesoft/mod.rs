@@ -26,6 +26,11 @@ use crate::sink::{Outcome, Target, http};
 /// Why a delete event cannot be carried out, given per record.
 pub const NO_DELETE: &str = "the MuleSoft API has no delete operation; set on_delete = \"ignore\"";
 
+/// Why a contact the API refuses as too large even on its own is rejected, given per record.
+pub const TOO_LARGE: &str = "the MuleSoft API refused this contact's payload as too large (HTTP 413) even \
+     sent on its own; raise the request size limit of the API (or of the gateway in front of it), then \
+     re-drive the contact from the dead-letter topic";
+
 enum Credentials {
     ClientId { id: String, secret: String },
     Oauth(ClientCredentials),
@@ -55,6 +60,8 @@ enum Posted {
     Accepted(String),
     /// A 4xx that refuses the payload's content (400, 409, 422...), with status and body.
     Refused(StatusCode, String),
+    /// 413: the payload is larger than the API (or a gateway in front of it) takes.
+    TooLarge,
 }
 
 impl Mulesoft {
@@ -153,11 +160,7 @@ impl Mulesoft {
                         self.url
                     )));
                 }
-                413 => {
-                    return Err(Verdict::Stop.error(format!(
-                        "{what}: payload too large (HTTP 413); lower [mulesoft] batch_size"
-                    )));
-                }
+                413 => return Ok(Posted::TooLarge),
                 // No rate-limit header: the runner's exponential backoff with jitter applies.
                 code => match of_status(code, response::rate_limit_wait(&headers)) {
                     Verdict::DeadLetter => return Ok(Posted::Refused(status, body)),
@@ -169,8 +172,9 @@ impl Mulesoft {
 
     /// Send one chunk. When the API refuses the payload (4xx) but names the contacts at fault,
     /// those are rejected and the others are sent once more on their own, so one bad contact
-    /// does not take its neighbours to the dead-letter topic.
-    async fn upsert_chunk(&mut self, chunk: &[Record]) -> Result<Vec<Outcome>> {
+    /// does not take its neighbours to the dead-letter topic. `None`: the API found the
+    /// payload too large (413).
+    async fn upsert_chunk(&mut self, chunk: &[Record]) -> Result<Option<Vec<Outcome>>> {
         let mut out: Vec<Option<Outcome>> = vec![None; chunk.len()];
         let mut pending: Vec<usize> = (0..chunk.len()).collect();
         for attempt in 0..2 {
@@ -184,6 +188,7 @@ impl Mulesoft {
                 .collect();
             tracing::debug!(contacts = ids.len(), "posting to the MuleSoft API");
             match self.post(&payload).await? {
+                Posted::TooLarge => return Ok(None),
                 Posted::Accepted(body) => {
                     let answer = match response::documented_answer(&body) {
                         Some(a) => a,
@@ -251,7 +256,7 @@ impl Mulesoft {
                 "MuleSoft API did not take every contact"
             );
         }
-        Ok(out)
+        Ok(Some(out))
     }
 }
 
@@ -276,11 +281,32 @@ impl Target for Mulesoft {
         self.batch_size
     }
 
-    /// POST the guide's payload in chunks of `batch_size`; one outcome per contact.
+    /// POST the guide's payload in chunks of `batch_size`; one outcome per contact. A chunk the
+    /// API finds too large (413) is sent again in halves, so a size limit the config cannot know
+    /// costs a few requests instead of stopping the sink; a contact too large on its own is
+    /// rejected with [`TOO_LARGE`].
     async fn upsert(&mut self, _mapping: &Mapping, records: &[Record]) -> Result<Vec<Outcome>> {
         let mut out = Vec::with_capacity(records.len());
-        for chunk in records.chunks(self.batch_size) {
-            out.extend(self.upsert_chunk(chunk).await?);
+        // Chunks still to send, the next on top: halves go back in order.
+        let mut todo: Vec<&[Record]> = records.chunks(self.batch_size).rev().collect();
+        while let Some(chunk) = todo.pop() {
+            match self.upsert_chunk(chunk).await? {
+                Some(outcomes) => out.extend(outcomes),
+                None if chunk.len() > 1 => {
+                    let (first, second) = chunk.split_at(chunk.len() / 2);
+                    tracing::warn!(
+                        contacts = chunk.len(),
+                        "MuleSoft API: payload too large (HTTP 413); sending it again in halves \
+                         (a smaller [mulesoft] batch_size saves these requests)"
+                    );
+                    todo.push(second);
+                    todo.push(first);
+                }
+                None => {
+                    tracing::warn!(contact_id = %chunk[0].contact_id, "{TOO_LARGE}");
+                    out.push(Outcome::Rejected(TOO_LARGE.to_owned()));
+                }
+            }
         }
         Ok(out)
     }

@@ -114,7 +114,7 @@ async fn page(tx: &Transaction<'_>, portal: &Portal, limit: usize) -> Result<Opt
             .map(|r| enrich::text_at(r, 0))
             .collect::<Result<_>>()
             .map(Some),
-        Err(e) if cut_off(&e) || tx.client().is_closed() => {
+        Err(e) if cut_off(&e, tx.client()) => {
             tracing::warn!(error = %e, "the backfill's read of a window was cut off; reading it again after the last contact read");
             Ok(None)
         }
@@ -125,9 +125,12 @@ async fn page(tx: &Transaction<'_>, portal: &Portal, limit: usize) -> Result<Opt
 /// A window's read cut off by the server rather than failed: a standby cancels a query whose
 /// snapshot needs rows that replay removes (SQLSTATE 40001), and ends the session when that
 /// query's transaction sits idle between pages, unless `hot_standby_feedback` is on or
-/// `max_standby_streaming_delay` lets it finish.
-fn cut_off(e: &tokio_postgres::Error) -> bool {
-    e.is_closed() || e.code() == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+/// `max_standby_streaming_delay` lets it finish. (The error that ends a session may arrive
+/// before the client has seen the connection close.)
+fn cut_off(e: &tokio_postgres::Error, client: &Client) -> bool {
+    e.is_closed()
+        || client.is_closed()
+        || e.code() == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
 }
 
 /// Times in a row a window's read may be cut off without a page read in between.
@@ -339,7 +342,7 @@ pub async fn run(
             }
             let tx = match client.transaction().await {
                 Ok(tx) => tx,
-                Err(e) if cut_off(&e) => {
+                Err(e) if e.is_closed() => {
                     cuts += 1;
                     continue 'window;
                 }
@@ -347,7 +350,7 @@ pub async fn run(
             };
             let portal = match window(&tx, &plan, (from, to), &after).await {
                 Ok(portal) => portal,
-                Err(e) if cut_off(&e) || tx.client().is_closed() => {
+                Err(e) if cut_off(&e, tx.client()) => {
                     cuts += 1;
                     continue 'window;
                 }
@@ -377,7 +380,7 @@ pub async fn run(
                 // Read per page: a long backfill follows the questions as they change.
                 let universal = match tx.query(&plan.questions_sql(), &[]).await {
                     Ok(rows) => enrich::keys_of(&rows)?,
-                    Err(e) if cut_off(&e) || tx.client().is_closed() => {
+                    Err(e) if cut_off(&e, tx.client()) => {
                         cuts += 1;
                         continue 'window;
                     }

@@ -7,7 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use chrono::NaiveDate;
-use common::{TestDb, TopicReader, assert_matches_seed, bin, brokers, completed, unique};
+use common::{
+    TestDb, TopicReader, assert_matches_seed, bin, brokers, completed, run_backfill, unique,
+};
 
 fn day(s: &str) -> chrono::NaiveDateTime {
     s.parse::<NaiveDate>()
@@ -18,22 +20,8 @@ fn day(s: &str) -> chrono::NaiveDateTime {
 
 /// Run `backfill` on `db` into `topic`; its stdout, after checking it succeeded.
 fn backfill(db: &TestDb, topic: &str, args: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("source.toml");
     // A small page, so windows take several pages.
-    std::fs::write(
-        &config,
-        format!("[kafka]\ntopic = \"{topic}\"\n[source]\nbatch_max_contacts = 7\n"),
-    )
-    .unwrap();
-    let out = Command::new(bin())
-        .args(["backfill", "--config"])
-        .arg(&config)
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("KAFKA_BROKERS", brokers())
-        .output()
-        .expect("run trusst-cdc backfill");
+    let out = run_backfill(&db.url, topic, 7, args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "backfill failed: {stderr}");
     String::from_utf8_lossy(&out.stdout).into_owned()

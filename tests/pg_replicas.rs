@@ -340,26 +340,23 @@ async fn a_backfill_on_a_standby_outlives_recovery_conflicts() {
         })
     };
     let topic = unique("bstandby").replace('_', "-");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("source.toml");
     // Pages of one contact, and the whole week one window: the read outlives the delay.
-    std::fs::write(
-        &config,
-        format!("[kafka]\ntopic = \"{topic}\"\n[source]\nbatch_max_contacts = 1\n"),
-    )
-    .unwrap();
     let run = {
-        let replica_url = replica_url.clone();
+        let (replica_url, topic) = (replica_url.clone(), topic.clone());
         tokio::task::spawn_blocking(move || {
-            std::process::Command::new(bin())
-                .args(["backfill", "--config"])
-                .arg(&config)
-                .args(["--start-date", "2025-01-15", "--end-date", "2025-01-22"])
-                .args(["--batch-days", "7"])
-                .env("DATABASE_URL", &replica_url)
-                .env("KAFKA_BROKERS", brokers())
-                .output()
-                .expect("run trusst-cdc backfill")
+            run_backfill(
+                &replica_url,
+                &topic,
+                1,
+                &[
+                    "--start-date",
+                    "2025-01-15",
+                    "--end-date",
+                    "2025-01-22",
+                    "--batch-days",
+                    "7",
+                ],
+            )
         })
     };
     let out = run.await.unwrap();

@@ -73,15 +73,18 @@ pub async fn prepare_visibility(client: &Client) -> Result<Statement> {
 /// the table, not the batch (measured: twice the time per batch at 20,000 contacts). It also
 /// sometimes starts parallel workers, whose start-up cost more than the query.
 pub async fn prepare_session<C: GenericClient>(client: &C) -> Result<()> {
-    prepare_scan_session(client).await?;
     client
-        .batch_execute(
-            "SET max_parallel_workers_per_gather = 0; SET enable_hashjoin = off; SET enable_mergejoin = off; \
-             SET enable_seqscan = off",
-        )
+        .batch_execute(&format!(
+            "{SESSION}; SET max_parallel_workers_per_gather = 0; SET enable_hashjoin = off; \
+             SET enable_mergejoin = off; SET enable_seqscan = off"
+        ))
         .await
         .map_err(|e| error::pg("configuring the re-read session", e))
 }
+
+/// What every source session sets (see [`prepare_scan_session`]).
+const SESSION: &str =
+    "SET application_name = 'trusst-cdc source'; SET timezone = 'UTC'; SET datestyle = 'ISO, YMD'";
 
 /// Session settings for a connection whose queries filter by something other than a key (the
 /// backfill's windows on call time, which need not be indexed): the planner left free.
@@ -90,9 +93,7 @@ pub async fn prepare_session<C: GenericClient>(client: &C) -> Result<()> {
 /// or server's settings (`timestamptz` values and the backfill's day bounds).
 pub async fn prepare_scan_session<C: GenericClient>(client: &C) -> Result<()> {
     client
-        .batch_execute(
-            "SET application_name = 'trusst-cdc source'; SET timezone = 'UTC'; SET datestyle = 'ISO, YMD'",
-        )
+        .batch_execute(SESSION)
         .await
         .map_err(|e| error::pg("configuring the source's session", e))
 }

@@ -741,6 +741,33 @@ pub mod crm;
 pub mod load;
 pub mod metrics;
 
+/// Run `trusst-cdc backfill ARGS` on the database at `url` into `topic`, in pages of
+/// `batch_max_contacts`; its output, whether it succeeded or not.
+pub fn run_backfill(
+    url: &str,
+    topic: &str,
+    batch_max_contacts: usize,
+    args: &[&str],
+) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("source.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\ntopic = \"{topic}\"\n[source]\nbatch_max_contacts = {batch_max_contacts}\n"
+        ),
+    )
+    .unwrap();
+    std::process::Command::new(bin())
+        .args(["backfill", "--config"])
+        .arg(&config)
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("KAFKA_BROKERS", brokers())
+        .output()
+        .expect("run trusst-cdc backfill")
+}
+
 /// Start (if it is not running) a cluster of PostgreSQL `major` from the npm builds through
 /// `scripts/services.sh`, as instance `instance` on `port`; its base URL. `primary_port` makes it
 /// a streaming standby of the cluster on that port.

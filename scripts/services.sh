@@ -506,14 +506,26 @@ standby_start() {
     ensure_pg_installed
     ensure_pg_user
     server_bin
+    port_open "$PG_PRIMARY_PORT" || die "no primary on 127.0.0.1:$PG_PRIMARY_PORT"
+    local primary=(env PGPASSWORD="$PG_PASSWORD" "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1
+        -p "$PG_PRIMARY_PORT" -U postgres -d postgres)
+    local sysid
+    sysid=$("${primary[@]}" -c "SELECT system_identifier FROM pg_control_system()")
+    # A standby left from another primary (another port, or a cluster made again) would wait
+    # for WAL that never comes: make it again.
+    if [[ -s $PG_DATA/PG_VERSION ]] &&
+        [[ "$(cat "$PG_DIR/primary-port" 2>/dev/null):$(cat "$PG_DIR/primary-sysid" 2>/dev/null)" != "$PG_PRIMARY_PORT:$sysid" ]]; then
+        log "the standby in .run/$PG_INSTANCE follows another primary: making it again"
+        if pg_running; then
+            as_pg "$SRVBIN/pg_ctl" stop -D "$PG_DATA" -m immediate -w -t "$TIMEOUT" -s >&2
+        fi
+        rm -rf "$PG_DATA"
+    fi
     if [[ -d $PG_DATA ]] && pg_running; then
         log "standby already running on 127.0.0.1:$PGPORT"
         return
     fi
     if [[ ! -s $PG_DATA/PG_VERSION ]]; then
-        port_open "$PG_PRIMARY_PORT" || die "no primary on 127.0.0.1:$PG_PRIMARY_PORT"
-        local primary=(env PGPASSWORD="$PG_PASSWORD" "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1
-            -p "$PG_PRIMARY_PORT" -U postgres -d postgres)
         local src slot=${PG_INSTANCE//-/_}_slot num start stop
         src=$("${primary[@]}" -c "SHOW data_directory")
         num=$("${primary[@]}" -c "SHOW server_version_num")
@@ -540,6 +552,7 @@ EOF
         rm -f "$PG_DIR/backup_label.tmp"
         touch "$PG_DATA/standby.signal"
         echo "$PG_PRIMARY_PORT" >"$PG_DIR/primary-port"
+        echo "$sysid" >"$PG_DIR/primary-sysid"
         # The same server build as the primary's.
         cp "$(dirname "$src")/server-version" "$PG_DIR/server-version" 2>/dev/null || true
         server_bin

@@ -328,6 +328,9 @@ pub async fn scan(
 /// included; sinks with `[sink] customers` filter on it.
 pub const CUSTOMER_HEADER: &str = "trusst-customer";
 
+/// How long acknowledgements may take before [`Pending::wait`] says it is still waiting.
+const STALLED_NOTE: Duration = Duration::from_secs(15);
+
 /// Events sent but not yet acknowledged; [`Pending::wait`] is the commit boundary.
 #[derive(Default)]
 pub struct Pending {
@@ -405,8 +408,25 @@ impl Pending {
     /// caller confirms nothing and the batch is produced again.
     pub async fn wait(&mut self) -> Result<usize> {
         let n = self.futures.len();
-        for f in self.futures.drain(..) {
-            match f.await {
+        let started = tokio::time::Instant::now();
+        let mut note_at = started + STALLED_NOTE;
+        for (i, mut f) in self.futures.drain(..).enumerate() {
+            // A broker that is back but not yet serving (a coordinator loading, a leader not
+            // elected) answers nothing and says nothing: say how long, so a stall is visible.
+            let delivered = loop {
+                match tokio::time::timeout_at(note_at, &mut f).await {
+                    Ok(d) => break d,
+                    Err(_) => {
+                        tracing::warn!(
+                            unacknowledged = n - i,
+                            waited_s = started.elapsed().as_secs(),
+                            "Kafka has not acknowledged every record yet; still waiting (message.timeout.ms bounds the wait, and nothing is confirmed meanwhile)"
+                        );
+                        note_at += STALLED_NOTE;
+                    }
+                }
+            };
+            match delivered {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, msg))) => {
                     use rdkafka::Message;

@@ -464,19 +464,7 @@ impl SourceProc {
 
     /// Start the process again with the same config and state (after a kill).
     pub fn respawn(&mut self, db: &TestDb) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.log = self
-            .dir
-            .path()
-            .join(format!("source-{}.log", rand::random::<u32>()));
-        self.child = self
-            .opts
-            .command("source", &self.dir.path().join("source.toml"), &db.url)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&self.log).unwrap())
-            .spawn()
-            .expect("restart trusst-cdc source");
+        self.respawn_with(db, &[]);
     }
 
     /// Wait until the slot exists and the stream runs (changes from now on are captured).
@@ -593,13 +581,21 @@ impl Record {
 }
 
 /// Reads a topic from the beginning, accumulating every record.
+///
+/// It assigns the partitions itself instead of joining a consumer group: what it sees then
+/// depends only on what is in the topic, not on a group coordinator, which a broker restart
+/// sends through a reload and a rebalance.
 pub struct TopicReader {
     consumer: BaseConsumer,
+    topic: String,
+    /// Partitions assigned so far (0 until the topic exists).
+    assigned: i32,
+    next_metadata: Instant,
     pub records: Vec<Record>,
 }
 
 impl TopicReader {
-    /// Subscribe with a fresh consumer group from the earliest offset.
+    /// Read `topic` on `KAFKA_BROKERS` from its earliest offsets.
     pub fn new(topic: &str) -> Self {
         Self::on(&brokers(), topic)
     }
@@ -608,23 +604,81 @@ impl TopicReader {
     pub fn on(brokers: &str, topic: &str) -> Self {
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", brokers)
+            // librdkafka assigns only with a group id; the group is never joined.
             .set("group.id", unique("reader"))
-            .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
-            .set("topic.metadata.refresh.interval.ms", "500")
+            .set("enable.auto.offset.store", "false")
             .create()
             .unwrap();
-        consumer.subscribe(&[topic]).unwrap();
         Self {
             consumer,
+            topic: topic.to_string(),
+            assigned: 0,
+            next_metadata: Instant::now(),
             records: Vec::new(),
         }
+    }
+
+    /// Assign, from the beginning, every partition the topic has and the reader has not yet
+    /// (the topic may not exist yet, or gain partitions).
+    fn assign_new_partitions(&mut self) {
+        if Instant::now() < self.next_metadata {
+            return;
+        }
+        self.next_metadata = Instant::now() + Duration::from_millis(500);
+        let Ok(md) = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(2))
+        else {
+            return;
+        };
+        let Some(t) = md.topics().iter().find(|t| t.name() == self.topic) else {
+            return;
+        };
+        let n = t.partitions().len() as i32;
+        if t.error().is_some() || n <= self.assigned {
+            return;
+        }
+        // Without a group there is no incremental assignment: assign them all again, those
+        // already read from after their last record read.
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..n {
+            let next = self
+                .records
+                .iter()
+                .filter(|r| r.partition == p)
+                .map(|r| r.offset + 1)
+                .max();
+            let at = next.map_or(rdkafka::Offset::Beginning, rdkafka::Offset::Offset);
+            tpl.add_partition_offset(&self.topic, p, at).unwrap();
+        }
+        self.consumer.assign(&tpl).unwrap();
+        self.assigned = n;
+    }
+
+    /// Per partition, the records read against the topic's high watermark: tells a record
+    /// that never reached Kafka from one the reader has not read yet.
+    fn progress(&self) -> String {
+        (0..self.assigned)
+            .map(|p| {
+                let read = self.records.iter().filter(|r| r.partition == p).count();
+                match self
+                    .consumer
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(5))
+                {
+                    Ok((low, high)) => format!("partition {p}: read {read}, offsets {low}..{high}"),
+                    Err(e) => format!("partition {p}: read {read}, watermarks unknown ({e})"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     fn poll_for(&mut self, d: Duration) {
         let end = Instant::now() + d;
         while Instant::now() < end {
-            // An error (the topic may not exist yet) or nothing: keep polling.
+            self.assign_new_partitions();
+            // An error (e.g. the broker is away) or nothing: keep polling.
             if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
                 self.records.push(Record {
                     key: m
@@ -676,8 +730,9 @@ impl TopicReader {
                     .map(|r| format!("{}@{}:{}", r.key, r.partition, r.offset))
                     .collect();
                 panic!(
-                    "timed out after {timeout:?} waiting for {what}; {} records seen: {keys:?}",
-                    self.records.len()
+                    "timed out after {timeout:?} waiting for {what}; {} records seen: {keys:?}; {}",
+                    self.records.len(),
+                    self.progress()
                 );
             }
             self.poll_for(Duration::from_millis(200));

@@ -55,7 +55,8 @@
 #                                     TLS connections accepted (hostssl); e.g. .run/tls/server.pem/.key
 #
 # Kafka also listens with TLS on KAFKA_PORT+2 (security.protocol=SSL), with the server certificate
-# from .run/tls signed by the test CA .run/tls/ca.pem.
+# from .run/tls signed by the test CA .run/tls/ca.pem, and with TLS and a password on KAFKA_PORT+3
+# (security.protocol=SASL_SSL, sasl.mechanism=PLAIN, user trusst, password trusst-secret).
 #
 # Environment: PGPORT (55432), KAFKA_PORT (19092; the KRaft controller listens on KAFKA_PORT+1),
 # KAFKA_VERSION (4.1.2), KAFKA_HEAP_OPTS (-Xms512m -Xmx1g), REGISTRY_PORT (18081),
@@ -103,6 +104,10 @@ KAFKA_BROKERS_N=${KAFKA_BROKERS_N:-3}
 KAFKA_PORT=${KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=$((KAFKA_PORT + 1))
 KAFKA_SSL_PORT=$((KAFKA_PORT + 2))
+KAFKA_SASL_PORT=$((KAFKA_PORT + 3))
+# The SASL listener's one account (security.protocol=SASL_SSL, sasl.mechanism=PLAIN).
+KAFKA_SASL_USER=trusst
+KAFKA_SASL_PASSWORD=trusst-secret
 KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}
 KAFKA_POM_DIR=$ROOT/scripts/kafka
 KAFKA_LIB=$CACHE/kafka/lib
@@ -620,17 +625,22 @@ write_kafka_props() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL
 log.dirs=$KAFKA_DATA
 
 # The SSL listener: a PEM keystore (key + certificate) signed by the test CA in .run/tls.
 ssl.keystore.type=PEM
 ssl.keystore.location=$TLS_DIR/server-keystore.pem
 ssl.client.auth=none
+
+# The SASL_SSL listener (as managed services offer): TLS as above, then user and password
+# (PLAIN) checked against the one account below.
+listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$KAFKA_SASL_USER="$KAFKA_SASL_PASSWORD";
 
 # Topics are created on purpose by the connector or the tests, never as a typo's side effect.
 auto.create.topics.enable=false
@@ -663,9 +673,9 @@ kafka_start() {
         return
     fi
     rm -f "$KAFKA_PID"
-    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SSL_PORT"; do
+    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SSL_PORT" "$KAFKA_SASL_PORT"; do
         if port_open "$port"; then
-            die "port $port is taken by something else (set KAFKA_PORT to use other ports: it, +1 and +2)"
+            die "port $port is taken by something else (set KAFKA_PORT to use other ports: it, +1, +2 and +3)"
         fi
     done
     need_java
@@ -690,7 +700,7 @@ kafka_start() {
     [[ -f $server_log ]] && offset=$(stat -c %s "$server_log")
     [[ -f $stdout_log ]] && stdout_offset=$(stat -c %s "$stdout_log")
 
-    log "starting kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller on $KAFKA_CONTROLLER_PORT, SSL on $KAFKA_SSL_PORT)"
+    log "starting kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller on $KAFKA_CONTROLLER_PORT, SSL on $KAFKA_SSL_PORT, SASL_SSL on $KAFKA_SASL_PORT)"
     # The inner shell records its own pid and then becomes java, so the pid file names the broker
     # itself; setsid detaches it from this script's session, and neither our stdio nor our lock
     # (fd 9) is kept open by it.
@@ -1144,6 +1154,8 @@ print_env() {
     printf 'export DATABASE_URL=%q\n' "postgres://postgres:$PG_PASSWORD@127.0.0.1:$PGPORT/$PG_DB"
     printf 'export KAFKA_BROKERS=%q\n' "127.0.0.1:$KAFKA_PORT"
     printf 'export KAFKA_SSL_BROKERS=%q\n' "127.0.0.1:$KAFKA_SSL_PORT"
+    printf 'export KAFKA_SASL_BROKERS=%q\n' "127.0.0.1:$KAFKA_SASL_PORT"
+    printf 'export KAFKA_SASL_USER=%q KAFKA_SASL_PASSWORD=%q\n' "$KAFKA_SASL_USER" "$KAFKA_SASL_PASSWORD"
     printf 'export TLS_DIR=%q\n' "$TLS_DIR"
     printf 'export SCHEMA_REGISTRY_URL=%q\n' "http://127.0.0.1:$REGISTRY_PORT$REGISTRY_API"
     local bin

@@ -11,8 +11,8 @@
 # every kind of fault once, about five minutes), and a short cargo-fuzz run of each fuzz target
 # (pgoutput decoder, JSON and Avro event decoders, config loader).
 #
-# Ports: PGPORT, REPLICA_PGPORT (25433), TLS_PGPORT (25435), KAFKA_PORT (+1 controller, +2 SSL),
-# SLOTS_PGPORT (25436), FAULT_KAFKA_PORT (19192, +1, +2: the broker the fault tests stop and
+# Ports: PGPORT, REPLICA_PGPORT (25433), TLS_PGPORT (25435), KAFKA_PORT (+1 controller, +2 SSL,
+# +3 SASL_SSL), SLOTS_PGPORT (25436), FAULT_KAFKA_PORT (19192 to +3: the broker the fault tests stop and
 # start), REGISTRY_PORT (18081). The clusters the tests start sit below Linux's ephemeral range
 # (32768-60999): there an outgoing connection can hold the port first, and start-up fails with
 # "Address already in use".

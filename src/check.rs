@@ -137,10 +137,7 @@ async fn slot_findings(cfg: &SourceConfig, client: &tokio_postgres::Client) -> V
 
 async fn kafka_findings(cfg: &SourceConfig) -> Vec<Finding> {
     let brokers = cfg.brokers();
-    let reach = match kafka::producer(brokers, &cfg.kafka.properties) {
-        Ok(p) => kafka::ping(&p, brokers, Duration::from_secs(10)).await,
-        Err(e) => Err(e),
-    };
+    let reach = kafka::reach(brokers, &cfg.kafka.properties, Duration::from_secs(10)).await;
     if let Err(e) = reach {
         return vec![Finding::bad(
             format!("Kafka at {brokers} is not reachable ({})", e.message()),

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Fault, Result};
 use crate::event::{Decoder, Op};
 use crate::kafka;
 
@@ -43,17 +42,18 @@ pub async fn run(opts: &Options, decoder: &Decoder) -> Result<()> {
         idle,
     } = opts;
     // A consumer only logs an unreachable broker and keeps waiting: ask once, and say so.
-    let probe: FutureProducer =
-        kafka::create(&kafka::client_config(brokers, properties), "client")?;
-    kafka::ping(&probe, brokers, Duration::from_secs(10))
+    kafka::reach(brokers, properties, Duration::from_secs(10))
         .await
         .map_err(|e| {
+            // Refused credentials or a failed handshake already name their settings.
+            if e.fault == Fault::User {
+                return e;
+            }
             Error::external(format!(
                 "{}; a secured listener needs its settings as -X KEY=VALUE (e.g. -X security.protocol=SSL)",
                 e.message()
             ))
         })?;
-    drop(probe);
     let mut c = kafka::client_config(brokers, properties);
     c.set(
         "group.id",

@@ -36,15 +36,39 @@ fn ssl_brokers() -> String {
         .expect("KAFKA_SSL_BROKERS is not set: eval \"$(scripts/services.sh env)\"")
 }
 
+fn sasl_brokers() -> String {
+    std::env::var("KAFKA_SASL_BROKERS")
+        .expect("KAFKA_SASL_BROKERS is not set: eval \"$(scripts/services.sh env)\"")
+}
+
 /// `trusst-cdc tail` of `topic` from the beginning on the SSL listener until 15 s without a
 /// record, with `extra` flags.
 fn tail_ssl(topic: &str, extra: &[&str]) -> Output {
+    tail_on(&ssl_brokers(), topic, extra)
+}
+
+/// The same on `brokers`.
+fn tail_on(brokers: &str, topic: &str, extra: &[&str]) -> Output {
     std::process::Command::new(bin())
-        .args(["tail", "--kafka-brokers", &ssl_brokers(), "--topic", topic])
+        .args(["tail", "--kafka-brokers", brokers, "--topic", topic])
         .args(["--from-beginning", "--idle", "15s"])
         .args(extra)
         .output()
         .expect("run trusst-cdc tail")
+}
+
+/// The contacts of `tail --json` output, one event per line.
+fn tailed_contacts(stdout: &str) -> std::collections::BTreeSet<String> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON event per line"))
+        .map(|v| {
+            v["trusst_contact_id"]
+                .as_str()
+                .expect("trusst_contact_id")
+                .to_owned()
+        })
+        .collect()
 }
 
 /// `url` with TLS parameters (the URL has no query yet).
@@ -110,17 +134,11 @@ async fn verify_full_postgres_and_ssl_kafka_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tailed: std::collections::BTreeSet<String> = stdout
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON event per line"))
-        .map(|v| {
-            v["trusst_contact_id"]
-                .as_str()
-                .expect("trusst_contact_id")
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(tailed, expected.keys().cloned().collect(), "{stdout}");
+    assert_eq!(
+        tailed_contacts(&stdout),
+        expected.keys().cloned().collect(),
+        "{stdout}"
+    );
     // Without them the SSL listener cannot be read, and tail says what to pass.
     let out = tail_ssl(&src.topic, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -256,5 +274,138 @@ async fn kafka_ssl_with_the_wrong_ca_is_reported_by_check() {
             ssl_brokers()
         )),
         "{stdout}"
+    );
+    // The cause, not a timeout: the certificate does not verify against the CA given.
+    assert!(
+        stdout.contains("certificate verify failed")
+            && stdout.contains("check security.protocol and ssl.ca.location"),
+        "{stdout}"
+    );
+}
+
+/// The broker's SASL_SSL listener (TLS, then a user and password, as managed Kafka services
+/// offer): the source authenticates with the credentials from `KAFKA_SASL_USERNAME` and
+/// `KAFKA_SASL_PASSWORD`, and `tail` with the same settings given as `-X`. A wrong password
+/// stops the source at once with the reason and the settings to fix, not after a timeout that
+/// blames the broker.
+#[tokio::test(flavor = "multi_thread")]
+async fn sasl_ssl_with_credentials_from_the_environment() {
+    let db = TestDb::new("sasl").await;
+    completed(&db, 61, 4).await;
+    let ca = tls_file("ca.pem");
+    let user = std::env::var("KAFKA_SASL_USER").expect("KAFKA_SASL_USER (scripts/services.sh env)");
+    let password = std::env::var("KAFKA_SASL_PASSWORD")
+        .expect("KAFKA_SASL_PASSWORD (scripts/services.sh env)");
+    let opts = |password: &str| SourceOpts {
+        brokers: Some(sasl_brokers()),
+        kafka_properties: vec![
+            ("security.protocol".into(), "SASL_SSL".into()),
+            ("sasl.mechanisms".into(), "PLAIN".into()),
+            ("ssl.ca.location".into(), ca.clone()),
+        ],
+        env: vec![
+            ("KAFKA_SASL_USERNAME".into(), user.clone()),
+            ("KAFKA_SASL_PASSWORD".into(), password.into()),
+        ],
+        ..Default::default()
+    };
+
+    let mut refused = SourceProc::start(&db, opts("not-the-password"));
+    let status = refused.wait_exit(Duration::from_secs(60));
+    let log = refused.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains(&format!(
+            "Kafka at {} refused the connector's credentials",
+            sasl_brokers()
+        )),
+        "{log}"
+    );
+    assert!(log.contains("sasl.username and sasl.password"), "{log}");
+    assert!(
+        !log.contains(&password) && !log.contains("not-the-password"),
+        "a password reached the log:\n{log}"
+    );
+
+    let mut src = SourceProc::start(&db, opts(&password));
+    src.wait_streaming();
+    completed(&db, 62, 3).await;
+    let expected = db.expected().await;
+    assert_eq!(expected.len(), 7);
+    // Read back on the plain listener of the same broker.
+    let mut reader = TopicReader::new(&src.topic);
+    reader.until_contacts(Duration::from_secs(60), 7);
+    assert_matches_seed(&reader.latest(), &expected);
+
+    let settings = [
+        "--json".to_owned(),
+        "-X".to_owned(),
+        "security.protocol=SASL_SSL".to_owned(),
+        "-X".to_owned(),
+        "sasl.mechanisms=PLAIN".to_owned(),
+        "-X".to_owned(),
+        format!("ssl.ca.location={ca}"),
+        "-X".to_owned(),
+        format!("sasl.username={user}"),
+        "-X".to_owned(),
+        format!("sasl.password={password}"),
+    ];
+    let args: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let out = tail_on(&sasl_brokers(), &src.topic, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        tailed_contacts(&stdout),
+        expected.keys().cloned().collect(),
+        "{stdout}"
+    );
+
+    // A Salesforce sink reads the topic through the same listener, the same way.
+    let emu = crm::Emulator::start(&[]);
+    let sink_config = || {
+        crm::sink_config("salesforce", &src.topic, |t| {
+            let kafka = t.get_mut("kafka").unwrap().as_table_mut().unwrap();
+            let mut props = toml::Table::new();
+            props.insert("security.protocol".into(), "SASL_SSL".into());
+            props.insert("sasl.mechanisms".into(), "PLAIN".into());
+            props.insert("ssl.ca.location".into(), ca.clone().into());
+            kafka.insert("properties".into(), props.into());
+        })
+    };
+    let brokers = sasl_brokers();
+    let sink_env = |password: &str| {
+        vec![
+            ("KAFKA_BROKERS", brokers.clone()),
+            ("KAFKA_SASL_USERNAME", user.clone()),
+            ("KAFKA_SASL_PASSWORD", password.to_owned()),
+        ]
+    };
+    let start_sink = |password: &str| {
+        let (dir, cfg) = sink_config();
+        let env = sink_env(password);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        crm::SinkProc::start_with_env(&emu, dir, cfg, &[], &env)
+    };
+    let mut refused = start_sink("not-the-password");
+    let status = refused.wait_exit(Duration::from_secs(60));
+    let log = refused.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("refused the connector's credentials"), "{log}");
+    let mut sink = start_sink(&password);
+    crm::eventually(
+        Duration::from_secs(60),
+        "the CRM to match the seed query",
+        || crm::crm_matches(&emu, "salesforce", &expected),
+    );
+    sink.assert_running();
+    assert!(sink.terminate().success(), "{}", sink.log());
+    assert!(
+        src.terminate().success(),
+        "source did not stop cleanly:\n{}",
+        src.log()
     );
 }

@@ -35,6 +35,11 @@ pub fn create<T: FromClientConfig>(config: &ClientConfig, what: &str) -> Result<
 /// The idempotent producer for events: `acks=all`, idempotence on, so retries inside
 /// librdkafka can neither duplicate nor reorder events of one partition.
 pub fn producer(brokers: &str, properties: &BTreeMap<String, String>) -> Result<FutureProducer> {
+    create(&producer_config(brokers, properties), "producer")
+}
+
+/// The settings of [`producer`]: the connector's defaults, then `properties` over them.
+fn producer_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
     let mut c = client_config(brokers, &BTreeMap::new());
     c.set("enable.idempotence", "true")
         .set("acks", "all")
@@ -45,7 +50,7 @@ pub fn producer(brokers: &str, properties: &BTreeMap<String, String>) -> Result<
     for (k, v) in properties {
         c.set(k, v);
     }
-    create(&c, "producer")
+    c
 }
 
 /// librdkafka's default `message.max.bytes`.
@@ -72,16 +77,94 @@ pub fn event_limit(
     (record_max, configured.map_or(limit, |c| c.min(limit)))
 }
 
-/// Fetch cluster metadata to prove the brokers answer; the error names the address.
-pub async fn ping(producer: &FutureProducer, brokers: &str, timeout: Duration) -> Result<()> {
-    let p = producer.clone();
-    let answer = off_thread(move || p.client().fetch_metadata(None, timeout).map(|_| ())).await?;
-    answer.map_err(|e| {
-        Error::external(format!(
-            "Kafka at {brokers} did not answer within {timeout:?}; check KAFKA_BROKERS and that the broker is running"
-        ))
-        .with_source(e)
+/// Keeps the last error librdkafka reported, which says why brokers do not answer (credentials
+/// refused, a TLS handshake failed) where a metadata request only times out.
+#[derive(Default)]
+struct Probe(std::sync::Mutex<Option<(Option<RDKafkaErrorCode>, String)>>);
+
+impl rdkafka::ClientContext for Probe {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka logs it too. A refused login is followed by "all brokers are down": keep
+        // the cause, not its consequence.
+        tracing::debug!(error = %error, reason, "librdkafka");
+        let code = error.rdkafka_error_code();
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !last.as_ref().is_some_and(|(c, _)| specific(*c)) || specific(code) {
+            *last = Some((code, reason.to_owned()));
+        }
+    }
+}
+
+/// Errors that say what to change, as opposed to a broker being away.
+fn specific(code: Option<RDKafkaErrorCode>) -> bool {
+    matches!(
+        code,
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+    )
+}
+
+impl rdkafka::producer::ProducerContext for Probe {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Prove the brokers answer a producer with these settings (cluster metadata); the error names
+/// the address and, when librdkafka said why, the cause and whose fix it is.
+pub async fn reach(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<()> {
+    let p: rdkafka::producer::BaseProducer<Probe> = producer_config(brokers, properties)
+        .create_with_context(Probe::default())
+        .map_err(|e| error::kafka("creating the Kafka producer", e))?;
+    let (answer, cause) = off_thread(move || {
+        let answer = p.client().fetch_metadata(None, timeout).map(|_| ());
+        // Errors reach the context only when the client is polled.
+        if answer.is_err() {
+            p.poll(Duration::from_millis(200));
+        }
+        let cause = p
+            .context()
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        (answer, cause)
     })
+    .await?;
+    answer.map_err(|e| unreachable(brokers, timeout, cause).with_source(e))
+}
+
+/// The error for brokers that did not answer, from the last error librdkafka reported: refused
+/// credentials and failed TLS handshakes are the user's to fix, anything else may pass.
+fn unreachable(
+    brokers: &str,
+    timeout: Duration,
+    cause: Option<(Option<RDKafkaErrorCode>, String)>,
+) -> Error {
+    match cause {
+        Some((Some(RDKafkaErrorCode::Authentication), why)) => Error::user(format!(
+            "Kafka at {brokers} refused the connector's credentials ({why}); check sasl.mechanism, \
+             sasl.username and sasl.password in [kafka.properties]"
+        )),
+        // Only a certificate that does not verify: a broker restarting mid-handshake fails
+        // the handshake too, and is waited for.
+        Some((Some(RDKafkaErrorCode::SSL), why)) if why.contains("certificate verify failed") => {
+            Error::user(format!(
+                "the TLS handshake with Kafka at {brokers} failed ({why}); check security.protocol and \
+             ssl.ca.location in [kafka.properties], and that the address is the broker's TLS listener"
+            ))
+        }
+        Some((_, why)) => Error::external(format!(
+            "Kafka at {brokers} did not answer within {timeout:?} ({why}); check KAFKA_BROKERS and that \
+             the broker is running"
+        )),
+        None => Error::external(format!(
+            "Kafka at {brokers} did not answer within {timeout:?}; check KAFKA_BROKERS and that the \
+             broker is running"
+        )),
+    }
 }
 
 /// Run a blocking librdkafka call (metadata) off the async threads: the source has only one.
@@ -449,5 +532,85 @@ impl Pending {
             }
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Fault;
+
+    #[test]
+    fn unanswered_brokers_say_why_and_whose_fix_it_is() {
+        let t = Duration::from_secs(10);
+        let cause = |code, why: &str| Some((Some(code), why.to_owned()));
+        let auth = unreachable(
+            "b:9096",
+            t,
+            cause(
+                RDKafkaErrorCode::Authentication,
+                "SASL authentication error: Authentication failed",
+            ),
+        );
+        assert_eq!((auth.fault, auth.retryable), (Fault::User, false));
+        assert!(
+            auth.message()
+                .contains("refused the connector's credentials (SASL authentication error")
+        );
+        assert!(auth.message().contains("sasl.username and sasl.password"));
+        let tls = unreachable(
+            "b:9094",
+            t,
+            cause(
+                RDKafkaErrorCode::SSL,
+                "SSL handshake failed: error:0A000086:SSL routines::certificate verify failed",
+            ),
+        );
+        assert_eq!(tls.fault, Fault::User);
+        assert!(tls.message().contains("ssl.ca.location"));
+        let cut = unreachable(
+            "b:9094",
+            t,
+            cause(RDKafkaErrorCode::SSL, "SSL handshake failed: Disconnected"),
+        );
+        assert_eq!((cut.fault, cut.retryable), (Fault::External, true));
+        // A broker that is down or restarting is waited for.
+        let down = unreachable(
+            "b:9092",
+            t,
+            cause(RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down"),
+        );
+        assert_eq!((down.fault, down.retryable), (Fault::External, true));
+        assert!(down.message().contains("(1/1 brokers are down)"));
+        // The refused login is kept over the brokers being down that follows it.
+        let probe = Probe::default();
+        use rdkafka::ClientContext;
+        probe.error(
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        probe.error(
+            KafkaError::Global(RDKafkaErrorCode::Authentication),
+            "SASL authentication error",
+        );
+        probe.error(
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        let kept = probe.0.lock().unwrap().take();
+        assert_eq!(
+            kept,
+            Some((
+                Some(RDKafkaErrorCode::Authentication),
+                "SASL authentication error".to_owned()
+            ))
+        );
+        let silent = unreachable("b:9092", t, None);
+        assert_eq!((silent.fault, silent.retryable), (Fault::External, true));
+        assert!(
+            silent
+                .message()
+                .contains("did not answer within 10s; check KAFKA_BROKERS")
+        );
     }
 }

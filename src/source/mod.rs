@@ -318,9 +318,12 @@ async fn event_producer(
     encoder: &tokio::sync::OnceCell<Encoder>,
     lease: Option<Duration>,
 ) -> Result<EventOut> {
-    let probe = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
-    kafka::ping(&probe, cfg.brokers(), Duration::from_secs(10)).await?;
-    drop(probe);
+    kafka::reach(
+        cfg.brokers(),
+        &cfg.kafka.properties,
+        Duration::from_secs(10),
+    )
+    .await?;
     let encoder = encoder
         .get_or_try_init(|| async {
             Encoder::new(cfg.kafka.format, cfg.registry()?.as_ref(), &cfg.kafka.topic).await

@@ -124,8 +124,13 @@ async fn deliver(
         Fence::new()
     };
     let consumer = Arc::new(consumer(cfg, &group, fence.clone())?);
+    kafka::reach(
+        cfg.brokers(),
+        &cfg.kafka.properties,
+        Duration::from_secs(10),
+    )
+    .await?;
     let producer = kafka::producer(cfg.brokers(), &cfg.kafka.properties)?;
-    kafka::ping(&producer, cfg.brokers(), Duration::from_secs(10)).await?;
     let partitions = loop {
         match partitions(&consumer, &source_topic)? {
             Some(p) => break p,

@@ -145,7 +145,7 @@ fn unreachable(
 ) -> Error {
     match cause {
         Some((Some(RDKafkaErrorCode::Authentication), why)) => Error::user(format!(
-            "Kafka at {brokers} refused the connector's credentials ({why}); check sasl.mechanism, \
+            "Kafka at {brokers} refused the connector's credentials ({why}); check sasl.mechanisms, \
              sasl.username and sasl.password in [kafka.properties]"
         )),
         // Only a certificate that does not verify: a broker restarting mid-handshake fails

@@ -57,9 +57,15 @@ fn tail_on(brokers: &str, topic: &str, extra: &[&str]) -> Output {
         .expect("run trusst-cdc tail")
 }
 
-/// The contacts of `tail --json` output, one event per line.
-fn tailed_contacts(stdout: &str) -> std::collections::BTreeSet<String> {
-    stdout
+/// `tail --json` succeeded and printed an event for exactly the contacts of `expected`.
+fn assert_tailed<V>(out: &Output, expected: &std::collections::BTreeMap<String, V>) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tailed: std::collections::BTreeSet<String> = stdout
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON event per line"))
         .map(|v| {
@@ -68,7 +74,8 @@ fn tailed_contacts(stdout: &str) -> std::collections::BTreeSet<String> {
                 .expect("trusst_contact_id")
                 .to_owned()
         })
-        .collect()
+        .collect();
+    assert_eq!(tailed, expected.keys().cloned().collect(), "{stdout}");
 }
 
 /// `url` with TLS parameters (the URL has no query yet).
@@ -128,17 +135,7 @@ async fn verify_full_postgres_and_ssl_kafka_end_to_end() {
         &src.topic,
         &["--json", "-X", "security.protocol=SSL", "-X", &ssl_ca],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        tailed_contacts(&stdout),
-        expected.keys().cloned().collect(),
-        "{stdout}"
-    );
+    assert_tailed(&out, &expected);
     // Without them the SSL listener cannot be read, and tail says what to pass.
     let out = tail_ssl(&src.topic, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -296,13 +293,18 @@ async fn sasl_ssl_with_credentials_from_the_environment() {
     let user = std::env::var("KAFKA_SASL_USER").expect("KAFKA_SASL_USER (scripts/services.sh env)");
     let password = std::env::var("KAFKA_SASL_PASSWORD")
         .expect("KAFKA_SASL_PASSWORD (scripts/services.sh env)");
+    // The listener's settings; the user and password come from the environment.
+    let settings = [
+        ("security.protocol", "SASL_SSL"),
+        ("sasl.mechanisms", "PLAIN"),
+        ("ssl.ca.location", ca.as_str()),
+    ];
     let opts = |password: &str| SourceOpts {
         brokers: Some(sasl_brokers()),
-        kafka_properties: vec![
-            ("security.protocol".into(), "SASL_SSL".into()),
-            ("sasl.mechanisms".into(), "PLAIN".into()),
-            ("ssl.ca.location".into(), ca.clone()),
-        ],
+        kafka_properties: settings
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
         env: vec![
             ("KAFKA_SASL_USERNAME".into(), user.clone()),
             ("KAFKA_SASL_PASSWORD".into(), password.into()),
@@ -337,57 +339,38 @@ async fn sasl_ssl_with_credentials_from_the_environment() {
     reader.until_contacts(Duration::from_secs(60), 7);
     assert_matches_seed(&reader.latest(), &expected);
 
-    let settings = [
-        "--json".to_owned(),
-        "-X".to_owned(),
-        "security.protocol=SASL_SSL".to_owned(),
-        "-X".to_owned(),
-        "sasl.mechanisms=PLAIN".to_owned(),
-        "-X".to_owned(),
-        format!("ssl.ca.location={ca}"),
-        "-X".to_owned(),
-        format!("sasl.username={user}"),
-        "-X".to_owned(),
-        format!("sasl.password={password}"),
-    ];
-    let args: Vec<&str> = settings.iter().map(String::as_str).collect();
-    let out = tail_on(&sasl_brokers(), &src.topic, &args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        tailed_contacts(&stdout),
-        expected.keys().cloned().collect(),
-        "{stdout}"
-    );
+    let flags: Vec<String> = settings
+        .iter()
+        .chain(&[
+            ("sasl.username", user.as_str()),
+            ("sasl.password", password.as_str()),
+        ])
+        .flat_map(|(k, v)| ["-X".to_owned(), format!("{k}={v}")])
+        .collect();
+    let mut args = vec!["--json"];
+    args.extend(flags.iter().map(String::as_str));
+    assert_tailed(&tail_on(&sasl_brokers(), &src.topic, &args), &expected);
 
     // A Salesforce sink reads the topic through the same listener, the same way.
     let emu = crm::Emulator::start(&[]);
     let sink_config = || {
         crm::sink_config("salesforce", &src.topic, |t| {
             let kafka = t.get_mut("kafka").unwrap().as_table_mut().unwrap();
-            let mut props = toml::Table::new();
-            props.insert("security.protocol".into(), "SASL_SSL".into());
-            props.insert("sasl.mechanisms".into(), "PLAIN".into());
-            props.insert("ssl.ca.location".into(), ca.clone().into());
+            let props: toml::Table = settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+                .collect();
             kafka.insert("properties".into(), props.into());
         })
     };
     let brokers = sasl_brokers();
-    let sink_env = |password: &str| {
-        vec![
-            ("KAFKA_BROKERS", brokers.clone()),
-            ("KAFKA_SASL_USERNAME", user.clone()),
-            ("KAFKA_SASL_PASSWORD", password.to_owned()),
-        ]
-    };
     let start_sink = |password: &str| {
         let (dir, cfg) = sink_config();
-        let env = sink_env(password);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let env = [
+            ("KAFKA_BROKERS", brokers.as_str()),
+            ("KAFKA_SASL_USERNAME", user.as_str()),
+            ("KAFKA_SASL_PASSWORD", password),
+        ];
         crm::SinkProc::start_with_env(&emu, dir, cfg, &[], &env)
     };
     let mut refused = start_sink("not-the-password");

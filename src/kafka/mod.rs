@@ -89,18 +89,23 @@ impl rdkafka::ClientContext for Probe {
         tracing::debug!(error = %error, reason, "librdkafka");
         let code = error.rdkafka_error_code();
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if !last.as_ref().is_some_and(|(c, _)| specific(*c)) || specific(code) {
+        if !last.as_ref().is_some_and(|(c, why)| users_to_fix(*c, why))
+            || users_to_fix(code, reason)
+        {
             *last = Some((code, reason.to_owned()));
         }
     }
 }
 
-/// Errors that say what to change, as opposed to a broker being away.
-fn specific(code: Option<RDKafkaErrorCode>) -> bool {
-    matches!(
-        code,
-        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
-    )
+/// Errors only a settings change mends, as opposed to a broker being away: refused credentials,
+/// and a certificate that does not verify (a broker restarting mid-handshake fails the handshake
+/// too, and is waited for).
+fn users_to_fix(code: Option<RDKafkaErrorCode>, why: &str) -> bool {
+    match code {
+        Some(RDKafkaErrorCode::Authentication) => true,
+        Some(RDKafkaErrorCode::SSL) => why.contains("certificate verify failed"),
+        _ => false,
+    }
 }
 
 impl rdkafka::producer::ProducerContext for Probe {
@@ -136,34 +141,37 @@ pub async fn reach(
     answer.map_err(|e| unreachable(brokers, timeout, cause).with_source(e))
 }
 
-/// The error for brokers that did not answer, from the last error librdkafka reported: refused
-/// credentials and failed TLS handshakes are the user's to fix, anything else may pass.
+/// The error for brokers that did not answer, from the last error librdkafka reported: what
+/// [`users_to_fix`] names is a configuration error, anything else may pass and is retried.
 fn unreachable(
     brokers: &str,
     timeout: Duration,
     cause: Option<(Option<RDKafkaErrorCode>, String)>,
 ) -> Error {
     match cause {
-        Some((Some(RDKafkaErrorCode::Authentication), why)) => Error::user(format!(
-            "Kafka at {brokers} refused the connector's credentials ({why}); check sasl.mechanisms, \
-             sasl.username and sasl.password in [kafka.properties]"
-        )),
-        // Only a certificate that does not verify: a broker restarting mid-handshake fails
-        // the handshake too, and is waited for.
-        Some((Some(RDKafkaErrorCode::SSL), why)) if why.contains("certificate verify failed") => {
-            Error::user(format!(
-                "the TLS handshake with Kafka at {brokers} failed ({why}); check security.protocol and \
-             ssl.ca.location in [kafka.properties], and that the address is the broker's TLS listener"
+        Some((code, why)) if users_to_fix(code, &why) => {
+            Error::user(if code == Some(RDKafkaErrorCode::Authentication) {
+                format!(
+                    "Kafka at {brokers} refused the connector's credentials ({why}); check \
+                     sasl.mechanisms, sasl.username and sasl.password in [kafka.properties]"
+                )
+            } else {
+                format!(
+                    "the TLS handshake with Kafka at {brokers} failed ({why}); check security.protocol \
+                     and ssl.ca.location in [kafka.properties], and that the address is the broker's \
+                     TLS listener"
+                )
+            })
+        }
+        cause => {
+            let why = cause
+                .map(|(_, why)| format!(" ({why})"))
+                .unwrap_or_default();
+            Error::external(format!(
+                "Kafka at {brokers} did not answer within {timeout:?}{why}; check KAFKA_BROKERS and \
+                 that the broker is running"
             ))
         }
-        Some((_, why)) => Error::external(format!(
-            "Kafka at {brokers} did not answer within {timeout:?} ({why}); check KAFKA_BROKERS and that \
-             the broker is running"
-        )),
-        None => Error::external(format!(
-            "Kafka at {brokers} did not answer within {timeout:?}; check KAFKA_BROKERS and that the \
-             broker is running"
-        )),
     }
 }
 
